@@ -1,0 +1,139 @@
+"""`kernos` command line: serve the kernel, run the demo, inspect a running kernel."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _address(args) -> str:
+    if getattr(args, "address", None):
+        return args.address
+    if os.environ.get("KERNOS_ADDRESS"):
+        return os.environ["KERNOS_ADDRESS"]
+    addr_file = Path(os.path.expanduser(args.data_dir or "~/.kernos")) / "kernel.addr"
+    if addr_file.exists():
+        return addr_file.read_text().strip()
+    return "127.0.0.1:7070"
+
+
+def cmd_serve(args) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, server={"listen": args.listen} if args.listen else None,
+                             data_dir=args.data_dir)
+    except ConfigError as e:
+        print(f"kernos serve: {e}", file=sys.stderr)
+        return 2
+    from .server import run
+
+    try:
+        return run(config)
+    except Exception as e:  # a model that cannot load, a data dir that cannot be written, ...
+        logging.getLogger("kernos").error("kernos serve: %s", e)
+        return 1
+
+
+def _session(args):
+    import kernos.sdk
+
+    return kernos.sdk.connect(_address(args), agent=f"kernos-cli-{os.getpid()}", timeout=args.timeout)
+
+
+def cmd_status(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    import kernos.sdk
+
+    try:
+        with _session(args) as s:
+            st = s.kernel.stats()
+    except kernos.sdk.KernosError as e:
+        print(f"kernos status: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(MessageToDict(st, preserving_proto_field_name=True), indent=2))
+        return 0
+    print(f"kernos {st.version}  uptime {st.uptime_s:.0f} s  active agents {st.active_agents}  "
+          f"syscalls {st.syscalls}  in flight {st.in_flight}")
+    print(f"{'model':<28}{'arch':<8}{'device':<8}{'run':>5}{'wait':>6}{'done':>7}{'gen tok':>9}{'tok/s':>8}"
+          f"{'batch':>7}{'cache MB':>10}")
+    for m in st.models:
+        mark = "*" if m.name == st.default_model else " "
+        print(f"{mark}{m.name:<27}{m.architecture:<8}{m.device:<8}{m.running:>5}{m.waiting:>6}{m.completed:>7}"
+              f"{m.generated_tokens:>9}{m.tokens_per_s:>8.1f}{m.mean_batch_size:>7.2f}{m.cache_bytes / 2**20:>10.1f}")
+    return 0
+
+
+def cmd_agents(args) -> int:
+    import kernos.sdk
+
+    try:
+        with _session(args) as s:
+            agents = s.kernel.agents(include_exited=args.all)
+    except kernos.sdk.KernosError as e:
+        print(f"kernos agents: {e}", file=sys.stderr)
+        return 1
+    me = f"kernos-cli-{os.getpid()}"
+    print(f"{'agent':<28}{'state':<9}{'syscalls':>9}{'prompt tok':>11}{'gen tok':>9}")
+    for a in agents:
+        if a.agent_id != me:
+            print(f"{a.agent_id:<28}{a.state:<9}{a.syscalls:>9}{a.prompt_tokens:>11}{a.completion_tokens:>9}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kernos.agents.demo import run_demo
+
+    return run_demo(data_dir=args.data_dir, max_tokens=args.max_tokens, config=args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kernos", description="Kernos: an operating-system kernel for LLM agents.")
+    p.add_argument("--log-level", default=os.environ.get("KERNOS_LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the kernel daemon (gRPC)")
+    s.add_argument("--config", help="TOML config file (every field has a default; KERNOS_* env vars override)")
+    s.add_argument("--listen", help="host:port to listen on (default 127.0.0.1:7070; port 0 picks a free one)")
+    s.add_argument("--data-dir", help="agents, traces and converted models (default ~/.kernos)")
+    s.set_defaults(fn=cmd_serve)
+
+    d = sub.add_parser("demo", help="start a kernel on the embedded model and run example agents against it")
+    d.add_argument("--data-dir", default=os.environ.get("KERNOS_DEMO_DATA_DIR", ".kernos-demo"),
+                   help="kernel data dir for the demo (keeps the converted model; default .kernos-demo)")
+    d.add_argument("--config", help="TOML config for the demo kernel (default: embedded model)")
+    d.add_argument("--max-tokens", type=int, default=64, help="max tokens per agent reply (default 64)")
+    d.set_defaults(fn=cmd_demo)
+
+    for name, fn, helptext in (("status", cmd_status, "print a running kernel's stats"),
+                               ("agents", cmd_agents, "list the agents registered with a running kernel")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("--address", help="kernel address (default $KERNOS_ADDRESS, DATA_DIR/kernel.addr, "
+                                         "or 127.0.0.1:7070)")
+        c.add_argument("--data-dir", help="find the address in this kernel's data dir")
+        c.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the kernel")
+        if name == "status":
+            c.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+        else:
+            c.add_argument("--all", action="store_true", help="include exited and expired agents")
+        c.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Kernel configuration: one TOML file validated by pydantic, every field defaulted, `KERNOS_*` overrides.
+
+Environment overrides name a field by its path, sections joined by a double underscore:
+`KERNOS_DATA_DIR=/srv/kernos`, `KERNOS_SERVER__LISTEN=0.0.0.0:7070`, `KERNOS_ENGINE__MAX_BATCH_SIZE=16`.
+Values are parsed as TOML literals when they can be (numbers, booleans, arrays), else taken as strings.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Strict):
+    listen: str = Field("127.0.0.1:7070", description="host:port for TCP")
+    max_message_bytes: int = Field(4 * 1024 * 1024, gt=1024, description="largest gRPC message accepted")
+    drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight generations")
+    agent_ttl_s: float = Field(600.0, gt=0, description="an agent silent this long may have its name taken")
+    reflection: bool = True
+
+
+class LimitsConfig(_Strict):
+    max_request_bytes: int = Field(256 * 1024, gt=0, description="largest GenerateRequest, serialized")
+    max_prompt_tokens: int = Field(4096, gt=0)
+    max_tokens_cap: int = Field(4096, gt=0, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, gt=0)
+    default_temperature: float = Field(0.0, ge=0, description="0 is greedy decoding")
+    max_stop_strings: int = Field(16, ge=0)
+
+
+class EngineConfig(_Strict):
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(16, gt=0, description="sequences decoded together per model")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves torch's default")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    path: str = Field(description="local folder with config.json, safetensors and tokenizer; or 'embedded'")
+    kind: Literal["transformers", "echo"] = "transformers"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> local peft folder")
+
+
+class KernelConfig(_Strict):
+    data_dir: Path = Field(Path("~/.kernos"), description="agents, traces and converted models live here")
+    default_model: str | None = Field(None, description="model used when a request names none")
+    server: ServerConfig = ServerConfig()
+    limits: LimitsConfig = LimitsConfig()
+    engine: EngineConfig = EngineConfig()
+    models: list[ModelConfig] = Field(default_factory=list, description="empty: the embedded default model")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return Path(os.path.expanduser(str(v)))
+
+    def effective_models(self) -> list[ModelConfig]:
+        if self.models:
+            names = [m.name for m in self.models]
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ConfigError(f"models: duplicate name(s) {sorted(dup)}")
+            return self.models
+        return [ModelConfig(name=EMBEDDED_MODEL, path="embedded")]
+
+    def default_model_name(self) -> str:
+        models = self.effective_models()
+        if self.default_model is None:
+            return models[0].name
+        if self.default_model not in {m.name for m in models}:
+            raise ConfigError(f"default_model: '{self.default_model}' is not among models {[m.name for m in models]}")
+        return self.default_model
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message naming the field."""
+
+
+def _env_overrides(env: dict[str, str]) -> dict:
+    out: dict = {}
+    for key, raw in env.items():
+        if not key.startswith("KERNOS_") or key in ("KERNOS_TOKEN", "KERNOS_ADDRESS"):
+            continue
+        path = key[len("KERNOS_"):].lower().split("__")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None, **overrides) -> KernelConfig:
+    """Read the TOML file (if any), apply `KERNOS_*` environment overrides, then keyword overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    data = _merge(data, _env_overrides(dict(os.environ) if env is None else env))
+    data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = KernelConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = ".".join(str(x) for x in err["loc"]) or "(root)"
+            lines.append(f"{field}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    cfg.default_model_name()  # validates the cross-field reference
+    return cfg

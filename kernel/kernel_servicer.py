@@ -1,0 +1,72 @@
+"""The Kernel service: register / heartbeat / exit, list agents, stats."""
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from kernos.proto.v1 import kernel_pb2 as pb
+from kernos.proto.v1 import kernel_pb2_grpc as rpc
+from kernos.storage.traces import TraceRecord
+
+from .agents import RegistryError
+from .auth import current_agent
+from .errors import SyscallError, syscall
+from .kernel import VERSION, Kernel
+
+
+def _agent_info(a) -> pb.AgentInfo:
+    return pb.AgentInfo(agent_id=a.agent_id, name=a.agent_id, description=a.description, labels=a.labels,
+                        state=a.state, registered_at=a.registered_at, last_seen=a.last_seen, syscalls=a.syscalls,
+                        prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens)
+
+
+class KernelServicer(rpc.KernelServicer):
+    def __init__(self, kernel: Kernel):
+        self.k = kernel
+
+    @syscall
+    async def Register(self, request, context):
+        with self.k.track():
+            try:
+                agent, token = self.k.agents.register(request.name, request.description, dict(request.labels))
+            except RegistryError as e:
+                raise SyscallError(getattr(grpc.StatusCode, e.code), str(e)) from None
+            self.k.traces.record(TraceRecord(agent.agent_id, "kernel.register", "OK",
+                                             {"name": request.name, "labels": dict(request.labels)}, {}, {}))
+            return pb.RegisterReply(agent_id=agent.agent_id, token=token)
+
+    @syscall
+    async def Heartbeat(self, request, context):
+        return pb.HeartbeatReply(server_time=time.time())
+
+    @syscall
+    async def Exit(self, request, context):
+        agent = current_agent()
+        self.k.agents.exit(agent)
+        self.k.traces.record(TraceRecord(agent.agent_id, "kernel.exit", "OK", {}, {}, {}))
+        return pb.ExitReply()
+
+    @syscall
+    async def ListAgents(self, request, context):
+        return pb.ListAgentsReply(agents=[_agent_info(a) for a in self.k.agents.list(request.include_exited)])
+
+    @syscall
+    async def Stats(self, request, context):
+        models = []
+        for m in self.k.llm.models.values():
+            st, live = m.engine.snapshot()
+            now = time.monotonic()
+            models.append(pb.ModelStats(
+                name=m.name, architecture=m.architecture, device=m.device, dtype=m.dtype, adapters=m.adapters,
+                parameters=m.parameters, running=st.running, waiting=st.waiting, completed=st.completed,
+                prompt_tokens=st.prompt_tokens, generated_tokens=st.generated_tokens, decode_steps=st.decode_steps,
+                tokens_per_s=st.tokens_per_s(), mean_batch_size=st.batch_rows / st.decode_steps if st.decode_steps else 0.0,
+                cache_bytes=st.cache_bytes,
+                requests=[pb.RequestStats(request_id=v.request_id, agent_id=v.agent_id, model=m.name, state=state,
+                                          prompt_tokens=v.prompt_tokens, generated_tokens=v.generated,
+                                          age_ms=(now - v.arrival) * 1e3) for v, state in live],
+            ))
+        return pb.StatsReply(version=VERSION, uptime_s=time.time() - self.k.started,
+                             active_agents=self.k.agents.active_count(), syscalls=self.k.syscalls,
+                             in_flight=self.k.in_flight, models=models, default_model=self.k.llm.default)

@@ -1,0 +1,53 @@
+"""The engine interface (no torch here): what the syscall layer needs from any engine."""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+
+from kernos.scheduler import RequestView
+
+from .types import GenRequest, RequestHandle
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    completed: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    batch_rows: int = 0            # sum of batch sizes over decode steps
+    cache_bytes: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=512))  # (time, tokens) per step
+
+    def tokens_per_s(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        pts = [(t, n) for t, n in list(self.recent) if now - t <= window]
+        if len(pts) < 2:
+            return 0.0
+        span = max(now - pts[0][0], 1e-6)
+        return sum(n for _, n in pts) / span
+
+
+class Engine(ABC):
+    """Runs generation requests for one model. Thread-safe `submit`; events arrive on the handle."""
+
+    name: str
+
+    @abstractmethod
+    def submit(self, request: GenRequest, handle: RequestHandle) -> None: ...
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def drain(self, timeout: float) -> bool:
+        """Stop taking requests, let in-flight ones finish within `timeout`, cancel the rest, stop.
+        Returns True when everything finished in time."""
+
+    @abstractmethod
+    def snapshot(self) -> tuple[EngineStats, list[tuple[RequestView, str]]]:
+        """Counters and the live requests with their state ("waiting" | "running")."""

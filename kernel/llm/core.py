@@ -1,0 +1,76 @@
+"""The LLM core: the models the kernel serves, one engine each, and the one way prompts become tokens.
+Nothing else in the kernel touches a model."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ..config import KernelConfig, ModelConfig
+from .base import Engine
+from .echo import EchoEngine, EchoTokenizer
+
+log = logging.getLogger("kernos.llm")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    engine: Engine
+    architecture: str
+    device: str
+    dtype: str
+    adapters: list[str]
+    context_length: int
+    parameters: int
+    tokenizer: object
+    chat: bool                 # the tokenizer has a chat template
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if isinstance(self.tokenizer, EchoTokenizer):
+            return self.tokenizer.encode(messages[-1]["content"])
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        return list(ids)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if isinstance(self.tokenizer, EchoTokenizer):
+            return self.tokenizer.encode(text)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def _load(cfg: ModelConfig, config: KernelConfig) -> ServedModel:
+    if cfg.kind == "echo":
+        engine = EchoEngine(cfg.name)
+        return ServedModel(cfg.name, engine, "echo", "none", "none", [], 1 << 20, 0, engine.tokenizer, True)
+    import torch
+
+    from .engine import TransformersEngine
+    from .registry import load_model
+
+    if config.engine.threads:
+        torch.set_num_threads(config.engine.threads)
+    lm = load_model(cfg, config.engine, config.data_dir)
+    engine = TransformersEngine(lm, max_batch_size=config.engine.max_batch_size)
+    return ServedModel(cfg.name, engine, lm.architecture, str(lm.device), str(lm.dtype).replace("torch.", ""),
+                       list(lm.adapters), lm.context_length, lm.parameters, lm.tokenizer,
+                       bool(getattr(lm.tokenizer, "chat_template", None)))
+
+
+class LLMCore:
+    def __init__(self, config: KernelConfig):
+        self.config = config
+        self.default = config.default_model_name()
+        self.models: dict[str, ServedModel] = {}
+        for cfg in config.effective_models():
+            self.models[cfg.name] = _load(cfg, config)
+        for m in self.models.values():
+            m.engine.start()
+
+    def get(self, name: str | None) -> ServedModel | None:
+        return self.models.get(name or self.default)
+
+    def drain(self, timeout: float) -> bool:
+        clean = True
+        for m in self.models.values():
+            clean = m.engine.drain(timeout) and clean
+        return clean

@@ -1,0 +1,116 @@
+"""Loading models from local folders (safetensors + tokenizer) by architecture, with optional LoRA
+adapters. Nothing here touches the network: every load is `local_files_only`."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import EngineConfig, ModelConfig
+from . import embedded
+
+log = logging.getLogger("kernos.llm")
+
+_MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe", "phimoe"}
+_HYBRID = {"jamba", "bamba", "zamba", "zamba2", "falcon_h1", "granitemoehybrid", "nemotron_h"}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def architecture_of(model_type: str) -> str:
+    if model_type in _HYBRID:
+        return "hybrid"
+    if model_type in _MOE:
+        return "moe"
+    return "dense"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module          # a PeftModel when adapters are loaded
+    tokenizer: object
+    architecture: str
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+    parameters: int
+    eos_ids: set[int]
+    adapters: list[str] = field(default_factory=list)
+    path: Path | None = None
+
+    @property
+    def has_adapters(self) -> bool:
+        return bool(self.adapters)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"engine.device is '{spec}' but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, spec)
+
+
+def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded.ensure_converted(data_dir) if cfg.path == "embedded" else Path(cfg.path).expanduser()
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"model '{cfg.name}': {path} has no config.json (expected a local transformers folder)")
+    device = resolve_device(engine.device)
+    dtype = resolve_dtype(cfg.dtype or engine.dtype, device)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model '{cfg.name}': cannot load {path}: {e}") from e
+    model.to(device).eval()
+    parameters = sum(p.numel() for p in model.parameters())
+    adapters = []
+    if cfg.adapters:
+        model = _attach_adapters(cfg, model)
+        adapters = list(cfg.adapters)
+    eos = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) + [tokenizer.eos_token_id]:
+        if e is not None:
+            eos.add(int(e))
+    ctx = int(getattr(hf_config, "max_position_embeddings", 0) or getattr(hf_config, "n_positions", 0) or 2048)
+    lm = LoadedModel(
+        name=cfg.name, model=model, tokenizer=tokenizer, architecture=architecture_of(hf_config.model_type),
+        device=device, dtype=dtype, context_length=ctx, parameters=parameters, eos_ids=eos, adapters=adapters,
+        path=path,
+    )
+    log.info("loaded model %s (%s, %s, %.1fM params, %s, adapters=%s)", cfg.name, hf_config.model_type,
+             lm.architecture, parameters / 1e6, device, adapters or "none")
+    return lm
+
+
+def _attach_adapters(cfg: ModelConfig, model):
+    from peft import PeftModel
+
+    peft_model = None
+    for name, folder in cfg.adapters.items():
+        folder_path = Path(folder).expanduser()
+        if not (folder_path / "adapter_config.json").exists():
+            raise ModelLoadError(f"model '{cfg.name}': adapter '{name}': {folder_path} has no adapter_config.json")
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, folder_path, adapter_name=name, is_trainable=False)
+        else:
+            peft_model.load_adapter(folder_path, adapter_name=name, is_trainable=False)
+    peft_model.eval()
+    return peft_model
+

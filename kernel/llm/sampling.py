@@ -1,0 +1,30 @@
+"""Per-sequence token choice: greedy, or temperature / top-k / top-p sampling from the sequence's own
+generator, so that a seeded request gives the same tokens whatever it is batched with."""
+from __future__ import annotations
+
+import torch
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else torch.seed())
+    return g
+
+
+def choose(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator) -> int:
+    """Pick the next token from a row of logits [vocab]."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_p, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = cumulative - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -1,0 +1,113 @@
+"""What flows between the syscall layer and an engine: a request in, events out through a handle.
+
+Engines run on their own threads; the gRPC side lives on an asyncio loop. A handle is the meeting
+point: the engine puts events into a thread-safe queue, and either an asyncio consumer (`events()`)
+or a blocking one (`result()`) reads them.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Finish(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class GenRequest:
+    request_id: str
+    agent_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    adapter: str | None = None
+    priority: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TextDelta:
+    text: str
+    tokens: int                 # tokens generated so far
+
+
+@dataclass
+class Final:
+    text: str
+    finish: Finish
+    prompt_tokens: int
+    completion_tokens: int
+    queue_wait_ms: float
+    ttft_ms: float
+    total_ms: float
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+class EngineClosed(RuntimeError):
+    """The engine is draining or stopped and takes no new requests."""
+
+
+class RequestHandle:
+    def __init__(self, request: GenRequest, loop: asyncio.AbstractEventLoop | None = None):
+        self.request = request
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop = loop
+        self._ready = asyncio.Event() if loop is not None else None
+        self._cancelled = threading.Event()
+
+    # -- engine side ---------------------------------------------------------------------------------
+    def put(self, event) -> None:
+        self._q.put(event)
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # -- consumer side -------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    async def events(self):
+        """Yield TextDelta events, then one Final or Failed (asyncio consumers)."""
+        assert self._ready is not None, "handle was created without an event loop"
+        while True:
+            try:
+                ev = self._q.get_nowait()
+            except queue.Empty:
+                await self._ready.wait()
+                self._ready.clear()
+                continue
+            yield ev
+            if isinstance(ev, (Final, Failed)):
+                return
+
+    def result(self, timeout: float | None = None) -> Final:
+        """Block until the request ends (threaded consumers); raise on failure."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ev = self._q.get(timeout=left)
+            if isinstance(ev, Final):
+                return ev
+            if isinstance(ev, Failed):
+                raise RuntimeError(ev.message)

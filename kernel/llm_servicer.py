@@ -1,0 +1,168 @@
+"""The LLM service: validates a generation syscall once, at the boundary, then hands it to the model's
+engine and relays its events (whole reply, or a stream of chunks)."""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+
+import grpc
+
+from google.protobuf.json_format import MessageToDict
+
+from kernos.proto.v1 import llm_pb2 as pb
+from kernos.proto.v1 import llm_pb2_grpc as rpc
+from kernos.storage.traces import TraceRecord
+
+from .auth import current_agent
+from .errors import SyscallError, exhausted, invalid, not_found, syscall, unavailable
+from .kernel import Kernel
+from .llm.core import ServedModel
+from .llm.types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, TextDelta
+
+ROLES = {"system", "user", "assistant"}
+MAX_STOP_LEN = 256
+_FINISH = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
+           Finish.CANCELLED: pb.FINISH_REASON_CANCELLED}
+
+
+class LLMServicer(rpc.LLMServicer):
+    def __init__(self, kernel: Kernel):
+        self.k = kernel
+
+    # -- validation: the one place a request is checked -----------------------------------------------------
+    def _prepare(self, request: pb.GenerateRequest, agent_id: str) -> tuple[ServedModel, GenRequest]:
+        lim = self.k.config.limits
+        size = request.ByteSize()
+        if size > lim.max_request_bytes:
+            raise exhausted(f"request is {size} bytes; the limit is {lim.max_request_bytes} (limits.max_request_bytes)")
+        model = self.k.llm.get(request.model)
+        if model is None:
+            raise not_found(f"unknown model '{request.model}'; served models: {sorted(self.k.llm.models)}")
+        if request.adapter and request.adapter not in model.adapters:
+            raise not_found(f"model '{model.name}' has no adapter '{request.adapter}'; loaded: {model.adapters}")
+        if request.messages and request.prompt:
+            raise invalid("give either messages (chat) or prompt (raw text), not both")
+        if not request.messages and not request.prompt:
+            raise invalid("empty request: give messages (chat) or prompt (raw text)")
+        for i, m in enumerate(request.messages):
+            if m.role not in ROLES:
+                raise invalid(f"messages[{i}].role must be one of {sorted(ROLES)}, got '{m.role[:32]}'")
+        if request.messages and not any(m.content.strip() for m in request.messages):
+            raise invalid("every message is empty")
+        if request.prompt and not request.prompt.strip():
+            raise invalid("prompt is empty")
+        s = request.sampling
+        max_tokens = s.max_tokens if s.HasField("max_tokens") else lim.default_max_tokens
+        if max_tokens <= 0:
+            raise invalid(f"sampling.max_tokens must be > 0, got {max_tokens}")
+        if max_tokens > lim.max_tokens_cap:
+            raise invalid(f"sampling.max_tokens is {max_tokens}; the kernel's cap is {lim.max_tokens_cap}")
+        temperature = s.temperature if s.HasField("temperature") else lim.default_temperature
+        if not math.isfinite(temperature) or not 0 <= temperature <= 10:
+            raise invalid(f"sampling.temperature must be in [0, 10], got {temperature}")
+        top_p = s.top_p if s.HasField("top_p") else 1.0
+        if not math.isfinite(top_p) or not 0 < top_p <= 1:
+            raise invalid(f"sampling.top_p must be in (0, 1], got {top_p}")
+        if len(s.stop) > lim.max_stop_strings:
+            raise invalid(f"{len(s.stop)} stop strings; the limit is {lim.max_stop_strings}")
+        if any(not x or len(x) > MAX_STOP_LEN for x in s.stop):
+            raise invalid(f"stop strings must be 1 to {MAX_STOP_LEN} characters")
+        if request.messages and not model.chat:
+            raise invalid(f"model '{model.name}' has no chat template: send a raw prompt")
+        try:
+            if request.messages:
+                ids = model.encode_chat([{"role": m.role, "content": m.content} for m in request.messages])
+            else:
+                ids = model.encode_prompt(request.prompt)
+        except Exception as e:  # a template that rejects the conversation (e.g. role order)
+            raise invalid(f"cannot format the messages with the model's chat template: {e}") from None
+        if not ids:
+            raise invalid("the prompt encodes to no tokens")
+        if len(ids) > lim.max_prompt_tokens:
+            raise exhausted(f"prompt is {len(ids)} tokens; the limit is {lim.max_prompt_tokens} (limits.max_prompt_tokens)")
+        if len(ids) + max_tokens > model.context_length:
+            raise invalid(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context length of "
+                          f"'{model.name}' ({model.context_length})")
+        req = GenRequest(
+            request_id=uuid.uuid4().hex, agent_id=agent_id, prompt_ids=ids, max_tokens=max_tokens,
+            temperature=float(temperature), top_p=float(top_p), top_k=int(s.top_k), stop=list(s.stop),
+            seed=int(s.seed) if s.HasField("seed") else None, adapter=request.adapter or None,
+            priority=int(request.priority),
+        )
+        return model, req
+
+    def _reply(self, model: ServedModel, req: GenRequest, final: Final) -> pb.GenerateReply:
+        return pb.GenerateReply(
+            request_id=req.request_id, text=final.text, model=model.name, adapter=req.adapter or "",
+            finish_reason=_FINISH[final.finish],
+            usage=pb.Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens),
+            timings=pb.Timings(queue_wait_ms=final.queue_wait_ms, time_to_first_token_ms=final.ttft_ms,
+                               total_ms=final.total_ms),
+        )
+
+    def _trace(self, agent_id: str, request, reply: pb.GenerateReply | None, status: str, t0: float) -> None:
+        self.k.traces.record(TraceRecord(
+            agent_id=agent_id, kind="llm.generate", status=status,
+            request=MessageToDict(request, preserving_proto_field_name=True),
+            response=MessageToDict(reply, preserving_proto_field_name=True) if reply is not None else {},
+            timings={"syscall_ms": (time.monotonic() - t0) * 1e3},
+        ))
+
+    async def _run(self, request, context):
+        """Yield (delta_text, tokens) pairs, then the final reply; shared by Generate and GenerateStream."""
+        agent = current_agent()
+        t0 = time.monotonic()
+        if self.k.stopping:
+            raise unavailable("the kernel is shutting down")
+        try:
+            model, req = self._prepare(request, agent.agent_id)
+        except SyscallError as e:
+            self._trace(agent.agent_id, request, None, e.code.name, t0)
+            raise
+        handle = RequestHandle(req, asyncio.get_running_loop())
+        with self.k.track():
+            try:
+                model.engine.submit(req, handle)
+            except EngineClosed as e:
+                raise unavailable(str(e)) from None
+            try:
+                async for ev in handle.events():
+                    if isinstance(ev, TextDelta):
+                        yield ev
+                    elif isinstance(ev, Failed):
+                        self._trace(agent.agent_id, request, None, "INTERNAL", t0)
+                        raise SyscallError(grpc.StatusCode.INTERNAL, ev.message)
+                    else:
+                        reply = self._reply(model, req, ev)
+                        self.k.agents.add_tokens(agent, ev.prompt_tokens, ev.completion_tokens)
+                        self._trace(agent.agent_id, request, reply, "OK", t0)
+                        yield reply
+            except (asyncio.CancelledError, GeneratorExit):
+                handle.cancel()  # the client went away: free the batch slot
+                raise
+
+    @syscall
+    async def Generate(self, request, context):
+        reply = None
+        async for item in self._run(request, context):  # consumed to the end so the syscall is accounted
+            if isinstance(item, pb.GenerateReply):
+                reply = item
+        return reply
+
+    @syscall
+    async def GenerateStream(self, request, context):
+        async for item in self._run(request, context):
+            if isinstance(item, pb.GenerateReply):
+                yield pb.GenerateChunk(request_id=item.request_id, tokens=item.usage.completion_tokens, done=True,
+                                       reply=item)
+            else:
+                yield pb.GenerateChunk(text=item.text, tokens=item.tokens)
+
+    @syscall
+    async def ListModels(self, request, context):
+        return pb.ListModelsReply(models=[
+            pb.ModelInfo(name=m.name, architecture=m.architecture, device=m.device, adapters=m.adapters,
+                         context_length=m.context_length, is_default=(m.name == self.k.llm.default))
+            for m in self.k.llm.models.values()])

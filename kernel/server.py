@@ -1,0 +1,95 @@
+"""The daemon: a grpc.aio server with the kernel's services, health and reflection, and a draining
+shutdown on SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kernos.proto.v1 import kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc
+
+from .auth import AuthInterceptor
+from .config import KernelConfig
+from .kernel import Kernel
+from .kernel_servicer import KernelServicer
+from .llm_servicer import LLMServicer
+
+log = logging.getLogger("kernos.kernel")
+SERVICES = (kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].full_name,
+            llm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name)
+
+
+async def _flush_agents_periodically(kernel: Kernel) -> None:
+    while True:
+        await asyncio.sleep(5)
+        kernel.agents.flush()
+
+
+async def serve(config: KernelConfig) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    kernel = Kernel(config)
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(kernel.agents)],
+        options=[("grpc.max_receive_message_length", config.server.max_message_bytes),
+                 ("grpc.max_send_message_length", config.server.max_message_bytes),
+                 ("grpc.so_reuseport", 0)],
+    )
+    kernel_pb2_grpc.add_KernelServicer_to_server(KernelServicer(kernel), server)
+    llm_pb2_grpc.add_LLMServicer_to_server(LLMServicer(kernel), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.server.reflection:
+        reflection.enable_server_reflection(SERVICES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+    try:
+        port = server.add_insecure_port(config.server.listen)
+    except RuntimeError as e:
+        log.error("cannot listen on %s: %s", config.server.listen, e)
+        kernel.drain(0)
+        kernel.close()
+        return 2
+    host = config.server.listen.rsplit(":", 1)[0]
+    address = f"{host}:{port}"
+    await server.start()
+    for name in ("",) + SERVICES:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    (config.data_dir / "kernel.addr").write_text(address + "\n")
+    # One machine-readable line on stdout: tests and `kernos demo` wait for it.
+    print(f"KERNOS READY {address} pid={os.getpid()}", flush=True)
+    log.info("serving %s on %s (data dir %s)", sorted(kernel.llm.models), address, config.data_dir)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    flusher = asyncio.create_task(_flush_agents_periodically(kernel))
+    await stop.wait()
+
+    log.info("shutting down: draining in-flight generations (up to %.0f s)", config.server.drain_timeout_s)
+    for name in ("",) + SERVICES:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await loop.run_in_executor(None, kernel.drain, config.server.drain_timeout_s)
+    # Let the handlers send the replies the engines just finished, then close.
+    for _ in range(100):
+        if kernel.in_flight == 0:
+            break
+        await asyncio.sleep(0.05)
+    await server.stop(grace=2.0)
+    flusher.cancel()
+    kernel.close()
+    try:
+        (config.data_dir / "kernel.addr").unlink()
+    except FileNotFoundError:
+        pass
+    log.info("stopped")
+    return 0
+
+
+def run(config: KernelConfig) -> int:
+    return asyncio.run(serve(config))

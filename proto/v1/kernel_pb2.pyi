@@ -1,0 +1,169 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("name", "description", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("agent_id", "token")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    token: str
+    def __init__(self, agent_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("server_time",)
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    server_time: float
+    def __init__(self, server_time: _Optional[float] = ...) -> None: ...
+
+class ExitRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExitReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAgentsRequest(_message.Message):
+    __slots__ = ("include_exited",)
+    INCLUDE_EXITED_FIELD_NUMBER: _ClassVar[int]
+    include_exited: bool
+    def __init__(self, include_exited: _Optional[bool] = ...) -> None: ...
+
+class AgentInfo(_message.Message):
+    __slots__ = ("agent_id", "name", "description", "labels", "state", "registered_at", "last_seen", "syscalls", "prompt_tokens", "completion_tokens")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    SYSCALLS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    name: str
+    description: str
+    labels: _containers.ScalarMap[str, str]
+    state: str
+    registered_at: float
+    last_seen: float
+    syscalls: int
+    prompt_tokens: int
+    completion_tokens: int
+    def __init__(self, agent_id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[str] = ..., registered_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., syscalls: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
+class ListAgentsReply(_message.Message):
+    __slots__ = ("agents",)
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedCompositeFieldContainer[AgentInfo]
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RequestStats(_message.Message):
+    __slots__ = ("request_id", "agent_id", "model", "state", "prompt_tokens", "generated_tokens", "age_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    agent_id: str
+    model: str
+    state: str
+    prompt_tokens: int
+    generated_tokens: int
+    age_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., age_ms: _Optional[float] = ...) -> None: ...
+
+class ModelStats(_message.Message):
+    __slots__ = ("name", "architecture", "device", "dtype", "adapters", "parameters", "running", "waiting", "completed", "prompt_tokens", "generated_tokens", "decode_steps", "tokens_per_s", "mean_batch_size", "cache_bytes", "requests")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    architecture: str
+    device: str
+    dtype: str
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    parameters: int
+    running: int
+    waiting: int
+    completed: int
+    prompt_tokens: int
+    generated_tokens: int
+    decode_steps: int
+    tokens_per_s: float
+    mean_batch_size: float
+    cache_bytes: int
+    requests: _containers.RepeatedCompositeFieldContainer[RequestStats]
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., parameters: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., completed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., decode_steps: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., mean_batch_size: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestStats, _Mapping]]] = ...) -> None: ...
+
+class StatsReply(_message.Message):
+    __slots__ = ("version", "uptime_s", "active_agents", "syscalls", "in_flight", "models", "default_model")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    SYSCALLS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    uptime_s: float
+    active_agents: int
+    syscalls: int
+    in_flight: int
+    models: _containers.RepeatedCompositeFieldContainer[ModelStats]
+    default_model: str
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., active_agents: _Optional[int] = ..., syscalls: _Optional[int] = ..., in_flight: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...

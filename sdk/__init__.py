@@ -1,0 +1,17 @@
+"""Kernos SDK: the thin client agent apps use to issue syscalls to a running kernel.
+
+    import kernos.sdk
+    with kernos.sdk.connect("127.0.0.1:7070", agent="researcher") as s:
+        print(s.llm.chat("What is the capital of France?", max_tokens=32).text)
+
+Depends on grpcio, protobuf and pydantic only: never torch. `kernos.sdk.aio` is the asyncio twin.
+"""
+from . import aio
+from .client import Session, connect
+from .errors import (AlreadyExists, DeadlineExceeded, Internal, InvalidArgument, KernosError, NotFound,
+                     PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
+from .types import AgentInfo, Chunk, Completion, Message, ModelInfo
+
+__all__ = ["connect", "Session", "aio", "Completion", "Chunk", "Message", "ModelInfo", "AgentInfo", "KernosError",
+           "InvalidArgument", "NotFound", "AlreadyExists", "PermissionDenied", "Unauthenticated",
+           "ResourceExhausted", "Unavailable", "DeadlineExceeded", "Internal"]

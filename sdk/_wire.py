@@ -1,0 +1,47 @@
+"""Building requests and channel settings, shared by the sync and asyncio clients."""
+from __future__ import annotations
+
+import os
+
+from kernos.proto.v1 import llm_pb2
+
+from .types import Message, Messages
+
+DEFAULT_ADDRESS = "127.0.0.1:7070"
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                   ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+
+
+def resolve_address(address: str | None) -> str:
+    return address or os.environ.get("KERNOS_ADDRESS") or DEFAULT_ADDRESS
+
+
+def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _messages(messages: Messages) -> list[llm_pb2.ChatMessage]:
+    if isinstance(messages, str):
+        return [llm_pb2.ChatMessage(role="user", content=messages)]
+    out = []
+    for m in messages:
+        m = m if isinstance(m, Message) else Message.model_validate(m)
+        out.append(llm_pb2.ChatMessage(role=m.role, content=m.content))
+    return out
+
+
+def generate_request(messages: Messages | None = None, prompt: str | None = None, *, model: str | None = None,
+                     adapter: str | None = None, temperature: float | None = None, top_p: float | None = None,
+                     top_k: int = 0, max_tokens: int | None = None, stop: list[str] | str | None = None,
+                     seed: int | None = None, priority: int = 0) -> llm_pb2.GenerateRequest:
+    sampling = llm_pb2.SamplingParams(top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []))
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if seed is not None:
+        sampling.seed = seed
+    return llm_pb2.GenerateRequest(messages=_messages(messages) if messages is not None else [], prompt=prompt or "",
+                                   model=model or "", adapter=adapter or "", sampling=sampling, priority=priority)

@@ -1,0 +1,121 @@
+"""The asyncio twin of `kernos.sdk`: same names, awaitable calls, async iteration for streams.
+
+    async with await kernos.sdk.aio.connect(address, agent="planner") as s:
+        reply = await s.llm.chat("Plan a trip")
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kernos.proto.v1 import kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc
+
+from ._wire import CHANNEL_OPTIONS, auth_metadata, generate_request, resolve_address
+from .errors import Unavailable, from_rpc_error
+from .types import AgentInfo, Chunk, Completion, Messages, ModelInfo
+
+
+async def _call(fn, request, metadata, timeout=None):
+    try:
+        return await fn(request, metadata=metadata, timeout=timeout)
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+
+
+class LLM:
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = llm_pb2_grpc.LLMStub(session.channel)
+
+    async def chat(self, messages: Messages, *, timeout: float | None = None, **sampling) -> Completion:
+        """See `kernos.sdk.client.LLM.chat`."""
+        req = generate_request(messages, **sampling)
+        return Completion.from_proto(await _call(self._stub.Generate, req, self._s.metadata, timeout))
+
+    async def complete(self, prompt: str, *, timeout: float | None = None, **sampling) -> Completion:
+        req = generate_request(prompt=prompt, **sampling)
+        return Completion.from_proto(await _call(self._stub.Generate, req, self._s.metadata, timeout))
+
+    async def stream(self, messages: Messages | None = None, *, prompt: str | None = None,
+                     timeout: float | None = None, **sampling) -> AsyncIterator[Chunk]:
+        req = generate_request(messages, prompt, **sampling)
+        call = self._stub.GenerateStream(req, metadata=self._s.metadata, timeout=timeout)
+        try:
+            async for c in call:
+                yield Chunk.from_proto(c)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def models(self) -> list[ModelInfo]:
+        reply = await _call(self._stub.ListModels, llm_pb2.ListModelsRequest(), self._s.metadata)
+        return [ModelInfo(name=m.name, architecture=m.architecture, device=m.device, adapters=list(m.adapters),
+                          context_length=m.context_length, is_default=m.is_default) for m in reply.models]
+
+
+class KernelCalls:
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = kernel_pb2_grpc.KernelStub(session.channel)
+
+    async def heartbeat(self) -> float:
+        return (await _call(self._stub.Heartbeat, kernel_pb2.HeartbeatRequest(), self._s.metadata)).server_time
+
+    async def agents(self, include_exited: bool = False) -> list[AgentInfo]:
+        reply = await _call(self._stub.ListAgents, kernel_pb2.ListAgentsRequest(include_exited=include_exited),
+                            self._s.metadata)
+        return [AgentInfo.from_proto(a) for a in reply.agents]
+
+    async def stats(self) -> kernel_pb2.StatsReply:
+        return await _call(self._stub.Stats, kernel_pb2.StatsRequest(), self._s.metadata)
+
+
+class Session:
+    def __init__(self, channel: grpc.aio.Channel, agent_id: str, token: str):
+        self.channel = channel
+        self.agent_id = agent_id
+        self.token = token
+        self.metadata = auth_metadata(token)
+        self.llm = LLM(self)
+        self.kernel = KernelCalls(self)
+
+    async def exit(self) -> None:
+        try:
+            await _call(kernel_pb2_grpc.KernelStub(self.channel).Exit, kernel_pb2.ExitRequest(), self.metadata)
+        finally:
+            await self.channel.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "Session":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.exit()
+
+
+async def connect(address: str | None = None, agent: str = "agent", token: str | None = None, *,
+                  description: str = "", labels: dict[str, str] | None = None, timeout: float = 10.0) -> Session:
+    """See `kernos.sdk.connect`."""
+    import asyncio
+
+    channel = grpc.aio.insecure_channel(resolve_address(address), options=CHANNEL_OPTIONS)
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+    except asyncio.TimeoutError:
+        await channel.close()
+        raise Unavailable(f"no kernel answered at {resolve_address(address)} within {timeout} s") from None
+    stub = kernel_pb2_grpc.KernelStub(channel)
+    try:
+        if token is None:
+            reply = await _call(stub.Register, kernel_pb2.RegisterRequest(name=agent, description=description,
+                                                                           labels=labels or {}), ())
+            return Session(channel, reply.agent_id, reply.token)
+        await _call(stub.Heartbeat, kernel_pb2.HeartbeatRequest(), auth_metadata(token))
+        return Session(channel, agent, token)
+    except BaseException:
+        await channel.close()
+        raise

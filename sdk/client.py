@@ -1,0 +1,135 @@
+"""The synchronous client. `connect()` registers an agent (or resumes one with its token) and returns a
+`Session` whose attributes group the syscalls by service."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from kernos.proto.v1 import kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc
+
+from ._wire import CHANNEL_OPTIONS, auth_metadata, generate_request, resolve_address
+from .errors import from_rpc_error
+from .types import AgentInfo, Chunk, Completion, Messages, ModelInfo
+
+
+def _call(fn, request, metadata, timeout=None):
+    try:
+        return fn(request, metadata=metadata, timeout=timeout)
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+
+
+class LLM:
+    """Generation syscalls (`session.llm`)."""
+
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = llm_pb2_grpc.LLMStub(session.channel)
+
+    def chat(self, messages: Messages, *, timeout: float | None = None, **sampling) -> Completion:
+        """Generate the assistant's reply to `messages` (a string, or a list of {"role", "content"}).
+
+        Sampling keywords: model, adapter, temperature (0 = greedy), top_p, top_k, max_tokens, stop, seed,
+        priority. Raises InvalidArgument, NotFound, ResourceExhausted, ... on a rejected request."""
+        req = generate_request(messages, **sampling)
+        return Completion.from_proto(_call(self._stub.Generate, req, self._s.metadata, timeout))
+
+    def complete(self, prompt: str, *, timeout: float | None = None, **sampling) -> Completion:
+        """Continue a raw prompt (no chat template)."""
+        req = generate_request(prompt=prompt, **sampling)
+        return Completion.from_proto(_call(self._stub.Generate, req, self._s.metadata, timeout))
+
+    def stream(self, messages: Messages | None = None, *, prompt: str | None = None, timeout: float | None = None,
+               **sampling) -> Iterator[Chunk]:
+        """Yield chunks of text as the kernel produces them; the last has done=True and the completion.
+        Breaking out of the loop cancels the generation in the kernel."""
+        req = generate_request(messages, prompt, **sampling)
+        call = self._stub.GenerateStream(req, metadata=self._s.metadata, timeout=timeout)
+        try:
+            for c in call:
+                yield Chunk.from_proto(c)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def models(self) -> list[ModelInfo]:
+        reply = _call(self._stub.ListModels, llm_pb2.ListModelsRequest(), self._s.metadata)
+        return [ModelInfo(name=m.name, architecture=m.architecture, device=m.device, adapters=list(m.adapters),
+                          context_length=m.context_length, is_default=m.is_default) for m in reply.models]
+
+
+class KernelCalls:
+    """Kernel service syscalls (`session.kernel`)."""
+
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = kernel_pb2_grpc.KernelStub(session.channel)
+
+    def heartbeat(self) -> float:
+        return _call(self._stub.Heartbeat, kernel_pb2.HeartbeatRequest(), self._s.metadata).server_time
+
+    def agents(self, include_exited: bool = False) -> list[AgentInfo]:
+        reply = _call(self._stub.ListAgents, kernel_pb2.ListAgentsRequest(include_exited=include_exited),
+                      self._s.metadata)
+        return [AgentInfo.from_proto(a) for a in reply.agents]
+
+    def stats(self) -> kernel_pb2.StatsReply:
+        """Kernel-wide statistics (the raw StatsReply message: models, requests, counters)."""
+        return _call(self._stub.Stats, kernel_pb2.StatsRequest(), self._s.metadata)
+
+
+class Session:
+    """A registered agent's connection to the kernel. Use as a context manager to exit on leave."""
+
+    def __init__(self, channel: grpc.Channel, agent_id: str, token: str):
+        self.channel = channel
+        self.agent_id = agent_id
+        self.token = token
+        self.metadata = auth_metadata(token)
+        self.llm = LLM(self)
+        self.kernel = KernelCalls(self)
+
+    def exit(self) -> None:
+        """End the registration (revokes the token) and close the channel."""
+        try:
+            _call(kernel_pb2_grpc.KernelStub(self.channel).Exit, kernel_pb2.ExitRequest(), self.metadata)
+        finally:
+            self.channel.close()
+
+    def close(self) -> None:
+        """Close the channel but keep the registration: reconnect later with `token`."""
+        self.channel.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.exit()
+
+
+def connect(address: str | None = None, agent: str = "agent", token: str | None = None, *, description: str = "",
+            labels: dict[str, str] | None = None, timeout: float = 10.0) -> Session:
+    """Connect to a kernel at `address` (default: $KERNOS_ADDRESS or 127.0.0.1:7070).
+
+    Without `token`, registers `agent` and receives a new token (`session.token`); with it, resumes that
+    agent's registration. Waits up to `timeout` seconds for the kernel to be reachable."""
+    channel = grpc.insecure_channel(resolve_address(address), options=CHANNEL_OPTIONS)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        channel.close()
+        from .errors import Unavailable
+        raise Unavailable(f"no kernel answered at {resolve_address(address)} within {timeout} s") from None
+    stub = kernel_pb2_grpc.KernelStub(channel)
+    try:
+        if token is None:
+            reply = _call(stub.Register, kernel_pb2.RegisterRequest(name=agent, description=description,
+                                                                     labels=labels or {}), ())
+            return Session(channel, reply.agent_id, reply.token)
+        _call(stub.Heartbeat, kernel_pb2.HeartbeatRequest(), auth_metadata(token))
+        return Session(channel, agent, token)
+    except Exception:
+        channel.close()
+        raise

@@ -1,0 +1,81 @@
+"""Typed results of syscalls (pydantic models), converted from the wire messages."""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel
+
+from kernos.proto.v1 import kernel_pb2, llm_pb2
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+Messages = Union[str, list[Union[Message, dict]]]
+
+FinishReason = Literal["stop", "length", "cancelled", "unspecified"]
+_FINISH = {llm_pb2.FINISH_REASON_STOP: "stop", llm_pb2.FINISH_REASON_LENGTH: "length",
+           llm_pb2.FINISH_REASON_CANCELLED: "cancelled", llm_pb2.FINISH_REASON_UNSPECIFIED: "unspecified"}
+
+
+class Completion(BaseModel):
+    """The result of a generation syscall."""
+    request_id: str
+    text: str
+    model: str
+    adapter: str | None
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    queue_wait_ms: float
+    time_to_first_token_ms: float
+    total_ms: float
+
+    @classmethod
+    def from_proto(cls, r: llm_pb2.GenerateReply) -> "Completion":
+        return cls(request_id=r.request_id, text=r.text, model=r.model, adapter=r.adapter or None,
+                   finish_reason=_FINISH.get(r.finish_reason, "unspecified"), prompt_tokens=r.usage.prompt_tokens,
+                   completion_tokens=r.usage.completion_tokens, queue_wait_ms=r.timings.queue_wait_ms,
+                   time_to_first_token_ms=r.timings.time_to_first_token_ms, total_ms=r.timings.total_ms)
+
+
+class Chunk(BaseModel):
+    """A piece of a streamed generation; the last one has `done=True` and the whole `completion`."""
+    text: str
+    tokens: int
+    done: bool
+    completion: Completion | None = None
+
+    @classmethod
+    def from_proto(cls, c: llm_pb2.GenerateChunk) -> "Chunk":
+        return cls(text=c.text, tokens=c.tokens, done=c.done,
+                   completion=Completion.from_proto(c.reply) if c.done else None)
+
+
+class ModelInfo(BaseModel):
+    name: str
+    architecture: str
+    device: str
+    adapters: list[str]
+    context_length: int
+    is_default: bool
+
+
+class AgentInfo(BaseModel):
+    agent_id: str
+    description: str
+    labels: dict[str, str]
+    state: str
+    registered_at: float
+    last_seen: float
+    syscalls: int
+    prompt_tokens: int
+    completion_tokens: int
+
+    @classmethod
+    def from_proto(cls, a: kernel_pb2.AgentInfo) -> "AgentInfo":
+        return cls(agent_id=a.agent_id, description=a.description, labels=dict(a.labels), state=a.state,
+                   registered_at=a.registered_at, last_seen=a.last_seen, syscalls=a.syscalls,
+                   prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens)

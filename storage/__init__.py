@@ -1,0 +1,1 @@
+"""Durable state of the kernel: SQLite databases (WAL), the trace log; later versioned files and adapters."""

@@ -1,0 +1,109 @@
+"""The trace log: one record per syscall (agent, kind, request, response, status, timings), the raw
+material for the fine-tuner.
+
+Records are written by a background thread in batched transactions so that tracing stays off the
+syscall's critical path; `close()` drains the queue. SQLite in WAL mode keeps the file consistent
+if the kernel dies: at worst the records of the last moment before a crash are missing, never torn.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .db import connect
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS traces (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    agent_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    request TEXT NOT NULL,
+    response TEXT NOT NULL,
+    timings TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS traces_agent ON traces(agent_id, ts);
+"""
+
+
+@dataclass
+class TraceRecord:
+    agent_id: str
+    kind: str                 # e.g. "llm.generate", "kernel.register"
+    status: str               # gRPC status name, "OK" on success
+    request: dict
+    response: dict
+    timings: dict
+    ts: float = 0.0
+
+
+class TraceLog:
+    def __init__(self, path: Path):
+        self.path = path
+        self._db = connect(path, synchronous="NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._writer, name="trace-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, rec: TraceRecord) -> None:
+        if self._closed:
+            return
+        rec.ts = rec.ts or time.time()
+        self._q.put(rec)
+
+    def _writer(self) -> None:
+        while True:
+            batch = [self._q.get()]
+            while len(batch) < 512:
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(r is None for r in batch)
+            rows = [(r.ts, r.agent_id, r.kind, r.status, json.dumps(r.request), json.dumps(r.response),
+                     json.dumps(r.timings)) for r in batch if r is not None]
+            if rows:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    self._db.executemany(
+                        "INSERT INTO traces(ts, agent_id, kind, status, request, response, timings) "
+                        "VALUES (?,?,?,?,?,?,?)", rows)
+            if stop:
+                return
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._q.put(None)
+        self._thread.join(timeout=30)
+        self._db.close()
+
+    def query(self, agent_id: str | None = None, kind: str | None = None, limit: int = 1000) -> list[TraceRecord]:
+        """Read records back, newest last. Uses its own connection: safe while the writer runs."""
+        db = connect(self.path, synchronous="NORMAL")
+        try:
+            sql, args = "SELECT ts, agent_id, kind, status, request, response, timings FROM traces", []
+            where = []
+            if agent_id is not None:
+                where.append("agent_id = ?")
+                args.append(agent_id)
+            if kind is not None:
+                where.append("kind = ?")
+                args.append(kind)
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY id DESC LIMIT ?"
+            args.append(limit)
+            rows = db.execute(sql, args).fetchall()
+        finally:
+            db.close()
+        return [TraceRecord(agent_id=a, kind=k, status=s, request=json.loads(rq), response=json.loads(rs),
+                            timings=json.loads(t), ts=ts) for ts, a, k, s, rq, rs, t in reversed(rows)]
