@@ -59,7 +59,7 @@ class KernelServicer(rpc.KernelServicer):
             now = time.monotonic()
             models.append(pb.ModelStats(
                 name=m.name, architecture=m.architecture, device=m.device, dtype=m.dtype, adapters=m.adapters,
-                parameters=m.parameters, running=st.running, waiting=st.waiting, completed=st.completed,
+                parameters=m.parameters, running=st.running, waiting=st.waiting, completed=st.completed, cancelled=st.cancelled,
                 prompt_tokens=st.prompt_tokens, generated_tokens=st.generated_tokens, decode_steps=st.decode_steps,
                 tokens_per_s=st.tokens_per_s(), mean_batch_size=st.batch_rows / st.decode_steps if st.decode_steps else 0.0,
                 cache_bytes=st.cache_bytes,

@@ -16,6 +16,7 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     completed: int = 0
+    cancelled: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_steps: int = 0

@@ -269,6 +269,8 @@ class TransformersEngine(Engine):
             total_ms=(now - seq.req.arrival) * 1e3,
         ))
         self.stats.completed += 1
+        if finish == Finish.CANCELLED:
+            self.stats.cancelled += 1
 
     def _cancel_all(self) -> None:
         for s in self.rows + self.waiting:

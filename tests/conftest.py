@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny random models written to disk, LoRA adapters for them, and real kernel processes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from kernos.kernel.llm.testing import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_tiny_model(root / arch, arch) for arch in ("llama", "mixtral", "jamba")}
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """Two LoRA adapters (random, non-zero) for the tiny Llama."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("lora")
+    out = {}
+    for i, name in enumerate(("alpha", "beta")):
+        torch.manual_seed(100 + i)
+        base = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+        peft_model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def write_config(path: Path, models: list[dict], **sections) -> Path:
+    """Write a kernel TOML config with `[[models]]` entries and extra `[section]` tables."""
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    for m in models:
+        lines.append("[[models]]")
+        for k, v in m.items():
+            lines.append(f"{k} = {_toml(v)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class KernelProcess:
+    def __init__(self, proc, address: str, data_dir: Path):
+        self.proc, self.address, self.data_dir = proc, address, data_dir
+
+    def stop(self) -> int:
+        from kernos.agents.demo import stop_kernel
+
+        return stop_kernel(self.proc)
+
+
+@pytest.fixture(scope="module")
+def kernel(tiny_models, lora_adapters, tmp_path_factory):
+    """A real kernel process serving the tiny Llama (with two adapters, the default) and the echo model."""
+    from kernos.agents.demo import start_kernel
+
+    d = tmp_path_factory.mktemp("kernel")
+    cfg = write_config(
+        d / "kernos.toml",
+        [{"name": "tiny-llama", "path": str(tiny_models["llama"]),
+          "adapters": {k: str(v) for k, v in lora_adapters.items()}},
+         {"name": "echo", "path": "-", "kind": "echo"}],
+        limits={"max_request_bytes": 65536, "max_prompt_tokens": 512, "max_tokens_cap": 256},
+        server={"drain_timeout_s": 20},
+    )
+    proc, address = start_kernel(d / "data", str(cfg), timeout=120)
+    k = KernelProcess(proc, address, d / "data")
+    yield k
+    if proc.poll() is None:
+        k.stop()

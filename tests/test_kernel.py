@@ -1,0 +1,245 @@
+"""A real kernel process over gRPC: registration and tokens, generation (unary, streaming, asyncio),
+adapters, bad input with proper statuses, tracing, stats, health and reflection, client cancellation."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import kernos.sdk
+from kernos.storage.traces import TraceLog
+
+
+@pytest.fixture(scope="module")
+def session(kernel):
+    s = kernos.sdk.connect(kernel.address, agent="tester")
+    yield s
+    s.exit()
+
+
+def test_chat_returns_a_typed_completion(session):
+    c = session.llm.chat("hello world", max_tokens=12)
+    assert isinstance(c, kernos.sdk.Completion)
+    assert c.model == "tiny-llama" and c.completion_tokens == 12 and c.finish_reason == "length"
+    assert c.prompt_tokens > 0 and c.total_ms > 0 and c.time_to_first_token_ms <= c.total_ms
+    assert c.text
+
+
+def test_concurrent_agents_get_the_same_greedy_answers_as_sequential(kernel, session):
+    prompts = [f"question {i} about the agent kernel" for i in range(6)]
+    sequential = [session.llm.chat(p, max_tokens=24).text for p in prompts]
+    results = [None] * len(prompts)
+
+    def agent(i):
+        with kernos.sdk.connect(kernel.address, agent=f"conc-{i}") as s:
+            results[i] = s.llm.chat(prompts[i], max_tokens=24).text
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == sequential
+
+
+def test_stream_chunks_add_up_to_the_reply(session):
+    chunks = list(session.llm.stream("one two three", max_tokens=20))
+    assert chunks[-1].done and chunks[-1].completion is not None
+    assert "".join(c.text for c in chunks) == chunks[-1].completion.text
+    assert sum(1 for c in chunks if c.text) > 1
+
+
+def test_raw_prompt_and_models(session):
+    c = session.llm.complete("the agent kernel", max_tokens=5)
+    assert c.completion_tokens == 5
+    models = {m.name: m for m in session.llm.models()}
+    assert models["tiny-llama"].is_default and models["tiny-llama"].adapters == ["alpha", "beta"]
+    assert models["echo"].architecture == "echo"
+
+
+def test_adapters_are_chosen_per_request(session):
+    base = session.llm.chat("hello world", max_tokens=10).text
+    alpha = session.llm.chat("hello world", max_tokens=10, adapter="alpha")
+    assert alpha.adapter == "alpha" and alpha.text != base
+    with pytest.raises(kernos.sdk.NotFound, match="no adapter 'gamma'"):
+        session.llm.chat("hello", adapter="gamma")
+
+
+def test_asyncio_twin(kernel):
+    async def main():
+        async with await kernos.sdk.aio.connect(kernel.address, agent="aio-agent") as s:
+            c = await s.llm.chat("hello world", max_tokens=8)
+            chunks = [ch async for ch in s.llm.stream("hello world", max_tokens=8)]
+            with pytest.raises(kernos.sdk.InvalidArgument):
+                await s.llm.chat("x", max_tokens=-1)
+            return c, chunks
+    c, chunks = asyncio.run(main())
+    assert c.completion_tokens == 8
+    assert "".join(ch.text for ch in chunks) == c.text
+
+
+BAD = [
+    ("empty messages", dict(messages=[]), kernos.sdk.InvalidArgument, "empty request"),
+    ("blank message", dict(messages=[{"role": "user", "content": "  "}]), kernos.sdk.InvalidArgument, "empty"),
+    ("messages and prompt", dict(messages=[{"role": "user", "content": "x"}], prompt="z"),
+     kernos.sdk.InvalidArgument, "not both"),
+    ("zero max_tokens", dict(messages="hi", max_tokens=0), kernos.sdk.InvalidArgument, "max_tokens must be > 0"),
+    ("negative max_tokens", dict(messages="hi", max_tokens=-5), kernos.sdk.InvalidArgument, "max_tokens"),
+    ("absurd max_tokens", dict(messages="hi", max_tokens=10**9), kernos.sdk.InvalidArgument, "cap"),
+    ("unknown model", dict(messages="hi", model="gpt-9"), kernos.sdk.NotFound, "unknown model 'gpt-9'"),
+    ("unknown adapter", dict(messages="hi", adapter="nope"), kernos.sdk.NotFound, "no adapter"),
+    ("bad temperature", dict(messages="hi", temperature=-1.0), kernos.sdk.InvalidArgument, "temperature"),
+    ("bad top_p", dict(messages="hi", top_p=1.5), kernos.sdk.InvalidArgument, "top_p"),
+    ("too many stops", dict(messages="hi", stop=[str(i) for i in range(40)]), kernos.sdk.InvalidArgument, "stop"),
+    ("oversized request", dict(messages="word " * 20000), kernos.sdk.ResourceExhausted, "max_request_bytes"),
+    ("prompt too long", dict(messages="hello world " * 400), kernos.sdk.ResourceExhausted, "max_prompt_tokens"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,exc,text", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_status(session, name, kwargs, exc, text):
+    kwargs = dict(kwargs)
+    messages, prompt = kwargs.pop("messages", None), kwargs.pop("prompt", None)
+    with pytest.raises(exc) as err:
+        if prompt is not None:
+            session.llm.stream(messages, prompt=prompt, **kwargs).__next__()
+        else:
+            session.llm.chat(messages, **kwargs)
+    assert text in err.value.message
+    assert "Traceback" not in err.value.message
+
+
+def _raw_generate(address, payload: bytes, token: str):
+    with grpc.insecure_channel(address) as ch:
+        call = ch.unary_unary("/kernos.v1.LLM/Generate", request_serializer=lambda b: b,
+                              response_deserializer=lambda b: b)
+        return call(payload, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+
+
+def test_invalid_utf8_and_garbage_get_invalid_argument(kernel, session):
+    bad_utf8 = b"\x12\x04\xff\xfe\xfd\xfc"          # field 2 (prompt), 4 bytes that are not UTF-8
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"            # a length that runs past the end
+    for payload in (bad_utf8, garbage):
+        with pytest.raises(grpc.RpcError) as err:
+            _raw_generate(kernel.address, payload, session.token)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed request" in err.value.details()
+
+
+def test_message_over_the_transport_limit_is_resource_exhausted(kernel, session):
+    with pytest.raises(kernos.sdk.ResourceExhausted):
+        session.llm.chat("x" * (5 * 1024 * 1024))
+
+
+def test_kernel_keeps_serving_after_bad_input(kernel, session):
+    with grpc.insecure_channel(kernel.address) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="kernos.v1.LLM"))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert session.llm.chat("still there?", max_tokens=3).completion_tokens == 3
+
+
+def test_tokens_are_checked(kernel):
+    with pytest.raises(kernos.sdk.Unauthenticated):
+        kernos.sdk.connect(kernel.address, agent="x", token="kn_forged")
+    with grpc.insecure_channel(kernel.address) as ch:  # no token at all
+        from kernos.proto.v1 import kernel_pb2, kernel_pb2_grpc
+        with pytest.raises(grpc.RpcError) as err:
+            kernel_pb2_grpc.KernelStub(ch).Stats(kernel_pb2.StatsRequest())
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_registration_names_exit_and_resume(kernel):
+    s = kernos.sdk.connect(kernel.address, agent="lifecycle")
+    with pytest.raises(kernos.sdk.AlreadyExists):
+        kernos.sdk.connect(kernel.address, agent="lifecycle")
+    with pytest.raises(kernos.sdk.InvalidArgument):
+        kernos.sdk.connect(kernel.address, agent="bad name/../x")
+    resumed = kernos.sdk.connect(kernel.address, agent="lifecycle", token=s.token)
+    assert resumed.llm.chat("hi", model="echo").text == "hi"
+    resumed.close()
+    token = s.token
+    s.exit()
+    with pytest.raises(kernos.sdk.Unauthenticated):
+        kernos.sdk.connect(kernel.address, agent="lifecycle", token=token)
+    again = kernos.sdk.connect(kernel.address, agent="lifecycle")  # the name is free after exit
+    again.exit()
+
+
+def test_syscalls_are_traced(kernel, session):
+    marker = "trace marker 1234"
+    session.llm.chat(marker, max_tokens=4)
+    with pytest.raises(kernos.sdk.InvalidArgument):
+        session.llm.chat(marker, max_tokens=0)
+    log = TraceLog.__new__(TraceLog)
+    log.path = kernel.data_dir / "traces.db"
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        recs = [r for r in log.query(agent_id="tester", kind="llm.generate", limit=10000)
+                if marker in str(r.request)]
+        if len(recs) >= 2:
+            break
+        time.sleep(0.1)
+    ok = [r for r in recs if r.status == "OK"]
+    bad = [r for r in recs if r.status == "INVALID_ARGUMENT"]
+    assert ok and bad
+    assert ok[0].response["usage"]["completion_tokens"] == 4 and ok[0].timings["syscall_ms"] > 0
+    assert ok[0].request["messages"][0]["content"] == marker
+
+
+def test_stats_agents_and_cli(kernel, session):
+    session.llm.chat("count me", max_tokens=2)
+    st = session.kernel.stats()
+    m = {x.name: x for x in st.models}["tiny-llama"]
+    assert m.completed >= 1 and m.generated_tokens >= 2 and m.parameters > 0 and st.syscalls > 0
+    me = {a.agent_id: a for a in session.kernel.agents()}["tester"]
+    assert me.completion_tokens >= 2 and me.state == "active"
+    out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "status", "--address", kernel.address],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "tiny-llama" in out.stdout and "uptime" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "agents", "--address", kernel.address],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "tester" in out.stdout
+
+
+def test_reflection_lists_the_services(kernel):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(kernel.address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"kernos.v1.Kernel", "kernos.v1.LLM", "grpc.health.v1.Health"} <= names
+
+
+def test_unknown_role_is_invalid(kernel, session):
+    from kernos.proto.v1 import llm_pb2, llm_pb2_grpc
+
+    with grpc.insecure_channel(kernel.address) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            llm_pb2_grpc.LLMStub(ch).Generate(
+                llm_pb2.GenerateRequest(messages=[llm_pb2.ChatMessage(role="wizard", content="hi")]),
+                metadata=session.metadata)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "role" in err.value.details()
+
+
+def _tiny(session):
+    return {x.name: x for x in session.kernel.stats().models}["tiny-llama"]
+
+
+def test_client_going_away_frees_its_batch_slot(kernel, session):
+    before = _tiny(session).cancelled
+    stream = session.llm.stream("a long story", max_tokens=256, stop=["never-appears-xyz"])
+    next(stream)
+    stream.close()  # cancels the RPC
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        m = _tiny(session)
+        if m.cancelled > before and m.running == 0:
+            break
+        time.sleep(0.02)
+    assert m.cancelled == before + 1 and m.running == 0 and m.waiting == 0
