@@ -25,6 +25,10 @@ class KernelServicer(rpc.KernelServicer):
     def __init__(self, kernel: Kernel):
         self.k = kernel
 
+    def _trace(self, kind: str, request: dict | None = None, response: dict | None = None) -> None:
+        agent = current_agent()
+        self.k.traces.record(TraceRecord(agent.agent_id, kind, "OK", request or {}, response or {}, {}))
+
     @syscall
     async def Register(self, request, context):
         with self.k.track():
@@ -38,21 +42,24 @@ class KernelServicer(rpc.KernelServicer):
 
     @syscall
     async def Heartbeat(self, request, context):
+        self._trace("kernel.heartbeat")
         return pb.HeartbeatReply(server_time=time.time())
 
     @syscall
     async def Exit(self, request, context):
         agent = current_agent()
+        self._trace("kernel.exit")
         self.k.agents.exit(agent)
-        self.k.traces.record(TraceRecord(agent.agent_id, "kernel.exit", "OK", {}, {}, {}))
         return pb.ExitReply()
 
     @syscall
     async def ListAgents(self, request, context):
+        self._trace("kernel.list_agents", {"include_exited": request.include_exited})
         return pb.ListAgentsReply(agents=[_agent_info(a) for a in self.k.agents.list(request.include_exited)])
 
     @syscall
     async def Stats(self, request, context):
+        self._trace("kernel.stats")
         models = []
         for m in self.k.llm.models.values():
             st, live = m.engine.snapshot()

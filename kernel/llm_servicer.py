@@ -162,6 +162,7 @@ class LLMServicer(rpc.LLMServicer):
 
     @syscall
     async def ListModels(self, request, context):
+        self.k.traces.record(TraceRecord(current_agent().agent_id, "llm.list_models", "OK", {}, {}, {}))
         return pb.ListModelsReply(models=[
             pb.ModelInfo(name=m.name, architecture=m.architecture, device=m.device, adapters=m.adapters,
                          context_length=m.context_length, is_default=(m.name == self.k.llm.default))

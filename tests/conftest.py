@@ -73,7 +73,8 @@ class KernelProcess:
 
 @pytest.fixture(scope="module")
 def kernel(tiny_models, lora_adapters, tmp_path_factory):
-    """A real kernel process serving the tiny Llama (with two adapters, the default) and the echo model."""
+    """A real kernel process serving the tiny Llama (with two adapters, the default), the tiny Mixtral and
+    Jamba, and the echo model."""
     from kernos.agents.demo import start_kernel
 
     d = tmp_path_factory.mktemp("kernel")
@@ -81,6 +82,8 @@ def kernel(tiny_models, lora_adapters, tmp_path_factory):
         d / "kernos.toml",
         [{"name": "tiny-llama", "path": str(tiny_models["llama"]),
           "adapters": {k: str(v) for k, v in lora_adapters.items()}},
+         {"name": "tiny-mixtral", "path": str(tiny_models["mixtral"])},
+         {"name": "tiny-jamba", "path": str(tiny_models["jamba"])},
          {"name": "echo", "path": "-", "kind": "echo"}],
         limits={"max_request_bytes": 65536, "max_prompt_tokens": 512, "max_tokens_cap": 256},
         server={"drain_timeout_s": 20},

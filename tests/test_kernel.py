@@ -54,6 +54,23 @@ def test_stream_chunks_add_up_to_the_reply(session):
     assert sum(1 for c in chunks if c.text) > 1
 
 
+def test_one_kernel_serves_dense_moe_and_hybrid_models_at_once(kernel, session):
+    archs = {m.name: m.architecture for m in session.llm.models()}
+    assert archs == {"tiny-llama": "dense", "tiny-mixtral": "moe", "tiny-jamba": "hybrid", "echo": "echo"}
+    results = {}
+
+    def call(model):
+        results[model] = session.llm.chat("the agent kernel", model=model, max_tokens=9)
+    threads = [threading.Thread(target=call, args=(m,)) for m in ("tiny-llama", "tiny-mixtral", "tiny-jamba")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert {m: r.model for m, r in results.items()} == {m: m for m in results}
+    assert all(r.completion_tokens == 9 for r in results.values())
+    assert len({r.text for r in results.values()}) == 3
+
+
 def test_raw_prompt_and_models(session):
     c = session.llm.complete("the agent kernel", max_tokens=5)
     assert c.completion_tokens == 5
@@ -189,6 +206,11 @@ def test_syscalls_are_traced(kernel, session):
     assert ok and bad
     assert ok[0].response["usage"]["completion_tokens"] == 4 and ok[0].timings["syscall_ms"] > 0
     assert ok[0].request["messages"][0]["content"] == marker
+    session.kernel.heartbeat()
+    deadline = time.time() + 10
+    while time.time() < deadline and not log.query(agent_id="tester", kind="kernel.heartbeat"):
+        time.sleep(0.1)
+    assert log.query(agent_id="tester", kind="kernel.heartbeat")
 
 
 def test_stats_agents_and_cli(kernel, session):
