@@ -1,4 +1,6 @@
 """Scheduling policies: pure objects that see request state and decide who runs. No torch here."""
-from .policy import FifoPolicy, Policy, RequestView, make_policy
+from .policy import (POLICIES, Budget, Decision, FairSharePolicy, FifoPolicy, Policy, PriorityPolicy, RequestView,
+                     RoundRobinPolicy, make_policy)
 
-__all__ = ["FifoPolicy", "Policy", "RequestView", "make_policy"]
+__all__ = ["POLICIES", "Budget", "Decision", "FairSharePolicy", "FifoPolicy", "Policy", "PriorityPolicy",
+           "RequestView", "RoundRobinPolicy", "make_policy"]

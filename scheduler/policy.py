@@ -1,13 +1,17 @@
-"""The policy interface the LLM engines call between decode steps.
+"""Scheduling policies: between two decode steps an engine asks its policy which waiting requests to
+start (or resume) and which running ones to preempt.
 
-An engine keeps the running batch and a waiting list; before each step it asks its policy which
-waiting requests to admit into the free slots. The policy sees only `RequestView`s (ids, agent,
-priority, arrival, sizes), never tensors, so it is testable without a model.
+Policies see only `RequestView`s (ids, agent, priority, times, sizes), never tensors, so they are
+testable without a model (as in vLLM's v1 scheduler, the policy is a plain object; the engine loop
+and the model runner live elsewhere). Limits are enforced here, the same way for every policy: batch
+size, tokens in flight, and cache bytes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -15,36 +19,186 @@ class RequestView:
     request_id: str
     agent_id: str
     priority: int
-    arrival: float          # monotonic seconds
+    arrival: float              # monotonic seconds when the request was submitted
     prompt_tokens: int
     max_tokens: int
     generated: int = 0
+    enqueued: float = 0.0       # when it last entered the waiting queue (arrival, or its last preemption)
+    quantum_steps: int = 0      # decode steps since it was last admitted
+    cache_bytes: int = 0        # bytes its cache holds now (running) or will hold when admitted (waiting)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.generated
 
 
-class Policy(Protocol):
-    name: str
+@dataclass(frozen=True)
+class Budget:
+    max_batch_size: int
+    max_tokens_in_flight: int = 0   # 0: no limit; counts prompt + generated tokens of running requests
+    cache_bytes: int = 0            # 0: no limit
 
-    def admit(self, waiting: Sequence[RequestView], running: Sequence[RequestView], free_slots: int) -> list[str]:
-        """Return the ids of waiting requests to start now, at most `free_slots` of them."""
+
+@dataclass
+class Decision:
+    admit: list[str] = field(default_factory=list)
+    preempt: list[tuple[str, str]] = field(default_factory=list)  # (request_id, reason)
 
 
-class FifoPolicy:
-    """First come, first served: admit in arrival order while there are free slots."""
+class Policy:
+    """Shared mechanics; subclasses define the order of waiting requests and when one may displace another."""
+
+    name = "base"
+
+    def rank(self, r: RequestView, now: float) -> tuple:
+        """Sort key among waiting requests: lower runs first."""
+        raise NotImplementedError
+
+    def may_preempt(self, candidate: RequestView, victim: RequestView, now: float) -> bool:
+        """Whether `candidate` (waiting) may displace `victim` (running)."""
+        return False
+
+    def victim_order(self, running: list[RequestView], now: float) -> list[RequestView]:
+        """Running requests, the first to be preempted first."""
+        return sorted(running, key=lambda r: self.rank(r, now), reverse=True)
+
+    def record(self, agent_id: str, tokens: int, now: float) -> None:
+        """Accounting hook: `tokens` were generated for `agent_id`."""
+
+    def schedule(self, waiting: Sequence[RequestView], running: Sequence[RequestView], budget: Budget,
+                 now: float | None = None) -> Decision:
+        now = time.monotonic() if now is None else now
+        decision = Decision()
+        active = list(running)
+        # Memory pressure: running caches grew past the budget; preempt until they fit again.
+        while budget.cache_bytes and active and sum(r.cache_bytes for r in active) > budget.cache_bytes:
+            victim = self.victim_order(active, now)[0]
+            active.remove(victim)
+            decision.preempt.append((victim.request_id, "memory"))
+        for cand in sorted(waiting, key=lambda r: self.rank(r, now)):
+            while not _fits(cand, active, budget):
+                victims = [v for v in self.victim_order(active, now) if self.may_preempt(cand, v, now)]
+                if not victims:
+                    break
+                active.remove(victims[0])
+                decision.preempt.append((victims[0].request_id, self.preempt_reason))
+            if not _fits(cand, active, budget):
+                break  # keep order: nothing ranked lower jumps ahead of a request that does not fit yet
+            active.append(cand)
+            decision.admit.append(cand.request_id)
+        return decision
+
+    preempt_reason = "policy"
+
+
+def _fits(cand: RequestView, active: list[RequestView], budget: Budget) -> bool:
+    if len(active) + 1 > budget.max_batch_size:
+        return False
+    if budget.max_tokens_in_flight and sum(r.tokens for r in active) + cand.tokens > budget.max_tokens_in_flight:
+        return False
+    if budget.cache_bytes and sum(r.cache_bytes for r in active) + cand.cache_bytes > budget.cache_bytes:
+        return False
+    return True
+
+
+class FifoPolicy(Policy):
+    """First come, first served; a running request is never displaced."""
 
     name = "fifo"
 
-    def admit(self, waiting: Sequence[RequestView], running: Sequence[RequestView], free_slots: int) -> list[str]:
-        if free_slots <= 0:
-            return []
-        ordered = sorted(waiting, key=lambda r: r.arrival)
-        return [r.request_id for r in ordered[:free_slots]]
+    def rank(self, r, now):
+        return (r.arrival,)
 
 
-_POLICIES = {"fifo": FifoPolicy}
+class RoundRobinPolicy(Policy):
+    """Each admitted request runs for `quantum` decode steps; then, if others wait, it goes to the back of
+    the queue (preempted) and the head of the queue runs."""
+
+    name = "round_robin"
+    preempt_reason = "quantum"
+
+    def __init__(self, quantum: int = 32):
+        if quantum <= 0:
+            raise ValueError("round-robin quantum must be > 0 decode steps")
+        self.quantum = quantum
+
+    def rank(self, r, now):
+        return (r.enqueued or r.arrival, r.arrival)
+
+    def may_preempt(self, candidate, victim, now):
+        return victim.quantum_steps >= self.quantum
+
+    def victim_order(self, running, now):
+        return sorted(running, key=lambda r: -r.quantum_steps)
 
 
-def make_policy(name: str) -> Policy:
+class PriorityPolicy(Policy):
+    """Highest priority first. A waiting request gains `aging_per_s` priority per second of waiting, so a
+    stream of high-priority work cannot starve a low-priority request forever. A waiting request whose
+    effective priority beats a running one's by more than `preempt_margin` displaces it."""
+
+    name = "priority"
+    preempt_reason = "priority"
+
+    def __init__(self, aging_per_s: float = 1.0, preempt_margin: float = 1.0):
+        self.aging_per_s = aging_per_s
+        self.preempt_margin = preempt_margin
+
+    def effective(self, r: RequestView, now: float) -> float:
+        return r.priority + self.aging_per_s * max(0.0, now - r.arrival)
+
+    def rank(self, r, now):
+        return (-self.effective(r, now), r.arrival)
+
+    def may_preempt(self, candidate, victim, now):
+        return self.effective(candidate, now) > self.effective(victim, now) + self.preempt_margin
+
+    def victim_order(self, running, now):
+        return sorted(running, key=lambda r: (self.effective(r, now), -r.arrival))
+
+
+class FairSharePolicy(Policy):
+    """Weighted fair share of generated tokens per agent over a sliding window: the agent that received the
+    least (per unit of weight) goes first, and a running request of a heavy agent that has used its quantum
+    yields to a waiting request of a lighter one."""
+
+    name = "fair_share"
+    preempt_reason = "fair_share"
+
+    def __init__(self, window_s: float = 60.0, weights: dict[str, float] | None = None, quantum: int = 16):
+        self.window_s = window_s
+        self.weights = dict(weights or {})
+        self.quantum = quantum
+        self._events: dict[str, deque] = defaultdict(deque)   # agent -> (time, tokens)
+        self._totals: dict[str, int] = defaultdict(int)
+
+    def record(self, agent_id, tokens, now):
+        self._events[agent_id].append((now, tokens))
+        self._totals[agent_id] += tokens
+
+    def usage(self, agent_id: str, now: float) -> float:
+        ev = self._events[agent_id]
+        while ev and now - ev[0][0] > self.window_s:
+            self._totals[agent_id] -= ev.popleft()[1]
+        return self._totals[agent_id] / self.weights.get(agent_id, 1.0)
+
+    def rank(self, r, now):
+        return (self.usage(r.agent_id, now), r.enqueued or r.arrival)
+
+    def may_preempt(self, candidate, victim, now):
+        return (victim.quantum_steps >= self.quantum and victim.agent_id != candidate.agent_id
+                and self.usage(victim.agent_id, now) > self.usage(candidate.agent_id, now))
+
+    def victim_order(self, running, now):
+        return sorted(running, key=lambda r: (-self.usage(r.agent_id, now), -r.quantum_steps))
+
+
+POLICIES = {p.name: p for p in (FifoPolicy, RoundRobinPolicy, PriorityPolicy, FairSharePolicy)}
+
+
+def make_policy(name: str, **options) -> Policy:
     try:
-        return _POLICIES[name]()
+        cls = POLICIES[name]
     except KeyError:
-        raise ValueError(f"unknown scheduling policy '{name}'; known: {sorted(_POLICIES)}") from None
+        raise ValueError(f"unknown scheduling policy '{name}'; known: {sorted(POLICIES)}") from None
+    return cls(**options)

@@ -1,22 +1,108 @@
-"""Scheduling policies on synthetic request views (no model)."""
+"""Scheduling policies on synthetic request streams (no model): order, quanta, aging, weights, budgets."""
 from __future__ import annotations
 
 import pytest
 
-from kernos.scheduler import FifoPolicy, RequestView, make_policy
+from kernos.scheduler import (Budget, FairSharePolicy, FifoPolicy, PriorityPolicy, RequestView, RoundRobinPolicy,
+                              make_policy)
 
 
-def view(i, arrival, agent="a"):
-    return RequestView(f"r{i}", agent, 0, arrival, 10, 10)
+def v(rid, arrival=0.0, agent="a", priority=0, enqueued=None, quantum=0, cache=0, prompt=10, generated=0):
+    return RequestView(rid, agent, priority, arrival, prompt, 100, generated,
+                       arrival if enqueued is None else enqueued, quantum, cache)
 
 
-def test_fifo_admits_in_arrival_order_up_to_free_slots():
-    waiting = [view(1, 3.0), view(2, 1.0), view(3, 2.0)]
-    assert FifoPolicy().admit(waiting, [], 2) == ["r2", "r3"]
-    assert FifoPolicy().admit(waiting, [], 0) == []
-    assert FifoPolicy().admit(waiting, [], 10) == ["r2", "r3", "r1"]
+def test_fifo_admits_in_arrival_order_and_never_preempts():
+    waiting = [v("r1", 3.0), v("r2", 1.0), v("r3", 2.0)]
+    assert FifoPolicy().schedule(waiting, [], Budget(2), now=10).admit == ["r2", "r3"]
+    d = FifoPolicy().schedule(waiting, [v("old", 0.0, quantum=10**6)], Budget(1), now=10)
+    assert d.admit == [] and d.preempt == []
 
 
-def test_unknown_policy_is_a_clear_error():
+def test_budgets_bound_admission_without_letting_later_requests_jump():
+    waiting = [v("big", 1.0, cache=900), v("small", 2.0, cache=10)]
+    d = FifoPolicy().schedule(waiting, [v("run", 0.0, cache=200)], Budget(8, cache_bytes=1000), now=5)
+    assert d.admit == []  # "big" does not fit yet; "small" must not overtake it
+    d = FifoPolicy().schedule(waiting, [], Budget(8, cache_bytes=1000), now=5)
+    assert d.admit == ["big", "small"]
+    d = FifoPolicy().schedule([v("x", 1, prompt=60), v("y", 2, prompt=60)], [], Budget(8, max_tokens_in_flight=100))
+    assert d.admit == ["x"]
+
+
+def test_memory_pressure_preempts_until_the_running_caches_fit():
+    running = [v("a", 1.0, cache=600), v("b", 2.0, cache=600)]
+    d = FifoPolicy().schedule([], running, Budget(8, cache_bytes=1000), now=5)
+    assert d.preempt == [("b", "memory")]  # the latest arrival goes first
+
+
+def test_round_robin_rotates_after_the_quantum():
+    rr = RoundRobinPolicy(quantum=4)
+    waiting = [v("w", 0.5)]
+    assert rr.schedule(waiting, [v("r", 0.0, quantum=3)], Budget(1), now=1).preempt == []
+    d = rr.schedule(waiting, [v("r", 0.0, quantum=4)], Budget(1), now=1)
+    assert d.preempt == [("r", "quantum")] and d.admit == ["w"]
+    # The preempted request re-enters at the back: a request enqueued earlier goes first.
+    d = rr.schedule([v("r", 0.0, enqueued=5.0), v("n", 3.0)], [], Budget(1), now=6)
+    assert d.admit == ["n"]
+
+
+def test_round_robin_preempts_the_longest_running_first():
+    rr = RoundRobinPolicy(quantum=2)
+    d = rr.schedule([v("w", 1.0)], [v("a", 0, quantum=5), v("b", 0, quantum=9)], Budget(2), now=1)
+    assert d.preempt == [("b", "quantum")]
+
+
+def test_priority_orders_and_preempts_by_margin():
+    p = PriorityPolicy(aging_per_s=0.0, preempt_margin=1.0)
+    waiting = [v("lo", 0.0, priority=1), v("hi", 1.0, priority=5)]
+    assert p.schedule(waiting, [], Budget(1), now=2).admit == ["hi"]
+    d = p.schedule([v("hi", 1.0, priority=5)], [v("run", 0.0, priority=1)], Budget(1), now=2)
+    assert d.preempt == [("run", "priority")] and d.admit == ["hi"]
+    d = p.schedule([v("eq", 1.0, priority=2)], [v("run", 0.0, priority=1)], Budget(1), now=2)
+    assert d.preempt == []  # within the margin: no thrashing
+
+
+def test_priority_aging_prevents_starvation():
+    """A stream of high-priority requests (one new each tick, batch of one) cannot block a low one forever."""
+    p = PriorityPolicy(aging_per_s=1.0, preempt_margin=1.0)
+    low = v("low", 0.0, priority=0)
+    waiting, running, admitted_at = [low], [], None
+    for tick in range(1, 200):
+        waiting.append(v(f"hi{tick}", float(tick), priority=20))
+        running = []  # every request runs for one tick
+        d = p.schedule(waiting, running, Budget(1), now=float(tick))
+        assert len(d.admit) == 1
+        if d.admit == ["low"]:
+            admitted_at = tick
+            break
+        waiting = [w for w in waiting if w.request_id not in d.admit]
+    assert admitted_at is not None and admitted_at <= 25
+
+
+def test_fair_share_favours_the_agent_with_less_service_and_honours_weights():
+    fs = FairSharePolicy(window_s=60, quantum=4)
+    fs.record("heavy", 500, now=1.0)
+    fs.record("light", 10, now=1.0)
+    waiting = [v("h", 0.0, agent="heavy"), v("l", 1.0, agent="light")]
+    assert fs.schedule(waiting, [], Budget(1), now=2).admit == ["l"]
+    d = fs.schedule([v("l", 1.0, agent="light")], [v("h", 0.0, agent="heavy", quantum=4)], Budget(1), now=2)
+    assert d.preempt == [("h", "fair_share")]
+    weighted = FairSharePolicy(weights={"heavy": 100.0})
+    weighted.record("heavy", 500, now=1.0)
+    weighted.record("light", 10, now=1.0)
+    assert weighted.schedule(waiting, [], Budget(1), now=2).admit == ["h"]  # 5 per weight unit < 10
+
+
+def test_fair_share_forgets_outside_its_window():
+    fs = FairSharePolicy(window_s=10)
+    fs.record("a", 100, now=0.0)
+    assert fs.usage("a", now=5.0) == 100
+    assert fs.usage("a", now=11.0) == 0
+
+
+def test_make_policy_and_bad_options():
+    assert isinstance(make_policy("round_robin", quantum=8), RoundRobinPolicy)
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         make_policy("lottery")
+    with pytest.raises(ValueError, match="quantum"):
+        RoundRobinPolicy(quantum=0)

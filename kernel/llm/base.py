@@ -22,6 +22,10 @@ class EngineStats:
     decode_steps: int = 0
     batch_rows: int = 0            # sum of batch sizes over decode steps
     cache_bytes: int = 0
+    context_switches: int = 0       # preemptions
+    switch_seconds: float = 0.0     # time spent preempting and resuming
+    preempted_by_reason: dict = field(default_factory=dict)
+    strategy_counts: dict = field(default_factory=dict)   # "swap" / "recompute" -> count
     recent: deque = field(default_factory=lambda: deque(maxlen=512))  # (time, tokens) per step
 
     def tokens_per_s(self, window: float = 10.0) -> float:

@@ -8,6 +8,8 @@ here walks the layers itself.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionCacheLayerMixin
 
@@ -98,3 +100,54 @@ def pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     if mask.shape[1] == length:
         return mask
     return torch.cat([mask.new_zeros(mask.shape[0], length - mask.shape[1]), mask], dim=1)
+
+
+def extract_row(cache: Cache, row: int, length: int) -> Cache:
+    """A new one-row cache holding a copy of `row`'s last `length` positions (its real tokens, without the
+    batch's left padding) and its Mamba states: what a preempted sequence keeps."""
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        _check(layer)
+        new = copy.copy(layer)
+        if _has_kv(layer):
+            new.keys = layer.keys[row:row + 1, :, layer.keys.shape[-2] - length:, :].clone()
+            new.values = layer.values[row:row + 1, :, layer.values.shape[-2] - length:, :].clone()
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            new.conv_states = {k: v[row:row + 1].clone() for k, v in layer.conv_states.items()}
+            new.recurrent_states = {k: v[row:row + 1].clone() for k, v in layer.recurrent_states.items()}
+        out.layers.append(new)
+    return out
+
+
+def tensors(cache: Cache) -> dict[str, torch.Tensor]:
+    """Flat name -> tensor view of a cache, for saving to disk (see `load_tensors`)."""
+    out = {}
+    for i, layer in enumerate(cache.layers):
+        if _has_kv(layer):
+            out[f"{i}.keys"], out[f"{i}.values"] = layer.keys, layer.values
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for k, v in layer.conv_states.items():
+                out[f"{i}.conv.{k}"] = v
+            for k, v in layer.recurrent_states.items():
+                out[f"{i}.recurrent.{k}"] = v
+    return out
+
+
+def load_tensors(template: Cache, flat: dict[str, torch.Tensor], device) -> Cache:
+    """Rebuild a cache shaped like `template` (any cache of the same model) from `tensors()` output."""
+    out = copy.copy(template)
+    out.layers = []
+    for i, layer in enumerate(template.layers):
+        new = copy.copy(layer)
+        if f"{i}.keys" in flat:
+            new.keys, new.values = flat[f"{i}.keys"].to(device), flat[f"{i}.values"].to(device)
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            new.conv_states = {k: flat[f"{i}.conv.{k}"].to(device) for k in layer.conv_states}
+            new.recurrent_states = {k: flat[f"{i}.recurrent.{k}"].to(device) for k in layer.recurrent_states}
+        out.layers.append(new)
+    return out
+
+
+def to_device(cache: Cache, device) -> Cache:
+    return load_tensors(cache, tensors(cache), device)

@@ -1,10 +1,19 @@
-"""Continuous batching at the iteration level.
+"""Continuous batching at the iteration level, with preemption and exact resume.
 
-One engine owns one model and one thread. Between two decode steps, finished sequences leave the
-running batch and waiting ones join it: a joining request is prefilled on its own (exact for every
-architecture, Mamba layers included) and its cache is appended to the batch's, left-padded to a common
-length; leaving rows are dropped and all-padding columns trimmed. Every row keeps its own positions,
-sampling generator, adapter and stop conditions, and streams its text as it is produced.
+One engine owns one model and one thread. Between two decode steps the engine asks its scheduling
+policy which waiting requests to start or resume and which running ones to preempt, then:
+
+- a new request is prefilled on its own (exact for every architecture, Mamba layers included) and its
+  cache is appended to the running batch's, left-padded to a common length;
+- a finished or preempted row leaves the batch, and columns that are padding in every row are trimmed;
+- a preempted sequence keeps its tokens, its position and its sampling generator, and either **swaps**
+  its cache out (a copy in host memory, or on disk beyond a host budget) or drops it to **recompute** it
+  by re-prefilling its tokens on resume. A cost model picks per sequence: bytes to copy against tokens to
+  prefill, each priced from what this engine has measured. Jamba's Mamba state is constant-size, so
+  hybrid models swap cheaply where long attention contexts recompute.
+
+Every row keeps its own positions, generator, adapter and stop conditions, so a sequence preempted any
+number of times produces the tokens of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -13,23 +22,26 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
+from pathlib import Path
 
 import torch
 
-from kernos.scheduler import FifoPolicy, Policy, RequestView
+from kernos.scheduler import Budget, FifoPolicy, Policy, RequestView
 
 from . import cache as cache_ops
 from .base import Engine, EngineStats
 from .registry import LoadedModel
 from .sampling import choose, make_generator
-from .types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, TextDelta
+from .types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, RequestTooLarge, TextDelta
 
 log = logging.getLogger("kernos.llm")
 
 
 class _Seq:
     __slots__ = ("req", "handle", "gen", "ids", "pending", "position", "emitted", "text", "admitted_at",
-                 "first_token_at")
+                 "first_token_at", "state", "enqueued", "quantum_steps", "swapped", "swap_path", "preemptions",
+                 "parked")
 
     def __init__(self, req: GenRequest, handle: RequestHandle):
         self.req = req
@@ -37,26 +49,41 @@ class _Seq:
         self.gen = make_generator(req.seed)
         self.ids: list[int] = []
         self.pending = -1          # last sampled token, fed in the next step
-        self.position = 0          # position of `pending`
+        self.position = 0          # position of `pending` = tokens held in the cache
         self.emitted = 0           # chars of `text` already streamed
         self.text = ""
         self.admitted_at = 0.0
         self.first_token_at = 0.0
+        self.state = "waiting"     # waiting | running | preempted
+        self.enqueued = req.arrival
+        self.quantum_steps = 0
+        self.swapped = None        # the cache of a swapped-out sequence (host memory)
+        self.swap_path: Path | None = None  # ... or its file, beyond the host budget
+        self.preemptions = 0
+        self.parked = False        # suspended by its agent: not scheduled until resumed
 
-    def view(self) -> RequestView:
-        r = self.req
-        return RequestView(r.request_id, r.agent_id, r.priority, r.arrival, len(r.prompt_ids), r.max_tokens,
-                           len(self.ids))
+    @property
+    def started(self) -> bool:
+        return self.pending >= 0
 
 
 class TransformersEngine(Engine):
-    def __init__(self, lm: LoadedModel, max_batch_size: int = 16, policy: Policy | None = None):
+    def __init__(self, lm: LoadedModel, max_batch_size: int = 16, policy: Policy | None = None,
+                 max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
+                 swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None):
+        if preemption not in ("auto", "swap", "recompute"):
+            raise ValueError(f"preemption must be auto, swap or recompute, got {preemption!r}")
         self.lm = lm
         self.name = lm.name
         self.max_batch_size = max_batch_size
         self.policy = policy or FifoPolicy()
+        self.budget = Budget(max_batch_size, max_tokens_in_flight, cache_budget_bytes)
+        self.preemption = preemption
+        self.swap_host_bytes = swap_host_bytes
+        self.swap_dir = swap_dir
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._accepting = True
         self._stop = False
@@ -66,15 +93,54 @@ class TransformersEngine(Engine):
         self.rows: list[_Seq] = []
         self._cache = None
         self._mask: torch.Tensor | None = None
-        fwd = inspect.signature(type(lm.model.get_base_model() if lm.has_adapters else lm.model).forward)
-        self._logits_to_keep = "logits_to_keep" in fwd.parameters
+        self._host_swap_bytes = 0
+        base = lm.model.get_base_model() if lm.has_adapters else lm.model
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        self._template = None      # any cache of this model: the shape to rebuild swapped-in caches from
+        self.bytes_per_token, self.fixed_bytes = self._measure_cache_size()
+        # Cost model prices, refined from measurements: seconds per prefilled token, bytes per second copied.
+        self.prefill_s_per_token = 1e-3
+        self.swap_bytes_per_s = 2e9
 
     # -- public ------------------------------------------------------------------------------------------
     def submit(self, request: GenRequest, handle: RequestHandle) -> None:
         if not self._accepting:
             raise EngineClosed(f"model '{self.name}' is shutting down")
+        need = self.cache_bytes_for(len(request.prompt_ids) + request.max_tokens)
+        if self.budget.cache_bytes and need > self.budget.cache_bytes:
+            raise RequestTooLarge(
+                f"this request needs up to {need} bytes of cache ({len(request.prompt_ids)} prompt + "
+                f"{request.max_tokens} new tokens); the model's cache budget is {self.budget.cache_bytes} bytes")
         self._inbox.put(_Seq(request, handle))
         self._wake.set()
+
+    def call(self, fn) -> Future:
+        """Run `fn()` on the engine thread between two steps; the future carries its result."""
+        fut: Future = Future()
+        self._commands.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    def suspend(self, request_id: str) -> Future:
+        """Preempt a request and keep it out of scheduling until `resume` (an agent waiting on a tool)."""
+        def do():
+            seq = self._find(request_id)
+            if seq.state == "running":
+                self._preempt(seq, "suspended")
+            seq.parked = True
+            return seq.state
+        return self.call(do)
+
+    def resume(self, request_id: str) -> Future:
+        def do():
+            seq = self._find(request_id)
+            seq.parked = False
+            seq.enqueued = time.monotonic()
+            return seq.state
+        return self.call(do)
+
+    def cache_bytes_for(self, tokens: int) -> int:
+        return self.fixed_bytes + self.bytes_per_token * tokens
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
@@ -82,6 +148,9 @@ class TransformersEngine(Engine):
 
     def drain(self, timeout: float) -> bool:
         self._accepting = False
+        for s in list(self.waiting):  # a suspended request would wait forever
+            s.parked = False
+        self._wake.set()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and (self.rows or self.waiting or not self._inbox.empty()):
             time.sleep(0.02)
@@ -90,33 +159,42 @@ class TransformersEngine(Engine):
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        else:
+            self._cancel_all()
         return clean
 
     def snapshot(self):
         with self._lock:
-            live = [(s.view(), "running") for s in self.rows] + [(s.view(), "waiting") for s in self.waiting]
+            live = [(self._view(s), "running") for s in self.rows]
+            live += [(self._view(s), "suspended" if s.parked else s.state) for s in self.waiting]
             self.stats.running, self.stats.waiting = len(self.rows), len(self.waiting)
         return self.stats, live
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _run(self) -> None:
+        while not self._stop:
+            busy = self.step()
+            if not busy:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
         with torch.inference_mode():
-            while True:
-                self._pull_inbox()
-                if self._stop:
-                    self._cancel_all()
-                    return
-                try:
-                    self._drop_cancelled()
-                    self._admit()
-                    if self.rows:
-                        self._decode_step()
-                except Exception as e:  # a broken batch must not take the kernel down
-                    log.exception("engine %s: step failed", self.name)
-                    self._fail_all(f"internal error in model '{self.name}': {type(e).__name__}: {e}")
-                if not self.rows and not self.waiting:
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
+            self._cancel_all()
+
+    def step(self) -> bool:
+        """One iteration: take new requests and commands, schedule, decode one token for the batch.
+        Returns whether there is work left (the thread sleeps otherwise)."""
+        with torch.inference_mode():
+            self._pull_inbox()
+            self._run_commands()
+            try:
+                self._drop_cancelled()
+                self._schedule()
+                if self.rows:
+                    self._decode_step()
+            except Exception as e:  # a broken batch must not take the kernel down
+                log.exception("engine %s: step failed", self.name)
+                self._fail_all(f"internal error in model '{self.name}': {type(e).__name__}: {e}")
+        return bool(self.rows) or any(not s.parked for s in self.waiting)
 
     def _pull_inbox(self) -> None:
         while True:
@@ -127,11 +205,28 @@ class TransformersEngine(Engine):
             with self._lock:
                 self.waiting.append(seq)
 
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+
+    def _find(self, request_id: str) -> _Seq:
+        for s in self.rows + self.waiting:
+            if s.req.request_id == request_id:
+                return s
+        raise KeyError(request_id)
+
     def _drop_cancelled(self) -> None:
-        gone = [s for s in self.waiting if s.handle.cancelled]
-        for s in gone:
+        for s in [s for s in self.waiting if s.handle.cancelled]:
             with self._lock:
                 self.waiting.remove(s)
+            self._release_swap(s)
             self._finish(s, Finish.CANCELLED)
         rows = [i for i, s in enumerate(self.rows) if s.handle.cancelled]
         if rows:
@@ -139,16 +234,31 @@ class TransformersEngine(Engine):
                 self._finish(self.rows[i], Finish.CANCELLED)
             self._remove_rows(rows)
 
-    def _admit(self) -> None:
-        free = self.max_batch_size - len(self.rows)
-        if free <= 0 or not self.waiting:
+    def _view(self, s: _Seq) -> RequestView:
+        r = s.req
+        held = s.position if s.started else len(r.prompt_ids)
+        return RequestView(r.request_id, r.agent_id, r.priority, r.arrival, len(r.prompt_ids), r.max_tokens,
+                           len(s.ids), s.enqueued, s.quantum_steps, self.cache_bytes_for(held + 1))
+
+    def _schedule(self) -> None:
+        candidates = [s for s in self.waiting if not s.parked]
+        if not candidates and len(self.rows) <= self.max_batch_size and not self.budget.cache_bytes:
             return
-        chosen = set(self.policy.admit([s.view() for s in self.waiting], [s.view() for s in self.rows], free))
-        for seq in [s for s in self.waiting if s.req.request_id in chosen]:
+        views = {s.req.request_id: s for s in candidates + self.rows}
+        decision = self.policy.schedule([self._view(s) for s in candidates], [self._view(s) for s in self.rows],
+                                        self.budget)
+        for rid, reason in decision.preempt:
+            self._preempt(views[rid], reason)
+        for rid in decision.admit:
+            seq = views[rid]
             with self._lock:
                 self.waiting.remove(seq)
-            self._prefill(seq)
+            if seq.started:
+                self._resume(seq)
+            else:
+                self._prefill(seq)
 
+    # -- model calls -------------------------------------------------------------------------------------
     def _forward(self, input_ids, mask, positions, past, adapters: list[str | None], last_only: bool):
         kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
                       use_cache=True)
@@ -158,32 +268,43 @@ class TransformersEngine(Engine):
             kwargs["adapter_names"] = [a or "__base__" for a in adapters]
         return self.lm.model(**kwargs)
 
-    def _prefill(self, seq: _Seq) -> None:
-        seq.admitted_at = time.monotonic()
-        prompt = seq.req.prompt_ids
+    def _prefill_tokens(self, tokens: list[int], adapter: str | None):
         dev = self.lm.device
-        ids = torch.tensor([prompt], dtype=torch.long, device=dev)
+        ids = torch.tensor([tokens], dtype=torch.long, device=dev)
         mask = torch.ones_like(ids)
-        pos = torch.arange(len(prompt), device=dev).unsqueeze(0)
-        out = self._forward(ids, mask, pos, None, [seq.req.adapter], last_only=True)
-        self.stats.prompt_tokens += len(prompt)
-        seq.position = len(prompt)
-        tok = choose(out.logits[0, -1], seq.req.temperature, seq.req.top_p, seq.req.top_k, seq.gen)
-        seq.first_token_at = time.monotonic()
-        self.stats.generated_tokens += 1
-        self.stats.recent.append((seq.first_token_at, 1))
-        if self._advance(seq, tok):
-            return
-        # Join the running batch.
+        pos = torch.arange(len(tokens), device=dev).unsqueeze(0)
+        t0 = time.perf_counter()
+        out = self._forward(ids, mask, pos, None, [adapter], last_only=True)
+        if len(tokens) >= 8:  # short prefills are dominated by fixed costs; they would skew the price
+            spt = (time.perf_counter() - t0) / len(tokens)
+            self.prefill_s_per_token = 0.8 * self.prefill_s_per_token + 0.2 * spt
+        self.stats.prompt_tokens += len(tokens)
+        if self._template is None:
+            self._template = out.past_key_values
+        return out, mask
+
+    def _join(self, seq: _Seq, past, mask) -> None:
         if self._cache is None:
-            self._cache, self._mask = out.past_key_values, mask
+            self._cache, self._mask = past, mask
         else:
-            cache_ops.concat(self._cache, out.past_key_values)
+            cache_ops.concat(self._cache, past)
             length = max(self._mask.shape[1], mask.shape[1])
             self._mask = torch.cat([cache_ops.pad_mask(self._mask, length), cache_ops.pad_mask(mask, length)])
+        seq.state = "running"
+        seq.quantum_steps = 0
         with self._lock:
             self.rows.append(seq)
         self.stats.cache_bytes = cache_ops.nbytes(self._cache)
+
+    def _prefill(self, seq: _Seq) -> None:
+        seq.admitted_at = time.monotonic()
+        out, mask = self._prefill_tokens(seq.req.prompt_ids, seq.req.adapter)
+        seq.position = len(seq.req.prompt_ids)
+        tok = choose(out.logits[0, -1], seq.req.temperature, seq.req.top_p, seq.req.top_k, seq.gen)
+        seq.first_token_at = time.monotonic()
+        self._count_tokens([seq], seq.first_token_at)
+        if not self._advance(seq, tok):
+            self._join(seq, out.past_key_values, mask)
 
     def _decode_step(self) -> None:
         rows = self.rows
@@ -197,17 +318,22 @@ class TransformersEngine(Engine):
         done = []
         for i, s in enumerate(rows):
             s.position += 1
+            s.quantum_steps += 1
             tok = choose(logits[i], s.req.temperature, s.req.top_p, s.req.top_k, s.gen)
             if self._advance(s, tok):
                 done.append(i)
-        now = time.monotonic()
         self.stats.decode_steps += 1
         self.stats.batch_rows += len(rows)
-        self.stats.generated_tokens += len(rows)
-        self.stats.recent.append((now, len(rows)))
+        self._count_tokens(rows, time.monotonic())
         if done:
             self._remove_rows(done)
         self.stats.cache_bytes = cache_ops.nbytes(self._cache)
+
+    def _count_tokens(self, seqs: list[_Seq], now: float) -> None:
+        self.stats.generated_tokens += len(seqs)
+        self.stats.recent.append((now, len(seqs)))
+        for s in seqs:
+            self.policy.record(s.req.agent_id, 1, now)
 
     def _remove_rows(self, indices: list[int]) -> None:
         drop = set(indices)
@@ -224,6 +350,96 @@ class TransformersEngine(Engine):
         if empty_cols:
             cache_ops.trim_left(self._cache, empty_cols)
             self._mask = self._mask[:, empty_cols:]
+
+    # -- context switching -------------------------------------------------------------------------------
+    def _measure_cache_size(self) -> tuple[int, int]:
+        """Cache bytes per token and per sequence (Mamba state), measured with two tiny prefills."""
+        with torch.inference_mode():
+            sizes = []
+            for n in (1, 2):
+                ids = torch.zeros((1, n), dtype=torch.long, device=self.lm.device)
+                out = self._forward(ids, torch.ones_like(ids), torch.arange(n, device=self.lm.device).unsqueeze(0),
+                                    None, [None], last_only=True)
+                sizes.append(cache_ops.nbytes(out.past_key_values))
+        per_token = sizes[1] - sizes[0]
+        return per_token, sizes[0] - per_token
+
+    def choose_strategy(self, seq: _Seq) -> str:
+        if self.preemption != "auto":
+            return self.preemption
+        swap_s = 2 * self.cache_bytes_for(seq.position) / self.swap_bytes_per_s   # out now, in later
+        recompute_s = seq.position * self.prefill_s_per_token
+        return "recompute" if recompute_s < swap_s else "swap"
+
+    def _preempt(self, seq: _Seq, reason: str, strategy: str | None = None) -> None:
+        t0 = time.perf_counter()
+        row = self.rows.index(seq)
+        strategy = strategy or self.choose_strategy(seq)
+        moved = 0
+        if strategy == "swap":
+            saved = cache_ops.extract_row(self._cache, row, seq.position)
+            moved = cache_ops.nbytes(saved)
+            if self.lm.device.type != "cpu":
+                saved = cache_ops.to_device(saved, "cpu")
+            if self.swap_dir is not None and self._host_swap_bytes + moved > self.swap_host_bytes:
+                seq.swap_path = self._write_swap(seq, saved)
+            else:
+                seq.swapped = saved
+                self._host_swap_bytes += moved
+        self._remove_rows([row])
+        seq.state = "preempted"
+        seq.enqueued = time.monotonic()
+        seq.quantum_steps = 0
+        seq.preemptions += 1
+        with self._lock:
+            self.waiting.append(seq)
+        dt = time.perf_counter() - t0
+        if moved and dt > 0:
+            self.swap_bytes_per_s = 0.8 * self.swap_bytes_per_s + 0.2 * (moved / dt)
+        self.stats.context_switches += 1
+        self.stats.switch_seconds += dt
+        self.stats.preempted_by_reason[reason] = self.stats.preempted_by_reason.get(reason, 0) + 1
+        self.stats.strategy_counts[strategy] = self.stats.strategy_counts.get(strategy, 0) + 1
+
+    def _resume(self, seq: _Seq) -> None:
+        t0 = time.perf_counter()
+        if seq.swapped is not None or seq.swap_path is not None:
+            past = self._read_swap(seq)
+            past = cache_ops.to_device(past, self.lm.device) if self.lm.device.type != "cpu" else past
+        else:  # recompute: the cache held every token before the pending one
+            tokens = seq.req.prompt_ids + seq.ids[:-1]
+            past = self._prefill_tokens(tokens, seq.req.adapter)[0].past_key_values
+        mask = torch.ones((1, seq.position), dtype=torch.long, device=self.lm.device)
+        self._join(seq, past, mask)
+        self.stats.switch_seconds += time.perf_counter() - t0
+
+    def _write_swap(self, seq: _Seq, saved) -> Path:
+        from safetensors.torch import save_file
+
+        self.swap_dir.mkdir(parents=True, exist_ok=True)
+        path = self.swap_dir / f"{seq.req.request_id}.safetensors"
+        save_file({k: v.contiguous() for k, v in cache_ops.tensors(saved).items()}, str(path))
+        return path
+
+    def _read_swap(self, seq: _Seq):
+        if seq.swapped is not None:
+            past, seq.swapped = seq.swapped, None
+            self._host_swap_bytes -= cache_ops.nbytes(past)
+            return past
+        from safetensors.torch import load_file
+
+        past = cache_ops.load_tensors(self._template, load_file(str(seq.swap_path)), "cpu")
+        seq.swap_path.unlink(missing_ok=True)
+        seq.swap_path = None
+        return past
+
+    def _release_swap(self, seq: _Seq) -> None:
+        if seq.swapped is not None:
+            self._host_swap_bytes -= cache_ops.nbytes(seq.swapped)
+            seq.swapped = None
+        if seq.swap_path is not None:
+            seq.swap_path.unlink(missing_ok=True)
+            seq.swap_path = None
 
     # -- per-sequence bookkeeping ------------------------------------------------------------------------
     def _advance(self, seq: _Seq, tok: int) -> bool:
@@ -266,7 +482,7 @@ class TransformersEngine(Engine):
             text=seq.text, finish=finish, prompt_tokens=len(seq.req.prompt_ids), completion_tokens=len(seq.ids),
             queue_wait_ms=(admitted - seq.req.arrival) * 1e3,
             ttft_ms=((seq.first_token_at or now) - seq.req.arrival) * 1e3,
-            total_ms=(now - seq.req.arrival) * 1e3,
+            total_ms=(now - seq.req.arrival) * 1e3, token_ids=list(seq.ids), preemptions=seq.preemptions,
         ))
         self.stats.completed += 1
         if finish == Finish.CANCELLED:
@@ -274,6 +490,7 @@ class TransformersEngine(Engine):
 
     def _cancel_all(self) -> None:
         for s in self.rows + self.waiting:
+            self._release_swap(s)
             self._finish(s, Finish.CANCELLED)
         with self._lock:
             self.rows, self.waiting = [], []

@@ -51,6 +51,8 @@ class Final:
     queue_wait_ms: float
     ttft_ms: float
     total_ms: float
+    token_ids: list[int] = field(default_factory=list)
+    preemptions: int = 0
 
 
 @dataclass
@@ -60,6 +62,10 @@ class Failed:
 
 class EngineClosed(RuntimeError):
     """The engine is draining or stopped and takes no new requests."""
+
+
+class RequestTooLarge(ValueError):
+    """The request could never fit the engine's cache budget."""
 
 
 class RequestHandle:
