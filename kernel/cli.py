@@ -58,14 +58,25 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(MessageToDict(st, preserving_proto_field_name=True), indent=2))
         return 0
-    print(f"kernos {st.version}  uptime {st.uptime_s:.0f} s  active agents {st.active_agents}  "
-          f"syscalls {st.syscalls}  in flight {st.in_flight}")
-    print(f"{'model':<28}{'arch':<8}{'device':<8}{'run':>5}{'wait':>6}{'done':>7}{'gen tok':>9}{'tok/s':>8}"
-          f"{'batch':>7}{'cache MB':>10}")
-    for m in st.models:
-        mark = "*" if m.name == st.default_model else " "
-        print(f"{mark}{m.name:<27}{m.architecture:<8}{m.device:<8}{m.running:>5}{m.waiting:>6}{m.completed:>7}"
-              f"{m.generated_tokens:>9}{m.tokens_per_s:>8.1f}{m.mean_batch_size:>7.2f}{m.cache_bytes / 2**20:>10.1f}")
+    from .top import render
+
+    print(render(st, detail=False))
+    return 0
+
+
+def cmd_top(args) -> int:
+    import kernos.sdk
+
+    from .top import top
+
+    try:
+        with _session(args) as s:
+            top(s, args.interval, args.once, sys.stdout)
+    except KeyboardInterrupt:
+        pass
+    except kernos.sdk.KernosError as e:
+        print(f"kernos top: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -112,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     for name, fn, helptext in (("status", cmd_status, "print a running kernel's stats"),
+                               ("top", cmd_top, "live view: requests per agent, tokens/s, context switches, cache"),
                                ("agents", cmd_agents, "list the agents registered with a running kernel")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("--address", help="kernel address (default $KERNOS_ADDRESS, DATA_DIR/kernel.addr, "
@@ -120,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the kernel")
         if name == "status":
             c.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+        elif name == "top":
+            c.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+            c.add_argument("--once", action="store_true", help="print one frame and exit")
         else:
             c.add_argument("--all", action="store_true", help="include exited and expired agents")
         c.set_defaults(fn=fn)

@@ -3,9 +3,13 @@ engine and relays its events (whole reply, or a stream of chunks)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import re
+import shutil
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 
@@ -19,17 +23,19 @@ from .auth import current_agent
 from .errors import SyscallError, exhausted, invalid, not_found, syscall, unavailable
 from .kernel import Kernel
 from .llm.core import ServedModel
-from .llm.types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, TextDelta
+from .llm.types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, RequestTooLarge, TextDelta
 
 ROLES = {"system", "user", "assistant"}
 MAX_STOP_LEN = 256
 _FINISH = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
-           Finish.CANCELLED: pb.FINISH_REASON_CANCELLED}
+           Finish.CANCELLED: pb.FINISH_REASON_CANCELLED, Finish.SNAPSHOT: pb.FINISH_REASON_SNAPSHOT}
+SNAPSHOT_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class LLMServicer(rpc.LLMServicer):
     def __init__(self, kernel: Kernel):
         self.k = kernel
+        self.live: dict[str, tuple[str, ServedModel]] = {}   # request id -> (agent id, model), while it runs
 
     # -- validation: the one place a request is checked -----------------------------------------------------
     def _prepare(self, request: pb.GenerateRequest, agent_id: str) -> tuple[ServedModel, GenRequest]:
@@ -100,6 +106,7 @@ class LLMServicer(rpc.LLMServicer):
             usage=pb.Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens),
             timings=pb.Timings(queue_wait_ms=final.queue_wait_ms, time_to_first_token_ms=final.ttft_ms,
                                total_ms=final.total_ms),
+            snapshot_id=final.snapshot_id,
         )
 
     def _trace(self, agent_id: str, request, reply: pb.GenerateReply | None, status: str, t0: float) -> None:
@@ -110,24 +117,56 @@ class LLMServicer(rpc.LLMServicer):
             timings={"syscall_ms": (time.monotonic() - t0) * 1e3},
         ))
 
-    async def _run(self, request, context):
-        """Yield (delta_text, tokens) pairs, then the final reply; shared by Generate and GenerateStream."""
+    @property
+    def snapshots(self) -> Path:
+        return self.k.config.data_dir / "snapshots"
+
+    def _prepare_restore(self, snapshot_id: str, agent_id: str) -> tuple[ServedModel, GenRequest, Path]:
+        if not SNAPSHOT_ID.match(snapshot_id):
+            raise invalid("snapshot_id must be the 32 hex characters Snapshot returned")
+        folder = self.snapshots / snapshot_id
+        try:
+            state = json.loads((folder / "state.json").read_text())
+        except FileNotFoundError:
+            raise not_found(f"no snapshot '{snapshot_id}'") from None
+        if state["agent_id"] != agent_id:
+            raise SyscallError(grpc.StatusCode.PERMISSION_DENIED, f"snapshot '{snapshot_id}' belongs to another agent")
+        model = self.k.llm.get(state["model"])
+        if model is None:
+            raise not_found(f"snapshot '{snapshot_id}' is of model '{state['model']}', which is not served now")
+        return model, model.engine.snapshot_request(folder, uuid.uuid4().hex), folder
+
+    async def _run(self, request, context, restore: str | None = None):
+        """Yield the request id (on acceptance), text deltas, then the final reply; shared by Generate,
+        GenerateStream and Restore (which continues the snapshot `restore` instead of a new request)."""
         agent = current_agent()
         t0 = time.monotonic()
         if self.k.stopping:
             raise unavailable("the kernel is shutting down")
+        folder = None
         try:
-            model, req = self._prepare(request, agent.agent_id)
+            if restore is None:
+                model, req = self._prepare(request, agent.agent_id)
+            else:
+                model, req, folder = self._prepare_restore(restore, agent.agent_id)
         except SyscallError as e:
             self._trace(agent.agent_id, request, None, e.code.name, t0)
             raise
         handle = RequestHandle(req, asyncio.get_running_loop())
         with self.k.track():
             try:
-                model.engine.submit(req, handle)
+                if folder is None:
+                    model.engine.submit(req, handle)
+                else:
+                    model.engine.restore(folder, req, handle)
+                self.live[req.request_id] = (agent.agent_id, model)
             except EngineClosed as e:
                 raise unavailable(str(e)) from None
+            except RequestTooLarge as e:
+                self._trace(agent.agent_id, request, None, "RESOURCE_EXHAUSTED", t0)
+                raise exhausted(str(e)) from None
             try:
+                yield req.request_id  # accepted
                 async for ev in handle.events():
                     if isinstance(ev, TextDelta):
                         yield ev
@@ -138,10 +177,14 @@ class LLMServicer(rpc.LLMServicer):
                         reply = self._reply(model, req, ev)
                         self.k.agents.add_tokens(agent, ev.prompt_tokens, ev.completion_tokens)
                         self._trace(agent.agent_id, request, reply, "OK", t0)
+                        if folder is not None and ev.finish in (Finish.STOP, Finish.LENGTH):
+                            shutil.rmtree(folder, ignore_errors=True)  # the snapshot is consumed
                         yield reply
             except (asyncio.CancelledError, GeneratorExit):
                 handle.cancel()  # the client went away: free the batch slot
                 raise
+            finally:
+                self.live.pop(req.request_id, None)
 
     @syscall
     async def Generate(self, request, context):
@@ -153,12 +196,68 @@ class LLMServicer(rpc.LLMServicer):
 
     @syscall
     async def GenerateStream(self, request, context):
-        async for item in self._run(request, context):
-            if isinstance(item, pb.GenerateReply):
-                yield pb.GenerateChunk(request_id=item.request_id, tokens=item.usage.completion_tokens, done=True,
+        async for chunk in self._stream(request, context):
+            yield chunk
+
+    @syscall
+    async def Restore(self, request, context):
+        async for chunk in self._stream(request, context, restore=request.snapshot_id):
+            yield chunk
+
+    async def _stream(self, request, context, restore: str | None = None):
+        request_id = ""
+        async for item in self._run(request, context, restore):
+            if isinstance(item, str):
+                request_id = item
+                yield pb.GenerateChunk(request_id=request_id)
+            elif isinstance(item, pb.GenerateReply):
+                yield pb.GenerateChunk(request_id=request_id, tokens=item.usage.completion_tokens, done=True,
                                        reply=item)
             else:
-                yield pb.GenerateChunk(text=item.text, tokens=item.tokens)
+                yield pb.GenerateChunk(request_id=request_id, text=item.text, tokens=item.tokens)
+
+    async def _own(self, request_id: str) -> ServedModel:
+        entry = self.live.get(request_id)
+        if entry is None:
+            raise not_found(f"no running generation '{request_id[:64]}' (finished, or never existed)")
+        owner, model = entry
+        if owner != current_agent().agent_id:
+            raise SyscallError(grpc.StatusCode.PERMISSION_DENIED, f"generation '{request_id}' belongs to another agent")
+        return model
+
+    async def _engine_call(self, model: ServedModel, fn, request_id: str, *args):
+        try:
+            return await asyncio.wrap_future(fn(request_id, *args))
+        except NotImplementedError:
+            raise SyscallError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"model '{model.name}' ({model.architecture}) cannot suspend generations") from None
+        except KeyError:
+            raise not_found(f"generation '{request_id}' has already finished") from None
+
+    @syscall
+    async def Suspend(self, request, context):
+        model = await self._own(request.request_id)
+        state = await self._engine_call(model, model.engine.suspend, request.request_id)
+        self.k.traces.record(TraceRecord(current_agent().agent_id, "llm.suspend", "OK",
+                                         {"request_id": request.request_id}, {"state": state}, {}))
+        return pb.SuspendReply(state=state)
+
+    @syscall
+    async def Resume(self, request, context):
+        model = await self._own(request.request_id)
+        state = await self._engine_call(model, model.engine.resume, request.request_id)
+        self.k.traces.record(TraceRecord(current_agent().agent_id, "llm.resume", "OK",
+                                         {"request_id": request.request_id}, {"state": state}, {}))
+        return pb.ResumeReply(state=state)
+
+    @syscall
+    async def Snapshot(self, request, context):
+        model = await self._own(request.request_id)
+        folder = await self._engine_call(model, model.engine.checkpoint, request.request_id,
+                                         self.snapshots / request.request_id)
+        self.k.traces.record(TraceRecord(current_agent().agent_id, "llm.snapshot", "OK",
+                                         {"request_id": request.request_id}, {"snapshot_id": folder.name}, {}))
+        return pb.SnapshotReply(snapshot_id=folder.name)
 
     @syscall
     async def ListModels(self, request, context):

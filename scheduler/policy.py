@@ -26,6 +26,7 @@ class RequestView:
     enqueued: float = 0.0       # when it last entered the waiting queue (arrival, or its last preemption)
     quantum_steps: int = 0      # decode steps since it was last admitted
     cache_bytes: int = 0        # bytes its cache holds now (running) or will hold when admitted (waiting)
+    preemptions: int = 0
 
     @property
     def tokens(self) -> int:
@@ -75,9 +76,11 @@ class Policy:
             victim = self.victim_order(active, now)[0]
             active.remove(victim)
             decision.preempt.append((victim.request_id, "memory"))
+        started = {r.request_id for r in running}  # only these may be preempted, never one admitted just now
         for cand in sorted(waiting, key=lambda r: self.rank(r, now)):
             while not _fits(cand, active, budget):
-                victims = [v for v in self.victim_order(active, now) if self.may_preempt(cand, v, now)]
+                victims = [v for v in self.victim_order(active, now)
+                           if v.request_id in started and self.may_preempt(cand, v, now)]
                 if not victims:
                     break
                 active.remove(victims[0])
@@ -133,9 +136,10 @@ class RoundRobinPolicy(Policy):
 
 
 class PriorityPolicy(Policy):
-    """Highest priority first. A waiting request gains `aging_per_s` priority per second of waiting, so a
+    """Highest priority first. A waiting request gains `aging_per_s` priority per second it has waited, so a
     stream of high-priority work cannot starve a low-priority request forever. A waiting request whose
-    effective priority beats a running one's by more than `preempt_margin` displaces it."""
+    effective priority beats a running one's base priority by more than `preempt_margin` displaces it
+    (running requests do not age: they are being served)."""
 
     name = "priority"
     preempt_reason = "priority"
@@ -145,16 +149,16 @@ class PriorityPolicy(Policy):
         self.preempt_margin = preempt_margin
 
     def effective(self, r: RequestView, now: float) -> float:
-        return r.priority + self.aging_per_s * max(0.0, now - r.arrival)
+        return r.priority + self.aging_per_s * max(0.0, now - (r.enqueued or r.arrival))
 
     def rank(self, r, now):
         return (-self.effective(r, now), r.arrival)
 
     def may_preempt(self, candidate, victim, now):
-        return self.effective(candidate, now) > self.effective(victim, now) + self.preempt_margin
+        return self.effective(candidate, now) > victim.priority + self.preempt_margin
 
     def victim_order(self, running, now):
-        return sorted(running, key=lambda r: (self.effective(r, now), -r.arrival))
+        return sorted(running, key=lambda r: (r.priority, -r.arrival))
 
 
 class FairSharePolicy(Policy):

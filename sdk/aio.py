@@ -49,6 +49,30 @@ class LLM:
         finally:
             call.cancel()
 
+    async def suspend(self, request_id: str) -> str:
+        """See `kernos.sdk.client.LLM.suspend`."""
+        return (await _call(self._stub.Suspend, llm_pb2.SuspendRequest(request_id=request_id),
+                            self._s.metadata)).state
+
+    async def resume(self, request_id: str) -> str:
+        return (await _call(self._stub.Resume, llm_pb2.ResumeRequest(request_id=request_id), self._s.metadata)).state
+
+    async def snapshot(self, request_id: str) -> str:
+        """See `kernos.sdk.client.LLM.snapshot`."""
+        return (await _call(self._stub.Snapshot, llm_pb2.SnapshotRequest(request_id=request_id),
+                            self._s.metadata)).snapshot_id
+
+    async def restore(self, snapshot_id: str, *, timeout: float | None = None) -> AsyncIterator[Chunk]:
+        call = self._stub.Restore(llm_pb2.RestoreRequest(snapshot_id=snapshot_id), metadata=self._s.metadata,
+                                  timeout=timeout)
+        try:
+            async for c in call:
+                yield Chunk.from_proto(c)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
     async def models(self) -> list[ModelInfo]:
         reply = await _call(self._stub.ListModels, llm_pb2.ListModelsRequest(), self._s.metadata)
         return [ModelInfo(name=m.name, architecture=m.architecture, device=m.device, adapters=list(m.adapters),

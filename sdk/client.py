@@ -54,6 +54,34 @@ class LLM:
         finally:
             call.cancel()
 
+    def suspend(self, request_id: str) -> str:
+        """Preempt one of this agent's running generations and park it (its state kept by the kernel) until
+        `resume`; its stream stays open and continues after resume. Frees the batch slot while the agent
+        waits on something else (a tool, a human)."""
+        return _call(self._stub.Suspend, llm_pb2.SuspendRequest(request_id=request_id), self._s.metadata).state
+
+    def resume(self, request_id: str) -> str:
+        """Make a suspended generation schedulable again."""
+        return _call(self._stub.Resume, llm_pb2.ResumeRequest(request_id=request_id), self._s.metadata).state
+
+    def snapshot(self, request_id: str) -> str:
+        """Checkpoint one of this agent's generations to disk and release it; its open call ends with
+        finish_reason "snapshot". Returns the snapshot id for `restore` (also after a kernel restart)."""
+        return _call(self._stub.Snapshot, llm_pb2.SnapshotRequest(request_id=request_id),
+                     self._s.metadata).snapshot_id
+
+    def restore(self, snapshot_id: str, *, timeout: float | None = None) -> Iterator[Chunk]:
+        """Continue a snapshotted generation; yields chunks of the new text, the last with the whole reply."""
+        call = self._stub.Restore(llm_pb2.RestoreRequest(snapshot_id=snapshot_id), metadata=self._s.metadata,
+                                  timeout=timeout)
+        try:
+            for c in call:
+                yield Chunk.from_proto(c)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
     def models(self) -> list[ModelInfo]:
         reply = _call(self._stub.ListModels, llm_pb2.ListModelsRequest(), self._s.metadata)
         return [ModelInfo(name=m.name, architecture=m.architecture, device=m.device, adapters=list(m.adapters),

@@ -15,9 +15,10 @@ class Message(BaseModel):
 
 Messages = Union[str, list[Union[Message, dict]]]
 
-FinishReason = Literal["stop", "length", "cancelled", "unspecified"]
+FinishReason = Literal["stop", "length", "cancelled", "snapshot", "unspecified"]
 _FINISH = {llm_pb2.FINISH_REASON_STOP: "stop", llm_pb2.FINISH_REASON_LENGTH: "length",
-           llm_pb2.FINISH_REASON_CANCELLED: "cancelled", llm_pb2.FINISH_REASON_UNSPECIFIED: "unspecified"}
+           llm_pb2.FINISH_REASON_CANCELLED: "cancelled", llm_pb2.FINISH_REASON_SNAPSHOT: "snapshot",
+           llm_pb2.FINISH_REASON_UNSPECIFIED: "unspecified"}
 
 
 class Completion(BaseModel):
@@ -32,17 +33,22 @@ class Completion(BaseModel):
     queue_wait_ms: float
     time_to_first_token_ms: float
     total_ms: float
+    snapshot_id: str | None = None   # set when finish_reason is "snapshot"
 
     @classmethod
     def from_proto(cls, r: llm_pb2.GenerateReply) -> "Completion":
         return cls(request_id=r.request_id, text=r.text, model=r.model, adapter=r.adapter or None,
                    finish_reason=_FINISH.get(r.finish_reason, "unspecified"), prompt_tokens=r.usage.prompt_tokens,
                    completion_tokens=r.usage.completion_tokens, queue_wait_ms=r.timings.queue_wait_ms,
-                   time_to_first_token_ms=r.timings.time_to_first_token_ms, total_ms=r.timings.total_ms)
+                   time_to_first_token_ms=r.timings.time_to_first_token_ms, total_ms=r.timings.total_ms,
+                   snapshot_id=r.snapshot_id or None)
 
 
 class Chunk(BaseModel):
-    """A piece of a streamed generation; the last one has `done=True` and the whole `completion`."""
+    """A piece of a streamed generation; the last one has `done=True` and the whole `completion`.
+    The first chunk arrives as soon as the kernel accepts the request (empty text) and, like every
+    chunk, carries `request_id` (for `session.llm.suspend` / `resume`)."""
+    request_id: str
     text: str
     tokens: int
     done: bool
@@ -50,7 +56,7 @@ class Chunk(BaseModel):
 
     @classmethod
     def from_proto(cls, c: llm_pb2.GenerateChunk) -> "Chunk":
-        return cls(text=c.text, tokens=c.tokens, done=c.done,
+        return cls(request_id=c.request_id, text=c.text, tokens=c.tokens, done=c.done,
                    completion=Completion.from_proto(c.reply) if c.done else None)
 
 

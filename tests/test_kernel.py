@@ -223,6 +223,9 @@ def test_stats_agents_and_cli(kernel, session):
     out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "status", "--address", kernel.address],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "tiny-llama" in out.stdout and "uptime" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "top", "--once", "--address", kernel.address],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "fair_share" in out.stdout and "preempt" in out.stdout
     out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "agents", "--address", kernel.address],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "tester" in out.stdout
@@ -265,3 +268,34 @@ def test_client_going_away_frees_its_batch_slot(kernel, session):
             break
         time.sleep(0.02)
     assert m.cancelled == before + 1 and m.running == 0 and m.waiting == 0
+
+
+def test_agent_suspends_and_resumes_its_own_generation(kernel, session):
+    reference = session.llm.chat("a story about tools", max_tokens=250, stop=["never-appears-xyz"])
+    stream = session.llm.stream("a story about tools", max_tokens=250, stop=["never-appears-xyz"])
+    first = next(stream)
+    rid = first.request_id
+    assert rid and first.text == ""
+    assert session.llm.suspend(rid) == "preempted"
+    m = _tiny(session)
+    assert m.suspended == 1 and m.running == 0
+    [live] = [r for r in m.requests if r.request_id == rid]
+    assert live.state == "suspended" and live.preemptions >= 1
+    with kernos.sdk.connect(kernel.address, agent="intruder") as other:
+        with pytest.raises(kernos.sdk.PermissionDenied):
+            other.llm.suspend(rid)
+    with pytest.raises(kernos.sdk.NotFound):
+        session.llm.resume("no-such-request")
+    top = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "top", "--once", "--address", kernel.address],
+                         capture_output=True, text=True, timeout=60)
+    assert any(rid[:12] in line and "suspended" in line for line in top.stdout.splitlines()), top.stdout
+    assert session.llm.resume(rid) == "preempted"
+    chunks = list(stream)
+    assert chunks[-1].done and chunks[-1].completion.text == reference.text
+    assert _tiny(session).context_switches >= 1
+
+
+def test_request_that_can_never_fit_the_cache_budget_is_resource_exhausted(session):
+    with pytest.raises(kernos.sdk.ResourceExhausted, match="cache budget"):
+        session.llm.chat("hello world " * 170, max_tokens=256)
+    assert session.llm.chat("hello world " * 170, max_tokens=4).completion_tokens == 4

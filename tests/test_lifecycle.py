@@ -103,3 +103,45 @@ def test_missing_model_folder_fails_at_start(tmp_path):
                           str(tmp_path / "d"), "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "ghost" in out.stderr and "config.json" in out.stderr
+
+
+def test_snapshot_survives_a_restart_and_resumes_exactly(tiny_models, tmp_path):
+    cfg = write_config(tmp_path / "k.toml", [{"name": "tiny", "path": str(tiny_models["jamba"])}])
+    data = tmp_path / "data"
+    kw = dict(max_tokens=200, temperature=0.9, top_k=50, seed=5, stop=["never-appears-xyz"])
+    proc, address = start_kernel(data, str(cfg), timeout=120)
+    try:
+        s = kernos.sdk.connect(address, agent="snapper")
+        reference = s.llm.chat("the agent kernel", **kw)
+        stream = s.llm.stream("the agent kernel", **kw)
+        rid = next(stream).request_id
+        next(c for c in stream if c.text)  # it is generating
+        snapshot_id = s.llm.snapshot(rid)
+        last = list(stream)[-1]
+        assert last.done and last.completion.finish_reason == "snapshot"
+        assert last.completion.snapshot_id == snapshot_id
+        assert 0 < last.completion.completion_tokens < reference.completion_tokens
+        with kernos.sdk.connect(address, agent="thief") as other:
+            with pytest.raises(kernos.sdk.PermissionDenied):
+                list(other.llm.restore(snapshot_id))
+        with pytest.raises(kernos.sdk.InvalidArgument):
+            list(s.llm.restore("../../etc/passwd"))
+        assert stop_kernel(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc, address = start_kernel(data, str(cfg), timeout=120)
+    try:
+        again = kernos.sdk.connect(address, agent="snapper", token=s.token)
+        chunks = list(again.llm.restore(snapshot_id))
+        final = chunks[-1].completion
+        assert final.text == reference.text
+        assert (final.completion_tokens, final.finish_reason) == (reference.completion_tokens, reference.finish_reason)
+        # The stream carries only the new text (the snapshot's reply carried the rest).
+        new_text = "".join(c.text for c in chunks)
+        assert new_text and reference.text.endswith(new_text) and len(new_text) < len(reference.text)
+        with pytest.raises(kernos.sdk.NotFound):  # consumed
+            list(again.llm.restore(snapshot_id))
+        again.exit()
+    finally:
+        assert stop_kernel(proc) == 0

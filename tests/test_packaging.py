@@ -33,5 +33,5 @@ def test_cli_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0
-    for cmd in ("serve", "demo", "status", "agents"):
+    for cmd in ("serve", "demo", "status", "top", "agents"):
         assert cmd in out.stdout

@@ -58,8 +58,12 @@ def test_priority_orders_and_preempts_by_margin():
     assert p.schedule(waiting, [], Budget(1), now=2).admit == ["hi"]
     d = p.schedule([v("hi", 1.0, priority=5)], [v("run", 0.0, priority=1)], Budget(1), now=2)
     assert d.preempt == [("run", "priority")] and d.admit == ["hi"]
-    d = p.schedule([v("eq", 1.0, priority=2)], [v("run", 0.0, priority=1)], Budget(1), now=2)
+    d = p.schedule([v("eq", 1.0, priority=2)], [v("run", 0.0, priority=1)], Budget(1), now=1)
     assert d.preempt == []  # within the margin: no thrashing
+    # A request that has run for a long time does not age out of preemption.
+    aging = PriorityPolicy(aging_per_s=1.0, preempt_margin=1.0)
+    d = aging.schedule([v("hi", 99.0, priority=5)], [v("old", 0.0, priority=0)], Budget(1), now=100)
+    assert d.preempt == [("old", "priority")]
 
 
 def test_priority_aging_prevents_starvation():
@@ -98,6 +102,14 @@ def test_fair_share_forgets_outside_its_window():
     fs.record("a", 100, now=0.0)
     assert fs.usage("a", now=5.0) == 100
     assert fs.usage("a", now=11.0) == 0
+
+
+def test_a_request_admitted_in_this_round_is_never_preempted_in_it():
+    p = PriorityPolicy(aging_per_s=0.0, preempt_margin=0.0)
+    d = p.schedule([v("lo", 0.0, priority=0), v("hi", 1.0, priority=9)], [], Budget(1), now=1)
+    assert d.admit == ["hi"] and d.preempt == []
+    d = p.schedule([v("lo", 0.0, priority=1), v("hi", 1.0, priority=9)], [], Budget(2), now=1)
+    assert d.admit == ["hi", "lo"] and d.preempt == []
 
 
 def test_make_policy_and_bad_options():

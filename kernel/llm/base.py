@@ -53,6 +53,16 @@ class Engine(ABC):
         """Stop taking requests, let in-flight ones finish within `timeout`, cancel the rest, stop.
         Returns True when everything finished in time."""
 
+    def suspend(self, request_id: str):
+        """Preempt and park a request; returns a concurrent Future of its state."""
+        raise NotImplementedError
+
+    def resume(self, request_id: str):
+        raise NotImplementedError
+
+    def checkpoint(self, request_id: str, directory):
+        raise NotImplementedError
+
     @abstractmethod
     def snapshot(self) -> tuple[EngineStats, list[tuple[RequestView, str]]]:
         """Counters and the live requests with their state ("waiting" | "running")."""

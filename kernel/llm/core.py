@@ -50,7 +50,11 @@ def _load(cfg: ModelConfig, config: KernelConfig) -> ServedModel:
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
     lm = load_model(cfg, config.engine, config.data_dir)
-    engine = TransformersEngine(lm, max_batch_size=config.engine.max_batch_size)
+    e = config.engine
+    engine = TransformersEngine(lm, max_batch_size=e.max_batch_size, policy=config.scheduler.make(),
+                                max_tokens_in_flight=e.max_tokens_in_flight, cache_budget_bytes=e.cache_budget_bytes,
+                                preemption=e.preemption, swap_host_bytes=e.swap_host_bytes,
+                                swap_dir=config.data_dir / "swap" / cfg.name)
     return ServedModel(cfg.name, engine, lm.architecture, str(lm.device), str(lm.dtype).replace("torch.", ""),
                        list(lm.adapters), lm.context_length, lm.parameters, lm.tokenizer,
                        bool(getattr(lm.tokenizer, "chat_template", None)))

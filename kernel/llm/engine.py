@@ -18,7 +18,10 @@ number of times produces the tokens of an uninterrupted run.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import os
+import shutil
 import queue
 import threading
 import time
@@ -41,7 +44,7 @@ log = logging.getLogger("kernos.llm")
 class _Seq:
     __slots__ = ("req", "handle", "gen", "ids", "pending", "position", "emitted", "text", "admitted_at",
                  "first_token_at", "state", "enqueued", "quantum_steps", "swapped", "swap_path", "preemptions",
-                 "parked")
+                 "parked", "keep_swap_file")
 
     def __init__(self, req: GenRequest, handle: RequestHandle):
         self.req = req
@@ -61,6 +64,7 @@ class _Seq:
         self.swap_path: Path | None = None  # ... or its file, beyond the host budget
         self.preemptions = 0
         self.parked = False        # suspended by its agent: not scheduled until resumed
+        self.keep_swap_file = False  # a snapshot's cache file: restored from, not consumed
 
     @property
     def started(self) -> bool:
@@ -138,6 +142,63 @@ class TransformersEngine(Engine):
             seq.enqueued = time.monotonic()
             return seq.state
         return self.call(do)
+
+    def checkpoint(self, request_id: str, directory: Path) -> Future:
+        """Write a request's whole state (tokens, position, sampling generator, cache) to `directory` and
+        release it: its handle gets a Final with finish SNAPSHOT. `restore` continues it, in this kernel
+        or after a restart, with exactly the tokens an uninterrupted run would have produced."""
+        def do():
+            seq = self._find(request_id)
+            if seq.state == "running":
+                self._preempt(seq, "snapshot", "swap")
+            with self._lock:
+                self.waiting.remove(seq)
+            tmp = directory.with_name(directory.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            past = self._read_swap(seq) if (seq.swapped is not None or seq.swap_path is not None) else None
+            if past is not None:
+                self._save_cache(past, tmp / "cache.safetensors")
+            r = seq.req
+            state = {"request_id": r.request_id, "agent_id": r.agent_id, "model": self.name,
+                     "prompt_ids": r.prompt_ids, "max_tokens": r.max_tokens, "temperature": r.temperature,
+                     "top_p": r.top_p, "top_k": r.top_k, "stop": r.stop, "seed": r.seed, "adapter": r.adapter,
+                     "priority": r.priority, "ids": seq.ids, "pending": seq.pending, "position": seq.position,
+                     "emitted": len(seq.text), "preemptions": seq.preemptions, "has_cache": past is not None,
+                     "generator": seq.gen.get_state().tolist()}
+            (tmp / "state.json").write_text(json.dumps(state))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(tmp, directory)
+            self._finish(seq, Finish.SNAPSHOT, snapshot_id=directory.name)
+            return directory
+        return self.call(do)
+
+    def restore(self, directory: Path, request: GenRequest, handle: RequestHandle) -> None:
+        """Continue a checkpointed request (see `checkpoint`) as `request`, whose id and arrival are new;
+        the rest of its fields must come from the snapshot (`snapshot_request`)."""
+        state = json.loads((directory / "state.json").read_text())
+        seq = _Seq(request, handle)
+        seq.gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        seq.ids, seq.pending, seq.position = list(state["ids"]), state["pending"], state["position"]
+        seq.text = self.lm.tokenizer.decode(seq.ids, skip_special_tokens=True)
+        seq.emitted, seq.preemptions, seq.state = state["emitted"], state["preemptions"], "preempted"
+        if state["has_cache"]:
+            seq.swap_path, seq.keep_swap_file = directory / "cache.safetensors", True
+        if not self._accepting:
+            raise EngineClosed(f"model '{self.name}' is shutting down")
+        self._inbox.put(seq)
+        self._wake.set()
+
+    @staticmethod
+    def snapshot_request(directory: Path, request_id: str) -> GenRequest:
+        st = json.loads((directory / "state.json").read_text())
+        return GenRequest(request_id=request_id, agent_id=st["agent_id"], prompt_ids=st["prompt_ids"],
+                          max_tokens=st["max_tokens"], temperature=st["temperature"], top_p=st["top_p"],
+                          top_k=st["top_k"], stop=st["stop"], seed=st["seed"], adapter=st["adapter"],
+                          priority=st["priority"])
 
     def cache_bytes_for(self, tokens: int) -> int:
         return self.fixed_bytes + self.bytes_per_token * tokens
@@ -238,7 +299,7 @@ class TransformersEngine(Engine):
         r = s.req
         held = s.position if s.started else len(r.prompt_ids)
         return RequestView(r.request_id, r.agent_id, r.priority, r.arrival, len(r.prompt_ids), r.max_tokens,
-                           len(s.ids), s.enqueued, s.quantum_steps, self.cache_bytes_for(held + 1))
+                           len(s.ids), s.enqueued, s.quantum_steps, self.cache_bytes_for(held + 1), s.preemptions)
 
     def _schedule(self) -> None:
         candidates = [s for s in self.waiting if not s.parked]
@@ -248,7 +309,8 @@ class TransformersEngine(Engine):
         decision = self.policy.schedule([self._view(s) for s in candidates], [self._view(s) for s in self.rows],
                                         self.budget)
         for rid, reason in decision.preempt:
-            self._preempt(views[rid], reason)
+            if views[rid].state == "running":
+                self._preempt(views[rid], reason)
         for rid in decision.admit:
             seq = views[rid]
             with self._lock:
@@ -357,12 +419,14 @@ class TransformersEngine(Engine):
         with torch.inference_mode():
             sizes = []
             for n in (1, 2):
-                ids = torch.zeros((1, n), dtype=torch.long, device=self.lm.device)
-                out = self._forward(ids, torch.ones_like(ids), torch.arange(n, device=self.lm.device).unsqueeze(0),
-                                    None, [None], last_only=True)
+                out = self._forward(*self._probe_inputs(n), None, [None], last_only=True)
                 sizes.append(cache_ops.nbytes(out.past_key_values))
         per_token = sizes[1] - sizes[0]
         return per_token, sizes[0] - per_token
+
+    def _probe_inputs(self, n: int):
+        ids = torch.zeros((1, n), dtype=torch.long, device=self.lm.device)
+        return ids, torch.ones_like(ids), torch.arange(n, device=self.lm.device).unsqueeze(0)
 
     def choose_strategy(self, seq: _Seq) -> str:
         if self.preemption != "auto":
@@ -403,6 +467,7 @@ class TransformersEngine(Engine):
 
     def _resume(self, seq: _Seq) -> None:
         t0 = time.perf_counter()
+        seq.admitted_at = seq.admitted_at or time.monotonic()  # a restored snapshot's first admission
         if seq.swapped is not None or seq.swap_path is not None:
             past = self._read_swap(seq)
             past = cache_ops.to_device(past, self.lm.device) if self.lm.device.type != "cpu" else past
@@ -414,12 +479,16 @@ class TransformersEngine(Engine):
         self.stats.switch_seconds += time.perf_counter() - t0
 
     def _write_swap(self, seq: _Seq, saved) -> Path:
-        from safetensors.torch import save_file
-
         self.swap_dir.mkdir(parents=True, exist_ok=True)
         path = self.swap_dir / f"{seq.req.request_id}.safetensors"
-        save_file({k: v.contiguous() for k, v in cache_ops.tensors(saved).items()}, str(path))
+        self._save_cache(saved, path)
         return path
+
+    @staticmethod
+    def _save_cache(past, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in cache_ops.tensors(past).items()}, str(path))
 
     def _read_swap(self, seq: _Seq):
         if seq.swapped is not None:
@@ -428,9 +497,12 @@ class TransformersEngine(Engine):
             return past
         from safetensors.torch import load_file
 
+        if self._template is None:  # restored before this engine ran anything: make a cache to copy the shape of
+            self._template = self._forward(*self._probe_inputs(1), None, [None], last_only=True).past_key_values
         past = cache_ops.load_tensors(self._template, load_file(str(seq.swap_path)), "cpu")
-        seq.swap_path.unlink(missing_ok=True)
-        seq.swap_path = None
+        if not seq.keep_swap_file:
+            seq.swap_path.unlink(missing_ok=True)
+        seq.swap_path, seq.keep_swap_file = None, False
         return past
 
     def _release_swap(self, seq: _Seq) -> None:
@@ -438,7 +510,8 @@ class TransformersEngine(Engine):
             self._host_swap_bytes -= cache_ops.nbytes(seq.swapped)
             seq.swapped = None
         if seq.swap_path is not None:
-            seq.swap_path.unlink(missing_ok=True)
+            if not seq.keep_swap_file:
+                seq.swap_path.unlink(missing_ok=True)
             seq.swap_path = None
 
     # -- per-sequence bookkeeping ------------------------------------------------------------------------
@@ -472,7 +545,7 @@ class TransformersEngine(Engine):
             seq.emitted = safe
         return False
 
-    def _finish(self, seq: _Seq, finish: Finish) -> None:
+    def _finish(self, seq: _Seq, finish: Finish, snapshot_id: str = "") -> None:
         now = time.monotonic()
         if len(seq.text) > seq.emitted:
             seq.handle.put(TextDelta(seq.text[seq.emitted:], len(seq.ids)))
@@ -483,6 +556,7 @@ class TransformersEngine(Engine):
             queue_wait_ms=(admitted - seq.req.arrival) * 1e3,
             ttft_ms=((seq.first_token_at or now) - seq.req.arrival) * 1e3,
             total_ms=(now - seq.req.arrival) * 1e3, token_ids=list(seq.ids), preemptions=seq.preemptions,
+            snapshot_id=snapshot_id,
         ))
         self.stats.completed += 1
         if finish == Finish.CANCELLED:

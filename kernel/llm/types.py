@@ -18,6 +18,7 @@ class Finish(str, Enum):
     STOP = "stop"
     LENGTH = "length"
     CANCELLED = "cancelled"
+    SNAPSHOT = "snapshot"       # checkpointed to disk and released; Restore continues it
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Final:
     total_ms: float
     token_ids: list[int] = field(default_factory=list)
     preemptions: int = 0
+    snapshot_id: str = ""
 
 
 @dataclass

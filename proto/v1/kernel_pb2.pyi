@@ -97,7 +97,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RequestStats(_message.Message):
-    __slots__ = ("request_id", "agent_id", "model", "state", "prompt_tokens", "generated_tokens", "age_ms")
+    __slots__ = ("request_id", "agent_id", "model", "state", "prompt_tokens", "generated_tokens", "age_ms", "preemptions", "priority", "cache_bytes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,9 @@ class RequestStats(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     agent_id: str
     model: str
@@ -112,10 +115,20 @@ class RequestStats(_message.Message):
     prompt_tokens: int
     generated_tokens: int
     age_ms: float
-    def __init__(self, request_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., age_ms: _Optional[float] = ...) -> None: ...
+    preemptions: int
+    priority: int
+    cache_bytes: int
+    def __init__(self, request_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., age_ms: _Optional[float] = ..., preemptions: _Optional[int] = ..., priority: _Optional[int] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("name", "architecture", "device", "dtype", "adapters", "parameters", "running", "waiting", "completed", "prompt_tokens", "generated_tokens", "decode_steps", "tokens_per_s", "mean_batch_size", "cache_bytes", "requests", "cancelled")
+    __slots__ = ("name", "architecture", "device", "dtype", "adapters", "parameters", "running", "waiting", "completed", "prompt_tokens", "generated_tokens", "decode_steps", "tokens_per_s", "mean_batch_size", "cache_bytes", "requests", "cancelled", "policy", "context_switches", "switch_ms", "swaps", "recomputes", "preempted", "suspended", "cache_budget_bytes", "preempted_by_reason")
+    class PreemptedByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +146,15 @@ class ModelStats(_message.Message):
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_SWITCHES_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_MS_FIELD_NUMBER: _ClassVar[int]
+    SWAPS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTES_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_FIELD_NUMBER: _ClassVar[int]
+    SUSPENDED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     device: str
@@ -150,7 +172,16 @@ class ModelStats(_message.Message):
     cache_bytes: int
     requests: _containers.RepeatedCompositeFieldContainer[RequestStats]
     cancelled: int
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., parameters: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., completed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., decode_steps: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., mean_batch_size: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestStats, _Mapping]]] = ..., cancelled: _Optional[int] = ...) -> None: ...
+    policy: str
+    context_switches: int
+    switch_ms: float
+    swaps: int
+    recomputes: int
+    preempted: int
+    suspended: int
+    cache_budget_bytes: int
+    preempted_by_reason: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., parameters: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., completed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., decode_steps: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., mean_batch_size: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestStats, _Mapping]]] = ..., cancelled: _Optional[int] = ..., policy: _Optional[str] = ..., context_switches: _Optional[int] = ..., switch_ms: _Optional[float] = ..., swaps: _Optional[int] = ..., recomputes: _Optional[int] = ..., preempted: _Optional[int] = ..., suspended: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., preempted_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatsReply(_message.Message):
     __slots__ = ("version", "uptime_s", "active_agents", "syscalls", "in_flight", "models", "default_model")

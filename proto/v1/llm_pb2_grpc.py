@@ -49,6 +49,26 @@ class LLMStub:
                 request_serializer=kernos_dot_v1_dot_llm__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=kernos_dot_v1_dot_llm__pb2.ListModelsReply.FromString,
                 _registered_method=True)
+        self.Suspend = channel.unary_unary(
+                '/kernos.v1.LLM/Suspend',
+                request_serializer=kernos_dot_v1_dot_llm__pb2.SuspendRequest.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_llm__pb2.SuspendReply.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/kernos.v1.LLM/Resume',
+                request_serializer=kernos_dot_v1_dot_llm__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_llm__pb2.ResumeReply.FromString,
+                _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/kernos.v1.LLM/Snapshot',
+                request_serializer=kernos_dot_v1_dot_llm__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_llm__pb2.SnapshotReply.FromString,
+                _registered_method=True)
+        self.Restore = channel.unary_stream(
+                '/kernos.v1.LLM/Restore',
+                request_serializer=kernos_dot_v1_dot_llm__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_llm__pb2.GenerateChunk.FromString,
+                _registered_method=True)
 
 
 class LLMServicer:
@@ -73,6 +93,35 @@ class LLMServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Suspend(self, request, context):
+        """Preempts one of the caller's own generations and keeps it parked (its state saved) until Resume:
+        an agent waiting on a tool frees its batch slot. The open Generate/GenerateStream call stays open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Snapshot(self, request, context):
+        """Checkpoints one of the caller's generations to disk (tokens, sampling state, cache) and releases it:
+        its open call ends with FINISH_REASON_SNAPSHOT and the snapshot id. Restore continues it, also after
+        a kernel restart, producing exactly the tokens of an uninterrupted run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LLMServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +139,26 @@ def add_LLMServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=kernos_dot_v1_dot_llm__pb2.ListModelsRequest.FromString,
                     response_serializer=kernos_dot_v1_dot_llm__pb2.ListModelsReply.SerializeToString,
+            ),
+            'Suspend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Suspend,
+                    request_deserializer=kernos_dot_v1_dot_llm__pb2.SuspendRequest.FromString,
+                    response_serializer=kernos_dot_v1_dot_llm__pb2.SuspendReply.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=kernos_dot_v1_dot_llm__pb2.ResumeRequest.FromString,
+                    response_serializer=kernos_dot_v1_dot_llm__pb2.ResumeReply.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=kernos_dot_v1_dot_llm__pb2.SnapshotRequest.FromString,
+                    response_serializer=kernos_dot_v1_dot_llm__pb2.SnapshotReply.SerializeToString,
+            ),
+            'Restore': grpc.unary_stream_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=kernos_dot_v1_dot_llm__pb2.RestoreRequest.FromString,
+                    response_serializer=kernos_dot_v1_dot_llm__pb2.GenerateChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +242,114 @@ class LLM:
             '/kernos.v1.LLM/ListModels',
             kernos_dot_v1_dot_llm__pb2.ListModelsRequest.SerializeToString,
             kernos_dot_v1_dot_llm__pb2.ListModelsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Suspend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernos.v1.LLM/Suspend',
+            kernos_dot_v1_dot_llm__pb2.SuspendRequest.SerializeToString,
+            kernos_dot_v1_dot_llm__pb2.SuspendReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernos.v1.LLM/Resume',
+            kernos_dot_v1_dot_llm__pb2.ResumeRequest.SerializeToString,
+            kernos_dot_v1_dot_llm__pb2.ResumeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernos.v1.LLM/Snapshot',
+            kernos_dot_v1_dot_llm__pb2.SnapshotRequest.SerializeToString,
+            kernos_dot_v1_dot_llm__pb2.SnapshotReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kernos.v1.LLM/Restore',
+            kernos_dot_v1_dot_llm__pb2.RestoreRequest.SerializeToString,
+            kernos_dot_v1_dot_llm__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,
