@@ -75,7 +75,7 @@ class KernelServicer(rpc.KernelServicer):
                 preempted=sum(1 for _, state in live if state == "preempted"),
                 suspended=sum(1 for _, state in live if state == "suspended"),
                 cache_budget_bytes=getattr(getattr(m.engine, "budget", None), "cache_bytes", 0),
-                preempted_by_reason=st.preempted_by_reason,
+                preempted_by_reason=st.preempted_by_reason, queue_wait_ms=st.queue_wait_ms(),
                 requests=[pb.RequestStats(request_id=v.request_id, agent_id=v.agent_id, model=m.name, state=state,
                                           prompt_tokens=v.prompt_tokens, generated_tokens=v.generated,
                                           age_ms=(now - v.arrival) * 1e3, preemptions=v.preemptions,

@@ -9,13 +9,14 @@ def render(st, detail: bool = True) -> str:
     lines = [f"kernos {st.version}  uptime {st.uptime_s:.0f} s  active agents {st.active_agents}  "
              f"syscalls {st.syscalls}  in flight {st.in_flight}"]
     lines.append(f"{'model':<24}{'policy':<12}{'run':>4}{'wait':>5}{'pre':>4}{'susp':>5}{'done':>6}{'tok/s':>8}"
-                 f"{'batch':>6}{'cache MB':>9}{'switches':>9}{'swap/rec':>9}{'sw ms':>8}")
+                 f"{'batch':>6}{'queue ms':>9}{'cache MB':>9}{'switches':>9}{'swap/rec':>9}{'sw ms':>8}")
     for m in st.models:
         mark = "*" if m.name == st.default_model else " "
         budget = f"/{m.cache_budget_bytes / 2**20:.0f}" if m.cache_budget_bytes else ""
         lines.append(
             f"{mark}{m.name[:23]:<23}{(m.policy or '-')[:11]:<12}{m.running:>4}{m.waiting - m.preempted - m.suspended:>5}"
             f"{m.preempted:>4}{m.suspended:>5}{m.completed:>6}{m.tokens_per_s:>8.1f}{m.mean_batch_size:>6.2f}"
+            f"{m.queue_wait_ms:>9.1f}"
             f"{m.cache_bytes / 2**20:>6.1f}{budget:<3}{m.context_switches:>9}{f'{m.swaps}/{m.recomputes}':>9}"
             f"{m.switch_ms:>8.1f}")
     if not detail:

@@ -46,3 +46,10 @@ def test_unreadable_config_is_a_clear_error(tmp_path):
     bad.write_text("[engine\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad, env={})
+
+
+def test_the_sample_config_in_deploy_is_valid():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "deploy" / "kernos.toml", env={})
+    assert cfg.scheduler.policy == "fair_share" and cfg.engine.preemption == "auto"

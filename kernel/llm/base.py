@@ -27,6 +27,11 @@ class EngineStats:
     preempted_by_reason: dict = field(default_factory=dict)
     strategy_counts: dict = field(default_factory=dict)   # "swap" / "recompute" -> count
     recent: deque = field(default_factory=lambda: deque(maxlen=512))  # (time, tokens) per step
+    queue_waits: deque = field(default_factory=lambda: deque(maxlen=256))  # ms from arrival to first admission
+
+    def queue_wait_ms(self) -> float:
+        waits = list(self.queue_waits)
+        return sum(waits) / len(waits) if waits else 0.0
 
     def tokens_per_s(self, window: float = 10.0) -> float:
         now = time.monotonic()

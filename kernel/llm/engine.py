@@ -360,6 +360,7 @@ class TransformersEngine(Engine):
 
     def _prefill(self, seq: _Seq) -> None:
         seq.admitted_at = time.monotonic()
+        self.stats.queue_waits.append((seq.admitted_at - seq.req.arrival) * 1e3)
         out, mask = self._prefill_tokens(seq.req.prompt_ids, seq.req.adapter)
         seq.position = len(seq.req.prompt_ids)
         tok = choose(out.logits[0, -1], seq.req.temperature, seq.req.top_p, seq.req.top_k, seq.gen)
