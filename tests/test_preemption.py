@@ -90,6 +90,7 @@ def test_round_robin_quantum_preempts_and_stays_exact(lm, reference):
 
 def test_memory_budget_preempts_and_rejects_what_can_never_fit(lm, reference):
     one = TransformersEngine(lm, 4)
+    one._ensure_measured()
     per_seq = one.cache_bytes_for(len(requests(lm)[0].prompt_ids) + MAX + 6)
     engine = TransformersEngine(lm, 4, cache_budget_bytes=int(per_seq * 1.5))
     got = drive(engine, requests(lm))
@@ -118,6 +119,7 @@ def test_suspend_parks_a_generation_until_resumed(lm, reference):
 
 def test_cost_model_prices_swap_against_recompute(lm):
     engine = TransformersEngine(lm, 4)
+    engine._ensure_measured()
     seq = type("S", (), {"position": 1000})()
     engine.prefill_s_per_token, engine.swap_bytes_per_s = 1e-3, 1e12   # copying is nearly free
     assert engine.choose_strategy(seq) == "swap"

@@ -101,7 +101,10 @@ class TransformersEngine(Engine):
         base = lm.model.get_base_model() if lm.has_adapters else lm.model
         self._logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
         self._template = None      # any cache of this model: the shape to rebuild swapped-in caches from
-        self.bytes_per_token, self.fixed_bytes = self._measure_cache_size()
+        # Measured on the engine's own thread: a forward pass on another thread first (this constructor runs
+        # on the main one) leaves two OpenMP pools competing and made every decode step 3x slower on CPU.
+        self._measured = threading.Event()
+        self.bytes_per_token = self.fixed_bytes = 0
         # Cost model prices, refined from measurements: seconds per prefilled token, bytes per second copied.
         self.prefill_s_per_token = 1e-3
         self.swap_bytes_per_s = 2e9
@@ -110,6 +113,7 @@ class TransformersEngine(Engine):
     def submit(self, request: GenRequest, handle: RequestHandle) -> None:
         if not self._accepting:
             raise EngineClosed(f"model '{self.name}' is shutting down")
+        self._ensure_measured()
         need = self.cache_bytes_for(len(request.prompt_ids) + request.max_tokens)
         if self.budget.cache_bytes and need > self.budget.cache_bytes:
             raise RequestTooLarge(
@@ -232,19 +236,30 @@ class TransformersEngine(Engine):
         return self.stats, live
 
     # -- the loop ----------------------------------------------------------------------------------------
+    def _ensure_measured(self) -> None:
+        if self._measured.is_set():
+            return
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._measured.wait(60)
+            return
+        self.bytes_per_token, self.fixed_bytes = self._measure_cache_size()
+        self._measured.set()
+
     def _run(self) -> None:
-        while not self._stop:
-            busy = self.step()
-            if not busy:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
         with torch.inference_mode():
+            self._ensure_measured()
+            while not self._stop:
+                busy = self.step()
+                if not busy:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
             self._cancel_all()
 
     def step(self) -> bool:
         """One iteration: take new requests and commands, schedule, decode one token for the batch.
         Returns whether there is work left (the thread sleeps otherwise)."""
         with torch.inference_mode():
+            self._ensure_measured()
             self._pull_inbox()
             self._run_commands()
             try:
@@ -303,8 +318,8 @@ class TransformersEngine(Engine):
 
     def _schedule(self) -> None:
         candidates = [s for s in self.waiting if not s.parked]
-        if not candidates and len(self.rows) <= self.max_batch_size and not self.budget.cache_bytes:
-            return
+        if not candidates and not self._over_budget():
+            return  # the common decode step: nothing to admit, nothing to evict
         views = {s.req.request_id: s for s in candidates + self.rows}
         decision = self.policy.schedule([self._view(s) for s in candidates], [self._view(s) for s in self.rows],
                                         self.budget)
@@ -392,11 +407,20 @@ class TransformersEngine(Engine):
             self._remove_rows(done)
         self.stats.cache_bytes = cache_ops.nbytes(self._cache)
 
+    def _over_budget(self) -> bool:
+        if not self.budget.cache_bytes:
+            return False
+        held = self.fixed_bytes * len(self.rows) + self.bytes_per_token * sum(s.position + 1 for s in self.rows)
+        return held > self.budget.cache_bytes
+
     def _count_tokens(self, seqs: list[_Seq], now: float) -> None:
         self.stats.generated_tokens += len(seqs)
         self.stats.recent.append((now, len(seqs)))
+        per_agent: dict[str, int] = {}
         for s in seqs:
-            self.policy.record(s.req.agent_id, 1, now)
+            per_agent[s.req.agent_id] = per_agent.get(s.req.agent_id, 0) + 1
+        for agent, n in per_agent.items():
+            self.policy.record(agent, n, now)
 
     def _remove_rows(self, indices: list[int]) -> None:
         drop = set(indices)
