@@ -71,6 +71,11 @@ class SchedulerConfig(_Strict):
         return make_policy(self.policy, **options)
 
 
+class StorageConfig(_Strict):
+    quota_bytes: int = Field(1 << 30, ge=0, description="bytes per agent, every version counted; 0: no limit")
+    max_file_bytes: int = Field(16 << 20, gt=0, description="largest single file (also bounded by server.max_message_bytes)")
+
+
 class ModelConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     path: str = Field(description="local folder with config.json, safetensors and tokenizer; or 'embedded'")
@@ -86,6 +91,7 @@ class KernelConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     engine: EngineConfig = EngineConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    storage: StorageConfig = StorageConfig()
     models: list[ModelConfig] = Field(default_factory=list, description="empty: the embedded default model")
 
     @field_validator("data_dir")

@@ -9,6 +9,7 @@ import time
 from .agents import AgentRegistry
 from .config import KernelConfig
 from .llm.core import LLMCore
+from kernos.storage.files import FileStore
 from kernos.storage.traces import TraceLog
 
 log = logging.getLogger("kernos.kernel")
@@ -22,6 +23,7 @@ class Kernel:
         self.started = time.time()
         self.agents = AgentRegistry(config.data_dir / "kernel.db", ttl_s=config.server.agent_ttl_s)
         self.traces = TraceLog(config.data_dir / "traces.db")
+        self.files = FileStore(config.data_dir / "files", config.storage.quota_bytes, config.storage.max_file_bytes)
         self.llm = LLMCore(config)
         self.stopping = False
         self.in_flight = 0
@@ -45,5 +47,6 @@ class Kernel:
         return clean
 
     def close(self) -> None:
+        self.files.close()
         self.traces.close()
         self.agents.close()

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from kernos.proto.v1 import kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc
+from kernos.proto.v1 import kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, storage_pb2, storage_pb2_grpc
 
 from ._wire import CHANNEL_OPTIONS, auth_metadata, generate_request, resolve_address
 from .errors import Unavailable, from_rpc_error
-from .types import AgentInfo, Chunk, Completion, Messages, ModelInfo
+from .types import AgentInfo, Chunk, Completion, FileInfo, Messages, ModelInfo
 
 
 async def _call(fn, request, metadata, timeout=None):
@@ -79,6 +79,43 @@ class LLM:
                           context_length=m.context_length, is_default=m.is_default) for m in reply.models]
 
 
+class Storage:
+    """See `kernos.sdk.client.Storage`."""
+
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = storage_pb2_grpc.StorageStub(session.channel)
+
+    async def write(self, path: str, data: bytes | str, metadata: dict[str, str] | None = None) -> FileInfo:
+        data = data.encode() if isinstance(data, str) else data
+        return FileInfo.from_proto(await _call(self._stub.Write, storage_pb2.WriteRequest(
+            path=path, data=data, metadata=metadata or {}), self._s.metadata))
+
+    async def read(self, path: str, version: int = 0) -> bytes:
+        return (await _call(self._stub.Read, storage_pb2.ReadRequest(path=path, version=version),
+                            self._s.metadata)).data
+
+    async def stat(self, path: str, version: int = 0) -> FileInfo:
+        return FileInfo.from_proto(await _call(self._stub.Stat, storage_pb2.StatRequest(path=path, version=version),
+                                               self._s.metadata))
+
+    async def list(self, prefix: str = "") -> list[FileInfo]:
+        reply = await _call(self._stub.List, storage_pb2.ListFilesRequest(prefix=prefix), self._s.metadata)
+        return [FileInfo.from_proto(f) for f in reply.files]
+
+    async def delete(self, path: str) -> FileInfo:
+        return FileInfo.from_proto(await _call(self._stub.Delete, storage_pb2.DeleteFileRequest(path=path),
+                                               self._s.metadata))
+
+    async def history(self, path: str) -> list[FileInfo]:
+        reply = await _call(self._stub.History, storage_pb2.HistoryRequest(path=path), self._s.metadata)
+        return [FileInfo.from_proto(f) for f in reply.files]
+
+    async def rollback(self, path: str, version: int) -> FileInfo:
+        return FileInfo.from_proto(await _call(self._stub.Rollback, storage_pb2.RollbackRequest(
+            path=path, version=version), self._s.metadata))
+
+
 class KernelCalls:
     def __init__(self, session: "Session"):
         self._s = session
@@ -104,6 +141,7 @@ class Session:
         self.metadata = auth_metadata(token)
         self.llm = LLM(self)
         self.kernel = KernelCalls(self)
+        self.storage = Storage(self)
 
     async def exit(self) -> None:
         try:

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import grpc
 
-from kernos.proto.v1 import kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc
+from kernos.proto.v1 import kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, storage_pb2, storage_pb2_grpc
 
 from ._wire import CHANNEL_OPTIONS, auth_metadata, generate_request, resolve_address
 from .errors import from_rpc_error
-from .types import AgentInfo, Chunk, Completion, Messages, ModelInfo
+from .types import AgentInfo, Chunk, Completion, FileInfo, Messages, ModelInfo
 
 
 def _call(fn, request, metadata, timeout=None):
@@ -88,6 +88,47 @@ class LLM:
                           context_length=m.context_length, is_default=m.is_default) for m in reply.models]
 
 
+class Storage:
+    """The agent's durable, versioned files (`session.storage`). Every write is a new version, acknowledged
+    only once on disk. Paths are relative ('notes/today.md'); '..', absolute paths and NUL are refused."""
+
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = storage_pb2_grpc.StorageStub(session.channel)
+
+    def write(self, path: str, data: bytes | str, metadata: dict[str, str] | None = None) -> FileInfo:
+        data = data.encode() if isinstance(data, str) else data
+        return FileInfo.from_proto(_call(self._stub.Write, storage_pb2.WriteRequest(
+            path=path, data=data, metadata=metadata or {}), self._s.metadata))
+
+    def read(self, path: str, version: int = 0) -> bytes:
+        """The content of the latest version (or of `version`)."""
+        return _call(self._stub.Read, storage_pb2.ReadRequest(path=path, version=version), self._s.metadata).data
+
+    def read_text(self, path: str, version: int = 0) -> str:
+        return self.read(path, version).decode()
+
+    def stat(self, path: str, version: int = 0) -> FileInfo:
+        return FileInfo.from_proto(_call(self._stub.Stat, storage_pb2.StatRequest(path=path, version=version),
+                                         self._s.metadata))
+
+    def list(self, prefix: str = "") -> list[FileInfo]:
+        reply = _call(self._stub.List, storage_pb2.ListFilesRequest(prefix=prefix), self._s.metadata)
+        return [FileInfo.from_proto(f) for f in reply.files]
+
+    def delete(self, path: str) -> FileInfo:
+        return FileInfo.from_proto(_call(self._stub.Delete, storage_pb2.DeleteFileRequest(path=path), self._s.metadata))
+
+    def history(self, path: str) -> list[FileInfo]:
+        reply = _call(self._stub.History, storage_pb2.HistoryRequest(path=path), self._s.metadata)
+        return [FileInfo.from_proto(f) for f in reply.files]
+
+    def rollback(self, path: str, version: int) -> FileInfo:
+        """Make `version`'s content current again (as a new version)."""
+        return FileInfo.from_proto(_call(self._stub.Rollback, storage_pb2.RollbackRequest(path=path, version=version),
+                                         self._s.metadata))
+
+
 class KernelCalls:
     """Kernel service syscalls (`session.kernel`)."""
 
@@ -118,6 +159,7 @@ class Session:
         self.metadata = auth_metadata(token)
         self.llm = LLM(self)
         self.kernel = KernelCalls(self)
+        self.storage = Storage(self)
 
     def exit(self) -> None:
         """End the registration (revokes the token) and close the channel."""

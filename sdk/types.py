@@ -5,7 +5,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel
 
-from kernos.proto.v1 import kernel_pb2, llm_pb2
+from kernos.proto.v1 import kernel_pb2, llm_pb2, storage_pb2
 
 
 class Message(BaseModel):
@@ -85,3 +85,19 @@ class AgentInfo(BaseModel):
         return cls(agent_id=a.agent_id, description=a.description, labels=dict(a.labels), state=a.state,
                    registered_at=a.registered_at, last_seen=a.last_seen, syscalls=a.syscalls,
                    prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens)
+
+
+class FileInfo(BaseModel):
+    """One version of a stored file."""
+    path: str
+    version: int
+    size: int
+    sha256: str
+    created: float
+    deleted: bool
+    metadata: dict[str, str]
+
+    @classmethod
+    def from_proto(cls, f: storage_pb2.FileInfo) -> "FileInfo":
+        return cls(path=f.path, version=f.version, size=f.size, sha256=f.sha256, created=f.created,
+                   deleted=f.deleted, metadata=dict(f.metadata))

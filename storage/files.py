@@ -1,0 +1,211 @@
+"""Per-agent versioned file store.
+
+Contents are content-addressed blobs (`blobs/ab/abcdef...`, written to a temp file, fsynced, renamed,
+directory fsynced); metadata is SQLite in WAL mode with full sync. A write is acknowledged only after
+its blob is durable and its version row committed, so a crash at any moment leaves every acknowledged
+version readable and no torn file (an unacknowledged write leaves at most an orphan blob).
+
+Every write creates a version; delete writes a tombstone version; rollback writes a new version with
+an old version's content. Paths are normalised and confined to the agent's own space.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .db import connect
+
+MAX_PATH = 1024
+MAX_COMPONENT = 255
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    agent_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    blob TEXT,                 -- sha256 of the content; NULL for a tombstone
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    metadata TEXT NOT NULL,
+    PRIMARY KEY (agent_id, path, version)
+);
+CREATE INDEX IF NOT EXISTS versions_by_agent ON versions(agent_id, path);
+"""
+
+
+class StorageError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code   # gRPC status name
+
+
+def normalize_path(path: str) -> str:
+    """'a//b/./c' -> 'a/b/c'. Absolute paths, '..', NUL bytes, empty and over-long names are refused."""
+    if not path or not path.strip():
+        raise StorageError("INVALID_ARGUMENT", "path is empty")
+    if "\x00" in path:
+        raise StorageError("INVALID_ARGUMENT", "path contains a NUL byte")
+    if len(path.encode()) > MAX_PATH:
+        raise StorageError("INVALID_ARGUMENT", f"path is longer than {MAX_PATH} bytes")
+    if path.startswith("/") or path.startswith("\\") or (len(path) > 1 and path[1] == ":"):
+        raise StorageError("INVALID_ARGUMENT", f"path must be relative to the agent's space, got '{path[:64]}'")
+    if "\\" in path:
+        raise StorageError("INVALID_ARGUMENT", "use '/' to separate path components")
+    parts = [p for p in PurePosixPath(path).parts if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise StorageError("INVALID_ARGUMENT", "path may not contain '..'")
+    if not parts:
+        raise StorageError("INVALID_ARGUMENT", "path names no file")
+    if any(len(p.encode()) > MAX_COMPONENT for p in parts):
+        raise StorageError("INVALID_ARGUMENT", f"a path component is longer than {MAX_COMPONENT} bytes")
+    return "/".join(parts)
+
+
+@dataclass
+class FileVersion:
+    path: str
+    version: int
+    size: int
+    sha256: str
+    created: float
+    deleted: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    def __init__(self, root: Path, quota_bytes: int = 0, max_file_bytes: int = 16 << 20):
+        self.root = root
+        self.blobs = root / "blobs"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.quota_bytes = quota_bytes
+        self.max_file_bytes = max_file_bytes
+        self._db = connect(root / "files.db", synchronous="FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    # -- blobs ---------------------------------------------------------------------------------------
+    def _blob_path(self, digest: str) -> Path:
+        return self.blobs / digest[:2] / digest
+
+    def _put_blob(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        final = self._blob_path(digest)
+        if final.exists() and final.stat().st_size == len(data):
+            return digest
+        final.parent.mkdir(exist_ok=True)
+        tmp = final.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return digest
+
+    def _get_blob(self, digest: str) -> bytes:
+        data = self._blob_path(digest).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StorageError("DATA_LOSS", f"blob {digest[:12]} is corrupt")
+        return data
+
+    # -- queries ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _row(r) -> FileVersion:
+        path, version, blob, size, created, metadata = r
+        return FileVersion(path, version, size, blob or "", created, blob is None, json.loads(metadata))
+
+    def _latest(self, agent: str, path: str) -> FileVersion | None:
+        r = self._db.execute("SELECT path, version, blob, size, created, metadata FROM versions WHERE agent_id=? "
+                             "AND path=? ORDER BY version DESC LIMIT 1", (agent, path)).fetchone()
+        return self._row(r) if r else None
+
+    def usage(self, agent: str) -> int:
+        return self._db.execute("SELECT COALESCE(SUM(size), 0) FROM versions WHERE agent_id=?", (agent,)).fetchone()[0]
+
+    def _append(self, agent: str, path: str, blob: str | None, size: int, metadata: dict) -> FileVersion:
+        with self._lock:
+            if size and self.quota_bytes and self.usage(agent) + size > self.quota_bytes:
+                raise StorageError("RESOURCE_EXHAUSTED",
+                                   f"storage quota: {self.usage(agent)} of {self.quota_bytes} bytes used "
+                                   f"(versions count); this write needs {size} more")
+            latest = self._latest(agent, path)
+            version = (latest.version if latest else 0) + 1
+            now = time.time()
+            self._db.execute("INSERT INTO versions(agent_id, path, version, blob, size, created, metadata) "
+                             "VALUES (?,?,?,?,?,?,?)", (agent, path, version, blob, size, now, json.dumps(metadata)))
+            return FileVersion(path, version, size, blob or "", now, blob is None, metadata)
+
+    # -- the file operations ---------------------------------------------------------------------------
+    def write(self, agent: str, path: str, data: bytes, metadata: dict[str, str] | None = None) -> FileVersion:
+        path = normalize_path(path)
+        if len(data) > self.max_file_bytes:
+            raise StorageError("RESOURCE_EXHAUSTED", f"file is {len(data)} bytes; the limit is {self.max_file_bytes}")
+        if self.quota_bytes and self.usage(agent) + len(data) > self.quota_bytes:  # before touching the disk
+            raise StorageError("RESOURCE_EXHAUSTED",
+                               f"storage quota: {self.usage(agent)} of {self.quota_bytes} bytes used; "
+                               f"this write needs {len(data)} more")
+        digest = self._put_blob(data)
+        return self._append(agent, path, digest, len(data), dict(metadata or {}))
+
+    def stat(self, agent: str, path: str, version: int = 0) -> FileVersion:
+        path = normalize_path(path)
+        if version:
+            r = self._db.execute("SELECT path, version, blob, size, created, metadata FROM versions WHERE agent_id=? "
+                                 "AND path=? AND version=?", (agent, path, version)).fetchone()
+            if r is None:
+                raise StorageError("NOT_FOUND", f"'{path}' has no version {version}")
+            return self._row(r)
+        latest = self._latest(agent, path)
+        if latest is None or latest.deleted:
+            raise StorageError("NOT_FOUND", f"no file '{path}'")
+        return latest
+
+    def read(self, agent: str, path: str, version: int = 0) -> tuple[FileVersion, bytes]:
+        info = self.stat(agent, path, version)
+        if info.deleted:
+            raise StorageError("NOT_FOUND", f"version {info.version} of '{info.path}' is a deletion")
+        return info, self._get_blob(info.sha256)
+
+    def list(self, agent: str, prefix: str = "") -> list[FileVersion]:
+        if prefix:
+            prefix = normalize_path(prefix)
+        rows = self._db.execute(
+            "SELECT v.path, v.version, v.blob, v.size, v.created, v.metadata FROM versions v JOIN "
+            "(SELECT path, MAX(version) AS version FROM versions WHERE agent_id=? GROUP BY path) m "
+            "ON v.path = m.path AND v.version = m.version WHERE v.agent_id=? ORDER BY v.path", (agent, agent))
+        out = [self._row(r) for r in rows]
+        return [f for f in out if not f.deleted and (not prefix or f.path == prefix or f.path.startswith(prefix + "/"))]
+
+    def delete(self, agent: str, path: str) -> FileVersion:
+        self.stat(agent, path)  # NOT_FOUND unless it exists
+        return self._append(agent, normalize_path(path), None, 0, {})
+
+    def history(self, agent: str, path: str) -> list[FileVersion]:
+        path = normalize_path(path)
+        rows = self._db.execute("SELECT path, version, blob, size, created, metadata FROM versions WHERE agent_id=? "
+                                "AND path=? ORDER BY version", (agent, path)).fetchall()
+        if not rows:
+            raise StorageError("NOT_FOUND", f"no file '{path}'")
+        return [self._row(r) for r in rows]
+
+    def rollback(self, agent: str, path: str, version: int) -> FileVersion:
+        old = self.stat(agent, path, version)
+        if old.deleted:
+            raise StorageError("INVALID_ARGUMENT", f"version {version} of '{old.path}' is a deletion")
+        return self._append(agent, old.path, old.sha256, old.size, dict(old.metadata, rolled_back_from=str(version)))
+
+    def close(self) -> None:
+        self._db.close()
