@@ -7,6 +7,7 @@ Values are parsed as TOML literals when they can be (numbers, booleans, arrays),
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -76,6 +77,19 @@ class StorageConfig(_Strict):
     max_file_bytes: int = Field(16 << 20, gt=0, description="largest single file (also bounded by server.max_message_bytes)")
 
 
+class MemoryConfig(_Strict):
+    chroma_url: str = Field("", description="empty: embedded chromadb under the data dir; else http://host:port")
+    max_entries: int = Field(100_000, ge=0, description="long-term entries per namespace; 0: no limit")
+    summary_max_tokens: int = Field(128, gt=0, description="length of a context's summary block")
+
+    @field_validator("chroma_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not re.match(r"^https?://[^/:]+:\d+/?$", v):
+            raise ValueError("must look like http://host:port")
+        return v
+
+
 class ModelConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     path: str = Field(description="local folder with config.json, safetensors and tokenizer; or 'embedded'")
@@ -92,6 +106,7 @@ class KernelConfig(_Strict):
     engine: EngineConfig = EngineConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     storage: StorageConfig = StorageConfig()
+    memory: MemoryConfig = MemoryConfig()
     models: list[ModelConfig] = Field(default_factory=list, description="empty: the embedded default model")
 
     @field_validator("data_dir")

@@ -15,6 +15,7 @@ import grpc
 
 from google.protobuf.json_format import MessageToDict
 
+from kernos.memory.context import ContextError, plan
 from kernos.proto.v1 import llm_pb2 as pb
 from kernos.proto.v1 import llm_pb2_grpc as rpc
 from kernos.storage.traces import TraceRecord
@@ -136,6 +137,101 @@ class LLMServicer(rpc.LLMServicer):
             raise not_found(f"snapshot '{snapshot_id}' is of model '{state['model']}', which is not served now")
         return model, model.engine.snapshot_request(folder, uuid.uuid4().hex), folder
 
+    # -- working contexts --------------------------------------------------------------------------------
+    async def _prepare_in_context(self, request, agent) -> tuple[ServedModel, GenRequest, str]:
+        """Assemble the context's blocks and the new messages within its token budget (evicting the oldest
+        turns to long-term memory, and rewriting the summary block when the context asks for one), record
+        the new messages as turns, and prepare the request on the assembled conversation."""
+        aid, cid = agent.agent_id, request.context_id
+        if request.prompt:
+            raise invalid("a context takes chat messages, not a raw prompt")
+        if not request.messages:
+            raise invalid("give the new messages to add to the context")
+        for i, m in enumerate(request.messages):
+            if m.role not in ROLES or not m.content.strip():
+                raise invalid(f"messages[{i}]: role must be one of {sorted(ROLES)} and content non-empty")
+        try:
+            ctx = self.k.contexts.get(aid, cid)
+        except ContextError as e:
+            raise SyscallError(getattr(grpc.StatusCode, e.code), str(e)) from None
+        model = self.k.llm.get(ctx.model)
+        if model is None:
+            raise not_found(f"context '{cid}' uses model '{ctx.model}', which is not served now")
+        if request.model and request.model != ctx.model:
+            raise invalid(f"context '{cid}' is bound to model '{ctx.model}'")
+        new = [{"role": m.role, "content": m.content} for m in request.messages]
+
+        def count(messages):
+            return len(model.encode_chat(messages))
+        summarized = False
+        while True:
+            try:
+                messages, evicted, _ = plan(self.k.contexts.blocks(aid, cid), new, count, ctx.budget_tokens)
+            except ContextError as e:
+                if await asyncio.to_thread(self._shrink_summary, aid, cid):
+                    continue
+                raise SyscallError(getattr(grpc.StatusCode, e.code), str(e)) from None
+            if not evicted:
+                break
+            await self._evict(agent, ctx, model, evicted, summarize=ctx.summarize and not summarized)
+            summarized = True
+        for m in new:
+            await asyncio.to_thread(self.k.contexts.add_block, aid, cid, m["role"], m["content"], False, "", "turn")
+        assembled = pb.GenerateRequest()
+        assembled.CopyFrom(request)
+        assembled.context_id = ""
+        del assembled.messages[:]
+        assembled.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        assembled.model = ctx.model
+        model, req = self._prepare(assembled, aid)
+        return model, req, cid
+
+    def _shrink_summary(self, aid: str, cid: str) -> bool:
+        """Halve the summary block (drop it when short); False when there is none to give up."""
+        for b in self.k.contexts.blocks(aid, cid):
+            if b.kind == "summary":
+                if len(b.content) < 80:
+                    self.k.contexts.delete_block(aid, cid, b.block_id)
+                else:
+                    self.k.contexts.edit_block(aid, cid, b.block_id, content=b.content[:len(b.content) // 2])
+                return True
+        return False
+
+    async def _evict(self, agent, ctx, model: ServedModel, evicted, summarize: bool) -> None:
+        texts = [f"{b.role}: {b.content}" for b in evicted]
+        # Into long-term memory first, then out of the context: a crash between the two duplicates, never loses.
+        await asyncio.to_thread(self.k.memory.add, agent.agent_id, texts,
+                                [{"kind": "evicted_turn", "context": ctx.context_id, "role": b.role} for b in evicted])
+        if summarize:
+            old = next((b.content for b in self.k.contexts.blocks(agent.agent_id, ctx.context_id)
+                        if b.kind == "summary"), "")
+            # A summary may use at most a quarter of the budget: it must never crowd out the conversation.
+            cap = max(8, min(self.k.config.memory.summary_max_tokens, ctx.budget_tokens // 4))
+            summary = await self._generate_internal(model, agent, [
+                {"role": "system", "content": "Summarize the conversation below in a few sentences. Keep facts, "
+                                              "names, numbers and decisions."},
+                {"role": "user", "content": (old + "\n" if old else "") + "\n".join(texts)}], cap)
+            ids = model.encode_prompt(summary)
+            if len(ids) > cap:  # decoding and re-encoding need not round-trip exactly
+                summary = model.tokenizer.decode(ids[:cap])
+            if summary.strip():
+                await asyncio.to_thread(self.k.contexts.set_summary, agent.agent_id, ctx.context_id,
+                                        "Summary of the earlier conversation: " + summary.strip())
+        await asyncio.to_thread(self.k.contexts.evict, agent.agent_id, ctx.context_id, evicted)
+
+    async def _generate_internal(self, model: ServedModel, agent, messages: list[dict], max_tokens: int) -> str:
+        ids = model.encode_chat(messages)[-self.k.config.limits.max_prompt_tokens:]
+        req = GenRequest(request_id=uuid.uuid4().hex, agent_id=agent.agent_id, prompt_ids=ids, max_tokens=max_tokens)
+        handle = RequestHandle(req, asyncio.get_running_loop())
+        model.engine.submit(req, handle)
+        async for ev in handle.events():
+            if isinstance(ev, Final):
+                self.k.agents.add_tokens(agent, ev.prompt_tokens, ev.completion_tokens)
+                return ev.text
+            if isinstance(ev, Failed):
+                raise SyscallError(grpc.StatusCode.INTERNAL, ev.message)
+        return ""
+
     async def _run(self, request, context, restore: str | None = None):
         """Yield the request id (on acceptance), text deltas, then the final reply; shared by Generate,
         GenerateStream and Restore (which continues the snapshot `restore` instead of a new request)."""
@@ -143,12 +239,14 @@ class LLMServicer(rpc.LLMServicer):
         t0 = time.monotonic()
         if self.k.stopping:
             raise unavailable("the kernel is shutting down")
-        folder = None
+        folder = context_id = None
         try:
-            if restore is None:
-                model, req = self._prepare(request, agent.agent_id)
-            else:
+            if restore is not None:
                 model, req, folder = self._prepare_restore(restore, agent.agent_id)
+            elif request.context_id:
+                model, req, context_id = await self._prepare_in_context(request, agent)
+            else:
+                model, req = self._prepare(request, agent.agent_id)
         except SyscallError as e:
             self._trace(agent.agent_id, request, None, e.code.name, t0)
             raise
@@ -179,6 +277,9 @@ class LLMServicer(rpc.LLMServicer):
                         self._trace(agent.agent_id, request, reply, "OK", t0)
                         if folder is not None and ev.finish in (Finish.STOP, Finish.LENGTH):
                             shutil.rmtree(folder, ignore_errors=True)  # the snapshot is consumed
+                        if context_id and ev.finish in (Finish.STOP, Finish.LENGTH) and ev.text.strip():
+                            await asyncio.to_thread(self.k.contexts.add_block, agent.agent_id, context_id,
+                                                    "assistant", ev.text, False, "", "turn")
                         yield reply
             except (asyncio.CancelledError, GeneratorExit):
                 handle.cancel()  # the client went away: free the batch slot

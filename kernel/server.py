@@ -12,19 +12,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kernos.proto.v1 import kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, storage_pb2, storage_pb2_grpc
+from kernos.proto.v1 import (kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
+                             storage_pb2, storage_pb2_grpc)
 
 from .auth import AuthInterceptor
 from .config import KernelConfig
 from .kernel import Kernel
 from .kernel_servicer import KernelServicer
 from .llm_servicer import LLMServicer
+from .memory_servicer import MemoryServicer
 from .storage_servicer import StorageServicer
 
 log = logging.getLogger("kernos.kernel")
 SERVICES = (kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].full_name,
             llm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name,
-            storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name)
+            storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name,
+            memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name)
 
 
 async def _flush_agents_periodically(kernel: Kernel) -> None:
@@ -46,6 +49,7 @@ async def serve(config: KernelConfig) -> int:
     kernel_pb2_grpc.add_KernelServicer_to_server(KernelServicer(kernel), server)
     llm_pb2_grpc.add_LLMServicer_to_server(LLMServicer(kernel), server)
     storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(kernel), server)
+    memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(kernel), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.server.reflection:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from kernos.proto.v1 import llm_pb2
+from kernos.proto.v1 import llm_pb2, memory_pb2
 
 from .types import Message, Messages
 
@@ -33,7 +33,7 @@ def _messages(messages: Messages) -> list[llm_pb2.ChatMessage]:
 def generate_request(messages: Messages | None = None, prompt: str | None = None, *, model: str | None = None,
                      adapter: str | None = None, temperature: float | None = None, top_p: float | None = None,
                      top_k: int = 0, max_tokens: int | None = None, stop: list[str] | str | None = None,
-                     seed: int | None = None, priority: int = 0) -> llm_pb2.GenerateRequest:
+                     seed: int | None = None, priority: int = 0, context_id: str | None = None) -> llm_pb2.GenerateRequest:
     sampling = llm_pb2.SamplingParams(top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []))
     if temperature is not None:
         sampling.temperature = temperature
@@ -44,4 +44,21 @@ def generate_request(messages: Messages | None = None, prompt: str | None = None
     if seed is not None:
         sampling.seed = seed
     return llm_pb2.GenerateRequest(messages=_messages(messages) if messages is not None else [], prompt=prompt or "",
-                                   model=model or "", adapter=adapter or "", sampling=sampling, priority=priority)
+                                   model=model or "", adapter=adapter or "", sampling=sampling, priority=priority,
+                                   context_id=context_id or "")
+
+
+def memory_items(texts, metadata=None, ids=None) -> list[memory_pb2.MemoryItem]:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    metadata = metadata if isinstance(metadata, list) else [metadata or {}] * len(texts)
+    ids = ids or [""] * len(texts)
+    return [memory_pb2.MemoryItem(id=i, text=t, metadata=m) for t, m, i in zip(texts, metadata, ids)]
+
+
+def edit_block_request(context_id: str, block_id: str, content: str | None, pinned: bool | None):
+    req = memory_pb2.EditBlockRequest(context_id=context_id, block_id=block_id)
+    if content is not None:
+        req.content = content
+    if pinned is not None:
+        req.pinned = pinned
+    return req

@@ -9,11 +9,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from kernos.proto.v1 import kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, storage_pb2, storage_pb2_grpc
+from kernos.proto.v1 import (kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
+                             storage_pb2, storage_pb2_grpc)
 
-from ._wire import CHANNEL_OPTIONS, auth_metadata, generate_request, resolve_address
+from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
+                    resolve_address)
 from .errors import Unavailable, from_rpc_error
-from .types import AgentInfo, Chunk, Completion, FileInfo, Messages, ModelInfo
+from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileInfo, MemoryItem, Messages,
+                    ModelInfo)
 
 
 async def _call(fn, request, metadata, timeout=None):
@@ -116,6 +119,69 @@ class Storage:
             path=path, version=version), self._s.metadata))
 
 
+class Memory:
+    """Long-term vector memory and working contexts (`session.memory`); see `kernos.sdk.client.Memory`."""
+
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = memory_pb2_grpc.MemoryStub(session.channel)
+
+    async def _c(self, fn, req):
+        return await _call(fn, req, self._s.metadata)
+
+    async def add(self, texts: str | list[str], metadata: dict | list[dict] | None = None,
+                  ids: list[str] | None = None) -> list[str]:
+        r = await self._c(self._stub.Add, memory_pb2.AddMemoryRequest(items=memory_items(texts, metadata, ids)))
+        return list(r.ids)
+
+    async def search(self, query: str, k: int = 5, where: dict[str, str] | None = None) -> list[MemoryItem]:
+        r = await self._c(self._stub.Search, memory_pb2.SearchMemoryRequest(query=query, k=k, where=where or {}))
+        return [MemoryItem.from_proto(h.item, h.distance) for h in r.hits]
+
+    async def get(self, ids: list[str]) -> list[MemoryItem]:
+        r = await self._c(self._stub.Get, memory_pb2.GetMemoryRequest(ids=ids))
+        return [MemoryItem.from_proto(m) for m in r.items]
+
+    async def update(self, id: str, text: str | None = None, metadata: dict[str, str] | None = None) -> MemoryItem:
+        r = await self._c(self._stub.Update, memory_pb2.UpdateMemoryRequest(
+            id=id, text=text or "", metadata=metadata or {}, replace_metadata=metadata is not None))
+        return MemoryItem.from_proto(r)
+
+    async def delete(self, ids: list[str]) -> int:
+        return (await self._c(self._stub.Delete, memory_pb2.DeleteMemoryRequest(ids=ids))).deleted
+
+    async def create_context(self, context_id: str, budget_tokens: int = 0, summarize: bool = False,
+                             system: str = "", model: str | None = None) -> ContextInfo:
+        r = await self._c(self._stub.CreateContext, memory_pb2.CreateContextRequest(
+            context_id=context_id, budget_tokens=budget_tokens, summarize=summarize, system=system, model=model or ""))
+        return ContextInfo.from_proto(r)
+
+    async def contexts(self) -> list[ContextInfo]:
+        r = await self._c(self._stub.ListContexts, memory_pb2.ListContextsRequest())
+        return [ContextInfo.from_proto(c) for c in r.contexts]
+
+    async def delete_context(self, context_id: str) -> ContextInfo:
+        return ContextInfo.from_proto(await self._c(self._stub.DeleteContext, memory_pb2.ContextRef(context_id=context_id)))
+
+    async def blocks(self, context_id: str) -> tuple[list[ContextBlock], int]:
+        r = await self._c(self._stub.ListBlocks, memory_pb2.ContextRef(context_id=context_id))
+        return [ContextBlock.from_proto(b) for b in r.blocks], r.tokens
+
+    async def add_block(self, context_id: str, content: str, role: str = "system", pinned: bool = True,
+                        label: str = "") -> ContextBlock:
+        return ContextBlock.from_proto(await self._c(self._stub.AddBlock, memory_pb2.AddBlockRequest(
+            context_id=context_id, role=role, content=content, pinned=pinned, label=label)))
+
+    async def edit_block(self, context_id: str, block_id: str, content: str | None = None,
+                         pinned: bool | None = None) -> ContextBlock:
+        return ContextBlock.from_proto(await self._c(self._stub.EditBlock,
+                                                     edit_block_request(context_id, block_id, content, pinned)))
+
+    async def delete_block(self, context_id: str, block_id: str) -> ContextBlock:
+        return ContextBlock.from_proto(await self._c(self._stub.DeleteBlock, memory_pb2.BlockRef(
+            context_id=context_id, block_id=block_id)))
+
+
 class KernelCalls:
     def __init__(self, session: "Session"):
         self._s = session
@@ -142,6 +208,7 @@ class Session:
         self.llm = LLM(self)
         self.kernel = KernelCalls(self)
         self.storage = Storage(self)
+        self.memory = Memory(self)
 
     async def exit(self) -> None:
         try:

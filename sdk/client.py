@@ -6,11 +6,14 @@ from collections.abc import Iterator
 
 import grpc
 
-from kernos.proto.v1 import kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, storage_pb2, storage_pb2_grpc
+from kernos.proto.v1 import (kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
+                             storage_pb2, storage_pb2_grpc)
 
-from ._wire import CHANNEL_OPTIONS, auth_metadata, generate_request, resolve_address
+from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
+                    resolve_address)
 from .errors import from_rpc_error
-from .types import AgentInfo, Chunk, Completion, FileInfo, Messages, ModelInfo
+from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileInfo, MemoryItem, Messages,
+                    ModelInfo)
 
 
 def _call(fn, request, metadata, timeout=None):
@@ -129,6 +132,70 @@ class Storage:
                                          self._s.metadata))
 
 
+class Memory:
+    """Long-term vector memory and working contexts (`session.memory`), in the agent's own namespace."""
+
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = memory_pb2_grpc.MemoryStub(session.channel)
+
+    def _c(self, fn, req):
+        return _call(fn, req, self._s.metadata)
+
+    def add(self, texts: str | list[str], metadata: dict | list[dict] | None = None,
+            ids: list[str] | None = None) -> list[str]:
+        """Embed and store texts (with string metadata); returns their ids."""
+        return list(self._c(self._stub.Add, memory_pb2.AddMemoryRequest(items=memory_items(texts, metadata, ids))).ids)
+
+    def search(self, query: str, k: int = 5, where: dict[str, str] | None = None) -> list[MemoryItem]:
+        """The k nearest entries to `query`, optionally filtered by metadata equality."""
+        reply = self._c(self._stub.Search, memory_pb2.SearchMemoryRequest(query=query, k=k, where=where or {}))
+        return [MemoryItem.from_proto(h.item, h.distance) for h in reply.hits]
+
+    def get(self, ids: list[str]) -> list[MemoryItem]:
+        return [MemoryItem.from_proto(m) for m in self._c(self._stub.Get, memory_pb2.GetMemoryRequest(ids=ids)).items]
+
+    def update(self, id: str, text: str | None = None, metadata: dict[str, str] | None = None) -> MemoryItem:
+        return MemoryItem.from_proto(self._c(self._stub.Update, memory_pb2.UpdateMemoryRequest(
+            id=id, text=text or "", metadata=metadata or {}, replace_metadata=metadata is not None)))
+
+    def delete(self, ids: list[str]) -> int:
+        return self._c(self._stub.Delete, memory_pb2.DeleteMemoryRequest(ids=ids)).deleted
+
+    def create_context(self, context_id: str, budget_tokens: int = 0, summarize: bool = False, system: str = "",
+                       model: str | None = None) -> ContextInfo:
+        """A working context: pass `context_id=` to `llm.chat` and the kernel keeps the conversation within
+        `budget_tokens` (its model's tokens), evicting old turns to long-term memory."""
+        return ContextInfo.from_proto(self._c(self._stub.CreateContext, memory_pb2.CreateContextRequest(
+            context_id=context_id, budget_tokens=budget_tokens, summarize=summarize, system=system, model=model or "")))
+
+    def contexts(self) -> list[ContextInfo]:
+        return [ContextInfo.from_proto(c) for c in
+                self._c(self._stub.ListContexts, memory_pb2.ListContextsRequest()).contexts]
+
+    def delete_context(self, context_id: str) -> ContextInfo:
+        return ContextInfo.from_proto(self._c(self._stub.DeleteContext, memory_pb2.ContextRef(context_id=context_id)))
+
+    def blocks(self, context_id: str) -> tuple[list[ContextBlock], int]:
+        """The context's blocks in order, and the assembled prompt's size in tokens."""
+        reply = self._c(self._stub.ListBlocks, memory_pb2.ContextRef(context_id=context_id))
+        return [ContextBlock.from_proto(b) for b in reply.blocks], reply.tokens
+
+    def add_block(self, context_id: str, content: str, role: str = "system", pinned: bool = True,
+                  label: str = "") -> ContextBlock:
+        return ContextBlock.from_proto(self._c(self._stub.AddBlock, memory_pb2.AddBlockRequest(
+            context_id=context_id, role=role, content=content, pinned=pinned, label=label)))
+
+    def edit_block(self, context_id: str, block_id: str, content: str | None = None,
+                   pinned: bool | None = None) -> ContextBlock:
+        return ContextBlock.from_proto(self._c(self._stub.EditBlock,
+                                               edit_block_request(context_id, block_id, content, pinned)))
+
+    def delete_block(self, context_id: str, block_id: str) -> ContextBlock:
+        return ContextBlock.from_proto(self._c(self._stub.DeleteBlock, memory_pb2.BlockRef(
+            context_id=context_id, block_id=block_id)))
+
+
 class KernelCalls:
     """Kernel service syscalls (`session.kernel`)."""
 
@@ -160,6 +227,7 @@ class Session:
         self.llm = LLM(self)
         self.kernel = KernelCalls(self)
         self.storage = Storage(self)
+        self.memory = Memory(self)
 
     def exit(self) -> None:
         """End the registration (revokes the token) and close the channel."""

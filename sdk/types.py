@@ -5,7 +5,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel
 
-from kernos.proto.v1 import kernel_pb2, llm_pb2, storage_pb2
+from kernos.proto.v1 import kernel_pb2, llm_pb2, memory_pb2, storage_pb2
 
 
 class Message(BaseModel):
@@ -101,3 +101,48 @@ class FileInfo(BaseModel):
     def from_proto(cls, f: storage_pb2.FileInfo) -> "FileInfo":
         return cls(path=f.path, version=f.version, size=f.size, sha256=f.sha256, created=f.created,
                    deleted=f.deleted, metadata=dict(f.metadata))
+
+
+class MemoryItem(BaseModel):
+    """An entry of long-term vector memory; `distance` is set on search results (cosine, smaller is closer)."""
+    id: str
+    text: str
+    metadata: dict[str, str]
+    created: float
+    distance: float | None = None
+
+    @classmethod
+    def from_proto(cls, m: memory_pb2.MemoryItem, distance: float | None = None) -> "MemoryItem":
+        return cls(id=m.id, text=m.text, metadata=dict(m.metadata), created=m.created, distance=distance)
+
+
+class ContextInfo(BaseModel):
+    context_id: str
+    budget_tokens: int
+    summarize: bool
+    blocks: int
+    evicted: int
+    created: float
+    model: str
+
+    @classmethod
+    def from_proto(cls, c: memory_pb2.ContextInfo) -> "ContextInfo":
+        return cls(context_id=c.context_id, budget_tokens=c.budget_tokens, summarize=c.summarize, blocks=c.blocks,
+                   evicted=c.evicted, created=c.created, model=c.model)
+
+
+class ContextBlock(BaseModel):
+    """A block of a working context: pinned blocks stay; turns may be evicted; a summary replaces them."""
+    block_id: str
+    role: str
+    content: str
+    pinned: bool
+    kind: str
+    label: str
+    seq: int
+    tokens: int
+
+    @classmethod
+    def from_proto(cls, b: memory_pb2.ContextBlock) -> "ContextBlock":
+        return cls(block_id=b.block_id, role=b.role, content=b.content, pinned=b.pinned, kind=b.kind,
+                   label=b.label, seq=b.seq, tokens=b.tokens)

@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kernos/v1/llm.proto\x12\tkernos.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb9\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\xaa\x01\n\x0fGenerateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kernos.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kernos.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"R\n\x07Timings\x12\x15\n\rqueue_wait_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xdc\x01\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.kernos.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.kernos.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.kernos.v1.Timings\x12\x13\n\x0bsnapshot_id\x18\x08 \x01(\t\"x\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\'\n\x05reply\x18\x05 \x01(\x0b\x32\x18.kernos.v1.GenerateReply\"$\n\x0eSuspendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1d\n\x0cSuspendReply\x12\r\n\x05state\x18\x01 \x01(\t\"#\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1c\n\x0bResumeReply\x12\r\n\x05state\x18\x01 \x01(\t\"%\n\x0fSnapshotRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\rSnapshotReply\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"%\n\x0eRestoreRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"}\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x12\n\nis_default\x18\x06 \x01(\x08\"7\n\x0fListModelsReply\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kernos.v1.ModelInfo*\x98\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_SNAPSHOT\x10\x04\x32\xd8\x03\n\x03LLM\x12@\n\x08Generate\x12\x1a.kernos.v1.GenerateRequest\x1a\x18.kernos.v1.GenerateReply\x12H\n\x0eGenerateStream\x12\x1a.kernos.v1.GenerateRequest\x1a\x18.kernos.v1.GenerateChunk0\x01\x12\x46\n\nListModels\x12\x1c.kernos.v1.ListModelsRequest\x1a\x1a.kernos.v1.ListModelsReply\x12=\n\x07Suspend\x12\x19.kernos.v1.SuspendRequest\x1a\x17.kernos.v1.SuspendReply\x12:\n\x06Resume\x12\x18.kernos.v1.ResumeRequest\x1a\x16.kernos.v1.ResumeReply\x12@\n\x08Snapshot\x12\x1a.kernos.v1.SnapshotRequest\x1a\x18.kernos.v1.SnapshotReply\x12@\n\x07Restore\x12\x19.kernos.v1.RestoreRequest\x1a\x18.kernos.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kernos/v1/llm.proto\x12\tkernos.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb9\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\xbe\x01\n\x0fGenerateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kernos.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kernos.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncontext_id\x18\x07 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"R\n\x07Timings\x12\x15\n\rqueue_wait_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xdc\x01\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.kernos.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.kernos.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.kernos.v1.Timings\x12\x13\n\x0bsnapshot_id\x18\x08 \x01(\t\"x\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\'\n\x05reply\x18\x05 \x01(\x0b\x32\x18.kernos.v1.GenerateReply\"$\n\x0eSuspendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1d\n\x0cSuspendReply\x12\r\n\x05state\x18\x01 \x01(\t\"#\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1c\n\x0bResumeReply\x12\r\n\x05state\x18\x01 \x01(\t\"%\n\x0fSnapshotRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\rSnapshotReply\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"%\n\x0eRestoreRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"}\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x12\n\nis_default\x18\x06 \x01(\x08\"7\n\x0fListModelsReply\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kernos.v1.ModelInfo*\x98\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_SNAPSHOT\x10\x04\x32\xd8\x03\n\x03LLM\x12@\n\x08Generate\x12\x1a.kernos.v1.GenerateRequest\x1a\x18.kernos.v1.GenerateReply\x12H\n\x0eGenerateStream\x12\x1a.kernos.v1.GenerateRequest\x1a\x18.kernos.v1.GenerateChunk0\x01\x12\x46\n\nListModels\x12\x1c.kernos.v1.ListModelsRequest\x1a\x1a.kernos.v1.ListModelsReply\x12=\n\x07Suspend\x12\x19.kernos.v1.SuspendRequest\x1a\x17.kernos.v1.SuspendReply\x12:\n\x06Resume\x12\x18.kernos.v1.ResumeRequest\x1a\x16.kernos.v1.ResumeReply\x12@\n\x08Snapshot\x12\x1a.kernos.v1.SnapshotRequest\x1a\x18.kernos.v1.SnapshotReply\x12@\n\x07Restore\x12\x19.kernos.v1.RestoreRequest\x1a\x18.kernos.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kernos.v1.llm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1387
-  _globals['_FINISHREASON']._serialized_end=1539
+  _globals['_FINISHREASON']._serialized_start=1407
+  _globals['_FINISHREASON']._serialized_end=1559
   _globals['_CHATMESSAGE']._serialized_start=34
   _globals['_CHATMESSAGE']._serialized_end=78
   _globals['_SAMPLINGPARAMS']._serialized_start=81
   _globals['_SAMPLINGPARAMS']._serialized_end=266
   _globals['_GENERATEREQUEST']._serialized_start=269
-  _globals['_GENERATEREQUEST']._serialized_end=439
-  _globals['_USAGE']._serialized_start=441
-  _globals['_USAGE']._serialized_end=498
-  _globals['_TIMINGS']._serialized_start=500
-  _globals['_TIMINGS']._serialized_end=582
-  _globals['_GENERATEREPLY']._serialized_start=585
-  _globals['_GENERATEREPLY']._serialized_end=805
-  _globals['_GENERATECHUNK']._serialized_start=807
-  _globals['_GENERATECHUNK']._serialized_end=927
-  _globals['_SUSPENDREQUEST']._serialized_start=929
-  _globals['_SUSPENDREQUEST']._serialized_end=965
-  _globals['_SUSPENDREPLY']._serialized_start=967
-  _globals['_SUSPENDREPLY']._serialized_end=996
-  _globals['_RESUMEREQUEST']._serialized_start=998
-  _globals['_RESUMEREQUEST']._serialized_end=1033
-  _globals['_RESUMEREPLY']._serialized_start=1035
-  _globals['_RESUMEREPLY']._serialized_end=1063
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1065
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1102
-  _globals['_SNAPSHOTREPLY']._serialized_start=1104
-  _globals['_SNAPSHOTREPLY']._serialized_end=1140
-  _globals['_RESTOREREQUEST']._serialized_start=1142
-  _globals['_RESTOREREQUEST']._serialized_end=1179
-  _globals['_LISTMODELSREQUEST']._serialized_start=1181
-  _globals['_LISTMODELSREQUEST']._serialized_end=1200
-  _globals['_MODELINFO']._serialized_start=1202
-  _globals['_MODELINFO']._serialized_end=1327
-  _globals['_LISTMODELSREPLY']._serialized_start=1329
-  _globals['_LISTMODELSREPLY']._serialized_end=1384
-  _globals['_LLM']._serialized_start=1542
-  _globals['_LLM']._serialized_end=2014
+  _globals['_GENERATEREQUEST']._serialized_end=459
+  _globals['_USAGE']._serialized_start=461
+  _globals['_USAGE']._serialized_end=518
+  _globals['_TIMINGS']._serialized_start=520
+  _globals['_TIMINGS']._serialized_end=602
+  _globals['_GENERATEREPLY']._serialized_start=605
+  _globals['_GENERATEREPLY']._serialized_end=825
+  _globals['_GENERATECHUNK']._serialized_start=827
+  _globals['_GENERATECHUNK']._serialized_end=947
+  _globals['_SUSPENDREQUEST']._serialized_start=949
+  _globals['_SUSPENDREQUEST']._serialized_end=985
+  _globals['_SUSPENDREPLY']._serialized_start=987
+  _globals['_SUSPENDREPLY']._serialized_end=1016
+  _globals['_RESUMEREQUEST']._serialized_start=1018
+  _globals['_RESUMEREQUEST']._serialized_end=1053
+  _globals['_RESUMEREPLY']._serialized_start=1055
+  _globals['_RESUMEREPLY']._serialized_end=1083
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1085
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1122
+  _globals['_SNAPSHOTREPLY']._serialized_start=1124
+  _globals['_SNAPSHOTREPLY']._serialized_end=1160
+  _globals['_RESTOREREQUEST']._serialized_start=1162
+  _globals['_RESTOREREQUEST']._serialized_end=1199
+  _globals['_LISTMODELSREQUEST']._serialized_start=1201
+  _globals['_LISTMODELSREQUEST']._serialized_end=1220
+  _globals['_MODELINFO']._serialized_start=1222
+  _globals['_MODELINFO']._serialized_end=1347
+  _globals['_LISTMODELSREPLY']._serialized_start=1349
+  _globals['_LISTMODELSREPLY']._serialized_end=1404
+  _globals['_LLM']._serialized_start=1562
+  _globals['_LLM']._serialized_end=2034
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,157 @@
+"""Long-term vector memory: chromadb, embedded (`PersistentClient` under the data dir) or a Chroma server
+(`HttpClient`), one collection per namespace (an agent's own by default), embeddings computed here by
+`Embedder` and passed explicitly (Chroma's default embedding function would download a model)."""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAX_TEXT = 32 * 1024
+MAX_ID = 128
+RESERVED = "kernos_created"
+
+
+class MemoryError_(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Record:
+    id: str
+    text: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+    distance: float = 0.0
+
+
+def collection_name(namespace: str) -> str:
+    # Chroma names allow [a-zA-Z0-9._-], 3-512 chars, alphanumeric ends; agent names allow more shapes.
+    return "ns-" + hashlib.sha256(namespace.encode()).hexdigest()[:40]
+
+
+def _where(filters: dict[str, str]) -> dict | None:
+    if not filters:
+        return None
+    clauses = [{k: {"$eq": v}} for k, v in sorted(filters.items())]
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+class VectorMemory:
+    def __init__(self, path: Path | None = None, embedder=None, http: tuple[str, int] | None = None,
+                 max_entries: int = 0):
+        import chromadb
+        from chromadb.config import Settings
+
+        settings = Settings(anonymized_telemetry=False)
+        if http is not None:
+            self.client = chromadb.HttpClient(host=http[0], port=http[1], settings=settings)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            self.client = chromadb.PersistentClient(path=str(path), settings=settings)
+        if embedder is None:
+            from .embed import Embedder
+            embedder = Embedder()
+        self.embed = embedder
+        self.max_entries = max_entries
+        self._collections: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def _coll(self, namespace: str):
+        with self._lock:
+            coll = self._collections.get(namespace)
+            if coll is None:
+                coll = self.client.get_or_create_collection(
+                    collection_name(namespace), embedding_function=None,
+                    configuration={"hnsw": {"space": "cosine"}}, metadata={"kernos_namespace": namespace})
+                self._collections[namespace] = coll
+            return coll
+
+    @staticmethod
+    def _check_text(text: str) -> None:
+        if not text or not text.strip():
+            raise MemoryError_("INVALID_ARGUMENT", "memory text is empty")
+        if len(text.encode()) > MAX_TEXT:
+            raise MemoryError_("INVALID_ARGUMENT", f"memory text is over {MAX_TEXT} bytes")
+
+    @staticmethod
+    def _check_meta(meta: dict[str, str]) -> None:
+        if RESERVED in meta:
+            raise MemoryError_("INVALID_ARGUMENT", f"metadata key '{RESERVED}' is reserved")
+        if len(meta) > 32 or any(len(k) > 128 or len(v) > 1024 for k, v in meta.items()):
+            raise MemoryError_("INVALID_ARGUMENT", "metadata: at most 32 keys, keys <= 128 and values <= 1024 chars")
+
+    def add(self, namespace: str, texts: list[str], metadatas: list[dict[str, str]] | None = None,
+            ids: list[str] | None = None) -> list[str]:
+        if not texts:
+            raise MemoryError_("INVALID_ARGUMENT", "nothing to add")
+        metadatas = metadatas or [{} for _ in texts]
+        ids = [i or uuid.uuid4().hex for i in (ids or [""] * len(texts))]
+        for t, m, i in zip(texts, metadatas, ids):
+            self._check_text(t)
+            self._check_meta(m)
+            if len(i) > MAX_ID:
+                raise MemoryError_("INVALID_ARGUMENT", f"memory ids are at most {MAX_ID} characters")
+        if len(set(ids)) != len(ids):
+            raise MemoryError_("INVALID_ARGUMENT", "duplicate ids in one add")
+        coll = self._coll(namespace)
+        if coll.get(ids=ids, include=[])["ids"]:
+            raise MemoryError_("ALREADY_EXISTS", "an entry with one of these ids exists; use update")
+        if self.max_entries and coll.count() + len(texts) > self.max_entries:
+            raise MemoryError_("RESOURCE_EXHAUSTED", f"memory quota: {coll.count()} of {self.max_entries} entries used")
+        now = time.time()
+        coll.add(ids=ids, embeddings=self.embed(texts), documents=texts,
+                 metadatas=[dict(m, **{RESERVED: now}) for m in metadatas])
+        return ids
+
+    def search(self, namespace: str, query: str, k: int = 5, where: dict[str, str] | None = None) -> list[Record]:
+        self._check_text(query)
+        if not 1 <= k <= 100:
+            raise MemoryError_("INVALID_ARGUMENT", "k must be between 1 and 100")
+        coll = self._coll(namespace)
+        if coll.count() == 0:
+            return []
+        res = coll.query(query_embeddings=self.embed([query]), n_results=k, where=_where(where or {}),
+                         include=["documents", "metadatas", "distances"])
+        return [self._record(i, d, m, dist) for i, d, m, dist in
+                zip(res["ids"][0], res["documents"][0], res["metadatas"][0], res["distances"][0])]
+
+    def get(self, namespace: str, ids: list[str]) -> list[Record]:
+        res = self._coll(namespace).get(ids=ids, include=["documents", "metadatas"])
+        found = {i: self._record(i, d, m) for i, d, m in zip(res["ids"], res["documents"], res["metadatas"])}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise MemoryError_("NOT_FOUND", f"no memory entries {missing[:5]}")
+        return [found[i] for i in ids]
+
+    def update(self, namespace: str, id_: str, text: str | None = None, metadata: dict[str, str] | None = None) -> Record:
+        [old] = self.get(namespace, [id_])
+        new_text = text if text else old.text
+        self._check_text(new_text)
+        meta = dict(metadata) if metadata is not None else dict(old.metadata)
+        self._check_meta(meta)
+        # Chroma re-embeds any document passed without embeddings, so always pass them.
+        self._coll(namespace).update(ids=[id_], documents=[new_text], embeddings=self.embed([new_text]),
+                                     metadatas=[dict(meta, **{RESERVED: old.created})])
+        return Record(id_, new_text, meta, old.created)
+
+    def delete(self, namespace: str, ids: list[str]) -> int:
+        coll = self._coll(namespace)
+        present = coll.get(ids=ids, include=[])["ids"]
+        if present:
+            coll.delete(ids=present)
+        return len(present)
+
+    def count(self, namespace: str) -> int:
+        return self._coll(namespace).count()
+
+    @staticmethod
+    def _record(i, doc, meta, distance=0.0) -> Record:
+        meta = dict(meta or {})
+        created = float(meta.pop(RESERVED, 0.0))
+        return Record(i, doc, {k: str(v) for k, v in meta.items()}, created, float(distance))
