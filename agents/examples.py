@@ -128,7 +128,28 @@ class Translator(Agent):
                                     {"role": "user", "content": s}], f"To French: {s}", max_tokens=24)
 
 
-ALL_AGENTS = [TravelPlanner, FactChecker, Summarizer, Poet, Translator]
+class Archivist(Agent):
+    """Uses the OS services: a working context the kernel keeps, a versioned note written with semantic
+    indexing, and a search over its own files by meaning."""
+    name = "archivist"
+    description = "keeps a conversation in a kernel context, files notes and finds them by meaning"
+
+    def steps(self, session, out):
+        ctx = f"archive-{session.agent_id}"
+        session.memory.create_context(ctx, budget_tokens=512, system="You are a concise archivist.")
+        first = self.ask(session, out, "Name one famous library in the world.", "Name one famous library.",
+                         context_id=ctx, max_tokens=32)
+        self.ask(session, out, "In which city is it?", "In which city is it? (the kernel supplies the history)",
+                 context_id=ctx, max_tokens=24)
+        session.storage.write("notes/library.md", first, index=True)
+        session.storage.write("notes/groceries.md", "Milk, eggs, bread and coffee.", index=True)
+        hit = session.storage.search("books and reading rooms", k=1)[0]
+        blocks, tokens = session.memory.blocks(ctx)
+        out.verdict = (f"context holds {len(blocks)} blocks ({tokens} tokens); search for 'books and reading "
+                       f"rooms' found {hit.path} v{hit.version}")
+
+
+ALL_AGENTS = [TravelPlanner, FactChecker, Summarizer, Poet, Translator, Archivist]
 
 
 def word_count(text: str) -> int:

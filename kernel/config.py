@@ -23,7 +23,7 @@ class _Strict(BaseModel):
 
 class ServerConfig(_Strict):
     listen: str = Field("127.0.0.1:7070", description="host:port for TCP")
-    max_message_bytes: int = Field(4 * 1024 * 1024, gt=1024, description="largest gRPC message accepted")
+    max_message_bytes: int = Field(32 * 1024 * 1024, gt=1024, description="largest gRPC message accepted")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight generations")
     agent_ttl_s: float = Field(600.0, gt=0, description="an agent silent this long may have its name taken")
     reflection: bool = True

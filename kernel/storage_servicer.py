@@ -7,12 +7,23 @@ import grpc
 
 from kernos.proto.v1 import storage_pb2 as pb
 from kernos.proto.v1 import storage_pb2_grpc as rpc
+from kernos.memory.vector import MemoryError_
 from kernos.storage.files import FileVersion, StorageError
 from kernos.storage.traces import TraceRecord
 
 from .auth import current_agent
-from .errors import SyscallError, syscall
+from .errors import SyscallError, invalid, syscall
 from .kernel import Kernel
+
+
+CHUNK_CHARS = 800
+CHUNK_OVERLAP = 100
+
+
+def chunks(text: str) -> list[str]:
+    """Overlapping passages of a file's text, for embedding."""
+    step = CHUNK_CHARS - CHUNK_OVERLAP
+    return [text[i:i + CHUNK_CHARS] for i in range(0, max(len(text) - CHUNK_OVERLAP, 1), step) if text[i:i + CHUNK_CHARS].strip()]
 
 
 def _info(f: FileVersion) -> pb.FileInfo:
@@ -29,17 +40,52 @@ class StorageServicer(rpc.StorageServicer):
         agent = current_agent()
         try:
             result = await asyncio.to_thread(fn, agent.agent_id, *args)
-        except StorageError as e:
+        except (StorageError, MemoryError_) as e:
             self.k.traces.record(TraceRecord(agent.agent_id, kind, e.code, trace or {}, {}, {}))
             raise SyscallError(getattr(grpc.StatusCode, e.code), str(e)) from None
         self.k.traces.record(TraceRecord(agent.agent_id, kind, "OK", trace or {}, {}, {}))
         return result
 
+    def _index(self, agent_id: str, f: FileVersion, text: str | None) -> None:
+        """Replace the file's passages in the agent's vector memory (text None: just drop them)."""
+        self.k.memory.delete_where(agent_id, {"kind": "file", "path": f.path})
+        parts = chunks(text) if text else []
+        if parts:
+            self.k.memory.add(agent_id, parts, [{"kind": "file", "path": f.path, "version": str(f.version)}
+                                                 for _ in parts])
+        self.k.files.set_indexed(agent_id, f.path, bool(parts))
+
     @syscall
     async def Write(self, request, context):
+        text = None
+        if request.index:
+            try:
+                text = request.data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise invalid("index=true needs UTF-8 text content") from None
         f = await self._do("storage.write", self.k.files.write, request.path, request.data, dict(request.metadata),
-                           trace={"path": request.path, "size": len(request.data)})
+                           trace={"path": request.path, "size": len(request.data), "index": request.index})
+        if request.index:
+            await asyncio.to_thread(self._index, current_agent().agent_id, f, text)
+        elif self.k.files.is_indexed(current_agent().agent_id, f.path):
+            await asyncio.to_thread(self._index, current_agent().agent_id, f, None)  # stale passages must go
         return _info(f)
+
+    @syscall
+    async def Search(self, request, context):
+        agent = current_agent()
+        k = request.k or 5
+        if not 1 <= k <= 50:
+            raise invalid("k must be between 1 and 50")
+        hits = await self._do("storage.search", lambda aid: self.k.memory.search(aid, request.query, min(100, 4 * k),
+                                                                                 {"kind": "file"}),
+                              trace={"query": request.query[:200]})
+        best: dict[str, object] = {}
+        for h in hits:  # one hit per file: its best passage
+            if h.metadata["path"] not in best:
+                best[h.metadata["path"]] = h
+        return pb.SearchFilesReply(hits=[pb.FileHit(path=p, version=int(h.metadata["version"]), snippet=h.text[:400],
+                                                    distance=h.distance) for p, h in list(best.items())[:k]])
 
     @syscall
     async def Read(self, request, context):
@@ -59,7 +105,10 @@ class StorageServicer(rpc.StorageServicer):
 
     @syscall
     async def Delete(self, request, context):
-        return _info(await self._do("storage.delete", self.k.files.delete, request.path, trace={"path": request.path}))
+        f = await self._do("storage.delete", self.k.files.delete, request.path, trace={"path": request.path})
+        if self.k.files.is_indexed(current_agent().agent_id, f.path):
+            await asyncio.to_thread(self._index, current_agent().agent_id, f, None)
+        return _info(f)
 
     @syscall
     async def History(self, request, context):
@@ -68,5 +117,10 @@ class StorageServicer(rpc.StorageServicer):
 
     @syscall
     async def Rollback(self, request, context):
-        return _info(await self._do("storage.rollback", self.k.files.rollback, request.path, request.version,
-                                    trace={"path": request.path, "version": request.version}))
+        f = await self._do("storage.rollback", self.k.files.rollback, request.path, request.version,
+                           trace={"path": request.path, "version": request.version})
+        aid = current_agent().agent_id
+        if self.k.files.is_indexed(aid, f.path):
+            _, data = self.k.files.read(aid, f.path)  # an indexed file stays indexed, with the restored text
+            await asyncio.to_thread(self._index, aid, f, data.decode("utf-8", "replace"))
+        return _info(f)

@@ -113,10 +113,7 @@ class VectorMemory:
         self._check_text(query)
         if not 1 <= k <= 100:
             raise MemoryError_("INVALID_ARGUMENT", "k must be between 1 and 100")
-        coll = self._coll(namespace)
-        if coll.count() == 0:
-            return []
-        res = coll.query(query_embeddings=self.embed([query]), n_results=k, where=_where(where or {}),
+        res = self._coll(namespace).query(query_embeddings=self.embed([query]), n_results=k, where=_where(where or {}),
                          include=["documents", "metadatas", "distances"])
         return [self._record(i, d, m, dist) for i, d, m, dist in
                 zip(res["ids"][0], res["documents"][0], res["metadatas"][0], res["distances"][0])]
@@ -143,6 +140,13 @@ class VectorMemory:
     def delete(self, namespace: str, ids: list[str]) -> int:
         coll = self._coll(namespace)
         present = coll.get(ids=ids, include=[])["ids"]
+        if present:
+            coll.delete(ids=present)
+        return len(present)
+
+    def delete_where(self, namespace: str, where: dict[str, str]) -> int:
+        coll = self._coll(namespace)
+        present = coll.get(where=_where(where), include=[])["ids"]
         if present:
             coll.delete(ids=present)
         return len(present)

@@ -15,7 +15,7 @@ from kernos.proto.v1 import (kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc,
 from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
                     resolve_address)
 from .errors import Unavailable, from_rpc_error
-from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileInfo, MemoryItem, Messages,
+from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, MemoryItem, Messages,
                     ModelInfo)
 
 
@@ -89,10 +89,15 @@ class Storage:
         self._s = session
         self._stub = storage_pb2_grpc.StorageStub(session.channel)
 
-    async def write(self, path: str, data: bytes | str, metadata: dict[str, str] | None = None) -> FileInfo:
+    async def write(self, path: str, data: bytes | str, metadata: dict[str, str] | None = None,
+                    index: bool = False) -> FileInfo:
         data = data.encode() if isinstance(data, str) else data
         return FileInfo.from_proto(await _call(self._stub.Write, storage_pb2.WriteRequest(
-            path=path, data=data, metadata=metadata or {}), self._s.metadata))
+            path=path, data=data, metadata=metadata or {}, index=index), self._s.metadata))
+
+    async def search(self, query: str, k: int = 5) -> list[FileHit]:
+        reply = await _call(self._stub.Search, storage_pb2.SearchFilesRequest(query=query, k=k), self._s.metadata)
+        return [FileHit(path=h.path, version=h.version, snippet=h.snippet, distance=h.distance) for h in reply.hits]
 
     async def read(self, path: str, version: int = 0) -> bytes:
         return (await _call(self._stub.Read, storage_pb2.ReadRequest(path=path, version=version),

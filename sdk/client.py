@@ -12,7 +12,7 @@ from kernos.proto.v1 import (kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc,
 from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
                     resolve_address)
 from .errors import from_rpc_error
-from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileInfo, MemoryItem, Messages,
+from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, MemoryItem, Messages,
                     ModelInfo)
 
 
@@ -99,10 +99,17 @@ class Storage:
         self._s = session
         self._stub = storage_pb2_grpc.StorageStub(session.channel)
 
-    def write(self, path: str, data: bytes | str, metadata: dict[str, str] | None = None) -> FileInfo:
+    def write(self, path: str, data: bytes | str, metadata: dict[str, str] | None = None,
+              index: bool = False) -> FileInfo:
+        """Store a new version. `index=True` (UTF-8 text) makes its content findable by `search`."""
         data = data.encode() if isinstance(data, str) else data
         return FileInfo.from_proto(_call(self._stub.Write, storage_pb2.WriteRequest(
-            path=path, data=data, metadata=metadata or {}), self._s.metadata))
+            path=path, data=data, metadata=metadata or {}, index=index), self._s.metadata))
+
+    def search(self, query: str, k: int = 5) -> list[FileHit]:
+        """Files written with index=True whose content best matches `query`, one hit per file."""
+        reply = _call(self._stub.Search, storage_pb2.SearchFilesRequest(query=query, k=k), self._s.metadata)
+        return [FileHit(path=h.path, version=h.version, snippet=h.snippet, distance=h.distance) for h in reply.hits]
 
     def read(self, path: str, version: int = 0) -> bytes:
         """The content of the latest version (or of `version`)."""

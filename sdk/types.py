@@ -146,3 +146,11 @@ class ContextBlock(BaseModel):
     def from_proto(cls, b: memory_pb2.ContextBlock) -> "ContextBlock":
         return cls(block_id=b.block_id, role=b.role, content=b.content, pinned=b.pinned, kind=b.kind,
                    label=b.label, seq=b.seq, tokens=b.tokens)
+
+
+class FileHit(BaseModel):
+    """A file whose indexed content matches a storage search, with its best passage."""
+    path: str
+    version: int
+    snippet: str
+    distance: float

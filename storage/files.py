@@ -35,6 +35,9 @@ CREATE TABLE IF NOT EXISTS versions (
     PRIMARY KEY (agent_id, path, version)
 );
 CREATE INDEX IF NOT EXISTS versions_by_agent ON versions(agent_id, path);
+CREATE TABLE IF NOT EXISTS indexed (      -- files whose text is in the agent's vector memory
+    agent_id TEXT NOT NULL, path TEXT NOT NULL, PRIMARY KEY (agent_id, path)
+);
 """
 
 
@@ -206,6 +209,16 @@ class FileStore:
         if old.deleted:
             raise StorageError("INVALID_ARGUMENT", f"version {version} of '{old.path}' is a deletion")
         return self._append(agent, old.path, old.sha256, old.size, dict(old.metadata, rolled_back_from=str(version)))
+
+    def is_indexed(self, agent: str, path: str) -> bool:
+        return self._db.execute("SELECT 1 FROM indexed WHERE agent_id=? AND path=?", (agent, path)).fetchone() is not None
+
+    def set_indexed(self, agent: str, path: str, indexed: bool) -> None:
+        with self._lock:
+            if indexed:
+                self._db.execute("INSERT OR IGNORE INTO indexed VALUES (?, ?)", (agent, path))
+            else:
+                self._db.execute("DELETE FROM indexed WHERE agent_id=? AND path=?", (agent, path))
 
     def close(self) -> None:
         self._db.close()

@@ -150,7 +150,7 @@ def test_invalid_utf8_and_garbage_get_invalid_argument(kernel, session):
 
 def test_message_over_the_transport_limit_is_resource_exhausted(kernel, session):
     with pytest.raises(kernos.sdk.ResourceExhausted):
-        session.llm.chat("x" * (5 * 1024 * 1024))
+        session.llm.chat("x" * (40 * 1024 * 1024))  # over server.max_message_bytes (32 MiB)
 
 
 def test_kernel_keeps_serving_after_bad_input(kernel, session):

@@ -164,3 +164,59 @@ def test_vector_memory_syscalls_and_isolation(kernel):
         assert a.memory.delete(ids) == 4
         with pytest.raises(kernos.sdk.InvalidArgument):
             a.memory.search("")
+
+
+def test_semantic_search_over_indexed_files(kernel):
+    with kernos.sdk.connect(kernel.address, agent="librarian") as s:
+        s.storage.write("notes/france.md", "Paris is the capital of France and sits on the Seine.", index=True)
+        s.storage.write("notes/fruit.md", "Bananas are yellow and full of potassium.", index=True)
+        s.storage.write("notes/plain.txt", "The capital of Spain is Madrid.")  # not indexed
+        hits = s.storage.search("Which river runs through the French capital?", k=2)
+        assert [h.path for h in hits][0] == "notes/france.md" and "Seine" in hits[0].snippet
+        assert "notes/plain.txt" not in [h.path for h in s.storage.search("capital of Spain", k=5)]
+        s.storage.write("notes/fruit.md", "Apples are red or green and crunchy.", index=True)  # re-indexed
+        top = s.storage.search("crunchy red apples", k=1)[0]
+        assert top.path == "notes/fruit.md" and top.version == 2 and "Apples" in top.snippet
+        s.storage.rollback("notes/fruit.md", 1)
+        assert "Bananas" in s.storage.search("yellow potassium", k=1)[0].snippet
+        s.storage.delete("notes/france.md")
+        assert "notes/france.md" not in [h.path for h in s.storage.search("capital of France", k=5)]
+        with pytest.raises(kernos.sdk.InvalidArgument, match="UTF-8"):
+            s.storage.write("bin.dat", b"\xff\xfe\x00", index=True)
+
+
+def test_vector_memory_on_a_chroma_server(tmp_path, vm):
+    """The deployment switch: the same VectorMemory against a Chroma server (`chroma run`) over HTTP."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    chroma = Path(sys.executable).parent / "chroma"
+    if not chroma.exists():
+        chroma = Path(shutil.which("chroma") or "")
+    assert chroma.exists(), "the chromadb package ships the `chroma` server CLI"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(chroma), "run", "--path", str(tmp_path / "srv"), "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        remote = None
+        while remote is None:
+            try:
+                remote = VectorMemory(http=("127.0.0.1", port), embedder=vm.embed)
+                remote.count("probe")
+            except Exception:
+                remote = None
+                assert time.time() < deadline and server.poll() is None, "chroma server did not start"
+                time.sleep(0.3)
+        ids = remote.add("remote-agent", FACTS)
+        assert remote.search("remote-agent", "capital of France", k=1)[0].id == ids[0]
+        assert remote.count("remote-agent") == 4
+    finally:
+        server.terminate()
+        server.wait(30)

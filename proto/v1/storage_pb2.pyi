@@ -32,7 +32,7 @@ class FileInfo(_message.Message):
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., created: _Optional[float] = ..., deleted: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class WriteRequest(_message.Message):
-    __slots__ = ("path", "data", "metadata")
+    __slots__ = ("path", "data", "metadata", "index")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,10 +43,12 @@ class WriteRequest(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     path: str
     data: bytes
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, path: _Optional[str] = ..., data: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    index: bool
+    def __init__(self, path: _Optional[str] = ..., data: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., index: _Optional[bool] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
     __slots__ = ("path", "version")
@@ -103,3 +105,29 @@ class RollbackRequest(_message.Message):
     path: str
     version: int
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class SearchFilesRequest(_message.Message):
+    __slots__ = ("query", "k")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    k: int
+    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+
+class FileHit(_message.Message):
+    __slots__ = ("path", "version", "snippet", "distance")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SNIPPET_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    version: int
+    snippet: str
+    distance: float
+    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ..., snippet: _Optional[str] = ..., distance: _Optional[float] = ...) -> None: ...
+
+class SearchFilesReply(_message.Message):
+    __slots__ = ("hits",)
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[FileHit]
+    def __init__(self, hits: _Optional[_Iterable[_Union[FileHit, _Mapping]]] = ...) -> None: ...

@@ -69,6 +69,11 @@ class StorageStub:
                 request_serializer=kernos_dot_v1_dot_storage__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=kernos_dot_v1_dot_storage__pb2.FileInfo.FromString,
                 _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/kernos.v1.Storage/Search',
+                request_serializer=kernos_dot_v1_dot_storage__pb2.SearchFilesRequest.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_storage__pb2.SearchFilesReply.FromString,
+                _registered_method=True)
 
 
 class StorageServicer:
@@ -119,6 +124,13 @@ class StorageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Search(self, request, context):
+        """Semantic search over the contents of files written with index=true (through the vector memory).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StorageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +168,11 @@ def add_StorageServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=kernos_dot_v1_dot_storage__pb2.RollbackRequest.FromString,
                     response_serializer=kernos_dot_v1_dot_storage__pb2.FileInfo.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=kernos_dot_v1_dot_storage__pb2.SearchFilesRequest.FromString,
+                    response_serializer=kernos_dot_v1_dot_storage__pb2.SearchFilesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +364,33 @@ class Storage:
             '/kernos.v1.Storage/Rollback',
             kernos_dot_v1_dot_storage__pb2.RollbackRequest.SerializeToString,
             kernos_dot_v1_dot_storage__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernos.v1.Storage/Search',
+            kernos_dot_v1_dot_storage__pb2.SearchFilesRequest.SerializeToString,
+            kernos_dot_v1_dot_storage__pb2.SearchFilesReply.FromString,
             options,
             channel_credentials,
             insecure,
