@@ -2,8 +2,8 @@
 servicer runs, and turns undecodable requests (e.g. invalid UTF-8 in a string field) into
 INVALID_ARGUMENT instead of gRPC's generic INTERNAL.
 
-The interceptor asks an `Authenticator` (the agent registry today) who the caller is, and an optional
-`authorize(agent, method)` hook that the access-control layer plugs into.
+The interceptor asks an `Authenticator` who the caller is, then `authorize(principal, method, request)`
+(the access-control layer) whether the call is allowed: a message means PERMISSION_DENIED.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _guarded(check: Callable):
         async def run(request, context):
             if isinstance(request, _Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
-            CURRENT_AGENT.set(await check(context))
+            CURRENT_AGENT.set(await check(context, request))
             return await behaviour(request, context)
         return run
 
@@ -84,7 +84,7 @@ def _guarded(check: Callable):
         async def run(request, context):
             if isinstance(request, _Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
-            CURRENT_AGENT.set(await check(context))
+            CURRENT_AGENT.set(await check(context, request))
             async for item in behaviour(request, context):
                 yield item
         return run
@@ -103,7 +103,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         public = method in PUBLIC_METHODS or method.startswith(PUBLIC_PREFIXES)
 
-        async def check(context):
+        async def check(context, request):
             if public:
                 return None
             agent = self.authenticator.authenticate(token_from_metadata(context.invocation_metadata()))
@@ -112,7 +112,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                                     "missing, unknown, expired or revoked token: register with Kernel.Register "
                                     "and send 'authorization: Bearer <token>'")
             if self.authorize is not None:
-                await self.authorize(agent, method, context)
+                denied = self.authorize(agent, method, request)
+                if denied:
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
             return agent
 
         return _rebuild(handler, *_guarded(check))

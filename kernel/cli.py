@@ -97,6 +97,32 @@ def cmd_agents(args) -> int:
     return 0
 
 
+def cmd_token(args) -> int:
+    """Create an operator token offline, in the kernel's data dir (the running kernel sees it at once)."""
+    from .access import AccessControl, AccessError
+
+    data = Path(os.path.expanduser(args.data_dir or "~/.kernos"))
+    data.mkdir(parents=True, exist_ok=True)
+    ac = AccessControl(data / "access.db")
+    try:
+        if args.action == "create":
+            token, expires = ac.create_token(args.name, admin=True, ttl_s=args.ttl)
+            print(token)
+            print(f"operator token '{args.name}' created" + (f", expires in {args.ttl:.0f} s" if expires else "")
+                  + "; it is shown only now", file=sys.stderr)
+        else:
+            if not ac.revoke_token(args.name):
+                print(f"kernos token: no active token '{args.name}'", file=sys.stderr)
+                return 1
+            print(f"operator token '{args.name}' revoked", file=sys.stderr)
+    except AccessError as e:
+        print(f"kernos token: {e}", file=sys.stderr)
+        return 2
+    finally:
+        ac.close()
+    return 0
+
+
 def cmd_demo(args) -> int:
     from kernos.agents.demo import run_demo
 
@@ -121,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", help="TOML config for the demo kernel (default: embedded model)")
     d.add_argument("--max-tokens", type=int, default=64, help="max tokens per agent reply (default 64)")
     d.set_defaults(fn=cmd_demo)
+
+    t = sub.add_parser("token", help="create or revoke an operator (admin) token in a kernel's data dir")
+    t.add_argument("action", choices=["create", "revoke"])
+    t.add_argument("--admin", action="store_true", help="an operator token (the only kind; kept for clarity)")
+    t.add_argument("--name", default="operator", help="token name (default operator)")
+    t.add_argument("--ttl", type=float, default=0, help="seconds until it expires (default: never)")
+    t.add_argument("--data-dir", help="the kernel's data dir (default ~/.kernos)")
+    t.set_defaults(fn=cmd_token)
 
     for name, fn, helptext in (("status", cmd_status, "print a running kernel's stats"),
                                ("top", cmd_top, "live view: requests per agent, tokens/s, context switches, cache"),

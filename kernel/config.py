@@ -26,6 +26,7 @@ class ServerConfig(_Strict):
     max_message_bytes: int = Field(32 * 1024 * 1024, gt=1024, description="largest gRPC message accepted")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight generations")
     agent_ttl_s: float = Field(600.0, gt=0, description="an agent silent this long may have its name taken")
+    admin_token: str | None = Field(None, min_length=16, description="an operator token; or: kernos token create --admin")
     reflection: bool = True
 
 

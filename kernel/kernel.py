@@ -7,12 +7,14 @@ import logging
 import threading
 import time
 
+from .access import RULES as RULES_AUDITED
+from .access import AccessControl
 from .agents import AgentRegistry
 from .config import KernelConfig
 from .llm.core import LLMCore
 from kernos.memory.context import ContextStore
 from kernos.storage.files import FileStore
-from kernos.storage.traces import TraceLog
+from kernos.storage.traces import TraceLog, TraceRecord
 
 log = logging.getLogger("kernos.kernel")
 VERSION = "0.1.0"
@@ -25,6 +27,8 @@ class Kernel:
         self.started = time.time()
         self.agents = AgentRegistry(config.data_dir / "kernel.db", ttl_s=config.server.agent_ttl_s)
         self.traces = TraceLog(config.data_dir / "traces.db")
+        self.access = AccessControl(config.data_dir / "access.db", config.server.admin_token)
+        self.audit = TraceLog(config.data_dir / "audit.db")  # every access decision, same guarantees
         self.files = FileStore(config.data_dir / "files", config.storage.quota_bytes, config.storage.max_file_bytes)
         self.contexts = ContextStore(config.data_dir / "contexts.db")
         self._memory = None
@@ -50,15 +54,23 @@ class Kernel:
                                             max_entries=self.config.memory.max_entries)
             return self._memory
 
-    def namespace(self, agent, requested: str) -> str:
-        """The vector-memory namespace a call may use: the agent's own. Sharing another agent's namespace
-        needs an access grant (the access-control layer plugs in here)."""
-        if requested and requested != agent.agent_id:
-            from .errors import SyscallError
-            import grpc
-            raise SyscallError(grpc.StatusCode.PERMISSION_DENIED,
-                               f"namespace '{requested[:64]}' belongs to another agent and no grant allows it")
-        return agent.agent_id
+    def authenticate(self, token: str | None):
+        """The principal behind a token: an operator (admin token) or a registered agent."""
+        return self.access.operator(token) or self.agents.authenticate(token)
+
+    def authorize(self, principal, method: str, request) -> str | None:
+        """The one access check of every syscall: None to allow, or the PERMISSION_DENIED message. Every
+        decision goes to the audit log."""
+        allowed, capability, reason = self.access.decide(principal, method, request)
+        if method in RULES_AUDITED or not allowed:
+            self.audit.record(TraceRecord(principal.agent_id, method, "ALLOW" if allowed else "DENY",
+                                          {"capability": capability}, {"reason": reason}, {}))
+        return None if allowed else f"missing capability {capability}: {reason}"
+
+    @staticmethod
+    def namespace(agent, requested: str) -> str:
+        """The vector-memory namespace a call uses (another agent's only past the access check)."""
+        return requested or agent.agent_id
 
     @contextlib.contextmanager
     def track(self):
@@ -78,6 +90,8 @@ class Kernel:
         return clean
 
     def close(self) -> None:
+        self.audit.close()
+        self.access.close()
         self.contexts.close()
         self.files.close()
         self.traces.close()

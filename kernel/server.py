@@ -12,9 +12,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kernos.proto.v1 import (kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
-                             storage_pb2, storage_pb2_grpc)
+from kernos.proto.v1 import (access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc,
+                             memory_pb2, memory_pb2_grpc, storage_pb2, storage_pb2_grpc)
 
+from .access_servicer import AccessServicer
 from .auth import AuthInterceptor
 from .config import KernelConfig
 from .kernel import Kernel
@@ -27,7 +28,8 @@ log = logging.getLogger("kernos.kernel")
 SERVICES = (kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].full_name,
             llm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name,
             storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name,
-            memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name)
+            memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name,
+            access_pb2.DESCRIPTOR.services_by_name["Access"].full_name)
 
 
 async def _flush_agents_periodically(kernel: Kernel) -> None:
@@ -41,7 +43,7 @@ async def serve(config: KernelConfig) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     kernel = Kernel(config)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(kernel.agents)],
+        interceptors=[AuthInterceptor(kernel, authorize=kernel.authorize)],
         options=[("grpc.max_receive_message_length", config.server.max_message_bytes),
                  ("grpc.max_send_message_length", config.server.max_message_bytes),
                  ("grpc.so_reuseport", 0)],
@@ -50,6 +52,7 @@ async def serve(config: KernelConfig) -> int:
     llm_pb2_grpc.add_LLMServicer_to_server(LLMServicer(kernel), server)
     storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(kernel), server)
     memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(kernel), server)
+    access_pb2_grpc.add_AccessServicer_to_server(AccessServicer(kernel), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.server.reflection:

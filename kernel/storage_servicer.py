@@ -35,11 +35,16 @@ class StorageServicer(rpc.StorageServicer):
     def __init__(self, kernel: Kernel):
         self.k = kernel
 
-    async def _do(self, kind: str, fn, *args, trace: dict | None = None):
-        """Run a store operation off the event loop (fsync takes milliseconds) and trace it."""
+    @staticmethod
+    def _space(request) -> str:
+        """Whose files: the caller's, or `owner`'s (another agent's space passed the access check)."""
+        return request.owner or current_agent().agent_id
+
+    async def _do(self, kind: str, request, fn, *args, trace: dict | None = None):
+        """Run a store operation in the request's space, off the event loop (fsync takes ms), and trace it."""
         agent = current_agent()
         try:
-            result = await asyncio.to_thread(fn, agent.agent_id, *args)
+            result = await asyncio.to_thread(fn, self._space(request), *args)
         except (StorageError, MemoryError_) as e:
             self.k.traces.record(TraceRecord(agent.agent_id, kind, e.code, trace or {}, {}, {}))
             raise SyscallError(getattr(grpc.StatusCode, e.code), str(e)) from None
@@ -63,21 +68,20 @@ class StorageServicer(rpc.StorageServicer):
                 text = request.data.decode("utf-8")
             except UnicodeDecodeError:
                 raise invalid("index=true needs UTF-8 text content") from None
-        f = await self._do("storage.write", self.k.files.write, request.path, request.data, dict(request.metadata),
+        f = await self._do("storage.write", request, self.k.files.write, request.path, request.data, dict(request.metadata),
                            trace={"path": request.path, "size": len(request.data), "index": request.index})
         if request.index:
-            await asyncio.to_thread(self._index, current_agent().agent_id, f, text)
-        elif self.k.files.is_indexed(current_agent().agent_id, f.path):
-            await asyncio.to_thread(self._index, current_agent().agent_id, f, None)  # stale passages must go
+            await asyncio.to_thread(self._index, self._space(request), f, text)
+        elif self.k.files.is_indexed(self._space(request), f.path):
+            await asyncio.to_thread(self._index, self._space(request), f, None)  # stale passages must go
         return _info(f)
 
     @syscall
     async def Search(self, request, context):
-        agent = current_agent()
         k = request.k or 5
         if not 1 <= k <= 50:
             raise invalid("k must be between 1 and 50")
-        hits = await self._do("storage.search", lambda aid: self.k.memory.search(aid, request.query, min(100, 4 * k),
+        hits = await self._do("storage.search", request, lambda aid: self.k.memory.search(aid, request.query, min(100, 4 * k),
                                                                                  {"kind": "file"}),
                               trace={"query": request.query[:200]})
         best: dict[str, object] = {}
@@ -89,37 +93,37 @@ class StorageServicer(rpc.StorageServicer):
 
     @syscall
     async def Read(self, request, context):
-        f, data = await self._do("storage.read", self.k.files.read, request.path, request.version,
+        f, data = await self._do("storage.read", request, self.k.files.read, request.path, request.version,
                                  trace={"path": request.path, "version": request.version})
         return pb.ReadReply(info=_info(f), data=data)
 
     @syscall
     async def Stat(self, request, context):
-        return _info(await self._do("storage.stat", self.k.files.stat, request.path, request.version,
+        return _info(await self._do("storage.stat", request, self.k.files.stat, request.path, request.version,
                                     trace={"path": request.path}))
 
     @syscall
     async def List(self, request, context):
-        files = await self._do("storage.list", self.k.files.list, request.prefix, trace={"prefix": request.prefix})
+        files = await self._do("storage.list", request, self.k.files.list, request.prefix, trace={"prefix": request.prefix})
         return pb.ListFilesReply(files=[_info(f) for f in files])
 
     @syscall
     async def Delete(self, request, context):
-        f = await self._do("storage.delete", self.k.files.delete, request.path, trace={"path": request.path})
-        if self.k.files.is_indexed(current_agent().agent_id, f.path):
-            await asyncio.to_thread(self._index, current_agent().agent_id, f, None)
+        f = await self._do("storage.delete", request, self.k.files.delete, request.path, trace={"path": request.path})
+        if self.k.files.is_indexed(self._space(request), f.path):
+            await asyncio.to_thread(self._index, self._space(request), f, None)
         return _info(f)
 
     @syscall
     async def History(self, request, context):
-        files = await self._do("storage.history", self.k.files.history, request.path, trace={"path": request.path})
+        files = await self._do("storage.history", request, self.k.files.history, request.path, trace={"path": request.path})
         return pb.ListFilesReply(files=[_info(f) for f in files])
 
     @syscall
     async def Rollback(self, request, context):
-        f = await self._do("storage.rollback", self.k.files.rollback, request.path, request.version,
+        f = await self._do("storage.rollback", request, self.k.files.rollback, request.path, request.version,
                            trace={"path": request.path, "version": request.version})
-        aid = current_agent().agent_id
+        aid = self._space(request)
         if self.k.files.is_indexed(aid, f.path):
             _, data = self.k.files.read(aid, f.path)  # an indexed file stays indexed, with the restored text
             await asyncio.to_thread(self._index, aid, f, data.decode("utf-8", "replace"))

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from kernos.proto.v1 import (kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
+from kernos.proto.v1 import (access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
                              storage_pb2, storage_pb2_grpc)
 
 from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
                     resolve_address)
 from .errors import Unavailable, from_rpc_error
-from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, MemoryItem, Messages,
+from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, MemoryItem, Messages,
                     ModelInfo)
 
 
@@ -90,25 +90,27 @@ class Storage:
         self._stub = storage_pb2_grpc.StorageStub(session.channel)
 
     async def write(self, path: str, data: bytes | str, metadata: dict[str, str] | None = None,
-                    index: bool = False) -> FileInfo:
+                    index: bool = False, owner: str = "") -> FileInfo:
         data = data.encode() if isinstance(data, str) else data
         return FileInfo.from_proto(await _call(self._stub.Write, storage_pb2.WriteRequest(
-            path=path, data=data, metadata=metadata or {}, index=index), self._s.metadata))
+            path=path, data=data, metadata=metadata or {}, index=index, owner=owner), self._s.metadata))
 
-    async def search(self, query: str, k: int = 5) -> list[FileHit]:
-        reply = await _call(self._stub.Search, storage_pb2.SearchFilesRequest(query=query, k=k), self._s.metadata)
+    async def search(self, query: str, k: int = 5, owner: str = "") -> list[FileHit]:
+        reply = await _call(self._stub.Search, storage_pb2.SearchFilesRequest(query=query, k=k, owner=owner),
+                            self._s.metadata)
         return [FileHit(path=h.path, version=h.version, snippet=h.snippet, distance=h.distance) for h in reply.hits]
 
-    async def read(self, path: str, version: int = 0) -> bytes:
-        return (await _call(self._stub.Read, storage_pb2.ReadRequest(path=path, version=version),
+    async def read(self, path: str, version: int = 0, owner: str = "") -> bytes:
+        return (await _call(self._stub.Read, storage_pb2.ReadRequest(path=path, version=version, owner=owner),
                             self._s.metadata)).data
 
     async def stat(self, path: str, version: int = 0) -> FileInfo:
         return FileInfo.from_proto(await _call(self._stub.Stat, storage_pb2.StatRequest(path=path, version=version),
                                                self._s.metadata))
 
-    async def list(self, prefix: str = "") -> list[FileInfo]:
-        reply = await _call(self._stub.List, storage_pb2.ListFilesRequest(prefix=prefix), self._s.metadata)
+    async def list(self, prefix: str = "", owner: str = "") -> list[FileInfo]:
+        reply = await _call(self._stub.List, storage_pb2.ListFilesRequest(prefix=prefix, owner=owner),
+                            self._s.metadata)
         return [FileInfo.from_proto(f) for f in reply.files]
 
     async def delete(self, path: str) -> FileInfo:
@@ -135,16 +137,19 @@ class Memory:
         return await _call(fn, req, self._s.metadata)
 
     async def add(self, texts: str | list[str], metadata: dict | list[dict] | None = None,
-                  ids: list[str] | None = None) -> list[str]:
-        r = await self._c(self._stub.Add, memory_pb2.AddMemoryRequest(items=memory_items(texts, metadata, ids)))
+                  ids: list[str] | None = None, namespace: str = "") -> list[str]:
+        r = await self._c(self._stub.Add, memory_pb2.AddMemoryRequest(items=memory_items(texts, metadata, ids),
+                                                                       namespace=namespace))
         return list(r.ids)
 
-    async def search(self, query: str, k: int = 5, where: dict[str, str] | None = None) -> list[MemoryItem]:
-        r = await self._c(self._stub.Search, memory_pb2.SearchMemoryRequest(query=query, k=k, where=where or {}))
+    async def search(self, query: str, k: int = 5, where: dict[str, str] | None = None,
+                     namespace: str = "") -> list[MemoryItem]:
+        r = await self._c(self._stub.Search, memory_pb2.SearchMemoryRequest(query=query, k=k, where=where or {},
+                                                                             namespace=namespace))
         return [MemoryItem.from_proto(h.item, h.distance) for h in r.hits]
 
-    async def get(self, ids: list[str]) -> list[MemoryItem]:
-        r = await self._c(self._stub.Get, memory_pb2.GetMemoryRequest(ids=ids))
+    async def get(self, ids: list[str], namespace: str = "") -> list[MemoryItem]:
+        r = await self._c(self._stub.Get, memory_pb2.GetMemoryRequest(ids=ids, namespace=namespace))
         return [MemoryItem.from_proto(m) for m in r.items]
 
     async def update(self, id: str, text: str | None = None, metadata: dict[str, str] | None = None) -> MemoryItem:
@@ -187,6 +192,67 @@ class Memory:
             context_id=context_id, block_id=block_id)))
 
 
+class Access:
+    """Access control (`session.access`); see `kernos.sdk.client.Access`."""
+
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = access_pb2_grpc.AccessStub(session.channel)
+
+    async def _c(self, fn, req):
+        return await _call(fn, req, self._s.metadata)
+
+    async def grant(self, grantee: str, kind: str, permission: str = "read", resource: str = "", owner: str = "",
+                    ttl_s: float = 0) -> GrantInfo:
+        r = await self._c(self._stub.Grant, access_pb2.GrantRequest(
+            grantee=grantee, kind=kind, owner=owner, resource=resource, permission=permission, ttl_s=ttl_s))
+        return GrantInfo.from_proto(r)
+
+    async def revoke(self, grant_id: str) -> GrantInfo:
+        return GrantInfo.from_proto(await self._c(self._stub.Revoke, access_pb2.RevokeRequest(grant_id=grant_id)))
+
+    async def grants(self, include_revoked: bool = False) -> list[GrantInfo]:
+        r = await self._c(self._stub.ListGrants, access_pb2.ListGrantsRequest(include_revoked=include_revoked))
+        return [GrantInfo.from_proto(g) for g in r.grants]
+
+    async def create_group(self, name: str) -> list[str]:
+        return list((await self._c(self._stub.CreateGroup, access_pb2.GroupRequest(name=name))).members)
+
+    async def add_member(self, group: str, agent_id: str) -> list[str]:
+        r = await self._c(self._stub.AddMember, access_pb2.MemberRequest(group=group, agent_id=agent_id))
+        return list(r.members)
+
+    async def remove_member(self, group: str, agent_id: str) -> list[str]:
+        r = await self._c(self._stub.RemoveMember, access_pb2.MemberRequest(group=group, agent_id=agent_id))
+        return list(r.members)
+
+    async def groups(self) -> dict[str, list[str]]:
+        r = await self._c(self._stub.ListGroups, access_pb2.ListGroupsRequest())
+        return {g.name: list(g.members) for g in r.groups}
+
+    async def capabilities(self, agent_id: str = "") -> list[str]:
+        r = await self._c(self._stub.GetCapabilities, access_pb2.CapabilitiesRequest(agent_id=agent_id))
+        return list(r.families)
+
+    async def set_capabilities(self, agent_id: str, families: list[str]) -> list[str]:
+        r = await self._c(self._stub.SetCapabilities, access_pb2.CapabilitiesRequest(agent_id=agent_id,
+                                                                                     families=families))
+        return list(r.families)
+
+    async def create_token(self, name: str, ttl_s: float = 0) -> str:
+        r = await self._c(self._stub.CreateToken, access_pb2.CreateTokenRequest(name=name, admin=True, ttl_s=ttl_s))
+        return r.token
+
+    async def revoke_token(self, name: str) -> bool:
+        return (await self._c(self._stub.RevokeToken, access_pb2.RevokeTokenRequest(name=name))).revoked
+
+    async def audit(self, principal: str = "", limit: int = 100, denied_only: bool = False) -> list[dict]:
+        r = await self._c(self._stub.Audit, access_pb2.AuditRequest(principal=principal, limit=limit,
+                                                                    denied_only=denied_only))
+        return [{"ts": e.ts, "principal": e.principal, "method": e.method, "decision": e.decision,
+                 "capability": e.capability, "reason": e.reason} for e in r.entries]
+
+
 class KernelCalls:
     def __init__(self, session: "Session"):
         self._s = session
@@ -214,6 +280,7 @@ class Session:
         self.kernel = KernelCalls(self)
         self.storage = Storage(self)
         self.memory = Memory(self)
+        self.access = Access(self)
 
     async def exit(self) -> None:
         try:

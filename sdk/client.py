@@ -6,13 +6,13 @@ from collections.abc import Iterator
 
 import grpc
 
-from kernos.proto.v1 import (kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
+from kernos.proto.v1 import (access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
                              storage_pb2, storage_pb2_grpc)
 
 from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
                     resolve_address)
 from .errors import from_rpc_error
-from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, MemoryItem, Messages,
+from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, MemoryItem, Messages,
                     ModelInfo)
 
 
@@ -100,43 +100,47 @@ class Storage:
         self._stub = storage_pb2_grpc.StorageStub(session.channel)
 
     def write(self, path: str, data: bytes | str, metadata: dict[str, str] | None = None,
-              index: bool = False) -> FileInfo:
-        """Store a new version. `index=True` (UTF-8 text) makes its content findable by `search`."""
+              index: bool = False, owner: str = "") -> FileInfo:
+        """Store a new version. `index=True` (UTF-8 text) makes its content findable by `search`.
+        Every method takes `owner=` to use another agent's space where a grant allows it."""
         data = data.encode() if isinstance(data, str) else data
         return FileInfo.from_proto(_call(self._stub.Write, storage_pb2.WriteRequest(
-            path=path, data=data, metadata=metadata or {}, index=index), self._s.metadata))
+            path=path, data=data, metadata=metadata or {}, index=index, owner=owner), self._s.metadata))
 
-    def search(self, query: str, k: int = 5) -> list[FileHit]:
+    def search(self, query: str, k: int = 5, owner: str = "") -> list[FileHit]:
         """Files written with index=True whose content best matches `query`, one hit per file."""
-        reply = _call(self._stub.Search, storage_pb2.SearchFilesRequest(query=query, k=k), self._s.metadata)
+        reply = _call(self._stub.Search, storage_pb2.SearchFilesRequest(query=query, k=k, owner=owner),
+                      self._s.metadata)
         return [FileHit(path=h.path, version=h.version, snippet=h.snippet, distance=h.distance) for h in reply.hits]
 
-    def read(self, path: str, version: int = 0) -> bytes:
+    def read(self, path: str, version: int = 0, owner: str = "") -> bytes:
         """The content of the latest version (or of `version`)."""
-        return _call(self._stub.Read, storage_pb2.ReadRequest(path=path, version=version), self._s.metadata).data
+        return _call(self._stub.Read, storage_pb2.ReadRequest(path=path, version=version, owner=owner),
+                     self._s.metadata).data
 
-    def read_text(self, path: str, version: int = 0) -> str:
-        return self.read(path, version).decode()
+    def read_text(self, path: str, version: int = 0, owner: str = "") -> str:
+        return self.read(path, version, owner).decode()
 
-    def stat(self, path: str, version: int = 0) -> FileInfo:
-        return FileInfo.from_proto(_call(self._stub.Stat, storage_pb2.StatRequest(path=path, version=version),
+    def stat(self, path: str, version: int = 0, owner: str = "") -> FileInfo:
+        return FileInfo.from_proto(_call(self._stub.Stat, storage_pb2.StatRequest(
+            path=path, version=version, owner=owner), self._s.metadata))
+
+    def list(self, prefix: str = "", owner: str = "") -> list[FileInfo]:
+        reply = _call(self._stub.List, storage_pb2.ListFilesRequest(prefix=prefix, owner=owner), self._s.metadata)
+        return [FileInfo.from_proto(f) for f in reply.files]
+
+    def delete(self, path: str, owner: str = "") -> FileInfo:
+        return FileInfo.from_proto(_call(self._stub.Delete, storage_pb2.DeleteFileRequest(path=path, owner=owner),
                                          self._s.metadata))
 
-    def list(self, prefix: str = "") -> list[FileInfo]:
-        reply = _call(self._stub.List, storage_pb2.ListFilesRequest(prefix=prefix), self._s.metadata)
+    def history(self, path: str, owner: str = "") -> list[FileInfo]:
+        reply = _call(self._stub.History, storage_pb2.HistoryRequest(path=path, owner=owner), self._s.metadata)
         return [FileInfo.from_proto(f) for f in reply.files]
 
-    def delete(self, path: str) -> FileInfo:
-        return FileInfo.from_proto(_call(self._stub.Delete, storage_pb2.DeleteFileRequest(path=path), self._s.metadata))
-
-    def history(self, path: str) -> list[FileInfo]:
-        reply = _call(self._stub.History, storage_pb2.HistoryRequest(path=path), self._s.metadata)
-        return [FileInfo.from_proto(f) for f in reply.files]
-
-    def rollback(self, path: str, version: int) -> FileInfo:
+    def rollback(self, path: str, version: int, owner: str = "") -> FileInfo:
         """Make `version`'s content current again (as a new version)."""
-        return FileInfo.from_proto(_call(self._stub.Rollback, storage_pb2.RollbackRequest(path=path, version=version),
-                                         self._s.metadata))
+        return FileInfo.from_proto(_call(self._stub.Rollback, storage_pb2.RollbackRequest(
+            path=path, version=version, owner=owner), self._s.metadata))
 
 
 class Memory:
@@ -150,24 +154,31 @@ class Memory:
         return _call(fn, req, self._s.metadata)
 
     def add(self, texts: str | list[str], metadata: dict | list[dict] | None = None,
-            ids: list[str] | None = None) -> list[str]:
-        """Embed and store texts (with string metadata); returns their ids."""
-        return list(self._c(self._stub.Add, memory_pb2.AddMemoryRequest(items=memory_items(texts, metadata, ids))).ids)
+            ids: list[str] | None = None, namespace: str = "") -> list[str]:
+        """Embed and store texts (with string metadata); returns their ids. Every entry method takes
+        `namespace=` to use another agent's namespace where a grant allows it."""
+        return list(self._c(self._stub.Add, memory_pb2.AddMemoryRequest(items=memory_items(texts, metadata, ids),
+                                                                         namespace=namespace)).ids)
 
-    def search(self, query: str, k: int = 5, where: dict[str, str] | None = None) -> list[MemoryItem]:
+    def search(self, query: str, k: int = 5, where: dict[str, str] | None = None,
+               namespace: str = "") -> list[MemoryItem]:
         """The k nearest entries to `query`, optionally filtered by metadata equality."""
-        reply = self._c(self._stub.Search, memory_pb2.SearchMemoryRequest(query=query, k=k, where=where or {}))
+        reply = self._c(self._stub.Search, memory_pb2.SearchMemoryRequest(query=query, k=k, where=where or {},
+                                                                           namespace=namespace))
         return [MemoryItem.from_proto(h.item, h.distance) for h in reply.hits]
 
-    def get(self, ids: list[str]) -> list[MemoryItem]:
-        return [MemoryItem.from_proto(m) for m in self._c(self._stub.Get, memory_pb2.GetMemoryRequest(ids=ids)).items]
+    def get(self, ids: list[str], namespace: str = "") -> list[MemoryItem]:
+        reply = self._c(self._stub.Get, memory_pb2.GetMemoryRequest(ids=ids, namespace=namespace))
+        return [MemoryItem.from_proto(m) for m in reply.items]
 
-    def update(self, id: str, text: str | None = None, metadata: dict[str, str] | None = None) -> MemoryItem:
+    def update(self, id: str, text: str | None = None, metadata: dict[str, str] | None = None,
+               namespace: str = "") -> MemoryItem:
         return MemoryItem.from_proto(self._c(self._stub.Update, memory_pb2.UpdateMemoryRequest(
-            id=id, text=text or "", metadata=metadata or {}, replace_metadata=metadata is not None)))
+            id=id, text=text or "", metadata=metadata or {}, replace_metadata=metadata is not None,
+            namespace=namespace)))
 
-    def delete(self, ids: list[str]) -> int:
-        return self._c(self._stub.Delete, memory_pb2.DeleteMemoryRequest(ids=ids)).deleted
+    def delete(self, ids: list[str], namespace: str = "") -> int:
+        return self._c(self._stub.Delete, memory_pb2.DeleteMemoryRequest(ids=ids, namespace=namespace)).deleted
 
     def create_context(self, context_id: str, budget_tokens: int = 0, summarize: bool = False, system: str = "",
                        model: str | None = None) -> ContextInfo:
@@ -203,6 +214,64 @@ class Memory:
             context_id=context_id, block_id=block_id)))
 
 
+class Access:
+    """Access control (`session.access`): grant other agents or groups access to this agent's memory
+    namespace or storage paths; operators (admin tokens) also manage groups, capabilities and tokens."""
+
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = access_pb2_grpc.AccessStub(session.channel)
+
+    def _c(self, fn, req):
+        return _call(fn, req, self._s.metadata)
+
+    def grant(self, grantee: str, kind: str, permission: str = "read", resource: str = "", owner: str = "",
+              ttl_s: float = 0) -> GrantInfo:
+        """Let `grantee` (an agent id or "group:NAME") read or write this agent's `kind` ("memory" or
+        "storage"; storage `resource` is a path prefix, "" for all). Returns the grant (revoke by id)."""
+        return GrantInfo.from_proto(self._c(self._stub.Grant, access_pb2.GrantRequest(
+            grantee=grantee, kind=kind, owner=owner, resource=resource, permission=permission, ttl_s=ttl_s)))
+
+    def revoke(self, grant_id: str) -> GrantInfo:
+        return GrantInfo.from_proto(self._c(self._stub.Revoke, access_pb2.RevokeRequest(grant_id=grant_id)))
+
+    def grants(self, include_revoked: bool = False) -> list[GrantInfo]:
+        reply = self._c(self._stub.ListGrants, access_pb2.ListGrantsRequest(include_revoked=include_revoked))
+        return [GrantInfo.from_proto(g) for g in reply.grants]
+
+    def create_group(self, name: str) -> list[str]:
+        return list(self._c(self._stub.CreateGroup, access_pb2.GroupRequest(name=name)).members)
+
+    def add_member(self, group: str, agent_id: str) -> list[str]:
+        return list(self._c(self._stub.AddMember, access_pb2.MemberRequest(group=group, agent_id=agent_id)).members)
+
+    def remove_member(self, group: str, agent_id: str) -> list[str]:
+        return list(self._c(self._stub.RemoveMember, access_pb2.MemberRequest(group=group, agent_id=agent_id)).members)
+
+    def groups(self) -> dict[str, list[str]]:
+        return {g.name: list(g.members) for g in self._c(self._stub.ListGroups, access_pb2.ListGroupsRequest()).groups}
+
+    def capabilities(self, agent_id: str = "") -> list[str]:
+        return list(self._c(self._stub.GetCapabilities, access_pb2.CapabilitiesRequest(agent_id=agent_id)).families)
+
+    def set_capabilities(self, agent_id: str, families: list[str]) -> list[str]:
+        return list(self._c(self._stub.SetCapabilities, access_pb2.CapabilitiesRequest(
+            agent_id=agent_id, families=families)).families)
+
+    def create_token(self, name: str, ttl_s: float = 0) -> str:
+        """A new operator token (shown once)."""
+        return self._c(self._stub.CreateToken, access_pb2.CreateTokenRequest(name=name, admin=True, ttl_s=ttl_s)).token
+
+    def revoke_token(self, name: str) -> bool:
+        return self._c(self._stub.RevokeToken, access_pb2.RevokeTokenRequest(name=name)).revoked
+
+    def audit(self, principal: str = "", limit: int = 100, denied_only: bool = False) -> list[dict]:
+        reply = self._c(self._stub.Audit, access_pb2.AuditRequest(principal=principal, limit=limit,
+                                                                  denied_only=denied_only))
+        return [{"ts": e.ts, "principal": e.principal, "method": e.method, "decision": e.decision,
+                 "capability": e.capability, "reason": e.reason} for e in reply.entries]
+
+
 class KernelCalls:
     """Kernel service syscalls (`session.kernel`)."""
 
@@ -235,6 +304,7 @@ class Session:
         self.kernel = KernelCalls(self)
         self.storage = Storage(self)
         self.memory = Memory(self)
+        self.access = Access(self)
 
     def exit(self) -> None:
         """End the registration (revokes the token) and close the channel."""

@@ -5,7 +5,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel
 
-from kernos.proto.v1 import kernel_pb2, llm_pb2, memory_pb2, storage_pb2
+from kernos.proto.v1 import access_pb2, kernel_pb2, llm_pb2, memory_pb2, storage_pb2
 
 
 class Message(BaseModel):
@@ -154,3 +154,23 @@ class FileHit(BaseModel):
     version: int
     snippet: str
     distance: float
+
+
+class GrantInfo(BaseModel):
+    """Access granted by `owner` to `grantee` (an agent or "group:NAME") on a memory namespace or storage prefix."""
+    grant_id: str
+    grantee: str
+    kind: str
+    owner: str
+    resource: str
+    permission: str
+    created: float
+    expires: float
+    revoked: bool
+    granted_by: str
+
+    @classmethod
+    def from_proto(cls, g: access_pb2.GrantInfo) -> "GrantInfo":
+        return cls(grant_id=g.grant_id, grantee=g.grantee, kind=g.kind, owner=g.owner, resource=g.resource,
+                   permission=g.permission, created=g.created, expires=g.expires, revoked=g.revoked,
+                   granted_by=g.granted_by)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kernos/v1/storage.proto\x12\tkernos.v1\"\xcf\x01\n\x08\x46ileInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x01\x12\x0f\n\x07\x64\x65leted\x18\x06 \x01(\x08\x12\x33\n\x08metadata\x18\x07 \x03(\x0b\x32!.kernos.v1.FileInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa3\x01\n\x0cWriteRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x37\n\x08metadata\x18\x03 \x03(\x0b\x32%.kernos.v1.WriteRequest.MetadataEntry\x12\r\n\x05index\x18\x04 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0bReadRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"<\n\tReadReply\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.kernos.v1.FileInfo\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\",\n\x0bStatRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\"\n\x10ListFilesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"4\n\x0eListFilesReply\x12\"\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x13.kernos.v1.FileInfo\"!\n\x11\x44\x65leteFileRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x1e\n\x0eHistoryRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"0\n\x0fRollbackRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\".\n\x12SearchFilesRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\"K\n\x07\x46ileHit\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07snippet\x18\x03 \x01(\t\x12\x10\n\x08\x64istance\x18\x04 \x01(\x02\"4\n\x10SearchFilesReply\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.kernos.v1.FileHit2\xec\x03\n\x07Storage\x12\x35\n\x05Write\x12\x17.kernos.v1.WriteRequest\x1a\x13.kernos.v1.FileInfo\x12\x34\n\x04Read\x12\x16.kernos.v1.ReadRequest\x1a\x14.kernos.v1.ReadReply\x12\x33\n\x04Stat\x12\x16.kernos.v1.StatRequest\x1a\x13.kernos.v1.FileInfo\x12>\n\x04List\x12\x1b.kernos.v1.ListFilesRequest\x1a\x19.kernos.v1.ListFilesReply\x12;\n\x06\x44\x65lete\x12\x1c.kernos.v1.DeleteFileRequest\x1a\x13.kernos.v1.FileInfo\x12?\n\x07History\x12\x19.kernos.v1.HistoryRequest\x1a\x19.kernos.v1.ListFilesReply\x12;\n\x08Rollback\x12\x1a.kernos.v1.RollbackRequest\x1a\x13.kernos.v1.FileInfo\x12\x44\n\x06Search\x12\x1d.kernos.v1.SearchFilesRequest\x1a\x1b.kernos.v1.SearchFilesReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kernos/v1/storage.proto\x12\tkernos.v1\"\xcf\x01\n\x08\x46ileInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x01\x12\x0f\n\x07\x64\x65leted\x18\x06 \x01(\x08\x12\x33\n\x08metadata\x18\x07 \x03(\x0b\x32!.kernos.v1.FileInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb2\x01\n\x0cWriteRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x37\n\x08metadata\x18\x03 \x03(\x0b\x32%.kernos.v1.WriteRequest.MetadataEntry\x12\r\n\x05index\x18\x04 \x01(\x08\x12\r\n\x05owner\x18\x05 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x0bReadRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05owner\x18\x03 \x01(\t\"<\n\tReadReply\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.kernos.v1.FileInfo\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\";\n\x0bStatRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05owner\x18\x03 \x01(\t\"1\n\x10ListFilesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"4\n\x0eListFilesReply\x12\"\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x13.kernos.v1.FileInfo\"0\n\x11\x44\x65leteFileRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"-\n\x0eHistoryRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"?\n\x0fRollbackRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05owner\x18\x03 \x01(\t\"=\n\x12SearchFilesRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\r\n\x05owner\x18\x03 \x01(\t\"K\n\x07\x46ileHit\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07snippet\x18\x03 \x01(\t\x12\x10\n\x08\x64istance\x18\x04 \x01(\x02\"4\n\x10SearchFilesReply\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.kernos.v1.FileHit2\xec\x03\n\x07Storage\x12\x35\n\x05Write\x12\x17.kernos.v1.WriteRequest\x1a\x13.kernos.v1.FileInfo\x12\x34\n\x04Read\x12\x16.kernos.v1.ReadRequest\x1a\x14.kernos.v1.ReadReply\x12\x33\n\x04Stat\x12\x16.kernos.v1.StatRequest\x1a\x13.kernos.v1.FileInfo\x12>\n\x04List\x12\x1b.kernos.v1.ListFilesRequest\x1a\x19.kernos.v1.ListFilesReply\x12;\n\x06\x44\x65lete\x12\x1c.kernos.v1.DeleteFileRequest\x1a\x13.kernos.v1.FileInfo\x12?\n\x07History\x12\x19.kernos.v1.HistoryRequest\x1a\x19.kernos.v1.ListFilesReply\x12;\n\x08Rollback\x12\x1a.kernos.v1.RollbackRequest\x1a\x13.kernos.v1.FileInfo\x12\x44\n\x06Search\x12\x1d.kernos.v1.SearchFilesRequest\x1a\x1b.kernos.v1.SearchFilesReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,31 +40,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILEINFO_METADATAENTRY']._serialized_start=199
   _globals['_FILEINFO_METADATAENTRY']._serialized_end=246
   _globals['_WRITEREQUEST']._serialized_start=249
-  _globals['_WRITEREQUEST']._serialized_end=412
+  _globals['_WRITEREQUEST']._serialized_end=427
   _globals['_WRITEREQUEST_METADATAENTRY']._serialized_start=199
   _globals['_WRITEREQUEST_METADATAENTRY']._serialized_end=246
-  _globals['_READREQUEST']._serialized_start=414
-  _globals['_READREQUEST']._serialized_end=458
-  _globals['_READREPLY']._serialized_start=460
-  _globals['_READREPLY']._serialized_end=520
-  _globals['_STATREQUEST']._serialized_start=522
-  _globals['_STATREQUEST']._serialized_end=566
-  _globals['_LISTFILESREQUEST']._serialized_start=568
-  _globals['_LISTFILESREQUEST']._serialized_end=602
-  _globals['_LISTFILESREPLY']._serialized_start=604
-  _globals['_LISTFILESREPLY']._serialized_end=656
-  _globals['_DELETEFILEREQUEST']._serialized_start=658
-  _globals['_DELETEFILEREQUEST']._serialized_end=691
-  _globals['_HISTORYREQUEST']._serialized_start=693
-  _globals['_HISTORYREQUEST']._serialized_end=723
-  _globals['_ROLLBACKREQUEST']._serialized_start=725
-  _globals['_ROLLBACKREQUEST']._serialized_end=773
-  _globals['_SEARCHFILESREQUEST']._serialized_start=775
-  _globals['_SEARCHFILESREQUEST']._serialized_end=821
-  _globals['_FILEHIT']._serialized_start=823
-  _globals['_FILEHIT']._serialized_end=898
-  _globals['_SEARCHFILESREPLY']._serialized_start=900
-  _globals['_SEARCHFILESREPLY']._serialized_end=952
-  _globals['_STORAGE']._serialized_start=955
-  _globals['_STORAGE']._serialized_end=1447
+  _globals['_READREQUEST']._serialized_start=429
+  _globals['_READREQUEST']._serialized_end=488
+  _globals['_READREPLY']._serialized_start=490
+  _globals['_READREPLY']._serialized_end=550
+  _globals['_STATREQUEST']._serialized_start=552
+  _globals['_STATREQUEST']._serialized_end=611
+  _globals['_LISTFILESREQUEST']._serialized_start=613
+  _globals['_LISTFILESREQUEST']._serialized_end=662
+  _globals['_LISTFILESREPLY']._serialized_start=664
+  _globals['_LISTFILESREPLY']._serialized_end=716
+  _globals['_DELETEFILEREQUEST']._serialized_start=718
+  _globals['_DELETEFILEREQUEST']._serialized_end=766
+  _globals['_HISTORYREQUEST']._serialized_start=768
+  _globals['_HISTORYREQUEST']._serialized_end=813
+  _globals['_ROLLBACKREQUEST']._serialized_start=815
+  _globals['_ROLLBACKREQUEST']._serialized_end=878
+  _globals['_SEARCHFILESREQUEST']._serialized_start=880
+  _globals['_SEARCHFILESREQUEST']._serialized_end=941
+  _globals['_FILEHIT']._serialized_start=943
+  _globals['_FILEHIT']._serialized_end=1018
+  _globals['_SEARCHFILESREPLY']._serialized_start=1020
+  _globals['_SEARCHFILESREPLY']._serialized_end=1072
+  _globals['_STORAGE']._serialized_start=1075
+  _globals['_STORAGE']._serialized_end=1567
 # @@protoc_insertion_point(module_scope)

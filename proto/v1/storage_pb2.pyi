@@ -32,7 +32,7 @@ class FileInfo(_message.Message):
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., created: _Optional[float] = ..., deleted: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class WriteRequest(_message.Message):
-    __slots__ = ("path", "data", "metadata", "index")
+    __slots__ = ("path", "data", "metadata", "index", "owner")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,19 +44,23 @@ class WriteRequest(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     path: str
     data: bytes
     metadata: _containers.ScalarMap[str, str]
     index: bool
-    def __init__(self, path: _Optional[str] = ..., data: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., index: _Optional[bool] = ...) -> None: ...
+    owner: str
+    def __init__(self, path: _Optional[str] = ..., data: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., index: _Optional[bool] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
-    __slots__ = ("path", "version")
+    __slots__ = ("path", "version", "owner")
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     path: str
     version: int
-    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ReadReply(_message.Message):
     __slots__ = ("info", "data")
@@ -67,18 +71,22 @@ class ReadReply(_message.Message):
     def __init__(self, info: _Optional[_Union[FileInfo, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StatRequest(_message.Message):
-    __slots__ = ("path", "version")
+    __slots__ = ("path", "version", "owner")
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     path: str
     version: int
-    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ListFilesRequest(_message.Message):
-    __slots__ = ("prefix",)
+    __slots__ = ("prefix", "owner")
     PREFIX_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     prefix: str
-    def __init__(self, prefix: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, prefix: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ListFilesReply(_message.Message):
     __slots__ = ("files",)
@@ -87,32 +95,40 @@ class ListFilesReply(_message.Message):
     def __init__(self, files: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ...) -> None: ...
 
 class DeleteFileRequest(_message.Message):
-    __slots__ = ("path",)
+    __slots__ = ("path", "owner")
     PATH_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     path: str
-    def __init__(self, path: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, path: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class HistoryRequest(_message.Message):
-    __slots__ = ("path",)
+    __slots__ = ("path", "owner")
     PATH_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     path: str
-    def __init__(self, path: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, path: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
-    __slots__ = ("path", "version")
+    __slots__ = ("path", "version", "owner")
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     path: str
     version: int
-    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class SearchFilesRequest(_message.Message):
-    __slots__ = ("query", "k")
+    __slots__ = ("query", "k", "owner")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     query: str
     k: int
-    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class FileHit(_message.Message):
     __slots__ = ("path", "version", "snippet", "distance")
