@@ -112,7 +112,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                                     "missing, unknown, expired or revoked token: register with Kernel.Register "
                                     "and send 'authorization: Bearer <token>'")
             if self.authorize is not None:
-                denied = self.authorize(agent, method, request)
+                try:
+                    denied = self.authorize(agent, method, request)
+                except Exception as e:  # a quota: RESOURCE_EXHAUSTED with a retry hint
+                    retry = getattr(e, "retry_after_s", None)
+                    if retry is None:
+                        raise
+                    context.set_trailing_metadata((("retry-after-ms", str(int(retry * 1000))),))
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry after {retry:.1f} s")
                 if denied:
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
             return agent

@@ -78,6 +78,16 @@ class StorageConfig(_Strict):
     max_file_bytes: int = Field(16 << 20, gt=0, description="largest single file (also bounded by server.max_message_bytes)")
 
 
+class QuotaLimits(_Strict):
+    requests_per_second: float = Field(0, ge=0, description="every syscall; 0: no limit")
+    tokens_per_minute: int = Field(0, ge=0, description="LLM prompt + generated tokens; 0: no limit")
+    concurrent_generations: int = Field(0, ge=0, description="0: no limit")
+
+
+class QuotasConfig(QuotaLimits):
+    agents: dict[str, QuotaLimits] = Field(default_factory=dict, description="per-agent overrides")
+
+
 class MemoryConfig(_Strict):
     chroma_url: str = Field("", description="empty: embedded chromadb under the data dir; else http://host:port")
     max_entries: int = Field(100_000, ge=0, description="long-term entries per namespace; 0: no limit")
@@ -108,6 +118,7 @@ class KernelConfig(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     storage: StorageConfig = StorageConfig()
     memory: MemoryConfig = MemoryConfig()
+    quotas: QuotasConfig = QuotasConfig()
     models: list[ModelConfig] = Field(default_factory=list, description="empty: the embedded default model")
 
     @field_validator("data_dir")

@@ -13,10 +13,11 @@ log = logging.getLogger("kernos.kernel")
 
 
 class SyscallError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 def invalid(msg: str) -> SyscallError:
@@ -35,6 +36,13 @@ def unavailable(msg: str) -> SyscallError:
     return SyscallError(grpc.StatusCode.UNAVAILABLE, msg)
 
 
+async def _abort(context, e: SyscallError) -> None:
+    if e.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
+        await context.abort(e.code, f"{e.message}; retry after {e.retry_after_s:.1f} s")
+    await context.abort(e.code, e.message)
+
+
 async def _abort_internal(context, e: Exception) -> None:
     ref = uuid.uuid4().hex[:12]
     log.error("internal error [%s]", ref, exc_info=e)
@@ -50,7 +58,7 @@ def syscall(fn):
                 async for item in fn(self, request, context):
                     yield item
             except SyscallError as e:
-                await context.abort(e.code, e.message)
+                await _abort(context, e)
             except Exception as e:
                 if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
                     raise
@@ -62,7 +70,7 @@ def syscall(fn):
         try:
             return await fn(self, request, context)
         except SyscallError as e:
-            await context.abort(e.code, e.message)
+            await _abort(context, e)
         except Exception as e:
             if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
                 raise

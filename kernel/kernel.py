@@ -12,6 +12,7 @@ from .access import AccessControl
 from .agents import AgentRegistry
 from .config import KernelConfig
 from .llm.core import LLMCore
+from .quotas import Limits, Quotas
 from kernos.memory.context import ContextStore
 from kernos.storage.files import FileStore
 from kernos.storage.traces import TraceLog, TraceRecord
@@ -29,6 +30,10 @@ class Kernel:
         self.traces = TraceLog(config.data_dir / "traces.db")
         self.access = AccessControl(config.data_dir / "access.db", config.server.admin_token)
         self.audit = TraceLog(config.data_dir / "audit.db")  # every access decision, same guarantees
+        q = config.quotas
+        self.quotas = Quotas(Limits(q.requests_per_second, q.tokens_per_minute, q.concurrent_generations),
+                             {a: Limits(x.requests_per_second, x.tokens_per_minute, x.concurrent_generations)
+                              for a, x in q.agents.items()})
         self.files = FileStore(config.data_dir / "files", config.storage.quota_bytes, config.storage.max_file_bytes)
         self.contexts = ContextStore(config.data_dir / "contexts.db")
         self._memory = None
@@ -61,6 +66,14 @@ class Kernel:
     def authorize(self, principal, method: str, request) -> str | None:
         """The one access check of every syscall: None to allow, or the PERMISSION_DENIED message. Every
         decision goes to the audit log."""
+        from .quotas import QuotaExceeded
+
+        try:
+            self.quotas.request(principal.agent_id)
+        except QuotaExceeded as e:
+            self.audit.record(TraceRecord(principal.agent_id, method, "DENY", {"capability": "rate"},
+                                          {"reason": str(e)}, {}))
+            raise
         allowed, capability, reason = self.access.decide(principal, method, request)
         if method in RULES_AUDITED or not allowed:
             self.audit.record(TraceRecord(principal.agent_id, method, "ALLOW" if allowed else "DENY",

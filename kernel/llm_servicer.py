@@ -250,6 +250,14 @@ class LLMServicer(rpc.LLMServicer):
         except SyscallError as e:
             self._trace(agent.agent_id, request, None, e.code.name, t0)
             raise
+        from .quotas import QuotaExceeded
+
+        try:
+            self.k.quotas.start_generation(agent.agent_id, len(req.prompt_ids))
+        except QuotaExceeded as e:
+            self._trace(agent.agent_id, request, None, "RESOURCE_EXHAUSTED", t0)
+            raise SyscallError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), e.retry_after_s) from None
+        completion = 0
         handle = RequestHandle(req, asyncio.get_running_loop())
         with self.k.track():
             try:
@@ -259,8 +267,10 @@ class LLMServicer(rpc.LLMServicer):
                     model.engine.restore(folder, req, handle)
                 self.live[req.request_id] = (agent.agent_id, model)
             except EngineClosed as e:
+                self.k.quotas.end_generation(agent.agent_id, 0)
                 raise unavailable(str(e)) from None
             except RequestTooLarge as e:
+                self.k.quotas.end_generation(agent.agent_id, 0)
                 self._trace(agent.agent_id, request, None, "RESOURCE_EXHAUSTED", t0)
                 raise exhausted(str(e)) from None
             try:
@@ -272,6 +282,7 @@ class LLMServicer(rpc.LLMServicer):
                         self._trace(agent.agent_id, request, None, "INTERNAL", t0)
                         raise SyscallError(grpc.StatusCode.INTERNAL, ev.message)
                     else:
+                        completion = ev.completion_tokens
                         reply = self._reply(model, req, ev)
                         self.k.agents.add_tokens(agent, ev.prompt_tokens, ev.completion_tokens)
                         self._trace(agent.agent_id, request, reply, "OK", t0)
@@ -286,6 +297,7 @@ class LLMServicer(rpc.LLMServicer):
                 raise
             finally:
                 self.live.pop(req.request_id, None)
+                self.k.quotas.end_generation(agent.agent_id, completion)
 
     @syscall
     async def Generate(self, request, context):

@@ -16,6 +16,12 @@ from .errors import SyscallError, invalid, not_found, syscall
 from .kernel import Kernel
 
 
+def _chroma_input_errors() -> tuple[type, ...]:
+    from chromadb import errors
+
+    return tuple(getattr(errors, n) for n in ("InvalidArgumentError", "DuplicateIDError") if hasattr(errors, n))
+
+
 def _item(r: Record) -> pb.MemoryItem:
     return pb.MemoryItem(id=r.id, text=r.text, metadata=r.metadata, created=r.created)
 
@@ -41,6 +47,9 @@ class MemoryServicer(rpc.MemoryServicer):
         except (MemoryError_, ContextError) as e:
             self.k.traces.record(TraceRecord(agent.agent_id, kind, e.code, trace or {}, {}, {}))
             raise SyscallError(getattr(grpc.StatusCode, e.code), str(e)) from None
+        except (ValueError, *_chroma_input_errors()) as e:  # chromadb's own input validation
+            self.k.traces.record(TraceRecord(agent.agent_id, kind, "INVALID_ARGUMENT", trace or {}, {}, {}))
+            raise SyscallError(grpc.StatusCode.INVALID_ARGUMENT, f"rejected by the vector store: {e}") from None
         self.k.traces.record(TraceRecord(agent.agent_id, kind, "OK", trace or {}, {}, {}))
         return result
 

@@ -80,6 +80,13 @@ class VectorMemory:
             raise MemoryError_("INVALID_ARGUMENT", f"memory text is over {MAX_TEXT} bytes")
 
     @staticmethod
+    def _check_ids(ids: list[str]) -> None:
+        if not ids:
+            raise MemoryError_("INVALID_ARGUMENT", "give at least one id")
+        if len(ids) > 1000 or any(not i or len(i) > MAX_ID for i in ids):
+            raise MemoryError_("INVALID_ARGUMENT", f"1 to 1000 ids, each 1 to {MAX_ID} characters")
+
+    @staticmethod
     def _check_meta(meta: dict[str, str]) -> None:
         if RESERVED in meta:
             raise MemoryError_("INVALID_ARGUMENT", f"metadata key '{RESERVED}' is reserved")
@@ -111,6 +118,7 @@ class VectorMemory:
 
     def search(self, namespace: str, query: str, k: int = 5, where: dict[str, str] | None = None) -> list[Record]:
         self._check_text(query)
+        self._check_meta(where or {})
         if not 1 <= k <= 100:
             raise MemoryError_("INVALID_ARGUMENT", "k must be between 1 and 100")
         res = self._coll(namespace).query(query_embeddings=self.embed([query]), n_results=k, where=_where(where or {}),
@@ -119,7 +127,8 @@ class VectorMemory:
                 zip(res["ids"][0], res["documents"][0], res["metadatas"][0], res["distances"][0])]
 
     def get(self, namespace: str, ids: list[str]) -> list[Record]:
-        res = self._coll(namespace).get(ids=ids, include=["documents", "metadatas"])
+        self._check_ids(ids)
+        res = self._coll(namespace).get(ids=list(dict.fromkeys(ids)), include=["documents", "metadatas"])
         found = {i: self._record(i, d, m) for i, d, m in zip(res["ids"], res["documents"], res["metadatas"])}
         missing = [i for i in ids if i not in found]
         if missing:
@@ -127,6 +136,7 @@ class VectorMemory:
         return [found[i] for i in ids]
 
     def update(self, namespace: str, id_: str, text: str | None = None, metadata: dict[str, str] | None = None) -> Record:
+        self._check_ids([id_])
         [old] = self.get(namespace, [id_])
         new_text = text if text else old.text
         self._check_text(new_text)
@@ -138,8 +148,9 @@ class VectorMemory:
         return Record(id_, new_text, meta, old.created)
 
     def delete(self, namespace: str, ids: list[str]) -> int:
+        self._check_ids(ids)
         coll = self._coll(namespace)
-        present = coll.get(ids=ids, include=[])["ids"]
+        present = coll.get(ids=list(dict.fromkeys(ids)), include=[])["ids"]
         if present:
             coll.delete(ids=present)
         return len(present)

@@ -40,7 +40,9 @@ class Unauthenticated(KernosError):
 
 
 class ResourceExhausted(KernosError):
+    """A limit or quota; `retry_after_s` says when to retry when the kernel knows."""
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_after_s: float | None = None
 
 
 class Unavailable(KernosError):
@@ -63,4 +65,9 @@ def from_rpc_error(e: grpc.RpcError) -> KernosError:
     code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
     details = e.details() if callable(getattr(e, "details", None)) else str(e)
     cls = _BY_CODE.get(code, KernosError)
-    return cls(details or code.name, code)
+    err = cls(details or code.name, code)
+    trailing = e.trailing_metadata() if callable(getattr(e, "trailing_metadata", None)) else None
+    for key, value in trailing or ():
+        if key == "retry-after-ms":
+            err.retry_after_s = int(value) / 1000
+    return err
