@@ -19,9 +19,9 @@ from .examples import ALL_AGENTS, AgentRun
 
 
 def start_kernel(data_dir: Path, config: str | None = None, timeout: float = 300.0,
-                 extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `kernos serve` on a free port; return the process and its address once it is READY."""
-    cmd = [sys.executable, "-m", "kernos.kernel.cli", "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir)]
+                 extra_env: dict | None = None, listen: str = "127.0.0.1:0") -> tuple[subprocess.Popen, str]:
+    """Start `kernos serve` (on a free port by default); return the process and its address once READY."""
+    cmd = [sys.executable, "-m", "kernos.kernel.cli", "serve", "--listen", listen, "--data-dir", str(data_dir)]
     if config:
         cmd += ["--config", config]
     env = dict(os.environ, **(extra_env or {}))

@@ -41,7 +41,8 @@ def cmd_serve(args) -> int:
 def _session(args):
     import kernos.sdk
 
-    return kernos.sdk.connect(_address(args), agent=f"kernos-cli-{os.getpid()}", timeout=args.timeout)
+    return kernos.sdk.connect(_address(args), agent=f"kernos-cli-{os.getpid()}", timeout=args.timeout,
+                              tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 def cmd_status(args) -> int:
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "or 127.0.0.1:7070)")
         c.add_argument("--data-dir", help="find the address in this kernel's data dir")
         c.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the kernel")
+        c.add_argument("--tls-ca", help="CA certificate (PEM) of a TLS kernel")
+        c.add_argument("--tls-cert", help="client certificate (PEM) for mTLS")
+        c.add_argument("--tls-key", help="client key (PEM) for mTLS")
         if name == "status":
             c.add_argument("--json", action="store_true", help="print the raw stats as JSON")
         elif name == "top":

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -22,12 +22,30 @@ class _Strict(BaseModel):
 
 
 class ServerConfig(_Strict):
-    listen: str = Field("127.0.0.1:7070", description="host:port for TCP")
+    listen: str = Field("127.0.0.1:7070", description="host:port for TCP, or unix:/path/kernos.sock")
+    socket_mode: int = Field(0o660, ge=0, le=0o777, description="file mode of a Unix socket (owner and group only)")
+    tls_cert: Path | None = Field(None, description="server certificate (PEM): TLS on the TCP port")
+    tls_key: Path | None = Field(None, description="its private key (PEM)")
+    tls_client_ca: Path | None = Field(None, description="CA (PEM) that client certificates must chain to: mTLS")
     max_message_bytes: int = Field(32 * 1024 * 1024, gt=1024, description="largest gRPC message accepted")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight generations")
     agent_ttl_s: float = Field(600.0, gt=0, description="an agent silent this long may have its name taken")
     admin_token: str | None = Field(None, min_length=16, description="an operator token; or: kernos token create --admin")
     reflection: bool = True
+
+
+    @model_validator(mode="after")
+    def _tls(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.tls_cert is not None and self.listen.startswith("unix:"):
+            raise ValueError("TLS is for TCP; a Unix socket is protected by its file mode")
+        for f in (self.tls_cert, self.tls_key, self.tls_client_ca):
+            if f is not None and not f.exists():
+                raise ValueError(f"{f} does not exist")
+        return self
 
 
 class LimitsConfig(_Strict):

@@ -38,6 +38,27 @@ async def _flush_agents_periodically(kernel: Kernel) -> None:
         kernel.agents.flush()
 
 
+def _listen(server, sc) -> str:
+    """Bind the configured address (TCP, TLS, mTLS or a Unix socket); return the address clients use."""
+    if sc.listen.startswith("unix:"):
+        path = sc.listen[5:]
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket from a killed kernel
+        server.add_insecure_port(sc.listen)
+        return sc.listen
+    if sc.tls_cert is not None:
+        creds = grpc.ssl_server_credentials(
+            [(sc.tls_key.read_bytes(), sc.tls_cert.read_bytes())],
+            root_certificates=sc.tls_client_ca.read_bytes() if sc.tls_client_ca else None,
+            require_client_auth=sc.tls_client_ca is not None)
+        port = server.add_secure_port(sc.listen, creds)
+    else:
+        port = server.add_insecure_port(sc.listen)
+    if port == 0:
+        raise RuntimeError("the port is taken or the address is invalid")
+    return f"{sc.listen.rsplit(':', 1)[0]}:{port}"
+
+
 async def serve(config: KernelConfig) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -58,15 +79,15 @@ async def serve(config: KernelConfig) -> int:
     if config.server.reflection:
         reflection.enable_server_reflection(SERVICES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(config.server.listen)
-    except RuntimeError as e:
+        address = _listen(server, config.server)
+    except (RuntimeError, OSError) as e:
         log.error("cannot listen on %s: %s", config.server.listen, e)
         kernel.drain(0)
         kernel.close()
         return 2
-    host = config.server.listen.rsplit(":", 1)[0]
-    address = f"{host}:{port}"
     await server.start()
+    if address.startswith("unix:"):
+        os.chmod(address[5:], config.server.socket_mode)  # who may connect: the socket's owner and group
     for name in ("",) + SERVICES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     (config.data_dir / "kernel.addr").write_text(address + "\n")

@@ -16,6 +16,19 @@ def resolve_address(address: str | None) -> str:
     return address or os.environ.get("KERNOS_ADDRESS") or DEFAULT_ADDRESS
 
 
+def tls_credentials(ca: str | None, cert: str | None, key: str | None):
+    """Channel credentials for a TLS kernel (None: plaintext). cert + key: a client certificate for mTLS."""
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError("tls_cert and tls_key go together")
+    import grpc
+    from pathlib import Path
+
+    read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
+
+
 def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 

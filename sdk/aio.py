@@ -13,7 +13,7 @@ from kernos.proto.v1 import (access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2
                              storage_pb2, storage_pb2_grpc)
 
 from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
-                    resolve_address)
+                    resolve_address, tls_credentials)
 from .errors import Unavailable, from_rpc_error
 from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, MemoryItem, Messages,
                     ModelInfo)
@@ -299,11 +299,14 @@ class Session:
 
 
 async def connect(address: str | None = None, agent: str = "agent", token: str | None = None, *,
-                  description: str = "", labels: dict[str, str] | None = None, timeout: float = 10.0) -> Session:
+                  description: str = "", labels: dict[str, str] | None = None, timeout: float = 10.0,
+                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> Session:
     """See `kernos.sdk.connect`."""
     import asyncio
 
-    channel = grpc.aio.insecure_channel(resolve_address(address), options=CHANNEL_OPTIONS)
+    creds = tls_credentials(tls_ca, tls_cert, tls_key)
+    channel = (grpc.aio.secure_channel(resolve_address(address), creds, options=CHANNEL_OPTIONS) if creds
+               else grpc.aio.insecure_channel(resolve_address(address), options=CHANNEL_OPTIONS))
     try:
         await asyncio.wait_for(channel.channel_ready(), timeout)
     except asyncio.TimeoutError:

@@ -10,7 +10,7 @@ from kernos.proto.v1 import (access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2
                              storage_pb2, storage_pb2_grpc)
 
 from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
-                    resolve_address)
+                    resolve_address, tls_credentials)
 from .errors import from_rpc_error
 from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, MemoryItem, Messages,
                     ModelInfo)
@@ -325,12 +325,18 @@ class Session:
 
 
 def connect(address: str | None = None, agent: str = "agent", token: str | None = None, *, description: str = "",
-            labels: dict[str, str] | None = None, timeout: float = 10.0) -> Session:
+            labels: dict[str, str] | None = None, timeout: float = 10.0, tls_ca: str | None = None,
+            tls_cert: str | None = None, tls_key: str | None = None) -> Session:
     """Connect to a kernel at `address` (default: $KERNOS_ADDRESS or 127.0.0.1:7070).
 
     Without `token`, registers `agent` and receives a new token (`session.token`); with it, resumes that
-    agent's registration. Waits up to `timeout` seconds for the kernel to be reachable."""
-    channel = grpc.insecure_channel(resolve_address(address), options=CHANNEL_OPTIONS)
+    agent's registration. Waits up to `timeout` seconds for the kernel to be reachable.
+
+    `address` may be "unix:/path/kernos.sock". For a TLS kernel give `tls_ca` (the CA file that signed its
+    certificate) and, for mTLS, `tls_cert` / `tls_key` (this client's certificate and key files)."""
+    creds = tls_credentials(tls_ca, tls_cert, tls_key)
+    channel = (grpc.secure_channel(resolve_address(address), creds, options=CHANNEL_OPTIONS) if creds
+               else grpc.insecure_channel(resolve_address(address), options=CHANNEL_OPTIONS))
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout)
     except grpc.FutureTimeoutError:
