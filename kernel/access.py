@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernos.storage.db import connect
+from kernos.storage.status import StatusError
 
 FAMILIES = ("llm", "memory", "storage", "tools", "tuner", "admin")
 DEFAULT_FAMILIES = ("llm", "memory", "storage", "tools", "tuner")
@@ -69,10 +70,8 @@ RULES: dict[str, tuple[str, str, str]] = {
 }
 
 
-class AccessError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+class AccessError(StatusError):
+    pass
 
 
 @dataclass

@@ -9,7 +9,7 @@ import grpc
 from kernos.proto.v1 import access_pb2 as pb
 from kernos.proto.v1 import access_pb2_grpc as rpc
 
-from .access import AccessError, Grant
+from .access import Grant
 from .auth import current_agent
 from .errors import SyscallError, syscall
 from .kernel import Kernel
@@ -26,10 +26,7 @@ class AccessServicer(rpc.AccessServicer):
         self.k = kernel
 
     async def _call(self, fn, *args):
-        try:
-            return await asyncio.to_thread(fn, *args)
-        except AccessError as e:
-            raise SyscallError(getattr(grpc.StatusCode, e.code), str(e)) from None
+        return await asyncio.to_thread(fn, *args)  # an AccessError becomes its status in @syscall
 
     @syscall
     async def Grant(self, request, context):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kernos.storage.db import connect
+from kernos.storage.status import StatusError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -35,10 +36,8 @@ CREATE TABLE IF NOT EXISTS agents (
 """
 
 
-class RegistryError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code  # gRPC status name
+class RegistryError(StatusError):
+    pass
 
 
 @dataclass

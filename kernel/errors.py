@@ -9,6 +9,8 @@ import uuid
 
 import grpc
 
+from kernos.storage.status import StatusError
+
 log = logging.getLogger("kernos.kernel")
 
 
@@ -59,6 +61,8 @@ def syscall(fn):
                     yield item
             except SyscallError as e:
                 await _abort(context, e)
+            except StatusError as e:
+                await context.abort(getattr(grpc.StatusCode, e.code), str(e))
             except Exception as e:
                 if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
                     raise
@@ -71,6 +75,8 @@ def syscall(fn):
             return await fn(self, request, context)
         except SyscallError as e:
             await _abort(context, e)
+        except StatusError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), str(e))
         except Exception as e:
             if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
                 raise

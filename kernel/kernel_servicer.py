@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import time
 
-import grpc
-
 from kernos.proto.v1 import kernel_pb2 as pb
 from kernos.proto.v1 import kernel_pb2_grpc as rpc
 from kernos.storage.traces import TraceRecord
 
-from .agents import RegistryError
 from .auth import current_agent
-from .errors import SyscallError, syscall
+from .errors import syscall
 from .kernel import VERSION, Kernel
 
 
@@ -32,10 +29,7 @@ class KernelServicer(rpc.KernelServicer):
     @syscall
     async def Register(self, request, context):
         with self.k.track():
-            try:
-                agent, token = self.k.agents.register(request.name, request.description, dict(request.labels))
-            except RegistryError as e:
-                raise SyscallError(getattr(grpc.StatusCode, e.code), str(e)) from None
+            agent, token = self.k.agents.register(request.name, request.description, dict(request.labels))
             self.k.traces.record(TraceRecord(agent.agent_id, "kernel.register", "OK",
                                              {"name": request.name, "labels": dict(request.labels)}, {}, {}))
             return pb.RegisterReply(agent_id=agent.agent_id, token=token)

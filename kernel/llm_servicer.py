@@ -150,10 +150,7 @@ class LLMServicer(rpc.LLMServicer):
         for i, m in enumerate(request.messages):
             if m.role not in ROLES or not m.content.strip():
                 raise invalid(f"messages[{i}]: role must be one of {sorted(ROLES)} and content non-empty")
-        try:
-            ctx = self.k.contexts.get(aid, cid)
-        except ContextError as e:
-            raise SyscallError(getattr(grpc.StatusCode, e.code), str(e)) from None
+        ctx = self.k.contexts.get(aid, cid)
         model = self.k.llm.get(ctx.model)
         if model is None:
             raise not_found(f"context '{cid}' uses model '{ctx.model}', which is not served now")
@@ -167,10 +164,10 @@ class LLMServicer(rpc.LLMServicer):
         while True:
             try:
                 messages, evicted, _ = plan(self.k.contexts.blocks(aid, cid), new, count, ctx.budget_tokens)
-            except ContextError as e:
+            except ContextError:
                 if await asyncio.to_thread(self._shrink_summary, aid, cid):
                     continue
-                raise SyscallError(getattr(grpc.StatusCode, e.code), str(e)) from None
+                raise
             if not evicted:
                 break
             await self._evict(agent, ctx, model, evicted, summarize=ctx.summarize and not summarized)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from kernos.storage.db import connect
+from kernos.storage.status import StatusError
 
 CONTEXT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ROLES = {"system", "user", "assistant"}
@@ -32,10 +33,8 @@ CREATE TABLE IF NOT EXISTS blocks (
 """
 
 
-class ContextError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+class ContextError(StatusError):
+    pass
 
 
 @dataclass

@@ -10,15 +10,15 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernos.storage.status import StatusError
+
 MAX_TEXT = 32 * 1024
 MAX_ID = 128
 RESERVED = "kernos_created"
 
 
-class MemoryError_(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+class MemoryError_(StatusError):
+    pass
 
 
 @dataclass

@@ -9,7 +9,6 @@ cross-file imports are rewritten to relative ones.
 import argparse
 import filecmp
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .db import connect
+from .status import StatusError
 
 MAX_PATH = 1024
 MAX_COMPONENT = 255
@@ -41,10 +42,8 @@ CREATE TABLE IF NOT EXISTS indexed (      -- files whose text is in the agent's 
 """
 
 
-class StorageError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code   # gRPC status name
+class StorageError(StatusError):
+    pass
 
 
 def normalize_path(path: str) -> str:

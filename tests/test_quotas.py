@@ -2,7 +2,6 @@
 real kernel."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
