@@ -60,6 +60,8 @@ RULES: dict[str, tuple[str, str, str]] = {
        ("CreateContext", "ListContexts", "DeleteContext", "ListBlocks", "AddBlock", "EditBlock", "DeleteBlock")},
     **{f"/kernos.v1.Storage/{m}": ("storage", "read", "path") for m in ("Read", "Stat", "List", "History", "Search")},
     **{f"/kernos.v1.Storage/{m}": ("storage", "write", "path") for m in ("Write", "Delete", "Rollback")},
+    **{f"/kernos.v1.Tools/{m}": ("tools", "execute", "own") for m in ("Register", "List", "Call", "Wait")},
+    **{f"/kernos.v1.Tools/{m}": ("admin", "write", "none") for m in ("Confirm", "Deny", "ListPending")},
     "/kernos.v1.Access/Grant": ("access", "write", "own"),
     "/kernos.v1.Access/Revoke": ("access", "write", "own"),
     "/kernos.v1.Access/ListGrants": ("access", "read", "own"),

@@ -124,6 +124,30 @@ def cmd_token(args) -> int:
     return 0
 
 
+def cmd_decide(args) -> int:
+    """Confirm or deny a pending irreversible tool call, or list them (operators)."""
+    import kernos.sdk
+
+    token = args.token or os.environ.get("KERNOS_TOKEN")
+    if not token:
+        print("kernos: an operator token is needed: --token or KERNOS_TOKEN (kernos token create --admin)",
+              file=sys.stderr)
+        return 2
+    try:
+        s = kernos.sdk.connect(_address(args), token=token, timeout=args.timeout, tls_ca=args.tls_ca,
+                               tls_cert=args.tls_cert, tls_key=args.tls_key)
+        if args.command == "pending":
+            for c in s.tools.pending():
+                print(f"{c.call_id}  {c.tool}  by {c.agent_id}")
+            return 0
+        r = s.tools.confirm(args.call_id) if args.command == "confirm" else s.tools.deny(args.call_id)
+    except kernos.sdk.KernosError as e:
+        print(f"kernos {args.command}: {e}", file=sys.stderr)
+        return 1
+    print(f"{r.call_id}: {r.state}" + (f" ({r.error})" if r.error else f" -> {json.dumps(r.result)}"))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from kernos.agents.demo import run_demo
 
@@ -159,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, fn, helptext in (("status", cmd_status, "print a running kernel's stats"),
                                ("top", cmd_top, "live view: requests per agent, tokens/s, context switches, cache"),
-                               ("agents", cmd_agents, "list the agents registered with a running kernel")):
+                               ("agents", cmd_agents, "list the agents registered with a running kernel"),
+                               ("confirm", cmd_decide, "run a pending irreversible tool call (operators)"),
+                               ("deny", cmd_decide, "refuse a pending irreversible tool call (operators)"),
+                               ("pending", cmd_decide, "list tool calls waiting for confirmation (operators)")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("--address", help="kernel address (default $KERNOS_ADDRESS, DATA_DIR/kernel.addr, "
                                          "or 127.0.0.1:7070)")
@@ -168,12 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--tls-ca", help="CA certificate (PEM) of a TLS kernel")
         c.add_argument("--tls-cert", help="client certificate (PEM) for mTLS")
         c.add_argument("--tls-key", help="client key (PEM) for mTLS")
+        if name in ("confirm", "deny"):
+            c.add_argument("call_id", help="the pending call's id")
+        if name in ("confirm", "deny", "pending"):
+            c.add_argument("--token", help="operator token (default $KERNOS_TOKEN)")
         if name == "status":
             c.add_argument("--json", action="store_true", help="print the raw stats as JSON")
         elif name == "top":
             c.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
             c.add_argument("--once", action="store_true", help="print one frame and exit")
-        else:
+        elif name == "agents":
             c.add_argument("--all", action="store_true", help="include exited and expired agents")
         c.set_defaults(fn=fn)
     return p

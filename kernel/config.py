@@ -106,6 +106,10 @@ class QuotasConfig(QuotaLimits):
     agents: dict[str, QuotaLimits] = Field(default_factory=dict, description="per-agent overrides")
 
 
+class ToolsConfig(_Strict):
+    confirm_timeout_s: float = Field(300.0, gt=0, description="an irreversible call not confirmed by then is denied")
+
+
 class MemoryConfig(_Strict):
     chroma_url: str = Field("", description="empty: embedded chromadb under the data dir; else http://host:port")
     max_entries: int = Field(100_000, ge=0, description="long-term entries per namespace; 0: no limit")
@@ -137,6 +141,7 @@ class KernelConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     memory: MemoryConfig = MemoryConfig()
     quotas: QuotasConfig = QuotasConfig()
+    tools: ToolsConfig = ToolsConfig()
     models: list[ModelConfig] = Field(default_factory=list, description="empty: the embedded default model")
 
     @field_validator("data_dir")

@@ -36,6 +36,9 @@ class Kernel:
                               for a, x in q.agents.items()})
         self.files = FileStore(config.data_dir / "files", config.storage.quota_bytes, config.storage.max_file_bytes)
         self.contexts = ContextStore(config.data_dir / "contexts.db")
+        from .tools import ToolManager
+
+        self.tools = ToolManager(self, config.tools.confirm_timeout_s)
         self._memory = None
         self._memory_lock = threading.Lock()
         self.llm = LLMCore(config)

@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kernos.proto.v1 import (access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc,
-                             memory_pb2, memory_pb2_grpc, storage_pb2, storage_pb2_grpc)
+                             memory_pb2, memory_pb2_grpc, storage_pb2, storage_pb2_grpc, tools_pb2, tools_pb2_grpc)
 
 from .access_servicer import AccessServicer
 from .auth import AuthInterceptor
@@ -22,13 +22,15 @@ from .kernel_servicer import KernelServicer
 from .llm_servicer import LLMServicer
 from .memory_servicer import MemoryServicer
 from .storage_servicer import StorageServicer
+from .tools_servicer import ToolsServicer
 
 log = logging.getLogger("kernos.kernel")
 SERVICES = (kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].full_name,
             llm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name,
             storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name,
             memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name,
-            access_pb2.DESCRIPTOR.services_by_name["Access"].full_name)
+            access_pb2.DESCRIPTOR.services_by_name["Access"].full_name,
+            tools_pb2.DESCRIPTOR.services_by_name["Tools"].full_name)
 
 
 async def _flush_agents_periodically(kernel: Kernel) -> None:
@@ -73,6 +75,7 @@ async def serve(config: KernelConfig) -> int:
     storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(kernel), server)
     memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(kernel), server)
     access_pb2_grpc.add_AccessServicer_to_server(AccessServicer(kernel), server)
+    tools_pb2_grpc.add_ToolsServicer_to_server(ToolsServicer(kernel), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.server.reflection:

@@ -10,8 +10,8 @@ from . import aio
 from .client import Session, connect
 from .errors import (AlreadyExists, DeadlineExceeded, Internal, InvalidArgument, KernosError, NotFound,
                      PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
-from .types import AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, MemoryItem, Message, ModelInfo
+from .types import AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, ToolResult, MemoryItem, Message, ModelInfo
 
-__all__ = ["connect", "Session", "aio", "Completion", "Chunk", "FileInfo", "FileHit", "GrantInfo", "MemoryItem", "ContextInfo", "ContextBlock", "Message", "ModelInfo", "AgentInfo", "KernosError",
+__all__ = ["connect", "Session", "aio", "Completion", "Chunk", "FileInfo", "FileHit", "GrantInfo", "ToolResult", "MemoryItem", "ContextInfo", "ContextBlock", "Message", "ModelInfo", "AgentInfo", "KernosError",
            "InvalidArgument", "NotFound", "AlreadyExists", "PermissionDenied", "Unauthenticated",
            "ResourceExhausted", "Unavailable", "DeadlineExceeded", "Internal"]

@@ -2,17 +2,18 @@
 `Session` whose attributes group the syscalls by service."""
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import grpc
 
-from kernos.proto.v1 import (access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
+from kernos.proto.v1 import (tools_pb2, tools_pb2_grpc, access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
                              storage_pb2, storage_pb2_grpc)
 
 from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
                     resolve_address, tls_credentials)
 from .errors import from_rpc_error
-from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, MemoryItem, Messages,
+from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, ToolResult, MemoryItem, Messages,
                     ModelInfo)
 
 
@@ -272,6 +273,51 @@ class Access:
                  "capability": e.capability, "reason": e.reason} for e in reply.entries]
 
 
+class Tools:
+    """Tools (`session.tools`): call built-ins (calculator, memory_search, storage_search, python) and
+    registered tools with JSON arguments; register tools whose Python code runs in the kernel's sandbox."""
+
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = tools_pb2_grpc.ToolsStub(session.channel)
+
+    def _c(self, fn, req, timeout=None):
+        return _call(fn, req, self._s.metadata, timeout)
+
+    def call(self, name: str, **args) -> ToolResult:
+        """Call a tool. An irreversible tool returns state "pending": `wait(result.call_id)` for the decision."""
+        return ToolResult.from_proto(self._c(self._stub.Call, tools_pb2.ToolCallRequest(name=name,
+                                                                                       args_json=json.dumps(args))))
+
+    def wait(self, call_id: str, timeout: float = 600) -> ToolResult:
+        return ToolResult.from_proto(self._c(self._stub.Wait, tools_pb2.CallRef(call_id=call_id), timeout))
+
+    def register(self, name: str, code: str, schema: dict | None = None, description: str = "",
+                 irreversible: bool = False, public: bool = False, timeout_s: float = 0, max_concurrency: int = 0,
+                 cpu_s: float = 0, memory_mb: int = 0) -> dict:
+        """Register a tool: `code` is Python that reads `args` and sets `result`, run in the sandbox."""
+        t = self._c(self._stub.Register, tools_pb2.ToolSpec(
+            name=name, code=code, schema_json=json.dumps(schema or {"type": "object"}), description=description,
+            irreversible=irreversible, public=public, timeout_s=timeout_s, max_concurrency=max_concurrency,
+            cpu_s=cpu_s, memory_mb=memory_mb))
+        return {"name": t.name, "owner": t.owner, "irreversible": t.irreversible, "public": t.public}
+
+    def list(self) -> list[dict]:
+        return [{"name": t.name, "description": t.description, "schema": json.loads(t.schema_json),
+                 "irreversible": t.irreversible, "owner": t.owner}
+                for t in self._c(self._stub.List, tools_pb2.ListToolsRequest()).tools]
+
+    def confirm(self, call_id: str) -> ToolResult:
+        """Operators: run a pending irreversible call."""
+        return ToolResult.from_proto(self._c(self._stub.Confirm, tools_pb2.CallRef(call_id=call_id)))
+
+    def deny(self, call_id: str) -> ToolResult:
+        return ToolResult.from_proto(self._c(self._stub.Deny, tools_pb2.CallRef(call_id=call_id)))
+
+    def pending(self) -> list[ToolResult]:
+        return [ToolResult.from_proto(c) for c in self._c(self._stub.ListPending, tools_pb2.ListPendingRequest()).calls]
+
+
 class KernelCalls:
     """Kernel service syscalls (`session.kernel`)."""
 
@@ -305,6 +351,7 @@ class Session:
         self.storage = Storage(self)
         self.memory = Memory(self)
         self.access = Access(self)
+        self.tools = Tools(self)
 
     def exit(self) -> None:
         """End the registration (revokes the token) and close the channel."""

@@ -5,7 +5,9 @@ from typing import Literal, Union
 
 from pydantic import BaseModel
 
-from kernos.proto.v1 import access_pb2, kernel_pb2, llm_pb2, memory_pb2, storage_pb2
+import json
+
+from kernos.proto.v1 import access_pb2, kernel_pb2, llm_pb2, memory_pb2, storage_pb2, tools_pb2
 
 
 class Message(BaseModel):
@@ -174,3 +176,20 @@ class GrantInfo(BaseModel):
         return cls(grant_id=g.grant_id, grantee=g.grantee, kind=g.kind, owner=g.owner, resource=g.resource,
                    permission=g.permission, created=g.created, expires=g.expires, revoked=g.revoked,
                    granted_by=g.granted_by)
+
+
+class ToolResult(BaseModel):
+    """A tool call: state "done" (with `result`), "error", "pending" (waiting for an operator) or "denied"."""
+    call_id: str
+    tool: str
+    state: str
+    agent_id: str = ""
+    result: object = None
+    error: str = ""
+    duration_ms: float = 0.0
+
+    @classmethod
+    def from_proto(cls, c: tools_pb2.ToolCallReply) -> "ToolResult":
+        return cls(call_id=c.call_id, tool=c.tool, state=c.state, agent_id=c.agent_id, error=c.error,
+                   duration_ms=c.duration_ms,
+                   result=json.loads(c.result_json) if c.result_json else None)
