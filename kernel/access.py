@@ -60,7 +60,8 @@ RULES: dict[str, tuple[str, str, str]] = {
        ("CreateContext", "ListContexts", "DeleteContext", "ListBlocks", "AddBlock", "EditBlock", "DeleteBlock")},
     **{f"/kernos.v1.Storage/{m}": ("storage", "read", "path") for m in ("Read", "Stat", "List", "History", "Search")},
     **{f"/kernos.v1.Storage/{m}": ("storage", "write", "path") for m in ("Write", "Delete", "Rollback")},
-    **{f"/kernos.v1.Tools/{m}": ("tools", "execute", "own") for m in ("Register", "List", "Call", "Wait")},
+    **{f"/kernos.v1.Tools/{m}": ("tools", "execute", "own") for m in ("Register", "List", "Wait")},
+    "/kernos.v1.Tools/Call": ("tools", "execute", "tool"),
     **{f"/kernos.v1.Tools/{m}": ("admin", "write", "none") for m in ("Confirm", "Deny", "ListPending")},
     "/kernos.v1.Access/Grant": ("access", "write", "own"),
     "/kernos.v1.Access/Revoke": ("access", "write", "own"),
@@ -105,7 +106,11 @@ def _covers(prefix: str, path: str) -> bool:
 
 
 class AccessControl:
-    def __init__(self, path: Path, admin_token: str | None = None):
+    """`resolve(kind, name)` tells who owns a tool ("tool") and whether a model or "model/adapter" is
+    restricted ("model"): (owner, needs_grant)."""
+
+    def __init__(self, path: Path, admin_token: str | None = None, resolve=None):
+        self.resolve = resolve or (lambda kind, name: ("kernel", False))
         self._db = connect(path, synchronous="FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
@@ -184,10 +189,15 @@ class AccessControl:
     # -- grants --------------------------------------------------------------------------------------------
     def grant(self, by: str, grantee: str, kind: str, owner: str, resource: str, permission: str,
               ttl_s: float = 0) -> Grant:
-        if kind not in ("memory", "storage"):
-            raise AccessError("INVALID_ARGUMENT", "kind must be 'memory' or 'storage'")
-        if permission not in ("read", "write"):
-            raise AccessError("INVALID_ARGUMENT", "permission must be 'read' or 'write'")
+        if kind not in ("memory", "storage", "tool", "model"):
+            raise AccessError("INVALID_ARGUMENT", "kind must be 'memory', 'storage', 'tool' or 'model'")
+        allowed = ("execute",) if kind in ("tool", "model") else ("read", "write")
+        if permission not in allowed:
+            raise AccessError("INVALID_ARGUMENT", f"permission for {kind} must be one of {list(allowed)}")
+        if kind in ("tool", "model"):
+            if not resource:
+                raise AccessError("INVALID_ARGUMENT", f"name the {kind} in resource")
+            owner = self.resolve(kind, resource)[0]
         if not by.startswith("admin:") and owner != by:
             raise AccessError("PERMISSION_DENIED", f"only '{owner}' (or an operator) may grant access to its resources")
         if grantee.startswith("group:"):
@@ -196,7 +206,7 @@ class AccessControl:
             raise AccessError("INVALID_ARGUMENT", "grantee must be another agent or 'group:NAME'")
         if kind == "memory" and resource:
             raise AccessError("INVALID_ARGUMENT", "memory grants cover a whole namespace: leave resource empty")
-        if kind == "storage" and resource:
+        if kind == "storage" and resource:  # noqa: SIM102
             from kernos.storage.files import StorageError, normalize_path
             try:
                 resource = normalize_path(resource)
@@ -246,7 +256,9 @@ class AccessControl:
             return True, "access", "grant management on the caller's own resources"
         if family not in self.capabilities(pid):
             return False, f"{family}", f"'{pid}' lacks the '{family}' capability family"
-        if names in ("none", "own", "model"):
+        if names in ("model", "tool"):
+            return self._decide_named(pid, family, names, request)
+        if names in ("none", "own"):
             return True, f"{family}:{perm}", "own resources"
         owner = (getattr(request, "namespace", "") if names == "namespace" else getattr(request, "owner", "")) or pid
         resource = (getattr(request, "path", "") or getattr(request, "prefix", "")) if names == "path" else ""
@@ -269,6 +281,33 @@ class AccessControl:
             if (perm == "read" or gperm == "write") and (family == "memory" or _covers(prefix, resource)):
                 return True, capability, f"grant to {grantee}"
         return False, capability, f"no grant gives '{pid}' {capability}"
+
+    def _has_grant(self, pid: str, kind: str, owner: str, resource: str) -> bool:
+        mine = {pid} | {f"group:{g}" for g in self.groups_of(pid)}
+        now = time.time()
+        return any(grantee in mine and not revoked and (not expires or now < expires)
+                   for grantee, expires, revoked in self._db.execute(
+                       "SELECT grantee, expires, revoked FROM grants WHERE kind=? AND owner=? AND resource=?",
+                       (kind, owner, resource)))
+
+    def _decide_named(self, pid: str, family: str, names: str, request) -> tuple[bool, str, str]:
+        """A tool (private to its owner unless public) or a model/adapter (restricted ones need a grant)."""
+        admin = pid.startswith("admin:")
+        targets = []
+        if names == "tool":
+            targets.append(("tool", request.name))
+        else:
+            model = request.model or ""
+            targets.append(("model", model))
+            if request.adapter:
+                targets.append(("model", f"{model}/{request.adapter}"))
+        for kind, name in targets:
+            owner, restricted = self.resolve(kind, name)
+            if not restricted or admin or owner == pid:
+                continue
+            if not self._has_grant(pid, kind, owner, name):
+                return False, f"{kind}:execute on {name}", f"'{name}' is restricted and no grant gives '{pid}' access"
+        return True, f"{family}:execute", "allowed"
 
     def close(self) -> None:
         self._db.close()

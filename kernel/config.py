@@ -129,6 +129,8 @@ class ModelConfig(_Strict):
     kind: Literal["transformers", "echo"] = "transformers"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> local peft folder")
+    restricted: bool = Field(False, description="only agents granted 'model' execute on it may use it")
+    restricted_adapters: list[str] = Field(default_factory=list, description="adapters that need a grant")
 
 
 class KernelConfig(_Strict):

@@ -28,7 +28,7 @@ class Kernel:
         self.started = time.time()
         self.agents = AgentRegistry(config.data_dir / "kernel.db", ttl_s=config.server.agent_ttl_s)
         self.traces = TraceLog(config.data_dir / "traces.db")
-        self.access = AccessControl(config.data_dir / "access.db", config.server.admin_token)
+        self.access = AccessControl(config.data_dir / "access.db", config.server.admin_token, self._resolve)
         self.audit = TraceLog(config.data_dir / "audit.db")  # every access decision, same guarantees
         q = config.quotas
         self.quotas = Quotas(Limits(q.requests_per_second, q.tokens_per_minute, q.concurrent_generations),
@@ -61,6 +61,18 @@ class Kernel:
                 self._memory = VectorMemory(self.config.data_dir / "chroma", http=http,
                                             max_entries=self.config.memory.max_entries)
             return self._memory
+
+    def _resolve(self, kind: str, name: str) -> tuple[str, bool]:
+        """For access control: a tool's owner and whether it is private; whether a model/adapter is restricted."""
+        if kind == "tool":
+            tool = self.tools.tools.get(name)
+            return (tool.owner, not tool.public) if tool else ("kernel", False)
+        model, _, adapter = name.partition("/")
+        served = self.llm.get(model)
+        cfg = {m.name: m for m in self.config.effective_models()}.get(served.name if served else model)
+        if cfg is None:
+            return "kernel", False
+        return "kernel", (adapter in cfg.restricted_adapters) if adapter else cfg.restricted
 
     def authenticate(self, token: str | None):
         """The principal behind a token: an operator (admin token) or a registered agent."""

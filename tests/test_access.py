@@ -158,3 +158,34 @@ def test_hostile_owner_fields_do_not_escape(ak):
             s.storage.read("shared/a.txt", owner=owner)
     with pytest.raises(kernos.sdk.InvalidArgument):
         s.storage.read("../owner/shared/a.txt")
+
+
+def test_restricted_models_and_adapters_need_a_grant(tiny_models, lora_adapters, tmp_path):
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "k.toml", [
+        {"name": "open", "path": "-", "kind": "echo"},
+        {"name": "vip", "path": "-", "kind": "echo", "restricted": True},
+        {"name": "tiny", "path": str(tiny_models["llama"]), "adapters": {k: str(v) for k, v in lora_adapters.items()},
+         "restricted_adapters": ["beta"]}], server={"admin_token": ADMIN})
+    proc, address = start_kernel(tmp_path / "data", str(cfg), timeout=120)
+    try:
+        admin = kernos.sdk.connect(address, token=ADMIN)
+        s = kernos.sdk.connect(address, agent="caller")
+        assert s.llm.chat("hello", model="open").text == "hello"
+        with pytest.raises(kernos.sdk.PermissionDenied, match="model:execute on vip"):
+            s.llm.chat("hello", model="vip")
+        assert s.llm.chat("hello", model="tiny", adapter="alpha", max_tokens=2).completion_tokens == 2
+        with pytest.raises(kernos.sdk.PermissionDenied, match="tiny/beta"):
+            s.llm.chat("hello", model="tiny", adapter="beta", max_tokens=2)
+        with pytest.raises(kernos.sdk.PermissionDenied):
+            s.access.grant("caller", "model", "execute", resource="vip")  # only operators grant models
+        g = admin.access.grant("caller", "model", "execute", resource="vip")
+        admin.access.grant("caller", "model", "execute", resource="tiny/beta")
+        assert s.llm.chat("now allowed", model="vip").text == "now allowed"
+        assert s.llm.chat("hello", model="tiny", adapter="beta", max_tokens=2).completion_tokens == 2
+        admin.access.revoke(g.grant_id)
+        with pytest.raises(kernos.sdk.PermissionDenied):
+            s.llm.chat("hello", model="vip")
+    finally:
+        assert stop_kernel(proc) == 0
