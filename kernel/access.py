@@ -63,6 +63,7 @@ RULES: dict[str, tuple[str, str, str]] = {
     **{f"/kernos.v1.Tools/{m}": ("tools", "execute", "own") for m in ("Register", "List", "Wait")},
     "/kernos.v1.Tools/Call": ("tools", "execute", "tool"),
     **{f"/kernos.v1.Tools/{m}": ("admin", "write", "none") for m in ("Confirm", "Deny", "ListPending")},
+    **{f"/kernos.v1.Tuner/{m}": ("tuner", "write", "own") for m in ("Feedback", "BuildDataset")},
     "/kernos.v1.Access/Grant": ("access", "write", "own"),
     "/kernos.v1.Access/Revoke": ("access", "write", "own"),
     "/kernos.v1.Access/ListGrants": ("access", "read", "own"),

@@ -12,7 +12,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kernos.proto.v1 import (access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc,
-                             memory_pb2, memory_pb2_grpc, storage_pb2, storage_pb2_grpc, tools_pb2, tools_pb2_grpc)
+                             memory_pb2, memory_pb2_grpc, storage_pb2, storage_pb2_grpc, tools_pb2, tools_pb2_grpc,
+                             tuner_pb2, tuner_pb2_grpc)
 
 from .access_servicer import AccessServicer
 from .auth import AuthInterceptor
@@ -23,6 +24,7 @@ from .llm_servicer import LLMServicer
 from .memory_servicer import MemoryServicer
 from .storage_servicer import StorageServicer
 from .tools_servicer import ToolsServicer
+from .tuner_servicer import TunerServicer
 
 log = logging.getLogger("kernos.kernel")
 SERVICES = (kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].full_name,
@@ -30,7 +32,8 @@ SERVICES = (kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].full_name,
             storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name,
             memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name,
             access_pb2.DESCRIPTOR.services_by_name["Access"].full_name,
-            tools_pb2.DESCRIPTOR.services_by_name["Tools"].full_name)
+            tools_pb2.DESCRIPTOR.services_by_name["Tools"].full_name,
+            tuner_pb2.DESCRIPTOR.services_by_name["Tuner"].full_name)
 
 
 async def _flush_agents_periodically(kernel: Kernel) -> None:
@@ -76,6 +79,7 @@ async def serve(config: KernelConfig) -> int:
     memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(kernel), server)
     access_pb2_grpc.add_AccessServicer_to_server(AccessServicer(kernel), server)
     tools_pb2_grpc.add_ToolsServicer_to_server(ToolsServicer(kernel), server)
+    tuner_pb2_grpc.add_TunerServicer_to_server(TunerServicer(kernel), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.server.reflection:

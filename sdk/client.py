@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from kernos.proto.v1 import (tools_pb2, tools_pb2_grpc, access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
+from kernos.proto.v1 import (tools_pb2, tools_pb2_grpc, tuner_pb2, tuner_pb2_grpc, access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
                              storage_pb2, storage_pb2_grpc)
 
 from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
@@ -318,6 +318,33 @@ class Tools:
         return [ToolResult.from_proto(c) for c in self._c(self._stub.ListPending, tools_pb2.ListPendingRequest()).calls]
 
 
+class Tuner:
+    """The fine-tuner's data side (`session.tuner`): attach outcomes to generations, build data sets."""
+
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = tuner_pb2_grpc.TunerStub(session.channel)
+
+    def feedback(self, request_id: str, reward: float | None = None, success: bool | None = None,
+                 note: str = "") -> int:
+        """Attach an outcome to one of this agent's generations (`Completion.request_id`)."""
+        req = tuner_pb2.FeedbackRequest(request_id=request_id, note=note)
+        if reward is not None:
+            req.reward = reward
+        if success is not None:
+            req.success = success
+        return _call(self._stub.Feedback, req, self._s.metadata).outcomes
+
+    def build_dataset(self, name: str, kind: str = "sft", min_reward: float | None = None,
+                      eval_fraction: float = 0.1) -> dict:
+        """Build a data set from this agent's traces into storage (datasets/NAME.{train,eval}.jsonl and
+        .card.json); returns its card."""
+        req = tuner_pb2.BuildDatasetRequest(name=name, kind=kind, eval_fraction=eval_fraction)
+        if min_reward is not None:
+            req.min_reward = min_reward
+        return json.loads(_call(self._stub.BuildDataset, req, self._s.metadata).card_json)
+
+
 class KernelCalls:
     """Kernel service syscalls (`session.kernel`)."""
 
@@ -352,6 +379,7 @@ class Session:
         self.memory = Memory(self)
         self.access = Access(self)
         self.tools = Tools(self)
+        self.tuner = Tuner(self)
 
     def exit(self) -> None:
         """End the registration (revokes the token) and close the channel."""

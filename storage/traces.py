@@ -28,6 +28,16 @@ CREATE TABLE IF NOT EXISTS traces (
     timings TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS traces_agent ON traces(agent_id, ts);
+CREATE TABLE IF NOT EXISTS outcomes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    agent_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    reward REAL,
+    success INTEGER,
+    note TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes(agent_id, request_id);
 """
 
 
@@ -85,6 +95,42 @@ class TraceLog:
         self._q.put(None)
         self._thread.join(timeout=30)
         self._db.close()
+
+    def add_outcome(self, agent_id: str, request_id: str, reward: float | None, success: bool | None,
+                    note: str = "") -> int:
+        """Record an outcome (durably, on its own connection); returns how many that generation now has."""
+        db = connect(self.path, synchronous="FULL")
+        try:
+            with db:
+                db.execute("BEGIN")
+                db.execute("INSERT INTO outcomes(ts, agent_id, request_id, reward, success, note) VALUES (?,?,?,?,?,?)",
+                           (time.time(), agent_id, request_id, reward, None if success is None else int(success),
+                            note[:1000]))
+            return db.execute("SELECT COUNT(*) FROM outcomes WHERE agent_id=? AND request_id=?",
+                              (agent_id, request_id)).fetchone()[0]
+        finally:
+            db.close()
+
+    def outcomes(self, agent_id: str) -> dict[str, list[dict]]:
+        db = connect(self.path, synchronous="NORMAL")
+        try:
+            rows = db.execute("SELECT request_id, reward, success, note FROM outcomes WHERE agent_id=? ORDER BY id",
+                              (agent_id,)).fetchall()
+        finally:
+            db.close()
+        out: dict[str, list[dict]] = {}
+        for rid, reward, success, note in rows:
+            out.setdefault(rid, []).append({"reward": reward, "success": None if success is None else bool(success),
+                                            "note": note})
+        return out
+
+    def has_generation(self, agent_id: str, request_id: str) -> bool:
+        db = connect(self.path, synchronous="NORMAL")
+        try:
+            return db.execute("SELECT 1 FROM traces WHERE agent_id=? AND kind='llm.generate' AND status='OK' AND "
+                              "response LIKE ? LIMIT 1", (agent_id, f'%"request_id": "{request_id}"%')).fetchone() is not None
+        finally:
+            db.close()
 
     def query(self, agent_id: str | None = None, kind: str | None = None, limit: int = 1000) -> list[TraceRecord]:
         """Read records back, newest last. Uses its own connection: safe while the writer runs."""

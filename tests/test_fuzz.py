@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import kernos.sdk
 from kernos.agents.demo import start_kernel, stop_kernel
-from kernos.proto.v1 import access_pb2, kernel_pb2, llm_pb2, memory_pb2, storage_pb2, tools_pb2
+from kernos.proto.v1 import access_pb2, kernel_pb2, llm_pb2, memory_pb2, storage_pb2, tools_pb2, tuner_pb2
 
 BAD_STATUS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS,
               grpc.StatusCode.UNIMPLEMENTED}
@@ -33,7 +33,7 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "600"))  # a longer hunt: FUZZ_EX
 
 def methods():
     out = []
-    for mod in (kernel_pb2, llm_pb2, memory_pb2, storage_pb2, access_pb2, tools_pb2):
+    for mod in (kernel_pb2, llm_pb2, memory_pb2, storage_pb2, access_pb2, tools_pb2, tuner_pb2):
         for svc in mod.DESCRIPTOR.services_by_name.values():
             for m in svc.methods:
                 path = f"/{svc.full_name}/{m.name}"
