@@ -5,10 +5,11 @@ import asyncio
 
 import grpc
 
-from kernos.memory.context import Block, Context, ContextError
-from kernos.memory.vector import MemoryError_, Record
+from kernos.memory.context import Block, Context
+from kernos.memory.vector import Record
 from kernos.proto.v1 import memory_pb2 as pb
 from kernos.proto.v1 import memory_pb2_grpc as rpc
+from kernos.storage.status import StatusError
 from kernos.storage.traces import TraceRecord
 
 from .auth import current_agent
@@ -44,9 +45,9 @@ class MemoryServicer(rpc.MemoryServicer):
         agent = current_agent()
         try:
             result = await asyncio.to_thread(fn, *args)
-        except (MemoryError_, ContextError) as e:
+        except StatusError as e:  # traced here; @syscall turns it into its status
             self.k.traces.record(TraceRecord(agent.agent_id, kind, e.code, trace or {}, {}, {}))
-            raise SyscallError(getattr(grpc.StatusCode, e.code), str(e)) from None
+            raise
         except (ValueError, *_chroma_input_errors()) as e:  # chromadb's own input validation
             self.k.traces.record(TraceRecord(agent.agent_id, kind, "INVALID_ARGUMENT", trace or {}, {}, {}))
             raise SyscallError(grpc.StatusCode.INVALID_ARGUMENT, f"rejected by the vector store: {e}") from None

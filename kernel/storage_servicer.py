@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 
 from kernos.proto.v1 import storage_pb2 as pb
 from kernos.proto.v1 import storage_pb2_grpc as rpc
-from kernos.memory.vector import MemoryError_
-from kernos.storage.files import FileVersion, StorageError
+from kernos.storage.files import FileVersion
+from kernos.storage.status import StatusError
 from kernos.storage.traces import TraceRecord
 
 from .auth import current_agent
-from .errors import SyscallError, invalid, syscall
+from .errors import invalid, syscall
 from .kernel import Kernel
 
 
@@ -45,9 +44,9 @@ class StorageServicer(rpc.StorageServicer):
         agent = current_agent()
         try:
             result = await asyncio.to_thread(fn, self._space(request), *args)
-        except (StorageError, MemoryError_) as e:
+        except StatusError as e:  # traced here; @syscall turns it into its status
             self.k.traces.record(TraceRecord(agent.agent_id, kind, e.code, trace or {}, {}, {}))
-            raise SyscallError(getattr(grpc.StatusCode, e.code), str(e)) from None
+            raise
         self.k.traces.record(TraceRecord(agent.agent_id, kind, "OK", trace or {}, {}, {}))
         return result
 
