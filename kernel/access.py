@@ -63,7 +63,9 @@ RULES: dict[str, tuple[str, str, str]] = {
     **{f"/kernos.v1.Tools/{m}": ("tools", "execute", "own") for m in ("Register", "List", "Wait")},
     "/kernos.v1.Tools/Call": ("tools", "execute", "tool"),
     **{f"/kernos.v1.Tools/{m}": ("admin", "write", "none") for m in ("Confirm", "Deny", "ListPending")},
-    **{f"/kernos.v1.Tuner/{m}": ("tuner", "write", "own") for m in ("Feedback", "BuildDataset")},
+    **{f"/kernos.v1.Tuner/{m}": ("tuner", "write", "own")
+       for m in ("Feedback", "BuildDataset", "StartFinetune", "CancelJob", "SetDefaultAdapter")},
+    **{f"/kernos.v1.Tuner/{m}": ("tuner", "read", "own") for m in ("GetJob", "ListJobs", "ListAdapters")},
     "/kernos.v1.Access/Grant": ("access", "write", "own"),
     "/kernos.v1.Access/Revoke": ("access", "write", "own"),
     "/kernos.v1.Access/ListGrants": ("access", "read", "own"),
@@ -293,7 +295,6 @@ class AccessControl:
 
     def _decide_named(self, pid: str, family: str, names: str, request) -> tuple[bool, str, str]:
         """A tool (private to its owner unless public) or a model/adapter (restricted ones need a grant)."""
-        admin = pid.startswith("admin:")
         targets = []
         if names == "tool":
             targets.append(("tool", request.name))
@@ -303,12 +304,19 @@ class AccessControl:
             if request.adapter:
                 targets.append(("model", f"{model}/{request.adapter}"))
         for kind, name in targets:
-            owner, restricted = self.resolve(kind, name)
-            if not restricted or admin or owner == pid:
-                continue
-            if not self._has_grant(pid, kind, owner, name):
-                return False, f"{kind}:execute on {name}", f"'{name}' is restricted and no grant gives '{pid}' access"
+            allowed, capability, reason = self.decide_named(pid, kind, name)
+            if not allowed:
+                return False, capability, reason
         return True, f"{family}:execute", "allowed"
+
+    def decide_named(self, pid: str, kind: str, name: str) -> tuple[bool, str, str]:
+        """May `pid` execute the tool or model ("model/adapter") `name`?"""
+        owner, restricted = self.resolve(kind, name)
+        if not restricted or pid.startswith("admin:") or owner == pid:
+            return True, f"{kind}:execute on {name}", "allowed"
+        if not self._has_grant(pid, kind, owner, name):
+            return False, f"{kind}:execute on {name}", f"'{name}' is restricted and no grant gives '{pid}' access"
+        return True, f"{kind}:execute on {name}", "granted"
 
     def close(self) -> None:
         self._db.close()

@@ -110,6 +110,14 @@ class ToolsConfig(_Strict):
     confirm_timeout_s: float = Field(300.0, gt=0, description="an irreversible call not confirmed by then is denied")
 
 
+class TunerConfig(_Strict):
+    max_jobs: int = Field(1, ge=1, description="fine-tuning jobs training at once; the rest wait queued")
+    max_queued_per_agent: int = Field(4, ge=1, description="jobs an agent may have queued or running")
+    threads: int = Field(0, ge=0, description="torch threads per training worker; 0: half the CPU cores")
+    nice: int = Field(10, ge=0, le=19, description="worker niceness: serving threads win the CPU over training")
+    max_examples: int = Field(100_000, gt=0, description="largest training set a job may use")
+
+
 class MemoryConfig(_Strict):
     chroma_url: str = Field("", description="empty: embedded chromadb under the data dir; else http://host:port")
     max_entries: int = Field(100_000, ge=0, description="long-term entries per namespace; 0: no limit")
@@ -144,6 +152,7 @@ class KernelConfig(_Strict):
     memory: MemoryConfig = MemoryConfig()
     quotas: QuotasConfig = QuotasConfig()
     tools: ToolsConfig = ToolsConfig()
+    tuner: TunerConfig = TunerConfig()
     models: list[ModelConfig] = Field(default_factory=list, description="empty: the embedded default model")
 
     @field_validator("data_dir")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 
 from .access import RULES as RULES_AUDITED
 from .access import AccessControl
@@ -13,7 +15,10 @@ from .agents import AgentRegistry
 from .config import KernelConfig
 from .llm.core import LLMCore
 from .quotas import Limits, Quotas
+from .tuner.jobs import Job, JobManager
+from .tuner.publish import beats_base
 from kernos.memory.context import ContextStore
+from kernos.storage.adapters import AdapterStore, AdapterVersion
 from kernos.storage.files import FileStore
 from kernos.storage.traces import TraceLog, TraceRecord
 
@@ -42,6 +47,13 @@ class Kernel:
         self._memory = None
         self._memory_lock = threading.Lock()
         self.llm = LLMCore(config)
+        self.adapters = AdapterStore(config.data_dir / "adapters")
+        for v in self.adapters.latest():       # published adapters are served again after a restart
+            self._serve_adapter(v)
+        t = config.tuner
+        self.tuner = JobManager(config.data_dir / "tuner", self._finish_job, max_jobs=t.max_jobs,
+                                threads=t.threads or max(1, (os.cpu_count() or 2) // 2), nice=t.nice)
+        self.tuner.pump()                      # jobs interrupted by a stop resume from their checkpoints
         self.stopping = False
         self.in_flight = 0
         self.syscalls = 0
@@ -72,7 +84,42 @@ class Kernel:
         cfg = {m.name: m for m in self.config.effective_models()}.get(served.name if served else model)
         if cfg is None:
             return "kernel", False
+        if ":" in adapter:                 # a published adapter, OWNER:NAME: private to its owner unless granted
+            return adapter.split(":", 1)[0], True
         return "kernel", (adapter in cfg.restricted_adapters) if adapter else cfg.restricted
+
+    # -- adapters and fine-tuning jobs ------------------------------------------------------------------
+    def _serve_adapter(self, v: AdapterVersion) -> bool:
+        served = self.llm.models.get(v.model)
+        if served is None or not hasattr(served.engine, "load_adapter"):
+            log.warning("adapter %s v%d: model '%s' is not served; not loaded", v.served_name, v.version, v.model)
+            return False
+        served.engine.load_adapter(v.served_name, v.path).result(timeout=300)
+        return True
+
+    def _finish_job(self, job: Job, result: dict) -> tuple[str, str]:
+        """Publish a trained adapter if it beats the base, hot-load it, and make it the default if asked."""
+        better, why = beats_base(result["base"], result["tuned"], job.min_improvement)
+        if not better:
+            return "rejected", why
+        v = self.adapters.publish(job.owner, job.name, job.model, Path(result["adapter"]),
+                                  {"base": result["base"], "tuned": result["tuned"], "steps": result["step"]},
+                                  job.job_id)
+        job.adapter, job.version = v.served_name, v.version
+        if not self._serve_adapter(v):
+            return "published", f"{why}; stored as {v.served_name} v{v.version}, but its model is not served now"
+        if job.set_default:
+            self.adapters.set_default(job.owner, job.model, v.served_name)
+        return "published", f"{why}; serving {job.model}/{v.served_name} v{v.version}" + (
+            " as the agent's default" if job.set_default else "")
+
+    def default_adapter(self, agent_id: str, model) -> str | None:
+        """The adapter an agent's generation on `model` uses when it names none (still access-checked)."""
+        name = self.adapters.default(agent_id, model.name)
+        if not name or name not in model.adapters:
+            return None
+        allowed, _, _ = self.access.decide_named(agent_id, "model", f"{model.name}/{name}")
+        return name if allowed else None
 
     def authenticate(self, token: str | None):
         """The principal behind a token: an operator (admin token) or a registered agent."""
@@ -118,6 +165,8 @@ class Kernel:
         return clean
 
     def close(self) -> None:
+        self.tuner.shutdown()
+        self.adapters.close()
         self.audit.close()
         self.access.close()
         self.contexts.close()

@@ -8,6 +8,7 @@ from kernos.proto.v1 import kernel_pb2_grpc as rpc
 from kernos.storage.traces import TraceRecord
 
 from .auth import current_agent
+from .tuner_servicer import job_message
 from .errors import syscall
 from .kernel import VERSION, Kernel
 
@@ -77,4 +78,5 @@ class KernelServicer(rpc.KernelServicer):
             ))
         return pb.StatsReply(version=VERSION, uptime_s=time.time() - self.k.started,
                              active_agents=self.k.agents.active_count(), syscalls=self.k.syscalls,
-                             in_flight=self.k.in_flight, models=models, default_model=self.k.llm.default)
+                             in_flight=self.k.in_flight, models=models, default_model=self.k.llm.default,
+                             tuner_jobs=[job_message(j) for j in self.k.tuner.list()])

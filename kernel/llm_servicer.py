@@ -95,7 +95,8 @@ class LLMServicer(rpc.LLMServicer):
         req = GenRequest(
             request_id=uuid.uuid4().hex, agent_id=agent_id, prompt_ids=ids, max_tokens=max_tokens,
             temperature=float(temperature), top_p=float(top_p), top_k=int(s.top_k), stop=list(s.stop),
-            seed=int(s.seed) if s.HasField("seed") else None, adapter=request.adapter or None,
+            seed=int(s.seed) if s.HasField("seed") else None,
+            adapter=request.adapter or self.k.default_adapter(agent_id, model),
             priority=int(request.priority),
         )
         return model, req
@@ -217,17 +218,13 @@ class LLMServicer(rpc.LLMServicer):
         await asyncio.to_thread(self.k.contexts.evict, agent.agent_id, ctx.context_id, evicted)
 
     async def _generate_internal(self, model: ServedModel, agent, messages: list[dict], max_tokens: int) -> str:
-        ids = model.encode_chat(messages)[-self.k.config.limits.max_prompt_tokens:]
-        req = GenRequest(request_id=uuid.uuid4().hex, agent_id=agent.agent_id, prompt_ids=ids, max_tokens=max_tokens)
-        handle = RequestHandle(req, asyncio.get_running_loop())
-        model.engine.submit(req, handle)
-        async for ev in handle.events():
-            if isinstance(ev, Final):
-                self.k.agents.add_tokens(agent, ev.prompt_tokens, ev.completion_tokens)
-                return ev.text
-            if isinstance(ev, Failed):
-                raise SyscallError(grpc.StatusCode.INTERNAL, ev.message)
-        return ""
+        try:
+            final = await self.k.llm.complete(model, agent.agent_id, messages, max_tokens,
+                                              max_prompt_tokens=self.k.config.limits.max_prompt_tokens)
+        except RuntimeError as e:
+            raise SyscallError(grpc.StatusCode.INTERNAL, str(e)) from e
+        self.k.agents.add_tokens(agent, final.prompt_tokens, final.completion_tokens)
+        return final.text
 
     async def _run(self, request, context, restore: str | None = None):
         """Yield the request id (on acceptance), text deltas, then the final reply; shared by Generate,

@@ -135,6 +135,11 @@ class VectorMemory:
             raise MemoryError_("NOT_FOUND", f"no memory entries {missing[:5]}")
         return [found[i] for i in ids]
 
+    def documents(self, namespace: str, limit: int = 5000) -> list[Record]:
+        """Up to `limit` entries of a namespace, in storage order (distractor pools, exports)."""
+        res = self._coll(namespace).get(limit=limit, include=["documents", "metadatas"])
+        return [self._record(i, d, m) for i, d, m in zip(res["ids"], res["documents"], res["metadatas"])]
+
     def update(self, namespace: str, id_: str, text: str | None = None, metadata: dict[str, str] | None = None) -> Record:
         self._check_ids([id_])
         [old] = self.get(namespace, [id_])

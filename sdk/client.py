@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -13,7 +14,7 @@ from kernos.proto.v1 import (tools_pb2, tools_pb2_grpc, tuner_pb2, tuner_pb2_grp
 from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
                     resolve_address, tls_credentials)
 from .errors import from_rpc_error
-from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, ToolResult, MemoryItem, Messages,
+from .types import (AdapterInfo, AgentInfo, JobInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, ToolResult, MemoryItem, Messages,
                     ModelInfo)
 
 
@@ -319,16 +320,17 @@ class Tools:
 
 
 class Tuner:
-    """The fine-tuner's data side (`session.tuner`): attach outcomes to generations, build data sets."""
+    """The fine-tuner (`session.tuner`): outcomes on generations, data sets, fine-tuning jobs, adapters."""
 
     def __init__(self, session: "Session"):
         self._s = session
         self._stub = tuner_pb2_grpc.TunerStub(session.channel)
 
     def feedback(self, request_id: str, reward: float | None = None, success: bool | None = None,
-                 note: str = "") -> int:
-        """Attach an outcome to one of this agent's generations (`Completion.request_id`)."""
-        req = tuner_pb2.FeedbackRequest(request_id=request_id, note=note)
+                 note: str = "", preferred: str = "") -> int:
+        """Attach an outcome to one of this agent's generations (`Completion.request_id`): a reward, a
+        success flag, and/or a preferred reply (SFT learns it; with the generated one it forms a pair)."""
+        req = tuner_pb2.FeedbackRequest(request_id=request_id, note=note, preferred=preferred)
         if reward is not None:
             req.reward = reward
         if success is not None:
@@ -336,13 +338,60 @@ class Tuner:
         return _call(self._stub.Feedback, req, self._s.metadata).outcomes
 
     def build_dataset(self, name: str, kind: str = "sft", min_reward: float | None = None,
-                      eval_fraction: float = 0.1) -> dict:
+                      eval_fraction: float = 0.1, *, samples: int = 0, reward_regex: str = "",
+                      temperature: float = 0.0, model: str = "", max_tokens: int = 0,
+                      items: list[dict] | None = None, distractors: int = 0, oracle_fraction: float | None = None,
+                      seed: int = 0) -> dict:
         """Build a data set from this agent's traces into storage (datasets/NAME.{train,eval}.jsonl and
-        .card.json); returns its card."""
-        req = tuner_pb2.BuildDatasetRequest(name=name, kind=kind, eval_fraction=eval_fraction)
+        .card.json); returns its card. kind: "sft"; "raft" (samples, reward_regex, temperature, model,
+        max_tokens); "rag" (items: [{"question", "oracle_id", "answer"}], distractors, oracle_fraction, seed)."""
+        req = tuner_pb2.BuildDatasetRequest(
+            name=name, kind=kind, eval_fraction=eval_fraction, samples=samples, reward_regex=reward_regex,
+            temperature=temperature, model=model, max_tokens=max_tokens, distractors=distractors, seed=seed,
+            items=[tuner_pb2.RagItem(**i) for i in items or []])
         if min_reward is not None:
             req.min_reward = min_reward
+        if oracle_fraction is not None:
+            req.oracle_fraction = oracle_fraction
         return json.loads(_call(self._stub.BuildDataset, req, self._s.metadata).card_json)
+
+    def finetune(self, name: str, dataset: str, model: str = "", config: dict | None = None,
+                 set_default: bool = False, min_improvement: float = 0.0) -> JobInfo:
+        """Queue a LoRA job on a data set; once trained it is published as AGENT:NAME only if it beats the
+        base model on the held-out split, hot-loaded, and (set_default) used by this agent's generations."""
+        req = tuner_pb2.FinetuneRequest(name=name, dataset=dataset, model=model, config_json=json.dumps(config or {}),
+                                        set_default=set_default, min_improvement=min_improvement)
+        return JobInfo.from_proto(_call(self._stub.StartFinetune, req, self._s.metadata))
+
+    def job(self, job_id: str) -> JobInfo:
+        return JobInfo.from_proto(_call(self._stub.GetJob, tuner_pb2.JobRequest(job_id=job_id), self._s.metadata))
+
+    def jobs(self, all_agents: bool = False) -> list[JobInfo]:
+        reply = _call(self._stub.ListJobs, tuner_pb2.ListJobsRequest(all_agents=all_agents), self._s.metadata)
+        return [JobInfo.from_proto(j) for j in reply.jobs]
+
+    def cancel(self, job_id: str) -> JobInfo:
+        return JobInfo.from_proto(_call(self._stub.CancelJob, tuner_pb2.JobRequest(job_id=job_id), self._s.metadata))
+
+    def wait(self, job_id: str, timeout: float = 600.0, poll_s: float = 0.5) -> JobInfo:
+        """Poll a job until it ends (published, rejected, failed or cancelled); TimeoutError past `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job.done:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.state} at step {job.step}/{job.total_steps}")
+            time.sleep(poll_s)
+
+    def adapters(self) -> list[AdapterInfo]:
+        reply = _call(self._stub.ListAdapters, tuner_pb2.ListAdaptersRequest(), self._s.metadata)
+        return [AdapterInfo.from_proto(a) for a in reply.adapters]
+
+    def set_default_adapter(self, adapter: str, model: str = "") -> None:
+        """Make `adapter` the one this agent's generations on `model` use when they name none ("" clears)."""
+        _call(self._stub.SetDefaultAdapter, tuner_pb2.DefaultAdapterRequest(model=model, adapter=adapter),
+              self._s.metadata)
 
 
 class KernelCalls:

@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 import json
 
-from kernos.proto.v1 import access_pb2, kernel_pb2, llm_pb2, memory_pb2, storage_pb2, tools_pb2
+from kernos.proto.v1 import access_pb2, kernel_pb2, llm_pb2, memory_pb2, storage_pb2, tools_pb2, tuner_pb2
 
 
 class Message(BaseModel):
@@ -193,3 +193,73 @@ class ToolResult(BaseModel):
         return cls(call_id=c.call_id, tool=c.tool, state=c.state, agent_id=c.agent_id, error=c.error,
                    duration_ms=c.duration_ms,
                    result=json.loads(c.result_json) if c.result_json else None)
+
+
+class EvalResult(BaseModel):
+    """A held-out evaluation: mean loss on assistant tokens, and accuracy where the data set has answers."""
+    loss: float | None = None
+    accuracy: float | None = None
+    examples: int = 0
+
+    @classmethod
+    def from_proto(cls, e: tuner_pb2.Eval) -> "EvalResult":
+        return cls(loss=e.loss if e.HasField("loss") else None,
+                   accuracy=e.accuracy if e.HasField("accuracy") else None, examples=e.examples)
+
+
+class JobInfo(BaseModel):
+    """A fine-tuning job: state queued | running | published | rejected | failed | cancelled."""
+    job_id: str
+    owner: str
+    name: str
+    dataset: str
+    model: str
+    state: str
+    step: int
+    total_steps: int
+    loss: float | None = None
+    steps_per_s: float = 0.0
+    eta_s: float | None = None
+    base: EvalResult
+    tuned: EvalResult
+    adapter: str = ""
+    version: int = 0
+    message: str = ""
+    peak_rss_mb: float = 0.0
+    created: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+    config: dict = {}
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("published", "rejected", "failed", "cancelled")
+
+    @classmethod
+    def from_proto(cls, j: tuner_pb2.Job) -> "JobInfo":
+        return cls(job_id=j.job_id, owner=j.owner, name=j.name, dataset=j.dataset, model=j.model, state=j.state,
+                   step=j.step, total_steps=j.total_steps, loss=j.loss if j.HasField("loss") else None,
+                   steps_per_s=j.steps_per_s, eta_s=j.eta_s if j.HasField("eta_s") else None,
+                   base=EvalResult.from_proto(j.base), tuned=EvalResult.from_proto(j.tuned), adapter=j.adapter,
+                   version=j.version, message=j.message, peak_rss_mb=j.peak_rss_mb, created=j.created,
+                   started=j.started, finished=j.finished, config=json.loads(j.config_json or "{}"))
+
+
+class AdapterInfo(BaseModel):
+    """A published adapter version; `name` (OWNER:NAME) is what `llm.chat(adapter=...)` takes."""
+    name: str
+    owner: str
+    version: int
+    model: str
+    base: EvalResult
+    tuned: EvalResult
+    job_id: str = ""
+    created: float = 0.0
+    loaded: bool = False
+    is_default: bool = False
+
+    @classmethod
+    def from_proto(cls, a: tuner_pb2.Adapter) -> "AdapterInfo":
+        return cls(name=a.name, owner=a.owner, version=a.version, model=a.model, base=EvalResult.from_proto(a.base),
+                   tuned=EvalResult.from_proto(a.tuned), job_id=a.job_id, created=a.created, loaded=a.loaded,
+                   is_default=a.is_default)

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS outcomes (
     request_id TEXT NOT NULL,
     reward REAL,
     success INTEGER,
-    note TEXT NOT NULL
+    note TEXT NOT NULL,
+    preferred TEXT           -- a better reply given as feedback (with the generated one: a pair)
 );
 CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes(agent_id, request_id);
 """
@@ -57,6 +58,8 @@ class TraceLog:
         self.path = path
         self._db = connect(path, synchronous="NORMAL")
         self._db.executescript(_SCHEMA)
+        if "preferred" not in {r[1] for r in self._db.execute("PRAGMA table_info(outcomes)")}:
+            self._db.execute("ALTER TABLE outcomes ADD COLUMN preferred TEXT")  # data dirs of an older kernel
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._writer, name="trace-writer", daemon=True)
@@ -97,15 +100,16 @@ class TraceLog:
         self._db.close()
 
     def add_outcome(self, agent_id: str, request_id: str, reward: float | None, success: bool | None,
-                    note: str = "") -> int:
+                    note: str = "", preferred: str | None = None) -> int:
         """Record an outcome (durably, on its own connection); returns how many that generation now has."""
         db = connect(self.path, synchronous="FULL")
         try:
             with db:
                 db.execute("BEGIN")
-                db.execute("INSERT INTO outcomes(ts, agent_id, request_id, reward, success, note) VALUES (?,?,?,?,?,?)",
+                db.execute("INSERT INTO outcomes(ts, agent_id, request_id, reward, success, note, preferred) "
+                           "VALUES (?,?,?,?,?,?,?)",
                            (time.time(), agent_id, request_id, reward, None if success is None else int(success),
-                            note[:1000]))
+                            note[:1000], preferred or None))
             return db.execute("SELECT COUNT(*) FROM outcomes WHERE agent_id=? AND request_id=?",
                               (agent_id, request_id)).fetchone()[0]
         finally:
@@ -114,14 +118,14 @@ class TraceLog:
     def outcomes(self, agent_id: str) -> dict[str, list[dict]]:
         db = connect(self.path, synchronous="NORMAL")
         try:
-            rows = db.execute("SELECT request_id, reward, success, note FROM outcomes WHERE agent_id=? ORDER BY id",
-                              (agent_id,)).fetchall()
+            rows = db.execute("SELECT request_id, reward, success, note, preferred FROM outcomes WHERE agent_id=? "
+                              "ORDER BY id", (agent_id,)).fetchall()
         finally:
             db.close()
         out: dict[str, list[dict]] = {}
-        for rid, reward, success, note in rows:
+        for rid, reward, success, note, preferred in rows:
             out.setdefault(rid, []).append({"reward": reward, "success": None if success is None else bool(success),
-                                            "note": note})
+                                            "note": note, "preferred": preferred})
         return out
 
     def has_generation(self, agent_id: str, request_id: str) -> bool:

@@ -56,7 +56,7 @@ def _load(cfg: ModelConfig, config: KernelConfig) -> ServedModel:
                                 preemption=e.preemption, swap_host_bytes=e.swap_host_bytes,
                                 swap_dir=config.data_dir / "swap" / cfg.name)
     return ServedModel(cfg.name, engine, lm.architecture, str(lm.device), str(lm.dtype).replace("torch.", ""),
-                       list(lm.adapters), lm.context_length, lm.parameters, lm.tokenizer,
+                       lm.adapters, lm.context_length, lm.parameters, lm.tokenizer,
                        bool(getattr(lm.tokenizer, "chat_template", None)))
 
 
@@ -72,6 +72,27 @@ class LLMCore:
 
     def get(self, name: str | None) -> ServedModel | None:
         return self.models.get(name or self.default)
+
+    async def complete(self, model: ServedModel, agent_id: str, messages: list[dict], max_tokens: int,
+                       temperature: float = 0.0, seed: int | None = None, adapter: str | None = None,
+                       max_prompt_tokens: int = 4096):
+        """One generation for the kernel's own use (summaries, data-set sampling): the Final event."""
+        import asyncio
+        import uuid
+
+        from .types import Failed, Final, GenRequest, RequestHandle
+
+        ids = model.encode_chat(messages)[-max_prompt_tokens:]
+        req = GenRequest(request_id=uuid.uuid4().hex, agent_id=agent_id, prompt_ids=ids, max_tokens=max_tokens,
+                         temperature=temperature, seed=seed, adapter=adapter)
+        handle = RequestHandle(req, asyncio.get_running_loop())
+        model.engine.submit(req, handle)
+        async for ev in handle.events():
+            if isinstance(ev, Final):
+                return ev
+            if isinstance(ev, Failed):
+                raise RuntimeError(ev.message)
+        raise RuntimeError("the engine closed the request without a result")
 
     def drain(self, timeout: float) -> bool:
         clean = True

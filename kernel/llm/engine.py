@@ -34,7 +34,7 @@ from kernos.scheduler import Budget, FifoPolicy, Policy, RequestView
 
 from . import cache as cache_ops
 from .base import Engine, EngineStats
-from .registry import LoadedModel
+from .registry import LoadedModel, peft_name
 from .sampling import choose, make_generator
 from .types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, RequestTooLarge, TextDelta
 
@@ -128,6 +128,28 @@ class TransformersEngine(Engine):
         self._commands.put((fn, fut))
         self._wake.set()
         return fut
+
+    def load_adapter(self, name: str, folder: Path) -> Future:
+        """Load (or replace) a peft adapter into the served model, on the engine thread between two steps,
+        so running requests never see a half-loaded model. The first adapter wraps the model in peft."""
+        def do():
+            from peft import PeftModel
+
+            internal = peft_name(name)
+            if not self.lm.has_adapters:
+                self.lm.model = PeftModel.from_pretrained(self.lm.model, folder, adapter_name=internal,
+                                                          is_trainable=False)
+            else:
+                if name in self.lm.adapters:
+                    if any(s.req.adapter == name for s in self.rows + self.waiting):
+                        raise RuntimeError(f"adapter '{name}' is in use by running requests; try again")
+                    self.lm.model.delete_adapter(internal)
+                self.lm.model.load_adapter(folder, adapter_name=internal, is_trainable=False)
+            self.lm.model.eval()
+            if name not in self.lm.adapters:
+                self.lm.adapters.append(name)
+            return list(self.lm.adapters)
+        return self.call(do)
 
     def suspend(self, request_id: str) -> Future:
         """Preempt a request and keep it out of scheduling until `resume` (an agent waiting on a tool)."""
@@ -342,7 +364,7 @@ class TransformersEngine(Engine):
         if last_only and self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         if self.lm.has_adapters:
-            kwargs["adapter_names"] = [a or "__base__" for a in adapters]
+            kwargs["adapter_names"] = [peft_name(a) if a else "__base__" for a in adapters]
         return self.lm.model(**kwargs)
 
     def _prefill_tokens(self, tokens: list[int], adapter: str | None):

@@ -99,6 +99,11 @@ def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> Loaded
     return lm
 
 
+def peft_name(name: str) -> str:
+    """peft adapter names become module keys, which may not contain '.'; served names may ("a.b:c")."""
+    return name.replace(".", "\u2024")
+
+
 def _attach_adapters(cfg: ModelConfig, model):
     from peft import PeftModel
 
@@ -108,9 +113,9 @@ def _attach_adapters(cfg: ModelConfig, model):
         if not (folder_path / "adapter_config.json").exists():
             raise ModelLoadError(f"model '{cfg.name}': adapter '{name}': {folder_path} has no adapter_config.json")
         if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, folder_path, adapter_name=name, is_trainable=False)
+            peft_model = PeftModel.from_pretrained(model, folder_path, adapter_name=peft_name(name), is_trainable=False)
         else:
-            peft_model.load_adapter(folder_path, adapter_name=name, is_trainable=False)
+            peft_model.load_adapter(folder_path, adapter_name=peft_name(name), is_trainable=False)
     peft_model.eval()
     return peft_model
 

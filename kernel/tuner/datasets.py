@@ -1,13 +1,22 @@
 """Data-set builders: pure functions from traced generations and their outcomes to training examples.
 
-SFT keeps successful episodes (success=true, or reward >= min_reward when a reward was given): each is the
-chat the agent sent plus the reply it got, as {"messages": [...]}. Exact duplicates are removed; the
-train/eval split is by episode and deterministic (a hash of the request id), so an episode never lands
-in both halves and rebuilding gives the same split."""
+- SFT keeps successful episodes (success=true, or reward >= min_reward when a reward was given): each is
+  the chat the agent sent plus the reply it got, as {"messages": [...]}. An episode with a preferred reply
+  (feedback) learns that reply instead, and also yields a preferred/rejected pair.
+- Reward-ranked (LMFlow's RAFT): per distinct prompt, k sampled answers are scored by a reward and the
+  best is kept when it clears min_reward.
+- Retrieval-augmented (the RAFT recipe for domain RAG): a question with its oracle document plus sampled
+  distractors (a share with distractors only); the target quotes the oracle's relevant sentence, then
+  gives the answer.
+
+Exact duplicates are removed; the train/eval split is by episode (or question) and deterministic (a hash),
+so one never lands in both halves and rebuilding gives the same split."""
 from __future__ import annotations
 
 import hashlib
 import json
+import random
+import re
 from dataclasses import dataclass, field
 
 
@@ -19,6 +28,7 @@ class Episode:
     model: str
     rewards: list[float] = field(default_factory=list)
     successes: list[bool] = field(default_factory=list)
+    preferred: str | None = None    # the latest preferred reply given as feedback
 
 
 def episodes_from_traces(traces, outcomes: dict[str, list[dict]]) -> list[Episode]:
@@ -38,6 +48,8 @@ def episodes_from_traces(traces, outcomes: dict[str, list[dict]]) -> list[Episod
                 ep.rewards.append(float(o["reward"]))
             if o.get("success") is not None:
                 ep.successes.append(bool(o["success"]))
+            if o.get("preferred"):
+                ep.preferred = o["preferred"]
         out.append(ep)
     return out
 
@@ -58,14 +70,18 @@ def build_sft(episodes: list[Episode], min_reward: float | None = None, eval_fra
     """(train, eval, card) from episodes."""
     seen, train, evals = set(), [], []
     dropped = {"unsuccessful": 0, "empty_reply": 0, "duplicate": 0}
+    corrected = 0
     for ep in episodes:
-        if not successful(ep, min_reward):
+        target = ep.preferred or ep.reply
+        if ep.preferred:
+            corrected += 1
+        elif not successful(ep, min_reward):
             dropped["unsuccessful"] += 1
             continue
-        if not ep.reply.strip():
+        if not target.strip():
             dropped["empty_reply"] += 1
             continue
-        example = {"messages": ep.messages + [{"role": "assistant", "content": ep.reply}]}
+        example = {"messages": ep.messages + [{"role": "assistant", "content": target}]}
         key = hashlib.sha256(json.dumps(example, sort_keys=True).encode()).hexdigest()
         if key in seen:
             dropped["duplicate"] += 1
@@ -73,8 +89,140 @@ def build_sft(episodes: list[Episode], min_reward: float | None = None, eval_fra
         seen.add(key)
         (evals if in_eval(ep.request_id, eval_fraction) else train).append(dict(example, episode=ep.request_id))
     card = {"kind": "sft", "episodes_seen": len(episodes), "train": len(train), "eval": len(evals),
-            "dropped": dropped, "filters": {"min_reward": min_reward, "success": "all outcomes true if any given"},
+            "dropped": dropped, "corrected": corrected,
+            "filters": {"min_reward": min_reward, "success": "all outcomes true if any given",
+                        "preferred": "an episode with a preferred reply learns it"},
             "split": {"by": "episode (sha256 of request id)", "eval_fraction": eval_fraction},
             "models": sorted({ep.model for ep in episodes if ep.model}),
             "loss": "assistant turns only (the trainer masks the rest)"}
+    return train, evals, card
+
+
+def build_pairs(episodes: list[Episode]) -> list[dict]:
+    """Preferred/rejected pairs: each episode whose reply was corrected by a preferred one."""
+    return [{"messages": ep.messages, "chosen": ep.preferred, "rejected": ep.reply, "episode": ep.request_id}
+            for ep in episodes if ep.preferred and ep.preferred.strip() != ep.reply.strip()]
+
+
+# -- reward-ranked fine-tuning (RAFT, LMFlow) -----------------------------------------------------------
+def prompt_key(messages: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+
+
+def distinct_prompts(episodes: list[Episode]) -> list[tuple[str, list[dict]]]:
+    """(key, messages) of each distinct prompt, first seen first."""
+    seen: dict[str, list[dict]] = {}
+    for ep in episodes:
+        seen.setdefault(prompt_key(ep.messages), ep.messages)
+    return list(seen.items())
+
+
+def regex_reward(pattern: str):
+    rx = re.compile(pattern)
+    return lambda messages, answer: 1.0 if rx.search(answer) else 0.0
+
+
+def feedback_reward(episodes: list[Episode]):
+    """The mean stored reward (success counts 1/0) of traced replies identical to the answer, for the same
+    prompt; 0 for an answer nobody rated."""
+    table: dict[tuple[str, str], list[float]] = {}
+    for ep in episodes:
+        scores = ep.rewards + [1.0 if s else 0.0 for s in ep.successes]
+        if scores:
+            table.setdefault((prompt_key(ep.messages), ep.reply.strip()), []).extend(scores)
+    def reward(messages, answer):
+        scores = table.get((prompt_key(messages), answer.strip()))
+        return sum(scores) / len(scores) if scores else 0.0
+    return reward
+
+
+def build_raft(samples: dict[str, tuple[list[dict], list[str]]], reward, min_reward: float | None = None,
+               eval_fraction: float = 0.1):
+    """(train, eval, card): for each prompt key -> (messages, k sampled answers), the best-scoring answer
+    (first on ties) if it scores >= min_reward (default: above 0)."""
+    train, evals, rewards = [], [], []
+    dropped = {"below_min_reward": 0, "empty": 0}
+    for key, (messages, answers) in samples.items():
+        scored = [(reward(messages, a), i, a) for i, a in enumerate(answers) if a.strip()]
+        if not scored:
+            dropped["empty"] += 1
+            continue
+        best, _, answer = max(scored, key=lambda t: (t[0], -t[1]))
+        if (best < min_reward) if min_reward is not None else best <= 0:
+            dropped["below_min_reward"] += 1
+            continue
+        rewards.append(best)
+        example = {"messages": messages + [{"role": "assistant", "content": answer}], "reward": best, "episode": key}
+        (evals if in_eval(key, eval_fraction) else train).append(example)
+    k = max((len(a) for _, a in samples.values()), default=0)
+    card = {"kind": "raft", "prompts": len(samples), "samples_per_prompt": k, "train": len(train), "eval": len(evals),
+            "dropped": dropped, "filters": {"min_reward": min_reward if min_reward is not None else "> 0"},
+            "mean_kept_reward": sum(rewards) / len(rewards) if rewards else None,
+            "split": {"by": "prompt (sha256)", "eval_fraction": eval_fraction},
+            "loss": "assistant turns only (the trainer masks the rest)"}
+    return train, evals, card
+
+
+# -- retrieval-augmented fine-tuning (RAFT for domain RAG) ----------------------------------------------
+@dataclass
+class RagItem:
+    question: str
+    oracle_id: str
+    oracle: str
+    answer: str
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+
+
+def quote_for(oracle: str, question: str, answer: str) -> str:
+    """The oracle's sentence that best supports the answer: one containing it, else the most word overlap."""
+    words = set(re.findall(r"\w+", (question + " " + answer).lower()))
+    sents = _sentences(oracle) or [oracle.strip()]
+    return max(sents, key=lambda s: (answer.lower() in s.lower(), len(words & set(re.findall(r"\w+", s.lower())))))
+
+
+def rag_prompt(question: str, documents: list[str]) -> str:
+    docs = "\n".join(f"[{i + 1}] {d}" for i, d in enumerate(documents))
+    return f"Documents:\n{docs}\n\nQuestion: {question}"
+
+
+def rag_target(question: str, quote: str, answer: str) -> str:
+    return (f"##begin_quote##{quote}##end_quote## The quoted passage answers the question.\n"
+            f"<ANSWER>: {answer}")
+
+
+def build_rag(items: list[RagItem], pool: list[tuple[str, str]], distractors: int = 3, oracle_fraction: float = 0.8,
+              seed: int = 0, eval_fraction: float = 0.1):
+    """(train, eval, card). Each item gets `distractors` documents sampled from `pool` ((id, text), the
+    oracle excluded) in random order with the oracle, or, for a (1 - oracle_fraction) share, one more
+    distractor instead of the oracle. Examples carry "answer" for the evaluation's accuracy."""
+    rng = random.Random(seed)
+    train, evals = [], []
+    with_oracle = 0
+    seen = set()
+    for it in items:
+        key = hashlib.sha256(it.question.encode()).hexdigest()
+        if key in seen:
+            continue
+        seen.add(key)
+        others = [t for i, t in pool if i != it.oracle_id and t.strip() != it.oracle.strip()]
+        keep = rng.random() < oracle_fraction
+        n = distractors if keep else distractors + 1
+        docs = rng.sample(others, min(n, len(others)))
+        if keep:
+            docs.insert(rng.randrange(len(docs) + 1), it.oracle)
+            with_oracle += 1
+        target = rag_target(it.question, quote_for(it.oracle, it.question, it.answer), it.answer)
+        example = {"messages": [{"role": "user", "content": rag_prompt(it.question, docs)},
+                                {"role": "assistant", "content": target}],
+                   "answer": it.answer, "oracle": keep, "episode": key}
+        (evals if in_eval(key, eval_fraction) else train).append(example)
+    n = len(train) + len(evals)
+    card = {"kind": "rag", "questions": len(items), "unique_questions": n, "train": len(train), "eval": len(evals),
+            "distractors": distractors, "oracle_fraction": oracle_fraction,
+            "with_oracle": with_oracle, "distractors_only": n - with_oracle, "pool": len(pool), "seed": seed,
+            "target": "##begin_quote##...##end_quote## then <ANSWER>: (accuracy: the answer appears in the reply)",
+            "split": {"by": "question (sha256)", "eval_fraction": eval_fraction}}
     return train, evals, card

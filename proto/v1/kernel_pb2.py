@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from . import tuner_pb2 as kernos_dot_v1_dot_tuner__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kernos/v1/kernel.proto\x12\tkernos.v1\"\x9b\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x36\n\x06labels\x18\x03 \x03(\x0b\x32&.kernos.v1.RegisterRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"0\n\rRegisterReply\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\x12\n\x10HeartbeatRequest\"%\n\x0eHeartbeatReply\x12\x13\n\x0bserver_time\x18\x01 \x01(\x01\"\r\n\x0b\x45xitRequest\"\x0b\n\tExitReply\"+\n\x11ListAgentsRequest\x12\x16\n\x0einclude_exited\x18\x01 \x01(\x08\"\x9e\x02\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x30\n\x06labels\x18\x04 \x03(\x0b\x32 .kernos.v1.AgentInfo.LabelsEntry\x12\r\n\x05state\x18\x05 \x01(\t\x12\x15\n\rregistered_at\x18\x06 \x01(\x01\x12\x11\n\tlast_seen\x18\x07 \x01(\x01\x12\x10\n\x08syscalls\x18\x08 \x01(\x04\x12\x15\n\rprompt_tokens\x18\t \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x0fListAgentsReply\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.kernos.v1.AgentInfo\"\x0e\n\x0cStatsRequest\"\xcf\x01\n\x0cRequestStats\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\x0e\n\x06\x61ge_ms\x18\x07 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x08 \x01(\r\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\n \x01(\x04\"\xb1\x05\n\nModelStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x05 \x03(\t\x12\x12\n\nparameters\x18\x06 \x01(\x04\x12\x0f\n\x07running\x18\x07 \x01(\r\x12\x0f\n\x07waiting\x18\x08 \x01(\r\x12\x11\n\tcompleted\x18\t \x01(\x04\x12\x15\n\rprompt_tokens\x18\n \x01(\x04\x12\x18\n\x10generated_tokens\x18\x0b \x01(\x04\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x0c \x01(\x04\x12\x14\n\x0ctokens_per_s\x18\r \x01(\x01\x12\x17\n\x0fmean_batch_size\x18\x0e \x01(\x01\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x0f \x01(\x04\x12)\n\x08requests\x18\x10 \x03(\x0b\x32\x17.kernos.v1.RequestStats\x12\x11\n\tcancelled\x18\x11 \x01(\x04\x12\x0e\n\x06policy\x18\x12 \x01(\t\x12\x18\n\x10\x63ontext_switches\x18\x13 \x01(\x04\x12\x11\n\tswitch_ms\x18\x14 \x01(\x01\x12\r\n\x05swaps\x18\x15 \x01(\x04\x12\x12\n\nrecomputes\x18\x16 \x01(\x04\x12\x11\n\tpreempted\x18\x17 \x01(\r\x12\x11\n\tsuspended\x18\x18 \x01(\r\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x19 \x01(\x04\x12I\n\x13preempted_by_reason\x18\x1a \x03(\x0b\x32,.kernos.v1.ModelStats.PreemptedByReasonEntry\x12\x15\n\rqueue_wait_ms\x18\x1b \x01(\x01\x1a\x38\n\x16PreemptedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xa9\x01\n\nStatsReply\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x15\n\ractive_agents\x18\x03 \x01(\r\x12\x10\n\x08syscalls\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12%\n\x06models\x18\x06 \x03(\x0b\x32\x15.kernos.v1.ModelStats\x12\x15\n\rdefault_model\x18\x07 \x01(\t2\xc6\x02\n\x06Kernel\x12@\n\x08Register\x12\x1a.kernos.v1.RegisterRequest\x1a\x18.kernos.v1.RegisterReply\x12\x43\n\tHeartbeat\x12\x1b.kernos.v1.HeartbeatRequest\x1a\x19.kernos.v1.HeartbeatReply\x12\x34\n\x04\x45xit\x12\x16.kernos.v1.ExitRequest\x1a\x14.kernos.v1.ExitReply\x12\x46\n\nListAgents\x12\x1c.kernos.v1.ListAgentsRequest\x1a\x1a.kernos.v1.ListAgentsReply\x12\x37\n\x05Stats\x12\x17.kernos.v1.StatsRequest\x1a\x15.kernos.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kernos/v1/kernel.proto\x12\tkernos.v1\x1a\x15kernos/v1/tuner.proto\"\x9b\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x36\n\x06labels\x18\x03 \x03(\x0b\x32&.kernos.v1.RegisterRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"0\n\rRegisterReply\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\x12\n\x10HeartbeatRequest\"%\n\x0eHeartbeatReply\x12\x13\n\x0bserver_time\x18\x01 \x01(\x01\"\r\n\x0b\x45xitRequest\"\x0b\n\tExitReply\"+\n\x11ListAgentsRequest\x12\x16\n\x0einclude_exited\x18\x01 \x01(\x08\"\x9e\x02\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x30\n\x06labels\x18\x04 \x03(\x0b\x32 .kernos.v1.AgentInfo.LabelsEntry\x12\r\n\x05state\x18\x05 \x01(\t\x12\x15\n\rregistered_at\x18\x06 \x01(\x01\x12\x11\n\tlast_seen\x18\x07 \x01(\x01\x12\x10\n\x08syscalls\x18\x08 \x01(\x04\x12\x15\n\rprompt_tokens\x18\t \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x0fListAgentsReply\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.kernos.v1.AgentInfo\"\x0e\n\x0cStatsRequest\"\xcf\x01\n\x0cRequestStats\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\x0e\n\x06\x61ge_ms\x18\x07 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x08 \x01(\r\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\n \x01(\x04\"\xb1\x05\n\nModelStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x05 \x03(\t\x12\x12\n\nparameters\x18\x06 \x01(\x04\x12\x0f\n\x07running\x18\x07 \x01(\r\x12\x0f\n\x07waiting\x18\x08 \x01(\r\x12\x11\n\tcompleted\x18\t \x01(\x04\x12\x15\n\rprompt_tokens\x18\n \x01(\x04\x12\x18\n\x10generated_tokens\x18\x0b \x01(\x04\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x0c \x01(\x04\x12\x14\n\x0ctokens_per_s\x18\r \x01(\x01\x12\x17\n\x0fmean_batch_size\x18\x0e \x01(\x01\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x0f \x01(\x04\x12)\n\x08requests\x18\x10 \x03(\x0b\x32\x17.kernos.v1.RequestStats\x12\x11\n\tcancelled\x18\x11 \x01(\x04\x12\x0e\n\x06policy\x18\x12 \x01(\t\x12\x18\n\x10\x63ontext_switches\x18\x13 \x01(\x04\x12\x11\n\tswitch_ms\x18\x14 \x01(\x01\x12\r\n\x05swaps\x18\x15 \x01(\x04\x12\x12\n\nrecomputes\x18\x16 \x01(\x04\x12\x11\n\tpreempted\x18\x17 \x01(\r\x12\x11\n\tsuspended\x18\x18 \x01(\r\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x19 \x01(\x04\x12I\n\x13preempted_by_reason\x18\x1a \x03(\x0b\x32,.kernos.v1.ModelStats.PreemptedByReasonEntry\x12\x15\n\rqueue_wait_ms\x18\x1b \x01(\x01\x1a\x38\n\x16PreemptedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xcd\x01\n\nStatsReply\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x15\n\ractive_agents\x18\x03 \x01(\r\x12\x10\n\x08syscalls\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12%\n\x06models\x18\x06 \x03(\x0b\x32\x15.kernos.v1.ModelStats\x12\x15\n\rdefault_model\x18\x07 \x01(\t\x12\"\n\ntuner_jobs\x18\x08 \x03(\x0b\x32\x0e.kernos.v1.Job2\xc6\x02\n\x06Kernel\x12@\n\x08Register\x12\x1a.kernos.v1.RegisterRequest\x1a\x18.kernos.v1.RegisterReply\x12\x43\n\tHeartbeat\x12\x1b.kernos.v1.HeartbeatRequest\x1a\x19.kernos.v1.HeartbeatReply\x12\x34\n\x04\x45xit\x12\x16.kernos.v1.ExitRequest\x1a\x14.kernos.v1.ExitReply\x12\x46\n\nListAgents\x12\x1c.kernos.v1.ListAgentsRequest\x1a\x1a.kernos.v1.ListAgentsReply\x12\x37\n\x05Stats\x12\x17.kernos.v1.StatsRequest\x1a\x15.kernos.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,38 +38,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTINFO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_MODELSTATS_PREEMPTEDBYREASONENTRY']._loaded_options = None
   _globals['_MODELSTATS_PREEMPTEDBYREASONENTRY']._serialized_options = b'8\001'
-  _globals['_REGISTERREQUEST']._serialized_start=38
-  _globals['_REGISTERREQUEST']._serialized_end=193
-  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=148
-  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=193
-  _globals['_REGISTERREPLY']._serialized_start=195
-  _globals['_REGISTERREPLY']._serialized_end=243
-  _globals['_HEARTBEATREQUEST']._serialized_start=245
-  _globals['_HEARTBEATREQUEST']._serialized_end=263
-  _globals['_HEARTBEATREPLY']._serialized_start=265
-  _globals['_HEARTBEATREPLY']._serialized_end=302
-  _globals['_EXITREQUEST']._serialized_start=304
-  _globals['_EXITREQUEST']._serialized_end=317
-  _globals['_EXITREPLY']._serialized_start=319
-  _globals['_EXITREPLY']._serialized_end=330
-  _globals['_LISTAGENTSREQUEST']._serialized_start=332
-  _globals['_LISTAGENTSREQUEST']._serialized_end=375
-  _globals['_AGENTINFO']._serialized_start=378
-  _globals['_AGENTINFO']._serialized_end=664
-  _globals['_AGENTINFO_LABELSENTRY']._serialized_start=148
-  _globals['_AGENTINFO_LABELSENTRY']._serialized_end=193
-  _globals['_LISTAGENTSREPLY']._serialized_start=666
-  _globals['_LISTAGENTSREPLY']._serialized_end=721
-  _globals['_STATSREQUEST']._serialized_start=723
-  _globals['_STATSREQUEST']._serialized_end=737
-  _globals['_REQUESTSTATS']._serialized_start=740
-  _globals['_REQUESTSTATS']._serialized_end=947
-  _globals['_MODELSTATS']._serialized_start=950
-  _globals['_MODELSTATS']._serialized_end=1639
-  _globals['_MODELSTATS_PREEMPTEDBYREASONENTRY']._serialized_start=1583
-  _globals['_MODELSTATS_PREEMPTEDBYREASONENTRY']._serialized_end=1639
-  _globals['_STATSREPLY']._serialized_start=1642
-  _globals['_STATSREPLY']._serialized_end=1811
-  _globals['_KERNEL']._serialized_start=1814
-  _globals['_KERNEL']._serialized_end=2140
+  _globals['_REGISTERREQUEST']._serialized_start=61
+  _globals['_REGISTERREQUEST']._serialized_end=216
+  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=171
+  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=216
+  _globals['_REGISTERREPLY']._serialized_start=218
+  _globals['_REGISTERREPLY']._serialized_end=266
+  _globals['_HEARTBEATREQUEST']._serialized_start=268
+  _globals['_HEARTBEATREQUEST']._serialized_end=286
+  _globals['_HEARTBEATREPLY']._serialized_start=288
+  _globals['_HEARTBEATREPLY']._serialized_end=325
+  _globals['_EXITREQUEST']._serialized_start=327
+  _globals['_EXITREQUEST']._serialized_end=340
+  _globals['_EXITREPLY']._serialized_start=342
+  _globals['_EXITREPLY']._serialized_end=353
+  _globals['_LISTAGENTSREQUEST']._serialized_start=355
+  _globals['_LISTAGENTSREQUEST']._serialized_end=398
+  _globals['_AGENTINFO']._serialized_start=401
+  _globals['_AGENTINFO']._serialized_end=687
+  _globals['_AGENTINFO_LABELSENTRY']._serialized_start=171
+  _globals['_AGENTINFO_LABELSENTRY']._serialized_end=216
+  _globals['_LISTAGENTSREPLY']._serialized_start=689
+  _globals['_LISTAGENTSREPLY']._serialized_end=744
+  _globals['_STATSREQUEST']._serialized_start=746
+  _globals['_STATSREQUEST']._serialized_end=760
+  _globals['_REQUESTSTATS']._serialized_start=763
+  _globals['_REQUESTSTATS']._serialized_end=970
+  _globals['_MODELSTATS']._serialized_start=973
+  _globals['_MODELSTATS']._serialized_end=1662
+  _globals['_MODELSTATS_PREEMPTEDBYREASONENTRY']._serialized_start=1606
+  _globals['_MODELSTATS_PREEMPTEDBYREASONENTRY']._serialized_end=1662
+  _globals['_STATSREPLY']._serialized_start=1665
+  _globals['_STATSREPLY']._serialized_end=1870
+  _globals['_KERNEL']._serialized_start=1873
+  _globals['_KERNEL']._serialized_end=2199
 # @@protoc_insertion_point(module_scope)

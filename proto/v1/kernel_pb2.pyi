@@ -1,3 +1,4 @@
+from . import tuner_pb2 as _tuner_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -186,7 +187,7 @@ class ModelStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., parameters: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., completed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., decode_steps: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., mean_batch_size: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestStats, _Mapping]]] = ..., cancelled: _Optional[int] = ..., policy: _Optional[str] = ..., context_switches: _Optional[int] = ..., switch_ms: _Optional[float] = ..., swaps: _Optional[int] = ..., recomputes: _Optional[int] = ..., preempted: _Optional[int] = ..., suspended: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., preempted_by_reason: _Optional[_Mapping[str, int]] = ..., queue_wait_ms: _Optional[float] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("version", "uptime_s", "active_agents", "syscalls", "in_flight", "models", "default_model")
+    __slots__ = ("version", "uptime_s", "active_agents", "syscalls", "in_flight", "models", "default_model", "tuner_jobs")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_AGENTS_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +195,7 @@ class StatsReply(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TUNER_JOBS_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     active_agents: int
@@ -201,4 +203,5 @@ class StatsReply(_message.Message):
     in_flight: int
     models: _containers.RepeatedCompositeFieldContainer[ModelStats]
     default_model: str
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., active_agents: _Optional[int] = ..., syscalls: _Optional[int] = ..., in_flight: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+    tuner_jobs: _containers.RepeatedCompositeFieldContainer[_tuner_pb2.Job]
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., active_agents: _Optional[int] = ..., syscalls: _Optional[int] = ..., in_flight: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., default_model: _Optional[str] = ..., tuner_jobs: _Optional[_Iterable[_Union[_tuner_pb2.Job, _Mapping]]] = ...) -> None: ...

@@ -24,21 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kernos/v1/tuner.proto\x12\tkernos.v1\"u\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06reward\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07success\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x0c\n\x04note\x18\x04 \x01(\tB\t\n\x07_rewardB\n\n\x08_success\"!\n\rFeedbackReply\x12\x10\n\x08outcomes\x18\x01 \x01(\r\"p\n\x13\x42uildDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x17\n\nmin_reward\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\reval_fraction\x18\x04 \x01(\x01\x42\r\n\x0b_min_reward\"\\\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05train\x18\x02 \x01(\r\x12\x0c\n\x04\x65val\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x11\n\tcard_json\x18\x05 \x01(\t2\x91\x01\n\x05Tuner\x12@\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1a.kernos.v1.FeedbackRequest\x1a\x18.kernos.v1.FeedbackReply\x12\x46\n\x0c\x42uildDataset\x12\x1e.kernos.v1.BuildDatasetRequest\x1a\x16.kernos.v1.DatasetInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kernos/v1/tuner.proto\x12\tkernos.v1\"\x88\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06reward\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07success\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\x11\n\tpreferred\x18\x05 \x01(\tB\t\n\x07_rewardB\n\n\x08_success\"!\n\rFeedbackReply\x12\x10\n\x08outcomes\x18\x01 \x01(\r\">\n\x07RagItem\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x11\n\toracle_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\"\xc7\x02\n\x13\x42uildDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x17\n\nmin_reward\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\reval_fraction\x18\x04 \x01(\x01\x12\x0f\n\x07samples\x18\x05 \x01(\r\x12\x14\n\x0creward_regex\x18\x06 \x01(\t\x12\x13\n\x0btemperature\x18\x07 \x01(\x01\x12\r\n\x05model\x18\x08 \x01(\t\x12\x12\n\nmax_tokens\x18\t \x01(\r\x12!\n\x05items\x18\n \x03(\x0b\x32\x12.kernos.v1.RagItem\x12\x13\n\x0b\x64istractors\x18\x0b \x01(\r\x12\x1c\n\x0foracle_fraction\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04seed\x18\r \x01(\rB\r\n\x0b_min_rewardB\x12\n\x10_oracle_fraction\"\\\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05train\x18\x02 \x01(\r\x12\x0c\n\x04\x65val\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x11\n\tcard_json\x18\x05 \x01(\t\"\x82\x01\n\x0f\x46inetuneRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0bset_default\x18\x05 \x01(\x08\x12\x17\n\x0fmin_improvement\x18\x06 \x01(\x01\"\x1c\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"%\n\x0fListJobsRequest\x12\x12\n\nall_agents\x18\x01 \x01(\x08\"X\n\x04\x45val\x12\x11\n\x04loss\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08\x65xamples\x18\x03 \x01(\rB\x07\n\x05_lossB\x0b\n\t_accuracy\"\xa3\x03\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0c\n\x04step\x18\x07 \x01(\r\x12\x13\n\x0btotal_steps\x18\x08 \x01(\r\x12\x11\n\x04loss\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bsteps_per_s\x18\n \x01(\x01\x12\x12\n\x05\x65ta_s\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12\x1d\n\x04\x62\x61se\x18\x0c \x01(\x0b\x32\x0f.kernos.v1.Eval\x12\x1e\n\x05tuned\x18\r \x01(\x0b\x32\x0f.kernos.v1.Eval\x12\x0f\n\x07\x61\x64\x61pter\x18\x0e \x01(\t\x12\x0f\n\x07version\x18\x0f \x01(\r\x12\x0f\n\x07message\x18\x10 \x01(\t\x12\x13\n\x0bpeak_rss_mb\x18\x11 \x01(\x01\x12\x0f\n\x07\x63reated\x18\x12 \x01(\x01\x12\x0f\n\x07started\x18\x13 \x01(\x01\x12\x10\n\x08\x66inished\x18\x14 \x01(\x01\x12\x13\n\x0b\x63onfig_json\x18\x15 \x01(\tB\x07\n\x05_lossB\x08\n\x06_eta_s\"\'\n\x07JobList\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.kernos.v1.Job\"\x15\n\x13ListAdaptersRequest\"\xca\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1d\n\x04\x62\x61se\x18\x05 \x01(\x0b\x32\x0f.kernos.v1.Eval\x12\x1e\n\x05tuned\x18\x06 \x01(\x0b\x32\x0f.kernos.v1.Eval\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x0f\n\x07\x63reated\x18\x08 \x01(\x01\x12\x0e\n\x06loaded\x18\t \x01(\x08\x12\x12\n\nis_default\x18\n \x01(\x08\"3\n\x0b\x41\x64\x61pterList\x12$\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x12.kernos.v1.Adapter\"7\n\x15\x44\x65\x66\x61ultAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"5\n\x13\x44\x65\x66\x61ultAdapterReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t2\x8e\x04\n\x05Tuner\x12@\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1a.kernos.v1.FeedbackRequest\x1a\x18.kernos.v1.FeedbackReply\x12\x46\n\x0c\x42uildDataset\x12\x1e.kernos.v1.BuildDatasetRequest\x1a\x16.kernos.v1.DatasetInfo\x12;\n\rStartFinetune\x12\x1a.kernos.v1.FinetuneRequest\x1a\x0e.kernos.v1.Job\x12/\n\x06GetJob\x12\x15.kernos.v1.JobRequest\x1a\x0e.kernos.v1.Job\x12:\n\x08ListJobs\x12\x1a.kernos.v1.ListJobsRequest\x1a\x12.kernos.v1.JobList\x12\x32\n\tCancelJob\x12\x15.kernos.v1.JobRequest\x1a\x0e.kernos.v1.Job\x12\x46\n\x0cListAdapters\x12\x1e.kernos.v1.ListAdaptersRequest\x1a\x16.kernos.v1.AdapterList\x12U\n\x11SetDefaultAdapter\x12 .kernos.v1.DefaultAdapterRequest\x1a\x1e.kernos.v1.DefaultAdapterReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kernos.v1.tuner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FEEDBACKREQUEST']._serialized_start=36
-  _globals['_FEEDBACKREQUEST']._serialized_end=153
-  _globals['_FEEDBACKREPLY']._serialized_start=155
-  _globals['_FEEDBACKREPLY']._serialized_end=188
-  _globals['_BUILDDATASETREQUEST']._serialized_start=190
-  _globals['_BUILDDATASETREQUEST']._serialized_end=302
-  _globals['_DATASETINFO']._serialized_start=304
-  _globals['_DATASETINFO']._serialized_end=396
-  _globals['_TUNER']._serialized_start=399
-  _globals['_TUNER']._serialized_end=544
+  _globals['_FEEDBACKREQUEST']._serialized_start=37
+  _globals['_FEEDBACKREQUEST']._serialized_end=173
+  _globals['_FEEDBACKREPLY']._serialized_start=175
+  _globals['_FEEDBACKREPLY']._serialized_end=208
+  _globals['_RAGITEM']._serialized_start=210
+  _globals['_RAGITEM']._serialized_end=272
+  _globals['_BUILDDATASETREQUEST']._serialized_start=275
+  _globals['_BUILDDATASETREQUEST']._serialized_end=602
+  _globals['_DATASETINFO']._serialized_start=604
+  _globals['_DATASETINFO']._serialized_end=696
+  _globals['_FINETUNEREQUEST']._serialized_start=699
+  _globals['_FINETUNEREQUEST']._serialized_end=829
+  _globals['_JOBREQUEST']._serialized_start=831
+  _globals['_JOBREQUEST']._serialized_end=859
+  _globals['_LISTJOBSREQUEST']._serialized_start=861
+  _globals['_LISTJOBSREQUEST']._serialized_end=898
+  _globals['_EVAL']._serialized_start=900
+  _globals['_EVAL']._serialized_end=988
+  _globals['_JOB']._serialized_start=991
+  _globals['_JOB']._serialized_end=1410
+  _globals['_JOBLIST']._serialized_start=1412
+  _globals['_JOBLIST']._serialized_end=1451
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1453
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1474
+  _globals['_ADAPTER']._serialized_start=1477
+  _globals['_ADAPTER']._serialized_end=1679
+  _globals['_ADAPTERLIST']._serialized_start=1681
+  _globals['_ADAPTERLIST']._serialized_end=1732
+  _globals['_DEFAULTADAPTERREQUEST']._serialized_start=1734
+  _globals['_DEFAULTADAPTERREQUEST']._serialized_end=1789
+  _globals['_DEFAULTADAPTERREPLY']._serialized_start=1791
+  _globals['_DEFAULTADAPTERREPLY']._serialized_end=1844
+  _globals['_TUNER']._serialized_start=1847
+  _globals['_TUNER']._serialized_end=2373
 # @@protoc_insertion_point(module_scope)

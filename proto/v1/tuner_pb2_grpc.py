@@ -44,13 +44,44 @@ class TunerStub:
                 request_serializer=kernos_dot_v1_dot_tuner__pb2.BuildDatasetRequest.SerializeToString,
                 response_deserializer=kernos_dot_v1_dot_tuner__pb2.DatasetInfo.FromString,
                 _registered_method=True)
+        self.StartFinetune = channel.unary_unary(
+                '/kernos.v1.Tuner/StartFinetune',
+                request_serializer=kernos_dot_v1_dot_tuner__pb2.FinetuneRequest.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_tuner__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/kernos.v1.Tuner/GetJob',
+                request_serializer=kernos_dot_v1_dot_tuner__pb2.JobRequest.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_tuner__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/kernos.v1.Tuner/ListJobs',
+                request_serializer=kernos_dot_v1_dot_tuner__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_tuner__pb2.JobList.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/kernos.v1.Tuner/CancelJob',
+                request_serializer=kernos_dot_v1_dot_tuner__pb2.JobRequest.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_tuner__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/kernos.v1.Tuner/ListAdapters',
+                request_serializer=kernos_dot_v1_dot_tuner__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_tuner__pb2.AdapterList.FromString,
+                _registered_method=True)
+        self.SetDefaultAdapter = channel.unary_unary(
+                '/kernos.v1.Tuner/SetDefaultAdapter',
+                request_serializer=kernos_dot_v1_dot_tuner__pb2.DefaultAdapterRequest.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_tuner__pb2.DefaultAdapterReply.FromString,
+                _registered_method=True)
 
 
 class TunerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Feedback(self, request, context):
-        """Attach an outcome to one of the caller's generations (its request_id): a reward and/or success flag.
+        """Attach an outcome to one of the caller's generations (its request_id): a reward and/or success flag,
+        and/or a preferred reply (with the generated one it forms a preferred/rejected pair).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -58,6 +89,46 @@ class TunerServicer:
 
     def BuildDataset(self, request, context):
         """Build a data set from the caller's traces and outcomes and store it as files in the caller's storage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartFinetune(self, request, context):
+        """Queue a LoRA fine-tuning job on a data set; it trains in a worker process while serving goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Stop a job at its next step (a queued job never starts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """Published adapters: the caller's own (all of them for operators).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDefaultAdapter(self, request, context):
+        """The adapter the caller's generations on a model use when they name none; empty adapter clears it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +146,36 @@ def add_TunerServicer_to_server(servicer, server):
                     servicer.BuildDataset,
                     request_deserializer=kernos_dot_v1_dot_tuner__pb2.BuildDatasetRequest.FromString,
                     response_serializer=kernos_dot_v1_dot_tuner__pb2.DatasetInfo.SerializeToString,
+            ),
+            'StartFinetune': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartFinetune,
+                    request_deserializer=kernos_dot_v1_dot_tuner__pb2.FinetuneRequest.FromString,
+                    response_serializer=kernos_dot_v1_dot_tuner__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=kernos_dot_v1_dot_tuner__pb2.JobRequest.FromString,
+                    response_serializer=kernos_dot_v1_dot_tuner__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=kernos_dot_v1_dot_tuner__pb2.ListJobsRequest.FromString,
+                    response_serializer=kernos_dot_v1_dot_tuner__pb2.JobList.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=kernos_dot_v1_dot_tuner__pb2.JobRequest.FromString,
+                    response_serializer=kernos_dot_v1_dot_tuner__pb2.Job.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=kernos_dot_v1_dot_tuner__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=kernos_dot_v1_dot_tuner__pb2.AdapterList.SerializeToString,
+            ),
+            'SetDefaultAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDefaultAdapter,
+                    request_deserializer=kernos_dot_v1_dot_tuner__pb2.DefaultAdapterRequest.FromString,
+                    response_serializer=kernos_dot_v1_dot_tuner__pb2.DefaultAdapterReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +232,168 @@ class Tuner:
             '/kernos.v1.Tuner/BuildDataset',
             kernos_dot_v1_dot_tuner__pb2.BuildDatasetRequest.SerializeToString,
             kernos_dot_v1_dot_tuner__pb2.DatasetInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartFinetune(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernos.v1.Tuner/StartFinetune',
+            kernos_dot_v1_dot_tuner__pb2.FinetuneRequest.SerializeToString,
+            kernos_dot_v1_dot_tuner__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernos.v1.Tuner/GetJob',
+            kernos_dot_v1_dot_tuner__pb2.JobRequest.SerializeToString,
+            kernos_dot_v1_dot_tuner__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernos.v1.Tuner/ListJobs',
+            kernos_dot_v1_dot_tuner__pb2.ListJobsRequest.SerializeToString,
+            kernos_dot_v1_dot_tuner__pb2.JobList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernos.v1.Tuner/CancelJob',
+            kernos_dot_v1_dot_tuner__pb2.JobRequest.SerializeToString,
+            kernos_dot_v1_dot_tuner__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernos.v1.Tuner/ListAdapters',
+            kernos_dot_v1_dot_tuner__pb2.ListAdaptersRequest.SerializeToString,
+            kernos_dot_v1_dot_tuner__pb2.AdapterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDefaultAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernos.v1.Tuner/SetDefaultAdapter',
+            kernos_dot_v1_dot_tuner__pb2.DefaultAdapterRequest.SerializeToString,
+            kernos_dot_v1_dot_tuner__pb2.DefaultAdapterReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,73 @@
+"""A fine-tuning job's worker process: `python -m kernos.kernel.tuner.worker JOB_DIR`.
+
+The kernel starts one per running job (niced, with its own torch thread count) so that serving keeps
+its threads; it reads the JSON lines this prints (progress, evaluations, the result). The job folder
+holds `job.json` (model path, hyper-parameters), `train.jsonl`, `eval.jsonl`; the worker writes
+`checkpoint/` as it goes and `result.json` (atomically) at the end. SIGTERM means cancel: the worker
+checkpoints at the current step and exits 3. A lock file keeps two workers off one job folder (a kernel
+restarted while the old worker still writes its last checkpoint waits for it)."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import resource
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+EXIT_CANCELLED = 3
+
+
+def _emit(event: dict) -> None:
+    event["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(job_dir: str) -> int:
+    job = Path(job_dir)
+    lock = open(job / "lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    stop = {"flag": (job / "cancel").exists()}
+
+    def on_term(*_):
+        stop["flag"] = True
+    signal.signal(signal.SIGTERM, on_term)
+    spec = json.loads((job / "job.json").read_text())
+    import torch
+
+    from .config import TrainConfig
+    from .train import DataError, train
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    try:
+        result = train(Path(spec["model_path"]), _rows(job / "train.jsonl"), _rows(job / "eval.jsonl"),
+                       TrainConfig(**spec["config"]), job, report=_emit,
+                       should_stop=lambda: stop["flag"] or (job / "cancel").exists())
+    except DataError as e:
+        _emit({"event": "failed", "message": str(e)})
+        return 1
+    except Exception as e:  # noqa: BLE001 - reported to the kernel, which marks the job failed
+        _emit({"event": "failed", "message": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]})
+        return 1
+    if result["cancelled"]:
+        _emit({"event": "cancelled", "step": result["step"], "total": result["total"]})
+        return EXIT_CANCELLED
+    tmp = job / "result.json.tmp"
+    tmp.write_text(json.dumps(result))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.rename(job / "result.json")
+    _emit({"event": "done", **result})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,124 @@
+"""The adapter store: published LoRA adapters, versioned per owner and name, and each agent's default
+adapter per model.
+
+An adapter version is a folder `ROOT/OWNER/NAME/vN` (peft's `adapter_config.json` +
+`adapter_model.safetensors`), copied in under a temporary name, every file and the folder fsynced, then
+renamed; its row is committed after that, so a crash leaves either a whole version or none (at most an
+orphan folder). Served name of a published adapter: `OWNER:NAME` (the latest version)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .db import connect
+from .status import StatusError
+
+NAME_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    owner TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, model TEXT NOT NULL,
+    path TEXT NOT NULL, metrics TEXT NOT NULL, job_id TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (owner, name, version)
+);
+CREATE TABLE IF NOT EXISTS defaults (
+    agent_id TEXT NOT NULL, model TEXT NOT NULL, adapter TEXT NOT NULL, PRIMARY KEY (agent_id, model)
+);
+"""
+
+
+@dataclass
+class AdapterVersion:
+    owner: str
+    name: str
+    version: int
+    model: str
+    path: Path
+    metrics: dict
+    job_id: str
+    created: float
+
+    @property
+    def served_name(self) -> str:
+        return f"{self.owner}:{self.name}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AdapterStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._db = connect(self.root / "adapters.db", synchronous="FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def publish(self, owner: str, name: str, model: str, src: Path, metrics: dict, job_id: str = "") -> AdapterVersion:
+        if not NAME_RE.match(name):
+            raise StatusError("INVALID_ARGUMENT", "adapter names are 1-64 characters of a-z, 0-9, '_', '.', '-'")
+        src = Path(src)
+        if not (src / "adapter_config.json").exists():
+            raise StatusError("FAILED_PRECONDITION", f"{src} is not a peft adapter folder (no adapter_config.json)")
+        with self._lock:
+            row = self._db.execute("SELECT MAX(version) FROM adapters WHERE owner=? AND name=?", (owner, name)).fetchone()
+            version = (row[0] or 0) + 1
+            home = self.root / owner / name
+            home.mkdir(parents=True, exist_ok=True)
+            final, tmp = home / f"v{version}", home / f".v{version}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)      # an orphan of a crash before its row was committed
+            shutil.copytree(src, tmp)
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            tmp.rename(final)
+            _fsync_dir(home)
+            created = time.time()
+            with self._db:
+                self._db.execute("INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?)",
+                                 (owner, name, version, model, str(final), json.dumps(metrics), job_id, created))
+        return AdapterVersion(owner, name, version, model, final, metrics, job_id, created)
+
+    def _row(self, r) -> AdapterVersion:
+        return AdapterVersion(r[0], r[1], r[2], r[3], Path(r[4]), json.loads(r[5]), r[6], r[7])
+
+    def versions(self, owner: str | None = None) -> list[AdapterVersion]:
+        q = "SELECT * FROM adapters" + (" WHERE owner=?" if owner else "") + " ORDER BY owner, name, version"
+        with self._lock:
+            return [self._row(r) for r in self._db.execute(q, (owner,) if owner else ())]
+
+    def latest(self) -> list[AdapterVersion]:
+        """The newest version of every adapter: what the kernel serves."""
+        newest: dict[tuple[str, str], AdapterVersion] = {}
+        for v in self.versions():
+            newest[(v.owner, v.name)] = v
+        return list(newest.values())
+
+    def set_default(self, agent_id: str, model: str, adapter: str) -> None:
+        with self._lock, self._db:
+            if adapter:
+                self._db.execute("INSERT OR REPLACE INTO defaults VALUES (?,?,?)", (agent_id, model, adapter))
+            else:
+                self._db.execute("DELETE FROM defaults WHERE agent_id=? AND model=?", (agent_id, model))
+
+    def default(self, agent_id: str, model: str) -> str | None:
+        with self._lock:
+            r = self._db.execute("SELECT adapter FROM defaults WHERE agent_id=? AND model=?", (agent_id, model)).fetchone()
+        return r[0] if r else None
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,100 @@
+"""Fine-tuning end to end on a real kernel with the tiny Llama: an agent's traces and corrections become
+a data set, a LoRA job trains in a worker process, the adapter is published only because it beats the
+base on the held-out split, hot-loaded and used as the agent's default, and survives a restart. Jobs
+show progress, can be cancelled, and resume from their checkpoint after a kernel restart."""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+import kernos.sdk
+from kernos.agents.demo import start_kernel, stop_kernel
+from kernos.kernel.llm.testing import _WORDS
+
+FILLER = [w for w in _WORDS if w not in ("red", "blue", "one", "two")]
+
+
+def task(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """A small synthetic task: the answer depends on which colour word the question contains."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        colour = rng.choice(["red", "blue"])
+        words = [rng.choice(FILLER) for _ in range(5)]
+        words.insert(rng.randrange(6), colour)
+        out.append((" ".join(words), "the answer is one" if colour == "red" else "the answer is two"))
+    return out
+
+
+@pytest.fixture
+def tiny_kernel(tiny_models, tmp_path):
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "k.toml", [{"name": "tiny-llama", "path": str(tiny_models["llama"])}],
+                       tuner={"threads": 1})
+
+    def start():
+        return start_kernel(tmp_path / "data", str(cfg), timeout=120)
+    return start
+
+
+def test_traces_to_published_default_adapter(tiny_kernel):
+    proc, address = tiny_kernel()
+    try:
+        with kernos.sdk.connect(address, agent="learner") as s:
+            questions = task(64)
+            for q, right in questions:      # the agent works, a reviewer corrects every reply
+                r = s.llm.chat(q, max_tokens=6)
+                assert r.text.strip() != right
+                s.tuner.feedback(r.request_id, reward=0.0, preferred=right)
+            card = s.tuner.build_dataset("colours", eval_fraction=0.25)
+            assert card["corrected"] == 64 and card["pairs"] == 64 and card["eval"] >= 8
+            job = s.tuner.finetune("colours", "colours", config={"learning_rate": 3e-3, "epochs": 30, "batch_size": 8,
+                                                                  "checkpoint_every": 50}, set_default=True)
+            assert job.state in ("queued", "running") and job.owner == "learner"
+            seen_progress = False
+            while not (job := s.tuner.job(job.job_id)).done:
+                seen_progress |= job.step > 0 and job.loss is not None and job.total_steps > job.step
+                time.sleep(0.2)
+            assert job.state == "published", job.message
+            assert seen_progress
+            assert job.base.accuracy == 0.0 and job.tuned.accuracy >= 0.9, (job.base, job.tuned)
+            assert job.tuned.loss < job.base.loss * 0.9
+            assert job.adapter == "learner:colours" and job.version == 1
+            # Hot-loaded and the default: no adapter named, the held-out questions are now answered right.
+            held_out = [(q, a) for q, a in questions if q in
+                        {json_q for json_q in _eval_questions(s, "colours")}]
+            replies = [s.llm.chat(q, max_tokens=6) for q, _ in held_out]
+            right = sum(r.text.strip() == a for r, (_, a) in zip(replies, held_out))
+            assert right >= 0.9 * len(held_out), [(r.text, r.adapter, a) for r, (_, a) in zip(replies, held_out)]
+            r = s.llm.chat(held_out[0][0], max_tokens=6)
+            assert r.adapter == "learner:colours"
+            assert "learner:colours" in next(m for m in s.llm.models() if m.name == "tiny-llama").adapters
+            [a] = s.tuner.adapters()
+            assert a.loaded and a.is_default and a.tuned.accuracy == job.tuned.accuracy
+            stats = s.kernel.stats()
+            assert any(j.job_id == job.job_id and j.state == "published" for j in stats.tuner_jobs)
+        with kernos.sdk.connect(address, agent="other") as o:
+            assert o.llm.chat(held_out[0][0], max_tokens=6).adapter is None     # not its default
+            with pytest.raises(kernos.sdk.PermissionDenied):
+                o.llm.chat(held_out[0][0], max_tokens=6, adapter="learner:colours")   # private without a grant
+            assert o.tuner.adapters() == []
+            with pytest.raises(kernos.sdk.NotFound):
+                o.tuner.job(job.job_id)
+    finally:
+        assert stop_kernel(proc) == 0
+    proc, address = tiny_kernel()          # published adapters and defaults survive a restart
+    try:
+        with kernos.sdk.connect(address, agent="learner") as s:
+            r = s.llm.chat(held_out[0][0], max_tokens=6)
+            assert r.adapter == "learner:colours" and r.text.strip() == held_out[0][1]
+    finally:
+        assert stop_kernel(proc) == 0
+
+
+def _eval_questions(s, dataset):
+    import json
+    return [json.loads(line)["messages"][0]["content"]
+            for line in s.storage.read_text(f"datasets/{dataset}.eval.jsonl").splitlines()]
