@@ -38,7 +38,7 @@ def job_message(j: Job) -> pb.Job:
                   step=j.step, total_steps=j.total_steps, loss=j.loss, steps_per_s=j.steps_per_s, eta_s=j.eta_s,
                   base=_eval(j.base), tuned=_eval(j.tuned), adapter=j.adapter, version=j.version, message=j.message,
                   peak_rss_mb=j.peak_rss_mb, created=j.created, started=j.started, finished=j.finished,
-                  config_json=json.dumps(j.config))
+                  config_json=json.dumps(j.config), resumed_from_step=j.resumed_from_step)
 
 
 def _admin(agent) -> bool:

@@ -230,6 +230,7 @@ class JobInfo(BaseModel):
     started: float = 0.0
     finished: float = 0.0
     config: dict = {}
+    resumed_from_step: int = 0
 
     @property
     def done(self) -> bool:
@@ -242,7 +243,8 @@ class JobInfo(BaseModel):
                    steps_per_s=j.steps_per_s, eta_s=j.eta_s if j.HasField("eta_s") else None,
                    base=EvalResult.from_proto(j.base), tuned=EvalResult.from_proto(j.tuned), adapter=j.adapter,
                    version=j.version, message=j.message, peak_rss_mb=j.peak_rss_mb, created=j.created,
-                   started=j.started, finished=j.finished, config=json.loads(j.config_json or "{}"))
+                   started=j.started, finished=j.finished, config=json.loads(j.config_json or "{}"),
+                   resumed_from_step=j.resumed_from_step)
 
 
 class AdapterInfo(BaseModel):

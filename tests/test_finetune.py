@@ -98,3 +98,54 @@ def _eval_questions(s, dataset):
     import json
     return [json.loads(line)["messages"][0]["content"]
             for line in s.storage.read_text(f"datasets/{dataset}.eval.jsonl").splitlines()]
+
+
+def test_job_resumes_after_kernel_kill_and_cancels(tiny_kernel):
+    import signal
+
+    proc, address = tiny_kernel()
+    try:
+        with kernos.sdk.connect(address, agent="learner") as s:
+            for q, right in task(24, seed=1):
+                r = s.llm.chat(q, max_tokens=2)
+                s.tuner.feedback(r.request_id, preferred=right)
+            s.tuner.build_dataset("long", eval_fraction=0.25)
+            with pytest.raises(kernos.sdk.InvalidArgument, match="learning_rate"):
+                s.tuner.finetune("x", "long", config={"learning_rate": -1})
+            with pytest.raises(kernos.sdk.InvalidArgument, match="extra|not permitted"):
+                s.tuner.finetune("x", "long", config={"lr": 0.1})
+            with pytest.raises(kernos.sdk.NotFound):
+                s.tuner.finetune("x", "no-such-set")
+            weak = s.tuner.wait(s.tuner.finetune("weak", "long", config={"max_steps": 2, "learning_rate": 1e-6},
+                                                 min_improvement=0.2).job_id, timeout=120)
+            assert weak.state == "rejected" and "not published" in weak.message and weak.adapter == ""
+            assert s.tuner.adapters() == []       # a job that does not beat the base publishes nothing
+            job = s.tuner.finetune("long", "long", config={"max_steps": 100000, "checkpoint_every": 10,
+                                                            "learning_rate": 1e-3})
+            while (j := s.tuner.job(job.job_id)).step < 35:
+                assert j.state in ("queued", "running"), j.message
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)     # the kernel dies; its worker checkpoints (parent-death signal)
+        proc.wait()
+    proc, address = tiny_kernel()
+    try:
+        with kernos.sdk.connect(address, agent="learner") as s:
+            deadline = time.monotonic() + 60
+            while (j := s.tuner.job(job.job_id)).resumed_from_step == 0:
+                assert time.monotonic() < deadline, j
+                time.sleep(0.1)
+            assert j.resumed_from_step >= 30           # not from scratch: from the last checkpoint
+            assert j.state == "running" and j.base.loss is not None   # the base evaluation was kept
+            while s.tuner.job(job.job_id).step <= j.resumed_from_step + 5:
+                time.sleep(0.1)
+            c = s.tuner.cancel(job.job_id)
+            assert c.state in ("running", "cancelled")
+            deadline = time.monotonic() + 30
+            while not (j := s.tuner.job(job.job_id)).done:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert j.state == "cancelled" and j.step < j.total_steps
+            assert s.tuner.adapters() == []
+    finally:
+        assert stop_kernel(proc) == 0

@@ -23,13 +23,7 @@ from pathlib import Path
 from kernos.storage.db import connect
 
 log = logging.getLogger("kernos.tuner")
-_PR_SET_PDEATHSIG = 1
-try:
-    import ctypes
 
-    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform == "linux" else None
-except OSError:
-    _LIBC = None
 
 STATES = ("queued", "running", "published", "rejected", "failed", "cancelled")
 FINAL = {"published", "rejected", "failed", "cancelled"}
@@ -67,6 +61,7 @@ class Job:
     message: str = ""
     peak_rss_mb: float = 0.0
     cancel_requested: bool = False
+    resumed_from_step: int = 0
     created: float = field(default_factory=time.time)
     started: float = 0.0
     finished: float = 0.0
@@ -189,11 +184,14 @@ class JobManager:
             if (d / "result.json").exists():      # trained before a crash; publish without training again
                 self._finish(job, json.loads((d / "result.json").read_text()))
                 return
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            # No preexec_fn: forking a threaded process (gRPC) and running Python before exec can crash; the
+            # worker renices itself and asks for a parent-death signal (it checkpoints on SIGTERM).
+            env = dict(os.environ, PYTHONUNBUFFERED="1", _KERNOS_WORKER_PARENT=str(os.getpid()),
+                       _KERNOS_WORKER_NICE=str(self.nice))
             cmd = [sys.executable, "-m", "kernos.kernel.tuner.worker", str(d)]
             with open(d / "worker.log", "ab") as err:
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=d,
-                                        preexec_fn=self._child_setup(), text=True)
+                                        text=True)
             with self._lock:
                 self._procs[job.job_id] = proc
             last_save = 0.0
@@ -230,16 +228,6 @@ class JobManager:
                 self._threads.pop(job.job_id, None)
             self.pump()
 
-    def _child_setup(self):
-        nice = self.nice
-
-        def setup():  # runs in the child between fork and exec
-            if nice:
-                os.nice(nice)
-            if _LIBC is not None:   # the worker dies with the kernel (it checkpoints on SIGTERM)
-                _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        return setup
-
     def _apply(self, job: Job, ev: dict) -> str:
         kind = ev.get("event")
         job.peak_rss_mb = max(job.peak_rss_mb, float(ev.get("rss_mb") or 0))
@@ -254,6 +242,7 @@ class JobManager:
         elif kind == "resumed":
             job.step, job.total_steps = ev["step"], ev["total"]
             job.message = f"resumed from the checkpoint at step {ev['step']}"
+            job.resumed_from_step = ev["step"]
         elif kind == "failed":
             return ev.get("message", "failed")
         return ""

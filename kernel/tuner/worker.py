@@ -30,6 +30,20 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _tie_to_parent() -> None:
+    """Lower this process's priority, and get SIGTERM (checkpoint and exit) when the kernel dies."""
+    nice = int(os.environ.pop("_KERNOS_WORKER_NICE", "0") or 0)
+    if nice:
+        os.nice(nice)
+    parent = int(os.environ.pop("_KERNOS_WORKER_PARENT", "0") or 0)
+    if parent and sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:      # the kernel died before the line above took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(job_dir: str) -> int:
     job = Path(job_dir)
     lock = open(job / "lock", "w")
@@ -39,6 +53,7 @@ def main(job_dir: str) -> int:
     def on_term(*_):
         stop["flag"] = True
     signal.signal(signal.SIGTERM, on_term)
+    _tie_to_parent()
     spec = json.loads((job / "job.json").read_text())
     import torch
 

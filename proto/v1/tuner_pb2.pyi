@@ -119,7 +119,7 @@ class Eval(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., examples: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "owner", "name", "dataset", "model", "state", "step", "total_steps", "loss", "steps_per_s", "eta_s", "base", "tuned", "adapter", "version", "message", "peak_rss_mb", "created", "started", "finished", "config_json")
+    __slots__ = ("job_id", "owner", "name", "dataset", "model", "state", "step", "total_steps", "loss", "steps_per_s", "eta_s", "base", "tuned", "adapter", "version", "message", "peak_rss_mb", "created", "started", "finished", "config_json", "resumed_from_step")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class Job(_message.Message):
     STARTED_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     owner: str
     name: str
@@ -162,7 +163,8 @@ class Job(_message.Message):
     started: float
     finished: float
     config_json: str
-    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., steps_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., base: _Optional[_Union[Eval, _Mapping]] = ..., tuned: _Optional[_Union[Eval, _Mapping]] = ..., adapter: _Optional[str] = ..., version: _Optional[int] = ..., message: _Optional[str] = ..., peak_rss_mb: _Optional[float] = ..., created: _Optional[float] = ..., started: _Optional[float] = ..., finished: _Optional[float] = ..., config_json: _Optional[str] = ...) -> None: ...
+    resumed_from_step: int
+    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., steps_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., base: _Optional[_Union[Eval, _Mapping]] = ..., tuned: _Optional[_Union[Eval, _Mapping]] = ..., adapter: _Optional[str] = ..., version: _Optional[int] = ..., message: _Optional[str] = ..., peak_rss_mb: _Optional[float] = ..., created: _Optional[float] = ..., started: _Optional[float] = ..., finished: _Optional[float] = ..., config_json: _Optional[str] = ..., resumed_from_step: _Optional[int] = ...) -> None: ...
 
 class JobList(_message.Message):
     __slots__ = ("jobs",)
