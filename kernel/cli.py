@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -148,6 +149,77 @@ def cmd_decide(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    """Fine-tuning jobs: start one on an agent's data set, watch progress, cancel, list adapters."""
+    import kernos.sdk
+
+    token = args.token or os.environ.get("KERNOS_TOKEN")
+    if not token:
+        print("kernos finetune: a token is needed: --token or KERNOS_TOKEN (the agent's token; an operator "
+              "token shows every agent's jobs)", file=sys.stderr)
+        return 2
+    operator = token.startswith("kn_admin_")
+    try:
+        # Not `with`: leaving it would end the agent's registration and revoke the token it lent us.
+        s = kernos.sdk.connect(_address(args), token=token, timeout=args.timeout, tls_ca=args.tls_ca,
+                               tls_cert=args.tls_cert, tls_key=args.tls_key)
+        try:
+            return _finetune(args, s, operator)
+        finally:
+            s.close()
+    except (kernos.sdk.KernosError, ValueError, OSError) as e:
+        print(f"kernos finetune {args.action}: {e}", file=sys.stderr)
+        return 1
+
+
+def _finetune(args, s, operator: bool) -> int:
+    from .top import job_table
+
+    def table(jobs):
+        print("\n".join(job_table(jobs)))
+    if args.action == "status":
+        jobs = [s.tuner.job(args.job_id)] if args.job_id else s.tuner.jobs(all_agents=operator)
+        if args.json:
+            print(json.dumps([j.model_dump() for j in jobs], indent=2))
+        elif jobs:
+            table(jobs)
+        else:
+            print("no fine-tuning jobs")
+        return 0
+    if args.action == "cancel":
+        table([s.tuner.cancel(args.job_id)])
+        return 0
+    if args.action == "adapters":
+        for a in s.tuner.adapters():
+            acc = (f"accuracy {a.base.accuracy:.2f} -> {a.tuned.accuracy:.2f}, "
+                   if a.tuned.accuracy is not None and a.base.accuracy is not None else "")
+            print(f"{a.model}/{a.name} v{a.version}  {acc}loss {a.base.loss:.3f} -> {a.tuned.loss:.3f}"
+                  f"{'  loaded' if a.loaded else ''}{'  default' if a.is_default else ''}")
+        return 0
+    config = {}
+    if args.config:
+        text = Path(args.config).read_text() if Path(args.config).exists() else args.config
+        config = json.loads(text)
+    job = s.tuner.finetune(args.name, args.dataset, model=args.model or "", config=config,
+                           set_default=args.set_default, min_improvement=args.min_improvement)
+    print(f"job {job.job_id} queued: adapter '{job.name}' on '{job.model}' from data set '{job.dataset}'")
+    if not args.wait:
+        return 0
+    last = None
+    while not job.done:
+        time.sleep(1.0)
+        job = s.tuner.job(job.job_id)
+        line = (f"{job.state} step {job.step}/{job.total_steps}"
+                + (f" loss {job.loss:.4f}" if job.loss is not None else "")
+                + (f" {job.steps_per_s:.1f} steps/s ETA {job.eta_s:.0f} s" if job.eta_s else "")
+                + (f" ({job.message})" if job.message else ""))
+        if line != last:
+            print(line, flush=True)
+            last = line
+    table([job])
+    return 0 if job.state == "published" else 1
+
+
 def cmd_demo(args) -> int:
     from kernos.agents.demo import run_demo
 
@@ -186,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                                ("agents", cmd_agents, "list the agents registered with a running kernel"),
                                ("confirm", cmd_decide, "run a pending irreversible tool call (operators)"),
                                ("deny", cmd_decide, "refuse a pending irreversible tool call (operators)"),
-                               ("pending", cmd_decide, "list tool calls waiting for confirmation (operators)")):
+                               ("pending", cmd_decide, "list tool calls waiting for confirmation (operators)"),
+                               ("finetune", cmd_finetune, "fine-tuning jobs: start, status, cancel; adapters")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("--address", help="kernel address (default $KERNOS_ADDRESS, DATA_DIR/kernel.addr, "
                                          "or 127.0.0.1:7070)")
@@ -197,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--tls-key", help="client key (PEM) for mTLS")
         if name in ("confirm", "deny"):
             c.add_argument("call_id", help="the pending call's id")
+        if name == "finetune":
+            c.add_argument("action", choices=["start", "status", "cancel", "adapters"],
+                           help="start --name N --dataset D | status [JOB] | cancel JOB | adapters")
+            c.add_argument("job_id", nargs="?", help="status/cancel: the job id")
+            c.add_argument("--token", help="the agent's token (or an operator's: every agent's jobs); "
+                                           "default $KERNOS_TOKEN")
+            c.add_argument("--name", help="start: the adapter's name (served as AGENT:NAME)")
+            c.add_argument("--dataset", help="start: a data set of the agent's (s.tuner.build_dataset)")
+            c.add_argument("--model", help="start: the model to adapt (default: the kernel's default)")
+            c.add_argument("--config", help="start: hyper-parameters, a JSON object or a JSON file "
+                                            "(rank, alpha, learning_rate, epochs, max_steps, batch_size, ...)")
+            c.add_argument("--set-default", action="store_true", help="start: once published, the agent's default")
+            c.add_argument("--min-improvement", type=float, default=0.0,
+                           help="start: publish only if the held-out loss falls by more than this fraction")
+            c.add_argument("--wait", action="store_true", help="start: follow progress until the job ends")
+            c.add_argument("--json", action="store_true", help="status: print JSON")
         if name in ("confirm", "deny", "pending"):
             c.add_argument("--token", help="operator token (default $KERNOS_TOKEN)")
         if name == "status":
@@ -211,7 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "finetune":
+        if args.action in ("cancel",) and not args.job_id:
+            parser.error("kernos finetune cancel needs a JOB_ID")
+        if args.action == "start" and not (args.name and args.dataset):
+            parser.error("kernos finetune start needs --name and --dataset")
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub"):

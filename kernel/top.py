@@ -19,6 +19,10 @@ def render(st, detail: bool = True) -> str:
             f"{m.queue_wait_ms:>9.1f}"
             f"{m.cache_bytes / 2**20:>6.1f}{budget:<3}{m.context_switches:>9}{f'{m.swaps}/{m.recomputes}':>9}"
             f"{m.switch_ms:>8.1f}")
+    active = [j for j in st.tuner_jobs if j.state in ("queued", "running")]
+    if active or (detail and st.tuner_jobs):
+        lines.append("")
+        lines += job_table(active if not detail else sorted(st.tuner_jobs, key=lambda j: -j.created)[:10])
     if not detail:
         return "\n".join(lines)
     per_agent = defaultdict(lambda: defaultdict(int))
@@ -40,6 +44,36 @@ def render(st, detail: bool = True) -> str:
                      f"{r.prompt_tokens:>7}{r.generated_tokens:>6}{r.age_ms:>9.0f}{r.preemptions:>8}"
                      f"{r.cache_bytes / 1024:>9.0f}")
     return "\n".join(lines)
+
+
+def _get(obj, name):
+    """A field of a proto message (None when unset) or of an SDK model (None when absent)."""
+    if hasattr(obj, "HasField"):
+        return getattr(obj, name) if obj.HasField(name) else None
+    return getattr(obj, name)
+
+
+def _eval(e) -> str:
+    if not e.examples:
+        return "-"
+    loss, acc = _get(e, "loss"), _get(e, "accuracy")
+    return (f"loss {loss:.3f}" if loss is not None else "loss -") + (f" acc {acc:.2f}" if acc is not None else "")
+
+
+def job_table(jobs) -> list[str]:
+    """Fine-tuning jobs (Stats protos or SDK JobInfo): progress (steps, loss, ETA), evaluations before/after."""
+    lines = [f"{'job':<18}{'agent/adapter':<28}{'model':<14}{'state':<11}{'step':>12}{'loss':>8}{'steps/s':>8}"
+             f"{'ETA s':>7}  {'base':<22}{'tuned':<22}"]
+    for j in jobs:
+        eta, loss = _get(j, "eta_s"), _get(j, "loss")
+        eta = f"{eta:.0f}" if eta is not None and j.state == "running" else "-"
+        loss = f"{loss:.3f}" if loss is not None else "-"
+        lines.append(f"{j.job_id:<18}{(j.owner + '/' + j.name)[:27]:<28}{j.model[:13]:<14}{j.state:<11}"
+                     f"{f'{j.step}/{j.total_steps}':>12}{loss:>8}{j.steps_per_s:>8.1f}{eta:>7}  "
+                     f"{_eval(j.base):<22}{_eval(j.tuned):<22}")
+        if j.message:
+            lines.append(f"{'':<18}{j.message[:120]}")
+    return lines
 
 
 def top(session, interval: float, once: bool, out) -> None:

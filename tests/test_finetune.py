@@ -4,7 +4,10 @@ base on the held-out split, hot-loaded and used as the agent's default, and surv
 show progress, can be cancelled, and resume from their checkpoint after a kernel restart."""
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -76,6 +79,17 @@ def test_traces_to_published_default_adapter(tiny_kernel):
             assert a.loaded and a.is_default and a.tuned.accuracy == job.tuned.accuracy
             stats = s.kernel.stats()
             assert any(j.job_id == job.job_id and j.state == "published" for j in stats.tuner_jobs)
+            cli = [sys.executable, "-m", "kernos.kernel.cli", "finetune"]
+            out = subprocess.run(cli + ["status", "--address", address, "--token", s.token], capture_output=True,
+                                 text=True, timeout=60)
+            assert out.returncode == 0 and job.job_id in out.stdout and "published" in out.stdout, out
+            assert "acc 1.00" in out.stdout or "acc 0.9" in out.stdout
+            out = subprocess.run(cli + ["adapters", "--address", address, "--token", s.token], capture_output=True,
+                                 text=True, timeout=60)
+            assert "tiny-llama/learner:colours v1" in out.stdout and "loaded  default" in out.stdout, out
+            out = subprocess.run(cli + ["status", "--address", address], capture_output=True, text=True, timeout=60,
+                                 env={k: v for k, v in os.environ.items() if k != "KERNOS_TOKEN"})
+            assert out.returncode == 2 and "token is needed" in out.stderr
         with kernos.sdk.connect(address, agent="other") as o:
             assert o.llm.chat(held_out[0][0], max_tokens=6).adapter is None     # not its default
             with pytest.raises(kernos.sdk.PermissionDenied):
