@@ -232,7 +232,7 @@ def train(model_path: Path, train_rows: list[dict], eval_rows: list[dict], cfg: 
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ckpt = out / "checkpoint"
-    state = _load_checkpoint(model, opt, ckpt) or {"step": 0, "losses": [], "base": None, "elapsed_s": 0.0}
+    state = _load_checkpoint(model, opt, ckpt) or {"step": 0, "losses": [], "base": None}
     total = total_steps(len(data), cfg)
     if state["base"] is None:
         with model.disable_adapter():
@@ -267,9 +267,7 @@ def train(model_path: Path, train_rows: list[dict], eval_rows: list[dict], cfg: 
         report({"event": "progress", "step": state["step"], "total": total, "loss": loss.item(),
                 "steps_per_s": rate, "eta_s": (total - state["step"]) / rate if rate else None})
         if state["step"] % cfg.checkpoint_every == 0 and state["step"] < total:
-            state["elapsed_s"] += elapsed
-            started, start_step = time.perf_counter(), state["step"]
-            _save_checkpoint(model, opt, state, ckpt)
+            _save_checkpoint(model, opt, state, ckpt)   # its time counts in the rate: it is part of the job
     tuned = evaluate(model, tok, eval_rows, cfg)
     report({"event": "eval", "phase": "tuned", **tuned})
     adapter = out / "adapter"

@@ -1,0 +1,146 @@
+"""The fine-tuner's parts in-process: the encoding (assistant-only loss), LoRA targets per architecture,
+the training loop's resume, the publish rule, the adapter store, and hot-loading an adapter into a running
+engine (exact against one loaded at start)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kernos.kernel.config import EngineConfig, ModelConfig
+from kernos.kernel.llm.engine import TransformersEngine
+from kernos.kernel.llm.registry import load_model
+from kernos.kernel.llm.types import GenRequest, RequestHandle
+from kernos.kernel.tuner.config import TrainConfig
+from kernos.kernel.tuner.publish import beats_base
+from kernos.kernel.tuner.train import IGNORE, DataError, add_lora, encode, load_base, lora_targets, train
+from kernos.storage.adapters import AdapterStore
+from kernos.storage.status import StatusError
+
+
+def test_loss_covers_assistant_turns_only(tiny_models):
+    _, tok = load_base(tiny_models["llama"])
+    ex = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+                       {"role": "assistant", "content": "one two"}, {"role": "user", "content": "and"},
+                       {"role": "assistant", "content": "three"}]}
+    ids, labels = encode(tok, ex, 512)
+    learnt = tok.decode([i for i, l in zip(ids, labels) if l != IGNORE])
+    assert learnt == "one two<|im_end|>\nthree<|im_end|>\n"
+    assert all(l in (IGNORE, i) for i, l in zip(ids, labels))
+    short_ids, short_labels = encode(tok, ex, 8)                  # too long: the end (the last reply) is kept
+    assert short_ids == ids[-8:] and short_labels == labels[-8:]
+    with pytest.raises(DataError, match="last message"):
+        encode(tok, {"messages": ex["messages"][:-1]}, 512)
+    with pytest.raises(DataError):
+        encode(tok, {"messages": "hi"}, 512)
+
+
+@pytest.mark.parametrize("arch, modules, params", [
+    ("llama", {"q_proj", "v_proj", "gate_proj", "down_proj"}, set()),
+    ("mixtral", {"q_proj", "o_proj"}, {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}),
+    ("jamba", {"q_proj", "in_proj", "x_proj", "dt_proj", "out_proj", "gate_proj"},
+     {"feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"}),
+])
+def test_lora_targets_cover_attention_mlp_mamba_and_fused_experts(tiny_models, arch, modules, params):
+    model, _ = load_base(tiny_models[arch])
+    found_modules, found_params = lora_targets(model, TrainConfig())
+    assert modules <= set(found_modules) and set(found_params) == params
+    peft_model = add_lora(model, TrainConfig(rank=4))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n for n in trainable)
+    if params:     # the fused expert weights themselves get a LoRA
+        assert any("experts" in n for n in trainable)
+
+
+def test_train_config_validation():
+    assert TrainConfig().rank == 8
+    for bad in ({"rank": 0}, {"learning_rate": -1}, {"nope": 1}, {"target_modules": []}, {"dropout": 1.0}):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+
+
+def _rows(n):
+    return [{"messages": [{"role": "user", "content": f"what is {w}"}, {"role": "assistant", "content": f"{w} ok"}]}
+            for w in ["red", "blue", "green", "fast", "slow", "small"] * (n // 6)]
+
+
+def test_resumed_training_equals_an_uninterrupted_run(tiny_models, tmp_path):
+    cfg = TrainConfig(max_steps=12, batch_size=4, checkpoint_every=4, learning_rate=1e-3, eval_limit=2,
+                      eval_max_new_tokens=4)
+    rows = _rows(24)
+    whole = train(tiny_models["llama"], rows, rows[:2], cfg, tmp_path / "a")
+    calls = {"n": 0}
+
+    def stop_after_six():
+        calls["n"] += 1
+        return calls["n"] > 6      # asked before each step: stops before step 7, after the step-4 checkpoint
+    part = train(tiny_models["llama"], rows, rows[:2], cfg, tmp_path / "b", should_stop=stop_after_six)
+    assert part["cancelled"] and part["step"] == 6
+    events = []
+    rest = train(tiny_models["llama"], rows, rows[:2], cfg, tmp_path / "b", report=events.append)
+    assert events[0] == {"event": "resumed", "step": 6, "total": 12}   # the cancel checkpointed step 6
+    assert not any(e["event"] == "eval" and e["phase"] == "base" for e in events)
+    assert rest["train_loss_last"] == pytest.approx(whole["train_loss_last"], rel=1e-4)
+    assert rest["tuned"]["loss"] == pytest.approx(whole["tuned"]["loss"], rel=1e-4)
+
+
+def test_publish_rule():
+    assert beats_base({"loss": 2.0, "accuracy": 0.1}, {"loss": 1.0, "accuracy": 0.8})[0]
+    ok, why = beats_base({"loss": 2.0, "accuracy": 0.5}, {"loss": 1.0, "accuracy": 0.4})
+    assert not ok and "accuracy fell" in why
+    assert not beats_base({"loss": 2.0}, {"loss": 1.9}, min_improvement=0.1)[0]
+    assert beats_base({"loss": 2.0}, {"loss": 1.7}, min_improvement=0.1)[0]
+    assert not beats_base({"loss": None}, {"loss": 1.0})[0]
+
+
+def test_adapter_store_versions_defaults_and_survives_reopen(tmp_path, lora_adapters):
+    store = AdapterStore(tmp_path / "adapters")
+    v1 = store.publish("agent-a", "style", "m", lora_adapters["alpha"], {"tuned": {"loss": 1.0}}, "j1")
+    v2 = store.publish("agent-a", "style", "m", lora_adapters["beta"], {"tuned": {"loss": 0.9}}, "j2")
+    store.publish("agent-b", "style", "m", lora_adapters["alpha"], {}, "j3")
+    assert (v1.version, v2.version, v2.served_name) == (1, 2, "agent-a:style")
+    assert (v2.path / "adapter_config.json").exists() and not list(v2.path.parent.glob(".*tmp"))
+    assert (v2.path / "adapter_model.safetensors").read_bytes() == \
+        (lora_adapters["beta"] / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(StatusError):
+        store.publish("agent-a", "Bad Name", "m", lora_adapters["alpha"], {})
+    with pytest.raises(StatusError):
+        store.publish("agent-a", "x", "m", tmp_path, {})        # not an adapter folder
+    store.set_default("agent-a", "m", "agent-a:style")
+    store.close()
+    store = AdapterStore(tmp_path / "adapters")
+    assert [(v.owner, v.version) for v in store.latest()] == [("agent-a", 2), ("agent-b", 1)]
+    assert [v.version for v in store.versions("agent-a")] == [1, 2]
+    assert store.default("agent-a", "m") == "agent-a:style" and store.default("agent-b", "m") is None
+    store.set_default("agent-a", "m", "")
+    assert store.default("agent-a", "m") is None
+
+
+def test_hot_loaded_adapter_equals_one_loaded_at_start(tiny_models, lora_adapters, tmp_path):
+    cold = load_model(ModelConfig(name="l", path=str(tiny_models["llama"]),
+                                  adapters={"alpha": str(lora_adapters["alpha"])}), EngineConfig(), tmp_path)
+    hot = load_model(ModelConfig(name="l", path=str(tiny_models["llama"])), EngineConfig(), tmp_path)
+    ids = cold.tokenizer.apply_chat_template([{"role": "user", "content": "hello world"}], add_generation_prompt=True,
+                                             tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def gen(lm, eng, adapters):
+        hs = []
+        for i, a in enumerate(adapters):
+            h = RequestHandle(GenRequest(f"r{i}", "a", ids, 12, adapter=a))
+            eng.submit(h.request, h)
+            hs.append(h)
+        return [h.result(timeout=60).text for h in hs]
+    e_cold, e_hot = TransformersEngine(cold, 4), TransformersEngine(hot, 4)
+    e_cold.start(), e_hot.start()
+    try:
+        base_before = gen(hot, e_hot, [None])
+        assert e_hot.load_adapter("agent.x:style", lora_adapters["alpha"]).result(60) == ["agent.x:style"]
+        assert gen(hot, e_hot, ["agent.x:style", None]) == gen(cold, e_cold, ["alpha", None])
+        assert gen(hot, e_hot, [None]) == base_before                    # rows without the adapter: unchanged
+        e_hot.load_adapter("agent.x:style", lora_adapters["beta"]).result(60)   # a new version replaces it
+        assert gen(hot, e_hot, ["agent.x:style"]) != gen(cold, e_cold, ["alpha"])
+        assert hot.adapters == ["agent.x:style"]
+    finally:
+        e_cold.drain(5), e_hot.drain(5)
