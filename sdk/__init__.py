@@ -8,10 +8,10 @@ Depends on grpcio, protobuf and pydantic only: never torch. `kernos.sdk.aio` is 
 """
 from . import aio
 from .client import Session, connect
-from .errors import (AlreadyExists, DeadlineExceeded, Internal, InvalidArgument, KernosError, NotFound,
-                     PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
-from .types import AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, ToolResult, MemoryItem, Message, ModelInfo
+from .errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, KernosError,
+                     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
+from .types import AdapterInfo, AgentInfo, Chunk, EvalResult, JobInfo, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, ToolResult, MemoryItem, Message, ModelInfo
 
-__all__ = ["connect", "Session", "aio", "Completion", "Chunk", "FileInfo", "FileHit", "GrantInfo", "ToolResult", "MemoryItem", "ContextInfo", "ContextBlock", "Message", "ModelInfo", "AgentInfo", "KernosError",
+__all__ = ["connect", "Session", "aio", "AdapterInfo", "JobInfo", "EvalResult", "Completion", "Chunk", "FileInfo", "FileHit", "GrantInfo", "ToolResult", "MemoryItem", "ContextInfo", "ContextBlock", "Message", "ModelInfo", "AgentInfo", "KernosError",
            "InvalidArgument", "NotFound", "AlreadyExists", "PermissionDenied", "Unauthenticated",
-           "ResourceExhausted", "Unavailable", "DeadlineExceeded", "Internal"]
+           "ResourceExhausted", "FailedPrecondition", "Unavailable", "DeadlineExceeded", "Internal"]

@@ -75,3 +75,40 @@ def edit_block_request(context_id: str, block_id: str, content: str | None, pinn
     if pinned is not None:
         req.pinned = pinned
     return req
+
+
+def feedback_request(request_id: str, reward, success, note: str, preferred: str):
+    from kernos.proto.v1 import tuner_pb2
+
+    req = tuner_pb2.FeedbackRequest(request_id=request_id, note=note, preferred=preferred)
+    if reward is not None:
+        req.reward = reward
+    if success is not None:
+        req.success = success
+    return req
+
+
+def build_dataset_request(name: str, kind: str, min_reward, eval_fraction: float, samples: int, reward_regex: str,
+                          temperature: float, model: str, max_tokens: int, items, distractors: int,
+                          oracle_fraction, seed: int):
+    from kernos.proto.v1 import tuner_pb2
+
+    req = tuner_pb2.BuildDatasetRequest(
+        name=name, kind=kind, eval_fraction=eval_fraction, samples=samples, reward_regex=reward_regex,
+        temperature=temperature, model=model, max_tokens=max_tokens, distractors=distractors, seed=seed,
+        items=[tuner_pb2.RagItem(**i) for i in items or []])
+    if min_reward is not None:
+        req.min_reward = min_reward
+    if oracle_fraction is not None:
+        req.oracle_fraction = oracle_fraction
+    return req
+
+
+def finetune_request(name: str, dataset: str, model: str, config: dict | None, set_default: bool,
+                     min_improvement: float):
+    import json
+
+    from kernos.proto.v1 import tuner_pb2
+
+    return tuner_pb2.FinetuneRequest(name=name, dataset=dataset, model=model, config_json=json.dumps(config or {}),
+                                     set_default=set_default, min_improvement=min_improvement)

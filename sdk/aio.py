@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kernos.proto.v1 import (access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
-                             storage_pb2, storage_pb2_grpc)
+                             storage_pb2, storage_pb2_grpc, tuner_pb2, tuner_pb2_grpc)
 
-from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
-                    resolve_address, tls_credentials)
+from ._wire import (CHANNEL_OPTIONS, auth_metadata, build_dataset_request, edit_block_request, feedback_request,
+                    finetune_request, generate_request, memory_items, resolve_address, tls_credentials)
 from .errors import Unavailable, from_rpc_error
-from .types import (AgentInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, MemoryItem, Messages,
+from .types import (AdapterInfo, AgentInfo, JobInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, MemoryItem, Messages,
                     ModelInfo)
 
 
@@ -270,6 +270,67 @@ class KernelCalls:
         return await _call(self._stub.Stats, kernel_pb2.StatsRequest(), self._s.metadata)
 
 
+class Tuner:
+    """The fine-tuner (`session.tuner`); see `kernos.sdk.client.Tuner`."""
+
+    def __init__(self, session: "Session"):
+        self._s = session
+        self._stub = tuner_pb2_grpc.TunerStub(session.channel)
+
+    async def _c(self, fn, req):
+        return await _call(fn, req, self._s.metadata)
+
+    async def feedback(self, request_id: str, reward: float | None = None, success: bool | None = None,
+                       note: str = "", preferred: str = "") -> int:
+        return (await self._c(self._stub.Feedback, feedback_request(request_id, reward, success, note, preferred))).outcomes
+
+    async def build_dataset(self, name: str, kind: str = "sft", min_reward: float | None = None,
+                            eval_fraction: float = 0.1, *, samples: int = 0, reward_regex: str = "",
+                            temperature: float = 0.0, model: str = "", max_tokens: int = 0,
+                            items: list[dict] | None = None, distractors: int = 0,
+                            oracle_fraction: float | None = None, seed: int = 0) -> dict:
+        import json
+
+        req = build_dataset_request(name, kind, min_reward, eval_fraction, samples, reward_regex, temperature, model,
+                                    max_tokens, items, distractors, oracle_fraction, seed)
+        return json.loads((await self._c(self._stub.BuildDataset, req)).card_json)
+
+    async def finetune(self, name: str, dataset: str, model: str = "", config: dict | None = None,
+                       set_default: bool = False, min_improvement: float = 0.0) -> JobInfo:
+        req = finetune_request(name, dataset, model, config, set_default, min_improvement)
+        return JobInfo.from_proto(await self._c(self._stub.StartFinetune, req))
+
+    async def job(self, job_id: str) -> JobInfo:
+        return JobInfo.from_proto(await self._c(self._stub.GetJob, tuner_pb2.JobRequest(job_id=job_id)))
+
+    async def jobs(self, all_agents: bool = False) -> list[JobInfo]:
+        reply = await self._c(self._stub.ListJobs, tuner_pb2.ListJobsRequest(all_agents=all_agents))
+        return [JobInfo.from_proto(j) for j in reply.jobs]
+
+    async def cancel(self, job_id: str) -> JobInfo:
+        return JobInfo.from_proto(await self._c(self._stub.CancelJob, tuner_pb2.JobRequest(job_id=job_id)))
+
+    async def wait(self, job_id: str, timeout: float = 600.0, poll_s: float = 0.5) -> JobInfo:
+        import asyncio
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            job = await self.job(job_id)
+            if job.done:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.state} at step {job.step}/{job.total_steps}")
+            await asyncio.sleep(poll_s)
+
+    async def adapters(self) -> list[AdapterInfo]:
+        reply = await self._c(self._stub.ListAdapters, tuner_pb2.ListAdaptersRequest())
+        return [AdapterInfo.from_proto(a) for a in reply.adapters]
+
+    async def set_default_adapter(self, adapter: str, model: str = "") -> None:
+        await self._c(self._stub.SetDefaultAdapter, tuner_pb2.DefaultAdapterRequest(model=model, adapter=adapter))
+
+
 class Session:
     def __init__(self, channel: grpc.aio.Channel, agent_id: str, token: str):
         self.channel = channel
@@ -281,6 +342,7 @@ class Session:
         self.storage = Storage(self)
         self.memory = Memory(self)
         self.access = Access(self)
+        self.tuner = Tuner(self)
 
     async def exit(self) -> None:
         try:

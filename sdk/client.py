@@ -11,8 +11,8 @@ import grpc
 from kernos.proto.v1 import (tools_pb2, tools_pb2_grpc, tuner_pb2, tuner_pb2_grpc, access_pb2, access_pb2_grpc, kernel_pb2, kernel_pb2_grpc, llm_pb2, llm_pb2_grpc, memory_pb2, memory_pb2_grpc,
                              storage_pb2, storage_pb2_grpc)
 
-from ._wire import (CHANNEL_OPTIONS, auth_metadata, edit_block_request, generate_request, memory_items,
-                    resolve_address, tls_credentials)
+from ._wire import (CHANNEL_OPTIONS, auth_metadata, build_dataset_request, edit_block_request, feedback_request,
+                    finetune_request, generate_request, memory_items, resolve_address, tls_credentials)
 from .errors import from_rpc_error
 from .types import (AdapterInfo, AgentInfo, JobInfo, Chunk, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, ToolResult, MemoryItem, Messages,
                     ModelInfo)
@@ -330,11 +330,7 @@ class Tuner:
                  note: str = "", preferred: str = "") -> int:
         """Attach an outcome to one of this agent's generations (`Completion.request_id`): a reward, a
         success flag, and/or a preferred reply (SFT learns it; with the generated one it forms a pair)."""
-        req = tuner_pb2.FeedbackRequest(request_id=request_id, note=note, preferred=preferred)
-        if reward is not None:
-            req.reward = reward
-        if success is not None:
-            req.success = success
+        req = feedback_request(request_id, reward, success, note, preferred)
         return _call(self._stub.Feedback, req, self._s.metadata).outcomes
 
     def build_dataset(self, name: str, kind: str = "sft", min_reward: float | None = None,
@@ -345,22 +341,15 @@ class Tuner:
         """Build a data set from this agent's traces into storage (datasets/NAME.{train,eval}.jsonl and
         .card.json); returns its card. kind: "sft"; "raft" (samples, reward_regex, temperature, model,
         max_tokens); "rag" (items: [{"question", "oracle_id", "answer"}], distractors, oracle_fraction, seed)."""
-        req = tuner_pb2.BuildDatasetRequest(
-            name=name, kind=kind, eval_fraction=eval_fraction, samples=samples, reward_regex=reward_regex,
-            temperature=temperature, model=model, max_tokens=max_tokens, distractors=distractors, seed=seed,
-            items=[tuner_pb2.RagItem(**i) for i in items or []])
-        if min_reward is not None:
-            req.min_reward = min_reward
-        if oracle_fraction is not None:
-            req.oracle_fraction = oracle_fraction
+        req = build_dataset_request(name, kind, min_reward, eval_fraction, samples, reward_regex, temperature, model,
+                                    max_tokens, items, distractors, oracle_fraction, seed)
         return json.loads(_call(self._stub.BuildDataset, req, self._s.metadata).card_json)
 
     def finetune(self, name: str, dataset: str, model: str = "", config: dict | None = None,
                  set_default: bool = False, min_improvement: float = 0.0) -> JobInfo:
         """Queue a LoRA job on a data set; once trained it is published as AGENT:NAME only if it beats the
         base model on the held-out split, hot-loaded, and (set_default) used by this agent's generations."""
-        req = tuner_pb2.FinetuneRequest(name=name, dataset=dataset, model=model, config_json=json.dumps(config or {}),
-                                        set_default=set_default, min_improvement=min_improvement)
+        req = finetune_request(name, dataset, model, config, set_default, min_improvement)
         return JobInfo.from_proto(_call(self._stub.StartFinetune, req, self._s.metadata))
 
     def job(self, job_id: str) -> JobInfo:

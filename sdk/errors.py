@@ -45,6 +45,11 @@ class ResourceExhausted(KernosError):
     retry_after_s: float | None = None
 
 
+class FailedPrecondition(KernosError):
+    """The system is not in the state the call needs (e.g. a data set without a held-out split)."""
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unavailable(KernosError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -58,7 +63,7 @@ class Internal(KernosError):
 
 
 _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, PermissionDenied, Unauthenticated,
-                                      ResourceExhausted, Unavailable, DeadlineExceeded, Internal)}
+                                      ResourceExhausted, FailedPrecondition, Unavailable, DeadlineExceeded, Internal)}
 
 
 def from_rpc_error(e: grpc.RpcError) -> KernosError:

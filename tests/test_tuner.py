@@ -2,6 +2,7 @@
 dedup, a deterministic split by episode, the card), in-process and through a real kernel."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -136,5 +137,19 @@ def test_raft_and_rag_through_the_kernel(tiny_models, tmp_path):
                 s.tuner.build_dataset("docs", kind="rag", items=[dict(items[0], oracle_id="nope")])
             with pytest.raises(kernos.sdk.InvalidArgument):
                 s.tuner.build_dataset("docs", kind="rag", items=[dict(items[0], answer="")])
+        asyncio.run(_aio_twin(address))
     finally:
         assert stop_kernel(proc) == 0
+
+
+async def _aio_twin(address):
+    import kernos.sdk.aio
+
+    async with await kernos.sdk.aio.connect(address, agent="async-learner") as s:
+        r = await s.llm.chat("the agent plan", max_tokens=3)
+        assert await s.tuner.feedback(r.request_id, preferred="a plan") == 1
+        card = await s.tuner.build_dataset("fixed", eval_fraction=0)
+        assert card["corrected"] == 1 and card["train"] == 1 and card["pairs"] == 1
+        assert await s.tuner.jobs() == [] and await s.tuner.adapters() == []
+        with pytest.raises(kernos.sdk.FailedPrecondition, match="no held-out"):
+            await s.tuner.finetune("fixed", "fixed")
