@@ -94,8 +94,15 @@ class Kernel:
         if served is None or not hasattr(served.engine, "load_adapter"):
             log.warning("adapter %s v%d: model '%s' is not served; not loaded", v.served_name, v.version, v.model)
             return False
-        served.engine.load_adapter(v.served_name, v.path).result(timeout=300)
-        return True
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                served.engine.load_adapter(v.served_name, v.path).result(timeout=300)
+                return True
+            except RuntimeError as e:       # the previous version is in use by running requests
+                if "in use" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def _finish_job(self, job: Job, result: dict) -> tuple[str, str]:
         """Publish a trained adapter if it beats the base, hot-load it, and make it the default if asked."""

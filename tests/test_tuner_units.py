@@ -144,3 +144,34 @@ def test_hot_loaded_adapter_equals_one_loaded_at_start(tiny_models, lora_adapter
         assert hot.adapters == ["agent.x:style"]
     finally:
         e_cold.drain(5), e_hot.drain(5)
+
+
+def test_moe_expert_adapter_is_served_apart_from_other_rows(tiny_models, tmp_path):
+    """peft cannot route fused-expert LoRA per row; the engine keeps such an adapter's rows in batches of
+    their own, and the results equal each request run alone."""
+    rows = [{"messages": [{"role": "user", "content": f"what {w}"}, {"role": "assistant", "content": "one two"}]}
+            for w in ["red", "blue", "fast", "slow"] * 2]
+    res = train(tiny_models["mixtral"], rows, rows[:1], TrainConfig(max_steps=6, learning_rate=3e-3, eval_limit=1),
+                tmp_path / "job")
+    lm = load_model(ModelConfig(name="m", path=str(tiny_models["mixtral"])), EngineConfig(), tmp_path)
+    ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": "what red"}], add_generation_prompt=True,
+                                           tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    eng = TransformersEngine(lm, 4)
+    eng.start()
+    try:
+        eng.load_adapter("a:moe", tmp_path / "job" / "adapter").result(60)
+        assert eng._unbatchable == {"a:moe"}
+
+        def gen(adapters):
+            hs = []
+            for i, a in enumerate(adapters):
+                h = RequestHandle(GenRequest(f"r{i}", "a", ids, 10, adapter=a))
+                eng.submit(h.request, h)
+                hs.append(h)
+            return [h.result(timeout=60).text for h in hs]
+        alone = [gen([a])[0] for a in ("a:moe", None)]
+        assert alone[0] != alone[1]
+        assert gen(["a:moe", None, "a:moe", None]) == [alone[0], alone[1], alone[0], alone[1]]
+    finally:
+        eng.drain(5)

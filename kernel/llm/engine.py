@@ -71,6 +71,12 @@ class _Seq:
         return self.pending >= 0
 
 
+def _adapts_parameters(model, internal_name: str) -> bool:
+    """Does this peft adapter wrap parameters (fused MoE experts) rather than Linear layers?"""
+    return any(type(m).__name__ == "ParamWrapper" and internal_name in getattr(m, "lora_A", {})
+               for m in model.modules())
+
+
 class TransformersEngine(Engine):
     def __init__(self, lm: LoadedModel, max_batch_size: int = 16, policy: Policy | None = None,
                  max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
@@ -100,6 +106,8 @@ class TransformersEngine(Engine):
         self._host_swap_bytes = 0
         base = lm.model.get_base_model() if lm.has_adapters else lm.model
         self._logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        self._active = lm.adapters[0] if lm.adapters else None   # peft's active adapter
+        self._unbatchable = {a for a in lm.adapters if _adapts_parameters(lm.model, peft_name(a))}
         self._template = None      # any cache of this model: the shape to rebuild swapped-in caches from
         # Measured on the engine's own thread: a forward pass on another thread first (this constructor runs
         # on the main one) leaves two OpenMP pools competing and made every decode step 3x slower on CPU.
@@ -139,15 +147,21 @@ class TransformersEngine(Engine):
             if not self.lm.has_adapters:
                 self.lm.model = PeftModel.from_pretrained(self.lm.model, folder, adapter_name=internal,
                                                           is_trainable=False)
+                self._active = name
             else:
                 if name in self.lm.adapters:
                     if any(s.req.adapter == name for s in self.rows + self.waiting):
                         raise RuntimeError(f"adapter '{name}' is in use by running requests; try again")
                     self.lm.model.delete_adapter(internal)
+                    if self._active == name:
+                        self._active = None
                 self.lm.model.load_adapter(folder, adapter_name=internal, is_trainable=False)
             self.lm.model.eval()
             if name not in self.lm.adapters:
                 self.lm.adapters.append(name)
+            self._unbatchable.discard(name)
+            if _adapts_parameters(self.lm.model, internal):
+                self._unbatchable.add(name)
             return list(self.lm.adapters)
         return self.call(do)
 
@@ -350,12 +364,26 @@ class TransformersEngine(Engine):
                 self._preempt(views[rid], reason)
         for rid in decision.admit:
             seq = views[rid]
+            if not self._batchable_with(seq):
+                continue                      # waits until the batch holds only its adapter (or drains)
             with self._lock:
                 self.waiting.remove(seq)
-            if seq.started:
-                self._resume(seq)
-            else:
-                self._prefill(seq)
+            try:
+                if seq.started:
+                    self._resume(seq)
+                else:
+                    self._prefill(seq)
+            except Exception as e:  # this request's failure: answer it, keep the batch going
+                log.exception("engine %s: admitting %s failed", self.name, seq.req.request_id)
+                seq.handle.put(Failed(f"internal error in model '{self.name}': {type(e).__name__}: {e}"))
+
+    def _batchable_with(self, seq: _Seq) -> bool:
+        """peft cannot mix adapters in one batch when one of them adapts fused MoE expert weights
+        (`target_parameters`); such an adapter runs only with rows of the same adapter."""
+        if not self._unbatchable or not self.rows:
+            return True
+        adapters = {s.req.adapter for s in self.rows} | {seq.req.adapter}
+        return len(adapters) == 1 or not (adapters & self._unbatchable)
 
     # -- model calls -------------------------------------------------------------------------------------
     def _forward(self, input_ids, mask, positions, past, adapters: list[str | None], last_only: bool):
@@ -363,8 +391,17 @@ class TransformersEngine(Engine):
                       use_cache=True)
         if last_only and self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        if self.lm.has_adapters:
+        if not self.lm.has_adapters:
+            return self.lm.model(**kwargs)
+        if len(set(adapters)) > 1:
             kwargs["adapter_names"] = [peft_name(a) if a else "__base__" for a in adapters]
+            return self.lm.model(**kwargs)
+        if adapters[0] is None:           # one adapter for the whole batch: no per-row routing needed
+            with self.lm.model.disable_adapter():
+                return self.lm.model(**kwargs)
+        if self._active != adapters[0]:
+            self.lm.model.set_adapter(peft_name(adapters[0]))   # walks every module: only on a change
+            self._active = adapters[0]
         return self.lm.model(**kwargs)
 
     def _prefill_tokens(self, tokens: list[int], adapter: str | None):
