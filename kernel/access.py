@@ -114,6 +114,7 @@ class AccessControl:
 
     def __init__(self, path: Path, admin_token: str | None = None, resolve=None):
         self.resolve = resolve or (lambda kind, name: ("kernel", False))
+        self.default_model = ""     # set by the kernel once its models are loaded
         self._db = connect(path, synchronous="FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
@@ -299,7 +300,7 @@ class AccessControl:
         if names == "tool":
             targets.append(("tool", request.name))
         else:
-            model = request.model or ""
+            model = request.model or self.default_model   # grants name the model a request without one gets
             targets.append(("model", model))
             if request.adapter:
                 targets.append(("model", f"{model}/{request.adapter}"))

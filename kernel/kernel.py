@@ -47,6 +47,7 @@ class Kernel:
         self._memory = None
         self._memory_lock = threading.Lock()
         self.llm = LLMCore(config)
+        self.access.default_model = self.llm.default
         self.adapters = AdapterStore(config.data_dir / "adapters")
         for v in self.adapters.latest():       # published adapters are served again after a restart
             self._serve_adapter(v)

@@ -90,13 +90,20 @@ def test_traces_to_published_default_adapter(tiny_kernel):
             out = subprocess.run(cli + ["status", "--address", address], capture_output=True, text=True, timeout=60,
                                  env={k: v for k, v in os.environ.items() if k != "KERNOS_TOKEN"})
             assert out.returncode == 2 and "token is needed" in out.stderr
-        with kernos.sdk.connect(address, agent="other") as o:
-            assert o.llm.chat(held_out[0][0], max_tokens=6).adapter is None     # not its default
-            with pytest.raises(kernos.sdk.PermissionDenied):
-                o.llm.chat(held_out[0][0], max_tokens=6, adapter="learner:colours")   # private without a grant
-            assert o.tuner.adapters() == []
-            with pytest.raises(kernos.sdk.NotFound):
-                o.tuner.job(job.job_id)
+            with kernos.sdk.connect(address, agent="other") as o:
+                assert o.llm.chat(held_out[0][0], max_tokens=6).adapter is None     # not its default
+                with pytest.raises(kernos.sdk.PermissionDenied):
+                    o.llm.chat(held_out[0][0], max_tokens=6, adapter="learner:colours")   # private without a grant
+                assert o.tuner.adapters() == []
+                with pytest.raises(kernos.sdk.NotFound):
+                    o.tuner.job(job.job_id)
+                s.access.grant("other", "model", "execute", resource="tiny-llama/learner:colours")   # shared
+                r = o.llm.chat(held_out[0][0], max_tokens=6, adapter="learner:colours")
+                assert r.text.strip() == held_out[0][1]
+                o.tuner.set_default_adapter("learner:colours", model="tiny-llama")
+                assert o.llm.chat(held_out[0][0], max_tokens=6).adapter == "learner:colours"
+                with pytest.raises(kernos.sdk.NotFound):
+                    o.tuner.set_default_adapter("nope:none")
     finally:
         assert stop_kernel(proc) == 0
     proc, address = tiny_kernel()          # published adapters and defaults survive a restart
