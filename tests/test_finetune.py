@@ -168,5 +168,19 @@ def test_job_resumes_after_kernel_kill_and_cancels(tiny_kernel):
                 time.sleep(0.1)
             assert j.state == "cancelled" and j.step < j.total_steps
             assert s.tuner.adapters() == []
+            second = s.tuner.finetune("long2", "long", config={"max_steps": 100000, "checkpoint_every": 10})
+            while s.tuner.job(second.job_id).step < 12:
+                time.sleep(0.1)
+    finally:
+        assert stop_kernel(proc) == 0           # SIGTERM: the worker checkpoints, the job waits for a restart
+    proc, address = tiny_kernel()
+    try:
+        with kernos.sdk.connect(address, agent="learner") as s:
+            deadline = time.monotonic() + 60
+            while (j := s.tuner.job(second.job_id)).resumed_from_step == 0:
+                assert time.monotonic() < deadline, j
+                time.sleep(0.1)
+            assert j.resumed_from_step >= 12 and j.state == "running"
+            assert s.tuner.cancel(second.job_id).job_id == second.job_id
     finally:
         assert stop_kernel(proc) == 0
