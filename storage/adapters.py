@@ -8,7 +8,6 @@ orphan folder). Served name of a published adapter: `OWNER:NAME` (the latest ver
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import threading
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .db import connect
+from .durable import fsync_dir, fsync_tree
 from .status import StatusError
 
 NAME_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
@@ -49,14 +49,6 @@ class AdapterVersion:
         return f"{self.owner}:{self.name}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class AdapterStore:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -80,13 +72,9 @@ class AdapterStore:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(final, ignore_errors=True)      # an orphan of a crash before its row was committed
             shutil.copytree(src, tmp)
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-            _fsync_dir(tmp)
+            fsync_tree(tmp)
             tmp.rename(final)
-            _fsync_dir(home)
+            fsync_dir(home)
             created = time.time()
             with self._db:
                 self._db.execute("INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?)",

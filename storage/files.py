@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .db import connect
+from .durable import fsync_dir
 from .status import StatusError
 
 MAX_PATH = 1024
@@ -79,14 +80,6 @@ class FileVersion:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FileStore:
     def __init__(self, root: Path, quota_bytes: int = 0, max_file_bytes: int = 16 << 20):
         self.root = root
@@ -114,7 +107,7 @@ class FileStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return digest
 
     def _get_blob(self, digest: str) -> bytes:

@@ -115,6 +115,15 @@ def test_traces_to_published_default_adapter(tiny_kernel):
         assert stop_kernel(proc) == 0
 
 
+def _until(s, job_id, condition, timeout=60.0):
+    """Poll a job until `condition(job)`; the job then."""
+    deadline = time.monotonic() + timeout
+    while not condition(j := s.tuner.job(job_id)):
+        assert time.monotonic() < deadline, j
+        time.sleep(0.1)
+    return j
+
+
 def _eval_questions(s, dataset):
     import json
     return [json.loads(line)["messages"][0]["content"]
@@ -152,20 +161,14 @@ def test_job_resumes_after_kernel_kill_and_cancels(tiny_kernel):
     proc, address = tiny_kernel()
     try:
         with kernos.sdk.connect(address, agent="learner") as s:
-            deadline = time.monotonic() + 60
-            while (j := s.tuner.job(job.job_id)).resumed_from_step == 0:
-                assert time.monotonic() < deadline, j
-                time.sleep(0.1)
+            j = _until(s, job.job_id, lambda j: j.resumed_from_step > 0)
             assert j.resumed_from_step >= 30           # not from scratch: from the last checkpoint
             assert j.state == "running" and j.base.loss is not None   # the base evaluation was kept
             while s.tuner.job(job.job_id).step <= j.resumed_from_step + 5:
                 time.sleep(0.1)
             c = s.tuner.cancel(job.job_id)
             assert c.state in ("running", "cancelled")
-            deadline = time.monotonic() + 30
-            while not (j := s.tuner.job(job.job_id)).done:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            j = _until(s, job.job_id, lambda j: j.done)
             assert j.state == "cancelled" and j.step < j.total_steps
             assert s.tuner.adapters() == []
             second = s.tuner.finetune("long2", "long", config={"max_steps": 100000, "checkpoint_every": 10})
@@ -176,10 +179,7 @@ def test_job_resumes_after_kernel_kill_and_cancels(tiny_kernel):
     proc, address = tiny_kernel()
     try:
         with kernos.sdk.connect(address, agent="learner") as s:
-            deadline = time.monotonic() + 60
-            while (j := s.tuner.job(second.job_id)).resumed_from_step == 0:
-                assert time.monotonic() < deadline, j
-                time.sleep(0.1)
+            j = _until(s, second.job_id, lambda j: j.resumed_from_step > 0)
             assert j.resumed_from_step >= 12 and j.state == "running"
             assert s.tuner.cancel(second.job_id).job_id == second.job_id
     finally:

@@ -9,7 +9,6 @@ import os
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2  # noqa: F401  (descriptor types)
 from google.protobuf.descriptor import FieldDescriptor as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings

@@ -104,7 +104,7 @@ def test_rag_builder_oracle_share_distractors_and_quotes():
         prompt, target = r["messages"][0]["content"], r["messages"][1]["content"]
         assert prompt.count("\n[") == 4 and it.question in prompt      # 3 distractors + oracle, or 4
         assert (it.oracle in prompt) == r["oracle"]
-        assert f"##begin_quote##Document" in target and target.endswith(f"<ANSWER>: {it.answer}")
+        assert "##begin_quote##Document" in target and target.endswith(f"<ANSWER>: {it.answer}")
         assert f"has {it.answer}" in target                   # the quoted sentence is the one with the answer
     assert not {r["episode"] for r in train} & {r["episode"] for r in evals}
 

@@ -3,10 +3,7 @@ the training loop's resume, the publish rule, the adapter store, and hot-loading
 engine (exact against one loaded at start)."""
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 
 from kernos.kernel.config import EngineConfig, ModelConfig
 from kernos.kernel.llm.engine import TransformersEngine
@@ -117,6 +114,16 @@ def test_adapter_store_versions_defaults_and_survives_reopen(tmp_path, lora_adap
     assert store.default("agent-a", "m") is None
 
 
+def _generate(eng, ids, adapters, max_tokens):
+    """Submit one request per adapter at once (they share batches); their texts."""
+    handles = []
+    for i, a in enumerate(adapters):
+        h = RequestHandle(GenRequest(f"r{i}", "a", ids, max_tokens, adapter=a))
+        eng.submit(h.request, h)
+        handles.append(h)
+    return [h.result(timeout=60).text for h in handles]
+
+
 def test_hot_loaded_adapter_equals_one_loaded_at_start(tiny_models, lora_adapters, tmp_path):
     cold = load_model(ModelConfig(name="l", path=str(tiny_models["llama"]),
                                   adapters={"alpha": str(lora_adapters["alpha"])}), EngineConfig(), tmp_path)
@@ -126,12 +133,7 @@ def test_hot_loaded_adapter_equals_one_loaded_at_start(tiny_models, lora_adapter
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def gen(lm, eng, adapters):
-        hs = []
-        for i, a in enumerate(adapters):
-            h = RequestHandle(GenRequest(f"r{i}", "a", ids, 12, adapter=a))
-            eng.submit(h.request, h)
-            hs.append(h)
-        return [h.result(timeout=60).text for h in hs]
+        return _generate(eng, ids, adapters, 12)
     e_cold, e_hot = TransformersEngine(cold, 4), TransformersEngine(hot, 4)
     e_cold.start(), e_hot.start()
     try:
@@ -151,7 +153,7 @@ def test_moe_expert_adapter_is_served_apart_from_other_rows(tiny_models, tmp_pat
     their own, and the results equal each request run alone."""
     rows = [{"messages": [{"role": "user", "content": f"what {w}"}, {"role": "assistant", "content": "one two"}]}
             for w in ["red", "blue", "fast", "slow"] * 2]
-    res = train(tiny_models["mixtral"], rows, rows[:1], TrainConfig(max_steps=6, learning_rate=3e-3, eval_limit=1),
+    train(tiny_models["mixtral"], rows, rows[:1], TrainConfig(max_steps=6, learning_rate=3e-3, eval_limit=1),
                 tmp_path / "job")
     lm = load_model(ModelConfig(name="m", path=str(tiny_models["mixtral"])), EngineConfig(), tmp_path)
     ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": "what red"}], add_generation_prompt=True,
@@ -164,12 +166,7 @@ def test_moe_expert_adapter_is_served_apart_from_other_rows(tiny_models, tmp_pat
         assert eng._unbatchable == {"a:moe"}
 
         def gen(adapters):
-            hs = []
-            for i, a in enumerate(adapters):
-                h = RequestHandle(GenRequest(f"r{i}", "a", ids, 10, adapter=a))
-                eng.submit(h.request, h)
-                hs.append(h)
-            return [h.result(timeout=60).text for h in hs]
+            return _generate(eng, ids, adapters, 10)
         alone = [gen([a])[0] for a in ("a:moe", None)]
         assert alone[0] != alone[1]
         assert gen(["a:moe", None, "a:moe", None]) == [alone[0], alone[1], alone[0], alone[1]]

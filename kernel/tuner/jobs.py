@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kernos.storage.db import connect
+from kernos.storage.durable import fsync_tree
 
 log = logging.getLogger("kernos.tuner")
 
@@ -101,9 +102,7 @@ class JobManager:
             (d / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         (d / "job.json").write_text(json.dumps({"model_path": job.model_path, "config": job.config,
                                                 "threads": job.config.get("threads") or self.threads}))
-        for f in d.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        fsync_tree(d)
         with self._lock:
             self.jobs[job.job_id] = job
             self._save(job)

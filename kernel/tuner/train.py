@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from kernos.storage.durable import fsync_dir, fsync_tree
 
 from .config import TrainConfig
 
@@ -185,17 +186,13 @@ def _save_checkpoint(model, opt, state: dict, ckpt: Path) -> None:
     save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}, tmp / "adapter.safetensors")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    fsync_tree(tmp)
     old = ckpt.with_name(ckpt.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if ckpt.exists():
         ckpt.rename(old)
     tmp.rename(ckpt)
-    fd = os.open(ckpt.parent, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+    fsync_dir(ckpt.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
