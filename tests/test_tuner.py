@@ -25,7 +25,9 @@ def test_sft_builder_filters_dedups_and_splits_by_episode():
     train, evals, card = build_sft(eps, min_reward=0.5, eval_fraction=0.2)
     assert len(train) + len(evals) == 201                    # 200 + the 0.9 reward; dup of episode 0 dropped
     assert card["dropped"] == {"unsuccessful": 4, "empty_reply": 1, "duplicate": 1}
-    assert 20 <= len(evals) <= 65                            # about a fifth, by hash
+    assert len(evals) == round(0.2 * 201)                    # a fifth, the lowest hashes
+    few = build_sft([ep(i, successes=[True]) for i in range(3)], eval_fraction=0.1)
+    assert (len(few[0]), len(few[1])) == (2, 1)              # a small set still gets a held-out example
     assert not {r["episode"] for r in train} & {r["episode"] for r in evals}
     again = build_sft(eps, min_reward=0.5, eval_fraction=0.2)
     assert [r["episode"] for r in again[1]] == [r["episode"] for r in evals]   # deterministic

@@ -9,8 +9,8 @@
   distractors (a share with distractors only); the target quotes the oracle's relevant sentence, then
   gives the answer.
 
-Exact duplicates are removed; the train/eval split is by episode (or question) and deterministic (a hash),
-so one never lands in both halves and rebuilding gives the same split."""
+Exact duplicates are removed; the train/eval split is by episode (or question) and deterministic (the
+lowest hashes are held out), so one never lands in both halves and rebuilding gives the same split."""
 from __future__ import annotations
 
 import hashlib
@@ -62,13 +62,23 @@ def successful(ep: Episode, min_reward: float | None) -> bool:
     return bool(ep.rewards) and min_reward is not None and min(ep.rewards) >= min_reward
 
 
-def in_eval(request_id: str, eval_fraction: float) -> bool:
-    return int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < eval_fraction
+def split(examples: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, eval) by episode: the round(fraction x n) episodes whose key ("episode") hashes lowest are
+    held out, at least one when the fraction is above 0 and there are two or more. A fixed hash threshold
+    would be stabler across rebuilds but can leave a small data set with no held-out examples at all."""
+    def rank(ex):
+        return hashlib.sha256(ex["episode"].encode()).hexdigest()
+    n = len(examples)
+    k = round(eval_fraction * n)
+    if eval_fraction > 0 and n >= 2:
+        k = max(k, 1)
+    held = {id(ex) for ex in sorted(examples, key=rank)[:k]}
+    return [ex for ex in examples if id(ex) not in held], [ex for ex in examples if id(ex) in held]
 
 
 def build_sft(episodes: list[Episode], min_reward: float | None = None, eval_fraction: float = 0.1):
     """(train, eval, card) from episodes."""
-    seen, train, evals = set(), [], []
+    seen, kept = set(), []
     dropped = {"unsuccessful": 0, "empty_reply": 0, "duplicate": 0}
     corrected = 0
     for ep in episodes:
@@ -87,12 +97,13 @@ def build_sft(episodes: list[Episode], min_reward: float | None = None, eval_fra
             dropped["duplicate"] += 1
             continue
         seen.add(key)
-        (evals if in_eval(ep.request_id, eval_fraction) else train).append(dict(example, episode=ep.request_id))
+        kept.append(dict(example, episode=ep.request_id))
+    train, evals = split(kept, eval_fraction)
     card = {"kind": "sft", "episodes_seen": len(episodes), "train": len(train), "eval": len(evals),
             "dropped": dropped, "corrected": corrected,
             "filters": {"min_reward": min_reward, "success": "all outcomes true if any given",
                         "preferred": "an episode with a preferred reply learns it"},
-            "split": {"by": "episode (sha256 of request id)", "eval_fraction": eval_fraction},
+            "split": {"by": "episode (lowest sha256 of request id)", "eval_fraction": eval_fraction},
             "models": sorted({ep.model for ep in episodes if ep.model}),
             "loss": "assistant turns only (the trainer masks the rest)"}
     return train, evals, card
@@ -140,7 +151,7 @@ def build_raft(samples: dict[str, tuple[list[dict], list[str]]], reward, min_rew
                eval_fraction: float = 0.1):
     """(train, eval, card): for each prompt key -> (messages, k sampled answers), the best-scoring answer
     (first on ties) if it scores >= min_reward (default: above 0)."""
-    train, evals, rewards = [], [], []
+    kept, rewards = [], []
     dropped = {"below_min_reward": 0, "empty": 0}
     for key, (messages, answers) in samples.items():
         scored = [(reward(messages, a), i, a) for i, a in enumerate(answers) if a.strip()]
@@ -153,12 +164,13 @@ def build_raft(samples: dict[str, tuple[list[dict], list[str]]], reward, min_rew
             continue
         rewards.append(best)
         example = {"messages": messages + [{"role": "assistant", "content": answer}], "reward": best, "episode": key}
-        (evals if in_eval(key, eval_fraction) else train).append(example)
+        kept.append(example)
+    train, evals = split(kept, eval_fraction)
     k = max((len(a) for _, a in samples.values()), default=0)
     card = {"kind": "raft", "prompts": len(samples), "samples_per_prompt": k, "train": len(train), "eval": len(evals),
             "dropped": dropped, "filters": {"min_reward": min_reward if min_reward is not None else "> 0"},
             "mean_kept_reward": sum(rewards) / len(rewards) if rewards else None,
-            "split": {"by": "prompt (sha256)", "eval_fraction": eval_fraction},
+            "split": {"by": "prompt (lowest sha256)", "eval_fraction": eval_fraction},
             "loss": "assistant turns only (the trainer masks the rest)"}
     return train, evals, card
 
@@ -199,7 +211,7 @@ def build_rag(items: list[RagItem], pool: list[tuple[str, str]], distractors: in
     oracle excluded) in random order with the oracle, or, for a (1 - oracle_fraction) share, one more
     distractor instead of the oracle. Examples carry "answer" for the evaluation's accuracy."""
     rng = random.Random(seed)
-    train, evals = [], []
+    kept = []
     with_oracle = 0
     seen = set()
     for it in items:
@@ -218,11 +230,12 @@ def build_rag(items: list[RagItem], pool: list[tuple[str, str]], distractors: in
         example = {"messages": [{"role": "user", "content": rag_prompt(it.question, docs)},
                                 {"role": "assistant", "content": target}],
                    "answer": it.answer, "oracle": keep, "episode": key}
-        (evals if in_eval(key, eval_fraction) else train).append(example)
-    n = len(train) + len(evals)
+        kept.append(example)
+    train, evals = split(kept, eval_fraction)
+    n = len(kept)
     card = {"kind": "rag", "questions": len(items), "unique_questions": n, "train": len(train), "eval": len(evals),
             "distractors": distractors, "oracle_fraction": oracle_fraction,
             "with_oracle": with_oracle, "distractors_only": n - with_oracle, "pool": len(pool), "seed": seed,
             "target": "##begin_quote##...##end_quote## then <ANSWER>: (accuracy: the answer appears in the reply)",
-            "split": {"by": "question (sha256)", "eval_fraction": eval_fraction}}
+            "split": {"by": "question (lowest sha256)", "eval_fraction": eval_fraction}}
     return train, evals, card
