@@ -106,6 +106,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of both loops")
+    ap.add_argument("--checkpoint-every", type=int, default=0,
+                    help="kernel job's checkpoint interval in steps (default: TrainConfig's, 25)")
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -144,6 +146,8 @@ def main() -> int:
             s.storage.write("datasets/bench.eval.jsonl", "".join(json.dumps(r) + "\n" for r in data[:4]).encode())
             job_cfg = {"max_steps": steps, "batch_size": args.batch, "rank": args.rank, "alpha": 2 * args.rank,
                        "threads": args.threads, "eval_limit": 4, "eval_max_new_tokens": 8}
+            if args.checkpoint_every:
+                job_cfg["checkpoint_every"] = args.checkpoint_every
             t0 = time.perf_counter()
             job = s.tuner.wait(s.tuner.finetune("bench", "bench", config=job_cfg).job_id, timeout=3600)
             wall = time.perf_counter() - t0
