@@ -25,6 +25,17 @@ def _call(fn, request, metadata, timeout=None):
         raise from_rpc_error(e) from None
 
 
+def _chunks(call) -> Iterator[Chunk]:
+    """A streaming call's chunks; leaving early (break, error) cancels it in the kernel."""
+    try:
+        for c in call:
+            yield Chunk.from_proto(c)
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+    finally:
+        call.cancel()
+
+
 class LLM:
     """Generation syscalls (`session.llm`)."""
 
@@ -50,14 +61,7 @@ class LLM:
         """Yield chunks of text as the kernel produces them; the last has done=True and the completion.
         Breaking out of the loop cancels the generation in the kernel."""
         req = generate_request(messages, prompt, **sampling)
-        call = self._stub.GenerateStream(req, metadata=self._s.metadata, timeout=timeout)
-        try:
-            for c in call:
-                yield Chunk.from_proto(c)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        finally:
-            call.cancel()
+        yield from _chunks(self._stub.GenerateStream(req, metadata=self._s.metadata, timeout=timeout))
 
     def suspend(self, request_id: str) -> str:
         """Preempt one of this agent's running generations and park it (its state kept by the kernel) until
@@ -77,15 +81,8 @@ class LLM:
 
     def restore(self, snapshot_id: str, *, timeout: float | None = None) -> Iterator[Chunk]:
         """Continue a snapshotted generation; yields chunks of the new text, the last with the whole reply."""
-        call = self._stub.Restore(llm_pb2.RestoreRequest(snapshot_id=snapshot_id), metadata=self._s.metadata,
-                                  timeout=timeout)
-        try:
-            for c in call:
-                yield Chunk.from_proto(c)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        finally:
-            call.cancel()
+        yield from _chunks(self._stub.Restore(llm_pb2.RestoreRequest(snapshot_id=snapshot_id),
+                                              metadata=self._s.metadata, timeout=timeout))
 
     def models(self) -> list[ModelInfo]:
         reply = _call(self._stub.ListModels, llm_pb2.ListModelsRequest(), self._s.metadata)
