@@ -14,6 +14,7 @@ from .access import AccessControl
 from .agents import AgentRegistry
 from .config import KernelConfig
 from .llm.core import LLMCore
+from .llm.types import AdapterInUse
 from .quotas import Limits, Quotas
 from .tuner.jobs import Job, JobManager
 from .tuner.publish import beats_base
@@ -100,8 +101,8 @@ class Kernel:
             try:
                 served.engine.load_adapter(v.served_name, v.path).result(timeout=300)
                 return True
-            except RuntimeError as e:       # the previous version is in use by running requests
-                if "in use" not in str(e) or time.monotonic() > deadline:
+            except AdapterInUse:            # the previous version still serves requests
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
 

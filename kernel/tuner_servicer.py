@@ -291,16 +291,16 @@ class TunerServicer(rpc.TunerServicer):
     async def ListAdapters(self, request, context):
         agent = current_agent()
         versions = await asyncio.to_thread(self.k.adapters.versions, None if _admin(agent) else agent.agent_id)
+        newest = {(v.owner, v.name): v.version for v in versions}     # versions come in ascending order
         out = []
         for v in versions:
             served = self.k.llm.models.get(v.model)
-            newest = max(x.version for x in versions if (x.owner, x.name) == (v.owner, v.name))
+            current = v.version == newest[(v.owner, v.name)]
             out.append(pb.Adapter(name=v.served_name, owner=v.owner, version=v.version, model=v.model,
                                   base=_eval(v.metrics.get("base", {})), tuned=_eval(v.metrics.get("tuned", {})),
                                   job_id=v.job_id, created=v.created,
-                                  loaded=bool(served) and v.version == newest and v.served_name in served.adapters,
-                                  is_default=v.version == newest and
-                                  self.k.adapters.default(agent.agent_id, v.model) == v.served_name))
+                                  loaded=current and bool(served) and v.served_name in served.adapters,
+                                  is_default=current and self.k.adapters.default(agent.agent_id, v.model) == v.served_name))
         return pb.AdapterList(adapters=out)
 
     @syscall

@@ -56,6 +56,8 @@ class AdapterStore:
         self._db = connect(self.root / "adapters.db", synchronous="FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        # Read on every generation that names no adapter: kept in memory, written through to SQLite.
+        self._defaults = {(a, m): name for a, m, name in self._db.execute("SELECT * FROM defaults")}
 
     def publish(self, owner: str, name: str, model: str, src: Path, metrics: dict, job_id: str = "") -> AdapterVersion:
         if not NAME_RE.match(name):
@@ -100,13 +102,13 @@ class AdapterStore:
         with self._lock, self._db:
             if adapter:
                 self._db.execute("INSERT OR REPLACE INTO defaults VALUES (?,?,?)", (agent_id, model, adapter))
+                self._defaults[(agent_id, model)] = adapter
             else:
                 self._db.execute("DELETE FROM defaults WHERE agent_id=? AND model=?", (agent_id, model))
+                self._defaults.pop((agent_id, model), None)
 
     def default(self, agent_id: str, model: str) -> str | None:
-        with self._lock:
-            r = self._db.execute("SELECT adapter FROM defaults WHERE agent_id=? AND model=?", (agent_id, model)).fetchone()
-        return r[0] if r else None
+        return self._defaults.get((agent_id, model))
 
     def close(self) -> None:
         self._db.close()

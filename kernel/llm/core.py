@@ -2,12 +2,15 @@
 Nothing else in the kernel touches a model."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
 from dataclasses import dataclass
 
 from ..config import KernelConfig, ModelConfig
 from .base import Engine
 from .echo import EchoEngine, EchoTokenizer
+from .types import Failed, Final, GenRequest, RequestHandle
 
 log = logging.getLogger("kernos.llm")
 
@@ -77,11 +80,6 @@ class LLMCore:
                        temperature: float = 0.0, seed: int | None = None, adapter: str | None = None,
                        max_prompt_tokens: int = 4096):
         """One generation for the kernel's own use (summaries, data-set sampling): the Final event."""
-        import asyncio
-        import uuid
-
-        from .types import Failed, Final, GenRequest, RequestHandle
-
         ids = model.encode_chat(messages)[-max_prompt_tokens:]
         req = GenRequest(request_id=uuid.uuid4().hex, agent_id=agent_id, prompt_ids=ids, max_tokens=max_tokens,
                          temperature=temperature, seed=seed, adapter=adapter)

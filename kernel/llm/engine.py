@@ -36,7 +36,7 @@ from . import cache as cache_ops
 from .base import Engine, EngineStats
 from .registry import LoadedModel, peft_name
 from .sampling import choose, make_generator
-from .types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, RequestTooLarge, TextDelta
+from .types import AdapterInUse, EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, RequestTooLarge, TextDelta
 
 log = logging.getLogger("kernos.llm")
 
@@ -71,10 +71,10 @@ class _Seq:
         return self.pending >= 0
 
 
-def _adapts_parameters(model, internal_name: str) -> bool:
-    """Does this peft adapter wrap parameters (fused MoE experts) rather than Linear layers?"""
-    return any(type(m).__name__ == "ParamWrapper" and internal_name in getattr(m, "lora_A", {})
-               for m in model.modules())
+def _adapts_parameters(peft_config) -> bool:
+    """Does this LoRA adapt parameters (fused MoE experts) rather than only Linear layers? peft cannot route
+    such an adapter per row of a batch."""
+    return bool(getattr(peft_config, "target_parameters", None))
 
 
 class TransformersEngine(Engine):
@@ -107,7 +107,7 @@ class TransformersEngine(Engine):
         base = lm.model.get_base_model() if lm.has_adapters else lm.model
         self._logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
         self._active = lm.adapters[0] if lm.adapters else None   # peft's active adapter
-        self._unbatchable = {a for a in lm.adapters if _adapts_parameters(lm.model, peft_name(a))}
+        self._unbatchable = {a for a in lm.adapters if _adapts_parameters(lm.model.peft_config[peft_name(a)])}
         self._template = None      # any cache of this model: the shape to rebuild swapped-in caches from
         # Measured on the engine's own thread: a forward pass on another thread first (this constructor runs
         # on the main one) leaves two OpenMP pools competing and made every decode step 3x slower on CPU.
@@ -141,9 +141,12 @@ class TransformersEngine(Engine):
         """Load (or replace) a peft adapter into the served model, on the engine thread between two steps,
         so running requests never see a half-loaded model. The first adapter wraps the model in peft."""
         def do():
-            from peft import PeftModel
+            from peft import PeftConfig, PeftModel
 
             internal = peft_name(name)
+            expert = _adapts_parameters(PeftConfig.from_pretrained(folder))
+            if expert and len({s.req.adapter for s in self.rows}) > 1:
+                raise AdapterInUse(f"adapter '{name}' cannot join the running mixed-adapter batch; try again")
             if not self.lm.has_adapters:
                 self.lm.model = PeftModel.from_pretrained(self.lm.model, folder, adapter_name=internal,
                                                           is_trainable=False)
@@ -151,7 +154,7 @@ class TransformersEngine(Engine):
             else:
                 if name in self.lm.adapters:
                     if any(s.req.adapter == name for s in self.rows + self.waiting):
-                        raise RuntimeError(f"adapter '{name}' is in use by running requests; try again")
+                        raise AdapterInUse(f"adapter '{name}' is in use by running requests; try again")
                     self.lm.model.delete_adapter(internal)
                     if self._active == name:
                         self._active = None
@@ -159,9 +162,10 @@ class TransformersEngine(Engine):
             self.lm.model.eval()
             if name not in self.lm.adapters:
                 self.lm.adapters.append(name)
-            self._unbatchable.discard(name)
-            if _adapts_parameters(self.lm.model, internal):
+            if expert:
                 self._unbatchable.add(name)
+            else:
+                self._unbatchable.discard(name)
             return list(self.lm.adapters)
         return self.call(do)
 
@@ -393,15 +397,18 @@ class TransformersEngine(Engine):
             kwargs["logits_to_keep"] = 1
         if not self.lm.has_adapters:
             return self.lm.model(**kwargs)
-        if len(set(adapters)) > 1:
+        if not self._unbatchable:
             kwargs["adapter_names"] = [peft_name(a) if a else "__base__" for a in adapters]
             return self.lm.model(**kwargs)
-        if adapters[0] is None:           # one adapter for the whole batch: no per-row routing needed
+        # An expert adapter is loaded: peft refuses per-row routing, and _batchable_with keeps each batch
+        # to one adapter, so switch the model's active adapter (or disable adapters) instead.
+        (adapter,) = set(adapters)
+        if adapter is None:
             with self.lm.model.disable_adapter():
                 return self.lm.model(**kwargs)
-        if self._active != adapters[0]:
-            self.lm.model.set_adapter(peft_name(adapters[0]))   # walks every module: only on a change
-            self._active = adapters[0]
+        if self._active != adapter:
+            self.lm.model.set_adapter(peft_name(adapter))   # walks every module: only on a change
+            self._active = adapter
         return self.lm.model(**kwargs)
 
     def _prefill_tokens(self, tokens: list[int], adapter: str | None):

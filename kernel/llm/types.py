@@ -66,6 +66,10 @@ class EngineClosed(RuntimeError):
     """The engine is draining or stopped and takes no new requests."""
 
 
+class AdapterInUse(RuntimeError):
+    """A new version of an adapter cannot replace the loaded one while requests use it; retry later."""
+
+
 class RequestTooLarge(ValueError):
     """The request could never fit the engine's cache budget."""
 
