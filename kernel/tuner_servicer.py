@@ -152,7 +152,7 @@ class TunerServicer(rpc.TunerServicer):
         else:
             reward, source = ds.feedback_reward(episodes), "stored feedback on identical replies"
         prompts = ds.distinct_prompts(episodes)[:MAX_RAFT_PROMPTS]
-        sem = asyncio.Semaphore(max(1, self.k.config.engine.max_batch_size))
+        sem = asyncio.Semaphore(max(1, self.k.config.engine.max_batch_size))   # fill the batch, no more
         lim = self.k.config.limits.max_prompt_tokens
 
         async def sample(messages, i):
@@ -161,10 +161,8 @@ class TunerServicer(rpc.TunerServicer):
                                                   seed=i, max_prompt_tokens=lim)
             self.k.agents.add_tokens(agent, final.prompt_tokens, final.completion_tokens)
             return final.text
-        samples = {}
-        for key, messages in prompts:
-            answers = await asyncio.gather(*(sample(messages, i) for i in range(k)))
-            samples[key] = (messages, list(answers))
+        answers = await asyncio.gather(*(sample(messages, i) for _, messages in prompts for i in range(k)))
+        samples = {key: (messages, list(answers[j * k:(j + 1) * k])) for j, (key, messages) in enumerate(prompts)}
         train, evals, card = ds.build_raft(samples, reward, min_reward, frac)
         card.update(model=model.name, reward=source, temperature=temperature, max_tokens=max_tokens)
         return train, evals, card
