@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kernos-installed
 
-.PHONY: install demo test bench proto clean
+.PHONY: install demo test lint bench proto clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,11 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/kernos demo
 
-test: install
+test: install lint
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 bench: install
 	$(PY) benchmarks/concurrency.py

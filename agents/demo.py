@@ -1,6 +1,7 @@
 """`kernos demo`: the main job end to end. Starts a kernel (a subprocess) on the embedded default model,
 runs the example agents concurrently through the SDK, prints each exchange and a per-agent table, then
 stops the kernel with SIGTERM and checks that it drained cleanly."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,13 @@ import kernos.sdk
 from .examples import ALL_AGENTS, AgentRun
 
 
-def start_kernel(data_dir: Path, config: str | None = None, timeout: float = 300.0,
-                 extra_env: dict | None = None, listen: str = "127.0.0.1:0") -> tuple[subprocess.Popen, str]:
+def start_kernel(
+    data_dir: Path,
+    config: str | None = None,
+    timeout: float = 300.0,
+    extra_env: dict | None = None,
+    listen: str = "127.0.0.1:0",
+) -> tuple[subprocess.Popen, str]:
     """Start `kernos serve` (on a free port by default); return the process and its address once READY."""
     cmd = [sys.executable, "-m", "kernos.kernel.cli", "serve", "--listen", listen, "--data-dir", str(data_dir)]
     if config:
@@ -32,6 +38,7 @@ def start_kernel(data_dir: Path, config: str | None = None, timeout: float = 300
         for line in proc.stdout:
             if line.startswith("KERNOS READY") and not found:
                 found.append(line.split()[2])
+
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     deadline = time.monotonic() + timeout
@@ -68,27 +75,36 @@ def print_report(runs: list[AgentRun], wall_s: float) -> None:
             print(textwrap.indent(textwrap.fill(ex.reply or "(empty)", 96), "  < "))
         if r.verdict:
             print(f"  [{r.verdict}]")
-    print(f"\n{'agent':<16}{'calls':>6}{'prompt tok':>11}{'gen tok':>9}{'mean lat s':>11}{'queue ms':>10}{'gen tok/s':>10}")
+    print(
+        f"\n{'agent':<16}{'calls':>6}{'prompt tok':>11}{'gen tok':>9}{'mean lat s':>11}"
+        f"{'queue ms':>10}{'gen tok/s':>10}"
+    )
     total = 0
     for r in runs:
         gen = sum(e.completion_tokens for e in r.exchanges)
         total += gen
         n = len(r.exchanges)
-        print(f"{r.name:<16}{n:>6}{sum(e.prompt_tokens for e in r.exchanges):>11}{gen:>9}"
-              f"{sum(e.latency_s for e in r.exchanges) / n:>11.2f}{sum(e.queue_wait_ms for e in r.exchanges) / n:>10.1f}"
-              f"{gen / r.wall_s:>10.1f}")
-    print(f"{'all agents':<16}{sum(len(r.exchanges) for r in runs):>6}{'':>11}{total:>9}{'':>11}{'':>10}"
-          f"{total / wall_s:>10.1f}   (wall {wall_s:.1f} s)")
+        print(
+            f"{r.name:<16}{n:>6}{sum(e.prompt_tokens for e in r.exchanges):>11}{gen:>9}"
+            f"{sum(e.latency_s for e in r.exchanges) / n:>11.2f}{sum(e.queue_wait_ms for e in r.exchanges) / n:>10.1f}"
+            f"{gen / r.wall_s:>10.1f}"
+        )
+    print(
+        f"{'all agents':<16}{sum(len(r.exchanges) for r in runs):>6}{'':>11}{total:>9}{'':>11}{'':>10}"
+        f"{total / wall_s:>10.1f}   (wall {wall_s:.1f} s)"
+    )
 
 
 def run_demo(data_dir: str = ".kernos-demo", max_tokens: int = 64, config: str | None = None) -> int:
     data = Path(data_dir).expanduser().resolve()
-    print(f"starting the kernel (data dir {data}; the first start converts the embedded model, ~30 s) ...",
-          flush=True)
+    print(f"starting the kernel (data dir {data}; the first start converts the embedded model, ~30 s) ...", flush=True)
     t0 = time.perf_counter()
     proc, address = start_kernel(data, config)
-    print(f"kernel ready at {address} after {time.perf_counter() - t0:.1f} s; running {len(ALL_AGENTS)} agents "
-          f"concurrently", flush=True)
+    print(
+        f"kernel ready at {address} after {time.perf_counter() - t0:.1f} s; running {len(ALL_AGENTS)} agents "
+        f"concurrently",
+        flush=True,
+    )
     try:
         t1 = time.perf_counter()
         with ThreadPoolExecutor(len(ALL_AGENTS)) as pool:
@@ -101,8 +117,10 @@ def run_demo(data_dir: str = ".kernos-demo", max_tokens: int = 64, config: str |
         raise
     print_report(runs, wall)
     for m in stats.models:
-        print(f"\nkernel: model {m.name} ({m.architecture}, {m.device}) served {m.completed} requests, "
-              f"{m.generated_tokens} tokens in {m.decode_steps} decode steps, mean batch size {m.mean_batch_size:.2f}")
+        print(
+            f"\nkernel: model {m.name} ({m.architecture}, {m.device}) served {m.completed} requests, "
+            f"{m.generated_tokens} tokens in {m.decode_steps} decode steps, mean batch size {m.mean_batch_size:.2f}"
+        )
     code = stop_kernel(proc)
     print(f"kernel stopped (exit code {code})")
     return 0 if code == 0 else 1

@@ -9,6 +9,7 @@ gRPC loopback). Prints a table and one JSON line.
     python benchmarks/concurrency.py --model embedded      # SmolLM2-135M-Instruct
     python benchmarks/concurrency.py --model /path/to/local/model
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,24 +26,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 QUESTIONS = [
-    "What is the capital of France?", "Explain what an operating system does.", "Write a haiku about the sea.",
-    "List three prime numbers.", "How do I boil an egg?", "What is a neural network?",
-    "Give me a tip for learning Python.", "Why is the sky blue?", "Name three planets.", "What is 12 times 7?",
-    "Describe a cat in one sentence.", "What does a compiler do?",
+    "What is the capital of France?",
+    "Explain what an operating system does.",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "How do I boil an egg?",
+    "What is a neural network?",
+    "Give me a tip for learning Python.",
+    "Why is the sky blue?",
+    "Name three planets.",
+    "What is 12 times 7?",
+    "Describe a cat in one sentence.",
+    "What does a compiler do?",
 ]
 
 
 def prompts_for(n_agents: int, calls: int) -> list[list[str]]:
-    return [[f"{QUESTIONS[(a * calls + c) % len(QUESTIONS)]} (agent {a}, call {c})" for c in range(calls)]
-            for a in range(n_agents)]
+    return [
+        [f"{QUESTIONS[(a * calls + c) % len(QUESTIONS)]} (agent {a}, call {c})" for c in range(calls)]
+        for a in range(n_agents)
+    ]
 
 
 def model_folder(spec: str, work: Path) -> tuple[str, Path]:
     if spec == "tiny":
         from kernos.kernel.llm.testing import build_tiny_model
+
         return "tiny-llama", build_tiny_model(work / "tiny", "llama")
     if spec == "embedded":
         from kernos.kernel.llm.embedded import ensure_converted
+
         return "smollm2-135m-instruct", ensure_converted(Path(os.path.expanduser("~/.kernos")))
     return Path(spec).name, Path(spec)
 
@@ -60,6 +73,7 @@ def run_kernel(address: str, model: str, prompts, max_tokens: int):
             t0 = time.perf_counter()
             c = sessions[i].llm.chat(p, model=model, max_tokens=max_tokens, temperature=0)
             results[i][j] = (c.text, c.completion_tokens, time.perf_counter() - t0)
+
     threads = [threading.Thread(target=agent, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
@@ -84,9 +98,14 @@ def run_baseline(lm, prompts, max_tokens: int):
             t1 = time.perf_counter()
             ids = encode(lm, p)
             with torch.inference_mode():
-                out = lm.model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
-                                        eos_token_id=sorted(lm.eos_ids), pad_token_id=lm.tokenizer.pad_token_id or 0)
-            new = [t for t in out[0, len(ids):].tolist() if t not in lm.eos_ids]
+                out = lm.model.generate(
+                    torch.tensor([ids]),
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    eos_token_id=sorted(lm.eos_ids),
+                    pad_token_id=lm.tokenizer.pad_token_id or 0,
+                )
+            new = [t for t in out[0, len(ids) :].tolist() if t not in lm.eos_ids]
             row.append((lm.tokenizer.decode(new, skip_special_tokens=True), len(new), time.perf_counter() - t1))
         results.append(row)
     return results, time.perf_counter() - t0
@@ -104,8 +123,14 @@ def run_static_batch(lm, prompts, max_tokens: int):
     mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                                eos_token_id=sorted(lm.eos_ids), pad_token_id=pad)
+        out = lm.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=sorted(lm.eos_ids),
+            pad_token_id=pad,
+        )
     wall = time.perf_counter() - t0
     tokens = 0
     for row in out[:, width:].tolist():
@@ -117,8 +142,9 @@ def run_static_batch(lm, prompts, max_tokens: int):
 
 
 def encode(lm, text):
-    out = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=True)
+    out = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
@@ -159,10 +185,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kernos-bench-"))
     name, folder = model_folder(args.model, work)
     prompts = prompts_for(args.agents, args.calls)
-    cfg = write_config(work / "k.toml", [{"name": name, "path": str(folder)}, {"name": "echo", "path": "-", "kind": "echo"}],
-                       engine={"max_batch_size": max(args.agents, 1)})
-    print(f"model {name} from {folder}; {args.agents} agents x {args.calls} calls, max_tokens {args.max_tokens}",
-          flush=True)
+    cfg = write_config(
+        work / "k.toml",
+        [{"name": name, "path": str(folder)}, {"name": "echo", "path": "-", "kind": "echo"}],
+        engine={"max_batch_size": max(args.agents, 1)},
+    )
+    print(
+        f"model {name} from {folder}; {args.agents} agents x {args.calls} calls, max_tokens {args.max_tokens}",
+        flush=True,
+    )
 
     lm = load_model(ModelConfig(name=name, path=str(folder)), EngineConfig(), work)
     # Warm both sides once so neither pays first-call costs inside the measurement.
@@ -185,20 +216,41 @@ def main() -> int:
     k_lat = [r[2] for row in kernel_res for r in row]
     b_lat = [r[2] for row in base_res for r in row]
     print(f"\n{'':<34}{'tokens':>8}{'wall s':>9}{'tok/s':>9}{'p50 lat s':>11}{'p99 lat s':>11}")
-    print(f"{'kernel (continuous batching)':<34}{k_tokens:>8}{kernel_wall:>9.2f}{k_tps:>9.1f}{pct(k_lat, .5):>11.2f}{pct(k_lat, .99):>11.2f}")
-    print(f"{'baseline (generate per request)':<34}{b_tokens:>8}{base_wall:>9.2f}{b_tps:>9.1f}{pct(b_lat, .5):>11.2f}{pct(b_lat, .99):>11.2f}")
+    print(
+        f"{'kernel (continuous batching)':<34}{k_tokens:>8}{kernel_wall:>9.2f}{k_tps:>9.1f}"
+        f"{pct(k_lat, 0.5):>11.2f}{pct(k_lat, 0.99):>11.2f}"
+    )
+    print(
+        f"{'baseline (generate per request)':<34}{b_tokens:>8}{base_wall:>9.2f}{b_tps:>9.1f}"
+        f"{pct(b_lat, 0.5):>11.2f}{pct(b_lat, 0.99):>11.2f}"
+    )
     print(f"{'static batch of %d (generate)' % args.agents:<34}{static_tokens:>8}{static_wall:>9.2f}{s_tps:>9.1f}")
     print(f"\nkernel / baseline throughput: {k_tps / b_tps:.2f}x   kernel / static batch: {k_tps / s_tps:.2f}")
     print(f"identical greedy replies kernel vs baseline: {same}/{total}")
-    print(f"kernel overhead per syscall (echo engine, gRPC loopback, {len(lat)} calls): "
-          f"p50 {statistics.median(lat):.3f} ms, p99 {pct(lat, .99):.3f} ms")
-    print(json.dumps({
-        "benchmark": "concurrency", "model": name, "agents": args.agents, "calls": args.calls,
-        "max_tokens": args.max_tokens, "kernel_tok_s": round(k_tps, 2), "baseline_tok_s": round(b_tps, 2),
-        "static_batch_tok_s": round(s_tps, 2), "ratio_kernel_baseline": round(k_tps / b_tps, 3),
-        "ratio_kernel_static": round(k_tps / s_tps, 3), "identical_replies": same, "requests": total,
-        "overhead_p50_ms": round(statistics.median(lat), 3), "overhead_p99_ms": round(pct(lat, .99), 3),
-    }))
+    print(
+        f"kernel overhead per syscall (echo engine, gRPC loopback, {len(lat)} calls): "
+        f"p50 {statistics.median(lat):.3f} ms, p99 {pct(lat, 0.99):.3f} ms"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "concurrency",
+                "model": name,
+                "agents": args.agents,
+                "calls": args.calls,
+                "max_tokens": args.max_tokens,
+                "kernel_tok_s": round(k_tps, 2),
+                "baseline_tok_s": round(b_tps, 2),
+                "static_batch_tok_s": round(s_tps, 2),
+                "ratio_kernel_baseline": round(k_tps / b_tps, 3),
+                "ratio_kernel_static": round(k_tps / s_tps, 3),
+                "identical_replies": same,
+                "requests": total,
+                "overhead_p50_ms": round(statistics.median(lat), 3),
+                "overhead_p99_ms": round(pct(lat, 0.99), 3),
+            }
+        )
+    )
     return 0
 
 

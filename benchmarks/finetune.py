@@ -16,6 +16,7 @@ in one run; then the kernel's serving throughput with and without a job training
 
 Prints a table and one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from concurrency import QUESTIONS, model_folder  # noqa: E402
 
-ANSWER = ("Here is a short and careful answer to that question, number {i}, written in the house style: "
-          "first the key fact, then one reason, then a closing line.")
+ANSWER = (
+    "Here is a short and careful answer to that question, number {i}, written in the house style: "
+    "first the key fact, then one reason, then a closing line."
+)
 
 
 def rows(n: int) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} (case {i})"},
-                          {"role": "assistant", "content": ANSWER.format(i=i)}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} (case {i})"},
+                {"role": "assistant", "content": ANSWER.format(i=i)},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def direct(model_dir: str, data: str, steps: int, batch: int, rank: int, threads: int) -> dict:
@@ -57,8 +67,12 @@ def direct(model_dir: str, data: str, steps: int, batch: int, rank: int, threads
     model, tok = load_base(Path(model_dir))
     examples = [encode(tok, r, 512) for r in json.loads(Path(data).read_text())]
     modules, params = lora_targets(model, TrainConfig(rank=rank))
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=modules,
-                                             target_parameters=params or None, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=modules, target_parameters=params or None, task_type="CAUSAL_LM"
+        ),
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     model.train()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -72,21 +86,27 @@ def direct(model_dir: str, data: str, steps: int, batch: int, rank: int, threads
         opt.step()
         opt.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
-    return {"steps_per_s": steps / dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "final_loss": float(loss)}
+    return {
+        "steps_per_s": steps / dt,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "final_loss": float(loss),
+    }
 
 
 def serve_load(address: str, agents: int, calls: int, max_tokens: int) -> float:
     """Generated tokens per second of `agents` concurrent agents making `calls` chat calls each."""
     import kernos.sdk
 
-    sessions = [kernos.sdk.connect(address, agent=f"srv-{os.getpid()}-{i}-{time.monotonic_ns()}") for i in range(agents)]
+    sessions = [
+        kernos.sdk.connect(address, agent=f"srv-{os.getpid()}-{i}-{time.monotonic_ns()}") for i in range(agents)
+    ]
     tokens = [0] * agents
 
     def run(i):
         for c in range(calls):
             r = sessions[i].llm.chat(f"{QUESTIONS[(i + c) % len(QUESTIONS)]} (agent {i})", max_tokens=max_tokens)
             tokens[i] += r.completion_tokens
+
     t0 = time.perf_counter()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(agents)]
     for t in threads:
@@ -106,8 +126,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of both loops")
-    ap.add_argument("--checkpoint-every", type=int, default=0,
-                    help="kernel job's checkpoint interval in steps (default: TrainConfig's, 25)")
+    ap.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="kernel job's checkpoint interval in steps (default: TrainConfig's, 25)",
+    )
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -130,10 +154,17 @@ def main() -> int:
     (work / "data.json").write_text(json.dumps(data))
 
     # 1. direct, in its own process (clean peak RSS)
-    spec = dict(model_dir=str(folder), data=str(work / "data.json"), steps=steps, batch=args.batch, rank=args.rank,
-                threads=args.threads)
-    out = subprocess.run([sys.executable, __file__, "--direct-only", json.dumps(spec)], capture_output=True,
-                         text=True, check=True)
+    spec = dict(
+        model_dir=str(folder),
+        data=str(work / "data.json"),
+        steps=steps,
+        batch=args.batch,
+        rank=args.rank,
+        threads=args.threads,
+    )
+    out = subprocess.run(
+        [sys.executable, __file__, "--direct-only", json.dumps(spec)], capture_output=True, text=True, check=True
+    )
     d = json.loads(out.stdout.strip().splitlines()[-1])
 
     # 2. the same through the kernel
@@ -144,8 +175,15 @@ def main() -> int:
             train = "".join(json.dumps(r) + "\n" for r in data)
             s.storage.write("datasets/bench.train.jsonl", train.encode())
             s.storage.write("datasets/bench.eval.jsonl", "".join(json.dumps(r) + "\n" for r in data[:4]).encode())
-            job_cfg = {"max_steps": steps, "batch_size": args.batch, "rank": args.rank, "alpha": 2 * args.rank,
-                       "threads": args.threads, "eval_limit": 4, "eval_max_new_tokens": 8}
+            job_cfg = {
+                "max_steps": steps,
+                "batch_size": args.batch,
+                "rank": args.rank,
+                "alpha": 2 * args.rank,
+                "threads": args.threads,
+                "eval_limit": 4,
+                "eval_max_new_tokens": 8,
+            }
             if args.checkpoint_every:
                 job_cfg["checkpoint_every"] = args.checkpoint_every
             t0 = time.perf_counter()
@@ -171,16 +209,34 @@ def main() -> int:
     print(f"{'':<34}{'steps/s':>10}{'peak RSS MB':>13}")
     print(f"{'direct peft loop':<34}{d['steps_per_s']:>10.2f}{d['peak_rss_mb']:>13.0f}")
     print(f"{'kernel job (worker process)':<34}{k['steps_per_s']:>10.2f}{k['peak_rss_mb']:>13.0f}")
-    print(f"kernel / direct: {ratio:.2f}x (target >= 0.9x); job wall time {k['wall_s']:.1f} s "
-          f"(start to published, evaluations included), state {k['state']}")
-    print(f"serving: {alone:.1f} tok/s alone, {during:.1f} tok/s with a job training "
-          f"({serve_ratio:.2f}x; the job made {bg_job.steps_per_s:.2f} steps/s meanwhile)")
-    print(json.dumps({"benchmark": "finetune", "model": name, "steps": steps, "batch": args.batch,
-                      "direct_steps_per_s": round(d["steps_per_s"], 3), "kernel_steps_per_s": round(k["steps_per_s"], 3),
-                      "kernel_vs_direct": round(ratio, 3), "direct_peak_rss_mb": round(d["peak_rss_mb"]),
-                      "kernel_peak_rss_mb": round(k["peak_rss_mb"]), "job_wall_s": round(k["wall_s"], 1),
-                      "serving_tok_s_alone": round(alone, 1), "serving_tok_s_training": round(during, 1),
-                      "serving_ratio": round(serve_ratio, 3), "background_steps_per_s": round(bg_job.steps_per_s, 3)}))
+    print(
+        f"kernel / direct: {ratio:.2f}x (target >= 0.9x); job wall time {k['wall_s']:.1f} s "
+        f"(start to published, evaluations included), state {k['state']}"
+    )
+    print(
+        f"serving: {alone:.1f} tok/s alone, {during:.1f} tok/s with a job training "
+        f"({serve_ratio:.2f}x; the job made {bg_job.steps_per_s:.2f} steps/s meanwhile)"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "finetune",
+                "model": name,
+                "steps": steps,
+                "batch": args.batch,
+                "direct_steps_per_s": round(d["steps_per_s"], 3),
+                "kernel_steps_per_s": round(k["steps_per_s"], 3),
+                "kernel_vs_direct": round(ratio, 3),
+                "direct_peak_rss_mb": round(d["peak_rss_mb"]),
+                "kernel_peak_rss_mb": round(k["peak_rss_mb"]),
+                "job_wall_s": round(k["wall_s"], 1),
+                "serving_tok_s_alone": round(alone, 1),
+                "serving_tok_s_training": round(during, 1),
+                "serving_ratio": round(serve_ratio, 3),
+                "background_steps_per_s": round(bg_job.steps_per_s, 3),
+            }
+        )
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ with and without fsync. Prints a table and one JSON line.
     python benchmarks/memory.py                  # 1k, 10k, 100k entries
     python benchmarks/memory.py --sizes 1000     # quick run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-WORDS = ("agent kernel memory storage schedule batch cache tool file paris france capital river mountain city "
-         "blue green red fast slow small large plan search list run stop model token answer question note "
-         "meeting friday budget report invoice travel hotel train flight museum coffee").split()
+WORDS = (
+    "agent kernel memory storage schedule batch cache tool file paris france capital river mountain city "
+    "blue green red fast slow small large plan search list run stop model token answer question note "
+    "meeting friday budget report invoice travel hotel train flight museum coffee"
+).split()
 
 
 def texts(n: int, rng: random.Random) -> list[str]:
@@ -55,8 +58,12 @@ def main() -> int:
     from kernos.memory.embed import Embedder
 
     work = Path(tempfile.mkdtemp(prefix="kernos-membench-"))
-    cfg = write_config(work / "k.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
-                       memory={"max_entries": 0}, storage={"quota_bytes": 0})
+    cfg = write_config(
+        work / "k.toml",
+        [{"name": "echo", "path": "-", "kind": "echo"}],
+        memory={"max_entries": 0},
+        storage={"quota_bytes": 0},
+    )
     proc, address = start_kernel(work / "data", str(cfg), timeout=120)
     rng = random.Random(0)
     embed = Embedder()
@@ -72,11 +79,11 @@ def main() -> int:
             batch = texts(size - have, rng)
             t0 = time.perf_counter()
             for i in range(0, len(batch), 500):
-                s.memory.add(batch[i:i + 500])
+                s.memory.add(batch[i : i + 500])
             sys_add = len(batch) / (time.perf_counter() - t0)
             t0 = time.perf_counter()
             for i in range(0, len(batch), 500):
-                chunk = batch[i:i + 500]
+                chunk = batch[i : i + 500]
                 coll.add(ids=[f"{have + i + j}" for j in range(len(chunk))], embeddings=embed(chunk), documents=chunk)
             loc_add = len(batch) / (time.perf_counter() - t0)
             have = size
@@ -89,9 +96,17 @@ def main() -> int:
                 t0 = time.perf_counter()
                 coll.query(query_embeddings=embed([q]), n_results=5, include=["documents", "metadatas", "distances"])
                 loc_lat.append((time.perf_counter() - t0) * 1e3)
-            rows.append({"entries": size, "syscall_add_per_s": sys_add, "local_add_per_s": loc_add,
-                         "syscall_p50_ms": statistics.median(sys_lat), "syscall_p99_ms": pct(sys_lat, .99),
-                         "local_p50_ms": statistics.median(loc_lat), "local_p99_ms": pct(loc_lat, .99)})
+            rows.append(
+                {
+                    "entries": size,
+                    "syscall_add_per_s": sys_add,
+                    "local_add_per_s": loc_add,
+                    "syscall_p50_ms": statistics.median(sys_lat),
+                    "syscall_p99_ms": pct(sys_lat, 0.99),
+                    "local_p50_ms": statistics.median(loc_lat),
+                    "local_p99_ms": pct(loc_lat, 0.99),
+                }
+            )
             print(f"{size} entries done", flush=True)
 
         payloads = [rng.randbytes(rng.randrange(200, 4000)) for _ in range(args.files)]
@@ -115,6 +130,7 @@ def main() -> int:
                         f.flush()
                         os.fsync(f.fileno())
             return len(payloads) / (time.perf_counter() - t0)
+
         plain_w, plain_w_sync = plain_write(False), plain_write(True)
         t0 = time.perf_counter()
         for i in range(len(payloads)):
@@ -125,19 +141,34 @@ def main() -> int:
         stop_kernel(proc)
 
     print(f"\nvector memory (MiniLM embeddings on both sides, k=5, {args.queries} queries per size)")
-    print(f"{'entries':>8}{'add/s sys':>11}{'add/s local':>12}{'p50 sys':>9}{'p50 local':>10}{'p50 delta':>10}"
-          f"{'p99 sys':>9}{'p99 local':>10}")
+    print(
+        f"{'entries':>8}{'add/s sys':>11}{'add/s local':>12}{'p50 sys':>9}{'p50 local':>10}{'p50 delta':>10}"
+        f"{'p99 sys':>9}{'p99 local':>10}"
+    )
     for r in rows:
-        print(f"{r['entries']:>8}{r['syscall_add_per_s']:>11.0f}{r['local_add_per_s']:>12.0f}{r['syscall_p50_ms']:>9.2f}"
-              f"{r['local_p50_ms']:>10.2f}{r['syscall_p50_ms'] - r['local_p50_ms']:>10.2f}{r['syscall_p99_ms']:>9.2f}"
-              f"{r['local_p99_ms']:>10.2f}")
+        print(
+            f"{r['entries']:>8}{r['syscall_add_per_s']:>11.0f}{r['local_add_per_s']:>12.0f}{r['syscall_p50_ms']:>9.2f}"
+            f"{r['local_p50_ms']:>10.2f}{r['syscall_p50_ms'] - r['local_p50_ms']:>10.2f}{r['syscall_p99_ms']:>9.2f}"
+            f"{r['local_p99_ms']:>10.2f}"
+        )
     print(f"\nstorage ({args.files} small files, 200 B - 4 KB, 10 versions each of 50 paths)")
-    print(f"  syscall write (durable version) {sys_w:8.0f}/s   plain write {plain_w:8.0f}/s   plain write+fsync {plain_w_sync:8.0f}/s")
+    print(
+        f"  syscall write (durable version) {sys_w:8.0f}/s   plain write {plain_w:8.0f}/s   "
+        f"plain write+fsync {plain_w_sync:8.0f}/s"
+    )
     print(f"  syscall read                    {sys_r:8.0f}/s   plain read  {plain_r:8.0f}/s")
-    out = {"benchmark": "memory", "vector": rows, "storage": {
-        "syscall_write_per_s": round(sys_w, 1), "plain_write_per_s": round(plain_w, 1),
-        "plain_fsync_write_per_s": round(plain_w_sync, 1), "syscall_read_per_s": round(sys_r, 1),
-        "plain_read_per_s": round(plain_r, 1), "write_ratio_vs_fsync": round(sys_w / plain_w_sync, 3)}}
+    out = {
+        "benchmark": "memory",
+        "vector": rows,
+        "storage": {
+            "syscall_write_per_s": round(sys_w, 1),
+            "plain_write_per_s": round(plain_w, 1),
+            "plain_fsync_write_per_s": round(plain_w_sync, 1),
+            "syscall_read_per_s": round(sys_r, 1),
+            "plain_read_per_s": round(plain_r, 1),
+            "write_ratio_vs_fsync": round(sys_w / plain_w_sync, 3),
+        },
+    }
     if rows:
         last = rows[-1]
         out["search_p50_delta_ms_at_largest"] = round(last["syscall_p50_ms"] - last["local_p50_ms"], 3)

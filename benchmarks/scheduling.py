@@ -14,6 +14,7 @@ in) and swap to disk (safetensors out + in). The crossover is where recompute be
     python benchmarks/scheduling.py                 # embedded SmolLM2-135M for part 1
     python benchmarks/scheduling.py --model tiny    # fast smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,11 @@ def load(spec: str, work: Path):
 
     if spec == "tiny":
         from kernos.kernel.llm.testing import build_tiny_model
+
         path = build_tiny_model(work / "tiny", "llama")
     elif spec == "embedded":
         from kernos.kernel.llm.embedded import ensure_converted
+
         path = ensure_converted(Path(os.path.expanduser("~/.kernos")))
     else:
         path = Path(spec)
@@ -57,13 +60,22 @@ def workload(lm, long_tokens: int, short_tokens: int, n_short: int, spacing_s: f
     from kernos.kernel.llm.types import GenRequest
 
     def ids(text):
-        out = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                               tokenize=True)
+        out = lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
         return list(out["input_ids"] if hasattr(out, "keys") else out)
-    jobs = [(0.0, GenRequest(f"long{i}", f"long-agent-{i}", ids(f"Write a long essay, part {i}."), long_tokens))
-            for i in range(2)]
-    jobs += [(0.05 + i * spacing_s, GenRequest(f"short{i}", f"short-agent-{i}", ids(f"Quick question {i}?"),
-                                                short_tokens, priority=5)) for i in range(n_short)]
+
+    jobs = [
+        (0.0, GenRequest(f"long{i}", f"long-agent-{i}", ids(f"Write a long essay, part {i}."), long_tokens))
+        for i in range(2)
+    ]
+    jobs += [
+        (
+            0.05 + i * spacing_s,
+            GenRequest(f"short{i}", f"short-agent-{i}", ids(f"Quick question {i}?"), short_tokens, priority=5),
+        )
+        for i in range(n_short)
+    ]
     return jobs
 
 
@@ -85,6 +97,7 @@ def run_policy(lm, name: str, jobs, batch: int):
         engine.submit(r, h)
         final = h.result(timeout=3600)
         results[r.request_id] = (r.agent_id, final.completion_tokens, time.monotonic() - start)
+
     threads = [threading.Thread(target=submit, args=job) for job in jobs]
     for t in threads:
         t.start()
@@ -96,9 +109,15 @@ def run_policy(lm, name: str, jobs, batch: int):
     tokens = sum(n for _, n, _ in results.values())
     rates = [n / lat for _, n, lat in results.values()]
     jain = sum(rates) ** 2 / (len(rates) * sum(r * r for r in rates))
-    return {"policy": name, "short_p50_s": statistics.median(short), "short_p99_s": pct(short, 0.99),
-            "throughput_tok_s": tokens / makespan, "jain": jain, "context_switches": engine.stats.context_switches,
-            "switch_ms": engine.stats.switch_seconds * 1e3}
+    return {
+        "policy": name,
+        "short_p50_s": statistics.median(short),
+        "short_p99_s": pct(short, 0.99),
+        "throughput_tok_s": tokens / makespan,
+        "jain": jain,
+        "context_switches": engine.stats.context_switches,
+        "switch_ms": engine.stats.switch_seconds * 1e3,
+    }
 
 
 def pct(xs, q):
@@ -113,11 +132,27 @@ def switch_costs(work: Path, lengths: list[int]):
 
     from kernos.kernel.llm import cache as cache_ops
 
-    common = dict(vocab_size=8192, hidden_size=576, intermediate_size=1536, num_hidden_layers=12,
-                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=4096)
-    configs = {"llama": LlamaConfig(**common),
-               "jamba": JambaConfig(attn_layer_period=4, attn_layer_offset=3, expert_layer_period=100,
-                                    expert_layer_offset=99, num_experts=1, mamba_d_state=16, **common)}
+    common = dict(
+        vocab_size=8192,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=12,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=4096,
+    )
+    configs = {
+        "llama": LlamaConfig(**common),
+        "jamba": JambaConfig(
+            attn_layer_period=4,
+            attn_layer_offset=3,
+            expert_layer_period=100,
+            expert_layer_offset=99,
+            num_experts=1,
+            mamba_d_state=16,
+            **common,
+        ),
+    }
     rows = []
     for arch, cfg in configs.items():
         torch.manual_seed(0)
@@ -140,8 +175,16 @@ def switch_costs(work: Path, lengths: list[int]):
                 cache_ops.load_tensors(saved, load_file(str(path)), "cpu")
                 disk = time.perf_counter() - t0
                 path.unlink()
-            rows.append({"arch": arch, "tokens": n, "cache_bytes": cache_ops.nbytes(cache), "recompute_ms": recompute * 1e3,
-                         "swap_host_ms": host * 1e3, "swap_disk_ms": disk * 1e3})
+            rows.append(
+                {
+                    "arch": arch,
+                    "tokens": n,
+                    "cache_bytes": cache_ops.nbytes(cache),
+                    "recompute_ms": recompute * 1e3,
+                    "swap_host_ms": host * 1e3,
+                    "swap_disk_ms": disk * 1e3,
+                }
+            )
             del back
     return rows
 
@@ -163,6 +206,7 @@ def main() -> int:
     if spacing is None:  # spread the shorts over roughly the first half of the long generations
         from kernos.kernel.llm.engine import TransformersEngine
         from kernos.kernel.llm.types import GenRequest, RequestHandle
+
         probe = TransformersEngine(lm, 2)
         probe.start()
         reqs = [GenRequest(f"p{i}", "p", [1, 2, 3, 4], 32) for i in range(2)]
@@ -175,35 +219,60 @@ def main() -> int:
         probe.drain(1)
         spacing = step_s * args.long_tokens / 2 / args.shorts
     jobs = workload(lm, args.long_tokens, args.short_tokens, args.shorts, spacing)
-    print(f"part 1: {args.model}, batch {args.batch}, 2 x {args.long_tokens} + {args.shorts} x {args.short_tokens} "
-          f"tokens, shorts every {spacing * 1e3:.0f} ms", flush=True)
+    print(
+        f"part 1: {args.model}, batch {args.batch}, 2 x {args.long_tokens} + {args.shorts} x {args.short_tokens} "
+        f"tokens, shorts every {spacing * 1e3:.0f} ms",
+        flush=True,
+    )
     results = [run_policy(lm, name, jobs, args.batch) for name in POLICIES]
     fifo = results[0]
-    print(f"\n{'policy':<13}{'short p50 s':>12}{'short p99 s':>12}{'p99 vs fifo':>12}{'tok/s':>9}{'vs fifo':>9}"
-          f"{'Jain':>7}{'switches':>10}{'switch ms':>11}")
+    print(
+        f"\n{'policy':<13}{'short p50 s':>12}{'short p99 s':>12}{'p99 vs fifo':>12}{'tok/s':>9}{'vs fifo':>9}"
+        f"{'Jain':>7}{'switches':>10}{'switch ms':>11}"
+    )
     for r in results:
-        print(f"{r['policy']:<13}{r['short_p50_s']:>12.2f}{r['short_p99_s']:>12.2f}"
-              f"{fifo['short_p99_s'] / r['short_p99_s']:>11.2f}x{r['throughput_tok_s']:>9.1f}"
-              f"{r['throughput_tok_s'] / fifo['throughput_tok_s']:>9.2f}{r['jain']:>7.2f}{r['context_switches']:>10}"
-              f"{r['switch_ms']:>11.1f}")
-    out = {"benchmark": "scheduling", "model": args.model, "policies": {
-        r["policy"]: {"short_p99_s": round(r["short_p99_s"], 3), "p99_cut_vs_fifo": round(fifo["short_p99_s"] / r["short_p99_s"], 2),
-                      "throughput_vs_fifo": round(r["throughput_tok_s"] / fifo["throughput_tok_s"], 3),
-                      "jain": round(r["jain"], 3)} for r in results}}
+        print(
+            f"{r['policy']:<13}{r['short_p50_s']:>12.2f}{r['short_p99_s']:>12.2f}"
+            f"{fifo['short_p99_s'] / r['short_p99_s']:>11.2f}x{r['throughput_tok_s']:>9.1f}"
+            f"{r['throughput_tok_s'] / fifo['throughput_tok_s']:>9.2f}{r['jain']:>7.2f}{r['context_switches']:>10}"
+            f"{r['switch_ms']:>11.1f}"
+        )
+    out = {
+        "benchmark": "scheduling",
+        "model": args.model,
+        "policies": {
+            r["policy"]: {
+                "short_p99_s": round(r["short_p99_s"], 3),
+                "p99_cut_vs_fifo": round(fifo["short_p99_s"] / r["short_p99_s"], 2),
+                "throughput_vs_fifo": round(r["throughput_tok_s"] / fifo["throughput_tok_s"], 3),
+                "jain": round(r["jain"], 3),
+            }
+            for r in results
+        },
+    }
     if not args.skip_switch:
         lengths = [int(x) for x in args.lengths.split(",")]
-        print("\npart 2: context-switch cost (random Llama / Jamba, hidden 576, 12 layers; Jamba: 3 attention + 9 Mamba)")
+        print(
+            "\npart 2: context-switch cost (random Llama / Jamba, hidden 576, 12 layers; Jamba: 3 attention + 9 Mamba)"
+        )
         rows = switch_costs(work, lengths)
         print(f"{'arch':<7}{'tokens':>7}{'cache KB':>10}{'recompute ms':>14}{'swap host ms':>14}{'swap disk ms':>14}")
         for r in rows:
-            print(f"{r['arch']:<7}{r['tokens']:>7}{r['cache_bytes'] / 1024:>10.0f}{r['recompute_ms']:>14.1f}"
-                  f"{r['swap_host_ms']:>14.2f}{r['swap_disk_ms']:>14.2f}")
+            print(
+                f"{r['arch']:<7}{r['tokens']:>7}{r['cache_bytes'] / 1024:>10.0f}{r['recompute_ms']:>14.1f}"
+                f"{r['swap_host_ms']:>14.2f}{r['swap_disk_ms']:>14.2f}"
+            )
         crossover = {}
         for arch in ("llama", "jamba"):
             mine = [r for r in rows if r["arch"] == arch]
             crossover[arch] = {
-                "recompute_beats_host_swap_below": max([r["tokens"] for r in mine if r["recompute_ms"] < r["swap_host_ms"]], default=0),
-                "recompute_beats_disk_swap_below": max([r["tokens"] for r in mine if r["recompute_ms"] < r["swap_disk_ms"]], default=0)}
+                "recompute_beats_host_swap_below": max(
+                    [r["tokens"] for r in mine if r["recompute_ms"] < r["swap_host_ms"]], default=0
+                ),
+                "recompute_beats_disk_swap_below": max(
+                    [r["tokens"] for r in mine if r["recompute_ms"] < r["swap_disk_ms"]], default=0
+                ),
+            }
         print(f"crossover (largest length where recompute is cheaper; 0 = never): {crossover}")
         out["switch"] = rows
         out["crossover"] = crossover

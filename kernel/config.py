@@ -4,14 +4,15 @@ Environment overrides name a field by its path, sections joined by a double unde
 `KERNOS_DATA_DIR=/srv/kernos`, `KERNOS_SERVER__LISTEN=0.0.0.0:7070`, `KERNOS_ENGINE__MAX_BATCH_SIZE=16`.
 Values are parsed as TOML literals when they can be (numbers, booleans, arrays), else taken as strings.
 """
+
 from __future__ import annotations
 
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -30,9 +31,10 @@ class ServerConfig(_Strict):
     max_message_bytes: int = Field(32 * 1024 * 1024, gt=1024, description="largest gRPC message accepted")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight generations")
     agent_ttl_s: float = Field(600.0, gt=0, description="an agent silent this long may have its name taken")
-    admin_token: str | None = Field(None, min_length=16, description="an operator token; or: kernos token create --admin")
+    admin_token: str | None = Field(
+        None, min_length=16, description="an operator token; or: kernos token create --admin"
+    )
     reflection: bool = True
-
 
     @model_validator(mode="after")
     def _tls(self):
@@ -85,15 +87,20 @@ class SchedulerConfig(_Strict):
             "fifo": {},
             "round_robin": {"quantum": self.quantum_steps},
             "priority": {"aging_per_s": self.aging_per_s, "preempt_margin": self.preempt_margin},
-            "fair_share": {"window_s": self.fair_share_window_s, "weights": self.agent_weights,
-                           "quantum": self.quantum_steps},
+            "fair_share": {
+                "window_s": self.fair_share_window_s,
+                "weights": self.agent_weights,
+                "quantum": self.quantum_steps,
+            },
         }[self.policy]
         return make_policy(self.policy, **options)
 
 
 class StorageConfig(_Strict):
     quota_bytes: int = Field(1 << 30, ge=0, description="bytes per agent, every version counted; 0: no limit")
-    max_file_bytes: int = Field(16 << 20, gt=0, description="largest single file (also bounded by server.max_message_bytes)")
+    max_file_bytes: int = Field(
+        16 << 20, gt=0, description="largest single file (also bounded by server.max_message_bytes)"
+    )
 
 
 class QuotaLimits(_Strict):
@@ -187,7 +194,7 @@ def _env_overrides(env: dict[str, str]) -> dict:
     for key, raw in env.items():
         if not key.startswith("KERNOS_") or key in ("KERNOS_TOKEN", "KERNOS_ADDRESS"):
             continue
-        path = key[len("KERNOS_"):].lower().split("__")
+        path = key[len("KERNOS_") :].lower().split("__")
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:

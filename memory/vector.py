@@ -1,6 +1,7 @@
 """Long-term vector memory: chromadb, embedded (`PersistentClient` under the data dir) or a Chroma server
 (`HttpClient`), one collection per namespace (an agent's own by default), embeddings computed here by
 `Embedder` and passed explicitly (Chroma's default embedding function would download a model)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,9 @@ def _where(filters: dict[str, str]) -> dict | None:
 
 
 class VectorMemory:
-    def __init__(self, path: Path | None = None, embedder=None, http: tuple[str, int] | None = None,
-                 max_entries: int = 0):
+    def __init__(
+        self, path: Path | None = None, embedder=None, http: tuple[str, int] | None = None, max_entries: int = 0
+    ):
         import chromadb
         from chromadb.config import Settings
 
@@ -56,6 +58,7 @@ class VectorMemory:
             self.client = chromadb.PersistentClient(path=str(path), settings=settings)
         if embedder is None:
             from .embed import Embedder
+
             embedder = Embedder()
         self.embed = embedder
         self.max_entries = max_entries
@@ -67,8 +70,11 @@ class VectorMemory:
             coll = self._collections.get(namespace)
             if coll is None:
                 coll = self.client.get_or_create_collection(
-                    collection_name(namespace), embedding_function=None,
-                    configuration={"hnsw": {"space": "cosine"}}, metadata={"kernos_namespace": namespace})
+                    collection_name(namespace),
+                    embedding_function=None,
+                    configuration={"hnsw": {"space": "cosine"}},
+                    metadata={"kernos_namespace": namespace},
+                )
                 self._collections[namespace] = coll
             return coll
 
@@ -93,8 +99,13 @@ class VectorMemory:
         if len(meta) > 32 or any(len(k) > 128 or len(v) > 1024 for k, v in meta.items()):
             raise MemoryError_("INVALID_ARGUMENT", "metadata: at most 32 keys, keys <= 128 and values <= 1024 chars")
 
-    def add(self, namespace: str, texts: list[str], metadatas: list[dict[str, str]] | None = None,
-            ids: list[str] | None = None) -> list[str]:
+    def add(
+        self,
+        namespace: str,
+        texts: list[str],
+        metadatas: list[dict[str, str]] | None = None,
+        ids: list[str] | None = None,
+    ) -> list[str]:
         if not texts:
             raise MemoryError_("INVALID_ARGUMENT", "nothing to add")
         metadatas = metadatas or [{} for _ in texts]
@@ -112,8 +123,12 @@ class VectorMemory:
         if self.max_entries and coll.count() + len(texts) > self.max_entries:
             raise MemoryError_("RESOURCE_EXHAUSTED", f"memory quota: {coll.count()} of {self.max_entries} entries used")
         now = time.time()
-        coll.add(ids=ids, embeddings=self.embed(texts), documents=texts,
-                 metadatas=[dict(m, **{RESERVED: now}) for m in metadatas])
+        coll.add(
+            ids=ids,
+            embeddings=self.embed(texts),
+            documents=texts,
+            metadatas=[dict(m, **{RESERVED: now}) for m in metadatas],
+        )
         return ids
 
     def search(self, namespace: str, query: str, k: int = 5, where: dict[str, str] | None = None) -> list[Record]:
@@ -121,10 +136,16 @@ class VectorMemory:
         self._check_meta(where or {})
         if not 1 <= k <= 100:
             raise MemoryError_("INVALID_ARGUMENT", "k must be between 1 and 100")
-        res = self._coll(namespace).query(query_embeddings=self.embed([query]), n_results=k, where=_where(where or {}),
-                         include=["documents", "metadatas", "distances"])
-        return [self._record(i, d, m, dist) for i, d, m, dist in
-                zip(res["ids"][0], res["documents"][0], res["metadatas"][0], res["distances"][0])]
+        res = self._coll(namespace).query(
+            query_embeddings=self.embed([query]),
+            n_results=k,
+            where=_where(where or {}),
+            include=["documents", "metadatas", "distances"],
+        )
+        return [
+            self._record(i, d, m, dist)
+            for i, d, m, dist in zip(res["ids"][0], res["documents"][0], res["metadatas"][0], res["distances"][0])
+        ]
 
     def get(self, namespace: str, ids: list[str]) -> list[Record]:
         self._check_ids(ids)
@@ -140,7 +161,9 @@ class VectorMemory:
         res = self._coll(namespace).get(limit=limit, include=["documents", "metadatas"])
         return [self._record(i, d, m) for i, d, m in zip(res["ids"], res["documents"], res["metadatas"])]
 
-    def update(self, namespace: str, id_: str, text: str | None = None, metadata: dict[str, str] | None = None) -> Record:
+    def update(
+        self, namespace: str, id_: str, text: str | None = None, metadata: dict[str, str] | None = None
+    ) -> Record:
         self._check_ids([id_])
         [old] = self.get(namespace, [id_])
         new_text = text if text else old.text
@@ -148,8 +171,12 @@ class VectorMemory:
         meta = dict(metadata) if metadata is not None else dict(old.metadata)
         self._check_meta(meta)
         # Chroma re-embeds any document passed without embeddings, so always pass them.
-        self._coll(namespace).update(ids=[id_], documents=[new_text], embeddings=self.embed([new_text]),
-                                     metadatas=[dict(meta, **{RESERVED: old.created})])
+        self._coll(namespace).update(
+            ids=[id_],
+            documents=[new_text],
+            embeddings=self.embed([new_text]),
+            metadatas=[dict(meta, **{RESERVED: old.created})],
+        )
         return Record(id_, new_text, meta, old.created)
 
     def delete(self, namespace: str, ids: list[str]) -> int:

@@ -6,6 +6,7 @@
 protoc names modules after the .proto path (`kernos.v1`); they live at `kernos.proto.v1`, so the
 cross-file imports are rewritten to relative ones.
 """
+
 import argparse
 import filecmp
 import re
@@ -47,7 +48,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
         committed = sorted(p.name for p in DEST.glob("*_pb2*.py*"))
-        stale = [f.name for f in fresh if not (DEST / f.name).exists() or not filecmp.cmp(f, DEST / f.name, shallow=False)]
+        stale = [
+            f.name for f in fresh if not (DEST / f.name).exists() or not filecmp.cmp(f, DEST / f.name, shallow=False)
+        ]
         extra = sorted(set(committed) - {f.name for f in fresh})
         if stale or extra:
             print("generated modules are stale:", ", ".join(stale + extra), "- run: python scripts/gen_proto.py")

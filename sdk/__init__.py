@@ -6,12 +6,68 @@
 
 Depends on grpcio, protobuf and pydantic only: never torch. `kernos.sdk.aio` is the asyncio twin.
 """
+
 from . import aio
 from .client import Session, connect
-from .errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, KernosError,
-                     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
-from .types import AdapterInfo, AgentInfo, Chunk, EvalResult, JobInfo, Completion, ContextBlock, ContextInfo, FileHit, FileInfo, GrantInfo, ToolResult, MemoryItem, Message, ModelInfo
+from .errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    KernosError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from .types import (
+    AdapterInfo,
+    AgentInfo,
+    Chunk,
+    Completion,
+    ContextBlock,
+    ContextInfo,
+    EvalResult,
+    FileHit,
+    FileInfo,
+    GrantInfo,
+    JobInfo,
+    MemoryItem,
+    Message,
+    ModelInfo,
+    ToolResult,
+)
 
-__all__ = ["connect", "Session", "aio", "AdapterInfo", "JobInfo", "EvalResult", "Completion", "Chunk", "FileInfo", "FileHit", "GrantInfo", "ToolResult", "MemoryItem", "ContextInfo", "ContextBlock", "Message", "ModelInfo", "AgentInfo", "KernosError",
-           "InvalidArgument", "NotFound", "AlreadyExists", "PermissionDenied", "Unauthenticated",
-           "ResourceExhausted", "FailedPrecondition", "Unavailable", "DeadlineExceeded", "Internal"]
+__all__ = [
+    "connect",
+    "Session",
+    "aio",
+    "AdapterInfo",
+    "JobInfo",
+    "EvalResult",
+    "Completion",
+    "Chunk",
+    "FileInfo",
+    "FileHit",
+    "GrantInfo",
+    "ToolResult",
+    "MemoryItem",
+    "ContextInfo",
+    "ContextBlock",
+    "Message",
+    "ModelInfo",
+    "AgentInfo",
+    "KernosError",
+    "InvalidArgument",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "Unauthenticated",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Unavailable",
+    "DeadlineExceeded",
+    "Internal",
+]

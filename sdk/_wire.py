@@ -1,4 +1,5 @@
 """Building requests and channel settings, shared by the sync and asyncio clients."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,10 @@ from kernos.proto.v1 import llm_pb2, memory_pb2
 from .types import Message, Messages
 
 DEFAULT_ADDRESS = "127.0.0.1:7070"
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                   ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
 
 
 def resolve_address(address: str | None) -> str:
@@ -22,8 +25,9 @@ def tls_credentials(ca: str | None, cert: str | None, key: str | None):
         return None
     if bool(cert) != bool(key):
         raise ValueError("tls_cert and tls_key go together")
-    import grpc
     from pathlib import Path
+
+    import grpc
 
     read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
     return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
@@ -43,10 +47,21 @@ def _messages(messages: Messages) -> list[llm_pb2.ChatMessage]:
     return out
 
 
-def generate_request(messages: Messages | None = None, prompt: str | None = None, *, model: str | None = None,
-                     adapter: str | None = None, temperature: float | None = None, top_p: float | None = None,
-                     top_k: int = 0, max_tokens: int | None = None, stop: list[str] | str | None = None,
-                     seed: int | None = None, priority: int = 0, context_id: str | None = None) -> llm_pb2.GenerateRequest:
+def generate_request(
+    messages: Messages | None = None,
+    prompt: str | None = None,
+    *,
+    model: str | None = None,
+    adapter: str | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int = 0,
+    max_tokens: int | None = None,
+    stop: list[str] | str | None = None,
+    seed: int | None = None,
+    priority: int = 0,
+    context_id: str | None = None,
+) -> llm_pb2.GenerateRequest:
     sampling = llm_pb2.SamplingParams(top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []))
     if temperature is not None:
         sampling.temperature = temperature
@@ -56,9 +71,15 @@ def generate_request(messages: Messages | None = None, prompt: str | None = None
         sampling.max_tokens = max_tokens
     if seed is not None:
         sampling.seed = seed
-    return llm_pb2.GenerateRequest(messages=_messages(messages) if messages is not None else [], prompt=prompt or "",
-                                   model=model or "", adapter=adapter or "", sampling=sampling, priority=priority,
-                                   context_id=context_id or "")
+    return llm_pb2.GenerateRequest(
+        messages=_messages(messages) if messages is not None else [],
+        prompt=prompt or "",
+        model=model or "",
+        adapter=adapter or "",
+        sampling=sampling,
+        priority=priority,
+        context_id=context_id or "",
+    )
 
 
 def memory_items(texts, metadata=None, ids=None) -> list[memory_pb2.MemoryItem]:
@@ -88,15 +109,36 @@ def feedback_request(request_id: str, reward, success, note: str, preferred: str
     return req
 
 
-def build_dataset_request(name: str, kind: str, min_reward, eval_fraction: float, samples: int, reward_regex: str,
-                          temperature: float, model: str, max_tokens: int, items, distractors: int,
-                          oracle_fraction, seed: int):
+def build_dataset_request(
+    name: str,
+    kind: str,
+    min_reward,
+    eval_fraction: float,
+    samples: int,
+    reward_regex: str,
+    temperature: float,
+    model: str,
+    max_tokens: int,
+    items,
+    distractors: int,
+    oracle_fraction,
+    seed: int,
+):
     from kernos.proto.v1 import tuner_pb2
 
     req = tuner_pb2.BuildDatasetRequest(
-        name=name, kind=kind, eval_fraction=eval_fraction, samples=samples, reward_regex=reward_regex,
-        temperature=temperature, model=model, max_tokens=max_tokens, distractors=distractors, seed=seed,
-        items=[tuner_pb2.RagItem(**i) for i in items or []])
+        name=name,
+        kind=kind,
+        eval_fraction=eval_fraction,
+        samples=samples,
+        reward_regex=reward_regex,
+        temperature=temperature,
+        model=model,
+        max_tokens=max_tokens,
+        distractors=distractors,
+        seed=seed,
+        items=[tuner_pb2.RagItem(**i) for i in items or []],
+    )
     if min_reward is not None:
         req.min_reward = min_reward
     if oracle_fraction is not None:
@@ -104,11 +146,18 @@ def build_dataset_request(name: str, kind: str, min_reward, eval_fraction: float
     return req
 
 
-def finetune_request(name: str, dataset: str, model: str, config: dict | None, set_default: bool,
-                     min_improvement: float):
+def finetune_request(
+    name: str, dataset: str, model: str, config: dict | None, set_default: bool, min_improvement: float
+):
     import json
 
     from kernos.proto.v1 import tuner_pb2
 
-    return tuner_pb2.FinetuneRequest(name=name, dataset=dataset, model=model, config_json=json.dumps(config or {}),
-                                     set_default=set_default, min_improvement=min_improvement)
+    return tuner_pb2.FinetuneRequest(
+        name=name,
+        dataset=dataset,
+        model=model,
+        config_json=json.dumps(config or {}),
+        set_default=set_default,
+        min_improvement=min_improvement,
+    )

@@ -1,11 +1,10 @@
 """Typed results of syscalls (pydantic models), converted from the wire messages."""
 from __future__ import annotations
 
+import json
 from typing import Literal, Union
 
 from pydantic import BaseModel
-
-import json
 
 from kernos.proto.v1 import access_pb2, kernel_pb2, llm_pb2, memory_pb2, storage_pb2, tools_pb2, tuner_pb2
 

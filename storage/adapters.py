@@ -5,6 +5,7 @@ An adapter version is a folder `ROOT/OWNER/NAME/vN` (peft's `adapter_config.json
 `adapter_model.safetensors`), copied in under a temporary name, every file and the folder fsynced, then
 renamed; its row is committed after that, so a crash leaves either a whole version or none (at most an
 orphan folder). Served name of a published adapter: `OWNER:NAME` (the latest version)."""
+
 from __future__ import annotations
 
 import json
@@ -66,21 +67,25 @@ class AdapterStore:
         if not (src / "adapter_config.json").exists():
             raise StatusError("FAILED_PRECONDITION", f"{src} is not a peft adapter folder (no adapter_config.json)")
         with self._lock:
-            row = self._db.execute("SELECT MAX(version) FROM adapters WHERE owner=? AND name=?", (owner, name)).fetchone()
+            row = self._db.execute(
+                "SELECT MAX(version) FROM adapters WHERE owner=? AND name=?", (owner, name)
+            ).fetchone()
             version = (row[0] or 0) + 1
             home = self.root / owner / name
             home.mkdir(parents=True, exist_ok=True)
             final, tmp = home / f"v{version}", home / f".v{version}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(final, ignore_errors=True)      # an orphan of a crash before its row was committed
+            shutil.rmtree(final, ignore_errors=True)  # an orphan of a crash before its row was committed
             shutil.copytree(src, tmp)
             fsync_tree(tmp)
             tmp.rename(final)
             fsync_dir(home)
             created = time.time()
             with self._db:
-                self._db.execute("INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?)",
-                                 (owner, name, version, model, str(final), json.dumps(metrics), job_id, created))
+                self._db.execute(
+                    "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?)",
+                    (owner, name, version, model, str(final), json.dumps(metrics), job_id, created),
+                )
         return AdapterVersion(owner, name, version, model, final, metrics, job_id, created)
 
     def _row(self, r) -> AdapterVersion:

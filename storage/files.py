@@ -8,6 +8,7 @@ version readable and no torn file (an unacknowledged write leaves at most an orp
 Every write creates a version; delete writes a tombstone version; rollback writes a new version with
 an old version's content. Paths are normalised and confined to the agent's own space.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -123,8 +124,11 @@ class FileStore:
         return FileVersion(path, version, size, blob or "", created, blob is None, json.loads(metadata))
 
     def _latest(self, agent: str, path: str) -> FileVersion | None:
-        r = self._db.execute("SELECT path, version, blob, size, created, metadata FROM versions WHERE agent_id=? "
-                             "AND path=? ORDER BY version DESC LIMIT 1", (agent, path)).fetchone()
+        r = self._db.execute(
+            "SELECT path, version, blob, size, created, metadata FROM versions WHERE agent_id=? "
+            "AND path=? ORDER BY version DESC LIMIT 1",
+            (agent, path),
+        ).fetchone()
         return self._row(r) if r else None
 
     def usage(self, agent: str) -> int:
@@ -133,14 +137,18 @@ class FileStore:
     def _append(self, agent: str, path: str, blob: str | None, size: int, metadata: dict) -> FileVersion:
         with self._lock:
             if size and self.quota_bytes and self.usage(agent) + size > self.quota_bytes:
-                raise StorageError("RESOURCE_EXHAUSTED",
-                                   f"storage quota: {self.usage(agent)} of {self.quota_bytes} bytes used "
-                                   f"(versions count); this write needs {size} more")
+                raise StorageError(
+                    "RESOURCE_EXHAUSTED",
+                    f"storage quota: {self.usage(agent)} of {self.quota_bytes} bytes used "
+                    f"(versions count); this write needs {size} more",
+                )
             latest = self._latest(agent, path)
             version = (latest.version if latest else 0) + 1
             now = time.time()
-            self._db.execute("INSERT INTO versions(agent_id, path, version, blob, size, created, metadata) "
-                             "VALUES (?,?,?,?,?,?,?)", (agent, path, version, blob, size, now, json.dumps(metadata)))
+            self._db.execute(
+                "INSERT INTO versions(agent_id, path, version, blob, size, created, metadata) VALUES (?,?,?,?,?,?,?)",
+                (agent, path, version, blob, size, now, json.dumps(metadata)),
+            )
             return FileVersion(path, version, size, blob or "", now, blob is None, metadata)
 
     # -- the file operations ---------------------------------------------------------------------------
@@ -149,17 +157,22 @@ class FileStore:
         if len(data) > self.max_file_bytes:
             raise StorageError("RESOURCE_EXHAUSTED", f"file is {len(data)} bytes; the limit is {self.max_file_bytes}")
         if self.quota_bytes and self.usage(agent) + len(data) > self.quota_bytes:  # before touching the disk
-            raise StorageError("RESOURCE_EXHAUSTED",
-                               f"storage quota: {self.usage(agent)} of {self.quota_bytes} bytes used; "
-                               f"this write needs {len(data)} more")
+            raise StorageError(
+                "RESOURCE_EXHAUSTED",
+                f"storage quota: {self.usage(agent)} of {self.quota_bytes} bytes used; "
+                f"this write needs {len(data)} more",
+            )
         digest = self._put_blob(data)
         return self._append(agent, path, digest, len(data), dict(metadata or {}))
 
     def stat(self, agent: str, path: str, version: int = 0) -> FileVersion:
         path = normalize_path(path)
         if version:
-            r = self._db.execute("SELECT path, version, blob, size, created, metadata FROM versions WHERE agent_id=? "
-                                 "AND path=? AND version=?", (agent, path, version)).fetchone()
+            r = self._db.execute(
+                "SELECT path, version, blob, size, created, metadata FROM versions WHERE agent_id=? "
+                "AND path=? AND version=?",
+                (agent, path, version),
+            ).fetchone()
             if r is None:
                 raise StorageError("NOT_FOUND", f"'{path}' has no version {version}")
             return self._row(r)
@@ -180,7 +193,9 @@ class FileStore:
         rows = self._db.execute(
             "SELECT v.path, v.version, v.blob, v.size, v.created, v.metadata FROM versions v JOIN "
             "(SELECT path, MAX(version) AS version FROM versions WHERE agent_id=? GROUP BY path) m "
-            "ON v.path = m.path AND v.version = m.version WHERE v.agent_id=? ORDER BY v.path", (agent, agent))
+            "ON v.path = m.path AND v.version = m.version WHERE v.agent_id=? ORDER BY v.path",
+            (agent, agent),
+        )
         out = [self._row(r) for r in rows]
         return [f for f in out if not f.deleted and (not prefix or f.path == prefix or f.path.startswith(prefix + "/"))]
 
@@ -190,8 +205,11 @@ class FileStore:
 
     def history(self, agent: str, path: str) -> list[FileVersion]:
         path = normalize_path(path)
-        rows = self._db.execute("SELECT path, version, blob, size, created, metadata FROM versions WHERE agent_id=? "
-                                "AND path=? ORDER BY version", (agent, path)).fetchall()
+        rows = self._db.execute(
+            "SELECT path, version, blob, size, created, metadata FROM versions WHERE agent_id=? "
+            "AND path=? ORDER BY version",
+            (agent, path),
+        ).fetchall()
         if not rows:
             raise StorageError("NOT_FOUND", f"no file '{path}'")
         return [self._row(r) for r in rows]
@@ -203,7 +221,9 @@ class FileStore:
         return self._append(agent, old.path, old.sha256, old.size, dict(old.metadata, rolled_back_from=str(version)))
 
     def is_indexed(self, agent: str, path: str) -> bool:
-        return self._db.execute("SELECT 1 FROM indexed WHERE agent_id=? AND path=?", (agent, path)).fetchone() is not None
+        return (
+            self._db.execute("SELECT 1 FROM indexed WHERE agent_id=? AND path=?", (agent, path)).fetchone() is not None
+        )
 
     def set_indexed(self, agent: str, path: str, indexed: bool) -> None:
         with self._lock:

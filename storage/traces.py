@@ -5,6 +5,7 @@ Records are written by a background thread in batched transactions so that traci
 syscall's critical path; `close()` drains the queue. SQLite in WAL mode keeps the file consistent
 if the kernel dies: at worst the records of the last moment before a crash are missing, never torn.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,8 @@ CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes(agent_id, request_id);
 @dataclass
 class TraceRecord:
     agent_id: str
-    kind: str                 # e.g. "llm.generate", "kernel.register"
-    status: str               # gRPC status name, "OK" on success
+    kind: str  # e.g. "llm.generate", "kernel.register"
+    status: str  # gRPC status name, "OK" on success
     request: dict
     response: dict
     timings: dict
@@ -80,14 +81,27 @@ class TraceLog:
                 except queue.Empty:
                     break
             stop = any(r is None for r in batch)
-            rows = [(r.ts, r.agent_id, r.kind, r.status, json.dumps(r.request), json.dumps(r.response),
-                     json.dumps(r.timings)) for r in batch if r is not None]
+            rows = [
+                (
+                    r.ts,
+                    r.agent_id,
+                    r.kind,
+                    r.status,
+                    json.dumps(r.request),
+                    json.dumps(r.response),
+                    json.dumps(r.timings),
+                )
+                for r in batch
+                if r is not None
+            ]
             if rows:
                 with self._db:
                     self._db.execute("BEGIN")
                     self._db.executemany(
                         "INSERT INTO traces(ts, agent_id, kind, status, request, response, timings) "
-                        "VALUES (?,?,?,?,?,?,?)", rows)
+                        "VALUES (?,?,?,?,?,?,?)",
+                        rows,
+                    )
             if stop:
                 return
 
@@ -99,40 +113,71 @@ class TraceLog:
         self._thread.join(timeout=30)
         self._db.close()
 
-    def add_outcome(self, agent_id: str, request_id: str, reward: float | None, success: bool | None,
-                    note: str = "", preferred: str | None = None) -> int:
+    def add_outcome(
+        self,
+        agent_id: str,
+        request_id: str,
+        reward: float | None,
+        success: bool | None,
+        note: str = "",
+        preferred: str | None = None,
+    ) -> int:
         """Record an outcome (durably, on its own connection); returns how many that generation now has."""
         db = connect(self.path, synchronous="FULL")
         try:
             with db:
                 db.execute("BEGIN")
-                db.execute("INSERT INTO outcomes(ts, agent_id, request_id, reward, success, note, preferred) "
-                           "VALUES (?,?,?,?,?,?,?)",
-                           (time.time(), agent_id, request_id, reward, None if success is None else int(success),
-                            note[:1000], preferred or None))
-            return db.execute("SELECT COUNT(*) FROM outcomes WHERE agent_id=? AND request_id=?",
-                              (agent_id, request_id)).fetchone()[0]
+                db.execute(
+                    "INSERT INTO outcomes(ts, agent_id, request_id, reward, success, note, preferred) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    (
+                        time.time(),
+                        agent_id,
+                        request_id,
+                        reward,
+                        None if success is None else int(success),
+                        note[:1000],
+                        preferred or None,
+                    ),
+                )
+            return db.execute(
+                "SELECT COUNT(*) FROM outcomes WHERE agent_id=? AND request_id=?", (agent_id, request_id)
+            ).fetchone()[0]
         finally:
             db.close()
 
     def outcomes(self, agent_id: str) -> dict[str, list[dict]]:
         db = connect(self.path, synchronous="NORMAL")
         try:
-            rows = db.execute("SELECT request_id, reward, success, note, preferred FROM outcomes WHERE agent_id=? "
-                              "ORDER BY id", (agent_id,)).fetchall()
+            rows = db.execute(
+                "SELECT request_id, reward, success, note, preferred FROM outcomes WHERE agent_id=? ORDER BY id",
+                (agent_id,),
+            ).fetchall()
         finally:
             db.close()
         out: dict[str, list[dict]] = {}
         for rid, reward, success, note, preferred in rows:
-            out.setdefault(rid, []).append({"reward": reward, "success": None if success is None else bool(success),
-                                            "note": note, "preferred": preferred})
+            out.setdefault(rid, []).append(
+                {
+                    "reward": reward,
+                    "success": None if success is None else bool(success),
+                    "note": note,
+                    "preferred": preferred,
+                }
+            )
         return out
 
     def has_generation(self, agent_id: str, request_id: str) -> bool:
         db = connect(self.path, synchronous="NORMAL")
         try:
-            return db.execute("SELECT 1 FROM traces WHERE agent_id=? AND kind='llm.generate' AND status='OK' AND "
-                              "response LIKE ? LIMIT 1", (agent_id, f'%"request_id": "{request_id}"%')).fetchone() is not None
+            return (
+                db.execute(
+                    "SELECT 1 FROM traces WHERE agent_id=? AND kind='llm.generate' AND status='OK' AND "
+                    "response LIKE ? LIMIT 1",
+                    (agent_id, f'%"request_id": "{request_id}"%'),
+                ).fetchone()
+                is not None
+            )
         finally:
             db.close()
 
@@ -155,5 +200,15 @@ class TraceLog:
             rows = db.execute(sql, args).fetchall()
         finally:
             db.close()
-        return [TraceRecord(agent_id=a, kind=k, status=s, request=json.loads(rq), response=json.loads(rs),
-                            timings=json.loads(t), ts=ts) for ts, a, k, s, rq, rs, t in reversed(rows)]
+        return [
+            TraceRecord(
+                agent_id=a,
+                kind=k,
+                status=s,
+                request=json.loads(rq),
+                response=json.loads(rs),
+                timings=json.loads(t),
+                ts=ts,
+            )
+            for ts, a, k, s, rq, rs, t in reversed(rows)
+        ]

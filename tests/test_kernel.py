@@ -299,3 +299,33 @@ def test_request_that_can_never_fit_the_cache_budget_is_resource_exhausted(sessi
     with pytest.raises(kernos.sdk.ResourceExhausted, match="cache budget"):
         session.llm.chat("hello world " * 170, max_tokens=256)
     assert session.llm.chat("hello world " * 170, max_tokens=4).completion_tokens == 4
+
+
+def test_every_service_is_traced_by_the_interceptor(kernel):
+    """Access, Tools and Tuner calls were not traced before the one interceptor; now every service is, and
+    tokens never reach the trace log."""
+    s = kernos.sdk.connect(kernel.address, agent="traced-everywhere")
+    s.access.grants()
+    s.tools.list()
+    s.tuner.jobs()
+    s.storage.write("t.txt", "x" * 5000)
+    s.memory.search("anything")
+    with pytest.raises(kernos.sdk.NotFound):
+        s.tools.call("no_such_tool")
+    log = TraceLog.__new__(TraceLog)
+    log.path = kernel.data_dir / "traces.db"
+    want = {"access.list_grants", "tools.list", "tuner.list_jobs", "storage.write", "memory.search", "tools.call",
+            "kernel.register"}
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        recs = log.query(agent_id="traced-everywhere", limit=1000)
+        if want <= {r.kind for r in recs}:
+            break
+        time.sleep(0.1)
+    kinds = {r.kind: r for r in recs}
+    assert want <= set(kinds)
+    assert kinds["tools.call"].status == "NOT_FOUND"
+    assert kinds["storage.write"].request["data"] == {"bytes": 5000}      # sizes, not content
+    assert kinds["kernel.register"].response["token"] == "<redacted>"
+    assert all(r.timings["syscall_ms"] >= 0 for r in recs)
+    s.exit()

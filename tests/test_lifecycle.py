@@ -8,11 +8,10 @@ import threading
 import time
 
 import pytest
+from conftest import write_config
 
 import kernos.sdk
 from kernos.agents.demo import start_kernel, stop_kernel
-
-from conftest import write_config
 
 
 def test_sigterm_drains_then_restart_keeps_state(tiny_models, tmp_path):

@@ -157,8 +157,7 @@ def test_vector_memory_syscalls_and_isolation(kernel):
         assert a.memory.search("French capital city", k=1)[0].id == ids[0]
         assert b.memory.search("French capital city", k=1) == []
         with pytest.raises(kernos.sdk.PermissionDenied):
-            from kernos.proto.v1 import memory_pb2
-            b.memory._c(b.memory._stub.Search, memory_pb2.SearchMemoryRequest(query="x", namespace="mem-a"))
+            b.memory.search("x", namespace="mem-a")
         assert a.memory.update(ids[0], metadata={"src": "edited"}).metadata == {"src": "edited"}
         assert a.memory.get([ids[0]])[0].metadata == {"src": "edited"}
         assert a.memory.delete(ids) == 4

@@ -8,7 +8,7 @@ import pytest
 
 import kernos.sdk
 from kernos.agents.demo import start_kernel, stop_kernel
-from kernos.kernel.quotas import Limits, QuotaExceeded, Quotas
+from kernos.kernel.security.quotas import Limits, QuotaExceeded, Quotas
 
 
 def test_windows_and_retry_hints():

@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import pytest
 
-from kernos.scheduler import (Budget, FairSharePolicy, FifoPolicy, PriorityPolicy, RequestView, RoundRobinPolicy,
-                              make_policy)
+from kernos.scheduler import (
+    Budget,
+    FairSharePolicy,
+    FifoPolicy,
+    PriorityPolicy,
+    RequestView,
+    RoundRobinPolicy,
+    make_policy,
+)
 
 
 def v(rid, arrival=0.0, agent="a", priority=0, enqueued=None, quantum=0, cache=0, prompt=10, generated=0):

@@ -10,7 +10,7 @@ import pytest
 
 import kernos.sdk
 from kernos.agents.demo import start_kernel, stop_kernel
-from kernos.kernel.tools import calculate
+from kernos.kernel.tools.builtins import calculate
 
 ADMIN = "tools-admin-token-0123456789"
 

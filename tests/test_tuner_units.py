@@ -163,7 +163,7 @@ def test_moe_expert_adapter_is_served_apart_from_other_rows(tiny_models, tmp_pat
     eng.start()
     try:
         eng.load_adapter("a:moe", tmp_path / "job" / "adapter").result(60)
-        assert eng._unbatchable == {"a:moe"}
+        assert eng.runner.adapters.unbatchable == {"a:moe"}
 
         def gen(adapters):
             return _generate(eng, ids, adapters, 10)

@@ -2,15 +2,12 @@
 Nothing else in the kernel touches a model."""
 from __future__ import annotations
 
-import asyncio
 import logging
-import uuid
 from dataclasses import dataclass
 
 from ..config import KernelConfig, ModelConfig
 from .base import Engine
 from .echo import EchoEngine, EchoTokenizer
-from .types import Failed, Final, GenRequest, RequestHandle
 
 log = logging.getLogger("kernos.llm")
 
@@ -75,22 +72,6 @@ class LLMCore:
 
     def get(self, name: str | None) -> ServedModel | None:
         return self.models.get(name or self.default)
-
-    async def complete(self, model: ServedModel, agent_id: str, messages: list[dict], max_tokens: int,
-                       temperature: float = 0.0, seed: int | None = None, adapter: str | None = None,
-                       max_prompt_tokens: int = 4096):
-        """One generation for the kernel's own use (summaries, data-set sampling): the Final event."""
-        ids = model.encode_chat(messages)[-max_prompt_tokens:]
-        req = GenRequest(request_id=uuid.uuid4().hex, agent_id=agent_id, prompt_ids=ids, max_tokens=max_tokens,
-                         temperature=temperature, seed=seed, adapter=adapter)
-        handle = RequestHandle(req, asyncio.get_running_loop())
-        model.engine.submit(req, handle)
-        async for ev in handle.events():
-            if isinstance(ev, Final):
-                return ev
-            if isinstance(ev, Failed):
-                raise RuntimeError(ev.message)
-        raise RuntimeError("the engine closed the request without a result")
 
     def drain(self, timeout: float) -> bool:
         clean = True

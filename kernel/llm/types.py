@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from kernos.storage.status import StatusError
+
 
 class Finish(str, Enum):
     STOP = "stop"
@@ -62,16 +64,22 @@ class Failed:
     message: str
 
 
-class EngineClosed(RuntimeError):
+class EngineClosed(StatusError):
     """The engine is draining or stopped and takes no new requests."""
+
+    def __init__(self, message: str):
+        super().__init__("UNAVAILABLE", message)
 
 
 class AdapterInUse(RuntimeError):
     """A new version of an adapter cannot replace the loaded one while requests use it; retry later."""
 
 
-class RequestTooLarge(ValueError):
+class RequestTooLarge(StatusError):
     """The request could never fit the engine's cache budget."""
+
+    def __init__(self, message: str):
+        super().__init__("RESOURCE_EXHAUSTED", message)
 
 
 class RequestHandle:

@@ -6,6 +6,7 @@ watched by one supervisor thread that turns its JSON lines into the job's progre
 running workers checkpoint and the jobs go back to `queued`; at the next start they resume from their
 checkpoint. A finished worker leaves `result.json`, so a kernel that dies between the end of training and
 the publication publishes at its next start without training again."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs(owner, created);
 class Job:
     job_id: str
     owner: str
-    name: str                     # the adapter's name
+    name: str  # the adapter's name
     dataset: str
     model: str
     model_path: str
@@ -55,9 +56,9 @@ class Job:
     loss: float | None = None
     steps_per_s: float = 0.0
     eta_s: float | None = None
-    base: dict = field(default_factory=dict)       # evaluation before: loss, accuracy, examples
-    tuned: dict = field(default_factory=dict)      # and after
-    adapter: str = ""             # the served name once published: OWNER:NAME
+    base: dict = field(default_factory=dict)  # evaluation before: loss, accuracy, examples
+    tuned: dict = field(default_factory=dict)  # and after
+    adapter: str = ""  # the served name once published: OWNER:NAME
     version: int = 0
     message: str = ""
     peak_rss_mb: float = 0.0
@@ -88,7 +89,7 @@ class JobManager:
         self._closing = False
         for (record,) in self._db.execute("SELECT record FROM jobs ORDER BY created"):
             job = Job(**json.loads(record))
-            if job.state == "running":   # the kernel stopped under it: resume from its checkpoint
+            if job.state == "running":  # the kernel stopped under it: resume from its checkpoint
                 job.state, job.message = "queued", "resuming after a kernel restart"
                 self._save(job)
             self.jobs[job.job_id] = job
@@ -100,8 +101,15 @@ class JobManager:
         d.mkdir(parents=True)
         for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", eval_rows)):
             (d / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        (d / "job.json").write_text(json.dumps({"model_path": job.model_path, "config": job.config,
-                                                "threads": job.config.get("threads") or self.threads}))
+        (d / "job.json").write_text(
+            json.dumps(
+                {
+                    "model_path": job.model_path,
+                    "config": job.config,
+                    "threads": job.config.get("threads") or self.threads,
+                }
+            )
+        )
         fsync_tree(d)
         with self._lock:
             self.jobs[job.job_id] = job
@@ -173,24 +181,37 @@ class JobManager:
     # -- internals ---------------------------------------------------------------------------------------
     def _save(self, job: Job) -> None:
         with self._lock, self._db:
-            self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?)",
-                             (job.job_id, job.owner, job.name, job.dataset, job.model, job.state,
-                              json.dumps(asdict(job)), job.created))
+            self._db.execute(
+                "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    job.job_id,
+                    job.owner,
+                    job.name,
+                    job.dataset,
+                    job.model,
+                    job.state,
+                    json.dumps(asdict(job)),
+                    job.created,
+                ),
+            )
 
     def _supervise(self, job: Job) -> None:
         d = self.dir(job)
         try:
-            if (d / "result.json").exists():      # trained before a crash; publish without training again
+            if (d / "result.json").exists():  # trained before a crash; publish without training again
                 self._finish(job, json.loads((d / "result.json").read_text()))
                 return
             # No preexec_fn: forking a threaded process (gRPC) and running Python before exec can crash; the
             # worker renices itself and asks for a parent-death signal (it checkpoints on SIGTERM).
-            env = dict(os.environ, PYTHONUNBUFFERED="1", _KERNOS_WORKER_PARENT=str(os.getpid()),
-                       _KERNOS_WORKER_NICE=str(self.nice))
+            env = dict(
+                os.environ,
+                PYTHONUNBUFFERED="1",
+                _KERNOS_WORKER_PARENT=str(os.getpid()),
+                _KERNOS_WORKER_NICE=str(self.nice),
+            )
             cmd = [sys.executable, "-m", "kernos.kernel.tuner.worker", str(d)]
             with open(d / "worker.log", "ab") as err:
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=d,
-                                        text=True)
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=d, text=True)
             with self._lock:
                 self._procs[job.job_id] = proc
             last_save = 0.0
@@ -214,7 +235,10 @@ class JobManager:
                 self._end(job, "cancelled", f"cancelled at step {job.step} of {job.total_steps}")
             elif self._closing:
                 with self._lock:
-                    job.state, job.message = "queued", f"paused at step {job.step} by a kernel shutdown; resumes at restart"
+                    job.state, job.message = (
+                        "queued",
+                        f"paused at step {job.step} by a kernel shutdown; resumes at restart",
+                    )
                     self._save(job)
             else:
                 tail = (d / "worker.log").read_text(errors="replace")[-800:] if (d / "worker.log").exists() else ""

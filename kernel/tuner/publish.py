@@ -1,5 +1,14 @@
-"""Whether a trained adapter beats the base model on the held-out split: the rule for publishing it."""
+"""Publishing a trained adapter: the rule (it must beat the base model on the held-out split), then the store,
+the hot-load into the running engine, and the agent's default."""
 from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ..llm.types import AdapterInUse
+
+log = logging.getLogger("kernos.tuner")
 
 
 def beats_base(base: dict, tuned: dict, min_improvement: float = 0.0) -> tuple[bool, str]:
@@ -18,3 +27,46 @@ def beats_base(base: dict, tuned: dict, min_improvement: float = 0.0) -> tuple[b
     if gain <= min_improvement:
         return False, f"not published: the loss gain is not above {min_improvement:.1%}; {numbers}"
     return True, numbers
+
+
+class Publisher:
+    """What happens when a job finishes training: publish the adapter to the store if it beats the base,
+    hot-load it into the running engine, and make it the agent's default if the job asked for it. Also
+    serves every published adapter again when the kernel starts."""
+
+    def __init__(self, llm, store):
+        self.llm = llm
+        self.store = store            # the adapter store
+
+    def serve_published(self) -> None:
+        for v in self.store.latest():
+            self.serve(v)
+
+    def serve(self, v) -> bool:
+        served = self.llm.models.get(v.model)
+        if served is None or not hasattr(served.engine, "load_adapter"):
+            log.warning("adapter %s v%d: model '%s' is not served; not loaded", v.served_name, v.version, v.model)
+            return False
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                served.engine.load_adapter(v.served_name, v.path).result(timeout=300)
+                return True
+            except AdapterInUse:            # the previous version still serves requests
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def finish_job(self, job, result: dict) -> tuple[str, str]:
+        better, why = beats_base(result["base"], result["tuned"], job.min_improvement)
+        if not better:
+            return "rejected", why
+        v = self.store.publish(job.owner, job.name, job.model, Path(result["adapter"]),
+                               {"base": result["base"], "tuned": result["tuned"], "steps": result["step"]}, job.job_id)
+        job.adapter, job.version = v.served_name, v.version
+        if not self.serve(v):
+            return "published", f"{why}; stored as {v.served_name} v{v.version}, but its model is not served now"
+        if job.set_default:
+            self.store.set_default(job.owner, job.model, v.served_name)
+        return "published", f"{why}; serving {job.model}/{v.served_name} v{v.version}" + (
+            " as the agent's default" if job.set_default else "")

@@ -8,6 +8,7 @@ prompt) and up to and including it, so the end-of-turn token is learnt too.
 The loop checkpoints the adapter weights, optimizer state and step atomically every `checkpoint_every`
 steps; `train()` resumes from that checkpoint, and batch order is a function of (seed, epoch), so a
 resumed run sees the same batches as an uninterrupted one."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,11 @@ def chat_ids(tok, messages: list[dict], generation_prompt: bool) -> list[int]:
 def encode(tok, example: dict, max_length: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with labels on assistant tokens only; the end is kept when too long."""
     messages = example.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages):
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages)
+    ):
         raise DataError("an example needs 'messages': a list of {role, content}")
     if messages[-1]["role"] != "assistant":
         raise DataError("an example's last message must be the assistant's reply")
@@ -57,10 +61,10 @@ def encode(tok, example: dict, max_length: int) -> tuple[list[int], list[int]]:
         if m["role"] != "assistant":
             continue
         before = chat_ids(tok, messages[:i], True) if i else []
-        upto = chat_ids(tok, messages[:i + 1], False)
-        if upto[:len(before)] != before or full[:len(upto)] != upto:
+        upto = chat_ids(tok, messages[: i + 1], False)
+        if upto[: len(before)] != before or full[: len(upto)] != upto:
             raise DataError("the chat template does not extend turn by turn; cannot mask non-assistant tokens")
-        labels[len(before):len(upto)] = full[len(before):len(upto)]
+        labels[len(before) : len(upto)] = full[len(before) : len(upto)]
     return full[-max_length:], labels[-max_length:]
 
 
@@ -70,9 +74,9 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for r, (i, lab) in enumerate(batch):
-        ids[r, :len(i)] = torch.tensor(i)
-        labels[r, :len(lab)] = torch.tensor(lab)
-        mask[r, :len(i)] = 1
+        ids[r, : len(i)] = torch.tensor(i)
+        labels[r, : len(lab)] = torch.tensor(lab)
+        mask[r, : len(i)] = 1
     return ids, mask, labels
 
 
@@ -107,8 +111,14 @@ def add_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
     modules, params = lora_targets(model, cfg)
-    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=modules,
-                      target_parameters=params or None, task_type="CAUSAL_LM")
+    lcfg = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=modules,
+        target_parameters=params or None,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lcfg)
 
 
@@ -122,7 +132,7 @@ def evaluate(model, tok, rows: list[dict], cfg: TrainConfig) -> dict:
     """Mean loss on assistant tokens and task accuracy: the greedy reply equals the reference reply, or
     contains the example's "answer" when it has one."""
     model.eval()
-    rows = rows[:cfg.eval_limit]
+    rows = rows[: cfg.eval_limit]
     if not rows:
         return {"loss": None, "accuracy": None, "examples": 0}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -135,15 +145,23 @@ def evaluate(model, tok, rows: list[dict], cfg: TrainConfig) -> dict:
         tgt = y[:, 1:]
         n = int((tgt != IGNORE).sum())
         if n:
-            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
-                                                             ignore_index=IGNORE, reduction="sum"))
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=IGNORE, reduction="sum"
+                )
+            )
             count += n
-        prompt = chat_ids(tok, ex["messages"][:-1], True)[-cfg.max_length:]
+        prompt = chat_ids(tok, ex["messages"][:-1], True)[-cfg.max_length :]
         reference = ex["messages"][-1]["content"]
-        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=cfg.eval_max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=eos)
-        reply = tok.decode(out[0, len(prompt):], skip_special_tokens=True)
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=cfg.eval_max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        reply = tok.decode(out[0, len(prompt) :], skip_special_tokens=True)
         answer = ex.get("answer")
         ok = _norm(answer) in _norm(reply) if isinstance(answer, str) and answer else _norm(reply) == _norm(reference)
         correct += int(ok)
@@ -201,7 +219,7 @@ def _load_checkpoint(model, opt, ckpt: Path) -> dict | None:
     from safetensors.torch import load_file
 
     if not (ckpt / "state.json").exists():
-        old = ckpt.with_name(ckpt.name + ".old")   # a crash between the two renames
+        old = ckpt.with_name(ckpt.name + ".old")  # a crash between the two renames
         if not (old / "state.json").exists():
             return None
         ckpt = old
@@ -210,8 +228,15 @@ def _load_checkpoint(model, opt, ckpt: Path) -> dict | None:
     return json.loads((ckpt / "state.json").read_text())
 
 
-def train(model_path: Path, train_rows: list[dict], eval_rows: list[dict], cfg: TrainConfig, out: Path,
-          report=lambda event: None, should_stop=lambda: False) -> dict:
+def train(
+    model_path: Path,
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    cfg: TrainConfig,
+    out: Path,
+    report=lambda event: None,
+    should_stop=lambda: False,
+) -> dict:
     """Train a LoRA adapter into `out/adapter`; evaluate base and tuned on `eval_rows`. Resumes from
     `out/checkpoint`. Returns the result dict, or {"cancelled": True, ...} when `should_stop()` turned true
     (after a checkpoint at that step)."""
@@ -246,7 +271,7 @@ def train(model_path: Path, train_rows: list[dict], eval_rows: list[dict], cfg: 
         step = state["step"]
         epoch, b = divmod(step, per_epoch)
         order = _order(len(data), cfg.seed, epoch)
-        batch = [data[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
+        batch = [data[i] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
         x, m, y = collate(batch, pad)
         model.train()
         for g in opt.param_groups:
@@ -261,10 +286,18 @@ def train(model_path: Path, train_rows: list[dict], eval_rows: list[dict], cfg: 
         done = state["step"] - start_step
         elapsed = time.perf_counter() - started
         rate = done / elapsed if elapsed > 0 else 0.0
-        report({"event": "progress", "step": state["step"], "total": total, "loss": loss.item(),
-                "steps_per_s": rate, "eta_s": (total - state["step"]) / rate if rate else None})
+        report(
+            {
+                "event": "progress",
+                "step": state["step"],
+                "total": total,
+                "loss": loss.item(),
+                "steps_per_s": rate,
+                "eta_s": (total - state["step"]) / rate if rate else None,
+            }
+        )
         if state["step"] % cfg.checkpoint_every == 0 and state["step"] < total:
-            _save_checkpoint(model, opt, state, ckpt)   # its time counts in the rate: it is part of the job
+            _save_checkpoint(model, opt, state, ckpt)  # its time counts in the rate: it is part of the job
     tuned = evaluate(model, tok, eval_rows, cfg)
     report({"event": "eval", "phase": "tuned", **tuned})
     adapter = out / "adapter"
@@ -273,7 +306,14 @@ def train(model_path: Path, train_rows: list[dict], eval_rows: list[dict], cfg: 
     model.save_pretrained(tmp)
     shutil.rmtree(adapter, ignore_errors=True)
     tmp.rename(adapter)
-    return {"cancelled": False, "step": state["step"], "total": total, "base": state["base"], "tuned": tuned,
-            "train_loss_first": state["losses"][0] if state["losses"] else None,
-            "train_loss_last": state["losses"][-1] if state["losses"] else None,
-            "adapter": str(adapter), "examples": len(data)}
+    return {
+        "cancelled": False,
+        "step": state["step"],
+        "total": total,
+        "base": state["base"],
+        "tuned": tuned,
+        "train_loss_first": state["losses"][0] if state["losses"] else None,
+        "train_loss_last": state["losses"][-1] if state["losses"] else None,
+        "adapter": str(adapter),
+        "examples": len(data),
+    }

@@ -1,0 +1,79 @@
+"""The LLM service: converts requests to the generate use case's terms and its events back to messages."""
+from __future__ import annotations
+
+from kernos.proto.v1 import llm_pb2 as pb
+from kernos.proto.v1 import llm_pb2_grpc as rpc
+
+from ...llm.types import Finish, TextDelta
+from ...syscalls.generate import Accepted, Generate, Generation, Reply
+from .interceptor import current_principal
+
+_FINISH = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
+           Finish.CANCELLED: pb.FINISH_REASON_CANCELLED, Finish.SNAPSHOT: pb.FINISH_REASON_SNAPSHOT}
+
+
+def generation(r: pb.GenerateRequest) -> Generation:
+    s = r.sampling
+    return Generation(
+        messages=[{"role": m.role, "content": m.content} for m in r.messages], prompt=r.prompt, model=r.model,
+        adapter=r.adapter, max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None, top_k=s.top_k, stop=list(s.stop),
+        seed=s.seed if s.HasField("seed") else None, priority=r.priority, context_id=r.context_id, size=r.ByteSize())
+
+
+def reply_message(r: Reply) -> pb.GenerateReply:
+    return pb.GenerateReply(
+        request_id=r.request_id, text=r.text, model=r.model, adapter=r.adapter, finish_reason=_FINISH[r.finish],
+        usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens),
+        timings=pb.Timings(queue_wait_ms=r.queue_wait_ms, time_to_first_token_ms=r.ttft_ms, total_ms=r.total_ms),
+        snapshot_id=r.snapshot_id)
+
+
+async def _chunks(events):
+    request_id = ""
+    async for ev in events:
+        if isinstance(ev, Accepted):
+            request_id = ev.request_id
+            yield pb.GenerateChunk(request_id=request_id)
+        elif isinstance(ev, TextDelta):
+            yield pb.GenerateChunk(request_id=request_id, text=ev.text, tokens=ev.tokens)
+        else:
+            yield pb.GenerateChunk(request_id=request_id, tokens=ev.completion_tokens, done=True,
+                                   reply=reply_message(ev))
+
+
+class LLMServicer(rpc.LLMServicer):
+    def __init__(self, generate: Generate):
+        self.generate = generate
+
+    async def Generate(self, request, context):
+        reply = None
+        async for ev in self.generate.run(current_principal(), generation(request)):
+            if isinstance(ev, Reply):
+                reply = ev
+        return reply_message(reply)
+
+    async def GenerateStream(self, request, context):
+        async for chunk in _chunks(self.generate.run(current_principal(), generation(request))):
+            yield chunk
+
+    async def Restore(self, request, context):
+        async for chunk in _chunks(self.generate.restore(current_principal(), request.snapshot_id)):
+            yield chunk
+
+    async def Suspend(self, request, context):
+        return pb.SuspendReply(state=await self.generate.suspend(current_principal(), request.request_id))
+
+    async def Resume(self, request, context):
+        return pb.ResumeReply(state=await self.generate.resume(current_principal(), request.request_id))
+
+    async def Snapshot(self, request, context):
+        return pb.SnapshotReply(snapshot_id=await self.generate.snapshot(current_principal(), request.request_id))
+
+    async def ListModels(self, request, context):
+        default = self.generate.llm.default
+        return pb.ListModelsReply(models=[
+            pb.ModelInfo(name=m.name, architecture=m.architecture, device=m.device, adapters=m.adapters,
+                         context_length=m.context_length, is_default=(m.name == default))
+            for m in self.generate.models()])

@@ -1,0 +1,137 @@
+"""The composition root: builds every store, security service, engine and use case from the configuration,
+once, and hands each the collaborators it uses. Transports (`api/`) get the use cases from here; nothing
+else holds the whole kernel."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from kernos.memory.context import ContextStore
+from kernos.storage.adapters import AdapterStore
+from kernos.storage.files import FileStore
+from kernos.storage.traces import TraceLog
+
+from .config import KernelConfig
+from .llm.core import LLMCore
+from .security.access import AccessControl
+from .security.gate import Gate
+from .security.principals import AgentRegistry
+from .security.quotas import Limits, Quotas
+from .syscalls.access import Access
+from .syscalls.agents import Agents
+from .syscalls.datasets import Datasets
+from .syscalls.files import Files
+from .syscalls.generate import Generate
+from .syscalls.lifecycle import Lifecycle
+from .syscalls.memory import Memory
+from .syscalls.snapshots import SnapshotStore
+from .syscalls.tuner import Tuner
+from .tools.manager import ToolManager
+from .tuner.jobs import JobManager
+from .tuner.publish import Publisher
+
+log = logging.getLogger("kernos.kernel")
+
+
+class LazyVectorMemory:
+    """Long-term vector memory, opened on first use (chromadb and the embedding model take seconds)."""
+
+    def __init__(self, config: KernelConfig):
+        self.config = config
+        self._memory = None
+        self._lock = threading.Lock()
+
+    def __call__(self):
+        with self._lock:
+            if self._memory is None:
+                from kernos.memory.vector import VectorMemory
+
+                http = None
+                if self.config.memory.chroma_url:
+                    host, port = self.config.memory.chroma_url.split("://", 1)[1].rstrip("/").rsplit(":", 1)
+                    http = (host, int(port))
+                self._memory = VectorMemory(self.config.data_dir / "chroma", http=http,
+                                            max_entries=self.config.memory.max_entries)
+            return self._memory
+
+
+def _quotas(config: KernelConfig) -> Quotas:
+    q = config.quotas
+    return Quotas(Limits(q.requests_per_second, q.tokens_per_minute, q.concurrent_generations),
+                  {a: Limits(x.requests_per_second, x.tokens_per_minute, x.concurrent_generations)
+                   for a, x in q.agents.items()})
+
+
+class Kernel:
+    def __init__(self, config: KernelConfig):
+        self.config = config
+        data = config.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        self.lifecycle = Lifecycle()
+        # stores
+        self.traces = TraceLog(data / "traces.db")
+        self.audit = TraceLog(data / "audit.db")          # every access decision, same guarantees
+        self.files = FileStore(data / "files", config.storage.quota_bytes, config.storage.max_file_bytes)
+        self.contexts = ContextStore(data / "contexts.db")
+        self.adapter_store = AdapterStore(data / "adapters")
+        self.vector = LazyVectorMemory(config)
+        # security
+        self.registry = AgentRegistry(data / "kernel.db", ttl_s=config.server.agent_ttl_s)
+        self.access_control = AccessControl(data / "access.db", config.server.admin_token, self._owner_of, self.audit)
+        self.quotas = _quotas(config)
+        self.gate = Gate(self.registry, self.access_control, self.quotas)
+        # models, tools, fine-tuning jobs
+        self.llm = LLMCore(config)
+        self.tools = ToolManager(self.vector, self.access_control, config.tools.confirm_timeout_s)
+        self.publisher = Publisher(self.llm, self.adapter_store)
+        self.publisher.serve_published()      # published adapters are served again after a restart
+        t = config.tuner
+        self.jobs = JobManager(data / "tuner", self.publisher.finish_job, max_jobs=t.max_jobs,
+                               threads=t.threads or max(1, (os.cpu_count() or 2) // 2), nice=t.nice)
+        self.jobs.pump()                      # jobs interrupted by a stop resume from their checkpoints
+        # use cases
+        self.generate = Generate(self.llm, config.limits, self.registry, self.quotas, self.access_control,
+                                 self.adapter_store, self.traces, self.lifecycle, self.contexts, self.vector,
+                                 config.memory.summary_max_tokens, SnapshotStore(data / "snapshots"))
+        self.agents = Agents(self.registry, self.llm, self.jobs, self.lifecycle)
+        self.storage = Files(self.files, self.vector)
+        self.memory = Memory(self.vector, self.contexts, self.llm, config.limits)
+        self.access = Access(self.access_control)
+        self.datasets = Datasets(self.traces, self.files, self.vector, self.llm, self.access_control, self.generate,
+                                 config.limits, config.engine.max_batch_size)
+        self.tuner = Tuner(self.traces, self.files, self.jobs, self.adapter_store, self.llm, self.access_control,
+                           config.tuner)
+
+    def _owner_of(self, kind: str, name: str) -> tuple[str, bool]:
+        """For access control: a tool's owner and whether it is private; whether a model/adapter is restricted."""
+        if kind == "tool":
+            return self.tools.owner(name)
+        model, _, adapter = name.partition("/")
+        served = self.llm.get(model)
+        cfg = {m.name: m for m in self.config.effective_models()}.get(served.name if served else model)
+        if cfg is None:
+            return "kernel", False
+        if ":" in adapter:                 # a published adapter, OWNER:NAME: private to its owner unless granted
+            return adapter.split(":", 1)[0], True
+        return "kernel", (adapter in cfg.restricted_adapters) if adapter else cfg.restricted
+
+    def flush(self) -> None:
+        self.registry.flush()
+
+    def drain(self, timeout: float) -> bool:
+        """Stop accepting generations and let running ones finish within `timeout` (blocking)."""
+        self.lifecycle.stopping = True
+        clean = self.llm.drain(timeout)
+        log.info("engines drained (%s)", "all finished" if clean else "timeout: the rest were cancelled")
+        return clean
+
+    def close(self) -> None:
+        self.jobs.shutdown()
+        self.adapter_store.close()
+        self.audit.close()
+        self.access_control.close()
+        self.contexts.close()
+        self.files.close()
+        self.traces.close()
+        self.registry.close()

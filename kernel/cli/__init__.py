@@ -1,0 +1,1 @@
+"""The `kernos` command line: the daemon, the demo, and commands that talk to a running kernel."""

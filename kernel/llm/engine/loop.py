@@ -1,0 +1,404 @@
+"""Continuous batching at the iteration level, with preemption and exact resume.
+
+One engine owns one model and one thread. Between two decode steps the engine asks its scheduling
+policy which waiting requests to start or resume and which running ones to preempt, then:
+
+- a new request is prefilled on its own (exact for every architecture, Mamba layers included) and its
+  cache is appended to the running batch's, left-padded to a common length;
+- a finished or preempted row leaves the batch, and columns that are padding in every row are trimmed;
+- a preempted sequence keeps its tokens, its position and its sampling generator, and either **swaps**
+  its cache out (a copy in host memory, or on disk beyond a host budget) or drops it to **recompute** it
+  by re-prefilling its tokens on resume. A cost model picks per sequence: bytes to copy against tokens to
+  prefill, each priced from what this engine has measured. Jamba's Mamba state is constant-size, so
+  hybrid models swap cheaply where long attention contexts recompute.
+
+Every row keeps its own positions, generator, adapter and stop conditions, so a sequence preempted any
+number of times produces the tokens of an uninterrupted run.
+
+This file is the loop and the public interface; its collaborators are the sequence state (`sequence.py`),
+the running batch (`batch.py`), the model runner (`runner.py`, with `adapters.py`), the swap space and
+cost model (`swap.py`), the snapshot format (`snapshot.py`) and the detokenizer (`detokenizer.py`).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+
+from kernos.scheduler import Budget, FifoPolicy, Policy, RequestView
+
+from ..base import Engine, EngineStats
+from ..registry import LoadedModel
+from ..sampling import choose
+from ..types import EngineClosed, Failed, Finish, GenRequest, RequestHandle, RequestTooLarge
+from . import cache as cache_ops
+from . import snapshot as snapshot_format
+from .batch import RunningBatch
+from .runner import ModelRunner
+from .sequence import Sequence
+from .swap import CostModel, SwapSpace
+
+log = logging.getLogger("kernos.llm")
+
+
+class TransformersEngine(Engine):
+    def __init__(self, lm: LoadedModel, max_batch_size: int = 16, policy: Policy | None = None,
+                 max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
+                 swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None):
+        self.costs = CostModel(preemption)
+        self.lm = lm
+        self.name = lm.name
+        self.max_batch_size = max_batch_size
+        self.policy = policy or FifoPolicy()
+        self.budget = Budget(max_batch_size, max_tokens_in_flight, cache_budget_bytes)
+        self.stats = EngineStats()
+        self.runner = ModelRunner(lm)
+        self.swap = SwapSpace(swap_host_bytes, swap_dir)
+        self._lock = threading.Lock()  # guards waiting and the batch's rows for snapshot()
+        self.batch = RunningBatch(self._lock)
+        self.waiting: list[Sequence] = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        # Measured on the engine's own thread: a forward pass on another thread first (this constructor runs
+        # on the main one) leaves two OpenMP pools competing and made every decode step 3x slower on CPU.
+        self._measured = threading.Event()
+        self.bytes_per_token = self.fixed_bytes = 0
+
+    @property
+    def rows(self) -> list[Sequence]:
+        return self.batch.rows
+
+    # -- public ------------------------------------------------------------------------------------------
+    def submit(self, request: GenRequest, handle: RequestHandle) -> None:
+        if not self._accepting:
+            raise EngineClosed(f"model '{self.name}' is shutting down")
+        self._ensure_measured()
+        need = self.cache_bytes_for(len(request.prompt_ids) + request.max_tokens)
+        if self.budget.cache_bytes and need > self.budget.cache_bytes:
+            raise RequestTooLarge(
+                f"this request needs up to {need} bytes of cache ({len(request.prompt_ids)} prompt + "
+                f"{request.max_tokens} new tokens); the model's cache budget is {self.budget.cache_bytes} bytes")
+        self._inbox.put(Sequence(request, handle, self.lm.tokenizer))
+        self._wake.set()
+
+    def call(self, fn) -> Future:
+        """Run `fn()` on the engine thread between two steps; the future carries its result."""
+        fut: Future = Future()
+        self._commands.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    def load_adapter(self, name: str, folder: Path) -> Future:
+        """Load (or replace) a peft adapter into the served model, on the engine thread between two steps,
+        so running requests never see a half-loaded model."""
+        def do():
+            in_use = {"running": {s.req.adapter for s in self.rows},
+                      "all": {s.req.adapter for s in self.rows + self.waiting}}
+            return self.runner.adapters.load(name, folder, in_use)
+        return self.call(do)
+
+    def suspend(self, request_id: str) -> Future:
+        """Preempt a request and keep it out of scheduling until `resume` (an agent waiting on a tool)."""
+        def do():
+            seq = self._find(request_id)
+            if seq.state == "running":
+                self.preempt(seq, "suspended")
+            seq.parked = True
+            return seq.state
+        return self.call(do)
+
+    def resume(self, request_id: str) -> Future:
+        def do():
+            seq = self._find(request_id)
+            seq.parked = False
+            seq.enqueued = time.monotonic()
+            return seq.state
+        return self.call(do)
+
+    def checkpoint(self, request_id: str, directory: Path) -> Future:
+        """Write a request's whole state (tokens, position, sampling generator, cache) to `directory` and
+        release it: its handle gets a Final with finish SNAPSHOT. `restore` continues it, in this kernel
+        or after a restart, with exactly the tokens an uninterrupted run would have produced."""
+        def do():
+            seq = self._find(request_id)
+            if seq.state == "running":
+                self.preempt(seq, "snapshot", "swap")
+            with self._lock:
+                self.waiting.remove(seq)
+            past = self.swap.take(seq, self.runner.template) if self.swap.holds(seq) else None
+            snapshot_format.write(directory, seq, self.name, past)
+            self._finish(seq, Finish.SNAPSHOT, snapshot_id=directory.name)
+            return directory
+        return self.call(do)
+
+    def restore(self, directory: Path, request: GenRequest, handle: RequestHandle) -> None:
+        """Continue a checkpointed request (see `checkpoint`) as `request`, whose id and arrival are new;
+        the rest of its fields must come from the snapshot (`snapshot_request`)."""
+        seq = Sequence(request, handle, self.lm.tokenizer)
+        snapshot_format.resume_into(seq, directory)
+        if not self._accepting:
+            raise EngineClosed(f"model '{self.name}' is shutting down")
+        self._inbox.put(seq)
+        self._wake.set()
+
+    @staticmethod
+    def snapshot_request(directory: Path, request_id: str) -> GenRequest:
+        return snapshot_format.request(directory, request_id)
+
+    def cache_bytes_for(self, tokens: int) -> int:
+        return self.fixed_bytes + self.bytes_per_token * tokens
+
+    def choose_strategy(self, seq: Sequence) -> str:
+        return self.costs.choose(seq.position, self.cache_bytes_for(seq.position))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
+        self._thread.start()
+
+    def drain(self, timeout: float) -> bool:
+        self._accepting = False
+        for s in list(self.waiting):  # a suspended request would wait forever
+            s.parked = False
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (self.rows or self.waiting or not self._inbox.empty()):
+            time.sleep(0.02)
+        clean = not (self.rows or self.waiting or not self._inbox.empty())
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        else:
+            self._cancel_all()
+        return clean
+
+    def snapshot(self):
+        with self._lock:
+            live = [(self._view(s), "running") for s in self.rows]
+            live += [(self._view(s), "suspended" if s.parked else s.state) for s in self.waiting]
+            self.stats.running, self.stats.waiting = len(self.rows), len(self.waiting)
+        return self.stats, live
+
+    # -- the loop: take work, schedule, run the batch one token, update ------------------------------------
+    def _ensure_measured(self) -> None:
+        if self._measured.is_set():
+            return
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._measured.wait(60)
+            return
+        self.bytes_per_token, self.fixed_bytes = self.runner.measure_cache_size()
+        self._measured.set()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            self._ensure_measured()
+            while not self._stop:
+                if not self.step():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+            self._cancel_all()
+
+    def step(self) -> bool:
+        """One iteration: take new requests and commands, schedule, decode one token for the batch.
+        Returns whether there is work left (the thread sleeps otherwise)."""
+        with torch.inference_mode():
+            self._ensure_measured()
+            self._take_new_work()
+            try:
+                self._drop_cancelled()
+                self._schedule()
+                if self.rows:
+                    self._decode_step()
+            except Exception as e:  # a broken batch must not take the kernel down
+                log.exception("engine %s: step failed", self.name)
+                self._fail_all(f"internal error in model '{self.name}': {type(e).__name__}: {e}")
+        return bool(self.rows) or any(not s.parked for s in self.waiting)
+
+    def _take_new_work(self) -> None:
+        while True:
+            try:
+                seq = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            with self._lock:
+                self.waiting.append(seq)
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+
+    def _find(self, request_id: str) -> Sequence:
+        for s in self.rows + self.waiting:
+            if s.req.request_id == request_id:
+                return s
+        raise KeyError(request_id)
+
+    def _drop_cancelled(self) -> None:
+        for s in [s for s in self.waiting if s.handle.cancelled]:
+            with self._lock:
+                self.waiting.remove(s)
+            self.swap.release(s)
+            self._finish(s, Finish.CANCELLED)
+        rows = [i for i, s in enumerate(self.rows) if s.handle.cancelled]
+        if rows:
+            for i in rows:
+                self._finish(self.rows[i], Finish.CANCELLED)
+            self.batch.remove(rows)
+
+    def _view(self, s: Sequence) -> RequestView:
+        r = s.req
+        held = s.position if s.started else len(r.prompt_ids)
+        return RequestView(r.request_id, r.agent_id, r.priority, r.arrival, len(r.prompt_ids), r.max_tokens,
+                           len(s.ids), s.enqueued, s.quantum_steps, self.cache_bytes_for(held + 1), s.preemptions)
+
+    def _over_budget(self) -> bool:
+        if not self.budget.cache_bytes:
+            return False
+        held = self.fixed_bytes * len(self.rows) + self.bytes_per_token * sum(s.position + 1 for s in self.rows)
+        return held > self.budget.cache_bytes
+
+    def _schedule(self) -> None:
+        candidates = [s for s in self.waiting if not s.parked]
+        if not candidates and not self._over_budget():
+            return  # the common decode step: nothing to admit, nothing to evict
+        views = {s.req.request_id: s for s in candidates + self.rows}
+        decision = self.policy.schedule([self._view(s) for s in candidates], [self._view(s) for s in self.rows],
+                                        self.budget)
+        for rid, reason in decision.preempt:
+            if views[rid].state == "running":
+                self.preempt(views[rid], reason)
+        for rid in decision.admit:
+            seq = views[rid]
+            if not self.runner.adapters.batchable(self.rows, seq):
+                continue                      # waits until the batch holds only its adapter (or drains)
+            with self._lock:
+                self.waiting.remove(seq)
+            try:
+                self._resume(seq) if seq.started else self._prefill(seq)
+            except Exception as e:  # this request's failure: answer it, keep the batch going
+                log.exception("engine %s: admitting %s failed", self.name, seq.req.request_id)
+                seq.handle.put(Failed(f"internal error in model '{self.name}': {type(e).__name__}: {e}"))
+
+    def _prefill(self, seq: Sequence) -> None:
+        seq.admitted_at = time.monotonic()
+        self.stats.queue_waits.append((seq.admitted_at - seq.req.arrival) * 1e3)
+        logits, past, mask = self._run_prefill(seq.req.prompt_ids, seq.req.adapter)
+        seq.position = len(seq.req.prompt_ids)
+        tok = choose(logits, seq.req.temperature, seq.req.top_p, seq.req.top_k, seq.gen)
+        seq.first_token_at = time.monotonic()
+        self._count_tokens([seq], seq.first_token_at)
+        finish = seq.add_token(tok, self.lm.eos_ids)
+        if finish is not None:
+            self._finish(seq, finish)
+        else:
+            self._join(seq, past, mask)
+
+    def _run_prefill(self, tokens: list[int], adapter: str | None):
+        logits, past, mask, seconds = self.runner.prefill(tokens, adapter)
+        self.costs.observe_prefill(len(tokens), seconds)
+        self.stats.prompt_tokens += len(tokens)
+        return logits, past, mask
+
+    def _join(self, seq: Sequence, past, mask) -> None:
+        self.batch.join(seq, past, mask)
+        self.stats.cache_bytes = self.batch.nbytes()
+
+    def _decode_step(self) -> None:
+        rows = self.rows
+        logits = self.runner.decode(self.batch)
+        done = []
+        for i, s in enumerate(rows):
+            s.position += 1
+            s.quantum_steps += 1
+            finish = s.add_token(choose(logits[i], s.req.temperature, s.req.top_p, s.req.top_k, s.gen),
+                                 self.lm.eos_ids)
+            if finish is not None:
+                self._finish(s, finish)
+                done.append(i)
+        self.stats.decode_steps += 1
+        self.stats.batch_rows += len(rows)
+        self._count_tokens(rows, time.monotonic())
+        if done:
+            self.batch.remove(done)
+        self.stats.cache_bytes = self.batch.nbytes()
+
+    def _count_tokens(self, seqs: list[Sequence], now: float) -> None:
+        self.stats.generated_tokens += len(seqs)
+        self.stats.recent.append((now, len(seqs)))
+        per_agent: dict[str, int] = {}
+        for s in seqs:
+            per_agent[s.req.agent_id] = per_agent.get(s.req.agent_id, 0) + 1
+        for agent, n in per_agent.items():
+            self.policy.record(agent, n, now)
+
+    # -- context switching -------------------------------------------------------------------------------
+    def preempt(self, seq: Sequence, reason: str, strategy: str | None = None) -> None:
+        """Take a running sequence out of the batch: its cache swapped out, or dropped to recompute."""
+        t0 = time.perf_counter()
+        strategy = strategy or self.choose_strategy(seq)
+        moved = 0
+        if strategy == "swap":
+            saved = self.batch.extract(seq)
+            moved = cache_ops.nbytes(saved)
+            if self.lm.device.type != "cpu":
+                saved = cache_ops.to_device(saved, "cpu")
+            self.swap.put(seq, saved)
+        self.batch.remove([self.rows.index(seq)])
+        seq.state = "preempted"
+        seq.enqueued = time.monotonic()
+        seq.quantum_steps = 0
+        seq.preemptions += 1
+        with self._lock:
+            self.waiting.append(seq)
+        dt = time.perf_counter() - t0
+        self.costs.observe_swap(moved, dt)
+        self.stats.context_switches += 1
+        self.stats.switch_seconds += dt
+        self.stats.preempted_by_reason[reason] = self.stats.preempted_by_reason.get(reason, 0) + 1
+        self.stats.strategy_counts[strategy] = self.stats.strategy_counts.get(strategy, 0) + 1
+
+    def _resume(self, seq: Sequence) -> None:
+        t0 = time.perf_counter()
+        seq.admitted_at = seq.admitted_at or time.monotonic()  # a restored snapshot's first admission
+        if self.swap.holds(seq):
+            past = self.swap.take(seq, self.runner.template)
+            past = cache_ops.to_device(past, self.lm.device) if self.lm.device.type != "cpu" else past
+        else:  # recompute: the cache held every token before the pending one
+            past = self._run_prefill(seq.req.prompt_ids + seq.ids[:-1], seq.req.adapter)[1]
+        mask = torch.ones((1, seq.position), dtype=torch.long, device=self.lm.device)
+        self._join(seq, past, mask)
+        self.stats.switch_seconds += time.perf_counter() - t0
+
+    # -- endings -----------------------------------------------------------------------------------------
+    def _finish(self, seq: Sequence, finish: Finish, snapshot_id: str = "") -> None:
+        seq.finish(finish, snapshot_id)
+        self.stats.completed += 1
+        if finish == Finish.CANCELLED:
+            self.stats.cancelled += 1
+
+    def _cancel_all(self) -> None:
+        for s in self.rows + self.waiting:
+            self.swap.release(s)
+            self._finish(s, Finish.CANCELLED)
+        with self._lock:
+            self.waiting = []
+        self.batch.clear()
+
+    def _fail_all(self, message: str) -> None:
+        for s in self.rows:
+            s.handle.put(Failed(message))
+        self.batch.clear()

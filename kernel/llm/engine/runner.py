@@ -1,0 +1,70 @@
+"""The model runner: forward passes of the served model, knowing nothing of scheduling. A prefill runs one
+sequence's tokens alone (exact for every architecture, Mamba layers included); a decode step feeds each
+row of the running batch its pending token at its own position."""
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+
+from ..registry import LoadedModel
+from . import cache as cache_ops
+from .adapters import Adapters
+
+
+class ModelRunner:
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self.adapters = Adapters(lm)
+        base = lm.model.get_base_model() if lm.has_adapters else lm.model
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        self._template = None      # any cache of this model: the shape to rebuild saved caches from
+
+    def forward(self, input_ids, mask, positions, past, adapters: list[str | None], last_only: bool):
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                      use_cache=True)
+        if last_only and self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return self.adapters.call(kwargs, adapters)
+
+    def prefill(self, tokens: list[int], adapter: str | None):
+        """(logits of the last position, cache, mask, seconds) for `tokens` run alone."""
+        dev = self.lm.device
+        ids = torch.tensor([tokens], dtype=torch.long, device=dev)
+        mask = torch.ones_like(ids)
+        pos = torch.arange(len(tokens), device=dev).unsqueeze(0)
+        t0 = time.perf_counter()
+        out = self.forward(ids, mask, pos, None, [adapter], last_only=True)
+        seconds = time.perf_counter() - t0
+        if self._template is None:
+            self._template = out.past_key_values
+        return out.logits[0, -1], out.past_key_values, mask, seconds
+
+    def decode(self, batch) -> torch.Tensor:
+        """One step of the running batch: its cache and mask grow by a column; the next-token logits per row."""
+        rows, dev = batch.rows, self.lm.device
+        ids = torch.tensor([[s.pending] for s in rows], dtype=torch.long, device=dev)
+        pos = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=dev)
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
+        out = self.forward(ids, mask, pos, batch.cache, [s.req.adapter for s in rows], last_only=True)
+        batch.cache, batch.mask = out.past_key_values, mask
+        return out.logits[:, -1, :]
+
+    def _probe_inputs(self, n: int):
+        ids = torch.zeros((1, n), dtype=torch.long, device=self.lm.device)
+        return ids, torch.ones_like(ids), torch.arange(n, device=self.lm.device).unsqueeze(0)
+
+    def template(self):
+        """Any cache of this model (one is made if nothing ran yet, e.g. before a restored snapshot)."""
+        if self._template is None:
+            self._template = self.forward(*self._probe_inputs(1), None, [None], last_only=True).past_key_values
+        return self._template
+
+    def measure_cache_size(self) -> tuple[int, int]:
+        """Cache bytes per token and per sequence (Mamba state), measured with two tiny prefills."""
+        with torch.inference_mode():
+            sizes = [cache_ops.nbytes(self.forward(*self._probe_inputs(n), None, [None], last_only=True)
+                                      .past_key_values) for n in (1, 2)]
+        per_token = sizes[1] - sizes[0]
+        return per_token, sizes[0] - per_token

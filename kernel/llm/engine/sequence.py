@@ -1,0 +1,73 @@
+"""One generation's state inside the engine: its tokens, position, sampling generator, text and where it is
+(waiting, running, preempted; parked by its agent), and what a preempted one keeps of its cache."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..sampling import make_generator
+from ..types import Final, Finish, GenRequest, RequestHandle, TextDelta
+from .detokenizer import Detokenizer
+
+
+class Sequence:
+    __slots__ = ("req", "handle", "gen", "ids", "pending", "position", "detok", "admitted_at", "first_token_at",
+                 "state", "enqueued", "quantum_steps", "swapped", "swap_path", "preemptions", "parked",
+                 "keep_swap_file")
+
+    def __init__(self, req: GenRequest, handle: RequestHandle, tokenizer):
+        self.req = req
+        self.handle = handle
+        self.gen = make_generator(req.seed)
+        self.ids: list[int] = []
+        self.pending = -1          # last sampled token, fed in the next step
+        self.position = 0          # position of `pending` = tokens held in the cache
+        self.detok = Detokenizer(tokenizer, req.stop)
+        self.admitted_at = 0.0
+        self.first_token_at = 0.0
+        self.state = "waiting"     # waiting | running | preempted
+        self.enqueued = req.arrival
+        self.quantum_steps = 0
+        self.swapped = None        # the cache of a swapped-out sequence (host memory)
+        self.swap_path: Path | None = None  # ... or its file, beyond the host budget
+        self.preemptions = 0
+        self.parked = False        # suspended by its agent: not scheduled until resumed
+        self.keep_swap_file = False  # a snapshot's cache file: restored from, not consumed
+
+    @property
+    def started(self) -> bool:
+        return self.pending >= 0
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
+
+    def add_token(self, tok: int, eos_ids: set[int]) -> Finish | None:
+        """Record a sampled token and stream the text it completes; the finish reason if it ends the sequence."""
+        if tok in eos_ids:
+            return Finish.STOP
+        self.ids.append(tok)
+        self.pending = tok
+        if self.detok.add(self.ids):
+            return Finish.STOP
+        if len(self.ids) >= self.req.max_tokens:
+            return Finish.LENGTH
+        new = self.detok.ready()
+        if new:
+            self.handle.put(TextDelta(new, len(self.ids)))
+        return None
+
+    def finish(self, finish: Finish, snapshot_id: str = "") -> None:
+        """Send the rest of the text and the final event."""
+        now = time.monotonic()
+        self.detok.flush(self.ids)      # after a stop string, nothing is left to flush
+        rest = self.detok.rest()
+        if rest:
+            self.handle.put(TextDelta(rest, len(self.ids)))
+        admitted = self.admitted_at or now
+        self.handle.put(Final(
+            text=self.text, finish=finish, prompt_tokens=len(self.req.prompt_ids), completion_tokens=len(self.ids),
+            queue_wait_ms=(admitted - self.req.arrival) * 1e3,
+            ttft_ms=((self.first_token_at or now) - self.req.arrival) * 1e3,
+            total_ms=(now - self.req.arrival) * 1e3, token_ids=list(self.ids), preemptions=self.preemptions,
+            snapshot_id=snapshot_id))

@@ -1,0 +1,36 @@
+"""The gate every syscall passes before its use case runs, whatever the transport: who is calling (a token
+becomes a principal), whether it is within its request rate, and whether its capability families and
+grants allow the method on the owner and path the request names. Every decision goes to the audit log."""
+from __future__ import annotations
+
+from kernos.storage.status import StatusError
+from kernos.storage.traces import TraceRecord
+
+from .access import AccessControl
+from .principals import AgentRegistry
+from .quotas import QuotaExceeded, Quotas
+
+
+class Gate:
+    def __init__(self, agents: AgentRegistry, access: AccessControl, quotas: Quotas):
+        self.agents = agents
+        self.access = access
+        self.quotas = quotas
+
+    def authenticate(self, token: str | None):
+        """The principal behind a token: an operator (admin token) or a registered agent; None if neither."""
+        return self.access.operator(token) or self.agents.authenticate(token)
+
+    def admit(self, principal, method: str, request) -> None:
+        """Raise RESOURCE_EXHAUSTED (over the request rate, with a retry hint) or PERMISSION_DENIED."""
+        if not principal.operator:
+            try:
+                self.quotas.request(principal.agent_id)
+            except QuotaExceeded as e:
+                if self.access.audit is not None:
+                    self.access.audit.record(TraceRecord(principal.agent_id, method, "DENY", {"capability": "rate"},
+                                                         {"reason": e.message}, {}))
+                raise
+        allowed, capability, reason = self.access.decide(principal, method, request)
+        if not allowed:
+            raise StatusError("PERMISSION_DENIED", f"missing capability {capability}: {reason}")

@@ -1,0 +1,1 @@
+"""Use cases, one per syscall family, transport-free: what each syscall means."""

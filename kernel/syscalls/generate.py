@@ -1,0 +1,330 @@
+"""The generate syscall: one use case for every generation, an agent's (Generate, GenerateStream, Restore)
+or the kernel's own on an agent's behalf (context summaries, data-set sampling).
+
+A request is validated once, here: its model and adapter are decided by access control (the adapter may
+be the agent's default one), its prompt is formatted and counted, it is admitted by the agent's quota
+and handed to the model's engine; events come back as they happen. Tokens are accounted to the agent
+either way; agent syscalls are traced by the transport, the kernel's own generations here."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+
+from kernos.storage.status import StatusError, exhausted, invalid, not_found, precondition, unavailable
+from kernos.storage.traces import TraceRecord
+
+from ..llm.core import LLMCore, ServedModel
+from ..llm.types import Failed, Final, Finish, GenRequest, RequestHandle, TextDelta
+from .contexts import ContextAssembler
+from .snapshots import SnapshotStore
+
+ROLES = {"system", "user", "assistant"}
+MAX_STOP_LEN = 256
+
+
+@dataclass
+class Generation:
+    """What a caller asks for, transport-free. `size` is the request's size as it arrived, in bytes."""
+
+    messages: list[dict] = field(default_factory=list)  # {"role", "content"}
+    prompt: str = ""
+    model: str = ""
+    adapter: str = ""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    priority: int = 0
+    context_id: str = ""
+    size: int = 0
+
+
+@dataclass
+class Accepted:
+    """The first event of a generation: the engine took it."""
+
+    request_id: str
+
+
+@dataclass
+class Reply:
+    request_id: str
+    text: str
+    model: str
+    adapter: str
+    finish: Finish
+    prompt_tokens: int
+    completion_tokens: int
+    queue_wait_ms: float
+    ttft_ms: float
+    total_ms: float
+    snapshot_id: str = ""
+
+
+class Generate:
+    def __init__(
+        self,
+        llm: LLMCore,
+        limits,
+        agents,
+        quotas,
+        access,
+        adapters,
+        traces,
+        lifecycle,
+        contexts,
+        memory,
+        summary_max_tokens: int,
+        snapshots: SnapshotStore,
+    ):
+        self.llm = llm
+        self.limits = limits
+        self.agents = agents
+        self.quotas = quotas
+        self.access = access
+        self.adapters = adapters
+        self.traces = traces
+        self.lifecycle = lifecycle
+        self.snapshots = snapshots
+        self.contexts = ContextAssembler(contexts, memory, summary_max_tokens, self.internal)
+        self.live: dict[str, tuple[str, ServedModel]] = {}  # request id -> (agent id, model), while it runs
+
+    # -- validation: the one place a request is checked -------------------------------------------------------
+    def _prepare(self, g: Generation, principal) -> tuple[ServedModel, GenRequest]:
+        lim = self.limits
+        if g.size > lim.max_request_bytes:
+            raise exhausted(
+                f"request is {g.size} bytes; the limit is {lim.max_request_bytes} (limits.max_request_bytes)"
+            )
+        model = self.llm.get(g.model)
+        if model is None:
+            raise not_found(f"unknown model '{g.model}'; served models: {sorted(self.llm.models)}")
+        if g.adapter and g.adapter not in model.adapters:
+            raise not_found(f"model '{model.name}' has no adapter '{g.adapter}'; loaded: {model.adapters}")
+        default = self.adapters.default(principal.agent_id, model.name)
+        adapter = self.access.authorize_model(
+            principal, model.name, g.adapter or None, default if default in model.adapters else None
+        )
+        if g.messages and g.prompt:
+            raise invalid("give either messages (chat) or prompt (raw text), not both")
+        if not g.messages and not g.prompt:
+            raise invalid("empty request: give messages (chat) or prompt (raw text)")
+        for i, m in enumerate(g.messages):
+            if m["role"] not in ROLES:
+                raise invalid(f"messages[{i}].role must be one of {sorted(ROLES)}, got '{m['role'][:32]}'")
+        if g.messages and not any(m["content"].strip() for m in g.messages):
+            raise invalid("every message is empty")
+        if g.prompt and not g.prompt.strip():
+            raise invalid("prompt is empty")
+        max_tokens = g.max_tokens if g.max_tokens is not None else lim.default_max_tokens
+        if max_tokens <= 0:
+            raise invalid(f"sampling.max_tokens must be > 0, got {max_tokens}")
+        if max_tokens > lim.max_tokens_cap:
+            raise invalid(f"sampling.max_tokens is {max_tokens}; the kernel's cap is {lim.max_tokens_cap}")
+        temperature = g.temperature if g.temperature is not None else lim.default_temperature
+        if not math.isfinite(temperature) or not 0 <= temperature <= 10:
+            raise invalid(f"sampling.temperature must be in [0, 10], got {temperature}")
+        top_p = g.top_p if g.top_p is not None else 1.0
+        if not math.isfinite(top_p) or not 0 < top_p <= 1:
+            raise invalid(f"sampling.top_p must be in (0, 1], got {top_p}")
+        if len(g.stop) > lim.max_stop_strings:
+            raise invalid(f"{len(g.stop)} stop strings; the limit is {lim.max_stop_strings}")
+        if any(not x or len(x) > MAX_STOP_LEN for x in g.stop):
+            raise invalid(f"stop strings must be 1 to {MAX_STOP_LEN} characters")
+        if g.messages and not model.chat:
+            raise invalid(f"model '{model.name}' has no chat template: send a raw prompt")
+        try:
+            ids = model.encode_chat(g.messages) if g.messages else model.encode_prompt(g.prompt)
+        except Exception as e:  # a template that rejects the conversation (e.g. role order)
+            raise invalid(f"cannot format the messages with the model's chat template: {e}") from None
+        if not ids:
+            raise invalid("the prompt encodes to no tokens")
+        if len(ids) > lim.max_prompt_tokens:
+            raise exhausted(
+                f"prompt is {len(ids)} tokens; the limit is {lim.max_prompt_tokens} (limits.max_prompt_tokens)"
+            )
+        if len(ids) + max_tokens > model.context_length:
+            raise invalid(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context length of "
+                f"'{model.name}' ({model.context_length})"
+            )
+        return model, GenRequest(
+            request_id=uuid.uuid4().hex,
+            agent_id=principal.agent_id,
+            prompt_ids=ids,
+            max_tokens=max_tokens,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(g.top_k),
+            stop=list(g.stop),
+            seed=g.seed,
+            adapter=adapter,
+            priority=int(g.priority),
+        )
+
+    # -- running ------------------------------------------------------------------------------------------------
+    async def run(self, principal, g: Generation):
+        """Yield Accepted, then TextDelta events, then the Reply (Generate and GenerateStream)."""
+        if self.lifecycle.stopping:
+            raise unavailable("the kernel is shutting down")
+        context_id = g.context_id
+        if context_id:  # the context's blocks plus the new messages, within its budget
+            model_name, messages = await self.contexts.assemble(principal, g, self.llm)
+            g = replace(g, messages=messages, model=model_name, context_id="", prompt="")
+        model, req = self._prepare(g, principal)
+        async for ev in self._events(principal, model, req, model.engine.submit, refuse=True):
+            if isinstance(ev, Reply) and context_id and ev.finish in (Finish.STOP, Finish.LENGTH):
+                await self.contexts.record_reply(principal, context_id, ev.text)
+            yield ev
+
+    async def restore(self, principal, snapshot_id: str):
+        """Continue a snapshotted generation: the same events as `run`."""
+        if self.lifecycle.stopping:
+            raise unavailable("the kernel is shutting down")
+        folder, state = await asyncio.to_thread(self.snapshots.load, snapshot_id, principal.agent_id)
+        model = self.llm.get(state["model"])
+        if model is None:
+            raise not_found(f"snapshot '{snapshot_id}' is of model '{state['model']}', which is not served now")
+        req = await asyncio.to_thread(model.engine.snapshot_request, folder, uuid.uuid4().hex)
+
+        async def submit(r, handle):
+            await asyncio.to_thread(model.engine.restore, folder, r, handle)
+
+        async for ev in self._events(principal, model, req, submit, refuse=True):
+            if isinstance(ev, Reply) and ev.finish in (Finish.STOP, Finish.LENGTH):
+                await asyncio.to_thread(shutil.rmtree, folder, True)  # the snapshot is consumed
+            yield ev
+
+    async def _events(self, principal, model: ServedModel, req: GenRequest, submit, refuse: bool):
+        handle = RequestHandle(req, asyncio.get_running_loop())
+        with self.quotas.generation(principal.agent_id, len(req.prompt_ids), refuse=refuse) as lease:
+            result = submit(req, handle)
+            if asyncio.iscoroutine(result):
+                await result
+            self.live[req.request_id] = (principal.agent_id, model)
+            try:
+                yield Accepted(req.request_id)
+                async for ev in handle.events():
+                    if isinstance(ev, TextDelta):
+                        yield ev
+                    elif isinstance(ev, Failed):
+                        raise StatusError("INTERNAL", ev.message)
+                    else:
+                        lease.completed(ev.completion_tokens)
+                        self.agents.add_tokens(principal, ev.prompt_tokens, ev.completion_tokens)
+                        yield self._reply(model, req, ev)
+            except (asyncio.CancelledError, GeneratorExit):
+                handle.cancel()  # the client went away: free the batch slot
+                raise
+            finally:
+                self.live.pop(req.request_id, None)
+
+    @staticmethod
+    def _reply(model: ServedModel, req: GenRequest, final: Final) -> Reply:
+        return Reply(
+            req.request_id,
+            final.text,
+            model.name,
+            req.adapter or "",
+            final.finish,
+            final.prompt_tokens,
+            final.completion_tokens,
+            final.queue_wait_ms,
+            final.ttft_ms,
+            final.total_ms,
+            final.snapshot_id,
+        )
+
+    async def internal(
+        self,
+        principal,
+        messages: list[dict],
+        max_tokens: int,
+        *,
+        cause: str,
+        model: str = "",
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> Reply:
+        """A generation the kernel runs for `principal` (a summary, a data-set sample): its base model, the
+        newest `limits.max_prompt_tokens` of the prompt; accounted to the agent and traced as 'llm.internal'."""
+        served = self.llm.get(model)
+        if served is None:
+            raise not_found(f"unknown model '{model}'")
+        ids = served.encode_chat(messages)[-self.limits.max_prompt_tokens :]
+        req = GenRequest(
+            request_id=uuid.uuid4().hex,
+            agent_id=principal.agent_id,
+            prompt_ids=ids,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+        )
+        t0 = time.monotonic()
+        reply, status = None, "INTERNAL"
+        try:
+            async for ev in self._events(principal, served, req, served.engine.submit, refuse=False):
+                if isinstance(ev, Reply):
+                    reply, status = ev, "OK"
+        finally:
+            self.traces.record(
+                TraceRecord(
+                    principal.agent_id,
+                    "llm.internal",
+                    status,
+                    {
+                        "cause": cause,
+                        "model": served.name,
+                        "messages": messages,
+                        "max_tokens": max_tokens,
+                        "temperature": temperature,
+                        "seed": seed,
+                    },
+                    {"request_id": req.request_id, "text": reply.text, "completion_tokens": reply.completion_tokens}
+                    if reply
+                    else {},
+                    {"syscall_ms": (time.monotonic() - t0) * 1e3},
+                )
+            )
+        if reply is None:
+            raise StatusError("INTERNAL", "the engine closed the request without a result")
+        return reply
+
+    # -- an agent's control of its running generations ----------------------------------------------------------
+    def _own(self, principal, request_id: str) -> ServedModel:
+        entry = self.live.get(request_id)
+        if entry is None:
+            raise not_found(f"no running generation '{request_id[:64]}' (finished, or never existed)")
+        owner, model = entry
+        if owner != principal.agent_id:
+            raise StatusError("PERMISSION_DENIED", f"generation '{request_id}' belongs to another agent")
+        return model
+
+    async def _engine_call(self, principal, request_id: str, action: str, *args):
+        model = self._own(principal, request_id)
+        try:
+            return await asyncio.wrap_future(getattr(model.engine, action)(request_id, *args))
+        except NotImplementedError:
+            raise precondition(f"model '{model.name}' ({model.architecture}) cannot suspend generations") from None
+        except KeyError:
+            raise not_found(f"generation '{request_id}' has already finished") from None
+
+    async def suspend(self, principal, request_id: str) -> str:
+        return await self._engine_call(principal, request_id, "suspend")
+
+    async def resume(self, principal, request_id: str) -> str:
+        return await self._engine_call(principal, request_id, "resume")
+
+    async def snapshot(self, principal, request_id: str) -> str:
+        folder = await self._engine_call(principal, request_id, "checkpoint", self.snapshots.folder(request_id))
+        return folder.name
+
+    def models(self) -> list[ServedModel]:
+        return list(self.llm.models.values())

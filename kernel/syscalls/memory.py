@@ -1,0 +1,106 @@
+"""The memory syscalls: long-term vector memory in a namespace (the caller's own, or another agent's past
+the gate's grant check), and the caller's working contexts with their blocks. Store calls run off the
+event loop; the vector store's own input errors become INVALID_ARGUMENT."""
+from __future__ import annotations
+
+import asyncio
+
+from kernos.memory.context import Block, Context, ContextStore
+from kernos.storage.status import StatusError, invalid, not_found
+
+
+def _store_input_errors() -> tuple[type, ...]:
+    from chromadb import errors
+
+    return tuple(getattr(errors, n) for n in ("InvalidArgumentError", "DuplicateIDError") if hasattr(errors, n))
+
+
+class Memory:
+    def __init__(self, memory, contexts: ContextStore, llm, limits):
+        self.memory = memory          # () -> the long-term vector memory, opened on first use
+        self.contexts = contexts
+        self.llm = llm
+        self.limits = limits
+
+    async def _vector(self, fn):
+        try:
+            return await asyncio.to_thread(lambda: fn(self.memory()))
+        except StatusError:
+            raise
+        except (ValueError, *_store_input_errors()) as e:
+            raise invalid(f"rejected by the vector store: {e}") from None
+
+    @staticmethod
+    def namespace(principal, requested: str) -> str:
+        return requested or principal.agent_id
+
+    # -- long-term vector memory -------------------------------------------------------------------------
+    async def add(self, principal, items: list[tuple[str, dict, str]], namespace: str = "") -> list[str]:
+        """items: (text, metadata, id or "")."""
+        if len(items) > 1000:
+            raise invalid("at most 1000 items per Add")
+        ns = self.namespace(principal, namespace)
+        return await self._vector(lambda m: m.add(ns, [t for t, _, _ in items], [d for _, d, _ in items],
+                                                  [i for _, _, i in items]))
+
+    async def search(self, principal, query: str, k: int = 5, where: dict | None = None, namespace: str = ""):
+        ns = self.namespace(principal, namespace)
+        return await self._vector(lambda m: m.search(ns, query, k or 5, dict(where or {})))
+
+    async def get(self, principal, ids: list[str], namespace: str = ""):
+        if not ids:
+            raise invalid("give the ids to get")
+        ns = self.namespace(principal, namespace)
+        return await self._vector(lambda m: m.get(ns, list(ids)))
+
+    async def update(self, principal, id_: str, text: str | None, metadata: dict | None, namespace: str = ""):
+        ns = self.namespace(principal, namespace)
+        return await self._vector(lambda m: m.update(ns, id_, text, metadata))
+
+    async def delete(self, principal, ids: list[str], namespace: str = "") -> int:
+        ns = self.namespace(principal, namespace)
+        return await self._vector(lambda m: m.delete(ns, list(ids)))
+
+    # -- working contexts --------------------------------------------------------------------------------
+    async def create_context(self, principal, context_id: str, budget_tokens: int, summarize: bool, model: str,
+                             system: str) -> Context:
+        served = self.llm.get(model)
+        if served is None:
+            raise not_found(f"unknown model '{model}'; served models: {sorted(self.llm.models)}")
+        budget = budget_tokens or self.limits.max_prompt_tokens
+        if budget > self.limits.max_prompt_tokens:
+            raise invalid(f"budget_tokens {budget} is over the kernel's limits.max_prompt_tokens "
+                          f"({self.limits.max_prompt_tokens})")
+        return await asyncio.to_thread(self.contexts.create, principal.agent_id, context_id, budget, summarize,
+                                       served.name, system)
+
+    async def list_contexts(self, principal) -> list[Context]:
+        return await asyncio.to_thread(self.contexts.list, principal.agent_id)
+
+    async def delete_context(self, principal, context_id: str) -> Context:
+        return await asyncio.to_thread(self.contexts.delete, principal.agent_id, context_id)
+
+    async def blocks(self, principal, context_id: str) -> tuple[list[tuple[Block, int]], int]:
+        """The context's blocks with their token counts, and the assembled prompt's size in tokens."""
+        aid = principal.agent_id
+
+        def do():
+            ctx = self.contexts.get(aid, context_id)
+            blocks = self.contexts.blocks(aid, context_id)
+            model = self.llm.get(ctx.model)
+            per_block = [len(model.encode_chat([b.message()])) if model else 0 for b in blocks]
+            total = len(model.encode_chat([b.message() for b in blocks])) if model and blocks else 0
+            return list(zip(blocks, per_block)), total
+        return await asyncio.to_thread(do)
+
+    async def add_block(self, principal, context_id: str, role: str, content: str, pinned: bool, label: str) -> Block:
+        return await asyncio.to_thread(self.contexts.add_block, principal.agent_id, context_id, role or "system",
+                                       content, pinned, label)
+
+    async def edit_block(self, principal, context_id: str, block_id: str, content: str | None,
+                         pinned: bool | None) -> Block:
+        return await asyncio.to_thread(self.contexts.edit_block, principal.agent_id, context_id, block_id, content,
+                                       pinned)
+
+    async def delete_block(self, principal, context_id: str, block_id: str) -> Block:
+        return await asyncio.to_thread(self.contexts.delete_block, principal.agent_id, context_id, block_id)

@@ -1,0 +1,46 @@
+"""What a tool is and what one call of it is."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+
+def schema(props: dict, required: list[str]) -> dict:
+    """A closed JSON schema of an object's arguments."""
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str
+    schema: dict
+    owner: str = "kernel"
+    code: str = ""
+    irreversible: bool = False
+    timeout_s: float = 10.0
+    max_concurrency: int = 4
+    cpu_s: float = 5.0
+    memory_mb: int = 256
+    public: bool = True
+    builtin: object = None           # async fn(memory, principal, args) for built-ins
+    semaphore: asyncio.Semaphore | None = None
+
+
+@dataclass
+class Call:
+    call_id: str
+    tool: str
+    principal: object                # who called: its calls run (and are accounted) as that principal
+    args: dict
+    state: str = "pending"           # pending -> done | error | denied
+    result: object = None
+    error: str = ""
+    started: float = field(default_factory=time.monotonic)
+    duration_ms: float = 0.0
+    decided: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def agent_id(self) -> str:
+        return self.principal.agent_id
