@@ -56,6 +56,28 @@ class LazyVectorMemory:
             return self._memory
 
 
+class ResourceOwners:
+    """For access control: a tool's owner and whether it is private; whether a model or "model/adapter" is
+    restricted. The tool registry is attached once it exists (it needs access control itself)."""
+
+    def __init__(self, config: KernelConfig, llm: LLMCore):
+        self.models = {m.name: m for m in config.effective_models()}
+        self.llm = llm
+        self.tools: ToolManager | None = None
+
+    def __call__(self, kind: str, name: str) -> tuple[str, bool]:
+        if kind == "tool":
+            return self.tools.owner(name) if self.tools else ("kernel", False)
+        model, _, adapter = name.partition("/")
+        served = self.llm.get(model)
+        cfg = self.models.get(served.name if served else model)
+        if cfg is None:
+            return "kernel", False
+        if ":" in adapter:                 # a published adapter, OWNER:NAME: private to its owner unless granted
+            return adapter.split(":", 1)[0], True
+        return "kernel", (adapter in cfg.restricted_adapters) if adapter else cfg.restricted
+
+
 def _quotas(config: KernelConfig) -> Quotas:
     q = config.quotas
     return Quotas(Limits(q.requests_per_second, q.tokens_per_minute, q.concurrent_generations),
@@ -76,14 +98,15 @@ class Kernel:
         self.contexts = ContextStore(data / "contexts.db")
         self.adapter_store = AdapterStore(data / "adapters")
         self.vector = LazyVectorMemory(config)
+        self.llm = LLMCore(config)
         # security
+        owners = ResourceOwners(config, self.llm)
         self.registry = AgentRegistry(data / "kernel.db", ttl_s=config.server.agent_ttl_s)
-        self.access_control = AccessControl(data / "access.db", config.server.admin_token, self._owner_of, self.audit)
+        self.access_control = AccessControl(data / "access.db", config.server.admin_token, owners, self.audit)
         self.quotas = _quotas(config)
         self.gate = Gate(self.registry, self.access_control, self.quotas)
-        # models, tools, fine-tuning jobs
-        self.llm = LLMCore(config)
-        self.tools = ToolManager(self.vector, self.access_control, config.tools.confirm_timeout_s)
+        # tools, fine-tuning jobs
+        self.tools = owners.tools = ToolManager(self.vector, self.access_control, config.tools.confirm_timeout_s)
         self.publisher = Publisher(self.llm, self.adapter_store)
         self.publisher.serve_published()      # published adapters are served again after a restart
         t = config.tuner
@@ -102,19 +125,6 @@ class Kernel:
                                  config.limits, config.engine.max_batch_size)
         self.tuner = Tuner(self.traces, self.files, self.jobs, self.adapter_store, self.llm, self.access_control,
                            config.tuner)
-
-    def _owner_of(self, kind: str, name: str) -> tuple[str, bool]:
-        """For access control: a tool's owner and whether it is private; whether a model/adapter is restricted."""
-        if kind == "tool":
-            return self.tools.owner(name)
-        model, _, adapter = name.partition("/")
-        served = self.llm.get(model)
-        cfg = {m.name: m for m in self.config.effective_models()}.get(served.name if served else model)
-        if cfg is None:
-            return "kernel", False
-        if ":" in adapter:                 # a published adapter, OWNER:NAME: private to its owner unless granted
-            return adapter.split(":", 1)[0], True
-        return "kernel", (adapter in cfg.restricted_adapters) if adapter else cfg.restricted
 
     def flush(self) -> None:
         self.registry.flush()

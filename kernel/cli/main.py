@@ -158,13 +158,12 @@ def cmd_finetune(args) -> int:
         print("kernos finetune: a token is needed: --token or KERNOS_TOKEN (the agent's token; an operator "
               "token shows every agent's jobs)", file=sys.stderr)
         return 2
-    operator = token.startswith("kn_admin_")
     try:
         # Not `with`: leaving it would end the agent's registration and revoke the token it lent us.
         s = kernos.sdk.connect(_address(args), token=token, timeout=args.timeout, tls_ca=args.tls_ca,
                                tls_cert=args.tls_cert, tls_key=args.tls_key)
         try:
-            return _finetune(args, s, operator)
+            return _finetune(args, s, operator="admin" in s.access.capabilities())
         finally:
             s.close()
     except (kernos.sdk.KernosError, ValueError, OSError) as e:

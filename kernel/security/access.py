@@ -83,6 +83,9 @@ RULES: dict[str, tuple[str, str, str]] = {
 }
 
 
+OPEN = "not restricted"
+
+
 class AccessError(StatusError):
     pass
 
@@ -110,7 +113,11 @@ def _covers(prefix: str, path: str) -> bool:
 
 class AccessControl:
     """`resolve(kind, name)` tells who owns a tool ("tool") and whether a model or "model/adapter" is
-    restricted ("model"): (owner, needs_grant)."""
+    restricted ("model"): (owner, needs_grant).
+
+    Grants, group memberships and capabilities are kept in memory, written through to SQLite: this kernel
+    is their only writer, so a decision reads no file. Operator tokens are read from the database at each
+    use, because `kernos token create` adds them from another process while the kernel runs."""
 
     def __init__(self, path: Path, admin_token: str | None = None, resolve=None, audit: TraceLog | None = None):
         self.resolve = resolve or (lambda kind, name: ("kernel", False))
@@ -119,6 +126,14 @@ class AccessControl:
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._config_admin = hashlib.sha256(admin_token.encode()).hexdigest() if admin_token else None
+        # Copy-on-write caches: a reader on another thread always sees a whole value.
+        self._groups_of: dict[str, frozenset[str]] = {}
+        for g, a in self._db.execute("SELECT grp, agent_id FROM members"):
+            self._groups_of[a] = self._groups_of.get(a, frozenset()) | {g}
+        self._caps = {a: fams for a, fams in self._db.execute("SELECT agent_id, families FROM capabilities")}
+        self._grants: dict[tuple[str, str], tuple[Grant, ...]] = {}
+        for g in (g for g in self._all_grants() if not g.revoked):
+            self._grants[(g.kind, g.owner)] = self._grants.get((g.kind, g.owner), ()) + (g,)
 
     # -- operators -----------------------------------------------------------------------------------
     def create_token(self, name: str, admin: bool = True, ttl_s: float = 0) -> tuple[str, float]:
@@ -161,11 +176,13 @@ class AccessControl:
         self._require_group(group)
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO members VALUES (?,?)", (group, agent_id))
+            self._groups_of[agent_id] = self._groups_of.get(agent_id, frozenset()) | {group}
 
     def remove_member(self, group: str, agent_id: str) -> None:
         self._require_group(group)
         with self._lock:
             self._db.execute("DELETE FROM members WHERE grp=? AND agent_id=?", (group, agent_id))
+            self._groups_of[agent_id] = self._groups_of.get(agent_id, frozenset()) - {group}
 
     def groups(self) -> dict[str, list[str]]:
         out = {r[0]: [] for r in self._db.execute("SELECT name FROM groups_ ORDER BY name")}
@@ -173,14 +190,14 @@ class AccessControl:
             out.setdefault(g, []).append(a)
         return out
 
-    def groups_of(self, agent_id: str) -> set[str]:
-        return {r[0] for r in self._db.execute("SELECT grp FROM members WHERE agent_id=?", (agent_id,))}
+    def groups_of(self, agent_id: str) -> frozenset[str]:
+        return self._groups_of.get(agent_id, frozenset())
 
     def capabilities(self, agent_id: str, operator: bool = False) -> tuple[str, ...]:
         if operator:
             return FAMILIES
-        r = self._db.execute("SELECT families FROM capabilities WHERE agent_id=?", (agent_id,)).fetchone()
-        return tuple(r[0].split(",")) if r and r[0] else (() if r else DEFAULT_FAMILIES)
+        fams = self._caps.get(agent_id)
+        return DEFAULT_FAMILIES if fams is None else tuple(fams.split(",")) if fams else ()
 
     def set_capabilities(self, agent_id: str, families: list[str]) -> tuple[str, ...]:
         bad = [f for f in families if f not in FAMILIES]
@@ -188,6 +205,7 @@ class AccessControl:
             raise AccessError("INVALID_ARGUMENT", f"unknown capability families {bad}; known: {list(FAMILIES)}")
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO capabilities VALUES (?,?)", (agent_id, ",".join(families)))
+            self._caps[agent_id] = ",".join(families)
         return self.capabilities(agent_id)
 
     # -- grants --------------------------------------------------------------------------------------------
@@ -224,7 +242,13 @@ class AccessControl:
             self._db.execute("INSERT INTO grants VALUES (?,?,?,?,?,?,?,?,?,?)", (
                 g.grant_id, g.grantee, g.kind, g.owner, g.resource, g.permission, g.created, g.expires, 0,
                 by.agent_id))
+            self._grants[(g.kind, g.owner)] = self._grants.get((g.kind, g.owner), ()) + (g,)
         return g
+
+    def _all_grants(self) -> list[Grant]:
+        rows = self._db.execute("SELECT grant_id, grantee, kind, owner, resource, permission, created, expires, "
+                                "revoked, granted_by FROM grants ORDER BY created").fetchall()
+        return [Grant(*r[:8], bool(r[8]), r[9]) for r in rows]
 
     def _grant(self, grant_id: str) -> Grant:
         r = self._db.execute("SELECT grant_id, grantee, kind, owner, resource, permission, created, expires, revoked, "
@@ -239,12 +263,13 @@ class AccessControl:
             raise AccessError("PERMISSION_DENIED", "only the owner, the granter or an operator may revoke a grant")
         with self._lock:
             self._db.execute("UPDATE grants SET revoked=1 WHERE grant_id=?", (grant_id,))
+            key = (g.kind, g.owner)
+            self._grants[key] = tuple(x for x in self._grants.get(key, ()) if x.grant_id != grant_id)
         g.revoked = True
         return g
 
     def grants(self, principal, include_revoked: bool = False) -> list[Grant]:
-        rows = self._db.execute("SELECT grant_id FROM grants ORDER BY created").fetchall()
-        out = [self._grant(r[0]) for r in rows]
+        out = self._all_grants()
         now = time.time()
         if not principal.operator:
             pid = principal.agent_id
@@ -290,22 +315,18 @@ class AccessControl:
                 return True, capability, "invalid path: the service rejects it"
         mine = {pid} | {f"group:{g}" for g in self.groups_of(pid)}
         now = time.time()
-        for r in self._db.execute("SELECT grantee, resource, permission, expires, revoked FROM grants WHERE kind=? "
-                                  "AND owner=?", (family, owner)):
-            grantee, prefix, gperm, expires, revoked = r
-            if revoked or (expires and now >= expires) or grantee not in mine:
+        for g in self._grants.get((family, owner), ()):
+            if not g.active(now) or g.grantee not in mine:
                 continue
-            if (perm == "read" or gperm == "write") and (family == "memory" or _covers(prefix, resource)):
-                return True, capability, f"grant to {grantee}"
+            if (perm == "read" or g.permission == "write") and (family == "memory" or _covers(g.resource, resource)):
+                return True, capability, f"grant to {g.grantee}"
         return False, capability, f"no grant gives '{pid}' {capability}"
 
     def _has_grant(self, pid: str, kind: str, owner: str, resource: str) -> bool:
         mine = {pid} | {f"group:{g}" for g in self.groups_of(pid)}
         now = time.time()
-        return any(grantee in mine and not revoked and (not expires or now < expires)
-                   for grantee, expires, revoked in self._db.execute(
-                       "SELECT grantee, expires, revoked FROM grants WHERE kind=? AND owner=? AND resource=?",
-                       (kind, owner, resource)))
+        return any(g.grantee in mine and g.resource == resource and g.active(now)
+                   for g in self._grants.get((kind, owner), ()))
 
     def authorize_model(self, principal, model: str, adapter: str | None, default: str | None = None) -> str | None:
         """The one decision on the model and adapter a generation uses: PERMISSION_DENIED for a model or a
@@ -317,7 +338,8 @@ class AccessControl:
         if adapter or not default:
             return adapter or None
         allowed, capability, reason = self.decide_named(principal, "model", f"{model}/{default}")
-        self._audit(principal.agent_id, "default_adapter", allowed, capability, reason)
+        if reason != OPEN:
+            self._audit(principal.agent_id, "default_adapter", allowed, capability, reason)
         return default if allowed else None
 
     def authorize_tool(self, principal, name: str) -> None:
@@ -325,15 +347,18 @@ class AccessControl:
 
     def _require(self, principal, kind: str, name: str) -> None:
         allowed, capability, reason = self.decide_named(principal, kind, name)
-        self._audit(principal.agent_id, f"{kind}:{name}", allowed, capability, reason)
+        if reason != OPEN:             # a restricted or private resource: a decision worth the audit log
+            self._audit(principal.agent_id, f"{kind}:{name}", allowed, capability, reason)
         if not allowed:
             raise AccessError("PERMISSION_DENIED", f"missing capability {capability}: {reason}")
 
     def decide_named(self, principal, kind: str, name: str) -> tuple[bool, str, str]:
-        """May `principal` execute the tool or model ("model/adapter") `name`?"""
+        """May `principal` execute the tool or model ("model/adapter") `name`? ("open": nothing to decide)"""
         pid = principal.agent_id
         owner, restricted = self.resolve(kind, name)
-        if not restricted or principal.operator or owner == pid:
+        if not restricted:
+            return True, f"{kind}:execute on {name}", OPEN
+        if principal.operator or owner == pid:
             return True, f"{kind}:execute on {name}", "allowed"
         if not self._has_grant(pid, kind, owner, name):
             return False, f"{kind}:execute on {name}", f"'{name}' is restricted and no grant gives '{pid}' access"
