@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import time
@@ -20,6 +21,25 @@ RESERVED = "kernos_created"
 
 class MemoryError_(StatusError):
     pass
+
+
+def _store_input_errors() -> tuple[type, ...]:
+    from chromadb import errors
+
+    return tuple(getattr(errors, n) for n in ("InvalidArgumentError", "DuplicateIDError") if hasattr(errors, n))
+
+
+def _rejects_bad_input(fn):
+    """The vector store's own input validation (chromadb's errors, ValueError) becomes INVALID_ARGUMENT."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StatusError:
+            raise
+        except (ValueError, *_store_input_errors()) as e:
+            raise MemoryError_("INVALID_ARGUMENT", f"rejected by the vector store: {e}") from None
+    return wrapped
 
 
 @dataclass
@@ -99,6 +119,7 @@ class VectorMemory:
         if len(meta) > 32 or any(len(k) > 128 or len(v) > 1024 for k, v in meta.items()):
             raise MemoryError_("INVALID_ARGUMENT", "metadata: at most 32 keys, keys <= 128 and values <= 1024 chars")
 
+    @_rejects_bad_input
     def add(
         self,
         namespace: str,
@@ -131,6 +152,7 @@ class VectorMemory:
         )
         return ids
 
+    @_rejects_bad_input
     def search(self, namespace: str, query: str, k: int = 5, where: dict[str, str] | None = None) -> list[Record]:
         self._check_text(query)
         self._check_meta(where or {})
@@ -147,6 +169,7 @@ class VectorMemory:
             for i, d, m, dist in zip(res["ids"][0], res["documents"][0], res["metadatas"][0], res["distances"][0])
         ]
 
+    @_rejects_bad_input
     def get(self, namespace: str, ids: list[str]) -> list[Record]:
         self._check_ids(ids)
         res = self._coll(namespace).get(ids=list(dict.fromkeys(ids)), include=["documents", "metadatas"])
@@ -156,11 +179,13 @@ class VectorMemory:
             raise MemoryError_("NOT_FOUND", f"no memory entries {missing[:5]}")
         return [found[i] for i in ids]
 
+    @_rejects_bad_input
     def documents(self, namespace: str, limit: int = 5000) -> list[Record]:
         """Up to `limit` entries of a namespace, in storage order (distractor pools, exports)."""
         res = self._coll(namespace).get(limit=limit, include=["documents", "metadatas"])
         return [self._record(i, d, m) for i, d, m in zip(res["ids"], res["documents"], res["metadatas"])]
 
+    @_rejects_bad_input
     def update(
         self, namespace: str, id_: str, text: str | None = None, metadata: dict[str, str] | None = None
     ) -> Record:
@@ -179,6 +204,7 @@ class VectorMemory:
         )
         return Record(id_, new_text, meta, old.created)
 
+    @_rejects_bad_input
     def delete(self, namespace: str, ids: list[str]) -> int:
         self._check_ids(ids)
         coll = self._coll(namespace)
@@ -187,6 +213,7 @@ class VectorMemory:
             coll.delete(ids=present)
         return len(present)
 
+    @_rejects_bad_input
     def delete_where(self, namespace: str, where: dict[str, str]) -> int:
         coll = self._coll(namespace)
         present = coll.get(where=_where(where), include=[])["ids"]

@@ -7,6 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kernos.scheduler import RequestView
+from kernos.storage.status import StatusError
 
 from .types import GenRequest, RequestHandle
 
@@ -60,13 +61,16 @@ class Engine(ABC):
 
     def suspend(self, request_id: str):
         """Preempt and park a request; returns a concurrent Future of its state."""
-        raise NotImplementedError
+        raise self._cannot("suspend")
 
     def resume(self, request_id: str):
-        raise NotImplementedError
+        raise self._cannot("resume")
 
     def checkpoint(self, request_id: str, directory):
-        raise NotImplementedError
+        raise self._cannot("snapshot")
+
+    def _cannot(self, what: str) -> StatusError:
+        return StatusError("FAILED_PRECONDITION", f"model '{self.name}' cannot {what} generations")
 
     @abstractmethod
     def snapshot(self) -> tuple[EngineStats, list[tuple[RequestView, str]]]:

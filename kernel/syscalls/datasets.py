@@ -9,10 +9,37 @@ import asyncio
 import json
 import math
 import re
+from dataclasses import dataclass, field
 
 from kernos.storage.status import StatusError
 
 from ..tuner import datasets as ds
+
+
+@dataclass
+class RagQuestion:
+    question: str
+    oracle_id: str          # the memory entry that answers it
+    answer: str
+
+
+@dataclass
+class DatasetSpec:
+    """What BuildDataset asks for; the fields of kinds other than `kind` are ignored."""
+    name: str
+    kind: str = "sft"
+    eval_fraction: float = 0.0          # 0: the default, 0.1
+    min_reward: float | None = None
+    samples: int = 0                    # raft
+    reward_regex: str = ""
+    temperature: float = 0.0
+    model: str = ""
+    max_tokens: int = 0
+    items: list[RagQuestion] = field(default_factory=list)   # rag
+    distractors: int = 0
+    oracle_fraction: float | None = None
+    seed: int = 0
+
 
 DATASET_NAME = re.compile(r"^[a-z0-9_.-]{1,64}$")
 MAX_RAFT_PROMPTS = 2000
@@ -39,14 +66,14 @@ class Datasets:
         self.limits = limits
         self.max_batch_size = max_batch_size
 
-    async def build(self, agent, request) -> tuple[dict, int, int, int]:
+    async def build(self, agent, request: DatasetSpec) -> tuple[dict, int, int, int]:
         """(card, train examples, eval examples, version) of the data set built into the agent's storage."""
         if not DATASET_NAME.match(request.name):
             raise StatusError("INVALID_ARGUMENT", "data set names are 1-64 characters of a-z, 0-9, '_', '.', '-'")
         frac = request.eval_fraction or 0.1
         if not 0 <= frac <= 0.5:
             raise StatusError("INVALID_ARGUMENT", "eval_fraction must be between 0 and 0.5")
-        min_reward = request.min_reward if request.HasField("min_reward") else None
+        min_reward = request.min_reward if request.min_reward is not None else None
         if min_reward is not None and not math.isfinite(min_reward):
             raise StatusError("INVALID_ARGUMENT", "min_reward must be a finite number")
         pairs = []
@@ -132,7 +159,7 @@ class Datasets:
         n_distract = request.distractors or 3
         if not 1 <= n_distract <= 16:
             raise StatusError("INVALID_ARGUMENT", "distractors must be between 1 and 16")
-        p = request.oracle_fraction if request.HasField("oracle_fraction") else 0.8
+        p = request.oracle_fraction if request.oracle_fraction is not None else 0.8
         if not 0 <= p <= 1:
             raise StatusError("INVALID_ARGUMENT", "oracle_fraction must be between 0 and 1")
         ns = agent.agent_id

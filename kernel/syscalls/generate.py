@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
-from kernos.storage.status import StatusError, exhausted, invalid, not_found, precondition, unavailable
+from kernos.storage.status import StatusError, exhausted, invalid, not_found, unavailable
 from kernos.storage.traces import TraceRecord
 
 from ..llm.core import LLMCore, ServedModel
@@ -309,12 +309,7 @@ class Generate:
 
     async def _engine_call(self, principal, request_id: str, action: str, *args):
         model = self._own(principal, request_id)
-        try:
-            return await asyncio.wrap_future(getattr(model.engine, action)(request_id, *args))
-        except NotImplementedError:
-            raise precondition(f"model '{model.name}' ({model.architecture}) cannot suspend generations") from None
-        except KeyError:
-            raise not_found(f"generation '{request_id}' has already finished") from None
+        return await asyncio.wrap_future(getattr(model.engine, action)(request_id, *args))
 
     async def suspend(self, principal, request_id: str) -> str:
         return await self._engine_call(principal, request_id, "suspend")

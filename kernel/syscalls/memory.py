@@ -1,18 +1,12 @@
 """The memory syscalls: long-term vector memory in a namespace (the caller's own, or another agent's past
 the gate's grant check), and the caller's working contexts with their blocks. Store calls run off the
-event loop; the vector store's own input errors become INVALID_ARGUMENT."""
+event loop."""
 from __future__ import annotations
 
 import asyncio
 
 from kernos.memory.context import Block, Context, ContextStore
-from kernos.storage.status import StatusError, invalid, not_found
-
-
-def _store_input_errors() -> tuple[type, ...]:
-    from chromadb import errors
-
-    return tuple(getattr(errors, n) for n in ("InvalidArgumentError", "DuplicateIDError") if hasattr(errors, n))
+from kernos.storage.status import invalid, not_found
 
 
 class Memory:
@@ -23,12 +17,7 @@ class Memory:
         self.limits = limits
 
     async def _vector(self, fn):
-        try:
-            return await asyncio.to_thread(lambda: fn(self.memory()))
-        except StatusError:
-            raise
-        except (ValueError, *_store_input_errors()) as e:
-            raise invalid(f"rejected by the vector store: {e}") from None
+        return await asyncio.to_thread(lambda: fn(self.memory()))
 
     @staticmethod
     def namespace(principal, requested: str) -> str:

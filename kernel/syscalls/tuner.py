@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import re
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
@@ -16,6 +17,27 @@ from kernos.storage.status import StatusError
 from ..tuner.config import TrainConfig
 from ..tuner.jobs import FINAL, Job
 from .datasets import DATASET_NAME, served_model
+
+
+@dataclass
+class Outcome:
+    """Feedback on one generation: a reward, a success flag, a preferred reply (any of them), a note."""
+    request_id: str
+    reward: float | None = None
+    success: bool | None = None
+    note: str = ""
+    preferred: str = ""
+
+
+@dataclass
+class FinetuneSpec:
+    name: str
+    dataset: str
+    model: str = ""
+    config_json: str = ""
+    set_default: bool = False
+    min_improvement: float = 0.0
+
 
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 JOB_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -32,12 +54,12 @@ class Tuner:
         self.access = access
         self.config = config  # TunerConfig
 
-    async def feedback(self, agent, request) -> int:
+    async def feedback(self, agent, request: Outcome) -> int:
         """Attach an outcome to one of the agent's traced generations; how many outcomes it now has."""
         if not REQUEST_ID.match(request.request_id):
             raise StatusError("INVALID_ARGUMENT", "request_id must be the 32 hex characters of a generation's reply")
-        reward = request.reward if request.HasField("reward") else None
-        success = request.success if request.HasField("success") else None
+        reward = request.reward if request.reward is not None else None
+        success = request.success if request.success is not None else None
         if reward is None and success is None and not request.preferred:
             raise StatusError("INVALID_ARGUMENT", "give a reward, a success flag, a preferred reply, or several")
         if reward is not None and not math.isfinite(reward):
@@ -62,7 +84,7 @@ class Tuner:
         return n
 
     # -- jobs ----------------------------------------------------------------------------------------------
-    async def start(self, agent, request) -> Job:
+    async def start(self, agent, request: FinetuneSpec) -> Job:
         """Queue a fine-tuning job on one of the agent's data sets."""
         if not NAME_RE.match(request.name):
             raise StatusError("INVALID_ARGUMENT", "adapter names are 1-64 characters of a-z, 0-9, '_', '.', '-'")

@@ -15,7 +15,7 @@ from kernos.storage.status import StatusError
 
 from . import sandbox
 from .builtins import BUILTINS
-from .spec import Call, Tool
+from .spec import Call, Tool, ToolSpec
 
 NAME_RE = re.compile(r"^[a-z0-9_]{1,64}$")
 MAX_ARGS = 64 * 1024
@@ -29,7 +29,7 @@ class ToolManager:
         self.tools: dict[str, Tool] = {t.name: t for t in BUILTINS}
         self.calls: dict[str, Call] = {}
 
-    def register(self, principal, spec) -> Tool:
+    def register(self, principal, spec: ToolSpec) -> Tool:
         from jsonschema import Draft202012Validator, SchemaError
 
         owner = principal.agent_id

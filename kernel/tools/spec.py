@@ -12,6 +12,22 @@ def schema(props: dict, required: list[str]) -> dict:
 
 
 @dataclass
+class ToolSpec:
+    """A tool an agent registers: Python run in the sandbox, its JSON schema (a string), and its limits
+    (0: the default)."""
+    name: str
+    code: str
+    schema_json: str = ""
+    description: str = ""
+    irreversible: bool = False
+    public: bool = False
+    timeout_s: float = 0
+    max_concurrency: int = 0
+    cpu_s: float = 0
+    memory_mb: int = 0
+
+
+@dataclass
 class Tool:
     name: str
     description: str

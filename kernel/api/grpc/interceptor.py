@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 
-from kernos.storage.status import StatusError
+from kernos.storage.status import CODES, StatusError
 from kernos.storage.traces import TraceLog, TraceRecord
 
 from ...security.gate import Gate
@@ -38,6 +38,7 @@ def current_principal():
     return _PRINCIPAL.get()
 
 
+GRPC_STATUS = {code: getattr(grpc.StatusCode, code) for code in CODES}   # the one mapping to gRPC statuses
 TOKEN_HEADER = "authorization"     # "Bearer <token>"
 PUBLIC_METHODS = {"/kernos.v1.Kernel/Register", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
                   "/grpc.health.v1.Health/List"}
@@ -193,7 +194,7 @@ class _Syscall:
             if e.retry_after_s is not None:
                 self.context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
                 message = f"{message}; retry after {e.retry_after_s:.1f} s"
-            await self.context.abort(getattr(grpc.StatusCode, e.code), message)
+            await self.context.abort(GRPC_STATUS[e.code], message)
         if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
             raise e
         if not isinstance(e, Exception):          # CancelledError, GeneratorExit: the client went away

@@ -7,7 +7,7 @@ from kernos.proto.v1 import tools_pb2 as pb
 from kernos.proto.v1 import tools_pb2_grpc as rpc
 
 from ...tools.manager import ToolManager
-from ...tools.spec import Call, Tool
+from ...tools.spec import Call, Tool, ToolSpec
 from .interceptor import current_principal
 
 
@@ -26,7 +26,9 @@ class ToolsServicer(rpc.ToolsServicer):
         self.tools = tools
 
     async def Register(self, r, context):
-        return _info(self.tools.register(current_principal(), r))
+        spec = ToolSpec(r.name, r.code, r.schema_json, r.description, r.irreversible, r.public, r.timeout_s,
+                        r.max_concurrency, r.cpu_s, r.memory_mb)
+        return _info(self.tools.register(current_principal(), spec))
 
     async def List(self, r, context):
         return pb.ListToolsReply(tools=[_info(t) for t in self.tools.visible(current_principal())])

@@ -6,8 +6,8 @@ import json
 from kernos.proto.v1 import tuner_pb2 as pb
 from kernos.proto.v1 import tuner_pb2_grpc as rpc
 
-from ...syscalls.datasets import Datasets
-from ...syscalls.tuner import Tuner
+from ...syscalls.datasets import Datasets, DatasetSpec, RagQuestion
+from ...syscalls.tuner import FinetuneSpec, Outcome, Tuner
 from ...tuner.jobs import Job
 from .interceptor import current_principal
 
@@ -24,20 +24,38 @@ def job_message(j: Job) -> pb.Job:
                   config_json=json.dumps(j.config), resumed_from_step=j.resumed_from_step)
 
 
+def _opt(msg, name: str):
+    return getattr(msg, name) if msg.HasField(name) else None
+
+
+def outcome(r: pb.FeedbackRequest) -> Outcome:
+    return Outcome(r.request_id, _opt(r, "reward"), _opt(r, "success"), r.note, r.preferred)
+
+
+def dataset_spec(r: pb.BuildDatasetRequest) -> DatasetSpec:
+    return DatasetSpec(r.name, r.kind, r.eval_fraction, _opt(r, "min_reward"), r.samples, r.reward_regex, r.temperature,
+                       r.model, r.max_tokens, [RagQuestion(i.question, i.oracle_id, i.answer) for i in r.items],
+                       r.distractors, _opt(r, "oracle_fraction"), r.seed)
+
+
+def finetune_spec(r: pb.FinetuneRequest) -> FinetuneSpec:
+    return FinetuneSpec(r.name, r.dataset, r.model, r.config_json, r.set_default, r.min_improvement)
+
+
 class TunerServicer(rpc.TunerServicer):
     def __init__(self, datasets: Datasets, tuner: Tuner):
         self.datasets = datasets
         self.tuner = tuner
 
     async def Feedback(self, r, context):
-        return pb.FeedbackReply(outcomes=await self.tuner.feedback(current_principal(), r))
+        return pb.FeedbackReply(outcomes=await self.tuner.feedback(current_principal(), outcome(r)))
 
     async def BuildDataset(self, r, context):
-        card, train, evals, version = await self.datasets.build(current_principal(), r)
+        card, train, evals, version = await self.datasets.build(current_principal(), dataset_spec(r))
         return pb.DatasetInfo(name=r.name, train=train, eval=evals, version=version, card_json=json.dumps(card))
 
     async def StartFinetune(self, r, context):
-        return job_message(await self.tuner.start(current_principal(), r))
+        return job_message(await self.tuner.start(current_principal(), finetune_spec(r)))
 
     async def GetJob(self, r, context):
         return job_message(await self.tuner.job(current_principal(), r.job_id))

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from kernos.scheduler import Budget, FifoPolicy, Policy, RequestView
+from kernos.storage.status import StatusError
 
 from ..base import Engine, EngineStats
 from ..registry import LoadedModel
@@ -245,7 +246,7 @@ class TransformersEngine(Engine):
         for s in self.rows + self.waiting:
             if s.req.request_id == request_id:
                 return s
-        raise KeyError(request_id)
+        raise StatusError("NOT_FOUND", f"generation '{request_id}' has already finished")
 
     def _drop_cancelled(self) -> None:
         for s in [s for s in self.waiting if s.handle.cancelled]:
