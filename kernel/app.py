@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 from kernos.memory.context import ContextStore
 from kernos.storage.adapters import AdapterStore
@@ -106,7 +107,7 @@ class Kernel:
         self.quotas = _quotas(config)
         self.gate = Gate(self.registry, self.access_control, self.quotas)
         # tools, fine-tuning jobs
-        self.tools = owners.tools = ToolManager(self.vector, self.access_control, config.tools.confirm_timeout_s)
+        self.tools = owners.tools = ToolManager(self.vector, self.access_control, config.tools)
         self.publisher = Publisher(self.llm, self.adapter_store)
         self.publisher.serve_published()      # published adapters are served again after a restart
         t = config.tuner
@@ -132,7 +133,9 @@ class Kernel:
     def drain(self, timeout: float) -> bool:
         """Stop accepting generations and let running ones finish within `timeout` (blocking)."""
         self.lifecycle.stopping = True
+        deadline = time.monotonic() + timeout
         clean = self.llm.drain(timeout)
+        self.tools.drain(deadline)            # tool calls get what is left of the drain, then their jails die
         log.info("engines drained (%s)", "all finished" if clean else "timeout: the rest were cancelled")
         return clean
 

@@ -115,6 +115,12 @@ class QuotasConfig(QuotaLimits):
 
 class ToolsConfig(_Strict):
     confirm_timeout_s: float = Field(300.0, gt=0, description="an irreversible call not confirmed by then is denied")
+    unsafe_no_jail: bool = Field(False, description="run tool code without the bubblewrap jail where none works "
+                                                    "(it then sees the kernel's files): never on a shared kernel")
+    max_concurrent_calls: int = Field(8, gt=0, description="tool calls running at once, all agents together")
+    max_calls_per_agent: int = Field(4, gt=0, description="tool calls one agent may run at once")
+    max_wall_s: float = Field(300.0, gt=0, description="the longest wall-clock limit a tool may have")
+    max_processes: int = Field(32, gt=0, description="processes one call of tool code may run")
 
 
 class TunerConfig(_Strict):

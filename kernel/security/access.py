@@ -15,6 +15,7 @@ Two kinds of decision, each made once per syscall and written to the audit log:
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import secrets
 import threading
@@ -213,6 +214,8 @@ class AccessControl:
               ttl_s: float = 0) -> Grant:
         """`by` (a principal) lets `grantee` use `owner`'s resource; only the owner or an operator may."""
         owner = owner or by.agent_id
+        if not (ttl_s >= 0 and math.isfinite(ttl_s)):
+            raise AccessError("INVALID_ARGUMENT", "ttl_s must be a finite number of seconds >= 0 (0: no expiry)")
         if kind not in ("memory", "storage", "tool", "model"):
             raise AccessError("INVALID_ARGUMENT", "kind must be 'memory', 'storage', 'tool' or 'model'")
         allowed = ("execute",) if kind in ("tool", "model") else ("read", "write")

@@ -1,11 +1,12 @@
 """The built-in tools: a safe arithmetic evaluator, search over the caller's own memory and indexed files,
-and `python` (run in the sandbox like every registered tool). A built-in is `async fn(memory, principal,
-args)`, where `memory()` opens the long-term vector memory."""
+and `python` (run in the jail like every registered tool). A built-in is `async fn(tools, principal, args)`:
+`tools.memory()` opens the long-term vector memory, `tools.in_pool(fn)` runs blocking work on the tools'
+own threads. The calculator bounds its input (length, nesting), exponents and every intermediate result
+(at most 1000 digits): anything else is INVALID_ARGUMENT, never an internal error."""
 
 from __future__ import annotations
 
 import ast
-import asyncio
 import math
 import operator
 
@@ -43,9 +44,9 @@ def calculate(expression: str) -> float:
             left, right = ev(node.left), ev(node.right)
             if isinstance(node.op, ast.Pow) and (abs(right) > 1000 or abs(left) > 1e6):
                 raise ValueError("exponent too large")
-            return _OPS[type(node.op)](left, right)
+            return bounded(_OPS[type(node.op)](left, right))
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](ev(node.operand))
+            return bounded(_OPS[type(node.op)](ev(node.operand)))
         if isinstance(node, ast.Name) and node.id in _CONSTS:
             return _CONSTS[node.id]
         if (
@@ -54,29 +55,41 @@ def calculate(expression: str) -> float:
             and node.func.id in _FUNCS
             and not node.keywords
         ):
-            return _FUNCS[node.func.id](*[ev(a) for a in node.args])
+            return bounded(_FUNCS[node.func.id](*[ev(a) for a in node.args]))
         raise ValueError(f"not allowed in a calculation: {ast.dump(node)[:60]}")
+
+    def bounded(value):
+        if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+            raise ValueError(f"a result over {MAX_DIGITS} digits")
+        return value
 
     if len(expression) > 1000:
         raise ValueError("expression longer than 1000 characters")
-    return ev(ast.parse(expression, mode="eval"))
+    try:
+        return ev(ast.parse(expression, mode="eval"))
+    except RecursionError:
+        raise ValueError("expression nested too deeply") from None
 
 
-async def _calculator(memory, principal, args):
+MAX_DIGITS = 1000
+MAX_INT_BITS = int(MAX_DIGITS * 3.3219)     # log2(10) bits a digit
+
+
+async def _calculator(tools, principal, args):
     try:
         return calculate(args["expression"])
-    except (ValueError, SyntaxError, ZeroDivisionError, OverflowError, TypeError) as e:
+    except (ValueError, SyntaxError, ZeroDivisionError, OverflowError, TypeError, MemoryError) as e:
         raise StatusError("INVALID_ARGUMENT", f"calculator: {e}") from None
 
 
-async def _memory_search(memory, principal, args):
-    hits = await asyncio.to_thread(lambda: memory().search(principal.agent_id, args["query"], args.get("k", 5)))
+async def _memory_search(tools, principal, args):
+    hits = await tools.in_pool(lambda: tools.memory().search(principal.agent_id, args["query"], args.get("k", 5)))
     return [{"id": h.id, "text": h.text, "distance": h.distance} for h in hits]
 
 
-async def _storage_search(memory, principal, args):
-    hits = await asyncio.to_thread(
-        lambda: memory().search(principal.agent_id, args["query"], args.get("k", 5) * 4, {"kind": "file"})
+async def _storage_search(tools, principal, args):
+    hits = await tools.in_pool(
+        lambda: tools.memory().search(principal.agent_id, args["query"], args.get("k", 5) * 4, {"kind": "file"})
     )
     seen, out = set(), []
     for h in hits:

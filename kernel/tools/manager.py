@@ -1,33 +1,72 @@
 """The tool manager: the use case behind the Tools syscalls. A registry of tools with JSON-schema
-arguments, run with per-tool concurrency limits and timeouts. Built-ins run in the kernel; `python` and
-every registered tool run in the sandbox. Who may call a private tool is decided here, once per call.
-Irreversible tools park the call until an operator confirms or denies it; a timeout denies."""
+arguments. Built-ins run in the kernel; `python` and every registered tool run in the jail (`jail.py`).
+Who may call a private tool is decided here, once per call. Irreversible tools park the call until an
+operator confirms or denies it; a timeout denies.
+
+Tool work runs apart from the kernel's own: on a bounded pool of its own threads (not the one that serves
+storage, memory and access), at most `max_concurrent_calls` at once, `max_calls_per_agent` per agent and
+the tool's own `max_concurrency`. A draining kernel refuses new calls, lets running ones finish until its
+deadline, then kills their jails."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from kernos.storage.status import StatusError
 
 from . import sandbox
 from .builtins import BUILTINS
+from .jail import Jail, Limits
 from .spec import Call, Tool, ToolSpec
+
+log = logging.getLogger("kernos.tools")
 
 NAME_RE = re.compile(r"^[a-z0-9_]{1,64}$")
 MAX_ARGS = 64 * 1024
 
 
 class ToolManager:
-    def __init__(self, memory, access, confirm_timeout_s: float = 300.0):
+    def __init__(self, memory, access, config):
         self.memory = memory  # () -> the long-term vector memory, opened on first use
         self.access = access
-        self.confirm_timeout_s = confirm_timeout_s
+        self.config = config  # ToolsConfig
+        self.confirm_timeout_s = config.confirm_timeout_s
         self.tools: dict[str, Tool] = {t.name: t for t in BUILTINS}
         self.calls: dict[str, Call] = {}
+        self.pool = ThreadPoolExecutor(max_workers=config.max_concurrent_calls, thread_name_prefix="tool")
+        self._per_agent: dict[str, asyncio.Semaphore] = {}
+        self._procs: set = set()
+        self._procs_lock = threading.Lock()
+        self._running = 0
+        self.stopping = False
+        self.jail, self.no_code_reason = self._jail()
+
+    def _jail(self) -> tuple[Jail | None, str]:
+        """The jail if it holds; else None, and why code cannot run (empty when the operator allowed it)."""
+        jail = Jail()
+        problem = jail.self_test()
+        if problem is None:
+            log.info("tool jail: bubblewrap, interpreter %s%s", jail.python,
+                     ", as uid nobody" if jail.drop_to_nobody else "")
+            return jail, ""
+        if self.config.unsafe_no_jail:
+            log.warning("tool jail does not work here (%s); tools.unsafe_no_jail = true: tool code runs WITHOUT "
+                        "a jail and can read the kernel's files", problem)
+            return None, ""
+        log.error("tool jail does not work here (%s): the python tool and registered tools are disabled "
+                  "(install bubblewrap, or set tools.unsafe_no_jail = true on a single-user machine)", problem)
+        return None, f"tool code cannot run on this kernel: no working jail ({problem})"
+
+    async def in_pool(self, fn, *args):
+        """Run blocking tool work on the tools' own threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def register(self, principal, spec: ToolSpec) -> Tool:
         from jsonschema import Draft202012Validator, SchemaError
@@ -37,9 +76,18 @@ class ToolManager:
             raise StatusError("INVALID_ARGUMENT", "tool names are 1-64 characters of a-z, 0-9 and '_'")
         existing = self.tools.get(spec.name)
         if existing is not None and (existing.owner == "kernel" or existing.owner != owner):
-            raise StatusError("ALREADY_EXISTS", f"tool '{spec.name}' exists and belongs to '{existing.owner}'")
+            raise StatusError("ALREADY_EXISTS", f"the tool name '{spec.name}' is taken")   # not by whom
         if not spec.code.strip():
-            raise StatusError("INVALID_ARGUMENT", "a registered tool needs code (Python, run in the sandbox)")
+            raise StatusError("INVALID_ARGUMENT", "a registered tool needs code (Python, run in the jail)")
+        if self.no_code_reason:
+            raise StatusError("FAILED_PRECONDITION", self.no_code_reason)
+        try:
+            compile(spec.code, f"<tool {spec.name}>", "exec")
+        except SyntaxError as e:
+            raise StatusError("INVALID_ARGUMENT", f"the tool's code does not compile: line {e.lineno}: {e.msg}") \
+                from None
+        except ValueError as e:                   # e.g. a NUL byte in the source
+            raise StatusError("INVALID_ARGUMENT", f"the tool's code does not compile: {e}") from None
         try:
             schema = json.loads(spec.schema_json or '{"type": "object"}')
             Draft202012Validator.check_schema(schema)
@@ -54,7 +102,7 @@ class ToolManager:
             owner,
             spec.code,
             spec.irreversible,
-            min(spec.timeout_s or 10.0, 300.0),
+            min(spec.timeout_s or 10.0, self.config.max_wall_s),
             min(spec.max_concurrency or 4, 64),
             min(spec.cpu_s or 5.0, 120.0),
             min(spec.memory_mb or 256, 4096),
@@ -107,25 +155,48 @@ class ToolManager:
                 del self.calls[cid]
 
     async def _run(self, tool: Tool, principal, call: Call) -> None:
+        if self.stopping:
+            raise StatusError("UNAVAILABLE", "the kernel is shutting down")
+        if tool.builtin is None and self.no_code_reason:
+            raise StatusError("FAILED_PRECONDITION", self.no_code_reason)
         if tool.semaphore is None:
             tool.semaphore = asyncio.Semaphore(tool.max_concurrency)
+        mine = self._per_agent.setdefault(principal.agent_id, asyncio.Semaphore(self.config.max_calls_per_agent))
         t0 = time.monotonic()
-        async with tool.semaphore:
-            try:
+        self._running += 1
+        try:
+            async with mine, tool.semaphore:
                 if tool.builtin is not None:
-                    call.result = await asyncio.wait_for(
-                        tool.builtin(self.memory, principal, call.args), tool.timeout_s
-                    )
+                    call.result = await asyncio.wait_for(tool.builtin(self, principal, call.args), tool.timeout_s)
                     call.state = "done"
                 else:
-                    out = await asyncio.to_thread(
-                        sandbox.run_python, tool.code, call.args, tool.cpu_s, tool.memory_mb, tool.timeout_s
-                    )
+                    limits = Limits(cpu_s=tool.cpu_s, memory_mb=tool.memory_mb,
+                                    wall_s=min(tool.timeout_s, self.config.max_wall_s),
+                                    processes=self.config.max_processes)
+                    out = await self.in_pool(sandbox.run_python, tool.code, call.args, limits, self.jail,
+                                             self._started)
                     call.state, call.result, call.error = ("done" if out.ok else "error"), out.result, out.error
-            except asyncio.TimeoutError:
-                call.state, call.error = "error", f"timed out after {tool.timeout_s:g} s"
+        except asyncio.TimeoutError:
+            call.state, call.error = "error", f"timed out after {tool.timeout_s:g} s"
+        finally:
+            self._running -= 1
         call.duration_ms = (time.monotonic() - t0) * 1e3
         call.decided.set()
+
+    def _started(self, proc) -> None:
+        with self._procs_lock:
+            self._procs = {p for p in self._procs if p.poll() is None} | {proc}
+
+    def drain(self, deadline: float) -> None:
+        """Refuse new calls, let running ones finish until `deadline` (monotonic), then kill their jails."""
+        self.stopping = True
+        while self._running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._procs_lock:
+            procs = list(self._procs)
+        for p in procs:
+            sandbox.kill(p)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _pending(self, call_id: str) -> Call:
         call = self.calls.get(call_id)

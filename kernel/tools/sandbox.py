@@ -1,21 +1,23 @@
-"""A sandboxed Python runner for tools: a fresh interpreter (`python -I`) in a subprocess with CPU-time,
-memory, file-size and open-file limits, a wall-clock timeout, its own temporary directory as cwd and
-HOME, a scrubbed environment, and no network (a new network namespace via `unshare -rn`, where even
-loopback is down). The code sees `args` (the call's JSON arguments) and sets `result` (JSON-able)."""
+"""Running a tool's Python: in the jail (`jail.py`), or, only where the operator set
+`tools.unsafe_no_jail = true` on a machine without one, in a plain subprocess with the same limits and no
+network but the kernel's view of the filesystem.
+
+The job (code and arguments) goes in, and stdout, stderr and the result come out, through anonymous
+in-memory files (memfd) rather than pipes: output is bounded by the file-size limit, nothing can block on
+a full pipe, and the result has its own channel, which printing cannot forge. The code sees `args` and
+sets `result` (JSON-able)."""
 from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 
-_PRELUDE = "import json, sys\nargs = json.loads(sys.stdin.read() or 'null')\nresult = None\n"
-_EPILOGUE = "\nprint('\\n__KERNOS_RESULT__' + json.dumps(result))\n"
+from .jail import PRELUDE, Jail, Limits
 
 
 @dataclass
@@ -35,35 +37,84 @@ def network_isolation() -> list[str]:
     return []
 
 
-def run_python(code: str, args, cpu_s: float = 5, memory_mb: int = 256, wall_s: float = 10,
+def _memfd(name: str, data: bytes = b"") -> int:
+    fd = os.memfd_create(name)
+    if data:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _read(fd: int, limit: int) -> str:
+    size = os.lseek(fd, 0, os.SEEK_END)
+    os.lseek(fd, max(0, size - limit), os.SEEK_SET)
+    return os.read(fd, limit).decode("utf-8", "replace")
+
+
+def _command(jail: Jail | None, limits: Limits, result_fd: int) -> tuple[list[str], dict]:
+    env = {"KERNOS_LIMITS": json.dumps({"cpu_s": max(1, int(limits.cpu_s)), "memory_mb": limits.memory_mb,
+                                        "file_mb": limits.file_mb, "open_files": limits.open_files,
+                                        "processes": limits.processes}),
+           "KERNOS_RESULT_FD": str(result_fd)}
+    if jail is not None:
+        argv = jail.argv()
+        for k, v in env.items():
+            argv += ["--setenv", k, v]
+        return argv + ["--", jail.python, "-I", "-c", PRELUDE], {"env": {"PATH": "/usr/bin:/bin"}}
+    # Unsafe: no jail. Still no network, a scrubbed environment and the same limits (set by the prelude).
+    return network_isolation() + [sys.executable, "-I", "-c", PRELUDE], {
+        "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **env}}
+
+
+def run_python(code: str, args, limits: Limits, jail: Jail | None, on_start=None,
                max_output: int = 64 * 1024) -> SandboxResult:
-    tmp = tempfile.mkdtemp(prefix="kernos-sandbox-")
-
-    def limits():
-        resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_s) or 1, int(cpu_s) or 1))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-        os.setsid()
-
-    cmd = network_isolation() + [sys.executable, "-I", "-c", _PRELUDE + code + _EPILOGUE]
+    """Run `code` with `args`; `on_start(proc)` gets the process (so a draining kernel can kill it)."""
+    job = _memfd("kernos-job", json.dumps({"code": code, "args": args}).encode())
+    out, err, res = _memfd("kernos-stdout"), _memfd("kernos-stderr"), _memfd("kernos-result")
     try:
-        proc = subprocess.run(cmd, input=json.dumps(args), capture_output=True, text=True, timeout=wall_s, cwd=tmp,
-                              env={"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"},
-                              preexec_fn=limits)
-    except subprocess.TimeoutExpired:
-        return SandboxResult(False, error=f"wall-clock limit of {wall_s:g} s exceeded")
+        argv, extra = _command(jail, limits, res)
+        cwd = None
+        if jail is None:
+            import tempfile
+            cwd = tempfile.mkdtemp(prefix="kernos-sandbox-")
+            extra["env"].update(HOME=cwd, TMPDIR=cwd)
+        try:
+            proc = subprocess.Popen(argv, stdin=job, stdout=out, stderr=err, pass_fds=(res,), cwd=cwd,
+                                    start_new_session=True, **extra)
+            if on_start is not None:
+                on_start(proc)
+            try:
+                code_ = proc.wait(timeout=limits.wall_s)
+            except subprocess.TimeoutExpired:
+                kill(proc)
+                return SandboxResult(False, error=f"wall-clock limit of {limits.wall_s:g} s exceeded",
+                                     stdout=_read(out, max_output))
+            finally:
+                kill(proc)              # whatever it left behind (the jail's PID namespace already did)
+        finally:
+            if cwd is not None:
+                shutil.rmtree(cwd, ignore_errors=True)
+        stdout, stderr = _read(out, max_output), _read(err, 16 * 1024)
+        if code_ != 0:
+            if code_ in (-signal.SIGKILL, -signal.SIGXCPU, 128 + signal.SIGKILL, 128 + signal.SIGXCPU):
+                return SandboxResult(False, error=f"CPU-time limit of {limits.cpu_s:g} s exceeded", stdout=stdout)
+            last = (stderr.strip().splitlines() or [f"exit code {code_}"])[-1]
+            if "MemoryError" in stderr:
+                last = f"memory limit of {limits.memory_mb} MB exceeded ({last})"
+            return SandboxResult(False, error=last[:2000], stdout=stdout)
+        raw = _read(res, 16 << 20)
+        if not raw:
+            return SandboxResult(False, error="the code did not finish normally (no result)", stdout=stdout)
+        return SandboxResult(True, result=json.loads(raw), stdout=stdout)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    out = proc.stdout[-max_output:]
-    if proc.returncode != 0:
-        if proc.returncode in (-9, -24, 137, 152):  # SIGKILL / SIGXCPU from the CPU limit
-            return SandboxResult(False, error=f"CPU-time limit of {cpu_s:g} s exceeded", stdout=out)
-        last = (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]
-        if "MemoryError" in proc.stderr:
-            last = f"memory limit of {memory_mb} MB exceeded ({last})"
-        return SandboxResult(False, error=last[:2000], stdout=out)
-    head, sep, tail = proc.stdout.rpartition("\n__KERNOS_RESULT__")
-    if not sep:
-        return SandboxResult(False, error="the code did not finish normally", stdout=out)
-    return SandboxResult(True, result=json.loads(tail), stdout=head[-max_output:])
+        for fd in (job, out, err, res):
+            os.close(fd)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+

@@ -40,7 +40,7 @@ class Tool:
     cpu_s: float = 5.0
     memory_mb: int = 256
     public: bool = True
-    builtin: object = None           # async fn(memory, principal, args) for built-ins
+    builtin: object = None           # async fn(tools, principal, args) for built-ins
     semaphore: asyncio.Semaphore | None = None
 
 
