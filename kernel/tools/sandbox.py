@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -84,7 +85,7 @@ def run_python(code: str, args, limits: Limits, jail: Jail | None, on_start=None
             if on_start is not None:
                 on_start(proc)
             try:
-                code_ = proc.wait(timeout=limits.wall_s)
+                code_ = _wait(proc, limits.wall_s)
             except subprocess.TimeoutExpired:
                 kill(proc)
                 return SandboxResult(False, error=f"wall-clock limit of {limits.wall_s:g} s exceeded",
@@ -109,6 +110,21 @@ def run_python(code: str, args, limits: Limits, jail: Jail | None, on_start=None
     finally:
         for fd in (job, out, err, res):
             os.close(fd)
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> int:
+    """The exit code; woken by the process's pidfd at exit (Popen.wait(timeout) polls with sleeps that grow
+    to 50 ms, which cost about 8 ms a call here)."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return proc.wait(timeout=timeout)
+    try:
+        if not select.select([fd], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        return proc.wait()
+    finally:
+        os.close(fd)
 
 
 def kill(proc: subprocess.Popen) -> None:
