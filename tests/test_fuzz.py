@@ -145,6 +145,39 @@ def test_hostile_requests_get_proper_statuses(fuzz_kernel, data):
         assert "Traceback" not in (e.details() or "") and 'File "' not in (e.details() or "")
 
 
+HOSTILE_CODE = [
+    "import os\nresult = os.listdir('/')", "result = open('/proc/1/environ', 'rb').read().decode('latin-1')",
+    "import os\nos.kill(1, 9)", "import os\nwhile True: os.fork()", "import ctypes\nctypes.string_at(0)",
+    "import sys\nsys.setrecursionlimit(10**6)\ndef f(): f()\nf()", "result = float('nan')", "result = object()",
+    "raise SystemExit(0)", "import os\nos._exit(3)", "print('\\n__KERNOS_RESULT__' * 1000)",
+    "import socket\nsocket.socket(socket.AF_UNIX).connect('/var/run/docker.sock')",
+    "open('/work/big', 'wb').write(b'x' * (200 << 20))", "result = 'x' * (20 << 20)",
+    "import os\nos.setuid(0)",
+    "import subprocess\nresult = subprocess.run(['id'], capture_output=True).stdout.decode()",
+]
+
+
+@settings(max_examples=max(40, EXAMPLES // 10), deadline=None, suppress_health_check=list(HealthCheck))
+@given(code=st.one_of(st.sampled_from(HOSTILE_CODE), st.text(max_size=200)),
+       register=st.booleans())
+def test_hostile_tool_code_gets_a_result_or_a_proper_status(fuzz_kernel, code, register):
+    """Code run through the python tool, or registered as a tool, never gets INTERNAL and never escapes
+    the jail: whatever it does, the call ends done, error or a proper status."""
+    address, session, channel = fuzz_kernel
+    COUNT["requests"] += 1
+    try:
+        if register:
+            session.tools.register("fuzzed", code, {"type": "object"}, timeout_s=3, cpu_s=2)
+            r = session.tools.call("fuzzed")
+        else:
+            r = session.tools.call("python", code=code)
+        assert r.state in ("done", "error")
+        COUNT["ok"] += 1
+    except kernos.sdk.KernosError as e:
+        COUNT["status"][e.code.name] = COUNT["status"].get(e.code.name, 0) + 1
+        assert e.code not in BAD_STATUS, f"{e.code.name}: {e.message}"
+
+
 def test_kernel_is_healthy_after_the_fuzzing(fuzz_kernel):
     address, session, channel = fuzz_kernel
     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
