@@ -118,7 +118,7 @@ class Kernel:
         self.generate = Generate(self.llm, config.limits, self.registry, self.quotas, self.access_control,
                                  self.adapter_store, self.traces, self.lifecycle, self.contexts, self.vector,
                                  config.memory.summary_max_tokens, SnapshotStore(data / "snapshots"))
-        self.agents = Agents(self.registry, self.llm, self.jobs, self.lifecycle)
+        self.agents = Agents(self.registry, self.llm, self.jobs, self.lifecycle, self.access_control)
         self.storage = Files(self.files, self.vector)
         self.memory = Memory(self.vector, self.contexts, self.llm, config.limits)
         self.access = Access(self.access_control)

@@ -140,3 +140,22 @@ def test_calculator_and_registration_inputs(ak):
             assert "prankster" not in err.value.message
         with pytest.raises(kernos.sdk.InvalidArgument, match="ttl"):
             s.access.grant("prober", "storage", "read", ttl_s=-5)
+
+
+def test_stats_and_agents_show_an_agent_only_its_own(ak):
+    """Finding 8 (part): Stats showed any agent every live request and agent id; agents() listed all."""
+    address, _ = ak
+    admin = kernos.sdk.connect(address, token=ADMIN)
+    with kernos.sdk.connect(address, agent="watched") as watched, kernos.sdk.connect(address, agent="peeper") as p:
+        watched.tuner.jobs()
+        assert "watched" not in {a.agent_id for a in p.kernel.agents()}
+        assert {a.agent_id for a in p.kernel.agents()} == {"peeper"}
+        admin.access.create_group("crew")
+        admin.access.add_member("crew", "watched")
+        admin.access.add_member("crew", "peeper")
+        assert {a.agent_id for a in p.kernel.agents()} == {"peeper", "watched"}    # its own group
+        assert {"watched", "peeper"} <= {a.agent_id for a in admin.kernel.agents()}
+        stream = watched.llm.stream("a b c d e f", model="echo", max_tokens=4)
+        list(stream)
+        for m in p.kernel.stats().models:
+            assert all(r.agent_id == "peeper" for r in m.requests)

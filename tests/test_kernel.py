@@ -226,8 +226,8 @@ def test_stats_agents_and_cli(kernel, session):
     out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "top", "--once", "--address", kernel.address],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "fair_share" in out.stdout and "preempt" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "agents", "--address", kernel.address],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "agents", "--address", kernel.address,
+                          "--token", session.token], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "tester" in out.stdout
 
 
@@ -286,8 +286,8 @@ def test_agent_suspends_and_resumes_its_own_generation(kernel, session):
             other.llm.suspend(rid)
     with pytest.raises(kernos.sdk.NotFound):
         session.llm.resume("no-such-request")
-    top = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "top", "--once", "--address", kernel.address],
-                         capture_output=True, text=True, timeout=60)
+    top = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "top", "--once", "--address", kernel.address,
+                          "--token", session.token], capture_output=True, text=True, timeout=60)
     assert any(rid[:12] in line and "suspended" in line for line in top.stdout.splitlines()), top.stdout
     assert session.llm.resume(rid) == "preempted"
     chunks = list(stream)

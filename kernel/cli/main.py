@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -39,11 +40,19 @@ def cmd_serve(args) -> int:
         return 1
 
 
+@contextlib.contextmanager
 def _session(args):
+    """A session as the principal of --token / KERNOS_TOKEN (an operator sees every agent's requests; an
+    agent its own), kept registered on leave; without a token, a throwaway agent that exits on leave."""
     import kernos.sdk
 
-    return kernos.sdk.connect(_address(args), agent=f"kernos-cli-{os.getpid()}", timeout=args.timeout,
-                              tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    token = getattr(args, "token", None) or os.environ.get("KERNOS_TOKEN")
+    s = kernos.sdk.connect(_address(args), agent=f"kernos-cli-{os.getpid()}", token=token, timeout=args.timeout,
+                           tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    try:
+        yield s
+    finally:
+        s.close() if token else s.exit()
 
 
 def cmd_status(args) -> int:
@@ -287,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--json", action="store_true", help="status: print JSON")
         if name in ("confirm", "deny", "pending"):
             c.add_argument("--token", help="operator token (default $KERNOS_TOKEN)")
+        if name in ("status", "top", "agents"):
+            c.add_argument("--token", help="look as this agent or operator (default $KERNOS_TOKEN); an agent sees "
+                                           "its own requests and its groups' agents, an operator everything")
         if name == "status":
             c.add_argument("--json", action="store_true", help="print the raw stats as JSON")
         elif name == "top":

@@ -1,5 +1,8 @@
 """The kernel syscalls: agents register (a name and a token), beat, exit and are listed; operators and agents
-read the kernel's statistics."""
+read the kernel's statistics.
+
+Least exposure: an agent sees its own live requests and fine-tuning jobs in the statistics (the model-wide
+counters stay whole), and lists only itself and the agents it shares a group with; operators see all."""
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +17,11 @@ class ModelLoad:
     """One served model's engine as seen now: its counters and its live requests with their states."""
     model: object              # ServedModel
     stats: object              # EngineStats
-    live: list                 # [(RequestView, state)]
+    live: list                 # [(RequestView, state)] that the caller may see
     policy: str
     cache_budget_bytes: int
+    preempted: int = 0         # all requests, whoever they belong to
+    suspended: int = 0
 
 
 @dataclass
@@ -32,8 +37,9 @@ class KernelStats:
 
 
 class Agents:
-    def __init__(self, agents, llm, jobs, lifecycle):
+    def __init__(self, agents, llm, jobs, lifecycle, access):
         self.agents = agents
+        self.access = access
         self.llm = llm
         self.jobs = jobs
         self.lifecycle = lifecycle
@@ -49,15 +55,29 @@ class Agents:
         if not principal.operator:
             await asyncio.to_thread(self.agents.exit, principal)
 
-    async def list(self, include_exited: bool):
-        return await asyncio.to_thread(self.agents.list, include_exited)
+    def _visible(self, principal):
+        """The agent ids `principal` may see: everyone for operators; else itself and its groups' members."""
+        if principal.operator:
+            return None
+        groups = self.access.groups_of(principal.agent_id)
+        members = self.access.groups() if groups else {}
+        return {principal.agent_id} | {a for g in groups for a in members.get(g, [])}
 
-    async def stats(self) -> KernelStats:
+    async def list(self, principal, include_exited: bool):
+        visible = await asyncio.to_thread(self._visible, principal)
+        agents = await asyncio.to_thread(self.agents.list, include_exited)
+        return [a for a in agents if visible is None or a.agent_id in visible]
+
+    async def stats(self, principal) -> KernelStats:
+        mine = None if principal.operator else principal.agent_id
         models = []
         for m in self.llm.models.values():
             st, live = m.engine.snapshot()
-            models.append(ModelLoad(m, st, live, getattr(getattr(m.engine, "policy", None), "name", "none"),
-                                    getattr(getattr(m.engine, "budget", None), "cache_bytes", 0)))
-        jobs = await asyncio.to_thread(self.jobs.list)
+            models.append(ModelLoad(m, st, [(v, s) for v, s in live if mine is None or v.agent_id == mine],
+                                    getattr(getattr(m.engine, "policy", None), "name", "none"),
+                                    getattr(getattr(m.engine, "budget", None), "cache_bytes", 0),
+                                    sum(1 for _, s in live if s == "preempted"),
+                                    sum(1 for _, s in live if s == "suspended")))
+        jobs = await asyncio.to_thread(self.jobs.list, mine)
         return KernelStats(VERSION, time.time() - self.lifecycle.started, self.agents.active_count(),
                            self.lifecycle.syscalls, self.lifecycle.in_flight, self.llm.default, models, jobs)

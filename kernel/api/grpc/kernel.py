@@ -28,8 +28,7 @@ def _model_stats(load: ModelLoad) -> pb.ModelStats:
         mean_batch_size=st.batch_rows / st.decode_steps if st.decode_steps else 0.0, cache_bytes=st.cache_bytes,
         policy=load.policy, context_switches=st.context_switches, switch_ms=st.switch_seconds * 1e3,
         swaps=st.strategy_counts.get("swap", 0), recomputes=st.strategy_counts.get("recompute", 0),
-        preempted=sum(1 for _, state in live if state == "preempted"),
-        suspended=sum(1 for _, state in live if state == "suspended"),
+        preempted=load.preempted, suspended=load.suspended,
         cache_budget_bytes=load.cache_budget_bytes, preempted_by_reason=st.preempted_by_reason,
         queue_wait_ms=st.queue_wait_ms(),
         requests=[pb.RequestStats(request_id=v.request_id, agent_id=v.agent_id, model=m.name, state=state,
@@ -54,10 +53,11 @@ class KernelServicer(rpc.KernelServicer):
         return pb.ExitReply()
 
     async def ListAgents(self, r, context):
-        return pb.ListAgentsReply(agents=[_agent_info(a) for a in await self.agents.list(r.include_exited)])
+        agents = await self.agents.list(current_principal(), r.include_exited)
+        return pb.ListAgentsReply(agents=[_agent_info(a) for a in agents])
 
     async def Stats(self, r, context):
-        s = await self.agents.stats()
+        s = await self.agents.stats(current_principal())
         return pb.StatsReply(version=s.version, uptime_s=s.uptime_s, active_agents=s.active_agents,
                              syscalls=s.syscalls, in_flight=s.in_flight, default_model=s.default_model,
                              models=[_model_stats(m) for m in s.models], tuner_jobs=[job_message(j) for j in s.jobs])
