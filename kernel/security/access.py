@@ -248,17 +248,19 @@ class AccessControl:
             self._grants[(g.kind, g.owner)] = self._grants.get((g.kind, g.owner), ()) + (g,)
         return g
 
-    def _all_grants(self) -> list[Grant]:
+    def _select_grants(self, where: str = "", args: tuple = ()) -> list[Grant]:
         rows = self._db.execute("SELECT grant_id, grantee, kind, owner, resource, permission, created, expires, "
-                                "revoked, granted_by FROM grants ORDER BY created").fetchall()
+                                f"revoked, granted_by FROM grants {where} ORDER BY created", args).fetchall()
         return [Grant(*r[:8], bool(r[8]), r[9]) for r in rows]
 
+    def _all_grants(self) -> list[Grant]:
+        return self._select_grants()
+
     def _grant(self, grant_id: str) -> Grant:
-        r = self._db.execute("SELECT grant_id, grantee, kind, owner, resource, permission, created, expires, revoked, "
-                             "granted_by FROM grants WHERE grant_id=?", (grant_id,)).fetchone()
-        if r is None:
+        found = self._select_grants("WHERE grant_id=?", (grant_id,))
+        if not found:
             raise AccessError("NOT_FOUND", f"no grant '{grant_id[:32]}'")
-        return Grant(*r[:8], bool(r[8]), r[9])
+        return found[0]
 
     def revoke(self, by, grant_id: str) -> Grant:
         g = self._grant(grant_id)

@@ -21,13 +21,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 
 log = logging.getLogger("kernos.tools")
 
 NOBODY = 65534
+WORK_MB = 64          # the size of a call's writable /work tmpfs
 PRELUDE = r'''
 import json, os, resource, sys
 _cfg = json.loads(os.environ.pop("KERNOS_LIMITS"))
@@ -52,7 +52,6 @@ class Limits:
     processes: int = 32
     file_mb: int = 16
     open_files: int = 64
-    tmp_mb: int = 64
 
 
 class Jail:
@@ -84,7 +83,7 @@ class Jail:
                 if self.drop_to_nobody else [])
         return [*drop, self.bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
                 "--ro-bind", "/usr", "/usr", *lib, "--proc", "/proc", "--dev", "/dev",
-                "--size", str(64 << 20), "--tmpfs", "/work", "--remount-ro", "/", "--chdir", "/work", "--clearenv",
+                "--size", str(WORK_MB << 20), "--tmpfs", "/work", "--remount-ro", "/", "--chdir", "/work", "--clearenv",
                 "--setenv", "HOME", "/work", "--setenv", "TMPDIR", "/work", "--setenv", "LANG", "C.UTF-8",
                 "--setenv", "PATH", "/usr/bin:/bin"]
 
@@ -122,9 +121,3 @@ class Jail:
             problems.append(f"its working dir is {r['cwd']}")
         return "; ".join(problems) or None
 
-
-def version() -> str:
-    bwrap = shutil.which("bwrap")
-    if not bwrap:
-        return "none"
-    return subprocess.run([bwrap, "--version"], capture_output=True, text=True).stdout.strip()
