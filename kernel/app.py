@@ -16,9 +16,11 @@ from kernos.storage.traces import TraceLog
 from .config import KernelConfig
 from .llm.core import LLMCore
 from .security.access import AccessControl
+from .security.enrollment import Enrollments
 from .security.gate import Gate
 from .security.principals import AgentRegistry
 from .security.quotas import Limits, Quotas
+from .security.registration import Registration
 from .syscalls.access import Access
 from .syscalls.agents import Agents
 from .syscalls.datasets import Datasets
@@ -79,11 +81,13 @@ class ResourceOwners:
         return "kernel", (adapter in cfg.restricted_adapters) if adapter else cfg.restricted
 
 
-def _quotas(config: KernelConfig) -> Quotas:
+def _quotas(config: KernelConfig, access: AccessControl) -> Quotas:
+    def limits(x) -> Limits:
+        return Limits(x.requests_per_second, x.tokens_per_minute, x.concurrent_generations)
+
     q = config.quotas
-    return Quotas(Limits(q.requests_per_second, q.tokens_per_minute, q.concurrent_generations),
-                  {a: Limits(x.requests_per_second, x.tokens_per_minute, x.concurrent_generations)
-                   for a, x in q.agents.items()})
+    return Quotas(limits(q), {a: limits(x) for a, x in q.agents.items()}, {g: limits(x) for g, x in q.groups.items()},
+                  access.groups_of)
 
 
 class Kernel:
@@ -104,7 +108,9 @@ class Kernel:
         owners = ResourceOwners(config, self.llm)
         self.registry = AgentRegistry(data / "kernel.db", ttl_s=config.server.agent_ttl_s)
         self.access_control = AccessControl(data / "access.db", config.server.admin_token, owners, self.audit)
-        self.quotas = _quotas(config)
+        self.enrollments = Enrollments(data / "access.db")
+        self.registration = Registration(self.registry, self.access_control, self.enrollments, config.registration)
+        self.quotas = _quotas(config, self.access_control)
         self.gate = Gate(self.registry, self.access_control, self.quotas)
         # tools, fine-tuning jobs
         self.tools = owners.tools = ToolManager(self.vector, self.access_control, config.tools)
@@ -118,7 +124,8 @@ class Kernel:
         self.generate = Generate(self.llm, config.limits, self.registry, self.quotas, self.access_control,
                                  self.adapter_store, self.traces, self.lifecycle, self.contexts, self.vector,
                                  config.memory.summary_max_tokens, SnapshotStore(data / "snapshots"))
-        self.agents = Agents(self.registry, self.llm, self.jobs, self.lifecycle, self.access_control)
+        self.agents = Agents(self.registry, self.registration, self.llm, self.jobs, self.lifecycle,
+                             self.access_control)
         self.storage = Files(self.files, self.vector)
         self.memory = Memory(self.vector, self.contexts, self.llm, config.limits)
         self.access = Access(self.access_control)
@@ -144,6 +151,7 @@ class Kernel:
         self.adapter_store.close()
         self.audit.close()
         self.access_control.close()
+        self.enrollments.close()
         self.contexts.close()
         self.files.close()
         self.traces.close()

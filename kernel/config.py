@@ -30,7 +30,8 @@ class ServerConfig(_Strict):
     tls_client_ca: Path | None = Field(None, description="CA (PEM) that client certificates must chain to: mTLS")
     max_message_bytes: int = Field(32 * 1024 * 1024, gt=1024, description="largest gRPC message accepted")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight generations")
-    agent_ttl_s: float = Field(600.0, gt=0, description="an agent silent this long may have its name taken")
+    agent_ttl_s: float = Field(600.0, gt=0, description="an agent silent this long is idle (its session ends; "
+                                                       "its name and token stay its own)")
     admin_token: str | None = Field(
         None, min_length=16, description="an operator token; or: kernos token create --admin"
     )
@@ -111,6 +112,19 @@ class QuotaLimits(_Strict):
 
 class QuotasConfig(QuotaLimits):
     agents: dict[str, QuotaLimits] = Field(default_factory=dict, description="per-agent overrides")
+    groups: dict[str, QuotaLimits] = Field(default_factory=dict, description="one budget a group's members share "
+                                                                               "(on top of each member's own)")
+
+
+class RegistrationConfig(_Strict):
+    policy: Literal["open", "enroll", "closed"] = Field(
+        "open", description="open: anyone registers new names; enroll: with an enrollment token "
+                            "(kernos token create --enroll); closed: operators create agents")
+    per_peer_per_minute: int = Field(60, ge=0, description="Register calls per client address and minute; 0: no limit")
+    max_agents: int = Field(10_000, ge=0, description="agents that non-operators may bring the kernel to; 0: no limit")
+    group: str = Field("", pattern=r"^([A-Za-z0-9_.-]{1,64})?$",
+                       description="group that agents registered without an operator join (quota it with "
+                                   "[quotas.groups.NAME]); an enrollment token's own group wins")
 
 
 class ToolsConfig(_Strict):
@@ -164,6 +178,7 @@ class KernelConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     memory: MemoryConfig = MemoryConfig()
     quotas: QuotasConfig = QuotasConfig()
+    registration: RegistrationConfig = RegistrationConfig()
     tools: ToolsConfig = ToolsConfig()
     tuner: TunerConfig = TunerConfig()
     models: list[ModelConfig] = Field(default_factory=list, description="empty: the embedded default model")

@@ -37,6 +37,29 @@ def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def read_token_file(path) -> str | None:
+    """The token saved in `path` (None if there is none yet)."""
+    from pathlib import Path
+
+    try:
+        return Path(os.path.expanduser(str(path))).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def save_token_file(path, token: str) -> None:
+    """Save an agent's token for its next run: readable by this user only, replaced atomically."""
+    from pathlib import Path
+
+    p = Path(os.path.expanduser(str(path)))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.replace(tmp, p)
+
+
 def _messages(messages: Messages) -> list[llm_pb2.ChatMessage]:
     if isinstance(messages, str):
         return [llm_pb2.ChatMessage(role="user", content=messages)]

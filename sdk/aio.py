@@ -12,9 +12,16 @@ import functools
 import grpc
 
 from . import calls
-from ._wire import CHANNEL_OPTIONS, auth_metadata, resolve_address, tls_credentials
+from ._wire import (
+    CHANNEL_OPTIONS,
+    auth_metadata,
+    read_token_file,
+    resolve_address,
+    save_token_file,
+    tls_credentials,
+)
 from .client import STUBS
-from .errors import Unavailable, from_rpc_error
+from .errors import Unauthenticated, Unavailable, from_rpc_error
 
 
 class Executor:
@@ -88,14 +95,14 @@ class Session:
         self.access, self.tools, self.tuner = Access(x), Tools(x), Tuner(x)
 
     async def exit(self) -> None:
-        """End the registration (revokes the token) and close the channel."""
+        """End the session (the name and token stay this agent's) and close the channel."""
         try:
             await self.kernel._exit()
         finally:
             await self.channel.close()
 
     async def close(self) -> None:
-        """Close the channel but keep the registration: reconnect later with `token`."""
+        """Close the channel; the session idles out. Reconnect later with `token`."""
         await self.channel.close()
 
     async def __aenter__(self) -> "Session":
@@ -107,7 +114,8 @@ class Session:
 
 async def connect(address: str | None = None, agent: str = "agent", token: str | None = None, *,
                   description: str = "", labels: dict[str, str] | None = None, timeout: float = 10.0,
-                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> Session:
+                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                  credential: str | None = None, token_file: str | None = None) -> Session:
     """See `kernos.sdk.connect`."""
     creds = tls_credentials(tls_ca, tls_cert, tls_key)
     channel = (grpc.aio.secure_channel(resolve_address(address), creds, options=CHANNEL_OPTIONS) if creds
@@ -118,8 +126,18 @@ async def connect(address: str | None = None, agent: str = "agent", token: str |
         await channel.close()
         raise Unavailable(f"no kernel answered at {resolve_address(address)} within {timeout} s") from None
     try:
+        saved = read_token_file(token_file) if token is None and token_file else None
+        if saved is not None:
+            try:
+                await KernelCalls(Executor(channel, auth_metadata(saved))).heartbeat()
+                return Session(channel, agent, saved)
+            except Unauthenticated:
+                pass                     # not known to this kernel (or revoked): register below
         if token is None:
-            agent_id, token = await KernelCalls(Executor(channel, ()))._register(agent, description, labels)
+            register = KernelCalls(Executor(channel, auth_metadata(credential) if credential else ()))
+            agent_id, token = await register._register(agent, description, labels)
+            if token_file:
+                save_token_file(token_file, token)
             return Session(channel, agent_id, token)
         await KernelCalls(Executor(channel, auth_metadata(token))).heartbeat()
         return Session(channel, agent, token)

@@ -19,8 +19,15 @@ from kernos.proto.v1 import (
 )
 
 from . import calls
-from ._wire import CHANNEL_OPTIONS, auth_metadata, resolve_address, tls_credentials
-from .errors import Unavailable, from_rpc_error
+from ._wire import (
+    CHANNEL_OPTIONS,
+    auth_metadata,
+    read_token_file,
+    resolve_address,
+    save_token_file,
+    tls_credentials,
+)
+from .errors import Unauthenticated, Unavailable, from_rpc_error
 
 STUBS = {"LLM": llm_pb2_grpc.LLMStub, "Kernel": kernel_pb2_grpc.KernelStub, "Storage": storage_pb2_grpc.StorageStub,
          "Memory": memory_pb2_grpc.MemoryStub, "Access": access_pb2_grpc.AccessStub, "Tools": tools_pb2_grpc.ToolsStub,
@@ -101,14 +108,14 @@ class Session:
         self.access, self.tools, self.tuner = Access(x), Tools(x), Tuner(x)
 
     def exit(self) -> None:
-        """End the registration (revokes the token) and close the channel."""
+        """End the session (the name and token stay this agent's) and close the channel."""
         try:
             self.kernel._exit()
         finally:
             self.channel.close()
 
     def close(self) -> None:
-        """Close the channel but keep the registration: reconnect later with `token`."""
+        """Close the channel; the session idles out. Reconnect later with `token`."""
         self.channel.close()
 
     def __enter__(self) -> "Session":
@@ -120,11 +127,18 @@ class Session:
 
 def connect(address: str | None = None, agent: str = "agent", token: str | None = None, *, description: str = "",
             labels: dict[str, str] | None = None, timeout: float = 10.0, tls_ca: str | None = None,
-            tls_cert: str | None = None, tls_key: str | None = None) -> Session:
+            tls_cert: str | None = None, tls_key: str | None = None, credential: str | None = None,
+            token_file: str | None = None) -> Session:
     """Connect to a kernel at `address` (default: $KERNOS_ADDRESS or 127.0.0.1:7070).
 
-    Without `token`, registers `agent` and receives a new token (`session.token`); with it, resumes that
-    agent's registration. Waits up to `timeout` seconds for the kernel to be reachable.
+    Without `token`, registers `agent` and receives a new token (`session.token`): the agent's credential for
+    good. Keep it: the name stays bound to it after the session ends (exit, idle time, a restart of either
+    side), and `connect(agent=..., token=...)` resumes it. Registering an existing name again needs
+    `credential`: its token (which it then rotates) or an operator's. Where the kernel's registration policy
+    asks for one, `credential` is also the enrollment token (`kernos token create --enroll`) a new name needs.
+    `token_file` keeps the token between runs: read if it exists (and resumed), written (mode 0600) when
+    the agent registers; a token the kernel no longer knows (another kernel) is replaced by a new registration.
+    Waits up to `timeout` seconds for the kernel to be reachable.
 
     `address` may be "unix:/path/kernos.sock". For a TLS kernel give `tls_ca` (the CA file that signed its
     certificate) and, for mTLS, `tls_cert` / `tls_key` (this client's certificate and key files)."""
@@ -137,8 +151,18 @@ def connect(address: str | None = None, agent: str = "agent", token: str | None 
         channel.close()
         raise Unavailable(f"no kernel answered at {resolve_address(address)} within {timeout} s") from None
     try:
+        saved = read_token_file(token_file) if token is None and token_file else None
+        if saved is not None:
+            try:
+                KernelCalls(Executor(channel, auth_metadata(saved))).heartbeat()
+                return Session(channel, agent, saved)
+            except Unauthenticated:
+                pass                     # not known to this kernel (or revoked): register below
         if token is None:
-            agent_id, token = KernelCalls(Executor(channel, ()))._register(agent, description, labels)
+            register = KernelCalls(Executor(channel, auth_metadata(credential) if credential else ()))
+            agent_id, token = register._register(agent, description, labels)
+            if token_file:
+                save_token_file(token_file, token)
             return Session(channel, agent_id, token)
         KernelCalls(Executor(channel, auth_metadata(token))).heartbeat()
         return Session(channel, agent, token)

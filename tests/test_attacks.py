@@ -135,9 +135,16 @@ def test_calculator_and_registration_inputs(ak):
             s.tools.register("broken", "x = 1\ndef (:\n", {"type": "object"})
         s.tools.register("mine_only", "result = 1", {"type": "object"})
         with kernos.sdk.connect(address, agent="prober") as p:
-            with pytest.raises(kernos.sdk.AlreadyExists) as err:
-                p.tools.register("mine_only", "result = 2", {"type": "object"})
-            assert "prankster" not in err.value.message
+            # A private tool's name shows through nothing: registering it, calling it, listing.
+            p.tools.register("mine_only", "result = 2", {"type": "object"})      # its own namespace
+            assert p.tools.call("mine_only").result == 2 and s.tools.call("mine_only").result == 1
+            messages = set()
+            for name in ("prankster/mine_only", "prankster/no_such_tool"):
+                with pytest.raises(kernos.sdk.NotFound) as err:
+                    p.tools.call(name)
+                messages.add(err.value.message.replace(name, "NAME"))
+            assert len(messages) == 1                             # the same answer, whether it exists or not
+            assert "prankster/mine_only" not in {t["name"] for t in p.tools.list()}
         with pytest.raises(kernos.sdk.InvalidArgument, match="ttl"):
             s.access.grant("prober", "storage", "read", ttl_s=-5)
 

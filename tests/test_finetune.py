@@ -43,10 +43,10 @@ def tiny_kernel(tiny_models, tmp_path):
     return start
 
 
-def test_traces_to_published_default_adapter(tiny_kernel):
+def test_traces_to_published_default_adapter(tiny_kernel, tmp_path):
     proc, address = tiny_kernel()
     try:
-        with kernos.sdk.connect(address, agent="learner") as s:
+        with kernos.sdk.connect(address, agent="learner", token_file=tmp_path / "learner.token") as s:
             questions = task(64)
             for q, right in questions:      # the agent works, a reviewer corrects every reply
                 r = s.llm.chat(q, max_tokens=6)
@@ -108,7 +108,7 @@ def test_traces_to_published_default_adapter(tiny_kernel):
         assert stop_kernel(proc) == 0
     proc, address = tiny_kernel()          # published adapters and defaults survive a restart
     try:
-        with kernos.sdk.connect(address, agent="learner") as s:
+        with kernos.sdk.connect(address, agent="learner", token_file=tmp_path / "learner.token") as s:
             r = s.llm.chat(held_out[0][0], max_tokens=6)
             assert r.adapter == "learner:colours" and r.text.strip() == held_out[0][1]
     finally:
@@ -130,12 +130,12 @@ def _eval_questions(s, dataset):
             for line in s.storage.read_text(f"datasets/{dataset}.eval.jsonl").splitlines()]
 
 
-def test_job_resumes_after_kernel_kill_and_cancels(tiny_kernel):
+def test_job_resumes_after_kernel_kill_and_cancels(tiny_kernel, tmp_path):
     import signal
 
     proc, address = tiny_kernel()
     try:
-        with kernos.sdk.connect(address, agent="learner") as s:
+        with kernos.sdk.connect(address, agent="learner", token_file=tmp_path / "learner.token") as s:
             for q, right in task(24, seed=1):
                 r = s.llm.chat(q, max_tokens=2)
                 s.tuner.feedback(r.request_id, preferred=right)
@@ -160,7 +160,7 @@ def test_job_resumes_after_kernel_kill_and_cancels(tiny_kernel):
         proc.wait()
     proc, address = tiny_kernel()
     try:
-        with kernos.sdk.connect(address, agent="learner") as s:
+        with kernos.sdk.connect(address, agent="learner", token_file=tmp_path / "learner.token") as s:
             j = _until(s, job.job_id, lambda j: j.resumed_from_step > 0)
             assert j.resumed_from_step >= 30           # not from scratch: from the last checkpoint
             assert j.state == "running" and j.base.loss is not None   # the base evaluation was kept
@@ -178,7 +178,7 @@ def test_job_resumes_after_kernel_kill_and_cancels(tiny_kernel):
         assert stop_kernel(proc) == 0           # SIGTERM: the worker checkpoints, the job waits for a restart
     proc, address = tiny_kernel()
     try:
-        with kernos.sdk.connect(address, agent="learner") as s:
+        with kernos.sdk.connect(address, agent="learner", token_file=tmp_path / "learner.token") as s:
             j = _until(s, second.job_id, lambda j: j.resumed_from_step > 0)
             assert j.resumed_from_step >= 12 and j.state == "running"
             assert s.tuner.cancel(second.job_id).job_id == second.job_id

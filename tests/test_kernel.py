@@ -181,9 +181,11 @@ def test_registration_names_exit_and_resume(kernel):
     resumed.close()
     token = s.token
     s.exit()
-    with pytest.raises(kernos.sdk.Unauthenticated):
-        kernos.sdk.connect(kernel.address, agent="lifecycle", token=token)
-    again = kernos.sdk.connect(kernel.address, agent="lifecycle")  # the name is free after exit
+    with pytest.raises(kernos.sdk.AlreadyExists):    # exit ends a session, not the ownership of the name
+        kernos.sdk.connect(kernel.address, agent="lifecycle")
+    again = kernos.sdk.connect(kernel.address, agent="lifecycle", token=token)   # the token resumes it
+    assert again.llm.chat("back", model="echo").text == "back"
+    assert {a.agent_id: a.state for a in again.kernel.agents()}["lifecycle"] == "active"
     again.exit()
 
 

@@ -20,10 +20,10 @@ def test_windows_and_retry_hints():
         q.request("a", now=0.5)
     assert err.value.retry_after_s == pytest.approx(0.5)
     q.request("a", now=1.01)  # the window moved on
-    q.start_generation("a", 60, now=0.0)
+    lease = q.start_generation("a", 60, now=0.0)
     with pytest.raises(QuotaExceeded, match="generations"):
         q.start_generation("a", 10, now=1.0)
-    q.end_generation("a", 30, now=2.0)            # 60 + 30 tokens used in the minute
+    q.end_generation(lease, 30, now=2.0)          # 60 + 30 tokens used in the minute
     with pytest.raises(QuotaExceeded) as err:
         q.start_generation("a", 20, now=3.0)
     assert err.value.retry_after_s == pytest.approx(57.0)  # when the first 60 tokens leave the window

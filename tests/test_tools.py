@@ -78,13 +78,15 @@ def test_registered_tools_private_public_and_limits(tk):
         assert maker.tools.call("square", n=12).result == 144
         with pytest.raises(kernos.sdk.InvalidArgument, match="minimum"):
             maker.tools.call("square", n=-1)
-        with pytest.raises(kernos.sdk.PermissionDenied, match="tool:execute on square"):
-            user.tools.call("square", n=2)                    # private to its owner...
+        for name in ("square", "maker/square"):
+            with pytest.raises(kernos.sdk.NotFound):          # private to its owner...
+                user.tools.call(name, n=2)
         g = maker.access.grant("user2", "tool", "execute", resource="square")
-        assert user.tools.call("square", n=3).result == 9     # ...until granted
+        assert user.tools.call("maker/square", n=3).result == 9     # ...until granted, by "owner/name"
+        assert "maker/square" in {t["name"] for t in user.tools.list()}
         maker.access.revoke(g.grant_id)
-        with pytest.raises(kernos.sdk.PermissionDenied):
-            user.tools.call("square", n=2)                    # ...and revoked
+        with pytest.raises(kernos.sdk.NotFound):
+            user.tools.call("maker/square", n=2)              # ...and revoked
         maker.tools.register("slow", "import time\ntime.sleep(args['s'])\nresult = 'ok'",
                              {"type": "object"}, public=True, timeout_s=1)
         assert user.tools.call("slow", s=0.1).result == "ok"

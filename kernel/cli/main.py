@@ -109,29 +109,103 @@ def cmd_agents(args) -> int:
 
 
 def cmd_token(args) -> int:
-    """Create an operator token offline, in the kernel's data dir (the running kernel sees it at once)."""
-    from ..security.access import AccessControl, AccessError
+    """Create, revoke or list tokens offline, in the kernel's data dir (a running kernel sees the change at
+    its next check): operator tokens (the default), enrollment tokens (--enroll) and agents' tokens (--agent)."""
+    from kernos.storage.status import StatusError
 
-    data = Path(os.path.expanduser(args.data_dir or "~/.kernos"))
+    from ..security.access import AccessControl
+    from ..security.enrollment import Enrollments
+    from ..security.principals import AgentRegistry
+
+    data = Path(os.path.expanduser(args.data_dir or os.environ.get("KERNOS_DATA_DIR", "~/.kernos")))
     data.mkdir(parents=True, exist_ok=True)
-    ac = AccessControl(data / "access.db")
+    args.name = args.name or ("enroll" if args.enroll else "operator")
+    ttl = f", expires in {args.ttl:.0f} s" if args.ttl else ""
+    if args.action == "list":
+        _list_tokens(data)
+        return 0
     try:
-        if args.action == "create":
-            token, expires = ac.create_token(args.name, admin=True, ttl_s=args.ttl)
-            print(token)
-            print(f"operator token '{args.name}' created" + (f", expires in {args.ttl:.0f} s" if expires else "")
-                  + "; it is shown only now", file=sys.stderr)
-        else:
-            if not ac.revoke_token(args.name):
-                print(f"kernos token: no active token '{args.name}'", file=sys.stderr)
-                return 1
-            print(f"operator token '{args.name}' revoked", file=sys.stderr)
-    except AccessError as e:
-        print(f"kernos token: {e}", file=sys.stderr)
+        if args.agent:
+            registry = AgentRegistry(data / "kernel.db", ttl_s=600)
+            try:
+                if args.action == "create":
+                    known = registry.get(args.agent) is not None
+                    _, token = (registry.rotate if known else registry.create)(args.agent, args.description)
+                    print(token)
+                    print(f"agent '{args.agent}' " + ("has a new token (the old one no longer works)" if known
+                                                      else "created") + "; the token is shown only now",
+                          file=sys.stderr)
+                else:
+                    if not registry.revoke(args.agent):
+                        print(f"kernos token: no agent '{args.agent}' with an active token", file=sys.stderr)
+                        return 1
+                    print(f"agent '{args.agent}' token revoked; the name stays reserved (kernos token create "
+                          f"--agent {args.agent} issues a new one)", file=sys.stderr)
+            finally:
+                registry.close(flush=False)    # the kernel's counters are its own
+            return 0
+        if args.enroll:
+            en = Enrollments(data / "access.db")
+            try:
+                if args.action == "create":
+                    token, e = en.create(args.name, uses=args.uses, ttl_s=args.ttl, group=args.group)
+                    print(token)
+                    print(f"enrollment token '{args.name}' created: {e.uses_left} registration(s)"
+                          + (f" into group '{e.group}'" if e.group else "") + ttl + "; it is shown only now",
+                          file=sys.stderr)
+                else:
+                    if not en.revoke(args.name):
+                        print(f"kernos token: no active enrollment token '{args.name}'", file=sys.stderr)
+                        return 1
+                    print(f"enrollment token '{args.name}' revoked", file=sys.stderr)
+            finally:
+                en.close()
+            return 0
+        ac = AccessControl(data / "access.db")
+        try:
+            if args.action == "create":
+                token, expires = ac.create_token(args.name, admin=True, ttl_s=args.ttl)
+                print(token)
+                print(f"operator token '{args.name}' created{ttl}; it is shown only now", file=sys.stderr)
+            else:
+                if not ac.revoke_token(args.name):
+                    print(f"kernos token: no active token '{args.name}'", file=sys.stderr)
+                    return 1
+                print(f"operator token '{args.name}' revoked", file=sys.stderr)
+        finally:
+            ac.close()
+    except StatusError as e:
+        print(f"kernos token: {e.message}", file=sys.stderr)
         return 2
-    finally:
-        ac.close()
     return 0
+
+
+def _expiry(expires: float) -> str:
+    if not expires:
+        return "active"
+    left = expires - time.time()
+    return f"expires in {left:.0f} s" if left > 0 else "expired"
+
+
+def _list_tokens(data: Path) -> None:
+    """Every token's name and state (never a token: only hashes are kept)."""
+    from ..security.access import AccessControl
+    from ..security.enrollment import Enrollments
+    from ..security.principals import AgentRegistry
+
+    ac = AccessControl(data / "access.db")
+    for name, expires, revoked in ac._db.execute("SELECT name, expires, revoked FROM tokens ORDER BY name"):
+        print(f"operator {name:<28}" + ("revoked" if revoked else _expiry(expires)))
+    ac.close()
+    en = Enrollments(data / "access.db")
+    for e in en.list():
+        state = "revoked" if e.revoked else "used up" if e.uses_left < 1 else _expiry(e.expires)
+        print(f"enroll   {e.name:<28}{state:<20}{e.uses_left} left" + (f", group {e.group}" if e.group else ""))
+    en.close()
+    registry = AgentRegistry(data / "kernel.db", ttl_s=float("inf"))
+    for a in registry.list(include_exited=True):
+        print(f"agent    {a.agent_id:<28}{'active token' if a.token_hash else 'revoked'}")
+    registry.close(flush=False)
 
 
 def cmd_decide(args) -> int:
@@ -168,7 +242,7 @@ def cmd_finetune(args) -> int:
               "token shows every agent's jobs)", file=sys.stderr)
         return 2
     try:
-        # Not `with`: leaving it would end the agent's registration and revoke the token it lent us.
+        # Not `with`: leaving it would end the session of the agent that lent us its token.
         s = kernos.sdk.connect(_address(args), token=token, timeout=args.timeout, tls_ca=args.tls_ca,
                                tls_cert=args.tls_cert, tls_key=args.tls_key)
         try:
@@ -253,12 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=64, help="max tokens per agent reply (default 64)")
     d.set_defaults(fn=cmd_demo)
 
-    t = sub.add_parser("token", help="create or revoke an operator (admin) token in a kernel's data dir")
-    t.add_argument("action", choices=["create", "revoke"])
-    t.add_argument("--admin", action="store_true", help="an operator token (the only kind; kept for clarity)")
-    t.add_argument("--name", default="operator", help="token name (default operator)")
+    t = sub.add_parser("token", help="operator, enrollment and agent tokens in a kernel's data dir (offline; a "
+                                     "running kernel sees them at once)")
+    t.add_argument("action", choices=["create", "revoke", "list"])
+    kind = t.add_mutually_exclusive_group()
+    kind.add_argument("--admin", action="store_true", help="an operator token (the default kind)")
+    kind.add_argument("--enroll", action="store_true",
+                      help="an enrollment token: lets new agents register under registration.policy = 'enroll'")
+    kind.add_argument("--agent", metavar="NAME", help="create agent NAME and print its token (or, if it exists, "
+                                                       "give it a new token; revoke: end its token, keep the name)")
+    t.add_argument("--name", default=None, help="token name (default: operator, or enroll for --enroll)")
     t.add_argument("--ttl", type=float, default=0, help="seconds until it expires (default: never)")
-    t.add_argument("--data-dir", help="the kernel's data dir (default ~/.kernos)")
+    t.add_argument("--uses", type=int, default=1, help="--enroll: how many agents it may register (default 1)")
+    t.add_argument("--group", default="", help="--enroll: the group its agents join (quotas per group apply)")
+    t.add_argument("--description", default="", help="--agent: the agent's description")
+    t.add_argument("--data-dir", help="the kernel's data dir (default $KERNOS_DATA_DIR or ~/.kernos)")
     t.set_defaults(fn=cmd_token)
 
     for name, fn, helptext in (("status", cmd_status, "print a running kernel's stats"),

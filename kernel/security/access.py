@@ -224,6 +224,8 @@ class AccessControl:
         if kind in ("tool", "model"):
             if not resource:
                 raise AccessError("INVALID_ARGUMENT", f"name the {kind} in resource")
+            if kind == "tool" and "/" not in resource and not by.operator:
+                resource = f"{by.agent_id}/{resource}"      # an agent grants its own private tool, by its name
             owner = self.resolve(kind, resource)[0]
         if not by.operator and owner != by.agent_id:
             raise AccessError("PERMISSION_DENIED", f"only '{owner}' (or an operator) may grant access to its resources")

@@ -1,4 +1,4 @@
-"""Per-agent rate limits: requests per second (every syscall), LLM tokens per minute (prompt + generated),
+"""Per-agent and per-group rate limits: requests per second (every syscall), LLM tokens per minute (prompt + generated),
 concurrent generations. Exceeding one gets RESOURCE_EXHAUSTED with a retry hint (seconds, also in the
 `retry-after-ms` trailing metadata).
 
@@ -31,9 +31,11 @@ class QuotaExceeded(StatusError):
 
 
 class Lease:
-    """One generation's hold on its agent's quota; `completed(n)` records the tokens it generated."""
+    """One generation's hold on its agent's (and groups') quotas; `completed(n)` records the tokens it
+    generated."""
 
-    def __init__(self):
+    def __init__(self, subjects):
+        self.subjects = subjects
         self.completion_tokens = 0
 
     def completed(self, tokens: int) -> None:
@@ -41,76 +43,100 @@ class Lease:
 
 
 class Quotas:
-    def __init__(self, default: Limits, per_agent: dict[str, Limits] | None = None):
+    """Every limit applies to a subject: the agent itself (default limits or its override) and each of its
+    groups that has a group quota (one budget its members share). A call passes only if every subject has room,
+    and then counts against all of them."""
+
+    def __init__(self, default: Limits, per_agent: dict[str, Limits] | None = None,
+                 per_group: dict[str, Limits] | None = None, groups_of=None):
         self.default = default
         self.per_agent = dict(per_agent or {})
-        self._requests: dict[str, deque] = defaultdict(deque)   # agent -> request times (last second)
-        self._tokens: dict[str, deque] = defaultdict(deque)     # agent -> (time, tokens) (last minute)
+        self.per_group = dict(per_group or {})
+        self.groups_of = groups_of or (lambda agent_id: ())
+        self._requests: dict[str, deque] = defaultdict(deque)   # subject -> request times (last second)
+        self._tokens: dict[str, deque] = defaultdict(deque)     # subject -> (time, tokens) (last minute)
         self._running: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
 
     def limits(self, agent_id: str) -> Limits:
         return self.per_agent.get(agent_id, self.default)
 
+    def subjects(self, agent_id: str) -> list[tuple[str, str, Limits]]:
+        """(key, name for messages, limits): the agent, then its quota'd groups. Group keys cannot clash with
+        agent names (those have no ':')."""
+        out = [(agent_id, f"'{agent_id}'", self.limits(agent_id))]
+        if self.per_group:
+            out += [(f"group:{g}", f"group '{g}'", self.per_group[g])
+                    for g in sorted(self.groups_of(agent_id)) if g in self.per_group]
+        return out
+
     def request(self, agent_id: str, now: float | None = None) -> None:
-        """Count one syscall; raise if over requests_per_second."""
-        lim = self.limits(agent_id).requests_per_second
-        if not lim:
-            return
+        """Count one syscall; raise if the agent or one of its groups is over requests_per_second."""
         now = time.monotonic() if now is None else now
+        subjects = [(k, who, lim.requests_per_second) for k, who, lim in self.subjects(agent_id)
+                    if lim.requests_per_second]
+        if not subjects:
+            return
         with self._lock:
-            q = self._requests[agent_id]
-            while q and now - q[0] >= 1.0:
-                q.popleft()
-            if len(q) >= lim:
-                raise QuotaExceeded(f"'{agent_id}' is over its {lim:g} requests per second",
-                                    max(0.0, 1.0 - (now - q[0])))
-            q.append(now)
+            for key, who, lim in subjects:
+                q = self._requests[key]
+                while q and now - q[0] >= 1.0:
+                    q.popleft()
+                if len(q) >= lim:
+                    raise QuotaExceeded(f"{who} is over its {lim:g} requests per second",
+                                        max(0.0, 1.0 - (now - q[0])))
+            for key, _, _ in subjects:
+                self._requests[key].append(now)
 
     @contextlib.contextmanager
     def generation(self, agent_id: str, prompt_tokens: int, refuse: bool = True):
         """Admit a generation (unless `refuse` is False: accounted, never refused) for the `with` block and
         count what it generated when the block ends, however it ends."""
-        self.start_generation(agent_id, prompt_tokens, refuse=refuse)
-        lease = Lease()
+        lease = self.start_generation(agent_id, prompt_tokens, refuse=refuse)
         try:
             yield lease
         finally:
-            self.end_generation(agent_id, lease.completion_tokens)
+            self.end_generation(lease, lease.completion_tokens)
 
     def start_generation(self, agent_id: str, prompt_tokens: int, now: float | None = None,
-                         refuse: bool = True) -> None:
-        """Admission of a generation: concurrency and the token budget of the last minute."""
-        lim = self.limits(agent_id)
+                         refuse: bool = True) -> Lease:
+        """Admission of a generation: concurrency and the token budget of the last minute, for the agent and
+        each of its quota'd groups."""
+        now = time.monotonic() if now is None else now
+        subjects = self.subjects(agent_id)
+        with self._lock:
+            if refuse:
+                for key, who, lim in subjects:
+                    self._check(key, who, lim, prompt_tokens, now)
+            for key, _, lim in subjects:
+                if lim.tokens_per_minute:
+                    self._tokens[key].append((now, prompt_tokens))
+                self._running[key] += 1
+        return Lease([(key, lim) for key, _, lim in subjects])
+
+    def _check(self, key: str, who: str, lim: Limits, prompt_tokens: int, now: float) -> None:
+        if lim.concurrent_generations and self._running[key] >= lim.concurrent_generations:
+            raise QuotaExceeded(f"{who} already runs {self._running[key]} generations (its limit)", 1.0)
+        if lim.tokens_per_minute:
+            q = self._tokens[key]
+            while q and now - q[0][0] >= 60.0:
+                q.popleft()
+            used = sum(n for _, n in q)
+            if used + prompt_tokens > lim.tokens_per_minute:
+                need = used + prompt_tokens - lim.tokens_per_minute
+                freed, wait = 0, 60.0
+                for t, n in q:  # when enough of the window expires
+                    freed += n
+                    if freed >= need:
+                        wait = 60.0 - (now - t)
+                        break
+                raise QuotaExceeded(f"{who} used {used} of its {lim.tokens_per_minute} tokens per minute; "
+                                    f"this prompt needs {prompt_tokens}", max(0.0, wait))
+
+    def end_generation(self, lease: Lease, completion_tokens: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
-            if not refuse:
-                if lim.tokens_per_minute:
-                    self._tokens[agent_id].append((now, prompt_tokens))
-                self._running[agent_id] += 1
-                return
-            if lim.concurrent_generations and self._running[agent_id] >= lim.concurrent_generations:
-                raise QuotaExceeded(f"'{agent_id}' already runs {self._running[agent_id]} generations (its limit)", 1.0)
-            if lim.tokens_per_minute:
-                q = self._tokens[agent_id]
-                while q and now - q[0][0] >= 60.0:
-                    q.popleft()
-                used = sum(n for _, n in q)
-                if used + prompt_tokens > lim.tokens_per_minute:
-                    need = used + prompt_tokens - lim.tokens_per_minute
-                    freed, wait = 0, 60.0
-                    for t, n in q:  # when enough of the window expires
-                        freed += n
-                        if freed >= need:
-                            wait = 60.0 - (now - t)
-                            break
-                    raise QuotaExceeded(f"'{agent_id}' used {used} of its {lim.tokens_per_minute} tokens per minute; "
-                                        f"this prompt needs {prompt_tokens}", max(0.0, wait))
-                q.append((now, prompt_tokens))
-            self._running[agent_id] += 1
-
-    def end_generation(self, agent_id: str, completion_tokens: int, now: float | None = None) -> None:
-        with self._lock:
-            self._running[agent_id] = max(0, self._running[agent_id] - 1)
-            if self.limits(agent_id).tokens_per_minute and completion_tokens:
-                self._tokens[agent_id].append((time.monotonic() if now is None else now, completion_tokens))
+            for key, lim in lease.subjects:
+                self._running[key] = max(0, self._running[key] - 1)
+                if lim.tokens_per_minute and completion_tokens:
+                    self._tokens[key].append((now, completion_tokens))

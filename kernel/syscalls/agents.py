@@ -1,5 +1,6 @@
-"""The kernel syscalls: agents register (a name and a token), beat, exit and are listed; operators and agents
-read the kernel's statistics.
+"""The kernel syscalls: agents register (a name bound to a token, under the registration policy), beat, exit
+(ending a session, not the ownership of the name) and are listed; operators and agents read the kernel's
+statistics.
 
 Least exposure: an agent sees its own live requests and fine-tuning jobs in the statistics (the model-wide
 counters stay whole), and lists only itself and the agents it shares a group with; operators see all."""
@@ -37,16 +38,19 @@ class KernelStats:
 
 
 class Agents:
-    def __init__(self, agents, llm, jobs, lifecycle, access):
+    def __init__(self, agents, registration, llm, jobs, lifecycle, access):
         self.agents = agents
+        self.registration = registration
         self.access = access
         self.llm = llm
         self.jobs = jobs
         self.lifecycle = lifecycle
 
-    async def register(self, name: str, description: str, labels: dict[str, str]):
-        """(agent, token): the token is shown once."""
-        return await asyncio.to_thread(self.agents.register, name, description, labels)
+    async def register(self, name: str, description: str, labels: dict[str, str], credential: str | None = None,
+                       peer: str = ""):
+        """(agent, token): the token is shown once. `credential`: the token the call carried (the agent's own,
+        an operator's or an enrollment token); `peer`: the client's address, for the per-address limit."""
+        return await asyncio.to_thread(self.registration.register, name, description, labels, credential, peer)
 
     async def heartbeat(self, principal) -> float:
         return time.time()          # authenticating the call already marked the agent alive

@@ -1,7 +1,13 @@
 """The tool manager: the use case behind the Tools syscalls. A registry of tools with JSON-schema
 arguments. Built-ins run in the kernel; `python` and every registered tool run in the jail (`jail.py`).
-Who may call a private tool is decided here, once per call. Irreversible tools park the call until an
-operator confirms or denies it; a timeout denies.
+Who may call a private tool is decided here, once per call.
+
+Names: public tools (built-ins, operators' tools, tools registered public) share one namespace; an agent's
+private tools live in its own. A caller names its own and public tools by name (its own first) and a
+private tool granted to it by "owner/name". A private tool that the caller may not use answers exactly like
+one that does not exist, and registering a name never tells of another agent's private tool.
+
+Irreversible tools park the call until an operator confirms or denies it; a timeout denies.
 
 Tool work runs apart from the kernel's own: on a bounded pool of its own threads (not the one that serves
 storage, memory and access), at most `max_concurrent_calls` at once, `max_calls_per_agent` per agent and
@@ -74,9 +80,9 @@ class ToolManager:
         owner = principal.agent_id
         if not NAME_RE.match(spec.name):
             raise StatusError("INVALID_ARGUMENT", "tool names are 1-64 characters of a-z, 0-9 and '_'")
-        existing = self.tools.get(spec.name)
-        if existing is not None and (existing.owner == "kernel" or existing.owner != owner):
-            raise StatusError("ALREADY_EXISTS", f"the tool name '{spec.name}' is taken")   # not by whom
+        public = self.tools.get(spec.name)        # only public names can clash: they are public knowledge
+        if public is not None and public.owner != owner:
+            raise StatusError("ALREADY_EXISTS", f"'{spec.name}' is the name of a public tool")
         if not spec.code.strip():
             raise StatusError("INVALID_ARGUMENT", "a registered tool needs code (Python, run in the jail)")
         if self.no_code_reason:
@@ -108,23 +114,36 @@ class ToolManager:
             min(spec.memory_mb or 256, 4096),
             spec.public or principal.operator,
         )
-        self.tools[spec.name] = tool
+        self.tools.pop(spec.name if not tool.public else f"{owner}/{spec.name}", None)   # its other version
+        self.tools[tool.key] = tool
         return tool
 
     def visible(self, principal) -> list[Tool]:
-        return [t for t in self.tools.values() if t.public or t.owner == principal.agent_id or principal.operator]
+        """Public tools, the caller's own, and private tools it has been granted (operators: all)."""
+        return [t for t in self.tools.values() if t.public or t.owner == principal.agent_id
+                or self.access.decide_named(principal, "tool", t.key)[0]]
 
-    def owner(self, name: str) -> tuple[str, bool]:
-        """For access control: a tool's owner and whether it is private (unknown tools: the kernel's, public)."""
-        tool = self.tools.get(name)
-        return (tool.owner, not tool.public) if tool else ("kernel", False)
+    def owner(self, key: str) -> tuple[str, bool]:
+        """For access control: a tool's owner and whether it is private ("owner/name" names a private tool
+        of that owner, registered or not; unknown plain names: the kernel's, public)."""
+        tool = self.tools.get(key)
+        if tool is not None:
+            return tool.owner, not tool.public
+        return (key.split("/", 1)[0], True) if "/" in key else ("kernel", False)
 
     def _tool(self, principal, name: str) -> Tool:
-        tool = self.tools.get(name)
-        if tool is None:
-            raise StatusError("NOT_FOUND", f"no tool '{name[:64]}'")
-        self.access.authorize_tool(principal, name)  # private tools need their owner's grant
-        return tool
+        """The tool `principal` means by `name`: its own private one, else the public one; "owner/name": a
+        private tool granted to it. NOT_FOUND for anything else, whether or not it exists."""
+        tool = (self.tools.get(name) if "/" in name
+                else self.tools.get(f"{principal.agent_id}/{name}") or self.tools.get(name))
+        if tool is not None:
+            try:
+                self.access.authorize_tool(principal, tool.key)   # audited; private tools need a grant
+                return tool
+            except StatusError as e:
+                if e.code != "PERMISSION_DENIED":
+                    raise
+        raise StatusError("NOT_FOUND", f"no tool '{name[:130]}' that this agent may call")
 
     async def call(self, principal, name: str, args_json: str) -> Call:
         from jsonschema import Draft202012Validator
@@ -140,7 +159,7 @@ class ToolManager:
         if errors:
             where = "/".join(str(p) for p in errors[0].path) or "(arguments)"
             raise StatusError("INVALID_ARGUMENT", f"{name}: {where}: {errors[0].message[:300]}")
-        call = Call(uuid.uuid4().hex[:16], name, principal, args)
+        call = Call(uuid.uuid4().hex[:16], tool.key, principal, args)
         if tool.irreversible:  # kept until decided and collected; immediate calls are never stored
             self._prune()
             self.calls[call.call_id] = call
@@ -208,8 +227,11 @@ class ToolManager:
         call = self._pending(call_id)
         if call.state != "pending":
             raise StatusError("FAILED_PRECONDITION", f"call '{call_id}' is already {call.state}")
+        tool = self.tools.get(call.tool)
+        if tool is None:
+            raise StatusError("FAILED_PRECONDITION", f"tool '{call.tool}' is no longer registered")
         call.state = "running"
-        await self._run(self.tools[call.tool], call.principal, call)
+        await self._run(tool, call.principal, call)
         return call
 
     def deny(self, call_id: str, reason: str = "denied by an operator") -> Call:

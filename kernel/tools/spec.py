@@ -43,6 +43,16 @@ class Tool:
     builtin: object = None           # async fn(tools, principal, args) for built-ins
     semaphore: asyncio.Semaphore | None = None
 
+    @property
+    def key(self) -> str:
+        """Where it lives: public tools in the one shared namespace ("name"), private ones in their owner's
+        ("owner/name"), so that a private name never clashes with, or shows through, anyone else's."""
+        return self.name if self.public else f"{self.owner}/{self.name}"
+
+    def name_for(self, principal) -> str:
+        """The name `principal` calls it by: its own and public tools by name, others' by "owner/name"."""
+        return self.name if self.public or self.owner == principal.agent_id else self.key
+
 
 @dataclass
 class Call:

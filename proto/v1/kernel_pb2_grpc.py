@@ -65,21 +65,23 @@ class KernelServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
-        """Registers an agent and returns its token. The only call that needs no token.
+        """Registers an agent and returns its token, which the name stays bound to. The only call that needs no
+        token, unless the kernel's registration policy asks for an enrollment token or the name exists (then
+        its token or an operator's rotates it); send it as 'authorization: Bearer <token>'.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Keeps the agent's registration alive; any syscall counts as one.
+        """Keeps the agent's session alive; any syscall counts as one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Exit(self, request, context):
-        """Ends the agent's registration and revokes its token.
+        """Ends the agent's session. The name and token stay the agent's: its next call starts a new session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

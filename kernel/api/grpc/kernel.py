@@ -6,8 +6,9 @@ import time
 from kernos.proto.v1 import kernel_pb2 as pb
 from kernos.proto.v1 import kernel_pb2_grpc as rpc
 
+from ...security.registration import peer_address
 from ...syscalls.agents import Agents, ModelLoad
-from .interceptor import current_principal
+from .interceptor import current_principal, token_from_metadata
 from .tuner import job_message
 
 
@@ -42,7 +43,9 @@ class KernelServicer(rpc.KernelServicer):
         self.agents = agents
 
     async def Register(self, r, context):
-        agent, token = await self.agents.register(r.name, r.description, dict(r.labels))
+        agent, token = await self.agents.register(r.name, r.description, dict(r.labels),
+                                                  token_from_metadata(context.invocation_metadata()),
+                                                  peer_address(context.peer() or ""))
         return pb.RegisterReply(agent_id=agent.agent_id, token=token)
 
     async def Heartbeat(self, r, context):

@@ -11,8 +11,8 @@ from ...tools.spec import Call, Tool, ToolSpec
 from .interceptor import current_principal
 
 
-def _info(t: Tool) -> pb.ToolInfo:
-    return pb.ToolInfo(name=t.name, description=t.description, schema_json=json.dumps(t.schema),
+def _info(t: Tool, principal) -> pb.ToolInfo:
+    return pb.ToolInfo(name=t.name_for(principal), description=t.description, schema_json=json.dumps(t.schema),
                        irreversible=t.irreversible, owner=t.owner, public=t.public)
 
 
@@ -28,10 +28,11 @@ class ToolsServicer(rpc.ToolsServicer):
     async def Register(self, r, context):
         spec = ToolSpec(r.name, r.code, r.schema_json, r.description, r.irreversible, r.public, r.timeout_s,
                         r.max_concurrency, r.cpu_s, r.memory_mb)
-        return _info(self.tools.register(current_principal(), spec))
+        return _info(self.tools.register(current_principal(), spec), current_principal())
 
     async def List(self, r, context):
-        return pb.ListToolsReply(tools=[_info(t) for t in self.tools.visible(current_principal())])
+        me = current_principal()
+        return pb.ListToolsReply(tools=[_info(t, me) for t in self.tools.visible(me)])
 
     async def Call(self, r, context):
         return _reply(await self.tools.call(current_principal(), r.name, r.args_json))
