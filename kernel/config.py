@@ -58,6 +58,9 @@ class LimitsConfig(_Strict):
     default_max_tokens: int = Field(256, gt=0)
     default_temperature: float = Field(0.0, ge=0, description="0 is greedy decoding")
     max_stop_strings: int = Field(16, ge=0)
+    max_schema_bytes: int = Field(64 * 1024, gt=0, description="largest JSON schema (a tool's parameters or "
+                                                                 "response_format's)")
+    grammar_compile_s: float = Field(5.0, gt=0, description="longest a request's output grammar may take to compile")
 
 
 class EngineConfig(_Strict):

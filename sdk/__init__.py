@@ -22,6 +22,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
+from .functions import run_tools
 from .types import (
     AdapterInfo,
     AgentInfo,
@@ -37,10 +38,15 @@ from .types import (
     MemoryItem,
     Message,
     ModelInfo,
+    ToolCall,
+    ToolCallDelta,
     ToolResult,
 )
 
 __all__ = [
+    "run_tools",
+    "ToolCall",
+    "ToolCallDelta",
     "connect",
     "Session",
     "aio",

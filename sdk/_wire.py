@@ -65,8 +65,10 @@ def _messages(messages: Messages) -> list[llm_pb2.ChatMessage]:
         return [llm_pb2.ChatMessage(role="user", content=messages)]
     out = []
     for m in messages:
-        m = m if isinstance(m, Message) else Message.model_validate(m)
-        out.append(llm_pb2.ChatMessage(role=m.role, content=m.content))
+        m = Message.coerce(m)
+        out.append(llm_pb2.ChatMessage(
+            role=m.role, content=m.content, tool_call_id=m.tool_call_id or "", name=m.name or "",
+            tool_calls=[llm_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in m.tool_calls]))
     return out
 
 
@@ -84,6 +86,10 @@ def generate_request(
     seed: int | None = None,
     priority: int = 0,
     context_id: str | None = None,
+    tools: list | None = None,
+    tool_choice=None,
+    parallel_tool_calls: bool | None = None,
+    response_format=None,
 ) -> llm_pb2.GenerateRequest:
     sampling = llm_pb2.SamplingParams(top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []))
     if temperature is not None:
@@ -94,7 +100,9 @@ def generate_request(
         sampling.max_tokens = max_tokens
     if seed is not None:
         sampling.seed = seed
-    return llm_pb2.GenerateRequest(
+    from .functions import response_format_message, tool_choice_name, tool_definition
+
+    req = llm_pb2.GenerateRequest(
         messages=_messages(messages) if messages is not None else [],
         prompt=prompt or "",
         model=model or "",
@@ -102,7 +110,15 @@ def generate_request(
         sampling=sampling,
         priority=priority,
         context_id=context_id or "",
+        tools=[tool_definition(t) for t in tools or ()],
+        tool_choice=tool_choice_name(tool_choice),
     )
+    if parallel_tool_calls is not None:
+        req.parallel_tool_calls = parallel_tool_calls
+    fmt = response_format_message(response_format)
+    if fmt is not None:
+        req.response_format.CopyFrom(fmt)
+    return req
 
 
 def memory_items(texts, metadata=None, ids=None) -> list[memory_pb2.MemoryItem]:

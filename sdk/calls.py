@@ -24,6 +24,7 @@ from ._wire import (
     generate_request,
     memory_items,
 )
+from .functions import parse_reply
 from .types import (
     AdapterInfo,
     AgentInfo,
@@ -86,11 +87,18 @@ class LLMCalls(CallGroup):
 
     @rpc("LLM", "Generate")
     def chat(self, messages: Messages, *, timeout: float | None = None, **sampling) -> Completion:
-        """Generate the assistant's reply to `messages` (a string, or a list of {"role", "content"}).
+        """Generate the assistant's reply to `messages` (a string, or a list of messages: {"role", "content"},
+        assistant messages with "tool_calls", "tool" messages with "tool_call_id"; OpenAI's shape works).
 
         Sampling keywords: model, adapter, temperature (0 = greedy), top_p, top_k, max_tokens, stop, seed,
-        priority, context_id. Raises InvalidArgument, NotFound, ResourceExhausted, ... on a rejected request."""
-        return self._call("LLM", "Generate", generate_request(messages, **sampling), Completion.from_proto, timeout)
+        priority, context_id. Tools: `tools` (Python functions or OpenAI-style dicts), `tool_choice` ("auto",
+        "none", "required" or a tool's name), `parallel_tool_calls`; the reply's `tool_calls` are always
+        valid for their tool's schema. `response_format`: "json_object", OpenAI's json_schema dict, or a
+        pydantic model class (then `reply.parsed` is an instance). Raises InvalidArgument, NotFound,
+        ResourceExhausted, ... on a rejected request."""
+        fmt = sampling.get("response_format")
+        return self._call("LLM", "Generate", generate_request(messages, **sampling),
+                          lambda r: parse_reply(Completion.from_proto(r), fmt), timeout)
 
     @rpc("LLM", "Generate")
     def complete(self, prompt: str, *, timeout: float | None = None, **sampling) -> Completion:

@@ -2,24 +2,64 @@
 from __future__ import annotations
 
 import json
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel
 
 from kernos.proto.v1 import access_pb2, kernel_pb2, llm_pb2, memory_pb2, storage_pb2, tools_pb2, tuner_pb2
 
 
+class ToolCall(BaseModel):
+    """A call the model made: `arguments` is a JSON object as a string (`args` parses it)."""
+    id: str
+    name: str
+    arguments: str
+
+    @property
+    def args(self) -> dict:
+        return json.loads(self.arguments or "{}")
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a tool call while streaming: the first of call `index` has its id and name, later ones
+    fragments of its arguments."""
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: list[ToolCall] = []     # assistant: the calls it made
+    tool_call_id: str | None = None     # tool: the call this answers
+    name: str | None = None             # tool: its name (optional)
+
+    @classmethod
+    def coerce(cls, m) -> "Message":
+        """A Message from a Message or a dict, also in OpenAI's shape (tool_calls with "function")."""
+        if isinstance(m, Message):
+            return m
+        m = dict(m)
+        calls = []
+        for c in m.get("tool_calls") or ():
+            c = c.model_dump() if isinstance(c, BaseModel) else dict(c)
+            f = c.get("function") or c
+            args = f.get("arguments", "{}")
+            calls.append(ToolCall(id=c.get("id", ""), name=f.get("name", ""),
+                                  arguments=args if isinstance(args, str) else json.dumps(args)))
+        m["tool_calls"] = calls
+        m["content"] = m.get("content") or ""
+        return cls.model_validate({k: v for k, v in m.items() if k in cls.model_fields})
 
 
 Messages = Union[str, list[Union[Message, dict]]]
 
-FinishReason = Literal["stop", "length", "cancelled", "snapshot", "unspecified"]
+FinishReason = Literal["stop", "length", "cancelled", "snapshot", "tool_calls", "unspecified"]
 _FINISH = {llm_pb2.FINISH_REASON_STOP: "stop", llm_pb2.FINISH_REASON_LENGTH: "length",
            llm_pb2.FINISH_REASON_CANCELLED: "cancelled", llm_pb2.FINISH_REASON_SNAPSHOT: "snapshot",
-           llm_pb2.FINISH_REASON_UNSPECIFIED: "unspecified"}
+           llm_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls", llm_pb2.FINISH_REASON_UNSPECIFIED: "unspecified"}
 
 
 class Completion(BaseModel):
@@ -35,6 +75,8 @@ class Completion(BaseModel):
     time_to_first_token_ms: float
     total_ms: float
     snapshot_id: str | None = None   # set when finish_reason is "snapshot"
+    tool_calls: list[ToolCall] = []  # finish_reason "tool_calls": the calls to run (text: any text beside)
+    parsed: Any = None               # with response_format=<a pydantic model>: the reply as that model
 
     @classmethod
     def from_proto(cls, r: llm_pb2.GenerateReply) -> "Completion":
@@ -42,7 +84,12 @@ class Completion(BaseModel):
                    finish_reason=_FINISH.get(r.finish_reason, "unspecified"), prompt_tokens=r.usage.prompt_tokens,
                    completion_tokens=r.usage.completion_tokens, queue_wait_ms=r.timings.queue_wait_ms,
                    time_to_first_token_ms=r.timings.time_to_first_token_ms, total_ms=r.timings.total_ms,
-                   snapshot_id=r.snapshot_id or None)
+                   snapshot_id=r.snapshot_id or None,
+                   tool_calls=[ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in r.tool_calls])
+
+    def message(self) -> Message:
+        """This reply as the assistant message to append to the conversation."""
+        return Message(role="assistant", content=self.text, tool_calls=self.tool_calls)
 
 
 class Chunk(BaseModel):
@@ -54,11 +101,14 @@ class Chunk(BaseModel):
     tokens: int
     done: bool
     completion: Completion | None = None
+    tool_calls: list[ToolCallDelta] = []
 
     @classmethod
     def from_proto(cls, c: llm_pb2.GenerateChunk) -> "Chunk":
         return cls(request_id=c.request_id, text=c.text, tokens=c.tokens, done=c.done,
-                   completion=Completion.from_proto(c.reply) if c.done else None)
+                   completion=Completion.from_proto(c.reply) if c.done else None,
+                   tool_calls=[ToolCallDelta(index=d.index, id=d.id, name=d.name, arguments=d.arguments)
+                               for d in c.tool_calls])
 
 
 class ModelInfo(BaseModel):

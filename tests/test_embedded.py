@@ -36,11 +36,11 @@ def test_embedded_model_answers_and_is_converted_once(embedded_kernel):
     assert (converted / "model.safetensors").exists() and (converted / "tokenizer.json").exists()
 
 
-def test_readme_example_runs_as_written(embedded_kernel):
+def test_readme_example_runs_as_written(embedded_kernel, tmp_path):
     address, _ = embedded_kernel
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, KERNOS_ADDRESS=address))
+                         env=dict(os.environ, KERNOS_ADDRESS=address, HOME=str(tmp_path)))   # its token file
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout and "rejected: sampling.max_tokens must be > 0" in out.stdout

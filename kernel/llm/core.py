@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from ..config import KernelConfig, ModelConfig
 from .base import Engine
 from .echo import EchoEngine, EchoTokenizer
+from .structured import compile_matcher
+from .tool_calls import supports_tools, template_messages
 
 log = logging.getLogger("kernos.llm")
 
@@ -25,12 +27,26 @@ class ServedModel:
     tokenizer: object
     chat: bool                 # the tokenizer has a chat template
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    vocab_size: int = 0        # rows of the model's logits
+
+    def encode_chat(self, messages: list[dict], output=None) -> list[int]:
+        """The prompt of a conversation: the chat template, with the tools of `output` (an OutputSpec) in the
+        template's own way if it has one, else in the default convention (`tool_calls.py`)."""
         if isinstance(self.tokenizer, EchoTokenizer):
-            return self.tokenizer.encode(messages[-1]["content"])
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return self.tokenizer.encode(messages[-1].get("content", ""))
+        native = supports_tools(self.tokenizer)
+        messages, tools = template_messages(messages, output, native)
+        kwargs = {"tools": tools} if tools else {}
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
         ids = out["input_ids"] if hasattr(out, "keys") else out
         return list(ids)
+
+    def matcher(self, output):
+        """A fresh compiled grammar for one request's `output` (None: free text)."""
+        grammar = output.grammar() if output is not None else None
+        if grammar is None or isinstance(self.tokenizer, EchoTokenizer):
+            return None
+        return compile_matcher(grammar, self.tokenizer, self.vocab_size)
 
     def encode_prompt(self, text: str) -> list[int]:
         if isinstance(self.tokenizer, EchoTokenizer):
@@ -57,7 +73,8 @@ def _load(cfg: ModelConfig, config: KernelConfig) -> ServedModel:
                                 swap_dir=config.data_dir / "swap" / cfg.name)
     return ServedModel(cfg.name, engine, lm.architecture, str(lm.device), str(lm.dtype).replace("torch.", ""),
                        lm.adapters, lm.context_length, lm.parameters, lm.tokenizer,
-                       bool(getattr(lm.tokenizer, "chat_template", None)))
+                       bool(getattr(lm.tokenizer, "chat_template", None)),
+                       int(lm.model.get_output_embeddings().weight.shape[0]))
 
 
 class LLMCore:

@@ -21,6 +21,7 @@ class Finish(str, Enum):
     LENGTH = "length"
     CANCELLED = "cancelled"
     SNAPSHOT = "snapshot"       # checkpointed to disk and released; Restore continues it
+    TOOL_CALLS = "tool_calls"   # a reply that is tool calls (decided from the text, after the engine)
 
 
 @dataclass
@@ -37,6 +38,8 @@ class GenRequest:
     adapter: str | None = None
     priority: int = 0
     arrival: float = field(default_factory=time.monotonic)
+    output: object = None       # structured.OutputSpec: tools, tool choice, response format (None: free text)
+    matcher: object = None      # its compiled grammar, this request's own (llguidance LLMatcher)
 
 
 @dataclass

@@ -19,11 +19,13 @@ from kernos.storage.status import StatusError, exhausted, invalid, not_found, un
 from kernos.storage.traces import TraceRecord
 
 from ..llm.core import LLMCore, ServedModel
+from ..llm.structured import output_spec
+from ..llm.tool_calls import ToolCallStream
 from ..llm.types import Failed, Final, Finish, GenRequest, RequestHandle, TextDelta
 from .contexts import ContextAssembler
 from .snapshots import SnapshotStore
 
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "user", "assistant", "tool"}
 MAX_STOP_LEN = 256
 
 
@@ -31,7 +33,9 @@ MAX_STOP_LEN = 256
 class Generation:
     """What a caller asks for, transport-free. `size` is the request's size as it arrived, in bytes."""
 
-    messages: list[dict] = field(default_factory=list)  # {"role", "content"}
+    # {"role", "content"}; an assistant's may carry "tool_calls" [{"id", "name", "arguments"}], a tool's
+    # "tool_call_id" (and "name")
+    messages: list[dict] = field(default_factory=list)
     prompt: str = ""
     model: str = ""
     adapter: str = ""
@@ -44,6 +48,11 @@ class Generation:
     priority: int = 0
     context_id: str = ""
     size: int = 0
+    tools: list[dict] = field(default_factory=list)    # {"name", "description", "parameters_json", "strict"}
+    tool_choice: str = ""
+    parallel_tool_calls: bool | None = None
+    response_format: str = ""                           # "", text, json_object, json_schema
+    schema_json: str = ""
 
 
 @dataclass
@@ -66,6 +75,14 @@ class Reply:
     ttft_ms: float
     total_ms: float
     snapshot_id: str = ""
+    tool_calls: list[dict] = field(default_factory=list)   # {"id", "name", "arguments" (a JSON string)}
+
+
+@dataclass
+class ToolCallDeltas:
+    """Pieces of tool calls while a reply streams: {"index", "id", "name", "arguments"} each."""
+
+    deltas: list[dict]
 
 
 class Generate:
@@ -116,11 +133,11 @@ class Generate:
             raise invalid("give either messages (chat) or prompt (raw text), not both")
         if not g.messages and not g.prompt:
             raise invalid("empty request: give messages (chat) or prompt (raw text)")
-        for i, m in enumerate(g.messages):
-            if m["role"] not in ROLES:
-                raise invalid(f"messages[{i}].role must be one of {sorted(ROLES)}, got '{m['role'][:32]}'")
-        if g.messages and not any(m["content"].strip() for m in g.messages):
-            raise invalid("every message is empty")
+        _check_messages(g.messages)
+        output = output_spec(g.tools, g.tool_choice, g.parallel_tool_calls, g.response_format, g.schema_json,
+                             lim.max_schema_bytes)
+        if output is not None and output.tools and not g.messages:
+            raise invalid("tools need the chat form (messages), not a raw prompt")
         if g.prompt and not g.prompt.strip():
             raise invalid("prompt is empty")
         max_tokens = g.max_tokens if g.max_tokens is not None else lim.default_max_tokens
@@ -141,7 +158,7 @@ class Generate:
         if g.messages and not model.chat:
             raise invalid(f"model '{model.name}' has no chat template: send a raw prompt")
         try:
-            ids = model.encode_chat(g.messages) if g.messages else model.encode_prompt(g.prompt)
+            ids = model.encode_chat(g.messages, output) if g.messages else model.encode_prompt(g.prompt)
         except Exception as e:  # a template that rejects the conversation (e.g. role order)
             raise invalid(f"cannot format the messages with the model's chat template: {e}") from None
         if not ids:
@@ -167,7 +184,21 @@ class Generate:
             seed=g.seed,
             adapter=adapter,
             priority=int(g.priority),
+            output=output,
         )
+
+    async def _compile(self, model: ServedModel, req: GenRequest) -> None:
+        """Give a structured request its own compiled grammar (off the event loop, within a time limit)."""
+        if req.output is None:
+            return
+        limit = self.limits.grammar_compile_s
+        try:
+            req.matcher = await asyncio.wait_for(asyncio.to_thread(model.matcher, req.output), limit)
+        except asyncio.TimeoutError:
+            raise invalid(f"the requested output did not compile to a grammar within {limit:g} s "
+                          "(limits.grammar_compile_s): simplify the schema") from None
+        except (ValueError, RuntimeError) as e:   # llguidance's own errors on a schema it cannot take
+            raise invalid(f"the requested output cannot be compiled to a grammar: {str(e)[:400]}") from None
 
     # -- running ------------------------------------------------------------------------------------------------
     async def run(self, principal, g: Generation):
@@ -179,6 +210,7 @@ class Generate:
             model_name, messages = await self.contexts.assemble(principal, g, self.llm)
             g = replace(g, messages=messages, model=model_name, context_id="", prompt="")
         model, req = self._prepare(g, principal)
+        await self._compile(model, req)
         async for ev in self._events(principal, model, req, model.engine.submit, refuse=True):
             if isinstance(ev, Reply) and context_id and ev.finish in (Finish.STOP, Finish.LENGTH):
                 await self.contexts.record_reply(principal, context_id, ev.text)
@@ -193,12 +225,13 @@ class Generate:
         if model is None:
             raise not_found(f"snapshot '{snapshot_id}' is of model '{state['model']}', which is not served now")
         req = await asyncio.to_thread(model.engine.snapshot_request, folder, uuid.uuid4().hex)
+        await self._compile(model, req)
 
         async def submit(r, handle):
             await asyncio.to_thread(model.engine.restore, folder, r, handle)
 
         async for ev in self._events(principal, model, req, submit, refuse=True):
-            if isinstance(ev, Reply) and ev.finish in (Finish.STOP, Finish.LENGTH):
+            if isinstance(ev, Reply) and ev.finish in (Finish.STOP, Finish.LENGTH, Finish.TOOL_CALLS):
                 await asyncio.to_thread(shutil.rmtree, folder, True)  # the snapshot is consumed
             yield ev
 
@@ -209,17 +242,25 @@ class Generate:
             if asyncio.iscoroutine(result):
                 await result
             self.live[req.request_id] = (principal.agent_id, model)
+            calls = ToolCallStream(req.output)      # tool calls out of the text (passes text through if none)
             try:
                 yield Accepted(req.request_id)
                 async for ev in handle.events():
                     if isinstance(ev, TextDelta):
-                        yield ev
+                        text, deltas = calls.feed(ev.text)
+                        if text:
+                            yield TextDelta(text, ev.tokens)
+                        if deltas:
+                            yield ToolCallDeltas(deltas)
                     elif isinstance(ev, Failed):
                         raise StatusError("INTERNAL", ev.message)
                     else:
                         lease.completed(ev.completion_tokens)
                         self.agents.add_tokens(principal, ev.prompt_tokens, ev.completion_tokens)
-                        yield self._reply(model, req, ev)
+                        content, tool_calls, rest = calls.finish()
+                        if rest:
+                            yield TextDelta(rest, ev.completion_tokens)
+                        yield self._reply(model, req, ev, content if calls.enabled else ev.text, tool_calls)
             except (asyncio.CancelledError, GeneratorExit):
                 handle.cancel()  # the client went away: free the batch slot
                 raise
@@ -227,19 +268,21 @@ class Generate:
                 self.live.pop(req.request_id, None)
 
     @staticmethod
-    def _reply(model: ServedModel, req: GenRequest, final: Final) -> Reply:
+    def _reply(model: ServedModel, req: GenRequest, final: Final, text: str, tool_calls: list[dict]) -> Reply:
+        finish = Finish.TOOL_CALLS if tool_calls and final.finish == Finish.STOP else final.finish
         return Reply(
             req.request_id,
-            final.text,
+            text,
             model.name,
             req.adapter or "",
-            final.finish,
+            finish,
             final.prompt_tokens,
             final.completion_tokens,
             final.queue_wait_ms,
             final.ttft_ms,
             final.total_ms,
             final.snapshot_id,
+            tool_calls,
         )
 
     async def internal(
@@ -323,3 +366,30 @@ class Generate:
 
     def models(self) -> list[ServedModel]:
         return list(self.llm.models.values())
+
+
+def _check_messages(messages: list[dict]) -> None:
+    """Roles, tool calls and the results that answer them; INVALID_ARGUMENT naming the field."""
+    import json
+
+    call_ids: set[str] = set()
+    for i, m in enumerate(messages):
+        if m["role"] not in ROLES:
+            raise invalid(f"messages[{i}].role must be one of {sorted(ROLES)}, got '{m['role'][:32]}'")
+        for j, c in enumerate(m.get("tool_calls") or ()):
+            if m["role"] != "assistant":
+                raise invalid(f"messages[{i}].tool_calls: only an assistant message carries tool calls")
+            if not c.get("id") or not c.get("name"):
+                raise invalid(f"messages[{i}].tool_calls[{j}] needs an id and a name")
+            try:
+                args = json.loads(c.get("arguments") or "{}")
+            except ValueError:
+                args = None
+            if not isinstance(args, dict):
+                raise invalid(f"messages[{i}].tool_calls[{j}].arguments must be a JSON object (as a string)")
+            call_ids.add(c["id"])
+        if m["role"] == "tool" and m.get("tool_call_id") not in call_ids:
+            raise invalid(f"messages[{i}].tool_call_id '{(m.get('tool_call_id') or '')[:64]}' answers no earlier "
+                          "tool call of an assistant message")
+    if messages and not any(m["content"].strip() or m.get("tool_calls") for m in messages):
+        raise invalid("every message is empty")

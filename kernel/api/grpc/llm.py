@@ -5,21 +5,38 @@ from kernos.proto.v1 import llm_pb2 as pb
 from kernos.proto.v1 import llm_pb2_grpc as rpc
 
 from ...llm.types import Finish, TextDelta
-from ...syscalls.generate import Accepted, Generate, Generation, Reply
+from ...syscalls.generate import Accepted, Generate, Generation, Reply, ToolCallDeltas
 from .interceptor import current_principal
 
 _FINISH = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
-           Finish.CANCELLED: pb.FINISH_REASON_CANCELLED, Finish.SNAPSHOT: pb.FINISH_REASON_SNAPSHOT}
+           Finish.CANCELLED: pb.FINISH_REASON_CANCELLED, Finish.SNAPSHOT: pb.FINISH_REASON_SNAPSHOT,
+           Finish.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS}
+
+
+def _message(m: pb.ChatMessage) -> dict:
+    out = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in m.tool_calls]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name:
+        out["name"] = m.name
+    return out
 
 
 def generation(r: pb.GenerateRequest) -> Generation:
     s = r.sampling
     return Generation(
-        messages=[{"role": m.role, "content": m.content} for m in r.messages], prompt=r.prompt, model=r.model,
+        messages=[_message(m) for m in r.messages], prompt=r.prompt, model=r.model,
         adapter=r.adapter, max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
         temperature=s.temperature if s.HasField("temperature") else None,
         top_p=s.top_p if s.HasField("top_p") else None, top_k=s.top_k, stop=list(s.stop),
-        seed=s.seed if s.HasField("seed") else None, priority=r.priority, context_id=r.context_id, size=r.ByteSize())
+        seed=s.seed if s.HasField("seed") else None, priority=r.priority, context_id=r.context_id, size=r.ByteSize(),
+        tools=[{"name": t.name, "description": t.description, "parameters_json": t.parameters_json,
+                "strict": t.strict} for t in r.tools],
+        tool_choice=r.tool_choice,
+        parallel_tool_calls=r.parallel_tool_calls if r.HasField("parallel_tool_calls") else None,
+        response_format=r.response_format.type, schema_json=r.response_format.schema_json)
 
 
 def reply_message(r: Reply) -> pb.GenerateReply:
@@ -27,7 +44,8 @@ def reply_message(r: Reply) -> pb.GenerateReply:
         request_id=r.request_id, text=r.text, model=r.model, adapter=r.adapter, finish_reason=_FINISH[r.finish],
         usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens),
         timings=pb.Timings(queue_wait_ms=r.queue_wait_ms, time_to_first_token_ms=r.ttft_ms, total_ms=r.total_ms),
-        snapshot_id=r.snapshot_id)
+        snapshot_id=r.snapshot_id,
+        tool_calls=[pb.ToolCall(id=c["id"], name=c["name"], arguments=c["arguments"]) for c in r.tool_calls])
 
 
 async def _chunks(events):
@@ -38,6 +56,8 @@ async def _chunks(events):
             yield pb.GenerateChunk(request_id=request_id)
         elif isinstance(ev, TextDelta):
             yield pb.GenerateChunk(request_id=request_id, text=ev.text, tokens=ev.tokens)
+        elif isinstance(ev, ToolCallDeltas):
+            yield pb.GenerateChunk(request_id=request_id, tool_calls=[pb.ToolCallDelta(**d) for d in ev.deltas])
         else:
             yield pb.GenerateChunk(request_id=request_id, tokens=ev.completion_tokens, done=True,
                                    reply=reply_message(ev))

@@ -299,6 +299,7 @@ class TransformersEngine(Engine):
         self.stats.queue_waits.append((seq.admitted_at - seq.req.arrival) * 1e3)
         logits, past, mask = self._run_prefill(seq.req.prompt_ids, seq.req.adapter)
         seq.position = len(seq.req.prompt_ids)
+        seq.constrain(logits)
         tok = choose(logits, seq.req.temperature, seq.req.top_p, seq.req.top_k, seq.gen)
         seq.first_token_at = time.monotonic()
         self._count_tokens([seq], seq.first_token_at)
@@ -325,6 +326,7 @@ class TransformersEngine(Engine):
         for i, s in enumerate(rows):
             s.position += 1
             s.quantum_steps += 1
+            s.constrain(logits[i])
             finish = s.add_token(choose(logits[i], s.req.temperature, s.req.top_p, s.req.top_k, s.gen),
                                  self.lm.eos_ids)
             if finish is not None:

@@ -13,7 +13,7 @@ from .detokenizer import Detokenizer
 class Sequence:
     __slots__ = ("req", "handle", "gen", "ids", "pending", "position", "detok", "admitted_at", "first_token_at",
                  "state", "enqueued", "quantum_steps", "swapped", "swap_path", "preemptions", "parked",
-                 "keep_swap_file")
+                 "keep_swap_file", "matcher")
 
     def __init__(self, req: GenRequest, handle: RequestHandle, tokenizer):
         self.req = req
@@ -33,6 +33,7 @@ class Sequence:
         self.preemptions = 0
         self.parked = False        # suspended by its agent: not scheduled until resumed
         self.keep_swap_file = False  # a snapshot's cache file: restored from, not consumed
+        self.matcher = req.matcher   # the grammar its output must follow (structured output), or None
 
     @property
     def started(self) -> bool:
@@ -42,13 +43,32 @@ class Sequence:
     def text(self) -> str:
         return self.detok.text
 
+    def constrain(self, row) -> None:
+        """Forbid, in this sequence's row of logits, every token its grammar does not allow next. Its own
+        state only: rows of one batch follow different grammars (or none) side by side."""
+        if self.matcher is None:
+            return
+        import numpy as np
+        import torch
+
+        allowed = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        n = row.shape[-1]
+        allowed = torch.from_numpy(allowed[:n])
+        row[: allowed.shape[0]].masked_fill_(allowed == 0, float("-inf"))
+        if allowed.shape[0] < n:
+            row[allowed.shape[0]:] = float("-inf")
+
     def add_token(self, tok: int, eos_ids: set[int]) -> Finish | None:
         """Record a sampled token and stream the text it completes; the finish reason if it ends the sequence."""
         if tok in eos_ids:
             return Finish.STOP
         self.ids.append(tok)
         self.pending = tok
-        if self.detok.add(self.ids):
+        grammar_done = False
+        if self.matcher is not None:
+            self.matcher.consume_token(tok)
+            grammar_done = self.matcher.is_stopped()      # nothing but the end can follow
+        if self.detok.add(self.ids) or grammar_done:
             return Finish.STOP
         if len(self.ids) >= self.req.max_tokens:
             return Finish.LENGTH

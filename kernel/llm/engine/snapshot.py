@@ -1,6 +1,7 @@
-"""The snapshot format: a folder with `state.json` (the request, its tokens, position, sampling generator
-state and streamed length) and, when it held one, `cache.safetensors`. Written to a temporary folder,
-fsynced and renamed into place, so a snapshot on disk is always whole."""
+"""The snapshot format: a folder with `state.json` (the request with its output spec, its tokens, position,
+sampling generator state and streamed length; a grammar's state is rebuilt by replaying the tokens) and,
+when it held one, `cache.safetensors`. Written to a temporary folder, fsynced and renamed into place, so a
+snapshot on disk is always whole."""
 from __future__ import annotations
 
 import json
@@ -26,7 +27,8 @@ def write(directory: Path, seq, model: str, past) -> None:
              "stop": r.stop, "seed": r.seed, "adapter": r.adapter, "priority": r.priority, "ids": seq.ids,
              "pending": seq.pending, "position": seq.position, "emitted": len(seq.text),
              "preemptions": seq.preemptions, "has_cache": past is not None,
-             "generator": seq.gen.get_state().tolist()}
+             "generator": seq.gen.get_state().tolist(),
+             "output": r.output.to_dict() if r.output is not None else None}
     (tmp / "state.json").write_text(json.dumps(state))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -41,11 +43,13 @@ def read_state(directory: Path) -> dict:
 
 def request(directory: Path, request_id: str) -> GenRequest:
     """The snapshotted request, under a new id."""
+    from ..structured import OutputSpec
+
     st = read_state(directory)
     return GenRequest(request_id=request_id, agent_id=st["agent_id"], prompt_ids=st["prompt_ids"],
                       max_tokens=st["max_tokens"], temperature=st["temperature"], top_p=st["top_p"],
                       top_k=st["top_k"], stop=st["stop"], seed=st["seed"], adapter=st["adapter"],
-                      priority=st["priority"])
+                      priority=st["priority"], output=OutputSpec.from_dict(st.get("output")))
 
 
 def resume_into(seq, directory: Path) -> None:
@@ -54,6 +58,8 @@ def resume_into(seq, directory: Path) -> None:
     seq.gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
     seq.ids, seq.pending, seq.position = list(state["ids"]), state["pending"], state["position"]
     seq.detok.restore(seq.ids, state["emitted"])
+    if seq.matcher is not None and not seq.matcher.consume_tokens(seq.ids):   # the grammar's state, replayed
+        raise ValueError(f"snapshot {directory.name}: its tokens do not follow its grammar")
     seq.preemptions, seq.state = state["preemptions"], "preempted"
     if state["has_cache"]:
         seq.swap_path, seq.keep_swap_file = directory / "cache.safetensors", True

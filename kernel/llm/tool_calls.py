@@ -1,0 +1,218 @@
+"""Tool calls in text: how tools, calls and results are written into a prompt, and how calls are read back
+out of a reply (also while it streams).
+
+Models whose chat template takes `tools=` get them that way. Every other template gets the documented
+default, the Hermes / Qwen convention: a system block that lists the tools as JSON inside `<tools>`, each
+call written as `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, and each result sent
+back as a user turn `<tool_response>\\n...\\n</tool_response>`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from .structured import TOOL_CLOSE, TOOL_OPEN, OutputSpec
+
+TOOLS_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+def supports_tools(tokenizer) -> bool:
+    """Whether the model's own chat template renders `tools=` (it names them)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return isinstance(template, str) and "tools" in template
+
+
+def render_call(call: dict) -> str:
+    try:
+        arguments = json.loads(call["arguments"] or "{}")
+    except ValueError:
+        arguments = call["arguments"]
+    return f"{TOOL_OPEN}\n" + json.dumps({"name": call["name"], "arguments": arguments}, ensure_ascii=False) + \
+        f"\n{TOOL_CLOSE}"
+
+
+def template_messages(messages: list[dict], spec: OutputSpec | None, native: bool) -> tuple[list[dict], list | None]:
+    """(messages, tools) to hand to the chat template. `native`: the template renders tools itself."""
+    tools = [t.as_openai() for t in spec.tools] if spec is not None and spec.calls_tools else None
+    if native:
+        out = []
+        for m in messages:
+            m2 = {"role": m["role"], "content": m.get("content", "")}
+            if m.get("tool_calls"):
+                m2["tool_calls"] = [{"id": c["id"], "type": "function",
+                                     "function": {"name": c["name"], "arguments": _args(c["arguments"])}}
+                                    for c in m["tool_calls"]]
+            if m["role"] == "tool":
+                m2["tool_call_id"] = m.get("tool_call_id", "")
+                if m.get("name"):
+                    m2["name"] = m["name"]
+            out.append(m2)
+        return out, tools
+    out: list[dict] = []
+    for m in messages:
+        if m["role"] == "tool":
+            block = f"<tool_response>\n{m.get('content', '')}\n</tool_response>"
+            if out and out[-1]["role"] == "user" and out[-1]["content"].startswith("<tool_response>"):
+                out[-1] = {"role": "user", "content": out[-1]["content"] + "\n" + block}
+            else:
+                out.append({"role": "user", "content": block})
+        elif m.get("tool_calls"):
+            parts = ([m["content"]] if m.get("content") else []) + [render_call(c) for c in m["tool_calls"]]
+            out.append({"role": "assistant", "content": "\n".join(parts)})
+        else:
+            out.append({"role": m["role"], "content": m.get("content", "")})
+    if tools:
+        block = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{block}"}
+        else:
+            out.insert(0, {"role": "system", "content": block})
+    return out, None
+
+
+def _args(arguments: str):
+    try:
+        return json.loads(arguments or "{}")
+    except ValueError:
+        return arguments
+
+
+# -- reading calls back ------------------------------------------------------------------------------------
+_NAME = re.compile(r'"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"')
+_ARGS = re.compile(r'"arguments"\s*:\s*(?=\S)')
+
+
+@dataclass
+class _Call:
+    index: int
+    id: str
+    name: str = ""
+    args_start: int = -1        # in the call's own text
+    args_sent: int = 0          # characters of the arguments streamed
+    args_done: bool = False
+    scan: list = field(default_factory=lambda: [0, False, False])   # depth, in string, escaped
+
+
+class ToolCallStream:
+    """Fed the reply's text as it grows, it passes on the text outside tool calls and turns each call into
+    deltas: its id and name first, then fragments of its arguments (which, joined, are the call's arguments
+    exactly as the model wrote them). `finish()` gives the content and the calls."""
+
+    def __init__(self, spec: OutputSpec | None):
+        self.enabled = spec is not None and spec.calls_tools
+        self.names = {t.name for t in spec.tools} if self.enabled else set()
+        self.buf = ""
+        self.pos = 0                # buf[:pos] is handled
+        self.call: _Call | None = None
+        self.call_start = 0
+        self.content: list[str] = []
+        self.calls: list[dict] = []
+        self.count = 0
+
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        if not self.enabled:
+            self.content.append(text)
+            return text, []
+        self.buf += text
+        out, deltas = [], []
+        while True:
+            if self.call is None:
+                i = self.buf.find(TOOL_OPEN, self.pos)
+                if i < 0:
+                    end = len(self.buf) - _partial_suffix(self.buf, TOOL_OPEN, self.pos)
+                    out.append(self.buf[self.pos:end])
+                    self.pos = end
+                    break
+                out.append(self.buf[self.pos:i])
+                self.call = _Call(self.count, f"call_{uuid.uuid4().hex[:24]}")
+                self.count += 1
+                self.call_start = self.pos = i + len(TOOL_OPEN)
+            j = self.buf.find(TOOL_CLOSE, self.call_start)
+            seg = self.buf[self.call_start: j if j >= 0 else len(self.buf)]
+            deltas += self._progress(seg)
+            if j < 0:
+                break
+            out.append(self._close(seg))
+            self.pos = j + len(TOOL_CLOSE)
+            if self.buf.startswith("\n", self.pos):
+                self.pos += 1
+            self.call = None
+        piece = "".join(out)
+        self.content.append(piece)
+        return piece, deltas
+
+    def _progress(self, seg: str) -> list[dict]:
+        c, deltas = self.call, []
+        if not c.name:
+            m = _NAME.search(seg)
+            if m:
+                c.name = m.group(1)
+                deltas.append({"index": c.index, "id": c.id, "name": c.name, "arguments": ""})
+        if c.args_start < 0:
+            m = _ARGS.search(seg)
+            if m:
+                c.args_start = m.end()
+        if c.name and c.args_start >= 0 and not c.args_done:
+            start = c.args_start + c.args_sent
+            k = start
+            depth, in_str, esc = c.scan
+            while k < len(seg):
+                ch = seg[k]
+                k += 1
+                if in_str:
+                    esc, in_str = (False, True) if esc else (ch == "\\", ch != '"')
+                elif ch == '"':
+                    in_str = True
+                elif ch in "{[":
+                    depth += 1
+                elif ch in "}]":
+                    depth -= 1
+                    if depth == 0:
+                        c.args_done = True
+                        break
+            c.scan = [depth, in_str, esc]
+            if k > start:
+                deltas.append({"index": c.index, "id": "", "name": "", "arguments": seg[start:k]})
+                c.args_sent += k - start
+        return deltas
+
+    def _close(self, seg: str) -> str:
+        """Record the call; if it is not one after all (invalid JSON, an unknown tool), its text is text."""
+        c = self.call
+        try:
+            obj = json.loads(seg)
+            ok = isinstance(obj, dict) and obj.get("name") in self.names and isinstance(obj.get("arguments"), dict)
+        except ValueError:
+            ok = False
+        if not ok or not c.args_done:
+            return f"{TOOL_OPEN}{seg}{TOOL_CLOSE}"
+        self.calls.append({"id": c.id, "name": c.name, "arguments": seg[c.args_start:c.args_start + c.args_sent]})
+        return ""
+
+    def finish(self) -> tuple[str, list[dict], str]:
+        """(content, calls, the text still held back and now released)."""
+        rest = ""
+        if self.enabled:
+            if self.call is not None:              # cut off inside a call (max_tokens): it is not a call
+                rest = self.buf[self.call_start - len(TOOL_OPEN):]
+            else:
+                rest = self.buf[self.pos:]
+            self.content.append(rest)
+        content = "".join(self.content)
+        return ("" if self.calls and not content.strip() else content), self.calls, rest
+
+
+def _partial_suffix(buf: str, tag: str, start: int) -> int:
+    """How many characters at the end of buf[start:] could begin `tag` (held back until we know)."""
+    for n in range(min(len(tag) - 1, len(buf) - start), 0, -1):
+        if tag.startswith(buf[-n:]):
+            return n
+    return 0
