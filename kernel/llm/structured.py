@@ -29,7 +29,9 @@ TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # JSON whitespace: a little, as the model likes it, never unbounded. Measured on the embedded model (16 forced
 # tool calls): a fixed layout ('": "' forced) left 6 of 16 calls running away inside a string, because it
 # forces tokens the model would not pick (it then "closes" the string inside it); the compact layout 3 of 16;
-# up to 4 spaces/tabs/newlines between JSON tokens 0 of 16, with sensible arguments.
+# up to 4 spaces/tabs/newlines at a time between JSON tokens 0 of 16, with sensible arguments. (llguidance
+# lets such whitespace repeat, so a model that keeps choosing it runs to max_tokens, as one that never closes
+# a string does: no grammar bounds the length of what it allows.)
 JSON_LAYOUT = {"whitespace_flexible": True, "whitespace_pattern": "[ \\t\\n]{0,4}"}
 
 
@@ -114,7 +116,7 @@ def _call_schema(tools: tuple[ToolDef, ...]) -> dict:
 
 # -- building a spec from a request (the one place its fields are checked) ------------------------------------
 def output_spec(tools: list[dict], tool_choice: str, parallel: bool | None, response_format: str,
-                schema_json: str, max_schema_bytes: int) -> OutputSpec | None:
+                schema_json: str, max_schema_bytes: int, strict: bool = False) -> OutputSpec | None:
     """`tools`: [{"name", "description", "parameters_json", "strict"}]. INVALID_ARGUMENT naming the field."""
     defs = []
     for i, t in enumerate(tools):
@@ -124,6 +126,8 @@ def output_spec(tools: list[dict], tool_choice: str, parallel: bool | None, resp
                          max_schema_bytes)
         if params.get("type", "object") != "object":
             raise invalid(f"tools[{i}].parameters_json must describe an object")
+        if t.get("strict"):
+            params = strict_schema(params)
         defs.append(ToolDef(t["name"], (t.get("description") or "")[:4000], params, bool(t.get("strict"))))
     names = [d.name for d in defs]
     if len(set(names)) != len(names):
@@ -141,12 +145,27 @@ def output_spec(tools: list[dict], tool_choice: str, parallel: bool | None, resp
         if not schema_json:
             raise invalid("response_format json_schema needs a schema (response_format.schema_json)")
         schema = _schema(schema_json, "response_format.schema_json", max_schema_bytes)
+        if strict:
+            schema = strict_schema(schema)
     elif schema_json:
         raise invalid(f"response_format.schema_json is only for json_schema, not '{fmt}'")
     if fmt != "text" and defs and choice != "none":
         raise invalid("tools and a JSON response_format cannot be combined: give tool_choice 'none' or drop one")
     spec = OutputSpec(tuple(defs), choice, True if parallel is None else bool(parallel), fmt, schema)
     return spec if (spec.tools or spec.response_format != "text") else None
+
+
+def strict_schema(schema):
+    """OpenAI's strict mode: every object takes exactly the properties it names (additionalProperties false
+    where the schema leaves it open)."""
+    if isinstance(schema, list):
+        return [strict_schema(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_schema(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _schema(text: str, field_name: str, max_bytes: int) -> dict:

@@ -113,7 +113,8 @@ class ToolCallStream:
         self.pos = 0                # buf[:pos] is handled
         self.call: _Call | None = None
         self.call_start = 0
-        self.content: list[str] = []
+        self.content: list[str] = []   # the text passed on
+        self.blank = ""                # whitespace held back: between calls it is no content
         self.calls: list[dict] = []
         self.count = 0
 
@@ -145,9 +146,15 @@ class ToolCallStream:
             if self.buf.startswith("\n", self.pos):
                 self.pos += 1
             self.call = None
-        piece = "".join(out)
+        return self._pass("".join(out)), deltas
+
+    def _pass(self, piece: str) -> str:
+        if not piece.strip():
+            self.blank += piece
+            return ""
+        piece, self.blank = self.blank + piece, ""
         self.content.append(piece)
-        return piece, deltas
+        return piece
 
     def _progress(self, seg: str) -> list[dict]:
         c, deltas = self.call, []
@@ -198,16 +205,15 @@ class ToolCallStream:
         return ""
 
     def finish(self) -> tuple[str, list[dict], str]:
-        """(content, calls, the text still held back and now released)."""
-        rest = ""
-        if self.enabled:
-            if self.call is not None:              # cut off inside a call (max_tokens): it is not a call
-                rest = self.buf[self.call_start - len(TOOL_OPEN):]
-            else:
-                rest = self.buf[self.pos:]
-            self.content.append(rest)
-        content = "".join(self.content)
-        return ("" if self.calls and not content.strip() else content), self.calls, rest
+        """(content, calls, the text still held back and now released). A call cut off (by max_tokens) is no
+        call and no text; whitespace left over beside calls is dropped."""
+        if not self.enabled:
+            return "".join(self.content), [], ""
+        rest = self.blank + ("" if self.call is not None else self.buf[self.pos:])
+        if self.calls and not rest.strip():
+            rest = ""
+        self.content.append(rest)
+        return "".join(self.content), self.calls, rest
 
 
 def _partial_suffix(buf: str, tag: str, start: int) -> int:

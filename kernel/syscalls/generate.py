@@ -53,6 +53,7 @@ class Generation:
     parallel_tool_calls: bool | None = None
     response_format: str = ""                           # "", text, json_object, json_schema
     schema_json: str = ""
+    strict: bool = False                                # json_schema: objects take only their properties
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Generate:
             raise invalid("empty request: give messages (chat) or prompt (raw text)")
         _check_messages(g.messages)
         output = output_spec(g.tools, g.tool_choice, g.parallel_tool_calls, g.response_format, g.schema_json,
-                             lim.max_schema_bytes)
+                             lim.max_schema_bytes, g.strict)
         if output is not None and output.tools and not g.messages:
             raise invalid("tools need the chat form (messages), not a raw prompt")
         if g.prompt and not g.prompt.strip():

@@ -36,7 +36,8 @@ def generation(r: pb.GenerateRequest) -> Generation:
                 "strict": t.strict} for t in r.tools],
         tool_choice=r.tool_choice,
         parallel_tool_calls=r.parallel_tool_calls if r.HasField("parallel_tool_calls") else None,
-        response_format=r.response_format.type, schema_json=r.response_format.schema_json)
+        response_format=r.response_format.type, schema_json=r.response_format.schema_json,
+        strict=r.response_format.strict)
 
 
 def reply_message(r: Reply) -> pb.GenerateReply:
