@@ -1,5 +1,6 @@
 """Example agents. Each one is a short, different use of the kernel's syscalls: a multi-turn
-conversation, a checked answer, a summary, a streamed reply. They run concurrently in `kernos demo`,
+conversation, a checked answer, a summary, a streamed reply, a kernel context with files, a tool-using
+agent and a structured-output one. They run concurrently in `kernos demo`,
 so their generations share the kernel's running batch."""
 from __future__ import annotations
 
@@ -149,7 +150,73 @@ class Archivist(Agent):
                        f"rooms' found {hit.path} v{hit.version}")
 
 
-ALL_AGENTS = [TravelPlanner, FactChecker, Summarizer, Poet, Translator, Archivist]
+class Calculator(Agent):
+    """Tool use: the model must call the kernel's `calculator` tool (a forced, grammar-constrained call, so
+    every call is valid for the tool's schema); the agent runs it through the tool syscall and hands the
+    result back for the answer."""
+    name = "calculator"
+    description = "answers arithmetic by calling the kernel's calculator tool"
+    QUESTIONS = [("What is 17 times 23?", 391), ("What is 1234 plus 4321?", 5555), ("What is 144 divided by 12?", 12)]
+
+    def steps(self, session, out):
+        tool = next(t for t in session.tools.list() if t["name"] == "calculator")
+        spec = {"name": "calculator", "description": tool["description"], "parameters": tool["schema"]}
+        valid = right = 0
+        for question, expected in self.QUESTIONS:
+            t0 = time.perf_counter()
+            history = [{"role": "system", "content": "Use the calculator: write the expression with numbers and "
+                                                     "+ - * / only, for example 6 * 7."},
+                       {"role": "user", "content": question}]
+            reply = session.llm.chat(history, tools=[spec], tool_choice="calculator", parallel_tool_calls=False,
+                                     max_tokens=max(self.max_tokens, 96))
+            call = reply.tool_calls[0] if reply.tool_calls else None
+            if call is None:
+                out.exchanges.append(Exchange(question, f"(no call: {reply.finish_reason})", reply.completion_tokens,
+                                              reply.prompt_tokens, time.perf_counter() - t0, reply.queue_wait_ms))
+                continue
+            valid += 1
+            try:
+                result = session.tools.call("calculator", **call.args).result
+            except kernos.sdk.KernosError as e:
+                result = f"error: {e.message}"
+            right += result == expected
+            history += [reply.message(), {"role": "tool", "content": str(result), "tool_call_id": call.id}]
+            answer = session.llm.chat(history, max_tokens=24)
+            out.exchanges.append(Exchange(question, f"calculator({call.arguments}) = {result}; "
+                                          f"{answer.text.strip()}", reply.completion_tokens + answer.completion_tokens,
+                                          reply.prompt_tokens, time.perf_counter() - t0, reply.queue_wait_ms))
+        out.verdict = (f"{valid}/{len(self.QUESTIONS)} tool calls valid for the schema; {right} computed the "
+                       "expected number")
+
+
+class Extractor(Agent):
+    """Structured output: each reply is a typed record (a pydantic model as response_format)."""
+    name = "extractor"
+    description = "extracts typed records from sentences"
+    SENTENCES = ["Alice is 34 and lives in Paris.", "Bob, 51, moved to Lagos last year.",
+                 "The engineer Chen (29) works in Tokyo."]
+
+    def steps(self, session, out):
+        from pydantic import BaseModel, Field
+
+        class Person(BaseModel):
+            name: str = Field(max_length=40)
+            age: int = Field(ge=0, le=150)
+            city: str = Field(max_length=40, description="the city only")
+
+        parsed = 0
+        for sentence in self.SENTENCES:
+            t0 = time.perf_counter()
+            reply = session.llm.chat(f"Extract the person: {sentence}", response_format=Person,
+                                     max_tokens=self.max_tokens)
+            parsed += reply.parsed is not None
+            out.exchanges.append(Exchange(sentence, repr(reply.parsed) if reply.parsed else reply.text,
+                                          reply.completion_tokens, reply.prompt_tokens, time.perf_counter() - t0,
+                                          reply.queue_wait_ms))
+        out.verdict = f"{parsed}/{len(self.SENTENCES)} replies parsed as Person records"
+
+
+ALL_AGENTS = [TravelPlanner, FactChecker, Summarizer, Poet, Translator, Archivist, Calculator, Extractor]
 
 
 def word_count(text: str) -> int:
