@@ -33,6 +33,44 @@ def test_loss_covers_assistant_turns_only(tiny_models):
         encode(tok, {"messages": "hi"}, 512)
 
 
+def test_tool_use_traces_become_examples_in_the_serving_format(tiny_models):
+    """A traced tool-using generation (tools in the request, a tool result in the conversation, tool calls in
+    the reply) becomes an SFT example that the trainer writes exactly as the kernel prompts it: the tools in
+    the system block, the learnt reply the <tool_call> block."""
+    from kernos.kernel.llm.tool_calls import chat_template_input, tool_defs
+    from kernos.kernel.tuner.datasets import build_sft, episodes_from_traces
+    from kernos.storage.traces import TraceRecord
+
+    tools = [{"name": "calculator", "description": "arithmetic",
+              "parameters_json": '{"type": "object", "properties": {"expression": {"type": "string"}}}'}]
+    first = {"messages": [{"role": "user", "content": "what is 6*7"}], "tools": tools}
+    second = {"messages": [{"role": "user", "content": "what is 6*7"},
+                           {"role": "assistant", "tool_calls": [{"id": "c1", "name": "calculator",
+                                                                 "arguments": '{"expression": "6*7"}'}]},
+                           {"role": "tool", "content": "42", "tool_call_id": "c1"}], "tools": tools}
+    traces = [TraceRecord("a", "llm.generate", "OK", first,
+                          {"request_id": "r1", "text": "", "tool_calls": [{"id": "c9", "name": "calculator",
+                                                                           "arguments": '{"expression": "6*7"}'}]}, {}),
+              TraceRecord("a", "llm.generate", "OK", second, {"request_id": "r2", "text": "It is 42."}, {})]
+    train, evals, card = build_sft(episodes_from_traces(traces, {"r1": [{"success": True}],
+                                                                  "r2": [{"success": True}]}), eval_fraction=0)
+    assert card["tool_use"] == 2 and len(train) == 2
+    _, tok = load_base(tiny_models["llama"])
+    call_ex = next(ex for ex in train if ex["messages"][-1].get("tool_calls"))
+    ids, labels = encode(tok, call_ex, 1024)
+    learnt = tok.decode([i for i, l in zip(ids, labels) if l != IGNORE])
+    assert learnt.startswith("<tool_call>\n") and '"expression": "6*7"' in learnt and "calculator" in learnt
+    whole = tok.decode(ids)
+    assert "<tools>" in whole and '"name": "calculator"' in whole
+    served, kwargs = chat_template_input(tok, call_ex["messages"][:-1], tool_defs(tools))
+    prompt = tok.apply_chat_template(served, add_generation_prompt=True, tokenize=True, **kwargs)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    assert ids[:len(prompt)] == prompt                         # the prompt the kernel would send, token for token
+    answer_ex = next(ex for ex in train if ex["messages"][-1]["content"] == "It is 42.")
+    whole = tok.decode(encode(tok, answer_ex, 1024)[0])
+    assert "<tool_response>\n42\n</tool_response>" in whole and "<tool_call>" in whole
+
+
 @pytest.mark.parametrize("arch, modules, params", [
     ("llama", {"q_proj", "v_proj", "gate_proj", "down_proj"}, set()),
     ("mixtral", {"q_proj", "o_proj"}, {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}),

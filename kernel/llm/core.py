@@ -9,7 +9,7 @@ from ..config import KernelConfig, ModelConfig
 from .base import Engine
 from .echo import EchoEngine, EchoTokenizer
 from .structured import compile_matcher
-from .tool_calls import supports_tools, template_messages
+from .tool_calls import chat_template_input
 
 log = logging.getLogger("kernos.llm")
 
@@ -34,9 +34,8 @@ class ServedModel:
         template's own way if it has one, else in the default convention (`tool_calls.py`)."""
         if isinstance(self.tokenizer, EchoTokenizer):
             return self.tokenizer.encode(messages[-1].get("content", ""))
-        native = supports_tools(self.tokenizer)
-        messages, tools = template_messages(messages, output, native)
-        kwargs = {"tools": tools} if tools else {}
+        tools = output.tools if output is not None and output.calls_tools else ()
+        messages, kwargs = chat_template_input(self.tokenizer, messages, tools)
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
         ids = out["input_ids"] if hasattr(out, "keys") else out
         return list(ids)

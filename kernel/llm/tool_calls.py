@@ -13,7 +13,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from .structured import TOOL_CLOSE, TOOL_OPEN, OutputSpec
+from .structured import TOOL_CLOSE, TOOL_OPEN, OutputSpec, ToolDef
 
 TOOLS_PROMPT = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -37,6 +37,25 @@ def render_call(call: dict) -> str:
         arguments = call["arguments"]
     return f"{TOOL_OPEN}\n" + json.dumps({"name": call["name"], "arguments": arguments}, ensure_ascii=False) + \
         f"\n{TOOL_CLOSE}"
+
+
+def tool_defs(tools: list[dict]) -> tuple[ToolDef, ...]:
+    """Tools as traces and data sets keep them: {"name", "description", "parameters_json" | "parameters"}, or
+    OpenAI's {"type": "function", "function": {...}}."""
+    out = []
+    for t in tools or ():
+        f = t.get("function", t)
+        params = f.get("parameters") or json.loads(f.get("parameters_json") or '{"type": "object"}')
+        out.append(ToolDef(f["name"], f.get("description", ""), params))
+    return tuple(out)
+
+
+def chat_template_input(tokenizer, messages: list[dict], tools: tuple[ToolDef, ...] = ()) -> tuple[list, dict]:
+    """(messages, keyword arguments) for `tokenizer.apply_chat_template`: the one way a conversation with
+    tools and tool calls is written into a prompt, for serving and for fine-tuning alike."""
+    spec = OutputSpec(tuple(tools)) if tools else None
+    messages, native_tools = template_messages(messages, spec, supports_tools(tokenizer))
+    return messages, ({"tools": native_tools} if native_tools else {})
 
 
 def template_messages(messages: list[dict], spec: OutputSpec | None, native: bool) -> tuple[list[dict], list | None]:

@@ -29,6 +29,8 @@ class Episode:
     rewards: list[float] = field(default_factory=list)
     successes: list[bool] = field(default_factory=list)
     preferred: str | None = None    # the latest preferred reply given as feedback
+    tools: list[dict] = field(default_factory=list)       # the request's tools ({"name", "parameters_json", ...})
+    tool_calls: list[dict] = field(default_factory=list)  # the reply's calls ({"id", "name", "arguments"})
 
 
 def episodes_from_traces(traces, outcomes: dict[str, list[dict]]) -> list[Episode]:
@@ -41,8 +43,8 @@ def episodes_from_traces(traces, outcomes: dict[str, list[dict]]) -> list[Episod
         if not rid:
             continue
         messages = req.get("messages") or [{"role": "user", "content": req.get("prompt", "")}]
-        ep = Episode(rid, [{"role": m.get("role", "user"), "content": m.get("content", "")} for m in messages],
-                     resp.get("text", ""), resp.get("model", ""))
+        ep = Episode(rid, [_message(m) for m in messages], resp.get("text", ""), resp.get("model", ""),
+                     tools=list(req.get("tools") or []), tool_calls=list(resp.get("tool_calls") or []))
         for o in outcomes.get(rid, []):
             if o.get("reward") is not None:
                 ep.rewards.append(float(o["reward"]))
@@ -51,6 +53,18 @@ def episodes_from_traces(traces, outcomes: dict[str, list[dict]]) -> list[Episod
             if o.get("preferred"):
                 ep.preferred = o["preferred"]
         out.append(ep)
+    return out
+
+
+def _message(m: dict) -> dict:
+    """A traced message as a data set keeps it: role and content, and its tool calls or the call it answers."""
+    out = {"role": m.get("role", "user"), "content": m.get("content", "")}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [{"id": c.get("id", ""), "name": c.get("name", ""), "arguments": c.get("arguments", "")}
+                             for c in m["tool_calls"]]
+    for key in ("tool_call_id", "name"):
+        if m.get(key):
+            out[key] = m[key]
     return out
 
 
@@ -83,15 +97,17 @@ def build_sft(episodes: list[Episode], min_reward: float | None = None, eval_fra
     corrected = 0
     for ep in episodes:
         target = ep.preferred or ep.reply
+        calls = [] if ep.preferred else ep.tool_calls     # a preferred reply is text
         if ep.preferred:
             corrected += 1
         elif not successful(ep, min_reward):
             dropped["unsuccessful"] += 1
             continue
-        if not target.strip():
+        if not target.strip() and not calls:
             dropped["empty_reply"] += 1
             continue
-        example = {"messages": ep.messages + [{"role": "assistant", "content": target}]}
+        reply = {"role": "assistant", "content": target, **({"tool_calls": calls} if calls else {})}
+        example = {"messages": ep.messages + [reply], **({"tools": ep.tools} if ep.tools else {})}
         key = hashlib.sha256(json.dumps(example, sort_keys=True).encode()).hexdigest()
         if key in seen:
             dropped["duplicate"] += 1
@@ -105,7 +121,8 @@ def build_sft(episodes: list[Episode], min_reward: float | None = None, eval_fra
                         "preferred": "an episode with a preferred reply learns it"},
             "split": {"by": "episode (lowest sha256 of request id)", "eval_fraction": eval_fraction},
             "models": sorted({ep.model for ep in episodes if ep.model}),
-            "loss": "assistant turns only (the trainer masks the rest)"}
+            "tool_use": sum(1 for ex in kept if ex.get("tools")),
+            "loss": "assistant turns only (the trainer masks the rest); tool calls written as serving writes them"}
     return train, evals, card
 
 
@@ -171,7 +188,8 @@ def build_raft(samples: dict[str, tuple[list[dict], list[str]]], reward, min_rew
             "dropped": dropped, "filters": {"min_reward": min_reward if min_reward is not None else "> 0"},
             "mean_kept_reward": sum(rewards) / len(rewards) if rewards else None,
             "split": {"by": "prompt (lowest sha256)", "eval_fraction": eval_fraction},
-            "loss": "assistant turns only (the trainer masks the rest)"}
+            "tool_use": sum(1 for ex in kept if ex.get("tools")),
+            "loss": "assistant turns only (the trainer masks the rest); tool calls written as serving writes them"}
     return train, evals, card
 
 

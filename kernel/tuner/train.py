@@ -36,11 +36,16 @@ class DataError(ValueError):
 
 
 # -- encoding ------------------------------------------------------------------------------------------
-def chat_ids(tok, messages: list[dict], generation_prompt: bool) -> list[int]:
+def chat_ids(tok, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
+    """The tokens of a conversation as the kernel would prompt it: tools, tool calls and results written the
+    way serving writes them (`kernos.kernel.llm.tool_calls`)."""
+    from ..llm.tool_calls import chat_template_input, tool_defs
+
     if not getattr(tok, "chat_template", None):
         text = "".join(m["content"] + "\n" for m in messages)
         return list(tok.encode(text, add_special_tokens=False))
-    out = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    messages, kwargs = chat_template_input(tok, messages, tool_defs(tools or []))
+    out = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True, **kwargs)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
@@ -55,13 +60,14 @@ def encode(tok, example: dict, max_length: int) -> tuple[list[int], list[int]]:
         raise DataError("an example needs 'messages': a list of {role, content}")
     if messages[-1]["role"] != "assistant":
         raise DataError("an example's last message must be the assistant's reply")
-    full = chat_ids(tok, messages, False)
+    tools = example.get("tools")
+    full = chat_ids(tok, messages, False, tools)
     labels = [IGNORE] * len(full)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = chat_ids(tok, messages[:i], True) if i else []
-        upto = chat_ids(tok, messages[: i + 1], False)
+        before = chat_ids(tok, messages[:i], True, tools) if i else []
+        upto = chat_ids(tok, messages[: i + 1], False, tools)
         if upto[: len(before)] != before or full[: len(upto)] != upto:
             raise DataError("the chat template does not extend turn by turn; cannot mask non-assistant tokens")
         labels[len(before) : len(upto)] = full[len(before) : len(upto)]
