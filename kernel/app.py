@@ -123,7 +123,7 @@ class Kernel:
         # use cases
         self.generate = Generate(self.llm, config.limits, self.registry, self.quotas, self.access_control,
                                  self.adapter_store, self.traces, self.lifecycle, self.contexts, self.vector,
-                                 config.memory.summary_max_tokens, SnapshotStore(data / "snapshots"))
+                                 config.memory.summary_max_tokens, SnapshotStore(data / "snapshots"), self.tools)
         self.agents = Agents(self.registry, self.registration, self.llm, self.jobs, self.lifecycle,
                              self.access_control)
         self.storage = Files(self.files, self.vector)

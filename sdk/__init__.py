@@ -41,12 +41,14 @@ from .types import (
     ToolCall,
     ToolCallDelta,
     ToolResult,
+    ToolRun,
 )
 
 __all__ = [
     "run_tools",
     "ToolCall",
     "ToolCallDelta",
+    "ToolRun",
     "connect",
     "Session",
     "aio",

@@ -90,6 +90,9 @@ def generate_request(
     tool_choice=None,
     parallel_tool_calls: bool | None = None,
     response_format=None,
+    kernel_tools: list[str] | None = None,
+    tool_execution: str = "",
+    max_tool_rounds: int = 0,
 ) -> llm_pb2.GenerateRequest:
     sampling = llm_pb2.SamplingParams(top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []))
     if temperature is not None:
@@ -112,6 +115,9 @@ def generate_request(
         context_id=context_id or "",
         tools=[tool_definition(t) for t in tools or ()],
         tool_choice=tool_choice_name(tool_choice),
+        kernel_tools=list(kernel_tools or []),
+        tool_execution=tool_execution,
+        max_tool_rounds=max_tool_rounds,
     )
     if parallel_tool_calls is not None:
         req.parallel_tool_calls = parallel_tool_calls

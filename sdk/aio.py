@@ -22,6 +22,7 @@ from ._wire import (
 )
 from .client import STUBS
 from .errors import Unauthenticated, Unavailable, from_rpc_error
+from .functions import arun_tools as run_tools  # noqa: F401  (kernos.sdk.aio.run_tools)
 
 
 class Executor:

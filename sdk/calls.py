@@ -93,9 +93,11 @@ class LLMCalls(CallGroup):
         Sampling keywords: model, adapter, temperature (0 = greedy), top_p, top_k, max_tokens, stop, seed,
         priority, context_id. Tools: `tools` (Python functions or OpenAI-style dicts), `tool_choice` ("auto",
         "none", "required" or a tool's name), `parallel_tool_calls`; the reply's `tool_calls` are always
-        valid for their tool's schema. `response_format`: "json_object", OpenAI's json_schema dict, or a
-        pydantic model class (then `reply.parsed` is an instance). Raises InvalidArgument, NotFound,
-        ResourceExhausted, ... on a rejected request."""
+        valid for their tool's schema. `kernel_tools` offers tools registered in the kernel (built-ins,
+        `tools.register`ed ones); with `tool_execution="kernel"` the kernel runs the model's calls to them and
+        continues, up to `max_tool_rounds` rounds (`reply.tool_runs` lists them). `response_format`:
+        "json_object", OpenAI's json_schema dict, or a pydantic model class (then `reply.parsed` is one).
+        Raises InvalidArgument, NotFound, ResourceExhausted, ... on a rejected request."""
         fmt = sampling.get("response_format")
         return self._call("LLM", "Generate", generate_request(messages, **sampling),
                           lambda r: parse_reply(Completion.from_proto(r), fmt), timeout)

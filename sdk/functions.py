@@ -104,19 +104,42 @@ def run_tools(session, messages, functions: list[Callable], *, max_rounds: int =
     back, until the model answers without calls (or `max_rounds` rounds of calls). Returns the last
     Completion; `messages` (a list) is extended with the conversation. Keywords go to `chat` (tool_choice,
     max_tokens, ...); after the first round, tool_choice falls back to "auto" so that the model can answer."""
-    from .types import Message
-
-    history = [Message(role="user", content=messages)] if isinstance(messages, str) else messages
-    by_name = {f.__name__: f for f in functions}
+    history, by_name = _start(messages, functions)
     reply = None
     for _ in range(max_rounds + 1):
         reply = session.llm.chat(history, tools=functions, **kwargs)
-        history.append(reply.message())
-        if not reply.tool_calls:
+        if not _answer(reply, history, by_name):
             return reply
-        for call in reply.tool_calls:
-            fn = by_name.get(call.name)
-            out = call_function(fn, call.arguments) if fn else f"error: no tool '{call.name}'"
-            history.append(Message(role="tool", content=out, tool_call_id=call.id, name=call.name))
         kwargs["tool_choice"] = "auto"
     return reply
+
+
+async def arun_tools(session, messages, functions: list[Callable], *, max_rounds: int = 5, **kwargs):
+    """`run_tools` for an asyncio session (`kernos.sdk.aio.run_tools`)."""
+    history, by_name = _start(messages, functions)
+    reply = None
+    for _ in range(max_rounds + 1):
+        reply = await session.llm.chat(history, tools=functions, **kwargs)
+        if not _answer(reply, history, by_name):
+            return reply
+        kwargs["tool_choice"] = "auto"
+    return reply
+
+
+def _start(messages, functions):
+    from .types import Message
+
+    history = [Message(role="user", content=messages)] if isinstance(messages, str) else messages
+    return history, {f.__name__: f for f in functions}
+
+
+def _answer(reply, history: list, by_name: dict) -> bool:
+    """Append the reply and the results of its calls; False when it made none (the loop is over)."""
+    from .types import Message
+
+    history.append(reply.message())
+    for call in reply.tool_calls:
+        fn = by_name.get(call.name)
+        out = call_function(fn, call.arguments) if fn else f"error: no tool '{call.name}'"
+        history.append(Message(role="tool", content=out, tool_call_id=call.id, name=call.name))
+    return bool(reply.tool_calls)

@@ -29,6 +29,21 @@ class ToolCallDelta(BaseModel):
     arguments: str = ""
 
 
+class ToolRun(BaseModel):
+    """A call the kernel ran for the model (tool_execution="kernel")."""
+    call: ToolCall
+    state: str                          # done | error | denied
+    result: Any = None
+    error: str = ""
+    duration_ms: float = 0.0
+
+    @classmethod
+    def from_proto(cls, r) -> "ToolRun":
+        return cls(call=ToolCall(id=r.call.id, name=r.call.name, arguments=r.call.arguments), state=r.state,
+                   result=json.loads(r.result_json) if r.result_json else None, error=r.error,
+                   duration_ms=r.duration_ms)
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
@@ -77,6 +92,7 @@ class Completion(BaseModel):
     snapshot_id: str | None = None   # set when finish_reason is "snapshot"
     tool_calls: list[ToolCall] = []  # finish_reason "tool_calls": the calls to run (text: any text beside)
     parsed: Any = None               # with response_format=<a pydantic model>: the reply as that model
+    tool_runs: list[ToolRun] = []    # tool_execution="kernel": the calls the kernel ran, in order
 
     @classmethod
     def from_proto(cls, r: llm_pb2.GenerateReply) -> "Completion":
@@ -85,7 +101,8 @@ class Completion(BaseModel):
                    completion_tokens=r.usage.completion_tokens, queue_wait_ms=r.timings.queue_wait_ms,
                    time_to_first_token_ms=r.timings.time_to_first_token_ms, total_ms=r.timings.total_ms,
                    snapshot_id=r.snapshot_id or None,
-                   tool_calls=[ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in r.tool_calls])
+                   tool_calls=[ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in r.tool_calls],
+                   tool_runs=[ToolRun.from_proto(x) for x in r.tool_runs])
 
     def message(self) -> Message:
         """This reply as the assistant message to append to the conversation."""
@@ -102,13 +119,15 @@ class Chunk(BaseModel):
     done: bool
     completion: Completion | None = None
     tool_calls: list[ToolCallDelta] = []
+    tool_run: ToolRun | None = None     # tool_execution="kernel": a call the kernel just ran
 
     @classmethod
     def from_proto(cls, c: llm_pb2.GenerateChunk) -> "Chunk":
         return cls(request_id=c.request_id, text=c.text, tokens=c.tokens, done=c.done,
                    completion=Completion.from_proto(c.reply) if c.done else None,
                    tool_calls=[ToolCallDelta(index=d.index, id=d.id, name=d.name, arguments=d.arguments)
-                               for d in c.tool_calls])
+                               for d in c.tool_calls],
+                   tool_run=ToolRun.from_proto(c.tool_run) if c.HasField("tool_run") else None)
 
 
 class ModelInfo(BaseModel):

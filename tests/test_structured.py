@@ -154,11 +154,16 @@ CITIES = ["Paris", "Lagos", "Tokyo", "Lima", "Oslo", "Cairo", "Seoul", "Quito", 
 
 
 @pytest.fixture(scope="module")
-def ek(tmp_path_factory):
+def ekd(tmp_path_factory):
     data = tmp_path_factory.mktemp("structured")
     proc, address = start_kernel(data, None, timeout=300)           # the embedded model
-    yield kernos.sdk.connect(address, agent="structured")
+    yield kernos.sdk.connect(address, agent="structured"), data, address
     assert stop_kernel(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def ek(ekd):
+    return ekd[0]
 
 
 def _parallel(fn, items, width=8):
@@ -282,3 +287,63 @@ def test_tool_messages_must_answer_an_earlier_call(ek):
                     {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
                                                           "function": {"name": "f", "arguments": "[1, 2"}}]},
                     {"role": "tool", "content": "42", "tool_call_id": "c1"}])
+
+
+def test_the_kernel_runs_the_tool_loop(ekd):
+    s, data, address = ekd
+    s.tools.register("double", "result = args['n'] * 2", {"type": "object", "properties": {"n": {"type": "integer"}},
+                                                          "required": ["n"], "additionalProperties": False},
+                     "Double an integer.")
+    system = {"role": "system", "content": "Use the tools."}
+    r = s.llm.chat([system, {"role": "user", "content": "Double 21."}], kernel_tools=["double"],
+                   tool_execution="kernel", tool_choice="double", parallel_tool_calls=False, max_tokens=64,
+                   max_tool_rounds=1)
+    assert r.tool_runs and r.tool_runs[0].state == "done"               # run in the jail, as this agent
+    assert r.tool_runs[0].result == 2 * r.tool_runs[0].call.args["n"]
+    assert r.finish_reason in ("stop", "length", "tool_calls") and r.prompt_tokens > 0
+    chunks = list(s.llm.stream([system, {"role": "user", "content": "What is 6 times 7?"}],
+                               kernel_tools=["calculator"], tool_execution="kernel", tool_choice="calculator",
+                               parallel_tool_calls=False, max_tokens=64, max_tool_rounds=1))
+    runs = [c.tool_run for c in chunks if c.tool_run]
+    final = chunks[-1].completion
+    assert runs and [x.call.id for x in runs] == [x.call.id for x in final.tool_runs]
+    assert all(x.state in ("done", "error") for x in runs)
+    assert len({c.request_id for c in chunks}) == 2                    # one generation per round
+    from kernos.storage.traces import TraceLog
+    log = TraceLog.__new__(TraceLog)
+    log.path = data / "traces.db"
+    assert any(t.request.get("cause") == "llm.tool_loop" for t in log.query(agent_id="structured", kind="tools.call"))
+    with kernos.sdk.connect(address, agent="outsider") as o:              # another agent's private tool: unknown
+        with pytest.raises(kernos.sdk.InvalidArgument, match="kernel_tools"):
+            o.llm.chat("hi", kernel_tools=["structured/double"], tool_execution="kernel")
+    with pytest.raises(kernos.sdk.InvalidArgument, match="max_tool_rounds"):
+        s.llm.chat("hi", kernel_tools=["double"], tool_execution="kernel", max_tool_rounds=99)
+    with pytest.raises(kernos.sdk.InvalidArgument, match="tool_execution"):
+        s.llm.chat("hi", tool_execution="kernel")
+
+
+def test_asyncio_sessions_call_tools_the_same_way(ekd):
+    import asyncio
+
+    s, _, address = ekd
+    seen = []
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        seen.append((a, b))
+        return a + b
+
+    async def main():
+        a = await kernos.sdk.aio.connect(address, agent="structured", token=s.token)
+        try:
+            r = await a.llm.chat("What is 2 plus 3?", tools=[add], tool_choice="add", parallel_tool_calls=False,
+                                 max_tokens=48)
+            assert r.finish_reason == "tool_calls" and set(r.tool_calls[0].args) == {"a", "b"}
+            history = [{"role": "user", "content": "What is 2 plus 3?"}]
+            await kernos.sdk.aio.run_tools(a, history, [add], tool_choice="required", parallel_tool_calls=False,
+                                           max_tokens=48, max_rounds=1)
+            assert seen and history[2].role == "tool" and history[2].content == str(sum(seen[0]))
+        finally:
+            await a.close()
+
+    asyncio.run(main())

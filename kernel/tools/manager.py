@@ -131,7 +131,7 @@ class ToolManager:
             return tool.owner, not tool.public
         return (key.split("/", 1)[0], True) if "/" in key else ("kernel", False)
 
-    def _tool(self, principal, name: str) -> Tool:
+    def resolve(self, principal, name: str) -> Tool:
         """The tool `principal` means by `name`: its own private one, else the public one; "owner/name": a
         private tool granted to it. NOT_FOUND for anything else, whether or not it exists."""
         tool = (self.tools.get(name) if "/" in name
@@ -148,7 +148,7 @@ class ToolManager:
     async def call(self, principal, name: str, args_json: str) -> Call:
         from jsonschema import Draft202012Validator
 
-        tool = self._tool(principal, name)
+        tool = self.resolve(principal, name)
         if len(args_json) > MAX_ARGS:
             raise StatusError("RESOURCE_EXHAUSTED", f"arguments over {MAX_ARGS} bytes")
         try:

@@ -1,11 +1,13 @@
 """The LLM service: converts requests to the generate use case's terms and its events back to messages."""
 from __future__ import annotations
 
+import json
+
 from kernos.proto.v1 import llm_pb2 as pb
 from kernos.proto.v1 import llm_pb2_grpc as rpc
 
 from ...llm.types import Finish, TextDelta
-from ...syscalls.generate import Accepted, Generate, Generation, Reply, ToolCallDeltas
+from ...syscalls.generate import Accepted, Generate, Generation, Reply, ToolCallDeltas, ToolRun
 from .interceptor import current_principal
 
 _FINISH = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -37,7 +39,15 @@ def generation(r: pb.GenerateRequest) -> Generation:
         tool_choice=r.tool_choice,
         parallel_tool_calls=r.parallel_tool_calls if r.HasField("parallel_tool_calls") else None,
         response_format=r.response_format.type, schema_json=r.response_format.schema_json,
-        strict=r.response_format.strict)
+        strict=r.response_format.strict, kernel_tools=list(r.kernel_tools), tool_execution=r.tool_execution,
+        max_tool_rounds=r.max_tool_rounds)
+
+
+def _tool_run(run: ToolRun) -> pb.ToolRun:
+    c = run.call
+    return pb.ToolRun(call=pb.ToolCall(id=c["id"], name=c["name"], arguments=c["arguments"]), state=run.state,
+                      result_json=json.dumps(run.result) if run.state == "done" else "", error=run.error,
+                      duration_ms=run.duration_ms)
 
 
 def reply_message(r: Reply) -> pb.GenerateReply:
@@ -46,7 +56,8 @@ def reply_message(r: Reply) -> pb.GenerateReply:
         usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens),
         timings=pb.Timings(queue_wait_ms=r.queue_wait_ms, time_to_first_token_ms=r.ttft_ms, total_ms=r.total_ms),
         snapshot_id=r.snapshot_id,
-        tool_calls=[pb.ToolCall(id=c["id"], name=c["name"], arguments=c["arguments"]) for c in r.tool_calls])
+        tool_calls=[pb.ToolCall(id=c["id"], name=c["name"], arguments=c["arguments"]) for c in r.tool_calls],
+        tool_runs=[_tool_run(x) for x in r.tool_runs])
 
 
 async def _chunks(events):
@@ -59,6 +70,8 @@ async def _chunks(events):
             yield pb.GenerateChunk(request_id=request_id, text=ev.text, tokens=ev.tokens)
         elif isinstance(ev, ToolCallDeltas):
             yield pb.GenerateChunk(request_id=request_id, tool_calls=[pb.ToolCallDelta(**d) for d in ev.deltas])
+        elif isinstance(ev, ToolRun):
+            yield pb.GenerateChunk(request_id=request_id, tool_run=_tool_run(ev))
         else:
             yield pb.GenerateChunk(request_id=request_id, tokens=ev.completion_tokens, done=True,
                                    reply=reply_message(ev))
