@@ -61,6 +61,7 @@ class LimitsConfig(_Strict):
     max_schema_bytes: int = Field(64 * 1024, gt=0, description="largest JSON schema (a tool's parameters or "
                                                                  "response_format's)")
     grammar_compile_s: float = Field(5.0, gt=0, description="longest a request's output grammar may take to compile")
+    max_n: int = Field(8, gt=0, description="samples one request may ask for (n)")
     default_tool_rounds: int = Field(4, gt=0, description="tool_execution 'kernel': rounds of calls when unset")
     max_tool_rounds: int = Field(8, gt=0, description="tool_execution 'kernel': the most rounds a request may ask")
 

@@ -26,6 +26,7 @@ from .functions import run_tools
 from .types import (
     AdapterInfo,
     AgentInfo,
+    Choice,
     Chunk,
     Completion,
     ContextBlock,
@@ -38,6 +39,7 @@ from .types import (
     MemoryItem,
     Message,
     ModelInfo,
+    TokenLogprob,
     ToolCall,
     ToolCallDelta,
     ToolResult,
@@ -45,6 +47,8 @@ from .types import (
 )
 
 __all__ = [
+    "Choice",
+    "TokenLogprob",
     "run_tools",
     "ToolCall",
     "ToolCallDelta",

@@ -93,6 +93,9 @@ def generate_request(
     kernel_tools: list[str] | None = None,
     tool_execution: str = "",
     max_tool_rounds: int = 0,
+    n: int = 1,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
 ) -> llm_pb2.GenerateRequest:
     sampling = llm_pb2.SamplingParams(top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []))
     if temperature is not None:
@@ -118,6 +121,9 @@ def generate_request(
         kernel_tools=list(kernel_tools or []),
         tool_execution=tool_execution,
         max_tool_rounds=max_tool_rounds,
+        n=n,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
     if parallel_tool_calls is not None:
         req.parallel_tool_calls = parallel_tool_calls

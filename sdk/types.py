@@ -44,6 +44,38 @@ class ToolRun(BaseModel):
                    duration_ms=r.duration_ms)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    token_id: int
+    logprob: float
+    top_logprobs: list[TopLogprob] = []
+
+
+class Choice(BaseModel):
+    """One sample of the prompt (`n` > 1 gives several; choices[0] is the completion's own text)."""
+    index: int
+    text: str
+    finish_reason: str
+    tool_calls: list[ToolCall] = []
+    completion_tokens: int
+    logprobs: list[TokenLogprob] = []
+
+    @classmethod
+    def from_proto(cls, c) -> "Choice":
+        return cls(index=c.index, text=c.text, finish_reason=_FINISH.get(c.finish_reason, "unspecified"),
+                   tool_calls=[ToolCall(id=t.id, name=t.name, arguments=t.arguments) for t in c.tool_calls],
+                   completion_tokens=c.completion_tokens,
+                   logprobs=[TokenLogprob(token=x.token, token_id=x.token_id, logprob=x.logprob, top_logprobs=[
+                       TopLogprob(token=y.token, token_id=y.token_id, logprob=y.logprob) for y in x.top_logprobs])
+                       for x in c.logprobs])
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
@@ -93,6 +125,7 @@ class Completion(BaseModel):
     tool_calls: list[ToolCall] = []  # finish_reason "tool_calls": the calls to run (text: any text beside)
     parsed: Any = None               # with response_format=<a pydantic model>: the reply as that model
     tool_runs: list[ToolRun] = []    # tool_execution="kernel": the calls the kernel ran, in order
+    choices: list[Choice] = []       # every sample (n); choices[0] is this completion's own
 
     @classmethod
     def from_proto(cls, r: llm_pb2.GenerateReply) -> "Completion":
@@ -102,7 +135,8 @@ class Completion(BaseModel):
                    time_to_first_token_ms=r.timings.time_to_first_token_ms, total_ms=r.timings.total_ms,
                    snapshot_id=r.snapshot_id or None,
                    tool_calls=[ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in r.tool_calls],
-                   tool_runs=[ToolRun.from_proto(x) for x in r.tool_runs])
+                   tool_runs=[ToolRun.from_proto(x) for x in r.tool_runs],
+                   choices=[Choice.from_proto(c) for c in r.choices])
 
     def message(self) -> Message:
         """This reply as the assistant message to append to the conversation."""
@@ -120,6 +154,7 @@ class Chunk(BaseModel):
     completion: Completion | None = None
     tool_calls: list[ToolCallDelta] = []
     tool_run: ToolRun | None = None     # tool_execution="kernel": a call the kernel just ran
+    index: int = 0                      # n > 1: the sample this text and these tool calls belong to
 
     @classmethod
     def from_proto(cls, c: llm_pb2.GenerateChunk) -> "Chunk":
@@ -127,7 +162,7 @@ class Chunk(BaseModel):
                    completion=Completion.from_proto(c.reply) if c.done else None,
                    tool_calls=[ToolCallDelta(index=d.index, id=d.id, name=d.name, arguments=d.arguments)
                                for d in c.tool_calls],
-                   tool_run=ToolRun.from_proto(c.tool_run) if c.HasField("tool_run") else None)
+                   tool_run=ToolRun.from_proto(c.tool_run) if c.HasField("tool_run") else None, index=c.index)
 
 
 class ModelInfo(BaseModel):

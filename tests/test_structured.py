@@ -268,6 +268,8 @@ def test_functions_and_pydantic_models_through_the_sdk(ek):
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
     (dict(response_format="yaml"), "response_format.type"),
     (dict(tools=[{"name": "t"}], response_format="json_object"), "tools and a JSON response_format"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(?=a)b"}}}}}), "grammar"),
     (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"description": "x" * 70_000}}}),
      "limits.max_schema_bytes"),
 ])
@@ -347,3 +349,68 @@ def test_asyncio_sessions_call_tools_the_same_way(ekd):
             await a.close()
 
     asyncio.run(main())
+
+
+def test_n_samples_share_one_prefill_and_equal_separate_runs(lm):
+    """Samples of one prompt (a group) prefill it once; each gives exactly the tokens it gives as a request
+    of its own with its seed."""
+    def sample(i, group=""):
+        return GenRequest(f"s{i}", "a", _ids(lm, "the agent kernel"), 16, temperature=0.9, top_k=50, seed=11 + i,
+                          group=group, group_size=4 if group else 1, logprobs=True, top_logprobs=3)
+    engine = TransformersEngine(lm, 4)
+    together = _drive(engine, [sample(i, "g") for i in range(4)])
+    assert engine.stats.prompt_tokens == len(_ids(lm, "the agent kernel"))      # prefilled once
+    assert not engine._shared
+    for i in range(4):
+        alone = _drive(TransformersEngine(lm, 4), [sample(i)])[f"s{i}"]
+        assert together[f"s{i}"].token_ids == alone.token_ids
+        assert [t for t, _, _ in alone.logprobs] == alone.token_ids
+        for (t, lp, top), (t2, lp2, _) in zip(together[f"s{i}"].logprobs, alone.logprobs):
+            assert t == t2 and abs(lp - lp2) < 1e-5 and len(top) == 3 and lp <= top[0][1] + 1e-6
+    assert len({tuple(together[f"s{i}"].token_ids) for i in range(4)}) > 1        # different seeds, samples
+
+
+def test_n_and_logprobs_through_the_kernel(ek):
+    s = ek
+    a = s.llm.chat("Name a colour.", n=4, temperature=1.0, seed=5, max_tokens=12, logprobs=True, top_logprobs=2)
+    b = s.llm.chat("Name a colour.", n=4, temperature=1.0, seed=5, max_tokens=12)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 4
+    assert a.text == a.choices[0].text and a.completion_tokens == sum(c.completion_tokens for c in a.choices)
+    for c in a.choices:
+        assert len(c.logprobs) == c.completion_tokens
+        assert all(x.logprob <= 0 and len(x.top_logprobs) == 2 for x in c.logprobs)
+        if c.text.isascii():                 # (a token may hold part of a character: then it shows as U+FFFD)
+            assert "".join(x.token for x in c.logprobs).strip() == c.text.strip()
+    greedy = s.llm.chat("Name a colour.", max_tokens=8, logprobs=True, top_logprobs=1)
+    assert all(x.token_id == x.top_logprobs[0].token_id for x in greedy.choices[0].logprobs)
+    chunks = list(s.llm.stream("Name a colour.", n=2, temperature=1.0, seed=5, max_tokens=12))
+    for i in range(2):
+        assert "".join(c.text for c in chunks if c.index == i) == a.choices[i].text
+    for bad in (dict(n=99), dict(top_logprobs=3), dict(logprobs=True, top_logprobs=21)):   # n=0: unset, 1
+        with pytest.raises(kernos.sdk.InvalidArgument):
+            s.llm.chat("hi", max_tokens=2, **bad)
+
+
+def test_a_template_that_takes_tools_gets_them_natively(lm):
+    """A chat template that renders `tools=` (and tool_calls) is used as it is; others get the default block."""
+    import copy
+
+    from kernos.kernel.llm.tool_calls import TOOLS_PROMPT, chat_template_input, supports_tools
+
+    tok = copy.deepcopy(lm.tokenizer)
+    assert not supports_tools(tok)
+    messages = [{"role": "user", "content": "6*7?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "name": "calculator",
+                                                                     "arguments": '{"expression": "6*7"}'}]},
+                {"role": "tool", "content": "42", "tool_call_id": "c1"}]
+    default, kwargs = chat_template_input(tok, messages, (CALC,))
+    assert not kwargs and TOOLS_PROMPT.split("\n")[0] in default[0]["content"]
+    assert default[0]["role"] == "system" and "<tool_call>" in default[2]["content"]
+    assert default[3] == {"role": "user", "content": "<tool_response>\n42\n</tool_response>"}
+    tok.chat_template = ("{% for t in tools %}[TOOL {{ t.function.name }}]{% endfor %}{% for m in messages %}"
+                         "<{{ m.role }}>{{ m.content }}{% for c in m.tool_calls or [] %}"
+                         "[CALL {{ c.function.name }} {{ c.function.arguments.expression }}]{% endfor %}{% endfor %}")
+    assert supports_tools(tok)
+    native, kwargs = chat_template_input(tok, messages, (CALC,))
+    text = tok.apply_chat_template(native, tokenize=False, **kwargs)
+    assert text.startswith("[TOOL calculator]") and "[CALL calculator 6*7]" in text and "<tool>42" in text

@@ -40,6 +40,9 @@ class ServedModel:
         ids = out["input_ids"] if hasattr(out, "keys") else out
         return list(ids)
 
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
     def matcher(self, output):
         """A fresh compiled grammar for one request's `output` (None: free text)."""
         grammar = output.grammar() if output is not None else None

@@ -40,12 +40,17 @@ class GenRequest:
     arrival: float = field(default_factory=time.monotonic)
     output: object = None       # structured.OutputSpec: tools, tool choice, response format (None: free text)
     matcher: object = None      # its compiled grammar, this request's own (llguidance LLMatcher)
+    logprobs: bool = False      # record each generated token's log-probability ...
+    top_logprobs: int = 0       # ... and the most likely alternatives (up to 20)
+    group: str = ""             # samples of one prompt (n > 1) share this id: the prompt is prefilled once
+    group_size: int = 1
 
 
 @dataclass
 class TextDelta:
     text: str
     tokens: int                 # tokens generated so far
+    index: int = 0              # which sample of the prompt (n > 1)
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Final:
     token_ids: list[int] = field(default_factory=list)
     preemptions: int = 0
     snapshot_id: str = ""
+    logprobs: list = field(default_factory=list)   # [(token id, logprob, [(token id, logprob), ...])]
 
 
 @dataclass

@@ -54,6 +54,9 @@ class Generation:
     response_format: str = ""                           # "", text, json_object, json_schema
     schema_json: str = ""
     strict: bool = False                                # json_schema: objects take only their properties
+    n: int = 1                                          # samples of the prompt (prefilled once)
+    logprobs: bool = False
+    top_logprobs: int = 0                               # 0..20, with logprobs
     kernel_tools: list[str] = field(default_factory=list)   # tools registered in the kernel, offered too
     tool_execution: str = ""                            # "" / client: calls come back; kernel: the kernel runs them
     max_tool_rounds: int = 0
@@ -81,6 +84,19 @@ class Reply:
     snapshot_id: str = ""
     tool_calls: list[dict] = field(default_factory=list)   # {"id", "name", "arguments" (a JSON string)}
     tool_runs: list[ToolRun] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
+
+
+@dataclass
+class Choice:
+    """One sample of a prompt (n > 1 gives several; the reply's own fields are the first's)."""
+
+    index: int
+    text: str
+    finish: Finish
+    tool_calls: list[dict]
+    completion_tokens: int
+    logprobs: list = field(default_factory=list)   # [(token, token id, logprob, [(token, id, logprob), ...])]
 
 
 @dataclass
@@ -99,6 +115,32 @@ class ToolCallDeltas:
     """Pieces of tool calls while a reply streams: {"index", "id", "name", "arguments"} each."""
 
     deltas: list[dict]
+    choice: int = 0
+
+
+async def _merged(handles: list[RequestHandle]):
+    """(index, event) from several handles as they come; one handle is read directly."""
+    if len(handles) == 1:
+        async for ev in handles[0].events():
+            yield 0, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, h):
+        async for ev in h.events():
+            await queue.put((i, ev))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        ended = 0
+        while ended < len(handles):
+            i, ev = await queue.get()
+            if isinstance(ev, (Final, Failed)):
+                ended += 1
+            yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 class Generate:
@@ -173,6 +215,14 @@ class Generate:
             raise invalid(f"{len(g.stop)} stop strings; the limit is {lim.max_stop_strings}")
         if any(not x or len(x) > MAX_STOP_LEN for x in g.stop):
             raise invalid(f"stop strings must be 1 to {MAX_STOP_LEN} characters")
+        if not 1 <= g.n <= lim.max_n:
+            raise invalid(f"n must be 1 to {lim.max_n} (limits.max_n), got {g.n}")
+        if g.n > 1 and (g.context_id or g.tool_execution == "kernel"):
+            raise invalid("n > 1 takes neither a context_id nor tool_execution 'kernel'")
+        if not 0 <= g.top_logprobs <= 20:
+            raise invalid(f"top_logprobs must be 0 to 20, got {g.top_logprobs}")
+        if g.top_logprobs and not g.logprobs:
+            raise invalid("top_logprobs needs logprobs = true")
         if g.messages and not model.chat:
             raise invalid(f"model '{model.name}' has no chat template: send a raw prompt")
         try:
@@ -203,6 +253,8 @@ class Generate:
             adapter=adapter,
             priority=int(g.priority),
             output=output,
+            logprobs=bool(g.logprobs),
+            top_logprobs=int(g.top_logprobs),
         )
 
     async def _compile(self, model: ServedModel, req: GenRequest) -> None:
@@ -321,7 +373,15 @@ class Generate:
             g = replace(g, messages=messages, model=model_name, context_id="", prompt="")
         model, req = self._prepare(g, principal)
         await self._compile(model, req)
-        async for ev in self._events(principal, model, req, model.engine.submit, refuse=True):
+        siblings = []
+        if g.n > 1:          # the other samples: their own ids, seeds (seed + i) and grammar states
+            req.group, req.group_size = req.request_id, g.n
+            for i in range(1, g.n):
+                r = replace(req, request_id=uuid.uuid4().hex, matcher=None,
+                            seed=None if req.seed is None else (req.seed + i) % (1 << 64))
+                await self._compile(model, r)
+                siblings.append(r)
+        async for ev in self._events(principal, model, req, model.engine.submit, refuse=True, siblings=siblings):
             if isinstance(ev, Reply) and context_id and ev.finish in (Finish.STOP, Finish.LENGTH):
                 await self.contexts.record_reply(principal, context_id, ev.text)
             yield ev
@@ -345,55 +405,62 @@ class Generate:
                 await asyncio.to_thread(shutil.rmtree, folder, True)  # the snapshot is consumed
             yield ev
 
-    async def _events(self, principal, model: ServedModel, req: GenRequest, submit, refuse: bool):
-        handle = RequestHandle(req, asyncio.get_running_loop())
+    async def _events(self, principal, model: ServedModel, req: GenRequest, submit, refuse: bool,
+                      siblings: list[GenRequest] | None = None):
+        """Submit a request (and the other samples of its prompt, n > 1) and turn the engine's events into the
+        use case's: Accepted; TextDelta / ToolCallDeltas tagged with their sample's index; one Reply."""
+        reqs = [req] + list(siblings or [])
+        loop = asyncio.get_running_loop()
+        handles = [RequestHandle(r, loop) for r in reqs]
         with self.quotas.generation(principal.agent_id, len(req.prompt_ids), refuse=refuse) as lease:
-            result = submit(req, handle)
-            if asyncio.iscoroutine(result):
-                await result
-            self.live[req.request_id] = (principal.agent_id, model)
-            calls = ToolCallStream(req.output)      # tool calls out of the text (passes text through if none)
+            for r, h in zip(reqs, handles):
+                result = submit(r, h)
+                if asyncio.iscoroutine(result):
+                    await result
+                self.live[r.request_id] = (principal.agent_id, model)
+            streams = [ToolCallStream(r.output) for r in reqs]   # tool calls out of the text (else text as is)
+            finals: list[Final | None] = [None] * len(reqs)
             try:
                 yield Accepted(req.request_id)
-                async for ev in handle.events():
+                async for i, ev in _merged(handles):
                     if isinstance(ev, TextDelta):
-                        text, deltas = calls.feed(ev.text)
+                        text, deltas = streams[i].feed(ev.text)
                         if text:
-                            yield TextDelta(text, ev.tokens)
+                            yield TextDelta(text, ev.tokens, i)
                         if deltas:
-                            yield ToolCallDeltas(deltas)
+                            yield ToolCallDeltas(deltas, i)
                     elif isinstance(ev, Failed):
                         raise StatusError("INTERNAL", ev.message)
                     else:
-                        lease.completed(ev.completion_tokens)
-                        self.agents.add_tokens(principal, ev.prompt_tokens, ev.completion_tokens)
-                        content, tool_calls, rest = calls.finish()
+                        finals[i] = ev
+                        _, _, rest = streams[i].finish()
                         if rest:
-                            yield TextDelta(rest, ev.completion_tokens)
-                        yield self._reply(model, req, ev, content if calls.enabled else ev.text, tool_calls)
+                            yield TextDelta(rest, ev.completion_tokens, i)
+                completion = sum(f.completion_tokens for f in finals)
+                lease.completed(completion)
+                self.agents.add_tokens(principal, finals[0].prompt_tokens, completion)
+                yield self._reply(model, req, finals, streams)
             except (asyncio.CancelledError, GeneratorExit):
-                handle.cancel()  # the client went away: free the batch slot
+                for h in handles:
+                    h.cancel()  # the client went away: free the batch slots
                 raise
             finally:
-                self.live.pop(req.request_id, None)
+                for r in reqs:
+                    self.live.pop(r.request_id, None)
 
     @staticmethod
-    def _reply(model: ServedModel, req: GenRequest, final: Final, text: str, tool_calls: list[dict]) -> Reply:
-        finish = Finish.TOOL_CALLS if tool_calls and final.finish == Finish.STOP else final.finish
-        return Reply(
-            req.request_id,
-            text,
-            model.name,
-            req.adapter or "",
-            finish,
-            final.prompt_tokens,
-            final.completion_tokens,
-            final.queue_wait_ms,
-            final.ttft_ms,
-            final.total_ms,
-            final.snapshot_id,
-            tool_calls,
-        )
+    def _reply(model: ServedModel, req: GenRequest, finals: list[Final], streams: list[ToolCallStream]) -> Reply:
+        choices = []
+        for i, (final, calls) in enumerate(zip(finals, streams)):
+            text = "".join(calls.content) if calls.enabled else final.text
+            finish = Finish.TOOL_CALLS if calls.calls and final.finish == Finish.STOP else final.finish
+            logprobs = [(model.token_text(t), t, lp, [(model.token_text(a), a, b) for a, b in top])
+                        for t, lp, top in final.logprobs]
+            choices.append(Choice(i, text, finish, list(calls.calls), final.completion_tokens, logprobs))
+        first, head = finals[0], choices[0]
+        return Reply(req.request_id, head.text, model.name, req.adapter or "", head.finish, first.prompt_tokens,
+                     sum(c.completion_tokens for c in choices), first.queue_wait_ms, first.ttft_ms,
+                     max(f.total_ms for f in finals), first.snapshot_id, head.tool_calls, choices=choices)
 
     async def internal(
         self,

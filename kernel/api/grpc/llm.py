@@ -40,7 +40,22 @@ def generation(r: pb.GenerateRequest) -> Generation:
         parallel_tool_calls=r.parallel_tool_calls if r.HasField("parallel_tool_calls") else None,
         response_format=r.response_format.type, schema_json=r.response_format.schema_json,
         strict=r.response_format.strict, kernel_tools=list(r.kernel_tools), tool_execution=r.tool_execution,
-        max_tool_rounds=r.max_tool_rounds)
+        max_tool_rounds=r.max_tool_rounds, n=r.n or 1, logprobs=r.logprobs, top_logprobs=r.top_logprobs)
+
+
+def _calls(calls: list[dict]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c["id"], name=c["name"], arguments=c["arguments"]) for c in calls]
+
+
+def _choice(c) -> pb.Choice:
+    return pb.Choice(index=c.index, text=c.text, finish_reason=_FINISH[c.finish], tool_calls=_calls(c.tool_calls),
+                     completion_tokens=c.completion_tokens,
+                     logprobs=[_logprob(*x) for x in c.logprobs])
+
+
+def _logprob(token: str, token_id: int, logprob: float, top: list) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token=token, token_id=token_id, logprob=logprob,
+                           top_logprobs=[pb.TopLogprob(token=a, token_id=b, logprob=x) for a, b, x in top])
 
 
 def _tool_run(run: ToolRun) -> pb.ToolRun:
@@ -56,8 +71,8 @@ def reply_message(r: Reply) -> pb.GenerateReply:
         usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens),
         timings=pb.Timings(queue_wait_ms=r.queue_wait_ms, time_to_first_token_ms=r.ttft_ms, total_ms=r.total_ms),
         snapshot_id=r.snapshot_id,
-        tool_calls=[pb.ToolCall(id=c["id"], name=c["name"], arguments=c["arguments"]) for c in r.tool_calls],
-        tool_runs=[_tool_run(x) for x in r.tool_runs])
+        tool_calls=_calls(r.tool_calls), tool_runs=[_tool_run(x) for x in r.tool_runs],
+        choices=[_choice(c) for c in r.choices])
 
 
 async def _chunks(events):
@@ -67,9 +82,10 @@ async def _chunks(events):
             request_id = ev.request_id
             yield pb.GenerateChunk(request_id=request_id)
         elif isinstance(ev, TextDelta):
-            yield pb.GenerateChunk(request_id=request_id, text=ev.text, tokens=ev.tokens)
+            yield pb.GenerateChunk(request_id=request_id, text=ev.text, tokens=ev.tokens, index=ev.index)
         elif isinstance(ev, ToolCallDeltas):
-            yield pb.GenerateChunk(request_id=request_id, tool_calls=[pb.ToolCallDelta(**d) for d in ev.deltas])
+            yield pb.GenerateChunk(request_id=request_id, tool_calls=[pb.ToolCallDelta(**d) for d in ev.deltas],
+                                   index=ev.choice)
         elif isinstance(ev, ToolRun):
             yield pb.GenerateChunk(request_id=request_id, tool_run=_tool_run(ev))
         else:

@@ -35,7 +35,6 @@ from kernos.storage.status import StatusError
 
 from ..base import Engine, EngineStats
 from ..registry import LoadedModel
-from ..sampling import choose
 from ..types import EngineClosed, Failed, Finish, GenRequest, RequestHandle, RequestTooLarge
 from . import cache as cache_ops
 from . import snapshot as snapshot_format
@@ -68,6 +67,7 @@ class TransformersEngine(Engine):
         self._wake = threading.Event()
         self._accepting = True
         self._stop = False
+        self._shared: dict[str, list] = {}   # group -> [logits, cache, mask, siblings still to prefill]
         self._thread: threading.Thread | None = None
         # Measured on the engine's own thread: a forward pass on another thread first (this constructor runs
         # on the main one) leaves two OpenMP pools competing and made every decode step 3x slower on CPU.
@@ -297,10 +297,9 @@ class TransformersEngine(Engine):
     def _prefill(self, seq: Sequence) -> None:
         seq.admitted_at = time.monotonic()
         self.stats.queue_waits.append((seq.admitted_at - seq.req.arrival) * 1e3)
-        logits, past, mask = self._run_prefill(seq.req.prompt_ids, seq.req.adapter)
+        logits, past, mask = self._prefill_once(seq)
         seq.position = len(seq.req.prompt_ids)
-        seq.constrain(logits)
-        tok = choose(logits, seq.req.temperature, seq.req.top_p, seq.req.top_k, seq.gen)
+        tok = seq.pick(logits)
         seq.first_token_at = time.monotonic()
         self._count_tokens([seq], seq.first_token_at)
         finish = seq.add_token(tok, self.lm.eos_ids)
@@ -308,6 +307,24 @@ class TransformersEngine(Engine):
             self._finish(seq, finish)
         else:
             self._join(seq, past, mask)
+
+    def _prefill_once(self, seq: Sequence):
+        """The prompt's logits, cache and mask. Samples of one prompt (a group, n > 1) prefill it once: the
+        first keeps a copy for its siblings, each sibling takes its own copy of that."""
+        group = seq.req.group
+        shared = self._shared.get(group) if group else None
+        if shared is not None:
+            logits, past, mask, left = shared
+            if left <= 1:
+                del self._shared[group]
+            else:
+                shared[3] = left - 1
+            return logits.clone(), cache_ops.extract_row(past, 0, cache_ops.seq_length(past)), mask.clone()
+        logits, past, mask = self._run_prefill(seq.req.prompt_ids, seq.req.adapter)
+        if group and seq.req.group_size > 1:
+            self._shared[group] = [logits.clone(), cache_ops.extract_row(past, 0, cache_ops.seq_length(past)),
+                                   mask.clone(), seq.req.group_size - 1]
+        return logits, past, mask
 
     def _run_prefill(self, tokens: list[int], adapter: str | None):
         logits, past, mask, seconds = self.runner.prefill(tokens, adapter)
@@ -326,9 +343,7 @@ class TransformersEngine(Engine):
         for i, s in enumerate(rows):
             s.position += 1
             s.quantum_steps += 1
-            s.constrain(logits[i])
-            finish = s.add_token(choose(logits[i], s.req.temperature, s.req.top_p, s.req.top_k, s.gen),
-                                 self.lm.eos_ids)
+            finish = s.add_token(s.pick(logits[i]), self.lm.eos_ids)
             if finish is not None:
                 self._finish(s, finish)
                 done.append(i)
@@ -388,6 +403,11 @@ class TransformersEngine(Engine):
 
     # -- endings -----------------------------------------------------------------------------------------
     def _finish(self, seq: Sequence, finish: Finish, snapshot_id: str = "") -> None:
+        if not seq.started and seq.req.group in self._shared:    # a sibling that will never take its copy
+            shared = self._shared[seq.req.group]
+            shared[3] -= 1
+            if shared[3] <= 0:
+                del self._shared[seq.req.group]
         seq.finish(finish, snapshot_id)
         self.stats.completed += 1
         if finish == Finish.CANCELLED:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..sampling import make_generator
+from ..sampling import choose, make_generator
 from ..types import Final, Finish, GenRequest, RequestHandle, TextDelta
 from .detokenizer import Detokenizer
 
@@ -13,7 +13,7 @@ from .detokenizer import Detokenizer
 class Sequence:
     __slots__ = ("req", "handle", "gen", "ids", "pending", "position", "detok", "admitted_at", "first_token_at",
                  "state", "enqueued", "quantum_steps", "swapped", "swap_path", "preemptions", "parked",
-                 "keep_swap_file", "matcher")
+                 "keep_swap_file", "matcher", "logprobs", "_step_logprobs")
 
     def __init__(self, req: GenRequest, handle: RequestHandle, tokenizer):
         self.req = req
@@ -34,6 +34,8 @@ class Sequence:
         self.parked = False        # suspended by its agent: not scheduled until resumed
         self.keep_swap_file = False  # a snapshot's cache file: restored from, not consumed
         self.matcher = req.matcher   # the grammar its output must follow (structured output), or None
+        self.logprobs: list = []     # with req.logprobs: (token, logprob, top alternatives) per token
+        self._step_logprobs = None
 
     @property
     def started(self) -> bool:
@@ -42,6 +44,16 @@ class Sequence:
     @property
     def text(self) -> str:
         return self.detok.text
+
+    def pick(self, row) -> int:
+        """This sequence's next token from its row of logits: log-probabilities taken from the model's own
+        distribution (before the grammar and temperature), the grammar's mask, then its sampling."""
+        if self.req.logprobs:
+            import torch
+
+            self._step_logprobs = torch.log_softmax(row.float(), dim=-1)
+        self.constrain(row)
+        return choose(row, self.req.temperature, self.req.top_p, self.req.top_k, self.gen)
 
     def constrain(self, row) -> None:
         """Forbid, in this sequence's row of logits, every token its grammar does not allow next. Its own
@@ -64,6 +76,13 @@ class Sequence:
             return Finish.STOP
         self.ids.append(tok)
         self.pending = tok
+        if self._step_logprobs is not None:
+            lps, self._step_logprobs = self._step_logprobs, None
+            top = []
+            if self.req.top_logprobs:
+                values, ids = lps.topk(self.req.top_logprobs)
+                top = list(zip(ids.tolist(), values.tolist()))
+            self.logprobs.append((tok, float(lps[tok]), top))
         grammar_done = False
         if self.matcher is not None:
             self.matcher.consume_token(tok)
@@ -90,4 +109,5 @@ class Sequence:
             queue_wait_ms=(admitted - self.req.arrival) * 1e3,
             ttft_ms=((self.first_token_at or now) - self.req.arrival) * 1e3,
             total_ms=(now - self.req.arrival) * 1e3, token_ids=list(self.ids), preemptions=self.preemptions,
+            logprobs=list(self.logprobs),
             snapshot_id=snapshot_id))

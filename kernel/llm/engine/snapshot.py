@@ -28,7 +28,8 @@ def write(directory: Path, seq, model: str, past) -> None:
              "pending": seq.pending, "position": seq.position, "emitted": len(seq.text),
              "preemptions": seq.preemptions, "has_cache": past is not None,
              "generator": seq.gen.get_state().tolist(),
-             "output": r.output.to_dict() if r.output is not None else None}
+             "output": r.output.to_dict() if r.output is not None else None,
+             "logprobs_on": r.logprobs, "top_logprobs": r.top_logprobs, "logprobs": seq.logprobs}
     (tmp / "state.json").write_text(json.dumps(state))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -49,7 +50,8 @@ def request(directory: Path, request_id: str) -> GenRequest:
     return GenRequest(request_id=request_id, agent_id=st["agent_id"], prompt_ids=st["prompt_ids"],
                       max_tokens=st["max_tokens"], temperature=st["temperature"], top_p=st["top_p"],
                       top_k=st["top_k"], stop=st["stop"], seed=st["seed"], adapter=st["adapter"],
-                      priority=st["priority"], output=OutputSpec.from_dict(st.get("output")))
+                      priority=st["priority"], output=OutputSpec.from_dict(st.get("output")),
+                      logprobs=st.get("logprobs_on", False), top_logprobs=st.get("top_logprobs", 0))
 
 
 def resume_into(seq, directory: Path) -> None:
@@ -58,6 +60,7 @@ def resume_into(seq, directory: Path) -> None:
     seq.gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
     seq.ids, seq.pending, seq.position = list(state["ids"]), state["pending"], state["position"]
     seq.detok.restore(seq.ids, state["emitted"])
+    seq.logprobs = [(t, lp, [tuple(x) for x in top]) for t, lp, top in state.get("logprobs", [])]
     if seq.matcher is not None and not seq.matcher.consume_tokens(seq.ids):   # the grammar's state, replayed
         raise ValueError(f"snapshot {directory.name}: its tokens do not follow its grammar")
     seq.preemptions, seq.state = state["preemptions"], "preempted"
