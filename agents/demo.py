@@ -25,9 +25,12 @@ def start_kernel(
     timeout: float = 300.0,
     extra_env: dict | None = None,
     listen: str = "127.0.0.1:0",
+    http: str = "127.0.0.1:0",
 ) -> tuple[subprocess.Popen, str]:
-    """Start `kernos serve` (on a free port by default); return the process and its address once READY."""
-    cmd = [sys.executable, "-m", "kernos.kernel.cli", "serve", "--listen", listen, "--data-dir", str(data_dir)]
+    """Start `kernos serve` (on free ports by default); return the process and its gRPC address once READY.
+    The HTTP API's address is `proc.http_address` ('' when off)."""
+    cmd = [sys.executable, "-m", "kernos.kernel.cli", "serve", "--listen", listen, "--http", http,
+           "--data-dir", str(data_dir)]
     if config:
         cmd += ["--config", config]
     env = dict(os.environ, **(extra_env or {}))
@@ -37,7 +40,9 @@ def start_kernel(
     def read():
         for line in proc.stdout:
             if line.startswith("KERNOS READY") and not found:
-                found.append(line.split()[2])
+                fields = line.split()
+                proc.http_address = next((f[5:] for f in fields if f.startswith("http=")), "")
+                found.append(fields[2])
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()

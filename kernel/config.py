@@ -24,6 +24,8 @@ class _Strict(BaseModel):
 
 class ServerConfig(_Strict):
     listen: str = Field("127.0.0.1:7070", description="host:port for TCP, or unix:/path/kernos.sock")
+    http_listen: str = Field("127.0.0.1:7071", pattern=r"^(|\[?[A-Za-z0-9.:-]*\]?:\d{1,5})$",
+                             description="host:port of the OpenAI-compatible HTTP API (/v1); empty: off")
     socket_mode: int = Field(0o660, ge=0, le=0o777, description="file mode of a Unix socket (owner and group only)")
     tls_cert: Path | None = Field(None, description="server certificate (PEM): TLS on the TCP port")
     tls_key: Path | None = Field(None, description="its private key (PEM)")

@@ -26,8 +26,8 @@ def cmd_serve(args) -> int:
     from ..config import ConfigError, load_config
 
     try:
-        config = load_config(args.config, server={"listen": args.listen} if args.listen else None,
-                             data_dir=args.data_dir)
+        server = {k: v for k, v in (("listen", args.listen), ("http_listen", args.http)) if v is not None}
+        config = load_config(args.config, server=server or None, data_dir=args.data_dir)
     except ConfigError as e:
         print(f"kernos serve: {e}", file=sys.stderr)
         return 2
@@ -314,9 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the kernel daemon (gRPC)")
+    s = sub.add_parser("serve", help="run the kernel daemon (gRPC, and the OpenAI-compatible HTTP API)")
     s.add_argument("--config", help="TOML config file (every field has a default; KERNOS_* env vars override)")
     s.add_argument("--listen", help="host:port to listen on (default 127.0.0.1:7070; port 0 picks a free one)")
+    s.add_argument("--http", help="host:port of the OpenAI-compatible HTTP API (default 127.0.0.1:7071; '' turns "
+                                  "it off; port 0 picks a free one)")
     s.add_argument("--data-dir", help="agents, traces and converted models (default ~/.kernos)")
     s.set_defaults(fn=cmd_serve)
 

@@ -60,6 +60,7 @@ RULES: dict[str, tuple[str, str, str]] = {
     "/kernos.v1.LLM/Snapshot": ("llm", "execute", "own"),
     "/kernos.v1.LLM/Restore": ("llm", "execute", "own"),
     "/kernos.v1.Memory/Add": ("memory", "write", "namespace"),
+    "/kernos.v1.Memory/Embed": ("memory", "read", "none"),      # HTTP /v1/embeddings
     "/kernos.v1.Memory/Update": ("memory", "write", "namespace"),
     "/kernos.v1.Memory/Delete": ("memory", "write", "namespace"),
     "/kernos.v1.Memory/Search": ("memory", "read", "namespace"),

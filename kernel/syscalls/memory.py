@@ -19,6 +19,16 @@ class Memory:
     async def _vector(self, fn):
         return await asyncio.to_thread(lambda: fn(self.memory()))
 
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """The memory's embedding of each text (the model long-term memory searches with)."""
+        from kernos.storage.status import invalid
+
+        if not texts or len(texts) > 2048 or any(not isinstance(t, str) or not t for t in texts):
+            raise invalid("input must be 1 to 2048 non-empty strings")
+        if sum(len(t) for t in texts) > 4 << 20:
+            raise invalid("input is over 4 MiB of text")
+        return await self._vector(lambda m: m.embed(texts))
+
     @staticmethod
     def namespace(principal, requested: str) -> str:
         return requested or principal.agent_id

@@ -217,9 +217,14 @@ class _Syscall:
         agent = self.principal.agent_id if self.principal is not None else ""
         if not agent and self.method == "/kernos.v1.Kernel/Register":
             agent = self.reply.agent_id if self.reply is not None else getattr(self.request, "name", "")
-        if not agent:
-            return                                # unauthenticated: nobody to account it to
-        self.i.traces.record(TraceRecord(agent, trace_kind(self.method), self.status,
-                                         _as_dict(self.method, self.request),
-                                         _as_dict(self.method, self.reply) if self.status == "OK" else {},
-                                         {"syscall_ms": (time.monotonic() - self.t0) * 1e3}))
+        record_trace(self.i.traces, agent, self.method, self.status, self.request, self.reply, self.t0)
+
+
+def record_trace(traces: TraceLog, agent: str, method: str, status: str, request, reply, t0: float) -> None:
+    """One syscall's trace record, the same for every transport (the request and reply as the gRPC messages
+    that carry them)."""
+    if not agent:
+        return                                    # unauthenticated: nobody to account it to
+    traces.record(TraceRecord(agent, trace_kind(method), status, _as_dict(method, request),
+                              _as_dict(method, reply) if status == "OK" else {},
+                              {"syscall_ms": (time.monotonic() - t0) * 1e3}))

@@ -109,9 +109,23 @@ async def serve(config: KernelConfig) -> int:
         os.chmod(address[5:], config.server.socket_mode)  # who may connect: the socket's owner and group
     for name in ("",) + SERVICES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    http = None
+    if config.server.http_listen:
+        from ..http import server as http_server
+
+        try:
+            http = await http_server.start(kernel, config.server.http_listen)
+        except (OSError, RuntimeError) as e:
+            log.error("cannot serve HTTP on %s: %s", config.server.http_listen, e)
+            await server.stop(grace=0)
+            kernel.drain(0)
+            kernel.close()
+            return 2
     (config.data_dir / "kernel.addr").write_text(address + "\n")
     # One machine-readable line on stdout: tests and `kernos demo` wait for it.
-    print(f"KERNOS READY {address} pid={os.getpid()}", flush=True)
+    print(f"KERNOS READY {address} pid={os.getpid()}" + (f" http={http[2]}" if http else ""), flush=True)
+    if http:
+        log.info("OpenAI-compatible API on http://%s/v1", http[2])
     log.info("serving %s on %s (data dir %s)", sorted(kernel.llm.models), address, config.data_dir)
 
     stop = asyncio.Event()
@@ -130,6 +144,8 @@ async def serve(config: KernelConfig) -> int:
         if kernel.lifecycle.in_flight == 0:
             break
         await asyncio.sleep(0.05)
+    if http:
+        await http_server.stop(http[0], http[1])
     await server.stop(grace=2.0)
     flusher.cancel()
     kernel.close()

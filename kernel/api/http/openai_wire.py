@@ -1,0 +1,225 @@
+"""OpenAI's request and reply shapes, translated to and from the LLM syscall's messages: a chat or completion
+request becomes the `GenerateRequest` the gRPC surface takes (so that both reach the same use case, and
+their traces read the same), and a `Reply` becomes OpenAI's JSON. Nothing here decides anything."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kernos.proto.v1 import llm_pb2 as pb
+
+from ...llm.types import Finish
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore")      # unknown fields are ignored, as OpenAI does
+
+
+class FunctionDef(_Loose):
+    name: str
+    description: str = ""
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Loose):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class JsonSchema(_Loose):
+    name: str = ""
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Loose):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
+class StreamOptions(_Loose):
+    include_usage: bool = False
+
+
+class _Sampling(_Loose):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logprobs: bool | None = None
+    # Kernos's own fields, through the client's extra_body
+    priority: int = 0
+    adapter: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+    top_logprobs: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    context_id: str | None = None
+    kernel_tools: list[str] | None = None
+    tool_execution: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    logprobs: int | None = None                    # legacy completions: the number of alternatives
+
+
+class EmbeddingRequest(_Loose):
+    input: str | list[str]
+    model: str = ""
+    encoding_format: Literal["float", "base64"] = "float"   # base64: little-endian float32 (openai's default)
+
+
+def split_model(name: str, served: set[str]) -> tuple[str, str]:
+    """"MODEL" or "MODEL:ADAPTER" (adapters may hold a ':' themselves, published ones "OWNER:NAME")."""
+    if name in served:
+        return name, ""
+    for i, ch in enumerate(name):
+        if ch == ":" and name[:i] in served:
+            return name[:i], name[i + 1:]
+    return name, ""
+
+
+def _content(value) -> str:
+    """A message's content: a string, or OpenAI's list of parts (text parts are joined)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(p.get("text", "") for p in value if isinstance(p, dict) and p.get("type") in ("text", None))
+    raise TypeError("content must be a string or a list of parts")
+
+
+def _message(i: int, m: dict) -> pb.ChatMessage:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise TypeError(f"messages[{i}] needs a role")
+    role = "system" if m["role"] == "developer" else m["role"]
+    try:
+        content = _content(m.get("content"))
+    except TypeError as e:
+        raise TypeError(f"messages[{i}].content: {e}") from None
+    calls = []
+    for j, c in enumerate(m.get("tool_calls") or []):
+        f = c.get("function") or {}
+        args = f.get("arguments", "{}")
+        if not isinstance(args, str):
+            raise TypeError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON string")
+        calls.append(pb.ToolCall(id=str(c.get("id", "")), name=str(f.get("name", "")), arguments=args))
+    return pb.ChatMessage(role=role, content=content, tool_calls=calls, tool_call_id=str(m.get("tool_call_id") or ""),
+                          name=str(m.get("name") or "") if role == "tool" else "")
+
+
+def _sampling(r: _Sampling, max_tokens: int | None) -> pb.SamplingParams:
+    s = pb.SamplingParams(stop=[r.stop] if isinstance(r.stop, str) else list(r.stop or []))
+    if r.temperature is not None:
+        s.temperature = r.temperature
+    if r.top_p is not None:
+        s.top_p = r.top_p
+    if max_tokens is not None:
+        s.max_tokens = max_tokens
+    if r.seed is not None:
+        s.seed = r.seed % (1 << 64)
+    return s
+
+
+def chat_request(r: ChatRequest, served: set[str]) -> pb.GenerateRequest:
+    model, adapter = split_model(r.model, served)
+    req = pb.GenerateRequest(
+        messages=[_message(i, m) for i, m in enumerate(r.messages)], model=model, adapter=r.adapter or adapter,
+        sampling=_sampling(r, r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens),
+        priority=r.priority, context_id=r.context_id or "", n=r.n, logprobs=bool(r.logprobs),
+        top_logprobs=r.top_logprobs or 0, kernel_tools=r.kernel_tools or [], tool_execution=r.tool_execution or "",
+        tools=[pb.ToolDefinition(name=t.function.name, description=t.function.description,
+                                 parameters_json=json.dumps(t.function.parameters) if t.function.parameters else "",
+                                 strict=bool(t.function.strict)) for t in r.tools or []])
+    choice = r.tool_choice
+    if isinstance(choice, dict):
+        choice = (choice.get("function") or {}).get("name", "")
+    req.tool_choice = choice or ""
+    if r.parallel_tool_calls is not None:
+        req.parallel_tool_calls = r.parallel_tool_calls
+    if r.response_format is not None:
+        js = r.response_format.json_schema
+        req.response_format.CopyFrom(pb.ResponseFormat(
+            type=r.response_format.type, name=js.name if js else "", strict=bool(js and js.strict),
+            schema_json=json.dumps(js.schema_) if js and js.schema_ is not None else ""))
+    return req
+
+
+def completion_request(r: CompletionRequest, served: set[str]) -> pb.GenerateRequest:
+    model, adapter = split_model(r.model, served)
+    prompt = r.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise TypeError("prompt: one prompt per request (a list of several is not supported)")
+        prompt = prompt[0]
+    return pb.GenerateRequest(prompt=prompt, model=model, adapter=r.adapter or adapter, n=r.n,
+                              sampling=_sampling(r, r.max_tokens if r.max_tokens is not None else 16),
+                              priority=r.priority, logprobs=bool(r.logprobs), top_logprobs=min(r.logprobs or 0, 20))
+
+
+# -- replies ------------------------------------------------------------------------------------------------
+def finish_reason(f: Finish) -> str:
+    return {Finish.STOP: "stop", Finish.LENGTH: "length", Finish.TOOL_CALLS: "tool_calls"}.get(f, "stop")
+
+
+def _tool_calls(calls: list[dict]) -> list[dict]:
+    return [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in calls]
+
+
+def _logprobs(choice) -> dict | None:
+    if not choice.logprobs:
+        return None
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                         "top_logprobs": [{"token": a, "logprob": x, "bytes": list(a.encode())} for a, _, x in top]}
+                        for t, _, lp, top in choice.logprobs]}
+
+
+def usage(reply) -> dict:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+
+def model_id(reply) -> str:
+    return f"{reply.model}:{reply.adapter}" if reply.adapter else reply.model
+
+
+def chat_reply(reply) -> dict:
+    choices = []
+    for c in reply.choices:
+        message = {"role": "assistant", "content": c.text if (c.text or not c.tool_calls) else None}
+        if c.tool_calls:
+            message["tool_calls"] = _tool_calls(c.tool_calls)
+        choices.append({"index": c.index, "message": message, "finish_reason": finish_reason(c.finish),
+                        "logprobs": _logprobs(c)})
+    out = {"id": f"chatcmpl-{reply.request_id}", "object": "chat.completion", "created": int(time.time()),
+           "model": model_id(reply), "choices": choices, "usage": usage(reply)}
+    if reply.tool_runs:
+        out["tool_runs"] = [{"call": _tool_calls([r.call])[0], "state": r.state, "result": r.result,
+                             "error": r.error} for r in reply.tool_runs]
+    return out
+
+
+def completion_reply(reply) -> dict:
+    return {"id": f"cmpl-{reply.request_id}", "object": "text_completion", "created": int(time.time()),
+            "model": model_id(reply), "usage": usage(reply),
+            "choices": [{"index": c.index, "text": c.text, "finish_reason": finish_reason(c.finish),
+                         "logprobs": None} for c in reply.choices]}

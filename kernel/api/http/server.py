@@ -1,0 +1,51 @@
+"""The HTTP server (uvicorn) in the kernel's own event loop, beside gRPC: started after the kernel is built,
+stopped after the drain. The kernel keeps its own signal handling."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+log = logging.getLogger("kernos.http")
+
+
+def _bind(listen: str) -> socket.socket:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
+    return sock
+
+
+async def start(kernel, listen: str):
+    """(server, its task, the address it listens on: port 0 becomes the one the system picked)."""
+    import uvicorn
+
+    from .app import build
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):        # SIGTERM belongs to the kernel: it drains, then stops us
+            yield
+
+    sock = _bind(listen)
+    config = uvicorn.Config(build(kernel), log_level="warning", access_log=False, lifespan="off",
+                            timeout_keep_alive=30)
+    server = Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()                 # raises what stopped it
+            raise RuntimeError("the HTTP server stopped at start")
+        await asyncio.sleep(0.01)
+    host, port = sock.getsockname()[:2]
+    return server, task, f"{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+async def stop(server, task) -> None:
+    server.should_exit = True
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await asyncio.wait_for(task, 10)

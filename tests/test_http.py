@@ -1,0 +1,189 @@
+"""The OpenAI-compatible HTTP API (issue 14, first part), tested with the real `openai` client (sync and
+async) against a real kernel on the embedded model: chat, streaming with usage, a forced tool call and the
+tool turn after it, json_schema output parsed into a pydantic model, embeddings, and every error status
+mapped to the client's exception class. A call over HTTP and one over gRPC by the same agent share its
+quota and its traces."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+import pytest
+from pydantic import BaseModel
+
+import kernos.sdk
+from kernos.agents.demo import start_kernel, stop_kernel
+from kernos.storage.traces import TraceLog
+
+MODEL = "smollm2-135m-instruct"
+ADMIN = "http-admin-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def hk(tmp_path_factory):
+    from conftest import write_config
+
+    d = tmp_path_factory.mktemp("http")
+    cfg = write_config(d / "k.toml", [{"name": MODEL, "path": "embedded"},
+                                      {"name": "echo", "path": "-", "kind": "echo"},
+                                      {"name": "vault", "path": "-", "kind": "echo", "restricted": True}],
+                       server={"admin_token": ADMIN}, limits={"max_request_bytes": 64 * 1024},
+                       quotas={"agents": {"limited": {"requests_per_second": 2},
+                                          "limited-both": {"requests_per_second": 2}}})
+    proc, address = start_kernel(d / "data", str(cfg), timeout=300)
+    session = kernos.sdk.connect(address, agent="http-agent")
+    client = openai.OpenAI(base_url=f"http://{proc.http_address}/v1", api_key=session.token, max_retries=0)
+    yield client, session, proc.http_address, address, d / "data"
+    assert stop_kernel(proc) == 0
+
+
+def test_models_and_chat(hk):
+    client, *_ = hk
+    ids = {m.id for m in client.models.list()}
+    assert {MODEL, "echo"} <= ids and "vault" not in ids          # a restricted model needs a grant
+    assert client.models.retrieve(MODEL).id == MODEL
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of "
+                                                                                          "France?"}], max_tokens=16)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    r = client.completions.create(model="echo", prompt="one two three", max_tokens=2)
+    assert r.choices[0].text == "two three" and r.choices[0].finish_reason == "length"
+
+
+def test_streaming_with_usage(hk):
+    client, *_ = hk
+    whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count to five."}],
+                                           max_tokens=24, seed=1)
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count to five."}],
+                                            max_tokens=24, seed=1, stream=True, stream_options={"include_usage": True})
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == whole.choices[0].message.content and finish == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_forced_tool_call_then_the_tool_turn(hk):
+    client, *_ = hk
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                       "additionalProperties": False}}}]
+    messages = [{"role": "user", "content": "How is the weather in Paris?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required",
+                                       parallel_tool_calls=False, max_tokens=64)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    import json
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    after = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=24)
+    assert after.choices[0].message.content is not None
+    stream = client.chat.completions.create(model=MODEL, messages=messages[:1], tools=tools, stream=True,
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                            parallel_tool_calls=False, max_tokens=64)
+    name, args = "", ""
+    for chunk in stream:
+        for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            name += d.function.name or ""
+            args += d.function.arguments or ""
+    assert name == "get_weather" and isinstance(json.loads(args), dict)
+
+
+def test_json_schema_output_is_parsed(hk):
+    client, *_ = hk
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    r = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Alice is 42. Extract her."}],
+                                      response_format=Person, max_tokens=48)
+    assert isinstance(r.choices[0].message.parsed, Person)
+
+
+def test_embeddings(hk):
+    client, *_ = hk
+    e = client.embeddings.create(model="all-MiniLM-L6-v2", input=["a cat", "a kitten", "a spreadsheet"])
+    a, b, c = (x.embedding for x in e.data)
+    assert len(a) == 384
+
+    def dot(x, y):
+        return sum(i * j for i, j in zip(x, y))
+    assert dot(a, b) > dot(a, c)                          # normalized: cosine; cats are closer to kittens
+
+
+def test_error_statuses_map_to_the_clients_exceptions(hk):
+    client, session, http, address, _ = hk
+    base = f"http://{http}/v1"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="kn_wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="vault", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=MODEL, messages="not a list")
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       temperature="hot")
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x" * 100_000}])
+    assert err.value.status_code == 413
+    limited = kernos.sdk.connect(address, agent="limited")
+    lc = openai.OpenAI(base_url=base, api_key=limited.token, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as err:
+        for _ in range(10):
+            lc.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    r = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "still here"}],
+                                       extra_body={"unknown_field": 1, "priority": 3})
+    assert r.choices[0].message.content == "still here"     # unknown fields are ignored
+
+
+def test_async_client(hk):
+    _, session, http, *_ = hk
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=f"http://{http}/v1", api_key=session.token, max_retries=0)
+        replies = await asyncio.gather(*(c.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": f"n {i}"}]) for i in range(8)))
+        assert [r.choices[0].message.content for r in replies] == [f"n {i}" for i in range(8)]
+        chunks = [ch async for ch in await c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True)]
+        assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+        await c.close()
+
+    asyncio.run(main())
+
+
+def test_http_and_grpc_calls_share_the_agents_quota_and_traces(hk):
+    _, _, http, address, data = hk
+    agent = kernos.sdk.connect(address, agent="limited-both")
+    marker = f"http marker {time.time()}"
+    c = openai.OpenAI(base_url=f"http://{http}/v1", api_key=agent.token, max_retries=0)
+    c.chat.completions.create(model="echo", messages=[{"role": "user", "content": marker}])
+    agent.llm.chat(marker, model="echo")
+    log = TraceLog.__new__(TraceLog)
+    log.path = data / "traces.db"
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        recs = [r for r in log.query(agent_id="limited-both", kind="llm.generate") if marker in str(r.request)]
+        if len(recs) >= 2:
+            break
+        time.sleep(0.1)
+    assert len(recs) == 2 and all(r.status == "OK" and r.response["text"] == marker for r in recs)
+    time.sleep(1.1)                                              # 2 requests per second, whatever the transport
+    agent.kernel.heartbeat()
+    c.models.list()
+    with pytest.raises(kernos.sdk.ResourceExhausted):
+        agent.kernel.heartbeat()
