@@ -8,15 +8,18 @@ Prints a table and one JSON line.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
+# This file is named http.py: its folder must not shadow the standard library's `http` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
