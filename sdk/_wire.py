@@ -96,6 +96,7 @@ def generate_request(
     n: int = 1,
     logprobs: bool = False,
     top_logprobs: int = 0,
+    first_tool_choice=None,
 ) -> llm_pb2.GenerateRequest:
     sampling = llm_pb2.SamplingParams(top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []))
     if temperature is not None:
@@ -118,6 +119,7 @@ def generate_request(
         context_id=context_id or "",
         tools=[tool_definition(t) for t in tools or ()],
         tool_choice=tool_choice_name(tool_choice),
+        first_tool_choice=tool_choice_name(first_tool_choice),
         kernel_tools=list(kernel_tools or []),
         tool_execution=tool_execution,
         max_tool_rounds=max_tool_rounds,

@@ -187,3 +187,96 @@ def test_http_and_grpc_calls_share_the_agents_quota_and_traces(hk):
     c.models.list()
     with pytest.raises(kernos.sdk.ResourceExhausted):
         agent.kernel.heartbeat()
+    time.sleep(1.1)
+    # A grant made over gRPC opens a restricted model over HTTP.
+    with pytest.raises(openai.PermissionDeniedError):
+        c.chat.completions.create(model="vault", messages=[{"role": "user", "content": "open"}])
+    time.sleep(1.1)
+    admin = kernos.sdk.connect(address, token=ADMIN)
+    admin.access.grant("limited-both", "model", "execute", resource="vault")
+    assert c.chat.completions.create(model="vault", messages=[{"role": "user", "content": "open"}]
+                                     ).choices[0].message.content == "open"
+    time.sleep(1.1)
+    # A context made over gRPC is used over HTTP: the kernel adds the turn to it.
+    agent.memory.create_context("shared", budget_tokens=256, system="Be brief.", model="echo")
+    time.sleep(1.1)
+    before = len(agent.memory.blocks("shared")[0])
+    time.sleep(1.1)
+    c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "remember me"}],
+                              extra_body={"context_id": "shared"})
+    time.sleep(1.1)
+    blocks, _ = agent.memory.blocks("shared")
+    assert len(blocks) == before + 2 and "remember me" in " ".join(b.content for b in blocks)
+
+
+def test_langchain_chat_openai_and_a_langgraph_react_agent(hk):
+    """LangChain's ChatOpenAI against the kernel: bind_tools with a forced tool, then LangGraph's prebuilt
+    ReAct agent calling a Python tool and answering from its result. The 135M model seldom chooses a tool by
+    itself (tool_choice auto), so the agent's model asks for Kernos's `first_tool_choice: required`: a call
+    until a tool result answers the question, then the model's own choice."""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from langgraph.prebuilt import create_react_agent
+
+    _, session, http, *_ = hk
+    seen = []
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        seen.append(city)
+        return f"It is sunny and 21 C in {city}."
+
+    llm = ChatOpenAI(base_url=f"http://{http}/v1", api_key=session.token, model=MODEL, max_tokens=128,
+                     temperature=0, max_retries=0)
+    forced = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("How is the weather in Paris?")
+    assert forced.tool_calls[0]["name"] == "get_weather" and forced.tool_calls[0]["args"]["city"]
+    react_llm = ChatOpenAI(base_url=f"http://{http}/v1", api_key=session.token, model=MODEL, max_tokens=128,
+                           temperature=0, max_retries=0, extra_body={"first_tool_choice": "required"})
+    agent = create_react_agent(react_llm.bind_tools([get_weather], parallel_tool_calls=False), [get_weather])
+    out = agent.invoke({"messages": [("user", "How is the weather in Paris?")]}, {"recursion_limit": 8})
+    kinds = [type(m).__name__ for m in out["messages"]]
+    assert kinds[:4] == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"] and seen
+    assert "21" in out["messages"][-1].content or "sunny" in out["messages"][-1].content.lower()
+
+
+def _openai_agents():
+    """The `agents` package of openai-agents: this repository's own `agents/` folder (kernos.agents) would
+    shadow it from the working directory."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    mod = sys.modules.get("agents")
+    if mod is not None and Path(getattr(mod, "__file__", "") or "").resolve().is_relative_to(root):
+        del sys.modules["agents"]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        return importlib.import_module("agents")
+    finally:
+        sys.path[:] = saved
+
+
+def test_openai_agents_sdk_runs_a_function_tool(hk):
+    oa = _openai_agents()
+    Agent, ModelSettings, Runner, function_tool = oa.Agent, oa.ModelSettings, oa.Runner, oa.function_tool
+    OpenAIChatCompletionsModel, set_tracing_disabled = oa.OpenAIChatCompletionsModel, oa.set_tracing_disabled
+
+    _, session, http, *_ = hk
+    set_tracing_disabled(True)                        # no network: the SDK's traces go nowhere
+    calls = []
+
+    @function_tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        calls.append((a, b))
+        return a + b
+
+    client = openai.AsyncOpenAI(base_url=f"http://{http}/v1", api_key=session.token, max_retries=0)
+    agent = Agent(name="adder", instructions="Use the add tool.", tools=[add], tool_use_behavior="stop_on_first_tool",
+                  model=OpenAIChatCompletionsModel(model=MODEL, openai_client=client),
+                  model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=96))
+    result = asyncio.run(Runner.run(agent, "What is 2 plus 3?"))
+    assert calls and str(result.final_output) == str(sum(calls[0]))

@@ -59,6 +59,7 @@ class Generation:
     top_logprobs: int = 0                               # 0..20, with logprobs
     kernel_tools: list[str] = field(default_factory=list)   # tools registered in the kernel, offered too
     tool_execution: str = ""                            # "" / client: calls come back; kernel: the kernel runs them
+    first_tool_choice: str = ""                         # tool_choice until a tool result answers the last user turn
     max_tool_rounds: int = 0
 
 
@@ -194,7 +195,7 @@ class Generate:
         if not g.messages and not g.prompt:
             raise invalid("empty request: give messages (chat) or prompt (raw text)")
         _check_messages(g.messages)
-        output = output_spec(g.tools, g.tool_choice, g.parallel_tool_calls, g.response_format, g.schema_json,
+        output = output_spec(g.tools, _tool_choice(g), g.parallel_tool_calls, g.response_format, g.schema_json,
                              lim.max_schema_bytes, g.strict)
         if output is not None and output.tools and not g.messages:
             raise invalid("tools need the chat form (messages), not a raw prompt")
@@ -543,6 +544,15 @@ class Generate:
 
     def models(self) -> list[ServedModel]:
         return list(self.llm.models.values())
+
+
+def _tool_choice(g: Generation) -> str:
+    """`first_tool_choice` while no tool result follows the last user message, else `tool_choice`."""
+    if g.first_tool_choice:
+        last_user = max((i for i, m in enumerate(g.messages) if m["role"] == "user"), default=-1)
+        if not any(m["role"] == "tool" for m in g.messages[last_user + 1:]):
+            return g.first_tool_choice
+    return g.tool_choice
 
 
 def _check_messages(messages: list[dict]) -> None:

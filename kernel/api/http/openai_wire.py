@@ -73,6 +73,7 @@ class ChatRequest(_Sampling):
     context_id: str | None = None
     kernel_tools: list[str] | None = None
     tool_execution: str | None = None
+    first_tool_choice: str | dict | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -153,6 +154,10 @@ def chat_request(r: ChatRequest, served: set[str]) -> pb.GenerateRequest:
     if isinstance(choice, dict):
         choice = (choice.get("function") or {}).get("name", "")
     req.tool_choice = choice or ""
+    first = r.first_tool_choice
+    if isinstance(first, dict):
+        first = (first.get("function") or {}).get("name", "")
+    req.first_tool_choice = first or ""
     if r.parallel_tool_calls is not None:
         req.parallel_tool_calls = r.parallel_tool_calls
     if r.response_format is not None:
