@@ -280,3 +280,42 @@ def test_openai_agents_sdk_runs_a_function_tool(hk):
                   model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=96))
     result = asyncio.run(Runner.run(agent, "What is 2 plus 3?"))
     assert calls and str(result.final_output) == str(sum(calls[0]))
+
+
+def test_adapters_as_models_and_503_while_draining(tiny_models, lora_adapters, tmp_path):
+    """Each adapter the caller may use is a model "MODEL:ADAPTER" (restricted ones only once granted); a
+    draining kernel answers new HTTP calls with 503 while running ones finish."""
+    import signal
+    import threading
+
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "k.toml", [{"name": "tiny", "path": str(tiny_models["llama"]),
+                                              "adapters": {k: str(v) for k, v in lora_adapters.items()},
+                                              "restricted_adapters": ["beta"]}],
+                       server={"admin_token": ADMIN, "drain_timeout_s": 30})
+    proc, address = start_kernel(tmp_path / "data", str(cfg), timeout=120)
+    try:
+        s = kernos.sdk.connect(address, agent="adapted")
+        c = openai.OpenAI(base_url=f"http://{proc.http_address}/v1", api_key=s.token, max_retries=0)
+        assert {m.id for m in c.models.list()} == {"tiny", "tiny:alpha"}
+        kernos.sdk.connect(address, token=ADMIN).access.grant("adapted", "model", "execute", resource="tiny/beta")
+        assert {m.id for m in c.models.list()} == {"tiny", "tiny:alpha", "tiny:beta"}
+        r = c.chat.completions.create(model="tiny:alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert r.model == "tiny:alpha"
+        done = {}
+        long = threading.Thread(target=lambda: done.setdefault("r", c.completions.create(
+            model="tiny", prompt="the agent", max_tokens=200, stop=["never-appears-xyz"])))
+        long.start()
+        while s.kernel.stats().models[0].running == 0:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(openai.InternalServerError) as err:
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "late"}], max_tokens=2)
+        assert err.value.status_code == 503
+        long.join(60)
+        assert done["r"].usage.completion_tokens == 200 and proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            stop_kernel(proc)
