@@ -304,18 +304,24 @@ def test_adapters_as_models_and_503_while_draining(tiny_models, lora_adapters, t
         r = c.chat.completions.create(model="tiny:alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert r.model == "tiny:alpha"
         done = {}
-        long = threading.Thread(target=lambda: done.setdefault("r", c.completions.create(
-            model="tiny", prompt="the agent", max_tokens=200, stop=["never-appears-xyz"])))
+        long = threading.Thread(target=lambda: done.setdefault("r", c.completions.create(   # seconds of work
+            model="tiny", prompt="the agent", max_tokens=1500, stop=["never-appears-xyz"])))
         long.start()
         while s.kernel.stats().models[0].running == 0:
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        with grpc.insecure_channel(address) as ch:          # the kernel has begun to drain
+            check = health_pb2_grpc.HealthStub(ch).Check
+            while check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING:
+                time.sleep(0.01)
+        time.sleep(0.1)
         with pytest.raises(openai.InternalServerError) as err:
             c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "late"}], max_tokens=2)
         assert err.value.status_code == 503
         long.join(60)
-        assert done["r"].usage.completion_tokens == 200 and proc.wait(60) == 0
+        assert done["r"].usage.completion_tokens == 1500 and proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             stop_kernel(proc)
