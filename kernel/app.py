@@ -15,6 +15,7 @@ from kernos.storage.traces import TraceLog
 
 from .config import KernelConfig
 from .llm.core import LLMCore
+from .metrics import Metrics
 from .security.access import AccessControl
 from .security.enrollment import Enrollments
 from .security.gate import Gate
@@ -96,6 +97,7 @@ class Kernel:
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True)
         self.lifecycle = Lifecycle()
+        self.metrics = Metrics()
         # stores
         self.traces = TraceLog(data / "traces.db")
         self.audit = TraceLog(data / "audit.db")          # every access decision, same guarantees
@@ -123,7 +125,8 @@ class Kernel:
         # use cases
         self.generate = Generate(self.llm, config.limits, self.registry, self.quotas, self.access_control,
                                  self.adapter_store, self.traces, self.lifecycle, self.contexts, self.vector,
-                                 config.memory.summary_max_tokens, SnapshotStore(data / "snapshots"), self.tools)
+                                 config.memory.summary_max_tokens, SnapshotStore(data / "snapshots"), self.tools,
+                                 self.metrics.observe)
         self.agents = Agents(self.registry, self.registration, self.llm, self.jobs, self.lifecycle,
                              self.access_control)
         self.storage = Files(self.files, self.vector)
@@ -133,6 +136,7 @@ class Kernel:
                                  config.limits, config.engine.max_batch_size)
         self.tuner = Tuner(self.traces, self.files, self.jobs, self.adapter_store, self.llm, self.access_control,
                            config.tuner)
+        self.metrics.attach(self)
 
     def flush(self) -> None:
         self.registry.flush()

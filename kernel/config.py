@@ -38,6 +38,7 @@ class ServerConfig(_Strict):
         None, min_length=16, description="an operator token; or: kernos token create --admin"
     )
     reflection: bool = True
+    metrics_public: bool = Field(False, description="serve GET /metrics without an operator token")
 
     @model_validator(mode="after")
     def _tls(self):

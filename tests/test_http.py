@@ -325,3 +325,29 @@ def test_adapters_as_models_and_503_while_draining(tiny_models, lora_adapters, t
     finally:
         if proc.poll() is None:
             stop_kernel(proc)
+
+
+def test_prometheus_metrics(hk):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client, session, http, address, _ = hk
+    import httpx
+
+    client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "count me in"}])
+    assert httpx.get(f"http://{http}/metrics").status_code == 401
+    assert httpx.get(f"http://{http}/metrics", headers={"Authorization": f"Bearer {session.token}"}).status_code == 403
+    r = httpx.get(f"http://{http}/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    for name in ("kernos:num_requests_running", "kernos:num_requests_waiting", "kernos:kv_cache_usage_perc",
+                 "kernos:time_to_first_token_seconds", "kernos:generation_tokens", "kernos:agent_generation_tokens"):
+        assert name in families, name
+    def value(family, **labels):
+        return next(s.value for s in families[family].samples
+                    if all(s.labels.get(k) == v for k, v in labels.items()) and not s.name.endswith("_created"))
+    assert value("kernos:generation_tokens", model="echo") >= 3
+    assert value("kernos:time_to_first_token_seconds", model="echo") >= 0           # the first bucket's count
+    ttft_count = next(s.value for s in families["kernos:time_to_first_token_seconds"].samples
+                      if s.name.endswith("_count") and s.labels.get("model") == "echo")
+    assert ttft_count >= 1
+    assert value("kernos:agent_generation_tokens", agent="http-agent") >= 3

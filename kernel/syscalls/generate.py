@@ -160,6 +160,7 @@ class Generate:
         summary_max_tokens: int,
         snapshots: SnapshotStore,
         tools=None,
+        observe=None,
     ):
         self.llm = llm
         self.limits = limits
@@ -173,6 +174,7 @@ class Generate:
         self.contexts = ContextAssembler(contexts, memory, summary_max_tokens, self.internal)
         self.live: dict[str, tuple[str, ServedModel]] = {}  # request id -> (agent id, model), while it runs
         self.tools = tools                                   # the tool manager: kernel tools for the tool loop
+        self.observe = observe or (lambda model, final: None)   # metrics: a finished generation's latencies
 
     # -- validation: the one place a request is checked -------------------------------------------------------
     def _prepare(self, g: Generation, principal) -> tuple[ServedModel, GenRequest]:
@@ -434,6 +436,7 @@ class Generate:
                         raise StatusError("INTERNAL", ev.message)
                     else:
                         finals[i] = ev
+                        self.observe(model.name, ev)
                         _, _, rest = streams[i].finish()
                         if rest:
                             yield TextDelta(rest, ev.completion_tokens, i)

@@ -197,6 +197,17 @@ def build(kernel) -> FastAPI:
         include = bool(r.stream_options and r.stream_options.include_usage)
         return await run(request, message, r.stream, wire.completion_reply, include)
 
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if not kernel.config.server.metrics_public:
+            principal = principal_of(request, "/kernos.v1.Kernel/Stats")
+            if not principal.operator:
+                raise StatusError("PERMISSION_DENIED", "metrics are for operators (or set server.metrics_public)")
+        return Response(generate_latest(kernel.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         r = parse(wire.EmbeddingRequest, await request.body())

@@ -1,0 +1,76 @@
+"""Prometheus metrics (`GET /metrics` on the HTTP server), named in vLLM's style. Gauges and counters are
+read from the kernel at scrape time (engine stats, the agent registry, the run state); latency histograms
+are observed by the generate use case as requests finish (`Metrics.observe`). One registry per kernel,
+never the global one."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.ttft = Histogram("kernos:time_to_first_token_seconds", "Arrival to first generated token",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("kernos:e2e_request_latency_seconds", "Arrival to the last token",
+                             ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue = Histogram("kernos:request_queue_time_seconds", "Arrival to admission into the running batch",
+                               ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def observe(self, model: str, final) -> None:
+        """A finished generation's latencies (called by the generate use case)."""
+        self.ttft.labels(model).observe(final.ttft_ms / 1e3)
+        self.e2e.labels(model).observe(final.total_ms / 1e3)
+        self.queue.labels(model).observe(final.queue_wait_ms / 1e3)
+
+    def attach(self, kernel) -> None:
+        self.registry.register(_KernelCollector(kernel))
+
+
+class _KernelCollector:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def collect(self):
+        k = self.kernel
+        g = {name: GaugeMetricFamily(f"kernos:{name}", text, labels=["model"]) for name, text in (
+            ("num_requests_running", "Requests in the running batch"),
+            ("num_requests_waiting", "Requests waiting for admission (preempted and suspended included)"),
+            ("kv_cache_usage_perc", "Cache bytes (KV and Mamba states) over the model's budget, 0 to 1"),
+            ("kv_cache_bytes", "Cache bytes the running batch holds"))}
+        c = {name: CounterMetricFamily(f"kernos:{name}", text, labels=["model"]) for name, text in (
+            ("prompt_tokens", "Prompt tokens prefilled"), ("generation_tokens", "Tokens generated"),
+            ("request_success", "Requests finished"), ("num_preemptions", "Context switches (preemptions)"))}
+        for m in k.llm.models.values():
+            st = m.engine.stats
+            budget = getattr(getattr(m.engine, "budget", None), "cache_bytes", 0)
+            g["num_requests_running"].add_metric([m.name], st.running)
+            g["num_requests_waiting"].add_metric([m.name], st.waiting)
+            g["kv_cache_usage_perc"].add_metric([m.name], st.cache_bytes / budget if budget else 0.0)
+            g["kv_cache_bytes"].add_metric([m.name], st.cache_bytes)
+            c["prompt_tokens"].add_metric([m.name], st.prompt_tokens)
+            c["generation_tokens"].add_metric([m.name], st.generated_tokens)
+            c["request_success"].add_metric([m.name], st.completed - st.cancelled)
+            c["num_preemptions"].add_metric([m.name], st.context_switches)
+        yield from g.values()
+        yield from c.values()
+        agents = k.registry.list(include_exited=True)
+        active = GaugeMetricFamily("kernos:agents_active", "Agents with a live session")
+        active.add_metric([], sum(1 for a in agents if a.state == "active"))
+        yield active
+        tokens = CounterMetricFamily("kernos:agent_generation_tokens", "Tokens generated per agent", labels=["agent"])
+        syscalls = CounterMetricFamily("kernos:agent_syscalls", "Syscalls per agent", labels=["agent"])
+        for a in agents:
+            tokens.add_metric([a.agent_id], a.completion_tokens)
+            syscalls.add_metric([a.agent_id], a.syscalls)
+        yield tokens
+        yield syscalls
+        total = CounterMetricFamily("kernos:syscalls", "Syscalls served, every transport")
+        total.add_metric([], k.lifecycle.syscalls)
+        yield total
+        in_flight = GaugeMetricFamily("kernos:syscalls_in_flight", "Syscalls being served")
+        in_flight.add_metric([], k.lifecycle.in_flight)
+        yield in_flight
