@@ -177,25 +177,24 @@ def build(kernel) -> FastAPI:
             record_trace(traces, principal.agent_id, GENERATE, status, message,
                          reply_message(reply) if reply is not None else None, t0)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        r = parse(wire.ChatRequest, await request.body())
+    async def generation_route(request: Request, shape_in, translate, shape_out):
+        """Chat and completions alike: parse OpenAI's body, translate it, run it (streamed or whole)."""
+        r = parse(shape_in, await request.body())
         try:
-            message = wire.chat_request(r, served())
+            message = translate(r, served())
         except TypeError as e:
             raise StatusError("INVALID_ARGUMENT", str(e)) from None
         include = bool(r.stream_options and r.stream_options.include_usage)
-        return await run(request, message, r.stream, wire.chat_reply, include)
+        return await run(request, message, r.stream, shape_out, include)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generation_route(request, wire.ChatRequest, wire.chat_request, wire.chat_reply)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        r = parse(wire.CompletionRequest, await request.body())
-        try:
-            message = wire.completion_request(r, served())
-        except TypeError as e:
-            raise StatusError("INVALID_ARGUMENT", str(e)) from None
-        include = bool(r.stream_options and r.stream_options.include_usage)
-        return await run(request, message, r.stream, wire.completion_reply, include)
+        return await generation_route(request, wire.CompletionRequest, wire.completion_request,
+                                      wire.completion_reply)
 
     @app.get("/metrics")
     async def metrics(request: Request):
