@@ -96,3 +96,23 @@ def kernel(tiny_models, lora_adapters, tmp_path_factory):
     yield k
     if proc.poll() is None:
         k.stop()
+
+
+def drive_engine(engine, reqs, preempt_at: dict[int, str] | None = None, victim: str = "main") -> dict:
+    """Run `reqs` to completion on the calling thread, step by step, preempting request `victim` after the
+    given steps (step 1 prefills and decodes) by the strategy named; the Final of each request by id."""
+    from kernos.kernel.llm.types import RequestHandle
+
+    handles = {}
+    for r in reqs:
+        handles[r.request_id] = RequestHandle(r)
+        engine.submit(r, handles[r.request_id])
+    step = 0
+    while engine.step():
+        step += 1
+        strategy = (preempt_at or {}).get(step)
+        rows = [s for s in engine.rows if s.req.request_id == victim] if strategy else []
+        if rows:
+            engine.preempt(rows[0], "test", strategy)
+        assert step < 10_000
+    return {rid: h.result(timeout=1) for rid, h in handles.items()}

@@ -5,13 +5,14 @@ Jamba. The engine is driven step by step so preemption points are exact."""
 from __future__ import annotations
 
 import pytest
+from conftest import drive_engine as drive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernos.kernel.config import EngineConfig, ModelConfig
 from kernos.kernel.llm.engine import TransformersEngine
 from kernos.kernel.llm.registry import load_model
-from kernos.kernel.llm.types import Final, Finish, GenRequest, RequestHandle, RequestTooLarge
+from kernos.kernel.llm.types import Finish, GenRequest, RequestHandle, RequestTooLarge
 from kernos.scheduler import RoundRobinPolicy
 
 MAX = 24
@@ -38,25 +39,6 @@ def requests(lm, **kw):
         GenRequest("main", "a", ids_of(lm, "the agent kernel memory storage schedule"), MAX, **kw),
         GenRequest("other", "b", ids_of(lm, "hello"), MAX + 6, **kw),
     ]
-
-
-def drive(engine: TransformersEngine, reqs, preempt_at: dict[int, str] | None = None) -> dict[str, Final]:
-    """Run `reqs` to completion on the calling thread, preempting "main" after the given steps (step 1
-    prefills and decodes, so "main" runs through step MAX - 1)."""
-    handles = {}
-    for r in reqs:
-        handles[r.request_id] = RequestHandle(r)
-        engine.submit(r, handles[r.request_id])
-    step = 0
-    while engine.step():
-        step += 1
-        strategy = (preempt_at or {}).get(step)
-        if strategy:
-            main = [s for s in engine.rows if s.req.request_id == "main"]
-            if main:
-                engine.preempt(main[0], "test", strategy)
-        assert step < 10_000
-    return {rid: h.result(timeout=1) for rid, h in handles.items()}
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import json
 import threading
 
 import pytest
+from conftest import drive_engine as _drive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
@@ -57,22 +58,6 @@ def _request(lm, name: str, **kw) -> GenRequest:
     matcher = compile_matcher(spec.grammar(), lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0]) \
         if spec else None
     return GenRequest(name, "a", _ids(lm, f"the agent {name} kernel"), MAX, output=spec, matcher=matcher, **kw)
-
-
-def _drive(engine, reqs, preempt_at=None, victim="schema_a") -> dict[str, Final]:
-    handles = {}
-    for r in reqs:
-        handles[r.request_id] = RequestHandle(r)
-        engine.submit(r, handles[r.request_id])
-    step = 0
-    while engine.step():
-        step += 1
-        strategy = (preempt_at or {}).get(step)
-        rows = [s for s in engine.rows if s.req.request_id == victim]
-        if strategy and rows:
-            engine.preempt(rows[0], "test", strategy)
-        assert step < 10_000
-    return {rid: h.result(timeout=1) for rid, h in handles.items()}
 
 
 def _check_output(lm, name: str, final: Final) -> None:

@@ -194,7 +194,7 @@ def _list_tokens(data: Path) -> None:
     from ..security.principals import AgentRegistry
 
     ac = AccessControl(data / "access.db")
-    for name, expires, revoked in ac._db.execute("SELECT name, expires, revoked FROM tokens ORDER BY name"):
+    for name, expires, revoked in ac.tokens():
         print(f"operator {name:<28}" + ("revoked" if revoked else _expiry(expires)))
     ac.close()
     en = Enrollments(data / "access.db")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 from kernos.storage.status import invalid
@@ -188,19 +189,21 @@ def _schema(text: str, field_name: str, max_bytes: int) -> dict:
 
 
 # -- matchers ------------------------------------------------------------------------------------------------
-_tokenizers: dict[int, object] = {}
+_tokenizers: dict[tuple[int, int], object] = {}
 _tokenizers_lock = threading.Lock()
 
 
 def ll_tokenizer(hf_tokenizer, n_vocab: int):
-    """llguidance's view of a model's tokenizer (about 0.3 s to build; built once per tokenizer)."""
-    key = id(hf_tokenizer)
+    """llguidance's view of a model's tokenizer (about 0.3 s to build; built once per tokenizer and vocabulary
+    size, and forgotten when the tokenizer is, so that a later object at the same address never gets it)."""
+    key = (id(hf_tokenizer), n_vocab)
     with _tokenizers_lock:
         tok = _tokenizers.get(key)
         if tok is None:
             import llguidance.hf
 
             tok = _tokenizers[key] = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=n_vocab)
+            weakref.finalize(hf_tokenizer, _tokenizers.pop, key, None)
         return tok
 
 

@@ -31,12 +31,8 @@ def supports_tools(tokenizer) -> bool:
 
 
 def render_call(call: dict) -> str:
-    try:
-        arguments = json.loads(call["arguments"] or "{}")
-    except ValueError:
-        arguments = call["arguments"]
-    return f"{TOOL_OPEN}\n" + json.dumps({"name": call["name"], "arguments": arguments}, ensure_ascii=False) + \
-        f"\n{TOOL_CLOSE}"
+    body = json.dumps({"name": call["name"], "arguments": _args(call["arguments"])}, ensure_ascii=False)
+    return f"{TOOL_OPEN}\n{body}\n{TOOL_CLOSE}"
 
 
 def tool_defs(tools: list[dict]) -> tuple[ToolDef, ...]:
@@ -138,8 +134,7 @@ class ToolCallStream:
         self.count = 0
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
-        if not self.enabled:
-            self.content.append(text)
+        if not self.enabled:                      # no tools: text passes as it is (the reply keeps the engine's)
             return text, []
         self.buf += text
         out, deltas = [], []
@@ -227,7 +222,7 @@ class ToolCallStream:
         """(content, calls, the text still held back and now released). A call cut off (by max_tokens) is no
         call and no text; whitespace left over beside calls is dropped."""
         if not self.enabled:
-            return "".join(self.content), [], ""
+            return "", [], ""
         rest = self.blank + ("" if self.call is not None else self.buf[self.pos:])
         if self.calls and not rest.strip():
             rest = ""

@@ -152,6 +152,11 @@ class AccessControl:
         with self._lock:
             return self._db.execute("UPDATE tokens SET revoked=1 WHERE name=? AND revoked=0", (name,)).rowcount > 0
 
+    def tokens(self) -> list[tuple[str, float, bool]]:
+        """(name, expires, revoked) of every operator token; never the token."""
+        return [(r[0], r[1], bool(r[2])) for r in
+                self._db.execute("SELECT name, expires, revoked FROM tokens ORDER BY name")]
+
     def operator(self, token: str | None) -> Operator | None:
         if not token:
             return None

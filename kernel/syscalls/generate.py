@@ -9,7 +9,9 @@ either way; agent syscalls are traced by the transport, the kernel's own generat
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import re
 import shutil
 import time
 import uuid
@@ -291,9 +293,6 @@ class Generate:
     async def _offer_kernel_tools(self, principal, g: Generation) -> tuple[Generation, dict[str, str]]:
         """Add the kernel tools a request names to its tools, under names a model can write; the map from
         those names to the tools' own ("owner/name" for one granted)."""
-        import json
-        import re
-
         if self.tools is None:
             raise unavailable("this kernel runs no tools")
         if len(g.kernel_tools) > 64:
@@ -321,8 +320,6 @@ class Generate:
         """The tool loop as a syscall: generate; run the calls the model made to kernel tools (as the agent:
         access checks, the jail, confirmation); append their results; generate again, one scheduling decision
         per round, until the model answers without calls, calls a tool of the client's, or the rounds run out."""
-        import json
-
         lim = self.limits
         rounds = g.max_tool_rounds or lim.default_tool_rounds
         if rounds > lim.max_tool_rounds:
@@ -560,8 +557,6 @@ def _tool_choice(g: Generation) -> str:
 
 def _check_messages(messages: list[dict]) -> None:
     """Roles, tool calls and the results that answer them; INVALID_ARGUMENT naming the field."""
-    import json
-
     call_ids: set[str] = set()
     for i, m in enumerate(messages):
         if m["role"] not in ROLES:

@@ -162,7 +162,7 @@ def build(kernel) -> FastAPI:
                     reply = ev
                     for c in ev.choices:
                         done = {"index": c.index, "finish_reason": wire.finish_reason(c.finish)}
-                        yield chunk([{**done, "delta": {}, "logprobs": wire._logprobs(c)}] if chat else
+                        yield chunk([{**done, "delta": {}, "logprobs": wire.logprobs(c)}] if chat else
                                     [{**done, "text": "", "logprobs": None}])
                     if include_usage:
                         yield chunk([], usage=wire.usage(ev))

@@ -190,7 +190,7 @@ def _tool_calls(calls: list[dict]) -> list[dict]:
             for c in calls]
 
 
-def _logprobs(choice) -> dict | None:
+def logprobs(choice) -> dict | None:
     if not choice.logprobs:
         return None
     return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
@@ -214,7 +214,7 @@ def chat_reply(reply) -> dict:
         if c.tool_calls:
             message["tool_calls"] = _tool_calls(c.tool_calls)
         choices.append({"index": c.index, "message": message, "finish_reason": finish_reason(c.finish),
-                        "logprobs": _logprobs(c)})
+                        "logprobs": logprobs(c)})
     out = {"id": f"chatcmpl-{reply.request_id}", "object": "chat.completion", "created": int(time.time()),
            "model": model_id(reply), "choices": choices, "usage": usage(reply)}
     if reply.tool_runs:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from ..sampling import choose, make_generator
 from ..types import Final, Finish, GenRequest, RequestHandle, TextDelta
 from .detokenizer import Detokenizer
@@ -49,8 +52,6 @@ class Sequence:
         """This sequence's next token from its row of logits: log-probabilities taken from the model's own
         distribution (before the grammar and temperature), the grammar's mask, then its sampling."""
         if self.req.logprobs:
-            import torch
-
             self._step_logprobs = torch.log_softmax(row.float(), dim=-1)
         self.constrain(row)
         return choose(row, self.req.temperature, self.req.top_p, self.req.top_k, self.gen)
@@ -60,9 +61,6 @@ class Sequence:
         state only: rows of one batch follow different grammars (or none) side by side."""
         if self.matcher is None:
             return
-        import numpy as np
-        import torch
-
         allowed = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
         n = row.shape[-1]
         allowed = torch.from_numpy(allowed[:n])
