@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kernos-installed
 
-.PHONY: install jail demo test lint bench proto clean
+.PHONY: install jail browser demo test lint bench proto clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ jail:
 	  { apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; }; } || \
 	  echo "bubblewrap is missing: install it (apt-get install bubblewrap) or tool code will not run"
+
+# Headless Chromium for the console's browser tests (driven by Playwright): Debian's package, when missing and root.
+browser:
+	@command -v chromium >/dev/null || [ -n "$$KERNOS_CHROMIUM" ] || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null && { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
+	  echo "chromium is missing: install it (apt-get install chromium) or the console's browser tests skip"
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
@@ -32,7 +39,7 @@ install: $(STAMP) jail
 demo: install
 	$(VENV)/bin/kernos demo
 
-test: install lint
+test: install lint browser
 	$(PY) -m pytest -q
 
 lint: install

@@ -5,6 +5,7 @@ stops the kernel with SIGTERM and checks that it drained cleanly."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -100,16 +101,22 @@ def print_report(runs: list[AgentRun], wall_s: float) -> None:
     )
 
 
-def run_demo(data_dir: str = ".kernos-demo", max_tokens: int = 64, config: str | None = None) -> int:
+def run_demo(data_dir: str = ".kernos-demo", max_tokens: int = 64, config: str | None = None,
+             linger_s: float = 0.0) -> int:
     data = Path(data_dir).expanduser().resolve()
     print(f"starting the kernel (data dir {data}; the first start converts the embedded model, ~30 s) ...", flush=True)
     t0 = time.perf_counter()
-    proc, address = start_kernel(data, config)
+    # An operator token for this run only, to log in to the console (a config's own admin_token gives way to it).
+    console_token = secrets.token_urlsafe(24)
+    proc, address = start_kernel(data, config, extra_env={"KERNOS_SERVER__ADMIN_TOKEN": console_token})
     print(
         f"kernel ready at {address} after {time.perf_counter() - t0:.1f} s; running {len(ALL_AGENTS)} agents "
         f"concurrently",
         flush=True,
     )
+    if proc.http_address:
+        print(f"watch it in the console: http://{proc.http_address}/console  (log in with the operator token "
+              f"{console_token}; add --linger 600 to keep the kernel up after the agents finish)", flush=True)
     try:
         t1 = time.perf_counter()
         with ThreadPoolExecutor(len(ALL_AGENTS)) as pool:
@@ -126,6 +133,12 @@ def run_demo(data_dir: str = ".kernos-demo", max_tokens: int = 64, config: str |
             f"\nkernel: model {m.name} ({m.architecture}, {m.device}) served {m.completed} requests, "
             f"{m.generated_tokens} tokens in {m.decode_steps} decode steps, mean batch size {m.mean_batch_size:.2f}"
         )
+    if linger_s > 0:
+        print(f"\nthe kernel stays up {linger_s:.0f} s for the console (Ctrl-C stops it sooner) ...", flush=True)
+        try:
+            time.sleep(linger_s)
+        except KeyboardInterrupt:
+            pass
     code = stop_kernel(proc)
     print(f"kernel stopped (exit code {code})")
     return 0 if code == 0 else 1

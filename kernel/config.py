@@ -39,6 +39,9 @@ class ServerConfig(_Strict):
     )
     reflection: bool = True
     metrics_public: bool = Field(False, description="serve GET /metrics without an operator token")
+    console: bool = Field(True, description="the operator console at /console on the HTTP server")
+    console_session_idle_s: float = Field(8 * 3600.0, gt=0, description="a console login ends after this long "
+                                                                          "unused")
 
     @model_validator(mode="after")
     def _tls(self):

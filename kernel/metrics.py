@@ -1,8 +1,11 @@
 """Prometheus metrics (`GET /metrics` on the HTTP server), named in vLLM's style. Gauges and counters are
 read from the kernel at scrape time (engine stats, the agent registry, the run state); latency histograms
 are observed by the generate use case as requests finish (`Metrics.observe`). One registry per kernel,
-never the global one."""
+never the global one. The last finished requests are also kept whole (`recent`) for the console."""
 from __future__ import annotations
+
+import time
+from collections import deque
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -19,12 +22,25 @@ class Metrics:
                              ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue = Histogram("kernos:request_queue_time_seconds", "Arrival to admission into the running batch",
                                ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.recent: deque[dict] = deque(maxlen=1000)     # the last finished generations, newest last
 
-    def observe(self, model: str, final) -> None:
+    def observe(self, model: str, final, request_id: str = "", agent_id: str = "") -> None:
         """A finished generation's latencies (called by the generate use case)."""
         self.ttft.labels(model).observe(final.ttft_ms / 1e3)
         self.e2e.labels(model).observe(final.total_ms / 1e3)
         self.queue.labels(model).observe(final.queue_wait_ms / 1e3)
+        self.recent.append({"at": time.time(), "request_id": request_id, "agent_id": agent_id, "model": model,
+                            "finish": getattr(final.finish, "value", str(final.finish)),
+                            "prompt_tokens": final.prompt_tokens, "generated_tokens": final.completion_tokens,
+                            "ttft_ms": final.ttft_ms, "queue_wait_ms": final.queue_wait_ms,
+                            "total_ms": final.total_ms, "preemptions": final.preemptions})
+
+    def percentiles(self, model: str, key: str, window_s: float, qs=(0.5, 0.95)) -> list[float | None]:
+        """Percentiles of `key` (e.g. "ttft_ms") over the generations of `model` finished in the last
+        `window_s` seconds; None where there were none."""
+        since = time.time() - window_s
+        xs = sorted(r[key] for r in list(self.recent) if r["model"] == model and r["at"] >= since)
+        return [xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None for q in qs]
 
     def attach(self, kernel) -> None:
         self.registry.register(_KernelCollector(kernel))

@@ -305,7 +305,7 @@ def _finetune(args, s, operator: bool) -> int:
 def cmd_demo(args) -> int:
     from kernos.agents.demo import run_demo
 
-    return run_demo(data_dir=args.data_dir, max_tokens=args.max_tokens, config=args.config)
+    return run_demo(data_dir=args.data_dir, max_tokens=args.max_tokens, config=args.config, linger_s=args.linger)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", default=os.environ.get("KERNOS_DEMO_DATA_DIR", ".kernos-demo"),
                    help="kernel data dir for the demo (keeps the converted model; default .kernos-demo)")
     d.add_argument("--config", help="TOML config for the demo kernel (default: embedded model)")
+    d.add_argument("--linger", type=float, default=float(os.environ.get("KERNOS_DEMO_LINGER_S", "0")),
+                   metavar="SECONDS", help="keep the kernel (and its console) up this long after the agents finish; "
+                                           "Ctrl-C stops it sooner (default 0)")
     d.add_argument("--max-tokens", type=int, default=64, help="max tokens per agent reply (default 64)")
     d.set_defaults(fn=cmd_demo)
 

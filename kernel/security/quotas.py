@@ -70,6 +70,21 @@ class Quotas:
                     for g in sorted(self.groups_of(agent_id)) if g in self.per_group]
         return out
 
+    def usage(self, agent_id: str, now: float | None = None) -> list[dict]:
+        """Each subject's limits and what it uses now: requests in the last second, tokens in the last minute,
+        running generations (for the console)."""
+        now = time.monotonic() if now is None else now
+        out = []
+        with self._lock:
+            for key, who, lim in self.subjects(agent_id):
+                out.append({"subject": key, "requests_per_second": lim.requests_per_second,
+                            "tokens_per_minute": lim.tokens_per_minute,
+                            "concurrent_generations": lim.concurrent_generations,
+                            "requests_last_second": sum(1 for t in self._requests.get(key, ()) if now - t < 1.0),
+                            "tokens_last_minute": sum(n for t, n in self._tokens.get(key, ()) if now - t < 60.0),
+                            "running": self._running.get(key, 0)})
+        return out
+
     def request(self, agent_id: str, now: float | None = None) -> None:
         """Count one syscall; raise if the agent or one of its groups is over requests_per_second."""
         now = time.monotonic() if now is None else now

@@ -174,9 +174,10 @@ class Generate:
         self.lifecycle = lifecycle
         self.snapshots = snapshots
         self.contexts = ContextAssembler(contexts, memory, summary_max_tokens, self.internal)
-        self.live: dict[str, tuple[str, ServedModel]] = {}  # request id -> (agent id, model), while it runs
+        # request id -> (agent id, model, handle), while it runs
+        self.live: dict[str, tuple[str, ServedModel, RequestHandle]] = {}
         self.tools = tools                                   # the tool manager: kernel tools for the tool loop
-        self.observe = observe or (lambda model, final: None)   # metrics: a finished generation's latencies
+        self.observe = observe or (lambda *a: None)   # metrics: a finished generation's latencies
 
     # -- validation: the one place a request is checked -------------------------------------------------------
     def _prepare(self, g: Generation, principal) -> tuple[ServedModel, GenRequest]:
@@ -417,7 +418,7 @@ class Generate:
                 result = submit(r, h)
                 if asyncio.iscoroutine(result):
                     await result
-                self.live[r.request_id] = (principal.agent_id, model)
+                self.live[r.request_id] = (principal.agent_id, model, h)
             streams = [ToolCallStream(r.output) for r in reqs]   # tool calls out of the text (else text as is)
             finals: list[Final | None] = [None] * len(reqs)
             try:
@@ -433,7 +434,7 @@ class Generate:
                         raise StatusError("INTERNAL", ev.message)
                     else:
                         finals[i] = ev
-                        self.observe(model.name, ev)
+                        self.observe(model.name, ev, reqs[i].request_id, principal.agent_id)
                         _, _, rest = streams[i].finish()
                         if rest:
                             yield TextDelta(rest, ev.completion_tokens, i)
@@ -519,14 +520,21 @@ class Generate:
         return reply
 
     # -- an agent's control of its running generations ----------------------------------------------------------
-    def _own(self, principal, request_id: str) -> ServedModel:
+    def _entry(self, principal, request_id: str, operators: bool = False):
         entry = self.live.get(request_id)
         if entry is None:
             raise not_found(f"no running generation '{request_id[:64]}' (finished, or never existed)")
-        owner, model = entry
-        if owner != principal.agent_id:
+        if entry[0] != principal.agent_id and not (operators and principal.operator):
             raise StatusError("PERMISSION_DENIED", f"generation '{request_id}' belongs to another agent")
-        return model
+        return entry
+
+    def _own(self, principal, request_id: str) -> ServedModel:
+        return self._entry(principal, request_id)[1]
+
+    async def cancel(self, principal, request_id: str) -> None:
+        """End a live generation (its owner's, or any for operators): it finishes as `cancelled` and its
+        caller gets what was generated so far (an idle engine notices within half a second)."""
+        self._entry(principal, request_id, operators=True)[2].cancel()
 
     async def _engine_call(self, principal, request_id: str, action: str, *args):
         model = self._own(principal, request_id)

@@ -23,6 +23,7 @@ import re
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from kernos.storage.status import StatusError
@@ -45,7 +46,8 @@ class ToolManager:
         self.config = config  # ToolsConfig
         self.confirm_timeout_s = config.confirm_timeout_s
         self.tools: dict[str, Tool] = {t.name: t for t in BUILTINS}
-        self.calls: dict[str, Call] = {}
+        self.calls: dict[str, Call] = {}      # irreversible calls, pending or decided, until collected
+        self.log: deque[Call] = deque(maxlen=500)   # the last finished calls of every tool (the console's log)
         self.pool = ThreadPoolExecutor(max_workers=config.max_concurrent_calls, thread_name_prefix="tool")
         self._per_agent: dict[str, asyncio.Semaphore] = {}
         self._procs: set = set()
@@ -201,6 +203,7 @@ class ToolManager:
             self._running -= 1
         call.duration_ms = (time.monotonic() - t0) * 1e3
         call.decided.set()
+        self.log.append(call)
 
     def _started(self, proc) -> None:
         with self._procs_lock:
@@ -240,6 +243,7 @@ class ToolManager:
             raise StatusError("FAILED_PRECONDITION", f"call '{call_id}' is already {call.state}")
         call.state, call.error = "denied", reason
         call.decided.set()
+        self.log.append(call)
         return call
 
     def _expire(self, call_id: str) -> None:

@@ -39,6 +39,9 @@ CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs(owner, created);
 """
 
 
+MAX_POINTS = 2000
+
+
 @dataclass
 class Job:
     job_id: str
@@ -64,6 +67,7 @@ class Job:
     peak_rss_mb: float = 0.0
     cancel_requested: bool = False
     resumed_from_step: int = 0
+    loss_history: list = field(default_factory=list)  # [[step, loss]], thinned to at most MAX_POINTS
     created: float = field(default_factory=time.time)
     started: float = 0.0
     finished: float = 0.0
@@ -257,6 +261,11 @@ class JobManager:
         if kind == "progress":
             job.step, job.total_steps = ev["step"], ev["total"]
             job.loss, job.steps_per_s, job.eta_s = ev["loss"], ev["steps_per_s"], ev["eta_s"]
+            if ev["loss"] is not None and (not job.loss_history or job.loss_history[-1][0] < ev["step"]):
+                job.loss_history.append([ev["step"], ev["loss"]])
+                if len(job.loss_history) > MAX_POINTS:      # keep the curve's shape, not every step
+                    job.loss_history = job.loss_history[::2] + ([job.loss_history[-1]]
+                                                                if len(job.loss_history) % 2 == 0 else [])
             job.message = "training"
         elif kind == "eval":
             target = job.base if ev["phase"] == "base" else job.tuned

@@ -224,6 +224,11 @@ def build(kernel) -> FastAPI:
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
+    app.state.history = None
+    if kernel.config.server.console:
+        from .console.routes import mount
+
+        app.state.history = mount(app, kernel)
     return app
 
 

@@ -34,7 +34,8 @@ async def start(kernel, listen: str):
             yield
 
     sock = _bind(listen)
-    config = uvicorn.Config(build(kernel), log_level="warning", access_log=False, lifespan="off",
+    app = build(kernel)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_keep_alive=30)
     server = Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -43,11 +44,16 @@ async def start(kernel, listen: str):
             task.result()                 # raises what stopped it
             raise RuntimeError("the HTTP server stopped at start")
         await asyncio.sleep(0.01)
+    if app.state.history is not None:      # the console's charts sample while the server is up
+        server.sampler = asyncio.create_task(app.state.history.run())
     host, port = sock.getsockname()[:2]
     return server, task, f"{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 async def stop(server, task) -> None:
+    sampler = getattr(server, "sampler", None)
+    if sampler is not None:
+        sampler.cancel()
     server.should_exit = True
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await asyncio.wait_for(task, 10)

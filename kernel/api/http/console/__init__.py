@@ -1,0 +1,1 @@
+"""The operator console (`/console`) on the kernel's HTTP server."""
