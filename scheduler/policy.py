@@ -27,6 +27,7 @@ class RequestView:
     quantum_steps: int = 0      # decode steps since it was last admitted
     cache_bytes: int = 0        # bytes its cache holds now (running) or will hold when admitted (waiting)
     preemptions: int = 0
+    first_token_at: float = 0.0 # monotonic seconds of its first generated token; 0 before it (for observers)
 
     @property
     def tokens(self) -> int:

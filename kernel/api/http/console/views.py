@@ -132,7 +132,8 @@ class Views:
                  "priority": v.priority, "prompt_tokens": v.prompt_tokens, "generated_tokens": v.generated,
                  "max_tokens": v.max_tokens, "age_ms": (now - v.arrival) * 1e3, "preemptions": v.preemptions,
                  "waiting_ms": (now - v.enqueued) * 1e3 if state != "running" and v.enqueued else 0.0,
-                 "cache_bytes": v.cache_bytes}
+                 "cache_bytes": v.cache_bytes,
+                 "ttft_ms": (v.first_token_at - v.arrival) * 1e3 if v.first_token_at else None}
                 for m in s.models for v, state in m.live]
         mine = None if principal.operator else principal.agent_id
         recent = [r for r in reversed(self.k.metrics.recent) if mine is None or r["agent_id"] == mine][:50]

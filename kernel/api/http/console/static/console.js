@@ -251,7 +251,7 @@ PAGES.requests = {
     const live = d.live.map((r) => el("tr", { "data-request-id": r.request_id, "data-state": r.state },
       td(el("code", {}, r.request_id)), td(r.agent_id), td(r.model), td(badge(r.state)), tdn(r.priority),
       tdn(num(r.prompt_tokens)), tdn(`${num(r.generated_tokens)} / ${num(r.max_tokens)}`), tdn(r.preemptions),
-      tdn(ms(r.waiting_ms)), tdn(ms(r.age_ms)), tdn(bytes(r.cache_bytes)),
+      tdn(ms(r.waiting_ms)), tdn(ms(r.ttft_ms)), tdn(ms(r.age_ms)), tdn(bytes(r.cache_bytes)),
       td(el("button", { class: "danger", "data-action": "cancel", onclick: async (e) => {
         e.target.disabled = true;
         await act("cancel-request", { request_id: r.request_id });
@@ -264,7 +264,7 @@ PAGES.requests = {
       el("h2", {}, `Live (${d.live.length})`),
       table(["request", "agent", "model", "state", { label: "priority", num: 1 }, { label: "prompt", num: 1 },
         { label: "generated", num: 1 }, { label: "preemptions", num: 1 }, { label: "waiting", num: 1 },
-        { label: "age", num: 1 }, { label: "cache", num: 1 }, ""], live, { id: "live-requests" }),
+        { label: "TTFT", num: 1 }, { label: "age", num: 1 }, { label: "cache", num: 1 }, ""], live, { id: "live-requests" }),
       el("h2", {}, "Recently finished"),
       table(["request", "agent", "model", "finish", { label: "prompt", num: 1 }, { label: "generated", num: 1 },
         { label: "preemptions", num: 1 }, { label: "queue wait", num: 1 }, { label: "TTFT", num: 1 },
