@@ -83,7 +83,7 @@ def main() -> int:
                 page.goto(f"{base}/console#{hash_}")
                 page.wait_for_selector(wait, timeout=600_000)
                 time.sleep(settle)
-                page.screenshot(path=str(out / f"console-{name}.png"), full_page=True)
+                page.screenshot(path=str(out / f"console-{name}.png"))     # the viewport: small files
                 print("wrote", out / f"console-{name}.png", flush=True)
 
             shot("requests", "requests", "#live-requests tr[data-state]")
@@ -100,6 +100,7 @@ def main() -> int:
             browser.close()
     finally:
         stop.set()
+        threads[1].join(timeout=60)                         # the tuner's agent exits before the kernel stops
         stop_kernel(proc)
     return 0
 

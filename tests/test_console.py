@@ -160,8 +160,9 @@ def test_an_operator_confirms_a_pending_tool_call_in_the_page(ck, browser):
         waiter = threading.Thread(target=lambda: waited.append(s.tools.wait(first.call_id, timeout=60)), daemon=True)
         waiter.start()
         page.click(f"#pending-calls tr[data-call='{first.call_id}'] button[data-action='confirm']")
-        waiter.join(30)
-        assert waited and waited[0].state == "done" and waited[0].result == {"sent": 12}
+        waiter.join(60)
+        assert waited and waited[0].state == "done" and waited[0].result == {"sent": 12}, \
+            (waited, page.text_content("#message"))
         page.click(f"#pending-calls tr[data-call='{second.call_id}'] button[data-action='deny']")
         assert s.tools.wait(second.call_id, timeout=30).state == "denied"
         page.wait_for_selector(f"#call-log tr[data-call='{first.call_id}'][data-state='done']", timeout=10000)
@@ -216,6 +217,16 @@ def test_files_diff_and_rollback_and_memory_search(ck, browser):
         page.click("#history-table tr[data-version='1'] button[data-action='rollback']")
         page.wait_for_selector("#history-table tr[data-version='3']")
         assert s.storage.read("plan.txt") == b"one\ntwo\nthree\n"
+        s.memory.create_context("chat", budget_tokens=400, system="You are terse.", model="tiny-llama")
+        s.llm.chat("first question", context_id="chat", max_tokens=5)
+        page.goto(f"{base}/console#contexts?agent=notes")
+        page.wait_for_selector(".context[data-context='chat'] .block")
+        blocks = page.query_selector_all(".context[data-context='chat'] .block")
+        assert len(blocks) == 3                           # the system block, the question, the reply
+        counts = [int(b.get_attribute("data-tokens")) for b in blocks]
+        _, total = s.memory.blocks("chat")
+        assert all(c > 0 for c in counts) and sum(counts) == total
+        assert f"{total} of 400 tokens" in page.text_content(".context[data-context='chat'] h2")
         page.goto(f"{base}/console#memory?agent=notes")
         page.fill("#memory-query", "when is the launch")
         page.click("#memory-search")

@@ -80,16 +80,19 @@ class Memory:
         return await asyncio.to_thread(self.contexts.delete, principal.agent_id, context_id)
 
     async def blocks(self, principal, context_id: str) -> tuple[list[tuple[Block, int]], int]:
-        """The context's blocks with their token counts, and the assembled prompt's size in tokens."""
+        """The context's blocks with the tokens each adds to the assembled prompt (so they sum to it, template
+        overhead in the first), and the assembled prompt's size in tokens."""
         aid = principal.agent_id
 
         def do():
             ctx = self.contexts.get(aid, context_id)
             blocks = self.contexts.blocks(aid, context_id)
             model = self.llm.get(ctx.model)
-            per_block = [len(model.encode_chat([b.message()])) if model else 0 for b in blocks]
-            total = len(model.encode_chat([b.message() for b in blocks])) if model and blocks else 0
-            return list(zip(blocks, per_block)), total
+            if model is None or not blocks:
+                return [(b, 0) for b in blocks], 0
+            messages = [b.message() for b in blocks]
+            sizes = [len(model.encode_chat(messages[: i + 1])) for i in range(len(messages))]
+            return list(zip(blocks, [b - a for a, b in zip([0] + sizes, sizes)])), sizes[-1]
         return await asyncio.to_thread(do)
 
     async def add_block(self, principal, context_id: str, role: str, content: str, pinned: bool, label: str) -> Block:

@@ -109,10 +109,12 @@ class Views:
 
     async def agents(self, principal, params: dict) -> dict:
         k = self.k
-        agents = await k.agents.list(principal, True)
+        exited = params.get("exited") in ("1", "true", "on")
+        agents = await k.agents.list(principal, exited)
+        agents.sort(key=lambda a: ({"active": 0, "idle": 1}.get(a.state, 2), -a.last_seen))
         grants = await k.access.grants(principal, False)
         rows = []
-        for a in agents:
+        for a in agents[:500]:
             aid = a.agent_id
             rows.append({
                 "agent_id": aid, "description": a.description, "state": a.state, "labels": a.labels,
@@ -123,7 +125,7 @@ class Views:
                 "quotas": k.quotas.usage(aid),
                 "default_adapters": {m: d for m in k.llm.models if (d := k.adapter_store.default(aid, m))},
                 "grants": [asdict(g) for g in grants if aid in (g.grantee, g.owner)]})
-        return {"agents": rows, "operator": principal.operator}
+        return {"agents": rows, "total": len(agents), "operator": principal.operator}
 
     async def requests(self, principal, params: dict) -> dict:
         s = await self.k.agents.stats(principal)

@@ -7,7 +7,9 @@ const meta = (n) => document.querySelector(`meta[name="${n}"]`).content;
 const CSRF = meta("csrf");
 const WHO = meta("who");
 const OPERATOR = meta("operator") === "1";
-const LIVE_PAGES = new Set(["overview", "agents", "requests", "contexts", "tools", "tuning"]);
+// Live pages follow a stream; the others (whose data changes only when their agent calls, or costs more to
+// compute) load on demand.
+const LIVE_PAGES = new Set(["overview", "agents", "requests", "tools", "tuning"]);
 const KEEP_POINTS = 600;
 
 const view = document.getElementById("view");
@@ -42,6 +44,9 @@ const svgEl = (tag, attrs) => {
 const badge = (s) => el("span", { class: `badge ${s}` }, s);
 const num = (x, digits = 0) => (x === null || x === undefined ? "–" : Number(x).toLocaleString(undefined,
   { maximumFractionDigits: digits, minimumFractionDigits: 0 }));
+const sig = (x) => (x === null || x === undefined ? "–" : x !== 0 && Math.abs(x) < 0.01 ? x.toExponential(2)
+  : num(x, 3));
+const shortId = (id) => el("code", { title: id }, id.length > 12 ? id.slice(0, 12) + "…" : id);
 const ms = (x) => (x === null || x === undefined ? "–" : x >= 1000 ? `${num(x / 1000, 2)} s` : `${num(x, 0)} ms`);
 function bytes(n) {
   if (n === null || n === undefined) return "–";
@@ -50,7 +55,11 @@ function bytes(n) {
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
   return `${num(n, i ? 1 : 0)} ${units[i]}`;
 }
-const when = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "–");
+function when(t) {
+  if (!t) return "–";
+  const d = new Date(t * 1000);
+  return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
+}
 function table(headers, rows, attrs) {
   return el("table", attrs || {},
     el("thead", {}, el("tr", {}, headers.map((h) => el("th", { class: h.num ? "num" : null }, h.label || h)))),
@@ -133,7 +142,7 @@ let agentNames = null;
 async function agentPicker(params, page) {
   if (!OPERATOR) return [el("span", { class: "muted" }, `agent: ${WHO}`)];
   if (agentNames === null) {
-    try { agentNames = (await getPage("agents", {})).agents.map((a) => a.agent_id); } catch (e) { agentNames = []; }
+    try { agentNames = (await getPage("agents", { exited: "1" })).agents.map((a) => a.agent_id); } catch (e) { agentNames = []; }
   }
   const select = el("select", { id: "agent-picker",
     onchange: (e) => go(page, { ...params, agent: e.target.value, path: "", a: "", b: "" }) },
@@ -202,7 +211,7 @@ PAGES.overview = {
           (m.adapters.length ? ` · adapters ${m.adapters.join(", ")}` : ""))),
         el("div", { class: "cards" },
           [["tokens/s", num(m.tokens_per_s, 1)], ["running (batch)", num(m.running)],
-            ["waiting", `${num(m.waiting)} (${m.preempted} preempted, ${m.suspended} suspended)`],
+            ["waiting (preempted, suspended)", `${num(m.waiting)} (${m.preempted}, ${m.suspended})`],
             ["cache", `${bytes(m.cache_bytes)} of ${m.cache_budget_bytes ? bytes(m.cache_budget_bytes) : "no limit"}`],
             ["context switches", `${num(m.context_switches)} (${ms(m.switch_ms)})`],
             ["finished", `${num(m.completed)} requests, ${num(m.generated_tokens)} tokens`]]
@@ -224,13 +233,18 @@ PAGES.overview = {
 };
 
 PAGES.agents = {
+  controls: async (params) => [el("label", { class: "controls" }, el("input", { type: "checkbox", id: "agents-exited",
+    checked: params.exited === "1", onchange: (e) => go("agents", { exited: e.target.checked ? "1" : "" }) }),
+  " include exited agents")],
   render(d) {
     const rows = d.agents.map((a) => el("tr", { "data-agent": a.agent_id },
       td(el("div", {}, el("strong", {}, a.agent_id), el("div", { class: "muted small" }, a.description))),
       td(badge(a.state)),
       tdn(num(a.prompt_tokens)), tdn(num(a.completion_tokens)), tdn(num(a.syscalls)),
       td(a.groups.join(", ") || "–"), td(el("span", { class: "small" }, a.capabilities.join(" "))),
-      td(a.quotas.map((q) => el("div", { class: "small" }, `${q.subject}: `,
+      td(a.quotas.map((q) => !(q.concurrent_generations || q.tokens_per_minute || q.requests_per_second)
+        ? el("div", { class: "small muted" }, `${q.subject}: no limits (${q.running} running)`)
+        : el("div", { class: "small" }, `${q.subject}: `,
         `${q.running}${q.concurrent_generations ? "/" + q.concurrent_generations : ""} running, `,
         `${num(q.tokens_last_minute)}${q.tokens_per_minute ? "/" + num(q.tokens_per_minute) : ""} tok/min, `,
         `${q.requests_last_second}${q.requests_per_second ? "/" + q.requests_per_second : ""} req/s`))),
@@ -239,7 +253,7 @@ PAGES.agents = {
         (g.expires ? ` until ${when(g.expires)}` : "")))),
       td(Object.entries(a.default_adapters).map(([m, ad]) => el("div", { class: "small" }, `${m}: ${ad}`))),
       td(when(a.last_seen))));
-    view.replaceChildren(el("h2", {}, `Agents (${d.agents.length})`),
+    view.replaceChildren(el("h2", {}, `Agents (${d.total}${d.total > d.agents.length ? ", the first 500" : ""})`),
       table(["agent", "state", { label: "prompt tok", num: 1 }, { label: "completion tok", num: 1 },
         { label: "syscalls", num: 1 }, "groups", "capabilities", "quotas (used/limit)", "grants",
         "default adapter", "last seen"], rows, { id: "agents-table" }));
@@ -249,7 +263,7 @@ PAGES.agents = {
 PAGES.requests = {
   render(d) {
     const live = d.live.map((r) => el("tr", { "data-request-id": r.request_id, "data-state": r.state },
-      td(el("code", {}, r.request_id)), td(r.agent_id), td(r.model), td(badge(r.state)), tdn(r.priority),
+      td(shortId(r.request_id)), td(r.agent_id), td(r.model), td(badge(r.state)), tdn(r.priority),
       tdn(num(r.prompt_tokens)), tdn(`${num(r.generated_tokens)} / ${num(r.max_tokens)}`), tdn(r.preemptions),
       tdn(ms(r.waiting_ms)), tdn(ms(r.ttft_ms)), tdn(ms(r.age_ms)), tdn(bytes(r.cache_bytes)),
       td(el("button", { class: "danger", "data-action": "cancel", onclick: async (e) => {
@@ -257,7 +271,7 @@ PAGES.requests = {
         await act("cancel-request", { request_id: r.request_id });
       } }, "Cancel"))));
     const recent = d.recent.map((r) => el("tr", { "data-request-id": r.request_id, "data-finish": r.finish },
-      td(el("code", {}, r.request_id)), td(r.agent_id), td(r.model), td(badge(r.finish)),
+      td(shortId(r.request_id)), td(r.agent_id), td(r.model), td(badge(r.finish)),
       tdn(num(r.prompt_tokens)), tdn(num(r.generated_tokens)), tdn(r.preemptions), tdn(ms(r.queue_wait_ms)),
       tdn(ms(r.ttft_ms)), tdn(ms(r.total_ms)), td(when(r.at))));
     view.replaceChildren(
@@ -274,7 +288,8 @@ PAGES.requests = {
 
 PAGES.contexts = {
   needsAgent: true,
-  controls: (params) => agentPicker(params, "contexts"),
+  controls: async (params) => [el("div", { class: "controls" }, ...await agentPicker(params, "contexts"),
+    el("button", { onclick: () => open() }, "Refresh"))],
   render(d) {
     const out = d.contexts.map((c) => el("section", { class: "context", "data-context": c.context_id },
       el("h2", {}, `${c.context_id} `, el("span", { class: "muted small" },
@@ -283,9 +298,11 @@ PAGES.contexts = {
       usageBar(c.prompt_tokens, c.budget_tokens),
       el("p", { class: "muted small" }, c.resident_kv ? `resident KV: ${bytes(c.resident_kv)}`
         : "resident KV: none (this engine rebuilds a context's cache on each call)"),
-      c.blocks.map((b) => el("div", { class: `block ${b.kind}${b.pinned ? " pinned" : ""}`, "data-block": b.block_id },
+      c.blocks.map((b) => el("div", { class: `block ${b.kind}${b.pinned ? " pinned" : ""}`, "data-block": b.block_id,
+        "data-tokens": String(b.tokens) },
         el("div", { class: "meta" }, `${b.kind}${b.pinned ? " · pinned" : ""} · ${b.role}` +
           (b.label ? ` · ${b.label}` : "") + ` · ${num(b.tokens)} tokens`), b.content))));
+    // (each block's count is what it adds to the assembled prompt: they sum to the context's size)
     view.replaceChildren(...(out.length ? out : [el("p", { class: "muted" }, d.note || "no contexts")]));
   },
 };
@@ -377,27 +394,33 @@ PAGES.tools = {
   },
 };
 
+function evaluation(m) {
+  if (!m || !m.base || !m.tuned) return el("code", {}, JSON.stringify(m || {}));
+  return `loss ${sig(m.base.loss)} → ${sig(m.tuned.loss)}, accuracy ${num(m.base.accuracy, 2)} → ` +
+    `${num(m.tuned.accuracy, 2)} (${m.tuned.examples} held-out examples)`;
+}
+
 PAGES.tuning = {
   render(d) {
     const jobs = d.jobs.map((j) => {
       const pts = j.loss_history.map(([step, loss]) => ({ t: step, loss }));
       const evals = [["base", j.base], ["tuned", j.tuned]].filter(([, e]) => e && Object.keys(e).length)
-        .map(([k, e]) => `${k}: loss ${num(e.loss, 3)}, accuracy ${num(e.accuracy, 2)} (${e.examples} examples)`);
+        .map(([k, e]) => `${k}: loss ${sig(e.loss)}, accuracy ${num(e.accuracy, 2)} (${e.examples} examples)`);
       return el("div", { class: "job", "data-job": j.job_id, "data-state": j.state },
         el("div", { class: "job-head" }, el("strong", {}, `${j.owner}:${j.name}`), badge(j.state),
           el("span", { class: "muted small" }, `${j.job_id} · ${j.model} · data set ${j.dataset}`),
           ["queued", "running"].includes(j.state) ? el("button", { class: "danger", "data-action": "cancel-job",
             onclick: async (e) => { e.target.disabled = true; await act("cancel-job", { job_id: j.job_id }); } },
           "Cancel") : null),
-        el("div", { class: "small" }, `step ${num(j.step)} of ${num(j.total_steps)} · loss ${num(j.loss, 4)} · ` +
+        el("div", { class: "small" }, `step ${num(j.step)} of ${num(j.total_steps)} · loss ${sig(j.loss)} · ` +
           `${num(j.steps_per_s, 2)} steps/s` + (j.eta_s !== null ? ` · ${num(j.eta_s, 0)} s left` : "") +
           (j.adapter ? ` · published as ${j.adapter} v${j.version}` : "")),
         el("div", { class: "small muted" }, j.message),
         evals.map((e) => el("div", { class: "small" }, e)),
-        el("div", { class: "charts" }, chart("training loss", pts, [{ key: "loss", label: "loss" }], (x) => num(x, 3))));
+        el("div", { class: "charts" }, chart("training loss", pts, [{ key: "loss", label: "loss" }], sig)));
     });
     const adapters = d.adapters.map((a) => el("tr", {}, td(`${a.owner}:${a.name}`), tdn(`v${a.version}`), td(a.model),
-      td(el("code", {}, JSON.stringify(a.metrics))), td(a.loaded ? "loaded" : "–"), td(a.is_default ? "default" : "–"),
+      td(evaluation(a.metrics)), td(a.loaded ? "loaded" : "–"), td(a.is_default ? "default" : "–"),
       td(when(a.created))));
     view.replaceChildren(el("h2", {}, `Jobs (${d.jobs.length})`),
       ...(jobs.length ? jobs : [el("p", { class: "muted" }, "no fine-tuning jobs")]),
