@@ -40,6 +40,8 @@ class ServerConfig(_Strict):
     reflection: bool = True
     metrics_public: bool = Field(False, description="serve GET /metrics without an operator token")
     console: bool = Field(True, description="the operator console at /console on the HTTP server")
+    aios_compat: bool = Field(False, description="serve AIOS's /query API (agents written with Cerebrum) on the "
+                                                 "HTTP server; see [aios]")
     console_session_idle_s: float = Field(8 * 3600.0, gt=0, description="a console login ends after this long "
                                                                           "unused")
 
@@ -139,6 +141,23 @@ class RegistrationConfig(_Strict):
                                    "[quotas.groups.NAME]); an enrollment token's own group wins")
 
 
+class AiosConfig(_Strict):
+    """AIOS compatibility (server.aios_compat): AIOS has no authentication, so each agent name a caller claims
+    becomes a Kernos agent of its own (its own memory and files), in one group with the capabilities set here."""
+    prefix: str = Field("aios.", pattern=r"^[A-Za-z0-9_.-]{1,16}$", description="Kernos agent name = prefix + "
+                                                                               "the AIOS name (sanitized)")
+    group: str = Field("aios", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                       description="group every AIOS agent joins (quota it with [quotas.groups.NAME])")
+    capabilities: list[Literal["llm", "memory", "storage", "tools", "tuner"]] = Field(
+        ["llm", "memory", "storage", "tools"], description="capability families of every AIOS agent")
+    token: str | None = Field(None, min_length=16, description="a shared bearer token every /query must carry "
+                                                              "(Authorization: Bearer ...); unset: none")
+    allow_remote: bool = Field(False, description="answer AIOS calls from other hosts, not only loopback")
+    unknown_model: Literal["default", "error"] = Field(
+        "default", description="an `llms` name the kernel does not serve: use the default model, or answer 404")
+    max_agents: int = Field(1000, ge=0, description="AIOS agent names the kernel creates at most; 0: no limit")
+
+
 class ToolsConfig(_Strict):
     confirm_timeout_s: float = Field(300.0, gt=0, description="an irreversible call not confirmed by then is denied")
     unsafe_no_jail: bool = Field(False, description="run tool code without the bubblewrap jail where none works "
@@ -192,6 +211,7 @@ class KernelConfig(_Strict):
     quotas: QuotasConfig = QuotasConfig()
     registration: RegistrationConfig = RegistrationConfig()
     tools: ToolsConfig = ToolsConfig()
+    aios: AiosConfig = AiosConfig()
     tuner: TunerConfig = TunerConfig()
     models: list[ModelConfig] = Field(default_factory=list, description="empty: the embedded default model")
 

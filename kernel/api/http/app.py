@@ -108,20 +108,7 @@ def build(kernel) -> FastAPI:
         g = generation(message)
         events = generate.run(principal, g)
         if not stream:
-            reply, status = None, "INTERNAL"
-            try:
-                with lifecycle.track():
-                    async for ev in events:
-                        if isinstance(ev, Reply):
-                            reply = ev
-                status = "OK"
-            except StatusError as e:
-                status = e.code
-                raise
-            finally:
-                record_trace(traces, principal.agent_id, GENERATE, status, message,
-                             reply_message(reply) if reply is not None else None, t0)
-            return shape(reply)
+            return shape(await complete(kernel, principal, message, events, t0))
         tracker = lifecycle.track()
         tracker.__enter__()
         try:
@@ -224,12 +211,37 @@ def build(kernel) -> FastAPI:
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
+    if kernel.config.server.aios_compat:
+        from .aios import mount as mount_aios
+
+        mount_aios(app, kernel)
     app.state.history = None
     if kernel.config.server.console:
         from .console.routes import mount
 
         app.state.history = mount(app, kernel)
     return app
+
+
+async def complete(kernel, principal, message: pb.GenerateRequest, events=None, t0: float | None = None) -> Reply:
+    """One generation run whole, as over gRPC: counted in flight for the drain and traced. The caller has passed
+    the gate."""
+    t0 = time.monotonic() if t0 is None else t0
+    events = events if events is not None else kernel.generate.run(principal, generation(message))
+    reply, status = None, "INTERNAL"
+    try:
+        with kernel.lifecycle.track():
+            async for ev in events:
+                if isinstance(ev, Reply):
+                    reply = ev
+        status = "OK"
+    except StatusError as e:
+        status = e.code
+        raise
+    finally:
+        record_trace(kernel.traces, principal.agent_id, GENERATE, status, message,
+                     reply_message(reply) if reply is not None else None, t0)
+    return reply
 
 
 def _models(kernel, principal) -> list[dict]:
