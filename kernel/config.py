@@ -40,6 +40,7 @@ class ServerConfig(_Strict):
     reflection: bool = True
     metrics_public: bool = Field(False, description="serve GET /metrics without an operator token")
     console: bool = Field(True, description="the operator console at /console on the HTTP server")
+    mcp: bool = Field(True, description="Kernos as an MCP server at /mcp on the HTTP server (agents' tokens)")
     aios_compat: bool = Field(False, description="serve AIOS's /query API (agents written with Cerebrum) on the "
                                                  "HTTP server; see [aios]")
     console_session_idle_s: float = Field(8 * 3600.0, gt=0, description="a console login ends after this long "

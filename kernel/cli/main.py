@@ -302,6 +302,20 @@ def _finetune(args, s, operator: bool) -> int:
     return 0 if job.state == "published" else 1
 
 
+def cmd_mcp(args) -> int:
+    from .mcp_stdio import run
+
+    token = args.token or os.environ.get("KERNOS_TOKEN")
+    if not token:
+        print("kernos mcp: an agent's token is needed (--token or KERNOS_TOKEN)", file=sys.stderr)
+        return 2
+    if not args.stdio:
+        print("kernos mcp: only --stdio is a local transport; HTTP clients use the kernel's /mcp directly",
+              file=sys.stderr)
+        return 2
+    return run(args.url.rstrip("/") + ("" if args.url.rstrip("/").endswith("/mcp") else "/mcp"), token)
+
+
 def cmd_demo(args) -> int:
     from kernos.agents.demo import run_demo
 
@@ -332,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=64, help="max tokens per agent reply (default 64)")
     d.set_defaults(fn=cmd_demo)
 
+    m = sub.add_parser("mcp", help="serve Kernos to a local MCP client over stdio (relayed to the kernel's /mcp)")
+    m.add_argument("--stdio", action="store_true", help="speak MCP on stdin/stdout")
+    m.add_argument("--url", default=os.environ.get("KERNOS_HTTP", "http://127.0.0.1:7071"),
+                   help="the kernel's HTTP address (default $KERNOS_HTTP or http://127.0.0.1:7071)")
+    m.add_argument("--token", help="the agent's token (default $KERNOS_TOKEN)")
+    m.set_defaults(fn=cmd_mcp)
     t = sub.add_parser("token", help="operator, enrollment and agent tokens in a kernel's data dir (offline; a "
                                      "running kernel sees them at once)")
     t.add_argument("action", choices=["create", "revoke", "list"])

@@ -215,6 +215,11 @@ def build(kernel) -> FastAPI:
         from .aios import mount as mount_aios
 
         mount_aios(app, kernel)
+    app.state.mcp = None
+    if kernel.config.server.mcp:
+        from .mcp_server import mount as mount_mcp
+
+        app.state.mcp = mount_mcp(app, kernel)
     app.state.history = None
     if kernel.config.server.console:
         from .console.routes import mount

@@ -35,6 +35,16 @@ async def start(kernel, listen: str):
 
     sock = _bind(listen)
     app = build(kernel)
+    mcp_task = None
+    if app.state.mcp is not None:          # the MCP endpoint's session manager lives as long as the server
+        ready = asyncio.Event()
+
+        async def run_mcp():
+            async with app.state.mcp.run():
+                ready.set()
+                await asyncio.Event().wait()
+        mcp_task = asyncio.create_task(run_mcp())
+        await asyncio.wait_for(ready.wait(), 10)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_keep_alive=30)
     server = Server(config)
@@ -46,14 +56,15 @@ async def start(kernel, listen: str):
         await asyncio.sleep(0.01)
     if app.state.history is not None:      # the console's charts sample while the server is up
         server.sampler = asyncio.create_task(app.state.history.run())
+    server.mcp_task = mcp_task
     host, port = sock.getsockname()[:2]
     return server, task, f"{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 async def stop(server, task) -> None:
-    sampler = getattr(server, "sampler", None)
-    if sampler is not None:
-        sampler.cancel()
+    for background in (getattr(server, "sampler", None), getattr(server, "mcp_task", None)):
+        if background is not None:
+            background.cancel()
     server.should_exit = True
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await asyncio.wait_for(task, 10)

@@ -1,0 +1,160 @@
+"""Kernos as an MCP server (issue 17, MCP server part), tested with the `mcp` client library against a real
+kernel: over streamable HTTP (`/mcp`, an agent's bearer token) and through `kernos mcp --stdio` (a local MCP
+client launches it). An agent sees and calls the tools it may execute, its memory and its files (as tools and
+as resources), never another agent's; irreversible tools still wait for an operator; calls are traced."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+import kernos.sdk
+from kernos.agents.demo import start_kernel, stop_kernel
+from kernos.storage.traces import TraceLog
+
+ADMIN = "mcp-admin-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def mk(tmp_path_factory):
+    from conftest import write_config
+
+    d = tmp_path_factory.mktemp("mcp")
+    cfg = write_config(d / "k.toml", [{"name": "echo", "path": "-", "kind": "echo"}], server={"admin_token": ADMIN})
+    proc, address = start_kernel(d / "data", str(cfg), timeout=120)
+    yield f"http://{proc.http_address}", address, d / "data"
+    assert stop_kernel(proc) == 0
+
+
+async def _session(base: str, token: str, work):
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http:
+        async with streamable_http_client(f"{base}/mcp", http_client=http) as streams:
+            async with ClientSession(streams[0], streams[1]) as s:
+                await s.initialize()
+                return await work(s)
+
+
+def run(base, token, work):
+    return asyncio.run(_session(base, token, work))
+
+
+def text(result) -> str:
+    return "".join(c.text for c in result.content)
+
+
+def test_an_agent_sees_and_calls_its_tools_memory_and_files(mk):
+    base, address, data = mk
+    with kernos.sdk.connect(address, agent="mcp-alice") as alice, kernos.sdk.connect(address, agent="mcp-bob") as bob:
+        alice.tools.register("shout", "result = args['word'].upper()",
+                             {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]})
+        bob.tools.register("bobs_secret", "result = 'secret'", {"type": "object", "properties": {}})
+        bob.storage.write("diary.txt", b"bob's private diary")
+
+        async def work(s):
+            tools = {t.name: t for t in (await s.list_tools()).tools}
+            assert {"calculator", "memory_search", "shout", "kernos_memory_add", "kernos_storage_write",
+                    "kernos_storage_read", "kernos_storage_list", "kernos_storage_history"} <= set(tools)
+            assert "bobs_secret" not in tools and not any("bobs_secret" in n for n in tools)
+            assert tools["shout"].input_schema["required"] == ["word"]
+            assert text(await s.call_tool("calculator", {"expression": "6*7"})) == "42"
+            assert text(await s.call_tool("shout", {"word": "kernel"})) == "KERNEL"
+            w = json.loads(text(await s.call_tool("kernos_storage_write", {"path": "notes/a.txt", "content": "v1"})))
+            assert w["version"] == 1
+            await s.call_tool("kernos_storage_write", {"path": "notes/a.txt", "content": "v2"})
+            assert text(await s.call_tool("kernos_storage_read", {"path": "notes/a.txt", "version": 1})) == "v1"
+            history = json.loads(text(await s.call_tool("kernos_storage_history", {"path": "notes/a.txt"})))
+            assert [h["version"] for h in history] == [1, 2]
+            resources = (await s.list_resources()).resources
+            assert [r.name for r in resources] == ["notes/a.txt"]
+            contents = (await s.read_resource(resources[0].uri)).contents
+            assert contents[0].text == "v2"
+            await s.call_tool("kernos_memory_add", {"text": "The launch is on Tuesday.", "metadata": {"t": "x"}})
+            hits = json.loads(text(await s.call_tool("memory_search", {"query": "when is the launch"})))
+            assert "Tuesday" in json.dumps(hits)
+            # Another agent's things answer as missing ones do.
+            denied = await s.call_tool("bobs_secret", {})
+            assert denied.is_error and "NOT_FOUND" in text(denied)
+            assert (await s.call_tool("kernos_storage_read", {"path": "diary.txt"})).is_error
+            bad = await s.call_tool("calculator", {"nope": 1})
+            assert bad.is_error and "INVALID_ARGUMENT" in text(bad)
+        run(base, alice.token, work)
+        assert bob.storage.list() and [f.path for f in alice.storage.list()] == ["notes/a.txt"]
+    traces = TraceLog(data / "traces.db")
+    try:
+        assert any(t.kind == "mcp.call_tool" for t in traces.query("mcp-alice", limit=200))
+    finally:
+        traces.close()
+
+
+def test_a_token_is_required_and_revocation_applies(mk):
+    base, address, data = mk
+    r = httpx.post(f"{base}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, timeout=10)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    with kernos.sdk.connect(address, agent="mcp-gone") as s:
+        token = s.token
+    run(base, token, lambda c: c.list_tools())                  # works while the token is valid
+    out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "token", "revoke", "--agent", "mcp-gone",
+                          "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    r = httpx.post(f"{base}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                   headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert r.status_code == 401
+
+
+def test_irreversible_tools_wait_for_an_operator(mk):
+    base, address, _ = mk
+    admin = kernos.sdk.connect(address, token=ADMIN)
+    admin.tools.register("launch_rocket", "result = {'launched': args['name']}",
+                         {"type": "object", "properties": {"name": {"type": "string"}}}, irreversible=True)
+    with kernos.sdk.connect(address, agent="mcp-pilot") as s:
+        async def work(c):
+            tools = {t.name: t for t in (await c.list_tools()).tools}
+            assert tools["launch_rocket"].annotations.destructive_hint is True
+            call = asyncio.create_task(c.call_tool("launch_rocket", {"name": "K1"}))
+            for _ in range(100):
+                pending = await asyncio.to_thread(admin.tools.pending)
+                if pending:
+                    break
+                await asyncio.sleep(0.1)
+            assert [p.agent_id for p in pending] == ["mcp-pilot"]
+            await asyncio.to_thread(admin.tools.confirm, pending[0].call_id)
+            return await call
+        result = run(base, s.token, work)
+        assert not result.is_error and json.loads(text(result)) == {"launched": "K1"}
+
+
+def test_kernos_mcp_stdio_relays_a_local_client(mk):
+    from mcp.client.session import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    base, address, _ = mk
+    with kernos.sdk.connect(address, agent="mcp-desktop") as s:
+        s.storage.write("todo.txt", b"buy milk")
+        params = StdioServerParameters(command=sys.executable, args=["-m", "kernos.kernel.cli", "mcp", "--stdio",
+                                                                     "--url", base],
+                                       env={**os.environ, "KERNOS_TOKEN": s.token})
+
+        async def work():
+            async with stdio_client(params) as (read, write):
+                async with ClientSession(read, write) as c:
+                    await c.initialize()
+                    names = {t.name for t in (await c.list_tools()).tools}
+                    calc = text(await c.call_tool("calculator", {"expression": "2+3"}))
+                    resources = (await c.list_resources()).resources
+                    todo = (await c.read_resource(resources[0].uri)).contents[0].text
+                    return names, calc, todo
+        names, calc, todo = asyncio.run(asyncio.wait_for(work(), 60))
+        assert "kernos_storage_read" in names and calc == "5" and todo == "buy milk"
+    out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "mcp", "--stdio", "--url", base],
+                         capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "KERNOS_TOKEN"})
+    assert out.returncode == 2 and "token is needed" in out.stderr
