@@ -159,12 +159,33 @@ class AiosConfig(_Strict):
     max_agents: int = Field(1000, ge=0, description="AIOS agent names the kernel creates at most; 0: no limit")
 
 
+class McpServerConfig(_Strict):
+    """An external MCP server whose tools the kernel mounts into its tool registry as NAME__TOOL."""
+    name: str = Field(pattern=r"^[a-z0-9_]{1,24}$", description="prefix of its tools' names in the kernel")
+    command: list[str] = Field(default_factory=list, description="start it and speak MCP over its stdio")
+    url: str = Field("", pattern=r"^(|https?://.+)$", description="or: its streamable-HTTP endpoint")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for `command`")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers for `url` (e.g. auth)")
+    timeout_s: float = Field(30.0, gt=0, description="a call that takes longer fails (the server is not waited on)")
+    public: bool = Field(True, description="every agent may call its tools; else only operators and grantees")
+    irreversible: list[str] = Field(default_factory=list, description="its tools that wait for an operator's "
+                                                                     "confirmation (their MCP names)")
+
+    @model_validator(mode="after")
+    def _one_transport(self):
+        if bool(self.command) == bool(self.url):
+            raise ValueError("give exactly one of command (stdio) and url (streamable HTTP)")
+        return self
+
+
 class ToolsConfig(_Strict):
     confirm_timeout_s: float = Field(300.0, gt=0, description="an irreversible call not confirmed by then is denied")
     unsafe_no_jail: bool = Field(False, description="run tool code without the bubblewrap jail where none works "
                                                     "(it then sees the kernel's files): never on a shared kernel")
     max_concurrent_calls: int = Field(8, gt=0, description="tool calls running at once, all agents together")
     max_calls_per_agent: int = Field(4, gt=0, description="tool calls one agent may run at once")
+    mcp: list[McpServerConfig] = Field(default_factory=list, description="external MCP servers to mount "
+                                                                         "([[tools.mcp]])")
     max_wall_s: float = Field(300.0, gt=0, description="the longest wall-clock limit a tool may have")
     max_processes: int = Field(32, gt=0, description="processes one call of tool code may run")
 

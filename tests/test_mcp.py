@@ -158,3 +158,88 @@ def test_kernos_mcp_stdio_relays_a_local_client(mk):
                          capture_output=True, text=True, timeout=60,
                          env={k: v for k, v in os.environ.items() if k != "KERNOS_TOKEN"})
     assert out.returncode == 2 and "token is needed" in out.stderr
+
+
+# -- Kernos as an MCP client: an external server's tools mounted into the kernel ([[tools.mcp]]) ---------------
+TEST_SERVER = '''
+import os, time
+from mcp.server.mcpserver import MCPServer
+
+app = MCPServer("testsrv")
+
+
+@app.tool()
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@app.tool()
+def transfer(amount: int) -> str:
+    """Send money (irreversible)."""
+    return f"sent {amount}"
+
+
+@app.tool()
+def slow(seconds: float) -> str:
+    """Sleep, then answer."""
+    time.sleep(seconds)
+    return "done"
+
+
+@app.tool()
+def crash() -> str:
+    """Kill this server."""
+    os._exit(3)
+
+
+app.run()
+'''
+
+
+def test_an_external_mcp_server_is_mounted_supervised_and_called_by_agents(tmp_path):
+    import time
+
+    from conftest import write_config
+
+    script = tmp_path / "testsrv.py"
+    script.write_text(TEST_SERVER)
+    cfg = write_config(tmp_path / "k.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
+                       server={"admin_token": ADMIN},
+                       tools={"mcp": [{"name": "testsrv", "command": [sys.executable, str(script)], "timeout_s": 3.0,
+                                       "irreversible": ["transfer"]}]})
+    proc, address = start_kernel(tmp_path / "data", str(cfg), timeout=120)
+    try:
+        admin = kernos.sdk.connect(address, token=ADMIN)
+        with kernos.sdk.connect(address, agent="mcp-user") as s:
+            deadline = time.monotonic() + 30
+            while "testsrv__add" not in {t["name"] for t in s.tools.list()}:
+                assert time.monotonic() < deadline, "the MCP server's tools were not mounted"
+                time.sleep(0.2)
+            add = next(t for t in s.tools.list() if t["name"] == "testsrv__add")
+            assert add["schema"]["required"] == ["a", "b"] and "Add two integers" in add["description"]
+            assert s.tools.call("testsrv__add", a=2, b=3).result == 5
+            with pytest.raises(kernos.sdk.InvalidArgument):
+                s.tools.call("testsrv__add", a="two", b=3)              # the server's schema, checked by the kernel
+            t0 = time.monotonic()
+            slow = s.tools.call("testsrv__slow", seconds=30)
+            assert slow.state == "error" and time.monotonic() - t0 < 10, slow   # timeout_s, not 30 s
+            pending = s.tools.call("testsrv__transfer", amount=7)
+            assert pending.state == "pending"
+            admin.tools.confirm(pending.call_id)
+            assert s.tools.wait(pending.call_id).result == "sent 7"
+            # The server dies: calls fail at once (never hang), and the kernel restarts it.
+            t0 = time.monotonic()
+            with pytest.raises((kernos.sdk.Unavailable, kernos.sdk.KernosError)):
+                s.tools.call("testsrv__crash")
+            assert time.monotonic() - t0 < 10
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert s.tools.call("testsrv__add", a=1, b=1).result == 2
+                    break
+                except kernos.sdk.Unavailable:
+                    assert time.monotonic() < deadline, "the MCP server was not restarted"
+                    time.sleep(0.2)
+    finally:
+        assert stop_kernel(proc) == 0

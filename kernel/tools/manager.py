@@ -120,6 +120,30 @@ class ToolManager:
         self.tools[tool.key] = tool
         return tool
 
+    # -- mounted MCP servers ([[tools.mcp]]) --------------------------------------------------------------------
+    def mount(self, source: str, tools: list[Tool]) -> None:
+        """Replace the tools `source` provides (a mounted MCP server's, after each (re)start)."""
+        kept = {k: t for k, t in self.tools.items() if t.source != source}
+        for t in tools:
+            if t.key in kept:
+                log.warning("%s: tool '%s' clashes with an existing tool and is not mounted", source, t.name)
+                continue
+            t.source = source
+            kept[t.key] = t
+        self.tools = kept
+
+    async def start_mounts(self) -> None:
+        """Supervise the configured MCP servers (in the kernel's event loop)."""
+        from .mcp_mounts import McpMount
+
+        self.mounts = [McpMount(c, self) for c in self.config.mcp]
+        self._mount_tasks = [asyncio.create_task(m.run(), name=f"mcp-{m.config.name}") for m in self.mounts]
+
+    async def stop_mounts(self) -> None:
+        for t in getattr(self, "_mount_tasks", []):
+            t.cancel()
+        await asyncio.gather(*getattr(self, "_mount_tasks", []), return_exceptions=True)
+
     def visible(self, principal) -> list[Tool]:
         """Public tools, the caller's own, and private tools it has been granted (operators: all)."""
         return [t for t in self.tools.values() if t.public or t.owner == principal.agent_id

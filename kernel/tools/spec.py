@@ -40,7 +40,8 @@ class Tool:
     cpu_s: float = 5.0
     memory_mb: int = 256
     public: bool = True
-    builtin: object = None           # async fn(tools, principal, args) for built-ins
+    builtin: object = None           # async fn(tools, principal, args) for built-ins (and mounted MCP tools)
+    source: str = ""                 # "mcp:SERVER" for a mounted MCP server's tools
     semaphore: asyncio.Semaphore | None = None
 
     @property

@@ -109,6 +109,7 @@ async def serve(config: KernelConfig) -> int:
         os.chmod(address[5:], config.server.socket_mode)  # who may connect: the socket's owner and group
     for name in ("",) + SERVICES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await kernel.tools.start_mounts()          # external MCP servers' tools ([[tools.mcp]])
     http = None
     if config.server.http_listen:
         from ..http import server as http_server
@@ -147,6 +148,7 @@ async def serve(config: KernelConfig) -> int:
     if http:
         await http_server.stop(http[0], http[1])
     await server.stop(grace=2.0)
+    await kernel.tools.stop_mounts()
     flusher.cancel()
     kernel.close()
     try:
