@@ -399,3 +399,25 @@ def test_a_template_that_takes_tools_gets_them_natively(lm):
     native, kwargs = chat_template_input(tok, messages, (CALC,))
     text = tok.apply_chat_template(native, tokenize=False, **kwargs)
     assert text.startswith("[TOOL calculator]") and "[CALL calculator 6*7]" in text and "<tool>42" in text
+
+
+def test_generated_objects_are_closed_where_they_list_their_properties():
+    """The grammar generates only listed properties (vLLM's default), recursing through nested schemas;
+    objects that list none stay open, and explicit additionalProperties is kept."""
+    from kernos.kernel.llm.structured import closed_schema
+
+    schema = {"type": "object", "properties": {
+        "properties": {"type": "object", "properties": {"a": {"type": "string"}}},    # a property named so
+        "items": {"type": "array", "items": {"type": "object", "properties": {}}},
+        "meta": {"type": "object"},
+        "extra": {"type": "object", "properties": {"b": {"type": "integer"}}, "additionalProperties": True},
+        "either": {"anyOf": [{"type": "object", "properties": {"c": {"type": "string"}}}, {"type": "null"}]}}}
+    out = closed_schema(schema)
+    p = out["properties"]
+    assert out["additionalProperties"] is False and "additionalProperties" not in p
+    assert p["properties"]["additionalProperties"] is False and "additionalProperties" not in p["properties"][
+        "properties"]
+    assert p["items"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in p["meta"] and p["extra"]["additionalProperties"] is True
+    assert p["either"]["anyOf"][0]["additionalProperties"] is False
+    assert schema["properties"]["meta"] == {"type": "object"} and "additionalProperties" not in schema   # untouched

@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("kernos finetune start needs --name and --dataset")
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub"):
+    for noisy in ("httpx", "httpx2", "urllib3", "transformers", "huggingface_hub", "mcp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return args.fn(args)
 
