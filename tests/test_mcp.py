@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +19,27 @@ from kernos.agents.demo import start_kernel, stop_kernel
 from kernos.storage.traces import TraceLog
 
 ADMIN = "mcp-admin-token-0123456789"
+ROOT = Path(__file__).resolve().parent.parent
+# langchain-mcp-adapters (its newest release, 0.3.2) pins mcp<2 and imports names mcp 2 removed, while the kernel
+# serves with mcp 2.3: the adapters run as a client in an environment of their own, built once and cached.
+LC_MCP_VENV = ROOT / ".cache" / "langchain-mcp-adapters"
+LC_MCP_PINS = ["langchain-mcp-adapters==0.3.2", "mcp==1.30.0"]
+LC_MCP_CLIENT = """
+import asyncio, json, sys
+from langchain_mcp_adapters.client import MultiServerMCPClient
+
+
+async def main(url, token):
+    client = MultiServerMCPClient({"kernos": {"transport": "streamable_http", "url": url,
+                                              "headers": {"Authorization": f"Bearer {token}"}}})
+    tools = {t.name: t for t in await client.get_tools()}
+    calc = await tools["calculator"].ainvoke({"expression": "6*7"})
+    await tools["kernos_storage_write"].ainvoke({"path": "lc.txt", "content": "from langchain"})
+    read = await tools["kernos_storage_read"].ainvoke({"path": "lc.txt"})
+    print(json.dumps({"names": sorted(tools), "calc": str(calc), "read": str(read)}))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +265,32 @@ def test_an_external_mcp_server_is_mounted_supervised_and_called_by_agents(tmp_p
                     time.sleep(0.2)
     finally:
         assert stop_kernel(proc) == 0
+
+
+@pytest.fixture(scope="session")
+def lc_mcp_python():
+    """The interpreter of a venv with langchain-mcp-adapters (built on first use; skipped where it cannot be)."""
+    python = LC_MCP_VENV / "bin" / "python"
+    stamp = LC_MCP_VENV / ".pins"
+    if not (python.exists() and stamp.exists() and stamp.read_text() == " ".join(LC_MCP_PINS)):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(LC_MCP_VENV)], check=True, timeout=120)
+        out = subprocess.run([str(python), "-m", "pip", "install", "-q", *LC_MCP_PINS], capture_output=True,
+                             text=True, timeout=600)
+        if out.returncode != 0:
+            pytest.skip(f"cannot install {LC_MCP_PINS} (no package index?): {out.stderr[-300:]}")
+        stamp.write_text(" ".join(LC_MCP_PINS))
+    return python
+
+
+def test_langchain_mcp_adapters_use_the_kernels_tools(mk, lc_mcp_python, tmp_path):
+    base, address, _ = mk
+    script = tmp_path / "client.py"
+    script.write_text(LC_MCP_CLIENT)
+    with kernos.sdk.connect(address, agent="mcp-langchain") as s:
+        out = subprocess.run([str(lc_mcp_python), str(script), f"{base}/mcp", s.token], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert {"calculator", "memory_search", "kernos_storage_read"} <= set(got["names"])
+        assert "42" in got["calc"] and "from langchain" in got["read"]
+        assert s.storage.read("lc.txt") == b"from langchain"       # the write went to this agent's files
