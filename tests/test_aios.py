@@ -278,3 +278,27 @@ def test_shared_token_and_loopback_only(tmp_path):
             assert r.status_code == 403 and "loopback" in r.json()["detail"]
     finally:
         assert stop_kernel(proc) == 0
+
+
+def test_an_aios_style_agent_runs_end_to_end(ak):
+    """The example agent in agents/ (written the way Cerebrum agents are) against the kernel, twice: it remembers
+    its earlier task, the model runs the kernel's calculator, and the report lands in its own files."""
+    base, address, _ = ak
+    out = subprocess.run([sys.executable, "-m", "kernos.agents.aios_agent", "--url", base, "What is 17 * 23?"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first = json.loads(out.stdout)
+    assert isinstance(first["answer"], (int, float)) and first["tool_error"] is None     # the calculator ran
+    assert first["explanation"] and "wrote 'reports/latest.md'" in first["report"] and first["earlier_tasks"] == []
+    out = subprocess.run([sys.executable, "-m", "kernos.agents.aios_agent", "--url", base, "What is 6 * 7?"],
+                         capture_output=True, text=True, timeout=300)
+    second = json.loads(out.stdout)
+    assert "What is 17 * 23?" in second["earlier_tasks"]
+    with kernos.sdk.connect(address, token=ADMIN) as admin:
+        report = admin.storage.read("reports/latest.md", owner=admin_name(admin, "example/math_reporter")).decode()
+    assert report.startswith("# What is 6 * 7?")
+
+
+def admin_name(admin, aios_name: str) -> str:
+    [a] = [a for a in admin.kernel.agents(include_exited=True) if a.labels.get("name") == aios_name]
+    return a.agent_id

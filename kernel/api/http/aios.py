@@ -128,6 +128,8 @@ def mount(app: FastAPI, kernel) -> None:
 
     # -- tools ------------------------------------------------------------------------------------------------
     async def run_tools(principal, calls: list[tuple[str, dict]]) -> dict:
+        if not calls:
+            return w.text_response("tool", None, "the model made no tool call (was max_new_tokens reached?)", 200)
         results, errors = [], []
         for name, args in calls:
             entry = {"name": name, "parameters": args}
@@ -231,7 +233,8 @@ def mount(app: FastAPI, kernel) -> None:
         if not 1 <= k <= 100:
             raise StatusError("INVALID_ARGUMENT", "query_data.params.k must be between 1 and 100")
         gate.admit(principal, "/kernos.v1.Memory/Search", ns)
-        hits = await mem.search(principal, query, k)
+        # The agent's files are indexed in its memory too (as kind "file"): AIOS's memory holds memories only.
+        hits = [h for h in await mem.search(principal, query, min(100, 3 * k)) if h.metadata.get("kind") != "file"][:k]
         return w.memory_response(search_results=[
             {"memory_id": h.id, "content": h.text, "metadata": h.metadata, "distance": h.distance,
              "score": 1.0 / (1.0 + h.distance)} for h in hits]), None
