@@ -159,7 +159,7 @@ def mount(app: FastAPI, kernel) -> History:
         async def events():
             since = float(p.get("since") or 0)
             while True:
-                if await request.is_disconnected():
+                if await request.is_disconnected() or kernel.lifecycle.stopping:   # a drain ends the stream
                     return
                 found = logged_in(request)
                 if found is None or found[0].session_id != s.session_id:
