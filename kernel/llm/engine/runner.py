@@ -13,17 +13,27 @@ from . import cache as cache_ops
 from .adapters import Adapters
 
 
+def cache_of(out):
+    """A forward pass's cache: `cache` in transformers versions that renamed it, else `past_key_values`."""
+    fields = getattr(type(out), "__dataclass_fields__", {})
+    return out.cache if "cache" in fields else out.past_key_values
+
+
 class ModelRunner:
     def __init__(self, lm: LoadedModel):
         self.lm = lm
         self.adapters = Adapters(lm)
         base = lm.model.get_base_model() if lm.has_adapters else lm.model
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        params = inspect.signature(type(base).forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+        # transformers 5.x renamed `past_key_values` to `cache` (in and out; the old name goes in 5.40): use the
+        # name this version takes, so that no deprecation warning is printed and the engine outlives the rename.
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._template = None      # any cache of this model: the shape to rebuild saved caches from
 
     def forward(self, input_ids, mask, positions, past, adapters: list[str | None], last_only: bool):
-        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                      use_cache=True)
+        kwargs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, self._cache_arg: past,
+                  "use_cache": True}
         if last_only and self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         return self.adapters.call(kwargs, adapters)
@@ -38,8 +48,8 @@ class ModelRunner:
         out = self.forward(ids, mask, pos, None, [adapter], last_only=True)
         seconds = time.perf_counter() - t0
         if self._template is None:
-            self._template = out.past_key_values
-        return out.logits[0, -1], out.past_key_values, mask, seconds
+            self._template = cache_of(out)
+        return out.logits[0, -1], cache_of(out), mask, seconds
 
     def decode(self, batch) -> torch.Tensor:
         """One step of the running batch: its cache and mask grow by a column; the next-token logits per row."""
@@ -48,7 +58,7 @@ class ModelRunner:
         pos = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=dev)
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
         out = self.forward(ids, mask, pos, batch.cache, [s.req.adapter for s in rows], last_only=True)
-        batch.cache, batch.mask = out.past_key_values, mask
+        batch.cache, batch.mask = cache_of(out), mask
         return out.logits[:, -1, :]
 
     def _probe_inputs(self, n: int):
@@ -58,13 +68,13 @@ class ModelRunner:
     def template(self):
         """Any cache of this model (one is made if nothing ran yet, e.g. before a restored snapshot)."""
         if self._template is None:
-            self._template = self.forward(*self._probe_inputs(1), None, [None], last_only=True).past_key_values
+            self._template = cache_of(self.forward(*self._probe_inputs(1), None, [None], last_only=True))
         return self._template
 
     def measure_cache_size(self) -> tuple[int, int]:
         """Cache bytes per token and per sequence (Mamba state), measured with two tiny prefills."""
         with torch.inference_mode():
-            sizes = [cache_ops.nbytes(self.forward(*self._probe_inputs(n), None, [None], last_only=True)
-                                      .past_key_values) for n in (1, 2)]
+            sizes = [cache_ops.nbytes(cache_of(self.forward(*self._probe_inputs(n), None, [None], last_only=True)))
+                     for n in (1, 2)]
         per_token = sizes[1] - sizes[0]
         return per_token, sizes[0] - per_token
