@@ -200,13 +200,7 @@ def mount(app: FastAPI, kernel) -> None:
         if op == "get_memory":
             memory_id = _param(p, "memory_id")
             gate.admit(principal, "/kernos.v1.Memory/Get", ns)
-            try:
-                [r] = await mem.get(principal, [memory_id])
-            except StatusError as e:
-                if e.code != "NOT_FOUND":
-                    raise
-                return w.memory_response(False, memory_id, error=f"no memory '{memory_id[:64]}'"), None
-            return w.memory_response(memory_id=r.id, content=r.text, metadata=r.metadata), None
+            return await one_memory(memory_id, mem.get(principal, [memory_id])), None
         if op == "update_memory":
             memory_id = _param(p, "memory_id")
             content = _param(p, "content", required=False)
@@ -215,13 +209,7 @@ def mount(app: FastAPI, kernel) -> None:
             except TypeError as e:
                 raise StatusError("INVALID_ARGUMENT", f"query_data.{e}") from None
             gate.admit(principal, "/kernos.v1.Memory/Update", ns)
-            try:
-                r = await mem.update(principal, memory_id, content, meta)
-            except StatusError as e:
-                if e.code != "NOT_FOUND":
-                    raise
-                return w.memory_response(False, memory_id, error=f"no memory '{memory_id[:64]}'"), None
-            return w.memory_response(memory_id=r.id, content=r.text, metadata=r.metadata), None
+            return await one_memory(memory_id, mem.update(principal, memory_id, content, meta)), None
         if op == "remove_memory":
             memory_id = _param(p, "memory_id")
             gate.admit(principal, "/kernos.v1.Memory/Delete", ns)
@@ -238,6 +226,17 @@ def mount(app: FastAPI, kernel) -> None:
         return w.memory_response(search_results=[
             {"memory_id": h.id, "content": h.text, "metadata": h.metadata, "distance": h.distance,
              "score": 1.0 / (1.0 + h.distance)} for h in hits]), None
+
+    async def one_memory(memory_id: str, pending) -> dict:
+        """The entry a get or an update returns; a missing one is AIOS's `success: false`, not an HTTP error."""
+        try:
+            r = await pending
+        except StatusError as e:
+            if e.code != "NOT_FOUND":
+                raise
+            return w.memory_response(False, memory_id, error=f"no memory '{memory_id[:64]}'")
+        r = r[0] if isinstance(r, list) else r
+        return w.memory_response(memory_id=r.id, content=r.text, metadata=r.metadata)
 
     async def analyze(principal, content: str) -> dict[str, str]:
         """add_agentic_memory: keywords, a one-line context and tags, by the model, as JSON that fits a schema."""
