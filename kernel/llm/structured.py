@@ -159,14 +159,7 @@ def output_spec(tools: list[dict], tool_choice: str, parallel: bool | None, resp
 def strict_schema(schema):
     """OpenAI's strict mode: every object takes exactly the properties it names (additionalProperties false
     where the schema leaves it open)."""
-    if isinstance(schema, list):
-        return [strict_schema(x) for x in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: strict_schema(v) for k, v in schema.items()}
-    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
+    return _close(schema, every_object=True)
 
 
 def closed_schema(schema):
@@ -174,19 +167,26 @@ def closed_schema(schema):
     false where the schema leaves it open), as vLLM's structured outputs do by default. The model is never
     steered into inventing keys (measured: the 135M embedded model given an open object invented keys until
     max_tokens). Objects that list no properties stay open."""
+    return _close(schema, every_object=False)
+
+
+def _close(schema, every_object: bool):
+    """additionalProperties false on each open object of `schema` (on every one, or on those that list their
+    properties), walking its subschemas (never a "properties" mapping as if it were a schema)."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     for key in ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas"):
         if isinstance(out.get(key), dict):
-            out[key] = {name: closed_schema(sub) for name, sub in out[key].items()}
+            out[key] = {name: _close(sub, every_object) for name, sub in out[key].items()}
     for key in ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames"):
         if isinstance(out.get(key), dict):
-            out[key] = closed_schema(out[key])
+            out[key] = _close(out[key], every_object)
     for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
         if isinstance(out.get(key), list):
-            out[key] = [closed_schema(sub) for sub in out[key]]
-    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+            out[key] = [_close(sub, every_object) for sub in out[key]]
+    is_object = "properties" in out or (every_object and out.get("type") == "object")
+    if is_object and "additionalProperties" not in out and "patternProperties" not in out:
         out["additionalProperties"] = False
     return out
 

@@ -194,6 +194,14 @@ class ToolManager:
         await self._run(tool, principal, call)
         return call
 
+    async def call_and_wait(self, principal, name: str, args_json: str) -> Call:
+        """A call for a client that cannot come back for the result (MCP, AIOS): an irreversible one is waited
+        on until an operator decides or the confirmation timeout denies it."""
+        call = await self.call(principal, name, args_json)
+        if call.state == "pending":
+            call = await self.wait(principal, call.call_id, self.confirm_timeout_s + 1)
+        return call
+
     def _prune(self, keep: int = 10_000) -> None:
         if len(self.calls) >= keep:
             for cid in [c.call_id for c in self.calls.values() if c.state != "pending"][: len(self.calls) // 2]:

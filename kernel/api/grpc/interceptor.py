@@ -220,6 +220,14 @@ class _Syscall:
         record_trace(self.i.traces, agent, self.method, self.status, self.request, self.reply, self.t0)
 
 
+def record_call(traces: TraceLog, agent: str, kind: str, status: str, request: dict, t0: float) -> None:
+    """A trace record for a call that reached a use case without a gRPC message (an MCP tool call, an AIOS
+    query): its scalar arguments, strings cut as for gRPC traces."""
+    traces.record(TraceRecord(agent, kind, status,
+                              {k: (v[:MAX_TRACED_STRING] if isinstance(v, str) else v) for k, v in request.items()},
+                              {}, {"syscall_ms": (time.monotonic() - t0) * 1e3}))
+
+
 def record_trace(traces: TraceLog, agent: str, method: str, status: str, request, reply, t0: float) -> None:
     """One syscall's trace record, the same for every transport (the request and reply as the gRPC messages
     that carry them)."""

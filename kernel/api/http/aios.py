@@ -24,9 +24,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from kernos.storage.status import StatusError
-from kernos.storage.traces import TraceRecord
 
 from ...security.bridge import BridgedAgents
+from ..grpc.interceptor import record_call
 from . import aios_wire as w
 from . import openai_wire
 
@@ -122,9 +122,7 @@ def mount(app: FastAPI, kernel) -> None:
         return await complete(kernel, principal, message)
 
     def trace(principal, kind: str, status: str, request: dict, t0: float) -> None:
-        kernel.traces.record(TraceRecord(principal.agent_id, f"aios.{kind}", status,
-                                         {k: (v[:200] if isinstance(v, str) else v) for k, v in request.items()},
-                                         {}, {"syscall_ms": (time.monotonic() - t0) * 1e3}))
+        record_call(kernel.traces, principal.agent_id, f"aios.{kind}", status, request, t0)
 
     # -- tools ------------------------------------------------------------------------------------------------
     async def run_tools(principal, calls: list[tuple[str, dict]]) -> dict:
@@ -135,9 +133,7 @@ def mount(app: FastAPI, kernel) -> None:
             entry = {"name": name, "parameters": args}
             try:
                 gate.admit(principal, "/kernos.v1.Tools/Call", None)
-                call = await kernel.tools.call(principal, name, json.dumps(args))
-                if call.state == "pending":          # irreversible: it waits for an operator, as over gRPC
-                    call = await kernel.tools.wait(principal, call.call_id, kernel.tools.confirm_timeout_s + 1)
+                call = await kernel.tools.call_and_wait(principal, name, json.dumps(args))
                 entry.update(state=call.state, result=call.result, error=call.error or None)
                 if call.state != "done":
                     errors.append(f"{name}: {call.error or call.state}")

@@ -16,9 +16,8 @@ from urllib.parse import quote, unquote
 import mcp_types as types
 
 from kernos.storage.status import StatusError
-from kernos.storage.traces import TraceRecord
 
-from ..grpc.interceptor import token_from_metadata
+from ..grpc.interceptor import record_call, token_from_metadata
 
 PREFIX = "kernos_"        # the syscalls offered as tools; a Kernos tool name never holds a ':' or starts so
 URI = "kernos://files/"
@@ -56,9 +55,7 @@ def build(kernel):
         return principal
 
     def trace(principal, kind: str, status: str, args: dict, t0: float) -> None:
-        kernel.traces.record(TraceRecord(principal.agent_id, f"mcp.{kind}", status,
-                                         {k: (v[:200] if isinstance(v, str) else v) for k, v in args.items()}, {},
-                                         {"syscall_ms": (time.monotonic() - t0) * 1e3}))
+        record_call(kernel.traces, principal.agent_id, f"mcp.{kind}", status, args, t0)
 
     async def list_tools(ctx, params) -> types.ListToolsResult:
         principal = principal_of(ctx)
@@ -92,9 +89,7 @@ def build(kernel):
 
     async def tool(principal, name: str, args: dict):
         gate.admit(principal, "/kernos.v1.Tools/Call", None)
-        call = await kernel.tools.call(principal, name, json.dumps(args))
-        if call.state == "pending":                   # irreversible: an operator confirms it (or the timeout denies)
-            call = await kernel.tools.wait(principal, call.call_id, kernel.tools.confirm_timeout_s + 1)
+        call = await kernel.tools.call_and_wait(principal, name, json.dumps(args))   # irreversible: an operator
         if call.state != "done":
             raise StatusError("ABORTED" if call.state == "denied" else "FAILED_PRECONDITION",
                               f"tool '{name}' {call.state}: {call.error}")
