@@ -77,13 +77,23 @@ class LimitsConfig(_Strict):
 
 class EngineConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), else float32")
+    pack_cpu_weights: bool = Field(True, description="bf16 on a CPU: lay linear weights out once for oneDNN "
+                                                      "(about 2x faster linears; adds their size in memory)")
     max_batch_size: int = Field(16, gt=0, description="sequences decoded together per model")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves torch's default")
     max_tokens_in_flight: int = Field(0, ge=0, description="prompt + generated tokens of running requests; 0: no limit")
     cache_budget_bytes: int = Field(2 << 30, ge=0, description="KV + Mamba state bytes per model; 0: no limit")
     preemption: Literal["auto", "swap", "recompute"] = Field("auto", description="auto: a cost model picks")
     swap_host_bytes: int = Field(4 << 30, ge=0, description="swapped caches kept in host memory; beyond: disk")
+    resident_cache_bytes: int = Field(
+        1 << 30, ge=0, description="KV of finished calls kept for the next call that starts with the same tokens "
+                                   "(a conversation's next turn, a tool result, a shared system prompt), within "
+                                   "what running requests leave of cache_budget_bytes; 0: off")
+    resident_ttl_s: float = Field(600.0, gt=0, description="a resident cache unused this long is dropped")
+    prefill_chunk_tokens: int = Field(64, gt=0, description="prompts run in chunks starting at multiples of this; "
+                                                             "resident prefixes are reused up to a chunk boundary")
 
 
 class SchedulerConfig(_Strict):

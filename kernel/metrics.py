@@ -56,10 +56,13 @@ class _KernelCollector:
             ("num_requests_running", "Requests in the running batch"),
             ("num_requests_waiting", "Requests waiting for admission (preempted and suspended included)"),
             ("kv_cache_usage_perc", "Cache bytes (KV and Mamba states) over the model's budget, 0 to 1"),
-            ("kv_cache_bytes", "Cache bytes the running batch holds"))}
+            ("kv_cache_bytes", "Cache bytes the running batch holds"),
+            ("resident_cache_bytes", "KV kept between calls (resident contexts and shared prefixes)"))}
         c = {name: CounterMetricFamily(f"kernos:{name}", text, labels=["model"]) for name, text in (
             ("prompt_tokens", "Prompt tokens prefilled"), ("generation_tokens", "Tokens generated"),
-            ("request_success", "Requests finished"), ("num_preemptions", "Context switches (preemptions)"))}
+            ("request_success", "Requests finished"), ("num_preemptions", "Context switches (preemptions)"),
+            ("prefix_cache_queries", "Prompt tokens prefilled or looked up in the resident cache"),
+            ("prefix_cache_hits", "Prompt tokens served by the resident cache"))}
         for m in k.llm.models.values():
             st = m.engine.stats
             budget = getattr(getattr(m.engine, "budget", None), "cache_bytes", 0)
@@ -71,6 +74,9 @@ class _KernelCollector:
             c["generation_tokens"].add_metric([m.name], st.generated_tokens)
             c["request_success"].add_metric([m.name], st.completed - st.cancelled)
             c["num_preemptions"].add_metric([m.name], st.context_switches)
+            g["resident_cache_bytes"].add_metric([m.name], st.resident_bytes)
+            c["prefix_cache_queries"].add_metric([m.name], st.prompt_tokens)
+            c["prefix_cache_hits"].add_metric([m.name], st.prefix_tokens_reused)
         yield from g.values()
         yield from c.values()
         agents = k.registry.list(include_exited=True)

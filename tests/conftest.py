@@ -89,7 +89,8 @@ def kernel(tiny_models, lora_adapters, tmp_path_factory):
          {"name": "echo", "path": "-", "kind": "echo"}],
         limits={"max_request_bytes": 65536, "max_prompt_tokens": 512, "max_tokens_cap": 256},
         server={"drain_timeout_s": 20},
-        engine={"cache_budget_bytes": 300_000},  # tiny Llama: 512 B/token, so about 580 tokens per model
+        # tiny Llama in float32: 512 B/token, so about 580 tokens per model (budget tests count on it)
+        engine={"cache_budget_bytes": 300_000, "dtype": "float32"},
     )
     proc, address = start_kernel(d / "data", str(cfg), timeout=120)
     k = KernelProcess(proc, address, d / "data")

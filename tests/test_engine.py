@@ -20,8 +20,9 @@ MAX_TOKENS = [20, 7, 33, 12, 25, 16]
 
 @pytest.fixture(scope="module", params=["llama", "mixtral", "jamba"])
 def lm(request, tiny_models, tmp_path_factory):
-    return load_model(ModelConfig(name=request.param, path=str(tiny_models[request.param])), EngineConfig(),
-                      tmp_path_factory.mktemp("data"))
+    # float32: exact recompute (bf16 is tested in test_cpu_speed.py)
+    return load_model(ModelConfig(name=request.param, path=str(tiny_models[request.param]), dtype="float32"),
+                      EngineConfig(), tmp_path_factory.mktemp("data"))
 
 
 def prompt_ids(lm, text):

@@ -331,3 +331,18 @@ def test_every_service_is_traced_by_the_interceptor(kernel):
     assert kinds["kernel.register"].response["token"] == "<redacted>"
     assert all(r.timings["syscall_ms"] >= 0 for r in recs)
     s.exit()
+
+
+def test_a_shared_system_prompt_is_resident_and_counted_in_stats(kernel, session):
+    system = "The kernel keeps each agent's files, memory and tools private, and schedules them fairly. " * 6
+    before = {x.name: x for x in session.kernel.stats().models}["tiny-llama"]
+    replies = [session.llm.chat([{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                max_tokens=6, model="tiny-llama") for q in ("first question", "second one")]
+    other = kernos.sdk.connect(kernel.address, agent="resident-other")     # another agent, same system prompt
+    replies.append(other.llm.chat([{"role": "system", "content": system}, {"role": "user", "content": "third"}],
+                                  max_tokens=6, model="tiny-llama"))
+    after = {x.name: x for x in session.kernel.stats().models}["tiny-llama"]
+    assert after.prefix_hits - before.prefix_hits >= 2
+    assert after.prefix_tokens_reused - before.prefix_tokens_reused >= 2 * 64     # whole chunks of the prompt
+    assert after.resident_bytes > 0 and after.resident_entries >= 1
+    assert all(r.completion_tokens == 6 for r in replies)

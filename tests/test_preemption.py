@@ -21,7 +21,7 @@ MAX = 24
 @pytest.fixture(scope="module", params=["llama", "mixtral", "jamba"])
 def lm(request, tiny_models, tmp_path_factory):
     return load_model(
-        ModelConfig(name=request.param, path=str(tiny_models[request.param])),
+        ModelConfig(name=request.param, path=str(tiny_models[request.param]), dtype="float32"),
         EngineConfig(),
         tmp_path_factory.mktemp("data"),
     )

@@ -38,7 +38,7 @@ MAX = 40
 
 @pytest.fixture(scope="module")
 def lm(tiny_models, tmp_path_factory):
-    return load_model(ModelConfig(name="llama", path=str(tiny_models["llama"])), EngineConfig(),
+    return load_model(ModelConfig(name="llama", path=str(tiny_models["llama"]), dtype="float32"), EngineConfig(),
                       tmp_path_factory.mktemp("data"))
 
 

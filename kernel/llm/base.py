@@ -27,6 +27,11 @@ class EngineStats:
     switch_seconds: float = 0.0     # time spent preempting and resuming
     preempted_by_reason: dict = field(default_factory=dict)
     strategy_counts: dict = field(default_factory=dict)   # "swap" / "recompute" -> count
+    resident_bytes: int = 0         # KV kept between calls (resident contexts and prefixes)
+    resident_entries: int = 0
+    prefix_lookups: int = 0         # prefills that looked for a resident prefix
+    prefix_hits: int = 0            # ... and found one
+    prefix_tokens_reused: int = 0   # prompt tokens not prefilled thanks to a resident prefix
     recent: deque = field(default_factory=lambda: deque(maxlen=512))  # (time, tokens) per step
     queue_waits: deque = field(default_factory=lambda: deque(maxlen=256))  # ms from arrival to first admission
 

@@ -72,7 +72,8 @@ def _load(cfg: ModelConfig, config: KernelConfig) -> ServedModel:
     engine = TransformersEngine(lm, max_batch_size=e.max_batch_size, policy=config.scheduler.make(),
                                 max_tokens_in_flight=e.max_tokens_in_flight, cache_budget_bytes=e.cache_budget_bytes,
                                 preemption=e.preemption, swap_host_bytes=e.swap_host_bytes,
-                                swap_dir=config.data_dir / "swap" / cfg.name)
+                                swap_dir=config.data_dir / "swap" / cfg.name, resident_bytes=e.resident_cache_bytes,
+                                resident_ttl_s=e.resident_ttl_s, prefill_chunk=e.prefill_chunk_tokens)
     return ServedModel(cfg.name, engine, lm.architecture, str(lm.device), str(lm.dtype).replace("torch.", ""),
                        lm.adapters, lm.context_length, lm.parameters, lm.tokenizer,
                        bool(getattr(lm.tokenizer, "chat_template", None)),

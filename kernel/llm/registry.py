@@ -10,6 +10,7 @@ import torch
 
 from ..config import EngineConfig, ModelConfig
 from . import embedded
+from .cpu_speed import fast_cpu_dtype, pack_linears, use_cpu_attention
 
 log = logging.getLogger("kernos.llm")
 
@@ -57,9 +58,14 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(spec: str, device: torch.device, architecture: str = "dense") -> torch.dtype:
+    """auto: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), fp32 on other CPUs. Hybrid
+    (Mamba) models stay fp32 on CPUs: in bf16 their state rebuilt by a prefill (a preempted sequence
+    recomputed) differs from the state decoding built step by step, and greedy resumes would drift."""
     if spec == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.float32 if architecture == "hybrid" else fast_cpu_dtype()
     return getattr(torch, spec)
 
 
@@ -70,15 +76,18 @@ def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> Loaded
     if not (path / "config.json").exists():
         raise ModelLoadError(f"model '{cfg.name}': {path} has no config.json (expected a local transformers folder)")
     device = resolve_device(engine.device)
-    dtype = resolve_dtype(cfg.dtype or engine.dtype, device)
     try:
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        dtype = resolve_dtype(cfg.dtype or engine.dtype, device, architecture_of(hf_config.model_type))
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model '{cfg.name}': cannot load {path}: {e}") from e
     model.to(device).eval()
     parameters = sum(p.numel() for p in model.parameters())
+    if device.type == "cpu" and dtype == torch.bfloat16 and engine.pack_cpu_weights:
+        pack_linears(model)
+        use_cpu_attention(model)
     adapters = []
     if cfg.adapters:
         model = _attach_adapters(cfg, model)

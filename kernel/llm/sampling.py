@@ -14,7 +14,7 @@ def make_generator(seed: int | None) -> torch.Generator:
 def choose(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator) -> int:
     """Pick the next token from a row of logits [vocab]."""
     if temperature <= 0:
-        return int(torch.argmax(logits))
+        return int(torch.argmax(logits.float()))      # argmax over bf16 is ~5x slower than convert + argmax
     logits = logits.float() / temperature
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
@@ -28,3 +28,11 @@ def choose(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, g
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def greedy_tokens(logits: torch.Tensor, rows: list[int]) -> dict[int, int]:
+    """Greedy choices for `rows` of a batch's logits [batch, vocab], in one call: row -> token."""
+    if not rows:
+        return {}
+    picked = logits[rows].float().argmax(-1).tolist()
+    return dict(zip(rows, picked))

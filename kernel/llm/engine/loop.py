@@ -35,10 +35,12 @@ from kernos.storage.status import StatusError
 
 from ..base import Engine, EngineStats
 from ..registry import LoadedModel
+from ..sampling import greedy_tokens
 from ..types import EngineClosed, Failed, Finish, GenRequest, RequestHandle, RequestTooLarge
 from . import cache as cache_ops
 from . import snapshot as snapshot_format
 from .batch import RunningBatch
+from .resident import ResidentCache, view_prefix
 from .runner import ModelRunner
 from .sequence import Sequence
 from .swap import CostModel, SwapSpace
@@ -49,8 +51,9 @@ log = logging.getLogger("kernos.llm")
 class TransformersEngine(Engine):
     def __init__(self, lm: LoadedModel, max_batch_size: int = 16, policy: Policy | None = None,
                  max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
-                 swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None):
-        self.costs = CostModel(preemption)
+                 swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None, resident_bytes: int = 0,
+                 resident_ttl_s: float = 600.0, prefill_chunk: int = 64):
+        self.costs = CostModel(preemption, exact_recompute=lm.dtype == torch.float32)
         self.lm = lm
         self.name = lm.name
         self.max_batch_size = max_batch_size
@@ -59,6 +62,8 @@ class TransformersEngine(Engine):
         self.stats = EngineStats()
         self.runner = ModelRunner(lm)
         self.swap = SwapSpace(swap_host_bytes, swap_dir)
+        self.prefill_chunk = prefill_chunk
+        self.resident = ResidentCache(resident_bytes, resident_ttl_s, lm.architecture == "hybrid", prefill_chunk)
         self._lock = threading.Lock()  # guards waiting and the batch's rows for snapshot()
         self.batch = RunningBatch(self._lock)
         self.waiting: list[Sequence] = []
@@ -104,7 +109,9 @@ class TransformersEngine(Engine):
         def do():
             in_use = {"running": {s.req.adapter for s in self.rows},
                       "all": {s.req.adapter for s in self.rows + self.waiting}}
-            return self.runner.adapters.load(name, folder, in_use)
+            loaded = self.runner.adapters.load(name, folder, in_use)
+            self.resident.drop_adapter(name)        # computed by the adapter's previous weights
+            return loaded
         return self.call(do)
 
     def suspend(self, request_id: str) -> Future:
@@ -187,6 +194,7 @@ class TransformersEngine(Engine):
             live = [(self._view(s), "running") for s in self.rows]
             live += [(self._view(s), "suspended" if s.parked else s.state) for s in self.waiting]
             self.stats.running, self.stats.waiting = len(self.rows), len(self.waiting)
+            self._resident_stats()
         return self.stats, live
 
     # -- the loop: take work, schedule, run the batch one token, update ------------------------------------
@@ -275,6 +283,8 @@ class TransformersEngine(Engine):
 
     def _schedule(self) -> None:
         candidates = [s for s in self.waiting if not s.parked]
+        if self.resident.entries:
+            self._fit_resident(candidates)
         if not candidates and not self._over_budget():
             return  # the common decode step: nothing to admit, nothing to evict
         views = {s.req.request_id: s for s in candidates + self.rows}
@@ -294,6 +304,21 @@ class TransformersEngine(Engine):
             except Exception as e:  # this request's failure: answer it, keep the batch going
                 log.exception("engine %s: admitting %s failed", self.name, seq.req.request_id)
                 seq.handle.put(Failed(f"internal error in model '{self.name}': {type(e).__name__}: {e}"))
+
+    def _fit_resident(self, candidates: list[Sequence]) -> None:
+        """Resident caches use only what running rows and waiting requests leave of the cache budget."""
+        if not self.budget.cache_bytes:
+            self.resident.shrink(self.resident.max_bytes)
+            return
+        needed = sum(self.cache_bytes_for(s.position + 1) for s in self.rows)
+        needed += sum(self.cache_bytes_for(len(s.req.prompt_ids) + 1) for s in candidates)
+        self.resident.shrink(max(0, min(self.resident.max_bytes, self.budget.cache_bytes - needed)))
+        self._resident_stats()
+
+    def _resident_stats(self) -> None:
+        r = self.resident
+        self.stats.resident_bytes, self.stats.resident_entries = r.nbytes, len(r.entries)
+        self.stats.prefix_lookups, self.stats.prefix_hits = r.lookups, r.hits
 
     def _prefill(self, seq: Sequence) -> None:
         seq.admitted_at = time.monotonic()
@@ -321,16 +346,33 @@ class TransformersEngine(Engine):
             else:
                 shared[3] = left - 1
             return logits.clone(), cache_ops.extract_row(past, 0, cache_ops.seq_length(past)), mask.clone()
-        logits, past, mask = self._run_prefill(seq.req.prompt_ids, seq.req.adapter)
+        logits, past, mask = self._run_prefill(seq.req.prompt_ids, seq.req.adapter, keep=True)
         if group and seq.req.group_size > 1:
             self._shared[group] = [logits.clone(), cache_ops.extract_row(past, 0, cache_ops.seq_length(past)),
                                    mask.clone(), seq.req.group_size - 1]
         return logits, past, mask
 
-    def _run_prefill(self, tokens: list[int], adapter: str | None):
-        logits, past, mask, seconds = self.runner.prefill(tokens, adapter)
-        self.costs.observe_prefill(len(tokens), seconds)
+    def _run_prefill(self, tokens: list[int], adapter: str | None, keep: bool = False):
+        """Prefill `tokens` in chunks, from the longest resident prefix when one matches; `keep`: make the
+        result resident too (a new prompt: the next turn, a tool follow-up or another agent may share it)."""
+        past, start = self.resident.lookup(tokens, adapter)
+        keep = keep and self.resident.enabled
+        hybrid, boundary = self.resident.hybrid, []
+
+        def at_boundary(cache, n):      # a Mamba state serves only whole: keep the last boundary's
+            boundary[:] = [view_prefix(cache, n), n]
+
+        logits, past, mask, seconds = self.runner.prefill(tokens, adapter, past, start, self.prefill_chunk,
+                                                          at_boundary if keep and hybrid else None)
+        if not start:
+            self.costs.observe_prefill(len(tokens), seconds)
         self.stats.prompt_tokens += len(tokens)
+        self.stats.prefix_tokens_reused += start
+        if keep and not hybrid:
+            self.resident.add(tokens, adapter, view_prefix(past, len(tokens)))
+        elif keep and boundary:
+            self.resident.add(tokens[:boundary[1]], adapter, boundary[0])
+        self._resident_stats()
         return logits, past, mask
 
     def _join(self, seq: Sequence, past, mask) -> None:
@@ -340,11 +382,13 @@ class TransformersEngine(Engine):
     def _decode_step(self) -> None:
         rows = self.rows
         logits = self.runner.decode(self.batch)
+        greedy = greedy_tokens(logits, [i for i, s in enumerate(rows) if s.plain_greedy])
         done = []
         for i, s in enumerate(rows):
             s.position += 1
             s.quantum_steps += 1
-            finish = s.add_token(s.pick(logits[i]), self.lm.eos_ids)
+            tok = greedy[i] if i in greedy else s.pick(logits[i])
+            finish = s.add_token(tok, self.lm.eos_ids)
             if finish is not None:
                 self._finish(s, finish)
                 done.append(i)

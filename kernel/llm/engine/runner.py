@@ -38,18 +38,30 @@ class ModelRunner:
             kwargs["logits_to_keep"] = 1
         return self.adapters.call(kwargs, adapters)
 
-    def prefill(self, tokens: list[int], adapter: str | None):
-        """(logits of the last position, cache, mask, seconds) for `tokens` run alone."""
+    def prefill(self, tokens: list[int], adapter: str | None, past=None, start: int = 0, chunk: int = 0,
+                at_boundary=None):
+        """(logits of the last position, cache, mask, seconds) for `tokens` run alone; with `past` (a cache
+        holding `tokens[:start]`, e.g. a resident prefix) only the rest is run. With `chunk`, the prompt runs
+        in chunks that start at multiples of `chunk` (absolute positions), so that a prefix cached at a
+        boundary continues with exactly the computation a whole prefill does; `at_boundary(cache, n)` is
+        called after each chunk that ends at a boundary n (before the last position)."""
         dev = self.lm.device
-        ids = torch.tensor([tokens], dtype=torch.long, device=dev)
-        mask = torch.ones_like(ids)
-        pos = torch.arange(len(tokens), device=dev).unsqueeze(0)
+        mask = torch.ones((1, len(tokens)), dtype=torch.long, device=dev)
         t0 = time.perf_counter()
-        out = self.forward(ids, mask, pos, None, [adapter], last_only=True)
+        step = chunk or len(tokens)
+        pos = start
+        while pos < len(tokens):
+            end = min(len(tokens), (pos // step + 1) * step)
+            ids = torch.tensor([tokens[pos:end]], dtype=torch.long, device=dev)
+            out = self.forward(ids, mask[:, :end], torch.arange(pos, end, device=dev).unsqueeze(0), past,
+                               [adapter], last_only=True)
+            past, pos = cache_of(out), end
+            if at_boundary is not None and chunk and end % chunk == 0 and end < len(tokens):
+                at_boundary(past, end)
         seconds = time.perf_counter() - t0
         if self._template is None:
-            self._template = cache_of(out)
-        return out.logits[0, -1], cache_of(out), mask, seconds
+            self._template = past
+        return out.logits[0, -1], past, mask, seconds
 
     def decode(self, batch) -> torch.Tensor:
         """One step of the running batch: its cache and mask grow by a column; the next-token logits per row."""

@@ -48,6 +48,11 @@ class Sequence:
     def text(self) -> str:
         return self.detok.text
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing per row to apply first (grammar, log-probabilities): batchable with others."""
+        return self.req.temperature <= 0 and self.matcher is None and not self.req.logprobs
+
     def pick(self, row) -> int:
         """This sequence's next token from its row of logits: log-probabilities taken from the model's own
         distribution (before the grammar and temperature), the grammar's mask, then its sampling."""

@@ -9,10 +9,15 @@ from . import cache as cache_ops
 
 
 class CostModel:
-    def __init__(self, preemption: str = "auto"):
+    """`exact_recompute`: whether a prefill rebuilds the cache that decoding built, bit for bit closely enough
+    that greedy tokens do not change (float32). In bf16 the two paths round differently, so `auto` keeps
+    resumes exact by always swapping; `recompute` can still be asked for."""
+
+    def __init__(self, preemption: str = "auto", exact_recompute: bool = True):
         if preemption not in ("auto", "swap", "recompute"):
             raise ValueError(f"preemption must be auto, swap or recompute, got {preemption!r}")
         self.preemption = preemption
+        self.exact_recompute = exact_recompute
         self.prefill_s_per_token = 1e-3
         self.swap_bytes_per_s = 2e9
 
@@ -20,6 +25,8 @@ class CostModel:
         """'swap' or 'recompute' for a sequence holding `position` tokens in `cache_bytes` of cache."""
         if self.preemption != "auto":
             return self.preemption
+        if not self.exact_recompute:
+            return "swap"
         swap_s = 2 * cache_bytes / self.swap_bytes_per_s      # out now, in later
         recompute_s = position * self.prefill_s_per_token
         return "recompute" if recompute_s < swap_s else "swap"

@@ -146,11 +146,14 @@ class Views:
             return {"agent": "", "contexts": [], "note": "pick an agent to see its context windows"}
         subject = self._agent(principal, params.get("agent", ""))
         out = []
+        resident = {m.name: {"bytes": m.engine.stats.resident_bytes, "entries": m.engine.stats.resident_entries,
+                             "tokens_reused": m.engine.stats.prefix_tokens_reused}
+                    for m in self.k.llm.models.values()}
         for c in await self.k.memory.list_contexts(subject):
             blocks, total = await self.k.memory.blocks(subject, c.context_id)
             out.append({"context_id": c.context_id, "model": c.model, "budget_tokens": c.budget_tokens,
                         "summarize": c.summarize, "evicted": c.evicted, "prompt_tokens": total,
-                        "resident_kv": None,       # the own engine does not keep a context's KV between calls yet
+                        "resident": resident.get(c.model or self.k.llm.default),   # model-wide, all contexts
                         "blocks": [{"block_id": b.block_id, "role": b.role, "kind": b.kind, "pinned": b.pinned,
                                     "label": b.label, "tokens": n, "content": b.content[:2000]}
                                    for b, n in blocks]})

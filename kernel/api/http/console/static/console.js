@@ -296,8 +296,9 @@ PAGES.contexts = {
         `${c.model} · ${num(c.prompt_tokens)} of ${num(c.budget_tokens)} tokens · ${c.evicted} evicted` +
         (c.summarize ? " · summarizes" : ""))),
       usageBar(c.prompt_tokens, c.budget_tokens),
-      el("p", { class: "muted small" }, c.resident_kv ? `resident KV: ${bytes(c.resident_kv)}`
-        : "resident KV: none (this engine rebuilds a context's cache on each call)"),
+      el("p", { class: "muted small" }, c.resident ? `resident KV on ${c.model} (all contexts): ` +
+        `${bytes(c.resident.bytes)} in ${num(c.resident.entries)} prefixes · ${num(c.resident.tokens_reused)} ` +
+        "prompt tokens reused" : "resident KV: none on this model"),
       c.blocks.map((b) => el("div", { class: `block ${b.kind}${b.pinned ? " pinned" : ""}`, "data-block": b.block_id,
         "data-tokens": String(b.tokens) },
         el("div", { class: "meta" }, `${b.kind}${b.pinned ? " · pinned" : ""} · ${b.role}` +

@@ -1,0 +1,116 @@
+"""Resident contexts: a prefilled prompt's KV is kept and reused by the next call whose prompt starts with the
+same tokens, up to a prefill chunk boundary. A reply with reuse is the reply without, bit for bit, in float32
+and bf16, on dense, MoE and hybrid models; never across adapters; within the cache budget."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import drive_engine
+
+from kernos.kernel.config import EngineConfig, ModelConfig
+from kernos.kernel.llm.engine import TransformersEngine
+from kernos.kernel.llm.registry import load_model
+from kernos.kernel.llm.types import GenRequest
+
+SYSTEM = "you are the kernel agent: plan, search, read and write files, remember what matters, stop when done"
+
+
+CHUNK = 8       # the tiny models' prompts are short: small chunks, so that they span several
+
+
+@pytest.fixture(scope="module", params=[("llama", "float32"), ("mixtral", "float32"), ("jamba", "float32"),
+                                        ("llama", "bfloat16")], ids=lambda p: "-".join(p))
+def lm(request, tiny_models, tmp_path_factory):
+    arch, dtype = request.param
+    return load_model(ModelConfig(name=arch, path=str(tiny_models[arch]), dtype=dtype), EngineConfig(),
+                      tmp_path_factory.mktemp("data"))
+
+
+def engine_for(lm, resident: bool = True, **kw):
+    return TransformersEngine(lm, 4, resident_bytes=(1 << 30) if resident else 0, prefill_chunk=CHUNK, **kw)
+
+
+def chat(lm, turns: list[tuple[str, str]]) -> list[int]:
+    msgs = [{"role": "system", "content": SYSTEM}]
+    for user, assistant in turns:
+        msgs.append({"role": "user", "content": user})
+        if assistant is not None:
+            msgs.append({"role": "assistant", "content": assistant})
+    out = lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def one(engine, rid, prompt, max_tokens=12, **kw):
+    return drive_engine(engine, [GenRequest(rid, "a", prompt, max_tokens, **kw)])[rid]
+
+
+def test_next_turn_reuses_the_conversation_and_replies_the_same(lm):
+    engine = engine_for(lm)
+    p1 = chat(lm, [("hello there", None)])
+    r1 = one(engine, "t1", p1)
+    # the next call extends the first one's tokens (a kernel context's next turn, or a tool follow-up)
+    p2 = p1 + r1.token_ids + chat(lm, [("and then", None)])[-6:]
+    got = one(engine, "t2", p2)
+    last_boundary = (len(p1) - 1) // CHUNK * CHUNK      # hybrid: the Mamba state kept at the last boundary
+    expected = last_boundary if lm.architecture == "hybrid" else len(p1) // CHUNK * CHUNK
+    assert engine.stats.prefix_tokens_reused == expected > 0, "the first call's prompt was not reused"
+    assert got.token_ids == one(engine_for(lm, resident=False), "t2", p2).token_ids
+
+
+def test_agents_share_a_system_prompt_prefix(lm):
+    engine = engine_for(lm)
+    a, b = chat(lm, [("what is in my files", None)]), chat(lm, [("plan my week please", None)])
+    one(engine, "a", a)
+    before = engine.stats.prefix_tokens_reused
+    got = one(engine, "b", b)
+    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    if lm.architecture == "hybrid":   # a Mamba state holds all its tokens: no partial prefix serves
+        assert engine.stats.prefix_tokens_reused == before
+    else:
+        assert engine.stats.prefix_tokens_reused - before == common // CHUNK * CHUNK > 0
+    assert got.token_ids == one(engine_for(lm, resident=False), "b", b).token_ids
+
+
+def test_sampled_reply_with_reuse_equals_without(lm):
+    engine = engine_for(lm)
+    p1 = chat(lm, [("tell me a story", None)])
+    r1 = one(engine, "s1", p1, temperature=0.9, seed=3)
+    p2 = p1 + r1.token_ids + [p1[-1]] * 3
+    got = one(engine, "s2", p2, temperature=0.9, seed=4)
+    assert engine.stats.prefix_tokens_reused > 0
+    assert got.token_ids == one(engine_for(lm, resident=False), "s2", p2, temperature=0.9, seed=4).token_ids
+
+
+def test_resident_caches_yield_to_running_requests_and_expire(lm):
+    probe = TransformersEngine(lm, 4)
+    probe._ensure_measured()
+    prompts = [chat(lm, [(f"question number {i} about the files", None)]) for i in range(4)]
+    budget = probe.cache_bytes_for(2 * len(prompts[0]) + 40)        # one request and a bit more
+    engine = engine_for(lm, cache_budget_bytes=budget)
+    for i, p in enumerate(prompts[:3]):
+        one(engine, f"q{i}", p)
+        assert 0 < engine.resident.nbytes <= budget
+    held = engine.resident.nbytes
+    big = prompts[3] + [prompts[3][-1]] * 20
+    r = one(engine, "big", big, max_tokens=16)
+    assert r.completion_tokens == 16
+    assert engine.resident.evictions > 0 and engine.resident.nbytes <= max(held, budget)
+    engine.resident.ttl_s = 0.01
+    time.sleep(0.02)
+    engine.resident.shrink(engine.resident.max_bytes)
+    assert engine.resident.nbytes == 0 and not engine.resident.entries
+
+
+def test_never_shared_across_adapters(tiny_models, lora_adapters, tmp_path):
+    lm = load_model(ModelConfig(name="l", path=str(tiny_models["llama"]), dtype="float32",
+                                adapters={k: str(v) for k, v in lora_adapters.items()}), EngineConfig(), tmp_path)
+    engine = engine_for(lm)
+    p = chat(lm, [("same prompt for everyone", None)])
+    one(engine, "base", p)
+    reused = engine.stats.prefix_tokens_reused
+    got = one(engine, "alpha", p + [p[-1]], adapter="alpha")
+    assert engine.stats.prefix_tokens_reused == reused, "a base-model prefix served an adapter's request"
+    assert got.token_ids == one(engine_for(lm, resident=False), "alpha", p + [p[-1]], adapter="alpha").token_ids
+    one(engine, "alpha2", p + [p[-1]] * 2, adapter="alpha")
+    assert engine.stats.prefix_tokens_reused > reused                 # its own adapter's prefix serves
