@@ -94,7 +94,17 @@ def kernos_round(folder: Path, work: Path, agents_list: list[int], calls: int, m
         keys = [kernos.sdk.connect(address, agent=f"bench-{i}").token for i in range(max(agents_list))]
         url = f"http://{proc.http_address}/v1"
         closed_loop(url, keys[:2], 1, 8)                      # warm-up
-        return {n: closed_loop(url, keys[:n], calls, max_tokens) for n in agents_list}
+        out = {}
+        for n in agents_list:
+            before = kernos.sdk.connect(address, token=keys[0]).kernel.stats().models[0]
+            out[n] = closed_loop(url, keys[:n], calls, max_tokens)
+            m = kernos.sdk.connect(address, token=keys[0]).kernel.stats().models[0]
+            steps = m.decode_steps - before.decode_steps
+            print(f"  kernos {n} agents: {m.dtype}, mean batch "
+                  f"{(m.mean_batch_size * m.decode_steps - before.mean_batch_size * before.decode_steps) / steps:.1f}, "
+                  f"{m.context_switches - before.context_switches} context switches, "
+                  f"{m.prefix_tokens_reused - before.prefix_tokens_reused} prompt tokens reused", file=sys.stderr)
+        return out
     finally:
         stop_kernel(proc)
 
