@@ -89,7 +89,7 @@ def kernos_round(folder: Path, work: Path, agents_list: list[int], calls: int, m
     if dtype:
         entry["dtype"] = dtype
     cfg = write_config(work / "k.toml", [entry], **({"engine": engine} if engine else {}))
-    proc, address = start_kernel(work / "data", str(cfg), timeout=300)
+    proc, address = start_kernel(work / f"data-{time.monotonic_ns()}", str(cfg), timeout=300)
     try:
         keys = [kernos.sdk.connect(address, agent=f"bench-{i}").token for i in range(max(agents_list))]
         url = f"http://{proc.http_address}/v1"

@@ -81,8 +81,10 @@ class EngineConfig(_Strict):
         "auto", description="auto: bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), else float32")
     pack_cpu_weights: bool = Field(True, description="bf16 on a CPU: lay linear weights out once for oneDNN "
                                                       "(about 2x faster linears; adds their size in memory)")
-    max_batch_size: int = Field(16, gt=0, description="sequences decoded together per model")
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves torch's default")
+    max_batch_size: int = Field(64, gt=0, description="sequences decoded together per model (the cache budget "
+                                                       "also bounds it)")
+    threads: int = Field(0, ge=0, description="torch intra-op threads for decoding; 0: all cores but one (left "
+                                               "to the kernel's servers and local clients)")
     max_tokens_in_flight: int = Field(0, ge=0, description="prompt + generated tokens of running requests; 0: no limit")
     cache_budget_bytes: int = Field(2 << 30, ge=0, description="KV + Mamba state bytes per model; 0: no limit")
     preemption: Literal["auto", "swap", "recompute"] = Field("auto", description="auto: a cost model picks")
