@@ -136,7 +136,7 @@ def vllm(folder: Path, agents: int, turns: int, max_tokens: int) -> tuple:
                 for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
                                                             temperature=0, stream=True):
                     piece = chunk.choices[0].delta.content if chunk.choices else None
-                    if first is None and piece is not None:
+                    if first is None and piece:          # the first text, not the empty role chunk
                         first = (time.perf_counter() - t0) * 1e3
                     text += piece or ""
                 messages.append({"role": "assistant", "content": text})

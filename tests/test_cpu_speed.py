@@ -57,21 +57,25 @@ def test_packed_linears_give_the_same_bits_as_torch(bf16):
         assert x.grad is not None
 
 
+@pytest.mark.parametrize("queries", [1, 6])
 @pytest.mark.parametrize("masked", [False, True])
-def test_decode_attention_matches_sdpa(masked):
+def test_cpu_attention_matches_sdpa(masked, queries):
+    """Decode steps (one query) and prompt chunks (the last `queries` of the positions, causal)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = type("M", (), {"num_key_value_groups": 3, "is_causal": True})()
     b, h, kv, length, d = 4, 9, 3, 37, 16
-    q, k, v = torch.randn(b, h, 1, d), torch.randn(b, kv, length, d), torch.randn(b, kv, length, d)
+    q, k, v = torch.randn(b, h, queries, d), torch.randn(b, kv, length, d), torch.randn(b, kv, length, d)
+    causal = torch.ones(queries, length, dtype=torch.bool).tril(length - queries)
     mask = None
     if masked:
-        mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+        mask = causal.expand(b, 1, queries, length).clone()
         mask[1, ..., :10] = False                      # left padding of a shorter row
         mask[3, ..., :30] = False
     got, _ = cpu_speed.decode_attention(module, q, k, v, mask, scaling=d ** -0.5)
-    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
-    assert got.shape == ref.shape == (b, 1, h, d)
+    ref_mask = mask if masked else causal.expand(b, 1, queries, length)
+    ref, _ = sdpa_attention_forward(module, q, k, v, ref_mask, scaling=d ** -0.5)
+    assert got.shape == ref.shape == (b, queries, h, d)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -5,8 +5,8 @@ are laid out once for oneDNN instead of on every call.
   float32 elsewhere (emulated bf16 is slower than fp32 there).
 - `use_cpu_attention(model)`: torch's scaled_dot_product_attention in bf16 on a CPU takes ~0.9 ms for one
   decode step of 8 rows x 160 positions, where two grouped matmuls and a float softmax take 0.08 ms. The
-  model's attention is registered as `kernos_cpu`: single-token queries (decoding) take that path, prompts
-  keep transformers' SDPA.
+  model's attention is registered as `kernos_cpu`, which computes it that way for decode steps and prompt
+  chunks alike.
 - `pack_linears(model)`: a bf16 `nn.Linear` on the CPU calls oneDNN, which reorders the weight into its
   blocked layout on every call; for the small batches of decoding that reorder costs as much as the
   multiplication. Packing each weight once (the op torch's own compiler uses when it freezes a model)
@@ -80,28 +80,35 @@ ATTENTION = "kernos_cpu"
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      is_causal=None, **kwargs):
-    """transformers' attention interface. query [B, H, 1, D]; key and value [B, KV, L, D] with H a multiple of
-    KV (grouped-query); attention_mask None, bool [B, 1, 1, L] (True: attend) or additive float."""
+    """transformers' attention interface, on the CPU: query [B, H, T, D]; key and value [B, KV, L, D] with H a
+    multiple of KV (grouped-query) and the queries the last T of the L positions; attention_mask None
+    (causal), bool [B, 1, T, L] (True: attend) or additive float. Grouped matmuls and a float softmax."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (query.shape[2] != 1 or query.device.type != "cpu" or dropout or kwargs.get("softcap") is not None
-            or kwargs.get("position_bias") is not None or kwargs.get("sinks") is not None):
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if (query.device.type != "cpu" or dropout or kwargs.get("softcap") is not None
+            or kwargs.get("position_bias") is not None or kwargs.get("sinks") is not None
+            or (attention_mask is None and not causal and query.shape[2] > 1)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    b, h, _, d = query.shape
+    b, h, t, d = query.shape
     kv, length = key.shape[1], key.shape[2]
+    g = h // kv
     scale = scaling if scaling is not None else d ** -0.5
-    q = query.reshape(b, kv, h // kv, d)                          # the heads that share each key/value head
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale   # [B, KV, H/KV, L]
+    q = query.reshape(b, kv, g * t, d)                            # the heads that share each key/value head
+    scores = (torch.matmul(q, key.transpose(-1, -2)).float() * scale).view(b, kv, g, t, length)
     if attention_mask is not None:
-        mask = attention_mask[:, :, -1:, -length:].reshape(b, 1, 1, length)
+        mask = attention_mask[:, :, -t:, -length:].reshape(b, 1, 1, t, length)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.float()
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)                              # [B, KV, H/KV, D]
-    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+    elif t > 1:                                                   # causal: the queries are the last t positions
+        future = torch.ones(t, length, dtype=torch.bool, device=query.device).triu(length - t + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b, kv, g * t, length)
+    out = torch.matmul(probs, value)                              # [B, KV, G*T, D]
+    return out.view(b, kv, g, t, d).reshape(b, h, t, d).transpose(1, 2).contiguous(), None
 
 
 def use_cpu_attention(model) -> bool:
