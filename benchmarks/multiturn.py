@@ -86,17 +86,18 @@ def run_agents(n: int, agent_fn) -> tuple[float, dict[int, list[float]]]:
     return time.perf_counter() - t0, ttfts
 
 
-def kernos(folder: Path, work: Path, agents: int, turns: int, max_tokens: int, resident: bool) -> tuple:
+def kernos(folder: Path, work: Path, agents: int, turns: int, max_tokens: int, resident: bool,
+           engine: dict | None = None) -> tuple:
     from conftest import write_config
 
     import kernos.sdk
     from kernos.agents.demo import start_kernel, stop_kernel
 
-    engine = {} if resident else {"resident_cache_bytes": 0}
+    engine = dict(engine or {}, **({} if resident else {"resident_cache_bytes": 0}))
     tag = "on" if resident else "off"
     cfg = write_config(work / f"k-{tag}.toml", [{"name": MODEL, "path": str(folder)}],
                        **({"engine": engine} if engine else {}))
-    proc, address = start_kernel(work / f"data-{tag}", str(cfg), timeout=300)
+    proc, address = start_kernel(work / f"data-{tag}-{time.monotonic_ns()}", str(cfg), timeout=300)
     try:
         sessions = [kernos.sdk.connect(address, agent=f"mt-{i}") for i in range(agents)]
         sessions[0].llm.chat("warm up", max_tokens=4)
@@ -164,6 +165,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--model", default="", help="a local transformers folder (default: the embedded model)")
     ap.add_argument("--skip-vllm", action="store_true", help="Kernos with reuse on and off only")
+    ap.add_argument("--kernos-engine", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="[engine] settings for Kernos, e.g. prefill_chunk_tokens=32")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="kernos-bench-multiturn-"))
@@ -173,10 +176,12 @@ def main() -> None:
         from kernos.kernel.llm.embedded import ensure_converted
 
         folder = ensure_converted(work / "data-on")
+    engine = {k: json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
+              for k, v in (kv.split("=", 1) for kv in args.kernos_engine)}
     runs = {}
-    for name, fn in (("kernos", lambda: kernos(folder, work, args.agents, args.turns, args.max_tokens, True)),
+    for name, fn in (("kernos", lambda: kernos(folder, work, args.agents, args.turns, args.max_tokens, True, engine)),
                      ("kernos_no_reuse", lambda: kernos(folder, work, args.agents, args.turns, args.max_tokens,
-                                                        False)),
+                                                        False, engine)),
                      ("vllm", lambda: vllm(folder, args.agents, args.turns, args.max_tokens))):
         if name == "vllm" and args.skip_vllm:
             continue

@@ -94,7 +94,7 @@ class EngineConfig(_Strict):
                                    "(a conversation's next turn, a tool result, a shared system prompt), within "
                                    "what running requests leave of cache_budget_bytes; 0: off")
     resident_ttl_s: float = Field(600.0, gt=0, description="a resident cache unused this long is dropped")
-    prefill_chunk_tokens: int = Field(64, gt=0, description="prompts run in chunks starting at multiples of this; "
+    prefill_chunk_tokens: int = Field(32, gt=0, description="prompts run in chunks starting at multiples of this; "
                                                              "resident prefixes are reused up to a chunk boundary")
 
 

@@ -52,7 +52,7 @@ class TransformersEngine(Engine):
     def __init__(self, lm: LoadedModel, max_batch_size: int = 16, policy: Policy | None = None,
                  max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
                  swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None, resident_bytes: int = 0,
-                 resident_ttl_s: float = 600.0, prefill_chunk: int = 64):
+                 resident_ttl_s: float = 600.0, prefill_chunk: int = 32):
         self.costs = CostModel(preemption, exact_recompute=lm.dtype == torch.float32)
         self.lm = lm
         self.name = lm.name
