@@ -13,6 +13,7 @@ gRPC loopback). Prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -60,11 +61,15 @@ def model_folder(spec: str, work: Path) -> tuple[str, Path]:
     return Path(spec).name, Path(spec)
 
 
+_RUNS = itertools.count()
+
+
 def run_kernel(address: str, model: str, prompts, max_tokens: int):
     import kernos.sdk
 
     results = [[None] * len(p) for p in prompts]
-    sessions = [kernos.sdk.connect(address, agent=f"bench-{os.getpid()}-{i}") for i in range(len(prompts))]
+    run = next(_RUNS)           # each agent name registers once per kernel: new names for each run
+    sessions = [kernos.sdk.connect(address, agent=f"bench-{os.getpid()}-{run}-{i}") for i in range(len(prompts))]
     barrier = threading.Barrier(len(prompts) + 1)
 
     def agent(i):
@@ -167,6 +172,14 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak resident set (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="tiny | embedded | path to a local model folder")
@@ -205,8 +218,12 @@ def main() -> int:
         base_res, base_wall = run_baseline(lm, prompts, args.max_tokens)
         static_tokens, static_wall = run_static_batch(lm, prompts, args.max_tokens)
         lat = overhead(address, args.overhead_calls)
+        kernel_rss = peak_rss_mb(proc.pid)
     finally:
         stop_kernel(proc)
+    import resource
+
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # this process: the baseline
 
     k_tokens = sum(r[1] for row in kernel_res for r in row)
     b_tokens = sum(r[1] for row in base_res for r in row)
@@ -227,6 +244,8 @@ def main() -> int:
     print(f"{'static batch of %d (generate)' % args.agents:<34}{static_tokens:>8}{static_wall:>9.2f}{s_tps:>9.1f}")
     print(f"\nkernel / baseline throughput: {k_tps / b_tps:.2f}x   kernel / static batch: {k_tps / s_tps:.2f}")
     print(f"identical greedy replies kernel vs baseline: {same}/{total}")
+    print(f"peak RSS: kernel process {kernel_rss:.0f} MB (all its models, resident KV, servers); "
+          f"baseline process {baseline_rss:.0f} MB")
     print(
         f"kernel overhead per syscall (echo engine, gRPC loopback, {len(lat)} calls): "
         f"p50 {statistics.median(lat):.3f} ms, p99 {pct(lat, 0.99):.3f} ms"
@@ -248,6 +267,8 @@ def main() -> int:
                 "requests": total,
                 "overhead_p50_ms": round(statistics.median(lat), 3),
                 "overhead_p99_ms": round(pct(lat, 0.99), 3),
+                "kernel_peak_rss_mb": round(kernel_rss),
+                "baseline_peak_rss_mb": round(baseline_rss),
             }
         )
     )

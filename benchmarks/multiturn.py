@@ -17,9 +17,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent          # holds http.py: goes last, after the standard library
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
-sys.path.insert(0, str(_HERE.parent / "tests"))
+_HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE.parent / "tests"), str(_HERE)]
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -15,10 +15,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This folder holds http.py: it goes last on the path, so that the standard library's `http` wins.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
-sys.path.insert(0, str(_HERE.parent / "tests"))
+sys.path[:0] = [str(_HERE.parent / "tests"), str(_HERE)]
 
 import argparse  # noqa: E402
 import json  # noqa: E402

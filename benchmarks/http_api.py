@@ -4,15 +4,13 @@
 2. closed-loop throughput of 8 agents x 3 chat calls x 32 tokens on the embedded model, through each.
 Prints a table and one JSON line.
 
-    python benchmarks/http.py [--calls 300] [--agents 8]
+    python benchmarks/http_api.py [--calls 300] [--agents 8]
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-# This file is named http.py: its folder must not shadow the standard library's `http` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import argparse  # noqa: E402
