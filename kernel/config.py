@@ -90,8 +90,8 @@ class EngineConfig(_Strict):
     preemption: Literal["auto", "swap", "recompute"] = Field("auto", description="auto: a cost model picks")
     swap_host_bytes: int = Field(4 << 30, ge=0, description="swapped caches kept in host memory; beyond: disk")
     resident_cache_bytes: int = Field(
-        1 << 30, ge=0, description="KV of finished calls kept for the next call that starts with the same tokens "
-                                   "(a conversation's next turn, a tool result, a shared system prompt), within "
+        1 << 30, ge=0, description="prompts' KV kept after their call for the next call that starts with the same "
+                                   "tokens (a conversation's next turn, a tool result, a shared system prompt), within "
                                    "what running requests leave of cache_budget_bytes; 0: off")
     resident_ttl_s: float = Field(600.0, gt=0, description="a resident cache unused this long is dropped")
     prefill_chunk_tokens: int = Field(32, gt=0, description="prompts run in chunks starting at multiples of this; "

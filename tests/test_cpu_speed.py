@@ -72,7 +72,7 @@ def test_cpu_attention_matches_sdpa(masked, queries):
         mask = causal.expand(b, 1, queries, length).clone()
         mask[1, ..., :10] = False                      # left padding of a shorter row
         mask[3, ..., :30] = False
-    got, _ = cpu_speed.decode_attention(module, q, k, v, mask, scaling=d ** -0.5)
+    got, _ = cpu_speed.cpu_attention(module, q, k, v, mask, scaling=d ** -0.5)
     ref_mask = mask if masked else causal.expand(b, 1, queries, length)
     ref, _ = sdpa_attention_forward(module, q, k, v, ref_mask, scaling=d ** -0.5)
     assert got.shape == ref.shape == (b, queries, h, d)

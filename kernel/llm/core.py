@@ -57,7 +57,6 @@ class ServedModel:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
 
-
 def engine_threads(configured: int) -> int:
     """Torch threads for decoding: as configured, else every core this process may use but one, which is
     left to the kernel's servers and to clients on the same machine. Measured on 2 cores (vs_vllm.py,
@@ -66,6 +65,7 @@ def engine_threads(configured: int) -> int:
         return configured
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores - 1)
+
 
 def _load(cfg: ModelConfig, config: KernelConfig) -> ServedModel:
     if cfg.kind == "echo":

@@ -78,7 +78,7 @@ def pack_linears(model: torch.nn.Module) -> int:
 ATTENTION = "kernos_cpu"
 
 
-def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+def cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      is_causal=None, **kwargs):
     """transformers' attention interface, on the CPU: query [B, H, T, D]; key and value [B, KV, L, D] with H a
     multiple of KV (grouped-query) and the queries the last T of the L positions; attention_mask None
@@ -112,7 +112,7 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
 
 
 def use_cpu_attention(model) -> bool:
-    """Route `model`'s attention through `decode_attention` (transformers' SDPA masks are kept)."""
+    """Route `model`'s attention through `cpu_attention` (transformers' SDPA masks are kept)."""
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -120,7 +120,7 @@ def use_cpu_attention(model) -> bool:
         return False
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
-    AttentionInterface.register(ATTENTION, decode_attention)
+    AttentionInterface.register(ATTENTION, cpu_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
     try:
         model.set_attn_implementation(ATTENTION)

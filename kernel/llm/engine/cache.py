@@ -120,6 +120,23 @@ def extract_row(cache: Cache, row: int, length: int) -> Cache:
     return out
 
 
+def view_prefix(cache, n: int):
+    """A cache holding the first `n` positions of a one-row `cache`. Attention tensors are sliced views (a
+    forward pass appends by concatenation, so the entry stays as it is); Mamba states are copied."""
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        new = copy.copy(layer)
+        new.__dict__.update({k: dict(v) for k, v in layer.__dict__.items() if isinstance(v, dict)})  # own flags
+        if _has_kv(layer):
+            new.keys, new.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            new.conv_states = {k: v.clone() for k, v in layer.conv_states.items()}
+            new.recurrent_states = {k: v.clone() for k, v in layer.recurrent_states.items()}
+        out.layers.append(new)
+    return out
+
+
 def tensors(cache: Cache) -> dict[str, torch.Tensor]:
     """Flat name -> tensor view of a cache, for saving to disk (see `load_tensors`)."""
     out = {}

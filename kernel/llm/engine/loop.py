@@ -40,7 +40,7 @@ from ..types import EngineClosed, Failed, Finish, GenRequest, RequestHandle, Req
 from . import cache as cache_ops
 from . import snapshot as snapshot_format
 from .batch import RunningBatch
-from .resident import ResidentCache, view_prefix
+from .resident import ResidentCache
 from .runner import ModelRunner
 from .sequence import Sequence
 from .swap import CostModel, SwapSpace
@@ -360,7 +360,7 @@ class TransformersEngine(Engine):
         hybrid, boundary = self.resident.hybrid, []
 
         def at_boundary(cache, n):      # a Mamba state serves only whole: keep the last boundary's
-            boundary[:] = [view_prefix(cache, n), n]
+            boundary[:] = [cache_ops.view_prefix(cache, n), n]
 
         logits, past, mask, seconds = self.runner.prefill(tokens, adapter, past, start, self.prefill_chunk,
                                                           at_boundary if keep and hybrid else None)
@@ -369,7 +369,7 @@ class TransformersEngine(Engine):
         self.stats.prompt_tokens += len(tokens)
         self.stats.prefix_tokens_reused += start
         if keep and not hybrid:
-            self.resident.add(tokens, adapter, view_prefix(past, len(tokens)))
+            self.resident.add(tokens, adapter, cache_ops.view_prefix(past, len(tokens)))
         elif keep and boundary:
             self.resident.add(tokens[:boundary[1]], adapter, boundary[0])
         self._resident_stats()

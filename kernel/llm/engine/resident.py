@@ -1,6 +1,5 @@
-"""Resident contexts: the KV cache of finished generations (and of prompts as they are prefilled) kept
-between calls, as an OS keeps a process's pages, so that the next call whose prompt starts with the same
-tokens prefills only what is new.
+"""Resident contexts: the KV cache of prompts, kept after their call as an OS keeps a process's pages, so
+that the next call whose prompt starts with the same tokens prefills only what is new.
 
 - An entry is a one-row cache with the token ids it holds, under the adapter that computed it (a prefix
   is never shared across adapters; each model has its own engine, so never across models either).
@@ -21,12 +20,10 @@ tokens prefills only what is new.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from . import cache as cache_ops
 
@@ -38,7 +35,6 @@ class Entry:
     cache: object                    # a one-row transformers Cache
     nbytes: int
     last_used: float = field(default_factory=time.monotonic)
-    hits: int = 0
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -47,23 +43,6 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
         return 0
     diff = np.flatnonzero(a[:n] != b[:n])
     return int(diff[0]) if len(diff) else n
-
-
-def view_prefix(cache, n: int):
-    """A cache holding the first `n` positions of a one-row `cache`. Attention tensors are sliced views (a
-    forward pass appends by concatenation, so the entry stays as it is); Mamba states are copied."""
-    out = copy.copy(cache)
-    out.layers = []
-    for layer in cache.layers:
-        new = copy.copy(layer)
-        new.__dict__.update({k: dict(v) for k, v in layer.__dict__.items() if isinstance(v, dict)})  # own flags
-        if cache_ops._has_kv(layer):
-            new.keys, new.values = layer.keys[..., :n, :], layer.values[..., :n, :]
-        if isinstance(layer, LinearAttentionCacheLayerMixin):
-            new.conv_states = {k: v.clone() for k, v in layer.conv_states.items()}
-            new.recurrent_states = {k: v.clone() for k, v in layer.recurrent_states.items()}
-        out.layers.append(new)
-    return out
 
 
 class ResidentCache:
@@ -101,10 +80,9 @@ class ResidentCache:
         if best is None or best_n < self.min_tokens:
             return None, 0
         best.last_used = time.monotonic()
-        best.hits += 1
         self.hits += 1
         self.tokens_saved += best_n
-        return view_prefix(best.cache, best_n), best_n
+        return cache_ops.view_prefix(best.cache, best_n), best_n
 
     def add(self, tokens: list[int], adapter: str | None, cache) -> None:
         """Keep `cache` (one row, not used further by the engine) for `tokens`. An entry this one extends
