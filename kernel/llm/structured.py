@@ -71,13 +71,15 @@ class OutputSpec:
         return tuple(t for t in self.tools if t.name == self.tool_choice)
 
     def grammar(self) -> str | None:
-        """The llguidance grammar of the output; None for free text."""
+        """The llguidance grammar of the output, in Lark (what both engines take: vLLM's "guidance" backend reads
+        Lark, not llguidance's JSON form); None for free text."""
         from llguidance import LLMatcher
 
-        if self.response_format == "json_object":
-            return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_LAYOUT)
-        if self.response_format == "json_schema":
-            return LLMatcher.grammar_from_json_schema(closed_schema(self.schema or {}), defaults=JSON_LAYOUT)
+        if self.response_format != "text":
+            schema = {"type": "object"} if self.response_format == "json_object" else closed_schema(self.schema or {})
+            if not isinstance(schema, dict):       # a boolean schema
+                schema = {} if schema else {"not": {}}
+            return LLMatcher.grammar_from_lark(f"start: %json {json.dumps({**schema, 'x-guidance': JSON_LAYOUT})}\n")
         if not self.calls_tools:
             return None
         call = json.dumps(_call_schema(self.chosen_tools()))

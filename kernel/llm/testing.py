@@ -32,12 +32,14 @@ def build_tokenizer(out: Path, vocab_size: int = 1000):
     return fast
 
 
-def tiny_config(arch: str, vocab_size: int):
+def tiny_config(arch: str, vocab_size: int, head_dim: int | None = None):
     from transformers import JambaConfig, LlamaConfig, MixtralConfig
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=2, bos_token_id=1,
                   pad_token_id=0, tie_word_embeddings=False)
+    if head_dim is not None:            # vLLM's CPU attention takes head sizes of 32 and up, not 16
+        common["head_dim"] = head_dim
     if arch == "llama":
         return LlamaConfig(num_hidden_layers=2, **common)
     if arch == "mixtral":
@@ -49,7 +51,7 @@ def tiny_config(arch: str, vocab_size: int):
     raise ValueError(f"unknown tiny architecture {arch!r}; known: llama, mixtral, jamba")
 
 
-def build_tiny_model(out: str | Path, arch: str = "llama", seed: int = 0) -> Path:
+def build_tiny_model(out: str | Path, arch: str = "llama", seed: int = 0, head_dim: int | None = None) -> Path:
     """Write a tiny random model of `arch` with its tokenizer to `out`; return the folder."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -58,7 +60,7 @@ def build_tiny_model(out: str | Path, arch: str = "llama", seed: int = 0) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok)))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), head_dim))
     # A random model rarely emits EOS by chance; keep generations a predictable length in tests.
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)

@@ -78,8 +78,7 @@ class Agents:
         for m in self.llm.models.values():
             st, live = m.engine.snapshot()
             models.append(ModelLoad(m, st, [(v, s) for v, s in live if mine is None or v.agent_id == mine],
-                                    getattr(getattr(m.engine, "policy", None), "name", "none"),
-                                    getattr(getattr(m.engine, "budget", None), "cache_bytes", 0),
+                                    m.engine.policy_name, m.engine.cache_budget_bytes,
                                     sum(1 for _, s in live if s == "preempted"),
                                     sum(1 for _, s in live if s == "suspended")))
         jobs = await asyncio.to_thread(self.jobs.list, mine)

@@ -103,7 +103,7 @@ class Tuner:
         except ValueError as e:
             raise StatusError("INVALID_ARGUMENT", f"config_json: {e}") from None
         model = served_model(self.llm, self.access, agent, request.model)
-        path = getattr(getattr(model.engine, "lm", None), "path", None)
+        path = model.path
         if path is None:
             raise StatusError(
                 "FAILED_PRECONDITION", f"model '{model.name}' is not a transformers model; it cannot be fine-tuned"

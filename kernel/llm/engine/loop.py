@@ -162,6 +162,14 @@ class TransformersEngine(Engine):
     def snapshot_request(directory: Path, request_id: str) -> GenRequest:
         return snapshot_format.request(directory, request_id)
 
+    @property
+    def policy_name(self) -> str:
+        return self.policy.name
+
+    @property
+    def cache_budget_bytes(self) -> int:
+        return self.budget.cache_bytes
+
     def cache_bytes_for(self, tokens: int) -> int:
         return self.fixed_bytes + self.bytes_per_token * tokens
 

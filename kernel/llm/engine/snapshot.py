@@ -16,20 +16,28 @@ from . import cache as cache_ops
 
 
 def write(directory: Path, seq, model: str, past) -> None:
+    state = {**request_state(seq.req, model), "ids": seq.ids, "pending": seq.pending, "position": seq.position,
+             "emitted": len(seq.text), "preemptions": seq.preemptions, "has_cache": past is not None,
+             "generator": seq.gen.get_state().tolist(), "logprobs": seq.logprobs}
+    write_folder(directory, state, past)
+
+
+def request_state(r: GenRequest, model: str) -> dict:
+    """The request's part of a snapshot's state (what `request` reads back)."""
+    return {"request_id": r.request_id, "agent_id": r.agent_id, "model": model, "prompt_ids": r.prompt_ids,
+            "max_tokens": r.max_tokens, "temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
+            "stop": r.stop, "seed": r.seed, "adapter": r.adapter, "priority": r.priority,
+            "output": r.output.to_dict() if r.output is not None else None,
+            "logprobs_on": r.logprobs, "top_logprobs": r.top_logprobs}
+
+
+def write_folder(directory: Path, state: dict, past=None) -> None:
+    """`state.json` (and the cache, if any) into a temporary folder, fsynced, then renamed into place."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if past is not None:
         cache_ops.save(past, tmp / "cache.safetensors")
-    r = seq.req
-    state = {"request_id": r.request_id, "agent_id": r.agent_id, "model": model, "prompt_ids": r.prompt_ids,
-             "max_tokens": r.max_tokens, "temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
-             "stop": r.stop, "seed": r.seed, "adapter": r.adapter, "priority": r.priority, "ids": seq.ids,
-             "pending": seq.pending, "position": seq.position, "emitted": len(seq.text),
-             "preemptions": seq.preemptions, "has_cache": past is not None,
-             "generator": seq.gen.get_state().tolist(),
-             "output": r.output.to_dict() if r.output is not None else None,
-             "logprobs_on": r.logprobs, "top_logprobs": r.top_logprobs, "logprobs": seq.logprobs}
     (tmp / "state.json").write_text(json.dumps(state))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

@@ -23,7 +23,7 @@ class History:
         now = time.time()
         for m in self.kernel.llm.models.values():
             st, live = m.engine.snapshot()
-            budget = getattr(getattr(m.engine, "budget", None), "cache_bytes", 0)
+            budget = m.engine.cache_budget_bytes
             ttft = self.kernel.metrics.percentiles(m.name, "ttft_ms", 60.0)
             wait = self.kernel.metrics.percentiles(m.name, "queue_wait_ms", 60.0)
             self.points.setdefault(m.name, deque(maxlen=self._maxlen)).append({
