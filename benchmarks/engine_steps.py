@@ -25,31 +25,27 @@ import torch  # noqa: E402
 from concurrency import QUESTIONS  # noqa: E402
 
 
-def chat_ids(tokenizer, i: int, j: int) -> list[int]:
-    """The prompt `vs_vllm.py` sends for agent i's call j, as token ids."""
+def chat_ids(served, i: int, j: int) -> list[int]:
+    """The prompt `vs_vllm.py` sends for agent i's call j, encoded as the kernel encodes a chat call."""
     q = QUESTIONS[(i * 3 + j) % len(QUESTIONS)]
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": f"{q} (agent {i}, call {j})"}],
-                                        add_generation_prompt=True, tokenize=True, return_dict=False)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return served.encode_chat([{"role": "user", "content": f"{q} (agent {i}, call {j})"}])
 
 
-def decode_step_ms(lm, batch_size: int, steps: int) -> float:
+def decode_step_ms(served, batch_size: int, steps: int) -> float:
     """Mean ms of one decode step of `batch_size` rows, each holding a prefilled chat prompt."""
     from kernos.kernel.llm.engine.batch import RunningBatch
-    from kernos.kernel.llm.engine.runner import ModelRunner
+    from kernos.kernel.llm.engine.sequence import Sequence
+    from kernos.kernel.llm.types import GenRequest, RequestHandle
 
-    runner, batch = ModelRunner(lm), RunningBatch(threading.Lock())
-
-    class Row:
-        def __init__(self, pending: int, position: int):
-            self.pending, self.position = pending, position
-            self.req = type("Req", (), {"adapter": None})()
-
+    runner, batch = served.engine.runner, RunningBatch(threading.Lock())
     with torch.inference_mode():
         for i in range(batch_size):
-            ids = chat_ids(lm.tokenizer, i, 0)
-            logits, past, mask, _ = runner.prefill(ids, None)
-            batch.join(Row(int(logits.float().argmax()), len(ids)), past, mask)
+            req = GenRequest(request_id=f"step-{i}", agent_id=f"agent-{i}", prompt_ids=chat_ids(served, i, 0),
+                             max_tokens=steps + 3)
+            logits, past, mask, _ = runner.prefill(req.prompt_ids, None)
+            row = Sequence(req, RequestHandle(req), served.tokenizer)
+            row.pending, row.position = int(logits.float().argmax()), len(req.prompt_ids)
+            batch.join(row, past, mask)
 
         def step() -> None:
             nxt = runner.decode(batch).float().argmax(-1).tolist()
@@ -64,10 +60,8 @@ def decode_step_ms(lm, batch_size: int, steps: int) -> float:
         return (time.perf_counter() - t0) / steps * 1e3
 
 
-def prefill_ms(lm, chunk: int, repeats: int = 5) -> tuple[int, float]:
-    from kernos.kernel.llm.engine.runner import ModelRunner
-
-    runner, ids = ModelRunner(lm), chat_ids(lm.tokenizer, 3, 1)
+def prefill_ms(served, chunk: int, repeats: int = 5) -> tuple[int, float]:
+    runner, ids = served.engine.runner, chat_ids(served, 3, 1)
     with torch.inference_mode():
         for _ in range(2):
             runner.prefill(ids, None, chunk=chunk)
@@ -77,15 +71,17 @@ def prefill_ms(lm, chunk: int, repeats: int = 5) -> tuple[int, float]:
     return len(ids), (time.perf_counter() - t0) / repeats * 1e3
 
 
-def closed_loop(engine, tokenizer, agents: int, calls: int, max_tokens: int) -> dict:
+def closed_loop(served, agents: int, calls: int, max_tokens: int) -> dict:
     """`agents` threads, each submitting `calls` requests one after another; a failed call fails the run."""
     from kernos.kernel.llm.types import GenRequest, RequestHandle
+
+    engine = served.engine
 
     def agent(i: int) -> int:
         used = 0
         for j in range(calls):
             req = GenRequest(request_id=f"a{agents}-{i}-{j}", agent_id=f"agent-{i}",
-                             prompt_ids=chat_ids(tokenizer, i, j), max_tokens=max_tokens)
+                             prompt_ids=chat_ids(served, i, j), max_tokens=max_tokens)
             handle = RequestHandle(req)
             engine.submit(req, handle)
             used += handle.result(timeout=600).completion_tokens
@@ -120,27 +116,31 @@ def main() -> None:
         else [ModelConfig(name="bench", path="embedded", dtype=args.dtype)]
     # The engine exactly as `kernos serve` builds it (policy, budgets, resident cache, threads, packed weights).
     core = LLMCore(KernelConfig(data_dir=work, models=models, engine=EngineConfig(threads=args.threads)))
-    engine = core.get("bench").engine
-    lm = engine.lm
+    served = core.get("bench")
+    lm = served.engine.lm
     result: dict = {"dtype": str(lm.dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
     print(f"{lm.name} ({lm.path}): {result['dtype']}, {result['threads']} torch threads", file=sys.stderr)
 
     for b in args.batch:
-        ms = decode_step_ms(lm, b, steps=20)
+        ms = decode_step_ms(served, b, steps=20)
         result[f"decode_step_ms_b{b}"] = round(ms, 1)
         print(f"decode step, batch {b:3d}: {ms:7.1f} ms ({b / ms * 1e3:6.1f} tok/s)")
     for c in args.chunks:
-        n, ms = prefill_ms(lm, c)
+        n, ms = prefill_ms(served, c)
         result[f"prefill_ms_chunk{c}"] = round(ms, 1)
         print(f"prefill of {n} tokens, chunk {c or 'whole':>5}: {ms:7.1f} ms")
 
     try:
-        closed_loop(engine, lm.tokenizer, 2, 1, 8)          # warm-up
+        closed_loop(served, 2, 1, 8)          # warm-up
         for n in args.batch:
-            r = closed_loop(engine, lm.tokenizer, n, args.calls, args.max_tokens)
+            r = closed_loop(served, n, args.calls, args.max_tokens)
+            step = result.get(f"decode_step_ms_b{n}")
+            if step:     # what prefills, joins and scheduling leave of the batch's bare decode rate
+                r["ratio_closed_loop_decode_only"] = round(r["tok_s"] / (n / step * 1e3), 3)
             result[f"agents_{n}"] = r
             print(f"in-process, {n:3d} agents x {args.calls} calls x {args.max_tokens} tokens: {r['tok_s']:7.1f} "
-                  f"tok/s, wall {r['wall_s']} s, {r['decode_steps']} decode steps, mean batch {r['mean_batch']}")
+                  f"tok/s, wall {r['wall_s']} s, {r['decode_steps']} decode steps, mean batch {r['mean_batch']}"
+                  + (f", {r['ratio_closed_loop_decode_only']:.2f}x of the bare decode rate" if step else ""))
     finally:
         core.drain(30)
     print(json.dumps(result))
