@@ -79,8 +79,13 @@ class EngineConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), else float32")
-    pack_cpu_weights: bool = Field(True, description="bf16 on a CPU: lay linear weights out once for oneDNN "
-                                                      "(about 2x faster linears; adds their size in memory)")
+    pack_cpu_weights: bool = Field(True, description="bf16 on a CPU: lay linear weights out once for the own "
+                                                      "kernels or oneDNN (about 2x faster linears; adds their size "
+                                                      "in memory)")
+    cpu_kernels: Literal["auto", "off"] = Field(
+        "auto", description="bf16 on a CPU with AVX512-BF16 and one compute thread: linears, decode attention and "
+                            "the decode step's other work on the own C kernels (built once with the system's C "
+                            "compiler); off: oneDNN linears and torch operations")
     max_batch_size: int = Field(64, gt=0, description="sequences decoded together per model (the cache budget "
                                                        "also bounds it)")
     threads: int = Field(0, ge=0, description="torch intra-op threads for decoding; 0: all cores but one (left "

@@ -1,13 +1,15 @@
-"""The CPU fast path: the automatic dtype, linears packed for oneDNN, the decode attention, and the engine's
-exactness in bf16 (batched == alone; a swapped-out sequence resumes exactly; auto preemption swaps)."""
+"""The CPU fast path: the automatic dtype, linears packed for oneDNN or for the own bf16 kernels, the decode
+attention, the written-out Llama decode step, and the engine's exactness in bf16 (batched == alone; a
+swapped-out sequence resumes exactly; auto preemption swaps)."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import drive_engine
 
 from kernos.kernel.config import EngineConfig, ModelConfig
-from kernos.kernel.llm import cpu_speed
+from kernos.kernel.llm import cpu_kernels, cpu_speed
 from kernos.kernel.llm.engine import TransformersEngine
 from kernos.kernel.llm.registry import load_model, resolve_dtype
 from kernos.kernel.llm.types import GenRequest
@@ -16,10 +18,30 @@ TEXTS = ["hello world", "what is the capital of france and the agent kernel memo
          "memory storage schedule batch cache tool file read write plan search list run stop the model"]
 
 
+def load_with_threads(path, threads: int, data_dir, dtype: str = "bfloat16"):
+    """Load as `kernos serve` does with `threads` compute threads: one picks the own kernels where they run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return load_model(ModelConfig(name="llama", path=str(path), dtype=dtype), EngineConfig(), data_dir)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def bf16(tiny_models, tmp_path_factory):
-    return load_model(ModelConfig(name="llama", path=str(tiny_models["llama"]), dtype="bfloat16"), EngineConfig(),
-                      tmp_path_factory.mktemp("data"))
+    """The tiny Llama in bf16 as a 2-core machine serves it: one compute thread, the own kernels if they run."""
+    return load_with_threads(tiny_models["llama"], 1, tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def bf16_onednn(tiny_models, tmp_path_factory):
+    return load_with_threads(tiny_models["llama"], 2, tmp_path_factory.mktemp("data"))
+
+
+def needs_kernels():
+    if cpu_kernels.library() is None:
+        pytest.skip("the own bf16 kernels do not run here (no AVX512-BF16 or no C compiler): oneDNN serves")
 
 
 def ids(lm, text):
@@ -41,8 +63,8 @@ def test_auto_dtype_follows_the_cpu_and_keeps_hybrid_models_in_float32():
     assert resolve_dtype("bfloat16", cpu, "hybrid") == torch.bfloat16      # an explicit dtype wins
 
 
-def test_packed_linears_give_the_same_bits_as_torch(bf16):
-    packed = [m for m in bf16.model.modules() if hasattr(m, "_kernos_packed")]
+def test_packed_linears_give_the_same_bits_as_torch(bf16_onednn):
+    packed = [m for m in bf16_onednn.model.modules() if hasattr(m, "_kernos_packed")]
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("oneDNN has no bf16 on this CPU: linears are not packed")
     assert packed, "no linear layer was packed"
@@ -91,3 +113,170 @@ def test_bf16_engine_batched_equals_alone_and_swaps_exactly(bf16):
     assert got["r1"].preemptions == 2
     for rid, final in alone.items():
         assert got[rid].token_ids == final.token_ids, rid
+
+
+def _linear(n: int, k: int, bias: bool) -> torch.nn.Linear:
+    layer = torch.nn.Linear(k, n, bias=bias).bfloat16()
+    with torch.no_grad():
+        layer.weight.normal_()
+        if bias:
+            layer.bias.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("n,k,bias", [(64, 64, False), (100, 64, True), (1536, 576, False), (192, 1536, True)])
+def test_own_linear_kernel_is_float_accurate_and_a_row_does_not_depend_on_its_batch(n, k, bias):
+    needs_kernels()
+    layer = _linear(n, k, bias)
+    packed = cpu_kernels.PackedWeight(layer.weight, layer.bias)
+    x = torch.randn(13, k).bfloat16()
+    got = packed(x)
+    ref = x.float() @ layer.weight.float().t() + (layer.bias.float() if bias else 0)
+    assert got.shape == (13, n) and got.dtype == torch.bfloat16
+    # fp32 sums rounded once to bf16: within bf16's rounding of the exact result
+    torch.testing.assert_close(got.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2)
+    for rows in range(1, 13):                       # any batch size, any position in the batch
+        assert torch.equal(packed(x[:rows]), got[:rows])
+        assert torch.equal(packed(x[rows:rows + 1]), got[rows:rows + 1])
+    assert torch.equal(packed(x.view(13, 1, k)).view(13, n), got)
+
+
+def test_fused_linears_compute_exactly_what_their_parts_do():
+    needs_kernels()
+    for sizes in ((128, 64, 64), (64, 32, 32)):        # whole tiles (views, no copy) and partial ones
+        layers = [_linear(n, 64, bias=i == 1) for i, n in enumerate(sizes)]
+        for layer in layers:
+            layer._kernos_packed = cpu_kernels.PackedWeight(layer.weight, layer.bias)
+        fused = cpu_kernels.PackedWeight.fuse(layers)
+        x = torch.randn(5, 64).bfloat16()
+        parts = fused(x).split(list(sizes), dim=-1)
+        for layer, part in zip(layers, parts, strict=True):
+            assert torch.equal(part, layer._kernos_packed(x))
+
+
+def test_decode_attention_reads_only_each_rows_own_columns():
+    needs_kernels()
+    b, h, kv, cap, d, length = 3, 6, 2, 40, 32, 17
+    q = torch.randn(b, h, d).bfloat16()
+    keys, values = torch.randn(b, kv, cap, d).bfloat16(), torch.randn(b, kv, cap, d).bfloat16()
+    start = torch.tensor([0, 5, 16], dtype=torch.int32)
+    got = cpu_kernels.decode_attention(q, keys[:, :, :length], values[:, :, :length], start, d ** -0.5)
+    for row in range(b):
+        s = int(start[row])
+        k = keys[row, :, s:length].float().repeat_interleave(h // kv, 0)
+        v = values[row, :, s:length].float().repeat_interleave(h // kv, 0)
+        p = torch.softmax(torch.einsum("hd,hld->hl", q[row].float(), k) * d ** -0.5, -1)
+        torch.testing.assert_close(got[row].float(), torch.einsum("hl,hld->hd", p, v), atol=2e-2, rtol=2e-2)
+    keys[1, :, :5] = float("nan")                      # padding holds anything: it is never read
+    values[2, :, :16] = float("inf")
+    again = cpu_kernels.decode_attention(q, keys[:, :, :length], values[:, :, :length], start, d ** -0.5)
+    assert torch.equal(again, got)
+
+
+def test_elementwise_kernels_match_torch():
+    needs_kernels()
+    from kernos.kernel.llm.engine import llama_step
+
+    h, delta = torch.randn(4, 96).bfloat16(), torch.randn(4, 96).bfloat16()
+    norm = type("Norm", (), {"weight": torch.randn(96).bfloat16(), "variance_epsilon": 1e-5})()
+    expected_h = h + delta
+    out = cpu_kernels.add_rmsnorm(h, delta, norm.weight, 1e-5)
+    assert torch.equal(h, expected_h)                  # the residual stream is updated in place
+    torch.testing.assert_close(out.float(), llama_step._rms_norm(norm, expected_h).float(), atol=3e-2, rtol=1e-2)
+
+    heads, kv, d = 3, 1, 16
+    qkv = torch.randn(2, (heads + 2 * kv) * d).bfloat16()
+    cos, sin = torch.randn(2, d).bfloat16(), torch.randn(2, d).bfloat16()
+    keys, values = torch.zeros(2, kv, 8, d, dtype=torch.bfloat16), torch.zeros(2, kv, 8, d, dtype=torch.bfloat16)
+    q = cpu_kernels.rope_append(qkv, heads, kv, cos, sin, keys, values, 5)
+    tq, tk, tv = qkv.view(2, heads + 2 * kv, d).split([heads, kv, kv], dim=1)
+    c, s = cos[:, None], sin[:, None]
+    assert torch.equal(q, (tq * c) + (llama_step._rotate_half(tq) * s))          # rounded as torch rounds
+    assert torch.equal(keys[:, :, 5], (tk * c) + (llama_step._rotate_half(tk) * s))
+    assert torch.equal(values[:, :, 5], tv)
+    assert not keys[:, :, :5].any() and not values[:, :, 6:].any()
+
+    gate_up = torch.randn(3, 2 * 40).bfloat16() * 4
+    gate, up = gate_up.split(40, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_mul(gate_up).float(), (F.silu(gate) * up).float(),
+                               atol=2e-2, rtol=1e-2)
+
+
+def _prefilled_batch(runner, prompts):
+    import copy
+
+    from kernos.kernel.llm.engine import cache as cache_ops
+
+    caches, masks = [], []
+    for p in prompts:
+        _, past, m, _ = runner.prefill(p, None)
+        caches.append(past)
+        masks.append(m)
+    batch = caches[0]
+    for c in caches[1:]:
+        cache_ops.concat(batch, c)
+    length = max(map(len, prompts))
+    mask = torch.cat([cache_ops.pad_mask(m, length) for m in masks])
+    return batch, copy.deepcopy(batch), mask
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
+
+
+def _decode(runner, prompts, steps, first=30, with_transformers=False):
+    """Greedy steps of the written-out decode step (and of transformers' forward beside it, on a copy)."""
+    from kernos.kernel.llm.engine.runner import cache_of
+
+    cache, ref_cache, mask = _prefilled_batch(runner, prompts)
+    ids = torch.tensor([[first + i] for i in range(len(prompts))])
+    pos = torch.tensor([[len(p)] for p in prompts])
+    out = []
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        got = runner._step(ids, pos, mask, cache)
+        ref = None
+        if with_transformers:
+            res = runner.forward(ids, mask, pos, ref_cache, [None] * len(prompts), last_only=True)
+            ref, ref_cache = res.logits, cache_of(res)
+        out.append((got, ref, cache, ref_cache))
+        ids, pos = got[:, -1].argmax(-1, keepdim=True), pos + 1
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_llama_step_equals_transformers_bit_for_bit(tiny_models, tmp_path, dtype):
+    from kernos.kernel.llm.engine.runner import ModelRunner
+
+    runner = ModelRunner(load_with_threads(tiny_models["llama"], 2, tmp_path, dtype))    # not on own kernels
+    assert runner._step is not None and runner._step.kernels is None
+    with torch.inference_mode():
+        for got, ref, cache, ref_cache in _decode(runner, PROMPTS, 4, with_transformers=True):
+            assert torch.equal(got, ref)
+            for a, b in zip(cache.layers, ref_cache.layers, strict=True):
+                assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_llama_step_on_own_kernels_is_close_to_transformers_and_batched_equals_alone(bf16):
+    needs_kernels()
+    from kernos.kernel.llm.engine.runner import ModelRunner
+
+    runner = ModelRunner(bf16)
+    assert runner._step.kernels is not None
+    with torch.inference_mode():
+        batched = _decode(runner, PROMPTS, 4, with_transformers=True)
+        for got, ref, _, _ in batched:
+            torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        for i, prompt in enumerate(PROMPTS):
+            alone = _decode(runner, [prompt], 4, first=30 + i)
+            assert all(torch.equal(a[0][0], b[0][i]) for a, b in zip(alone, batched, strict=True)), i
+
+
+def test_adapters_and_other_architectures_keep_transformers_forward(tiny_models, lora_adapters, tmp_path):
+    from kernos.kernel.llm.engine import llama_step
+
+    for arch in ("mixtral", "jamba"):
+        lm = load_model(ModelConfig(name=arch, path=str(tiny_models[arch])), EngineConfig(), tmp_path)
+        assert not llama_step.supported(lm.model)
+    lm = load_model(ModelConfig(name="llama", path=str(tiny_models["llama"]),
+                                adapters={"alpha": str(lora_adapters["alpha"])}), EngineConfig(), tmp_path)
+    assert not llama_step.supported(lm.model)

@@ -22,9 +22,16 @@ CHUNK = 8       # the tiny models' prompts are short: small chunks, so that they
 @pytest.fixture(scope="module", params=[("llama", "float32"), ("mixtral", "float32"), ("jamba", "float32"),
                                         ("llama", "bfloat16")], ids=lambda p: "-".join(p))
 def lm(request, tiny_models, tmp_path_factory):
+    import torch
+
     arch, dtype = request.param
-    return load_model(ModelConfig(name=arch, path=str(tiny_models[arch]), dtype=dtype), EngineConfig(),
-                      tmp_path_factory.mktemp("data"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)        # as a 2-core machine serves: bf16 on the own CPU kernels where they run
+    try:
+        return load_model(ModelConfig(name=arch, path=str(tiny_models[arch]), dtype=dtype), EngineConfig(),
+                          tmp_path_factory.mktemp("data"))
+    finally:
+        torch.set_num_threads(before)
 
 
 def engine_for(lm, resident: bool = True, **kw):

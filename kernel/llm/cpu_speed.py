@@ -54,12 +54,21 @@ def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, self._kernos_packed, self.bias, "none", [], "")
 
 
-def pack_linears(model: torch.nn.Module) -> int:
-    """Pack every bf16 CPU `nn.Linear` of `model` for oneDNN (see the module's doc); returns how many.
-    Outside inference (grad enabled) or for other input dtypes a layer runs its ordinary forward."""
+def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.bfloat16 or torch.is_grad_enabled():
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    return self._kernos_packed(x)
+
+
+def pack_linears(model: torch.nn.Module, own_kernels: bool = True) -> int:
+    """Pack every bf16 CPU `nn.Linear` of `model` once, for the own kernel (`cpu_kernels`: with `own_kernels`,
+    one compute thread and AVX512-BF16) or else for oneDNN (see the module's doc); returns how many. Outside
+    inference (grad enabled) or for other input dtypes a layer runs its ordinary forward."""
+    from . import cpu_kernels
+
     if not _mkldnn_bf16():
         return 0
-    packed = 0
+    packed, kernel = 0, 0
     for module in model.modules():
         if type(module) is not torch.nn.Linear or hasattr(module, "_kernos_packed"):
             continue
@@ -67,11 +76,16 @@ def pack_linears(model: torch.nn.Module) -> int:
         if w.dtype != torch.bfloat16 or w.device.type != "cpu":
             continue
         with torch.no_grad():
-            module._kernos_packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)
-        module.forward = types.MethodType(_packed_forward, module)
+            if own_kernels and cpu_kernels.available(module.in_features):
+                module._kernos_packed = cpu_kernels.PackedWeight(w, module.bias)
+                module.forward = types.MethodType(_kernel_forward, module)
+                kernel += 1
+            else:
+                module._kernos_packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)
+                module.forward = types.MethodType(_packed_forward, module)
         packed += 1
     if packed:
-        log.info("packed %d bf16 linear layers for oneDNN", packed)
+        log.info("packed %d bf16 linear layers (%d for the own kernel, the rest for oneDNN)", packed, kernel)
     return packed
 
 

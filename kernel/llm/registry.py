@@ -92,7 +92,7 @@ def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> Loaded
     model.to(device).eval()
     parameters = sum(p.numel() for p in model.parameters())
     if device.type == "cpu" and dtype == torch.bfloat16 and engine.pack_cpu_weights:
-        pack_linears(model)
+        pack_linears(model, own_kernels=engine.cpu_kernels == "auto")
         use_cpu_attention(model)
     adapters = []
     if cfg.adapters:

@@ -11,6 +11,7 @@ import torch
 from ..registry import LoadedModel
 from . import cache as cache_ops
 from .adapters import Adapters
+from .llama_step import LlamaStep, supported
 
 
 def cache_of(out):
@@ -30,6 +31,7 @@ class ModelRunner:
         # name this version takes, so that no deprecation warning is printed and the engine outlives the rename.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._template = None      # any cache of this model: the shape to rebuild saved caches from
+        self._step = LlamaStep(lm.model) if supported(lm.model) else None   # decode steps without adapters
 
     def forward(self, input_ids, mask, positions, past, adapters: list[str | None], last_only: bool):
         kwargs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, self._cache_arg: past,
@@ -69,6 +71,10 @@ class ModelRunner:
         ids = torch.tensor([[s.pending] for s in rows], dtype=torch.long, device=dev)
         pos = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=dev)
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
+        if self._step is not None and not self.lm.has_adapters:
+            logits = self._step(ids, pos, mask, batch.cache)
+            batch.mask = mask
+            return logits[:, -1, :]
         out = self.forward(ids, mask, pos, batch.cache, [s.req.adapter for s in rows], last_only=True)
         batch.cache, batch.mask = cache_of(out), mask
         return out.logits[:, -1, :]

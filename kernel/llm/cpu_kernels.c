@@ -1,0 +1,264 @@
+/* bf16 kernels for decoding on CPUs with AVX512-BF16 (see cpu_kernels.py for why and when).
+
+   kernos_linear_bf16: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), bf16 in and out, fp32 accumulation with
+   vdpbf16ps. The weight is packed once into tiles of NT outputs: [ceil(N / NT)][K / 2][NT][2], i.e. for each
+   pair of input positions the NT outputs' two weights, so that a tile streams through memory once per call
+   whatever M is, and each zmm load feeds every row of a register block. Every output sums its K / 2 pairs in
+   the same order for any M and any row block, so a row's result does not depend on the batch it is computed
+   in (batched == alone, bit for bit). K must be even.
+
+   kernos_decode_attention_bf16: one query position per row against that row's cached keys and values,
+   grouped-query heads, fp32 scores, softmax and sums. A row reads only its own valid columns, so its result
+   does not depend on the batch's padding or on the other rows either.
+
+   Single-threaded: the engine runs one compute thread on the small machines where these kernels are used. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NZ 4               /* zmm registers of outputs per tile */
+#define NT (16 * NZ)       /* outputs per tile */
+#define RT 6               /* at most RT rows per register block: RT * NZ accumulators */
+#define PF 16              /* prefetch distance, in pairs of input positions */
+
+static inline __attribute__((always_inline)) void block(const uint16_t *x, int K, const int rows,
+                                                        const uint16_t *wp, int kp_n, const float *bias, int n0,
+                                                        int nvalid, uint16_t *y, int ldy) {
+  __m512 acc[RT][NZ];
+  for (int r = 0; r < rows; r++)
+    for (int z = 0; z < NZ; z++) acc[r][z] = _mm512_setzero_ps();
+  for (int kp = 0; kp < kp_n; kp++) {
+    const uint16_t *wk = wp + (size_t)kp * 2 * NT;
+    for (int z = 0; z < NZ; z++) _mm_prefetch((const char *)(wk + 2 * NT * PF + 32 * z), _MM_HINT_T0);
+    __m512bh w[NZ];
+    for (int z = 0; z < NZ; z++) w[z] = (__m512bh)_mm512_loadu_si512(wk + 32 * z);
+    for (int r = 0; r < rows; r++) {
+      __m512bh a = (__m512bh)_mm512_set1_epi32(((const int32_t *)(x + (size_t)r * K))[kp]);
+      for (int z = 0; z < NZ; z++) acc[r][z] = _mm512_dpbf16_ps(acc[r][z], a, w[z]);
+    }
+  }
+  for (int z = 0; z < NZ; z++) {
+    int left = nvalid - 16 * z;
+    __mmask16 m = left >= 16 ? 0xFFFF : (left <= 0 ? 0 : (__mmask16)((1u << left) - 1));
+    __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + n0 + 16 * z) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) {
+      __m256i o = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][z], b));
+      _mm256_mask_storeu_epi16(y + (size_t)r * ldy + n0 + 16 * z, m, o);
+    }
+  }
+}
+
+void kernos_linear_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, const float *bias,
+                        uint16_t *y) {
+  int kp_n = K / 2, tiles = (N + NT - 1) / NT;
+  int blocks = (M + RT - 1) / RT, per = blocks ? (M + blocks - 1) / blocks : 0;   /* 8 rows: 4 + 4, not 6 + 2 */
+  for (int t = 0; t < tiles; t++) {
+    const uint16_t *wp = w + (size_t)t * kp_n * 2 * NT;
+    int n0 = t * NT, nvalid = N - n0 < NT ? N - n0 : NT;
+    for (int m = 0; m < M; m += per) {
+      int rows = M - m < per ? M - m : per;
+      const uint16_t *xm = x + (size_t)m * K;
+      uint16_t *ym = y + (size_t)m * N;
+      switch (rows) {   /* a constant row count per case keeps the accumulators in registers */
+        case 1: block(xm, K, 1, wp, kp_n, bias, n0, nvalid, ym, N); break;
+        case 2: block(xm, K, 2, wp, kp_n, bias, n0, nvalid, ym, N); break;
+        case 3: block(xm, K, 3, wp, kp_n, bias, n0, nvalid, ym, N); break;
+        case 4: block(xm, K, 4, wp, kp_n, bias, n0, nvalid, ym, N); break;
+        case 5: block(xm, K, 5, wp, kp_n, bias, n0, nvalid, ym, N); break;
+        default: block(xm, K, RT, wp, kp_n, bias, n0, nvalid, ym, N); break;
+      }
+    }
+  }
+}
+
+/* w [N, K] bf16, row-major -> the tiled layout above, zero-padded to a whole number of tiles. */
+void kernos_pack_bf16(const uint16_t *w, int N, int K, uint16_t *dst) {
+  int kp_n = K / 2, tiles = (N + NT - 1) / NT;
+  memset(dst, 0, (size_t)tiles * NT * K * sizeof(uint16_t));
+  for (int n = 0; n < N; n++) {
+    int t = n / NT, j = n % NT;
+    for (int kp = 0; kp < kp_n; kp++) {
+      uint16_t *d = dst + ((size_t)t * kp_n + kp) * 2 * NT + j * 2;
+      d[0] = w[(size_t)n * K + 2 * kp];
+      d[1] = w[(size_t)n * K + 2 * kp + 1];
+    }
+  }
+}
+
+int kernos_tile_outputs(void) { return NT; }
+
+/* exp(x) for x <= 87 (softmax after subtracting the max; silu), fp32, within 2 ulp; exp(-inf) = 0. */
+static inline __m512 exp_neg(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_scalef_ps((__mmask16)~under, p, n);
+}
+
+static inline __m512 bf16_to_f32(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+/* q [B, H, D] bf16; keys and values [B, KV, cap, D] bf16 (row b, head g at k + b * sb + g * sh, a column
+   every D); columns start[b] .. L - 1 of row b are its tokens. out [B, H, D] bf16. scratch: L floats.
+   D <= 256 and even. */
+void kernos_decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, long sb, long sh,
+                                  int B, int H, int KV, int D, int L, const int *start, float scale,
+                                  uint16_t *out, float *scratch) {
+  int group = H / KV, chunks = (D + 31) / 32;
+  for (int b = 0; b < B; b++) {
+    int s0 = start[b], n = L - s0;
+    for (int h = 0; h < H; h++) {
+      const uint16_t *qh = q + ((size_t)b * H + h) * D;
+      const uint16_t *kh = k + b * sb + (long)(h / group) * sh + (size_t)s0 * D;
+      const uint16_t *vh = v + b * sb + (long)(h / group) * sh + (size_t)s0 * D;
+      __m512bh qv[8];
+      __mmask32 qm[8];
+      for (int c = 0; c < chunks; c++) {
+        int left = D - 32 * c;
+        qm[c] = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+        qv[c] = (__m512bh)_mm512_maskz_loadu_epi16(qm[c], qh + 32 * c);
+      }
+      float mx = -INFINITY;
+      for (int j = 0; j < n; j++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < chunks; c++)
+          acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_maskz_loadu_epi16(qm[c], kh + (size_t)j * D + 32 * c));
+        float s = _mm512_reduce_add_ps(acc) * scale;
+        scratch[j] = s;
+        if (s > mx) mx = s;
+      }
+      __m512 vmx = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
+      int j = 0;
+      for (; j + 16 <= n; j += 16) {
+        __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scratch + j), vmx));
+        _mm512_storeu_ps(scratch + j, e);
+        vsum = _mm512_add_ps(vsum, e);
+      }
+      if (j < n) {
+        __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
+        __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scratch + j), vmx));
+        _mm512_mask_storeu_ps(scratch + j, m, e);
+        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
+      }
+      float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+      __m512 o[16];
+      int dv = (D + 15) / 16;
+      for (int c = 0; c < dv; c++) o[c] = _mm512_setzero_ps();
+      for (int jj = 0; jj < n; jj++) {
+        __m512 p = _mm512_set1_ps(scratch[jj]);
+        const uint16_t *row = vh + (size_t)jj * D;
+        for (int c = 0; c < dv; c++) {
+          int left = D - 16 * c;
+          __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+          o[c] = _mm512_fmadd_ps(p, bf16_to_f32(_mm256_maskz_loadu_epi16(m, row + 16 * c)), o[c]);
+        }
+      }
+      uint16_t *oh = out + ((size_t)b * H + h) * D;
+      __m512 vinv = _mm512_set1_ps(inv);
+      for (int c = 0; c < dv; c++) {
+        int left = D - 16 * c;
+        __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+        _mm256_mask_storeu_epi16(oh + 16 * c, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[c], vinv)));
+      }
+    }
+  }
+}
+
+/* ---- the elementwise work of a decode step, one call each instead of several tensor operations ---------- */
+
+static inline float bf16_round(float f) {     /* to the nearest bf16 (ties to even), as a float */
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return f;   /* NaN */
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  memcpy(&f, &u, 4);
+  return f;
+}
+static inline float bf16_load(const uint16_t *p) {
+  uint32_t u = (uint32_t)*p << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+static inline uint16_t bf16_store(float f) {   /* f already a bf16 value */
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return (uint16_t)(u >> 16);
+}
+
+/* h[M, H] += delta (when given, rounded to bf16 as torch's bf16 add); out = RMSNorm(h) * weight, computed as
+   transformers' LlamaRMSNorm: in fp32, rounded to bf16, times the bf16 weight, rounded again. */
+void kernos_add_rmsnorm_bf16(uint16_t *h, const uint16_t *delta, const uint16_t *weight, int M, int H, float eps,
+                             uint16_t *out) {
+  for (int m = 0; m < M; m++) {
+    uint16_t *row = h + (size_t)m * H;
+    float ss = 0.0f;
+    if (delta) {
+      const uint16_t *d = delta + (size_t)m * H;
+      for (int i = 0; i < H; i++) row[i] = bf16_store(bf16_round(bf16_load(row + i) + bf16_load(d + i)));
+    }
+    for (int i = 0; i < H; i++) { float x = bf16_load(row + i); ss += x * x; }
+    float r = 1.0f / sqrtf(ss / (float)H + eps);
+    uint16_t *o = out + (size_t)m * H;
+    for (int i = 0; i < H; i++)
+      o[i] = bf16_store(bf16_round(bf16_load(weight + i) * bf16_round(bf16_load(row + i) * r)));
+  }
+}
+
+/* From a fused q|k|v projection qkv[M, (NQ + 2 * NKV) * D]: q rotated into q_out[M, NQ, D]; k rotated and v
+   written into column `col` of the cache buffers (row b, head g at kbuf + b * sb + g * sh, a column every D).
+   cos and sin [M, D] bf16. Each product and the sum are rounded to bf16, as transformers' rotary is. */
+void kernos_rope_append_bf16(const uint16_t *qkv, int M, int NQ, int NKV, int D, const uint16_t *cos,
+                             const uint16_t *sin, uint16_t *q_out, uint16_t *kbuf, uint16_t *vbuf, long sb, long sh,
+                             int col) {
+  int half = D / 2, width = (NQ + 2 * NKV) * D;
+  for (int m = 0; m < M; m++) {
+    const uint16_t *src = qkv + (size_t)m * width, *c = cos + (size_t)m * D, *s = sin + (size_t)m * D;
+    for (int head = 0; head < NQ + NKV; head++) {
+      const uint16_t *x = src + (size_t)head * D;
+      uint16_t *dst = head < NQ ? q_out + ((size_t)m * NQ + head) * D
+                                : kbuf + m * sb + (long)(head - NQ) * sh + (size_t)col * D;
+      for (int i = 0; i < D; i++) {
+        float rot = i < half ? -bf16_load(x + i + half) : bf16_load(x + i - half);
+        float a = bf16_round(bf16_load(x + i) * bf16_load(c + i));
+        float b = bf16_round(rot * bf16_load(s + i));
+        dst[i] = bf16_store(bf16_round(a + b));
+      }
+    }
+    const uint16_t *v = src + (size_t)(NQ + NKV) * D;
+    for (int g = 0; g < NKV; g++)
+      memcpy(vbuf + m * sb + (long)g * sh + (size_t)col * D, v + (size_t)g * D, (size_t)D * sizeof(uint16_t));
+  }
+}
+
+/* gu[M, 2 * I] = gate | up -> out[M, I] = bf16(silu(gate)) * up, rounded to bf16 (torch's bf16 silu and mul). */
+static inline __m512 round_bf16x16(__m512 x) { return bf16_to_f32((__m256i)_mm512_cvtneps_pbh(x)); }
+
+void kernos_silu_mul_bf16(const uint16_t *gu, int M, int I, uint16_t *out) {
+  const __m512 one = _mm512_set1_ps(1.0f), hi = _mm512_set1_ps(87.0f);
+  for (int m = 0; m < M; m++) {
+    const uint16_t *g = gu + (size_t)m * 2 * I, *u = g + I;
+    uint16_t *o = out + (size_t)m * I;
+    for (int i = 0; i < I; i += 16) {
+      __mmask16 k = I - i >= 16 ? 0xFFFF : (__mmask16)((1u << (I - i)) - 1);
+      __m512 x = bf16_to_f32(_mm256_maskz_loadu_epi16(k, g + i));
+      __m512 e = exp_neg(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), hi));   /* exp(-x) */
+      __m512 sx = round_bf16x16(_mm512_div_ps(x, _mm512_add_ps(one, e)));
+      __m512 y = _mm512_mul_ps(sx, bf16_to_f32(_mm256_maskz_loadu_epi16(k, u + i)));
+      _mm256_mask_storeu_epi16(o + i, k, (__m256i)_mm512_cvtneps_pbh(y));
+    }
+  }
+}
