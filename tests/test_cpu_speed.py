@@ -154,13 +154,15 @@ def test_fused_linears_compute_exactly_what_their_parts_do():
             assert torch.equal(part, layer._kernos_packed(x))
 
 
-def test_decode_attention_reads_only_each_rows_own_columns():
+@pytest.mark.parametrize("h,kv,d", [(6, 2, 32), (9, 3, 64), (8, 2, 64), (8, 4, 128), (5, 1, 48), (2, 2, 16)])
+def test_decode_attention_reads_only_each_rows_own_columns(h, kv, d):
     needs_kernels()
-    b, h, kv, cap, d, length = 3, 6, 2, 40, 32, 17
+    b, cap, length = 3, 40, 17
     q = torch.randn(b, h, d).bfloat16()
     keys, values = torch.randn(b, kv, cap, d).bfloat16(), torch.randn(b, kv, cap, d).bfloat16()
     start = torch.tensor([0, 5, 16], dtype=torch.int32)
-    got = cpu_kernels.decode_attention(q, keys[:, :, :length], values[:, :, :length], start, d ** -0.5)
+    end = torch.full_like(start, length)
+    got = cpu_kernels.attention(q, keys[:, :, :length], values[:, :, :length], start, end, d ** -0.5)
     for row in range(b):
         s = int(start[row])
         k = keys[row, :, s:length].float().repeat_interleave(h // kv, 0)
@@ -169,7 +171,7 @@ def test_decode_attention_reads_only_each_rows_own_columns():
         torch.testing.assert_close(got[row].float(), torch.einsum("hl,hld->hd", p, v), atol=2e-2, rtol=2e-2)
     keys[1, :, :5] = float("nan")                      # padding holds anything: it is never read
     values[2, :, :16] = float("inf")
-    again = cpu_kernels.decode_attention(q, keys[:, :, :length], values[:, :, :length], start, d ** -0.5)
+    again = cpu_kernels.attention(q, keys[:, :, :length], values[:, :, :length], start, end, d ** -0.5)
     assert torch.equal(again, got)
 
 

@@ -11,7 +11,7 @@ from conftest import drive_engine
 from kernos.kernel.config import EngineConfig, ModelConfig
 from kernos.kernel.llm.engine import TransformersEngine
 from kernos.kernel.llm.registry import load_model
-from kernos.kernel.llm.types import GenRequest
+from kernos.kernel.llm.types import Finish, GenRequest
 
 SYSTEM = "you are the kernel agent: plan, search, read and write files, remember what matters, stop when done"
 
@@ -61,6 +61,8 @@ def test_next_turn_reuses_the_conversation_and_replies_the_same(lm):
     got = one(engine, "t2", p2)
     last_boundary = (len(p1) - 1) // CHUNK * CHUNK      # hybrid: the Mamba state kept at the last boundary
     expected = last_boundary if lm.architecture == "hybrid" else len(p1) // CHUNK * CHUNK
+    if engine.runner.position_exact:    # the whole first call is resident: its prompt and the reply it fed
+        expected = len(p1) + len(r1.token_ids) - (r1.finish == Finish.LENGTH)
     assert engine.stats.prefix_tokens_reused == expected > 0, "the first call's prompt was not reused"
     assert got.token_ids == one(engine_for(lm, resident=False), "t2", p2).token_ids
 
@@ -75,7 +77,8 @@ def test_agents_share_a_system_prompt_prefix(lm):
     if lm.architecture == "hybrid":   # a Mamba state holds all its tokens: no partial prefix serves
         assert engine.stats.prefix_tokens_reused == before
     else:
-        assert engine.stats.prefix_tokens_reused - before == common // CHUNK * CHUNK > 0
+        shared = common if engine.runner.position_exact else common // CHUNK * CHUNK
+        assert engine.stats.prefix_tokens_reused - before == shared > 0
     assert got.token_ids == one(engine_for(lm, resident=False), "b", b).token_ids
 
 
@@ -121,3 +124,35 @@ def test_never_shared_across_adapters(tiny_models, lora_adapters, tmp_path):
     assert got.token_ids == one(engine_for(lm, resident=False), "alpha", p + [p[-1]], adapter="alpha").token_ids
     one(engine, "alpha2", p + [p[-1]] * 2, adapter="alpha")
     assert engine.stats.prefix_tokens_reused > reused                 # its own adapter's prefix serves
+
+
+def test_position_exact_engine_reuses_a_conversation_to_its_last_token(tiny_models, tmp_path):
+    """On the own CPU kernels a position's keys and values are the same prefilled or decoded: the next turn
+    reuses the previous call's prompt and reply to the last shared token, and still replies the same."""
+    import torch
+
+    from kernos.kernel.llm import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        pytest.skip("the own bf16 kernels do not run here (no AVX512-BF16 or no C compiler)")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lm = load_model(ModelConfig(name="llama", path=str(tiny_models["llama"]), dtype="bfloat16"), EngineConfig(),
+                        tmp_path)
+    finally:
+        torch.set_num_threads(before)
+    engine = engine_for(lm)
+    assert engine.runner.position_exact and engine.costs.exact_recompute
+    p1 = chat(lm, [("hello there", None)])
+    r1 = one(engine, "c1", p1, max_tokens=10)
+    fed = len(p1) + len(r1.token_ids) - (r1.finish == Finish.LENGTH)
+    p2 = p1 + r1.token_ids[:5] + chat(lm, [("and then", None)])[-7:]      # shares 5 reply tokens, then differs
+    got = one(engine, "c2", p2)
+    assert engine.stats.prefix_tokens_reused == min(fed, len(p1) + 5) > len(p1)
+    assert got.token_ids == one(engine_for(lm, resident=False), "c2", p2).token_ids
+    # recompute (a prefill of decoded tokens) resumes exactly in bf16 here
+    alone = one(engine_for(lm, resident=False), "long", p2, max_tokens=16)
+    resumed = drive_engine(engine_for(lm, resident=False), [GenRequest("long", "a", p2, 16)], {3: "recompute"},
+                           victim="long")["long"]
+    assert resumed.preemptions == 1 and resumed.token_ids == alone.token_ids

@@ -195,6 +195,7 @@ def test_forced_calls_and_schemas_validate_for_50_prompts(ek):
 
 def test_streamed_tool_call_deltas_reassemble_to_the_final_calls(ek):
     s = ek
+    completed = 0
     for choice, parallel in (("required", False), ("calculator", False), ("calculator", True)):
         calls: dict[int, dict] = {}
         text = ""
@@ -209,12 +210,19 @@ def test_streamed_tool_call_deltas_reassemble_to_the_final_calls(ek):
                     entry["id"], entry["name"] = d.id, d.name
                 entry["arguments"] += d.arguments
         final = chunks[-1].completion
+        assert text == final.text and "<tool_call>" not in text
+        if not final.tool_calls:
+            # The 135M model may run to max_tokens inside its first call's JSON (whitespace it keeps choosing, a
+            # string it never closes: a capability of the model, not of the streaming): nothing complete is kept.
+            assert final.finish_reason == "length" and len(calls) <= 1
+            continue
+        completed += 1
         # parallel: the model may go on calling until max_tokens; the calls it finished are kept
-        assert final.tool_calls and final.finish_reason == ("length" if parallel and len(calls) >
-                                                            len(final.tool_calls) else "tool_calls")
+        assert final.finish_reason == ("length" if parallel and len(calls) > len(final.tool_calls)
+                                       else "tool_calls")
         complete = [calls[i] for i in sorted(calls)][:len(final.tool_calls)]   # a cut-off last call is dropped
         assert complete == [c.model_dump() for c in final.tool_calls]
-        assert text == final.text and "<tool_call>" not in text
+    assert completed, "no case produced a complete call: the reassembly was not exercised"
 
 
 def test_functions_and_pydantic_models_through_the_sdk(ek):

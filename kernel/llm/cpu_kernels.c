@@ -7,9 +7,9 @@
    the same order for any M and any row block, so a row's result does not depend on the batch it is computed
    in (batched == alone, bit for bit). K must be even.
 
-   kernos_decode_attention_bf16: one query position per row against that row's cached keys and values,
-   grouped-query heads, fp32 scores, softmax and sums. A row reads only its own valid columns, so its result
-   does not depend on the batch's padding or on the other rows either.
+   kernos_attention_bf16: one query position per row against the cached keys and values it may see,
+   grouped-query heads, fp32 scores, softmax and sums. A row reads only its own columns, so its result depends
+   neither on the batch's padding nor on the other rows, nor on whether it is decoded or part of a prompt.
 
    Single-threaded: the engine runs one compute thread on the small machines where these kernels are used. */
 #include <immintrin.h>
@@ -107,71 +107,170 @@ static inline __m512 exp_neg(__m512 x) {
   return _mm512_maskz_scalef_ps((__mmask16)~under, p, n);
 }
 
+/* r[i] = the sum of a[i]'s 16 lanes, for 16 vectors at once (a transpose by shuffles, 30 operations in all
+   instead of 16 horizontal reductions). */
+static inline __m512 reduce16(const __m512 *a) {
+  __m512 v[4];
+  for (int q = 0; q < 4; q++) {
+    const __m512 *x = a + 4 * q;
+    __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+    __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+    __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1));
+    __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1));
+    v[q] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));   /* lane k: the 4 vectors' lane-k sums */
+  }
+  __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
+  __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x88), _mm512_shuffle_f32x4(v[2], v[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD));
+}
+
 static inline __m512 bf16_to_f32(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-/* q [B, H, D] bf16; keys and values [B, KV, cap, D] bf16 (row b, head g at k + b * sb + g * sh, a column
-   every D); columns start[b] .. L - 1 of row b are its tokens. out [B, H, D] bf16. scratch: L floats.
-   D <= 256 and even. */
-void kernos_decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, long sb, long sh,
-                                  int B, int H, int KV, int D, int L, const int *start, float scale,
-                                  uint16_t *out, float *scratch) {
+/* q [M, H, D] bf16, a query position per row; keys and values bf16, a column every D, head g of query row m
+   at k + m * rs + g * sh (rs: the batch stride, one cache row per query row in a decode step; 0: all rows
+   query one sequence's cache, a prompt chunk). Row m attends to columns start[m] .. end[m] - 1.
+   out [M, H, D] bf16. scratch: 2 * (H / KV) * (max(end) + 2) floats. D even, <= 256; H / KV <= 64. */
+/* out[g] = sum over j of p_g[j] * v[j], for the G heads sharing one key/value head, two keys per vdpbf16ps:
+   pb[g] holds head g's probabilities as bf16 (an even count, zero-padded), the value rows of keys j and j + 1
+   are interleaved once for all G heads. D = 32 * DC (DC constant: unrolled, in registers); the outputs come out
+   with d permuted within 128-bit lanes (lo/hi halves), which `store_values` undoes. */
+static inline __attribute__((always_inline)) void weighted_values(const uint16_t *vh, const int D, int n,
+                                                                  const uint16_t *const *pb, const int G,
+                                                                  const int DC, __mmask32 tail, __m512 *o) {
+  for (int i = 0; i < G * 2 * DC; i++) o[i] = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 2) {
+    const uint16_t *r0 = vh + (size_t)j * D, *r1 = r0 + D;
+    __m512bh lo[8], hi[8];
+    for (int c = 0; c < DC; c++) {
+      __mmask32 m = c + 1 < DC ? 0xFFFFFFFFu : tail;      /* a last, partial chunk of d */
+      __m512i a = _mm512_maskz_loadu_epi16(m, r0 + 32 * c);
+      __m512i b = j + 1 < n ? _mm512_maskz_loadu_epi16(m, r1 + 32 * c) : _mm512_setzero_si512();
+      lo[c] = (__m512bh)_mm512_unpacklo_epi16(a, b);
+      hi[c] = (__m512bh)_mm512_unpackhi_epi16(a, b);
+    }
+    for (int g = 0; g < G; g++) {
+      __m512bh p = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(pb[g] + j));
+      for (int c = 0; c < DC; c++) {
+        o[(g * DC + c) * 2] = _mm512_dpbf16_ps(o[(g * DC + c) * 2], p, lo[c]);
+        o[(g * DC + c) * 2 + 1] = _mm512_dpbf16_ps(o[(g * DC + c) * 2 + 1], p, hi[c]);
+      }
+    }
+  }
+}
+
+/* lo holds, per 128-bit lane k, d = 8k + 0..3 of a 32-wide chunk; hi d = 8k + 4..7: put them back in order. */
+static inline void store_values(uint16_t *dst, __m512 lo, __m512 hi, __m512 scale, int width) {
+  const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  __m512 x = _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), scale);
+  __m512 y = _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), scale);
+  __mmask16 m0 = width >= 16 ? 0xFFFF : (__mmask16)((1u << width) - 1);
+  __mmask16 m1 = width >= 32 ? 0xFFFF : (width <= 16 ? 0 : (__mmask16)((1u << (width - 16)) - 1));
+  _mm256_mask_storeu_epi16(dst, m0, (__m256i)_mm512_cvtneps_pbh(x));
+  _mm256_mask_storeu_epi16(dst + 16, m1, (__m256i)_mm512_cvtneps_pbh(y));
+}
+
+/* acc[j] = the lanes of q . key j, for 16 whole keys of D = 32 * CH (constant: unrolled, in registers). The
+   same products in the same order as the general loop, so either path gives the same scores. */
+static inline __attribute__((always_inline)) void scores16(const uint16_t *kb, const int D, const int CH,
+                                                           const __m512bh *qv, __m512 *acc) {
+  for (int j = 0; j < 16; j++) {
+    __m512 a = _mm512_setzero_ps();
+    for (int c = 0; c < CH; c++)
+      a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(kb + (size_t)j * D + 32 * c));
+    acc[j] = a;
+  }
+}
+
+void kernos_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, long rs, long sh, int M, int H,
+                           int KV, int D, const int *start, const int *end, float scale, uint16_t *out,
+                           float *scratch) {
   int group = H / KV, chunks = (D + 31) / 32;
-  for (int b = 0; b < B; b++) {
-    int s0 = start[b], n = L - s0;
-    for (int h = 0; h < H; h++) {
-      const uint16_t *qh = q + ((size_t)b * H + h) * D;
-      const uint16_t *kh = k + b * sb + (long)(h / group) * sh + (size_t)s0 * D;
-      const uint16_t *vh = v + b * sb + (long)(h / group) * sh + (size_t)s0 * D;
-      __m512bh qv[8];
+  for (int b = 0; b < M; b++) {
+    int s0 = start[b], n = end[b] - s0;
+    for (int kvh = 0; kvh < KV; kvh++) {
+      const uint16_t *kh = k + b * rs + (long)kvh * sh + (size_t)s0 * D;
+      const uint16_t *vh = v + b * rs + (long)kvh * sh + (size_t)s0 * D;
+      float inv[64];
+      __m512bh qv[64][8];                      /* the group's queries, pairs of bf16 */
       __mmask32 qm[8];
+      __m512 vmax[64];
       for (int c = 0; c < chunks; c++) {
         int left = D - 32 * c;
         qm[c] = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
-        qv[c] = (__m512bh)_mm512_maskz_loadu_epi16(qm[c], qh + 32 * c);
       }
-      float mx = -INFINITY;
-      for (int j = 0; j < n; j++) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int c = 0; c < chunks; c++)
-          acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_maskz_loadu_epi16(qm[c], kh + (size_t)j * D + 32 * c));
-        float s = _mm512_reduce_add_ps(acc) * scale;
-        scratch[j] = s;
-        if (s > mx) mx = s;
+      for (int hg = 0; hg < group; hg++) {
+        const uint16_t *qh = q + ((size_t)b * H + kvh * group + hg) * D;
+        for (int c = 0; c < chunks; c++) qv[hg][c] = (__m512bh)_mm512_maskz_loadu_epi16(qm[c], qh + 32 * c);
+        vmax[hg] = _mm512_set1_ps(-INFINITY);
       }
-      __m512 vmx = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
-      int j = 0;
-      for (; j + 16 <= n; j += 16) {
-        __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scratch + j), vmx));
-        _mm512_storeu_ps(scratch + j, e);
-        vsum = _mm512_add_ps(vsum, e);
-      }
-      if (j < n) {
-        __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
-        __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scratch + j), vmx));
-        _mm512_mask_storeu_ps(scratch + j, m, e);
-        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
-      }
-      float inv = 1.0f / _mm512_reduce_add_ps(vsum);
-      __m512 o[16];
-      int dv = (D + 15) / 16;
-      for (int c = 0; c < dv; c++) o[c] = _mm512_setzero_ps();
-      for (int jj = 0; jj < n; jj++) {
-        __m512 p = _mm512_set1_ps(scratch[jj]);
-        const uint16_t *row = vh + (size_t)jj * D;
-        for (int c = 0; c < dv; c++) {
-          int left = D - 16 * c;
-          __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-          o[c] = _mm512_fmadd_ps(p, bf16_to_f32(_mm256_maskz_loadu_epi16(m, row + 16 * c)), o[c]);
+      int exact = D == 32 * chunks && (chunks == 1 || chunks == 2 || chunks == 4);
+      for (int j0 = 0; j0 < n; j0 += 16) {            /* 16 keys at a time, for every head of the group while
+                                                         they are in L1; their 16 scores reduced together */
+        int cnt = n - j0 < 16 ? n - j0 : 16;
+        const uint16_t *kb = kh + (size_t)j0 * D;
+        __mmask16 m = cnt == 16 ? 0xFFFF : (__mmask16)((1u << cnt) - 1);
+        for (int hg = 0; hg < group; hg++) {
+          __m512 acc[16];
+          if (cnt == 16 && exact && chunks == 2) scores16(kb, 64, 2, qv[hg], acc);
+          else if (cnt == 16 && exact && chunks == 4) scores16(kb, 128, 4, qv[hg], acc);
+          else if (cnt == 16 && exact && chunks == 1) scores16(kb, 32, 1, qv[hg], acc);
+          else
+            for (int j = 0; j < 16; j++) {
+              acc[j] = _mm512_setzero_ps();
+              if (j < cnt)
+                for (int c = 0; c < chunks; c++)
+                  acc[j] = _mm512_dpbf16_ps(acc[j], qv[hg][c],
+                                            (__m512bh)_mm512_maskz_loadu_epi16(qm[c], kb + (size_t)j * D + 32 * c));
+            }
+          __m512 sc = _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale));
+          _mm512_mask_storeu_ps(scratch + (size_t)hg * n + j0, m, sc);
+          vmax[hg] = _mm512_mask_max_ps(vmax[hg], m, vmax[hg], sc);
         }
       }
-      uint16_t *oh = out + ((size_t)b * H + h) * D;
-      __m512 vinv = _mm512_set1_ps(inv);
-      for (int c = 0; c < dv; c++) {
-        int left = D - 16 * c;
-        __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-        _mm256_mask_storeu_epi16(oh + 16 * c, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[c], vinv)));
+      for (int hg = 0; hg < group; hg++) {
+        float *sc_row = scratch + (size_t)hg * n;
+        __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax[hg])), vsum = _mm512_setzero_ps();
+        for (int j = 0; j < n; j += 16) {
+          __mmask16 mm = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+          __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mm, sc_row + j), vmx));
+          _mm512_mask_storeu_ps(sc_row + j, mm, e);
+          vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(mm, e));
+        }
+        inv[hg] = 1.0f / _mm512_reduce_add_ps(vsum);
+      }
+      __m512 o[64];
+      int padded = (n + 1) & ~1;
+      uint16_t *pbuf = (uint16_t *)(scratch + (size_t)group * n);
+      for (int hg = 0; hg < group; hg++) {      /* probabilities to bf16 pairs, as transformers rounds them */
+        const float *src = scratch + (size_t)hg * n;
+        uint16_t *dst = pbuf + (size_t)hg * padded;
+        for (int j = 0; j < n; j += 16) {
+          __mmask16 mm = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+          _mm256_mask_storeu_epi16(dst + j, mm, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mm, src + j)));
+        }
+        if (padded > n) dst[n] = 0;
+      }
+      for (int g0 = 0; g0 < group; g0 += 4) {        /* value rows shared by up to 4 heads at a time */
+        int gn = group - g0 < 4 ? group - g0 : 4;
+        const uint16_t *pb[4];
+        for (int g = 0; g < gn; g++) pb[g] = pbuf + (size_t)(g0 + g) * padded;
+        int dc = chunks, whole = D % 32 == 0;
+        __mmask32 tail = whole ? 0xFFFFFFFFu : (__mmask32)((1u << (D % 32)) - 1);
+        if (whole && dc == 2 && gn == 3) weighted_values(vh, D, n, pb, 3, 2, tail, o);
+        else if (whole && dc == 2 && gn == 4) weighted_values(vh, D, n, pb, 4, 2, tail, o);
+        else if (whole && dc == 4 && gn == 2) weighted_values(vh, D, n, pb, 2, 4, tail, o);
+        else if (whole && dc == 2 && gn == 1) weighted_values(vh, D, n, pb, 1, 2, tail, o);
+        else if (whole && dc == 4 && gn == 1) weighted_values(vh, D, n, pb, 1, 4, tail, o);
+        else weighted_values(vh, D, n, pb, gn, dc, tail, o);
+        for (int g = 0; g < gn; g++) {
+          uint16_t *oh = out + ((size_t)b * H + kvh * group + g0 + g) * D;
+          __m512 vinv = _mm512_set1_ps(inv[g0 + g]);
+          for (int c = 0; c < dc; c++)
+            store_values(oh + 32 * c, o[(g * dc + c) * 2], o[(g * dc + c) * 2 + 1], vinv, D - 32 * c);
+        }
       }
     }
   }
@@ -218,19 +317,20 @@ void kernos_add_rmsnorm_bf16(uint16_t *h, const uint16_t *delta, const uint16_t 
   }
 }
 
-/* From a fused q|k|v projection qkv[M, (NQ + 2 * NKV) * D]: q rotated into q_out[M, NQ, D]; k rotated and v
-   written into column `col` of the cache buffers (row b, head g at kbuf + b * sb + g * sh, a column every D).
+/* From a fused q|k|v projection qkv[M, (NQ + 2 * NKV) * D]: q rotated into q_out[M, NQ, D]; row m's k rotated
+   and its v written into the cache buffers at head g: kbuf + m * rs + g * sh + (col + m * cs) * D (a decode
+   step: rs the batch stride, cs 0; a prompt chunk: rs 0, cs 1, consecutive columns of one sequence).
    cos and sin [M, D] bf16. Each product and the sum are rounded to bf16, as transformers' rotary is. */
 void kernos_rope_append_bf16(const uint16_t *qkv, int M, int NQ, int NKV, int D, const uint16_t *cos,
-                             const uint16_t *sin, uint16_t *q_out, uint16_t *kbuf, uint16_t *vbuf, long sb, long sh,
-                             int col) {
+                             const uint16_t *sin, uint16_t *q_out, uint16_t *kbuf, uint16_t *vbuf, long rs, long sh,
+                             int col, int cs) {
   int half = D / 2, width = (NQ + 2 * NKV) * D;
   for (int m = 0; m < M; m++) {
     const uint16_t *src = qkv + (size_t)m * width, *c = cos + (size_t)m * D, *s = sin + (size_t)m * D;
     for (int head = 0; head < NQ + NKV; head++) {
       const uint16_t *x = src + (size_t)head * D;
       uint16_t *dst = head < NQ ? q_out + ((size_t)m * NQ + head) * D
-                                : kbuf + m * sb + (long)(head - NQ) * sh + (size_t)col * D;
+                                : kbuf + m * rs + (long)(head - NQ) * sh + (size_t)(col + m * cs) * D;
       for (int i = 0; i < D; i++) {
         float rot = i < half ? -bf16_load(x + i + half) : bf16_load(x + i - half);
         float a = bf16_round(bf16_load(x + i) * bf16_load(c + i));
@@ -240,7 +340,7 @@ void kernos_rope_append_bf16(const uint16_t *qkv, int M, int NQ, int NKV, int D,
     }
     const uint16_t *v = src + (size_t)(NQ + NKV) * D;
     for (int g = 0; g < NKV; g++)
-      memcpy(vbuf + m * sb + (long)g * sh + (size_t)col * D, v + (size_t)g * D, (size_t)D * sizeof(uint16_t));
+      memcpy(vbuf + m * rs + (long)g * sh + (size_t)(col + m * cs) * D, v + (size_t)g * D, (size_t)D * sizeof(uint16_t));
   }
 }
 

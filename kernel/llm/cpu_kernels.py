@@ -86,11 +86,12 @@ def library():
     lib.kernos_pack_bf16.argtypes = [_P, _I, _I, _P]
     lib.kernos_pack_bf16.restype = None
     lib.kernos_tile_outputs.restype = _I
-    lib.kernos_decode_attention_bf16.argtypes = [_P, _P, _P, ctypes.c_long, ctypes.c_long, _I, _I, _I, _I, _I, _P,
-                                                 ctypes.c_float, _P, _P]
-    lib.kernos_decode_attention_bf16.restype = None
+    lib.kernos_attention_bf16.argtypes = [_P, _P, _P, ctypes.c_long, ctypes.c_long, _I, _I, _I, _I, _P, _P,
+                                          ctypes.c_float, _P, _P]
+    lib.kernos_attention_bf16.restype = None
     lib.kernos_add_rmsnorm_bf16.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float, _P]
-    lib.kernos_rope_append_bf16.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_long, ctypes.c_long, _I]
+    lib.kernos_rope_append_bf16.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_long, ctypes.c_long, _I,
+                                            _I]
     lib.kernos_silu_mul_bf16.argtypes = [_P, _I, _I, _P]
     for f in (lib.kernos_add_rmsnorm_bf16, lib.kernos_rope_append_bf16, lib.kernos_silu_mul_bf16):
         f.restype = None
@@ -152,18 +153,17 @@ class PackedWeight:
         return y
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """One query position per row: q [B, H, D] bf16 (contiguous); keys and values [B, KV, L, D] bf16 with
-    unit-stride columns (views into preallocated buffers are fine); row b attends to its columns start[b]
-    (int32) .. L - 1. Returns [B, H, D] bf16."""
-    b, h, d = q.shape
-    kv, length = keys.shape[1], keys.shape[2]
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
+              scale: float, one_sequence: bool = False) -> torch.Tensor:
+    """A query position per row: q [M, H, D] bf16 (contiguous); keys and values [B, KV, L, D] bf16 with
+    unit-stride columns (views into cache buffers are fine). Row m attends to columns start[m] .. end[m] - 1
+    (int32) of cache row m, or of cache row 0 with `one_sequence` (a prompt chunk's positions). [M, H, D] bf16."""
+    m, h, d = q.shape
     out = torch.empty_like(q)
-    scratch = torch.empty(length, dtype=torch.float32)
-    library().kernos_decode_attention_bf16(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0),
-                                           keys.stride(1), b, h, kv, d, length, start.data_ptr(), scale,
-                                           out.data_ptr(), scratch.data_ptr())
+    scratch = torch.empty(2 * (h // keys.shape[1]) * (keys.shape[2] + 2), dtype=torch.float32)
+    library().kernos_attention_bf16(q.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                    0 if one_sequence else keys.stride(0), keys.stride(1), m, h, keys.shape[1], d,
+                                    start.data_ptr(), end.data_ptr(), scale, out.data_ptr(), scratch.data_ptr())
     return out
 
 
@@ -177,14 +177,16 @@ def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
 
 
 def rope_append(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
-                keys: torch.Tensor, values: torch.Tensor, column: int) -> torch.Tensor:
-    """Rotary on q and k of a fused projection qkv [M, (heads + 2 kv_heads) * D]; k and v written into column
-    `column` of the cache buffers keys/values [M, kv_heads, capacity, D]. Returns q [M, heads, D]."""
+                keys: torch.Tensor, values: torch.Tensor, column: int, one_sequence: bool = False) -> torch.Tensor:
+    """Rotary on q and k of a fused projection qkv [M, (heads + 2 kv_heads) * D]; row m's k and v written into
+    column `column` of cache row m of the buffers keys/values [B, kv_heads, capacity, D], or with
+    `one_sequence` into column `column + m` of cache row 0 (a prompt chunk). Returns q [M, heads, D]."""
     m, d = qkv.shape[0], cos.shape[-1]
     q = torch.empty(m, heads, d, dtype=torch.bfloat16)
     library().kernos_rope_append_bf16(qkv.data_ptr(), m, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(),
-                                      q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0),
-                                      keys.stride(1), column)
+                                      q.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                      0 if one_sequence else keys.stride(0), keys.stride(1), column,
+                                      1 if one_sequence else 0)
     return q
 
 

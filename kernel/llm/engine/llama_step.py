@@ -45,18 +45,19 @@ def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:          # LlamaRMSNorm.fo
     return norm.weight * x.to(dtype)
 
 
-def _reserve(layer) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The layer's key and value buffers, with room for one more column, and how many columns it holds.
+def _reserve(layer, extra: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The layer's key and value buffers, with room for `extra` more columns, and how many columns it holds.
     `DynamicLayer.update` concatenates, copying the whole cache on every step; here the layer's tensors are
     views into buffers with `HEADROOM` spare columns, written in place, and reallocated only when full or when
-    the batch has rebuilt them (rows joined, left or were trimmed)."""
+    the batch has rebuilt them (rows joined, left or were trimmed). Buffers belong to one layer object: a copy
+    of the layer (a resident prefix, a swapped row) never writes into them."""
     keys, values, n = layer.keys, layer.values, layer.keys.shape[-2]
     buf = getattr(layer, "_kernos_buffers", None)
-    if (buf is None or buf[0].shape[-2] <= n or buf[0].shape[:2] != keys.shape[:2]
+    if (buf is None or buf[2] != id(layer) or buf[0].shape[-2] < n + extra or buf[0].shape[:2] != keys.shape[:2]
             or keys.data_ptr() != buf[0].data_ptr() or keys.stride() != buf[0].stride()
             or values.data_ptr() != buf[1].data_ptr()):
-        shape = (*keys.shape[:2], n + HEADROOM, keys.shape[-1])
-        buf = (keys.new_empty(shape), values.new_empty(shape))
+        shape = (*keys.shape[:2], n + extra + HEADROOM, keys.shape[-1])
+        buf = (keys.new_empty(shape), values.new_empty(shape), id(layer))
         buf[0][..., :n, :].copy_(keys)
         buf[1][..., :n, :].copy_(values)
         layer._kernos_buffers = buf
@@ -126,6 +127,53 @@ class LlamaStep:
             h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
         return self.model.lm_head(_rms_norm(inner.norm, h))
 
+    @property
+    def prefills(self) -> bool:
+        """Whether prompts run through `prefill` (on the own kernels) rather than transformers' forward."""
+        return self.kernels is not None
+
+    def prefill(self, tokens: list[int], cache, total: int) -> tuple[torch.Tensor, object]:
+        """Run a chunk of one sequence's prompt: `tokens` at the positions after the `cache`'s columns (None:
+        from position 0), on the own kernels. Each position's computation is the one a decode step gives it
+        (rows are computed alone; attention reads exactly the columns before it), so a prompt's cache and logits
+        do not depend on how it is chunked, nor on whether its tokens were prefilled or decoded. `total`: the
+        prompt's length, room for which is reserved at once. Returns (the last position's logits, cache)."""
+        from transformers import DynamicCache
+
+        from .. import cpu_kernels as ck
+
+        kw, inner, t = self.kernels, self.inner, len(tokens)
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+            for layer in cache.layers:
+                shape = (1, kw.kv_heads, total + HEADROOM, self.head_dim)
+                kb, vb = torch.empty(shape, dtype=torch.bfloat16), torch.empty(shape, dtype=torch.bfloat16)
+                layer.dtype, layer.device, layer.is_initialized = kb.dtype, kb.device, True
+                layer.keys, layer.values, layer._kernos_buffers = kb[..., :0, :], vb[..., :0, :], (kb, vb, id(layer))
+        first = cache.layers[0].keys.shape[-2]
+        ids = torch.tensor(tokens, dtype=torch.long)
+        h = inner.embed_tokens(ids)
+        positions = torch.arange(first, first + t)
+        cos, sin = inner.rotary_emb(h, position_ids=positions.unsqueeze(0))
+        cos, sin = cos.reshape(t, -1).contiguous(), sin.reshape(t, -1).contiguous()
+        start = torch.zeros(t, dtype=torch.int32)
+        end = (positions + 1).to(torch.int32)
+        layers = inner.layers
+        norm = layers[0].input_layernorm
+        x = ck.add_rmsnorm(h, None, norm.weight, norm.variance_epsilon)
+        for i, (layer, cache_layer) in enumerate(zip(layers, cache.layers, strict=True)):
+            attn = layer.self_attn
+            keys, values, n = _reserve(cache_layer, max(t, total - first))
+            q = ck.rope_append(kw.qkv[i](x), kw.heads, kw.kv_heads, cos, sin, keys, values, n, one_sequence=True)
+            cache_layer.keys, cache_layer.values = keys[..., :n + t, :], values[..., :n + t, :]
+            o = ck.attention(q, cache_layer.keys, cache_layer.values, start, end, attn.scaling, one_sequence=True)
+            norm = layer.post_attention_layernorm
+            x = ck.add_rmsnorm(h, attn.o_proj._kernos_packed(o.view(t, -1)), norm.weight, norm.variance_epsilon)
+            a = ck.silu_mul(kw.gate_up[i](x))
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else inner.norm
+            x = ck.add_rmsnorm(h, layer.mlp.down_proj._kernos_packed(a), norm.weight, norm.variance_epsilon)
+        return self.model.lm_head._kernos_packed(x[-1:]).view(-1), cache
+
     def _kernel_step(self, ids, positions, start, cache) -> torch.Tensor:
         """The same step on the own bf16 kernels: a handful of calls per layer."""
         from .. import cpu_kernels as ck
@@ -135,6 +183,7 @@ class LlamaStep:
         cos, sin = inner.rotary_emb(h, position_ids=positions)
         cos, sin = cos.reshape(b, -1).contiguous(), sin.reshape(b, -1).contiguous()
         layers = inner.layers
+        end = torch.full_like(start, cache.layers[0].keys.shape[-2] + 1)
         norm = layers[0].input_layernorm
         x = ck.add_rmsnorm(h, None, norm.weight, norm.variance_epsilon)
         for i, (layer, cache_layer) in enumerate(zip(layers, cache.layers, strict=True)):
@@ -142,7 +191,7 @@ class LlamaStep:
             keys, values, n = _reserve(cache_layer)
             q = ck.rope_append(kw.qkv[i](x), kw.heads, kw.kv_heads, cos, sin, keys, values, n)
             cache_layer.keys, cache_layer.values = keys[..., :n + 1, :], values[..., :n + 1, :]
-            o = ck.decode_attention(q, cache_layer.keys, cache_layer.values, start, attn.scaling)
+            o = ck.attention(q, cache_layer.keys, cache_layer.values, start, end, attn.scaling)
             norm = layer.post_attention_layernorm
             x = ck.add_rmsnorm(h, attn.o_proj._kernos_packed(o.view(b, -1)), norm.weight, norm.variance_epsilon)
             a = ck.silu_mul(kw.gate_up[i](x))
@@ -184,7 +233,10 @@ class _KernelWeights:
             qkv.append(cpu_kernels.PackedWeight.fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
             gate_up.append(cpu_kernels.PackedWeight.fuse([mlp.gate_proj, mlp.up_proj]))
         attn = inner.layers[0].self_attn
-        return cls(qkv, gate_up, attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim)
+        heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+        if heads % kv_heads or heads // kv_heads > 64:
+            return None
+        return cls(qkv, gate_up, heads, kv_heads)
 
     @staticmethod
     def attention_starts(mask: torch.Tensor) -> torch.Tensor | None:

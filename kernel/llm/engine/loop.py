@@ -53,14 +53,14 @@ class TransformersEngine(Engine):
                  max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
                  swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None, resident_bytes: int = 0,
                  resident_ttl_s: float = 600.0, prefill_chunk: int = 32):
-        self.costs = CostModel(preemption, exact_recompute=lm.dtype == torch.float32)
+        self.runner = ModelRunner(lm)
+        self.costs = CostModel(preemption, exact_recompute=self.runner.exact_recompute)
         self.lm = lm
         self.name = lm.name
         self.max_batch_size = max_batch_size
         self.policy = policy or FifoPolicy()
         self.budget = Budget(max_batch_size, max_tokens_in_flight, cache_budget_bytes)
         self.stats = EngineStats()
-        self.runner = ModelRunner(lm)
         self.swap = SwapSpace(swap_host_bytes, swap_dir)
         self.prefill_chunk = prefill_chunk
         self.resident = ResidentCache(resident_bytes, resident_ttl_s, lm.architecture == "hybrid", prefill_chunk)
@@ -109,8 +109,11 @@ class TransformersEngine(Engine):
         def do():
             in_use = {"running": {s.req.adapter for s in self.rows},
                       "all": {s.req.adapter for s in self.rows + self.waiting}}
+            exact = self.runner.position_exact
             loaded = self.runner.adapters.load(name, folder, in_use)
             self.resident.drop_adapter(name)        # computed by the adapter's previous weights
+            if exact and not self.runner.position_exact:
+                self.resident.clear()   # the base model now runs transformers' forward, which rounds differently
             return loaded
         return self.call(do)
 
@@ -363,7 +366,7 @@ class TransformersEngine(Engine):
     def _run_prefill(self, tokens: list[int], adapter: str | None, keep: bool = False):
         """Prefill `tokens` in chunks, from the longest resident prefix when one matches; `keep`: make the
         result resident too (a new prompt: the next turn, a tool follow-up or another agent may share it)."""
-        past, start = self.resident.lookup(tokens, adapter)
+        past, start = self.resident.lookup(tokens, adapter, self.runner.position_exact)
         keep = keep and self.resident.enabled
         hybrid, boundary = self.resident.hybrid, []
 
@@ -383,6 +386,18 @@ class TransformersEngine(Engine):
         self._resident_stats()
         return logits, past, mask
 
+    def _keep_resident(self, seq: Sequence) -> None:
+        """A finished call's keys and values (its prompt and reply, as far as they were fed) stay resident where
+        the engine is position-exact: they are what a prefill of the same tokens would compute, so the next
+        turn of the conversation reuses them and prefills only what is new."""
+        if not (self.resident.enabled and self.runner.position_exact) or seq.req.group_size > 1:
+            return
+        tokens = (seq.req.prompt_ids + seq.ids)[:seq.position]
+        if len(tokens) != seq.position or seq.position <= len(seq.req.prompt_ids):
+            return
+        self.resident.add(tokens, seq.req.adapter, self.batch.extract(seq))
+        self._resident_stats()
+
     def _join(self, seq: Sequence, past, mask) -> None:
         self.batch.join(seq, past, mask)
         self.stats.cache_bytes = self.batch.nbytes()
@@ -398,6 +413,7 @@ class TransformersEngine(Engine):
             tok = greedy[i] if i in greedy else s.pick(logits[i])
             finish = s.add_token(tok, self.lm.eos_ids)
             if finish is not None:
+                self._keep_resident(s)
                 self._finish(s, finish)
                 done.append(i)
         self.stats.decode_steps += 1

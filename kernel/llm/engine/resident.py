@@ -11,8 +11,12 @@ that the next call whose prompt starts with the same tokens prefills only what i
 - Exactness by construction: prompts are prefilled in chunks that start at multiples of `chunk` (absolute
   positions), entries come from prefills only, and a prefix is reused only up to a chunk boundary. The
   rest of the prompt then runs exactly the forward passes a prefill without reuse runs, on bit-identical
-  keys and values, so a reply with reuse is the reply without, in any dtype. (Keys and values computed
-  while decoding are not reused: a decode step and a prefill round differently.)
+  keys and values, so a reply with reuse is the reply without, in any dtype. (In transformers' forward a
+  decode step and a prefill round differently, so decoded keys and values are not reused there.)
+- Where the engine is position-exact (the own CPU kernels compute each position alike, prefilled in any
+  chunks or decoded: `ModelRunner.position_exact`), a prefix serves up to its last shared token, and a
+  finished call's keys and values (its prompt and its reply) stay resident too: the next turn of a
+  conversation prefills only its new message.
 - Entries are evicted least recently used when the engine needs their bytes for running rows or when
   they exceed their own budget, and dropped after `ttl_s` idle. An edited context block changes the
   prompt's tokens from that point on, so nothing past the edit can match: stale entries are never used
@@ -60,9 +64,10 @@ class ResidentCache:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
-    def lookup(self, prompt: list[int], adapter: str | None):
+    def lookup(self, prompt: list[int], adapter: str | None, exact: bool = False):
         """(cache holding the prompt's first n tokens, n) for the best entry, or (None, 0). At least the
-        prompt's last token is left to prefill: its logits choose the first new token."""
+        prompt's last token is left to prefill: its logits choose the first new token. `exact`: the engine is
+        position-exact, so any shared prefix serves, not only up to a chunk boundary."""
         if not self.enabled:
             return None, 0
         self.lookups += 1
@@ -72,7 +77,8 @@ class ResidentCache:
             if e.adapter != adapter:
                 continue
             n = min(_common_prefix(e.tokens, p), len(p) - 1)
-            n -= n % self.chunk                  # a chunk boundary: the rest runs as it would without reuse
+            if not exact:
+                n -= n % self.chunk              # a chunk boundary: the rest runs as it would without reuse
             if self.hybrid and n != len(e.tokens):
                 continue
             if n > best_n:

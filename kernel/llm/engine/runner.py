@@ -33,6 +33,19 @@ class ModelRunner:
         self._template = None      # any cache of this model: the shape to rebuild saved caches from
         self._step = LlamaStep(lm.model) if supported(lm.model) else None   # decode steps without adapters
 
+    @property
+    def position_exact(self) -> bool:
+        """Is every position's cache and logits computed the same way however it is reached: prefilled whole, in
+        any chunks, or decoded? True on the own CPU kernels (`LlamaStep.prefill`); transformers' forward rounds
+        a prompt chunk and a decode step differently."""
+        return self._step is not None and self._step.prefills and not self.lm.has_adapters
+
+    @property
+    def exact_recompute(self) -> bool:
+        """Does a prefill of tokens that decoding produced give the tokens decoding would have? In fp32 (close
+        enough), and bit for bit where `position_exact`; not in transformers' bf16 forward."""
+        return self.lm.dtype == torch.float32 or self.position_exact
+
     def forward(self, input_ids, mask, positions, past, adapters: list[str | None], last_only: bool):
         kwargs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, self._cache_arg: past,
                   "use_cache": True}
@@ -52,18 +65,23 @@ class ModelRunner:
         t0 = time.perf_counter()
         step = chunk or len(tokens)
         pos = start
+        own = self.position_exact
         while pos < len(tokens):
             end = min(len(tokens), (pos // step + 1) * step)
-            ids = torch.tensor([tokens[pos:end]], dtype=torch.long, device=dev)
-            out = self.forward(ids, mask[:, :end], torch.arange(pos, end, device=dev).unsqueeze(0), past,
-                               [adapter], last_only=True)
-            past, pos = cache_of(out), end
+            if own:
+                logits, past = self._step.prefill(tokens[pos:end], past, len(tokens))
+            else:
+                ids = torch.tensor([tokens[pos:end]], dtype=torch.long, device=dev)
+                out = self.forward(ids, mask[:, :end], torch.arange(pos, end, device=dev).unsqueeze(0), past,
+                                   [adapter], last_only=True)
+                logits, past = out.logits[0, -1], cache_of(out)
+            pos = end
             if at_boundary is not None and chunk and end % chunk == 0 and end < len(tokens):
                 at_boundary(past, end)
         seconds = time.perf_counter() - t0
         if self._template is None:
             self._template = past
-        return out.logits[0, -1], past, mask, seconds
+        return logits, past, mask, seconds
 
     def decode(self, batch) -> torch.Tensor:
         """One step of the running batch: its cache and mask grow by a column; the next-token logits per row."""
