@@ -86,6 +86,9 @@ class EngineConfig(_Strict):
         "auto", description="bf16 on a CPU with AVX512-BF16 and one compute thread: linears, decode attention and "
                             "the decode step's other work on the own C kernels (built once with the system's C "
                             "compiler); off: oneDNN linears and torch operations")
+    kernel_helpers: int = Field(-1, ge=-1, description="helper threads of the own CPU kernels: they take tiles of "
+                                                        "large linears on the cores the compute threads leave, "
+                                                        "yielding to any other thread; -1: those cores; 0: none")
     max_batch_size: int = Field(64, gt=0, description="sequences decoded together per model (the cache budget "
                                                        "also bounds it)")
     threads: int = Field(0, ge=0, description="torch intra-op threads for decoding; 0: all cores but one (left "

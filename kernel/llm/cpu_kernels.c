@@ -13,9 +13,15 @@
 
    Single-threaded: the engine runs one compute thread on the small machines where these kernels are used. */
 #include <immintrin.h>
+#include <linux/futex.h>
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define NZ 4               /* zmm registers of outputs per tile */
 #define NT (16 * NZ)       /* outputs per tile */
@@ -49,27 +55,123 @@ static inline __attribute__((always_inline)) void block(const uint16_t *x, int K
   }
 }
 
-void kernos_linear_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, const float *bias,
-                        uint16_t *y) {
-  int kp_n = K / 2, tiles = (N + NT - 1) / NT;
+static void linear_tile(const uint16_t *x, int M, int K, const uint16_t *w, int N, const float *bias, uint16_t *y,
+                        int t) {
+  int kp_n = K / 2;
   int blocks = (M + RT - 1) / RT, per = blocks ? (M + blocks - 1) / blocks : 0;   /* 8 rows: 4 + 4, not 6 + 2 */
-  for (int t = 0; t < tiles; t++) {
-    const uint16_t *wp = w + (size_t)t * kp_n * 2 * NT;
-    int n0 = t * NT, nvalid = N - n0 < NT ? N - n0 : NT;
-    for (int m = 0; m < M; m += per) {
-      int rows = M - m < per ? M - m : per;
-      const uint16_t *xm = x + (size_t)m * K;
-      uint16_t *ym = y + (size_t)m * N;
-      switch (rows) {   /* a constant row count per case keeps the accumulators in registers */
-        case 1: block(xm, K, 1, wp, kp_n, bias, n0, nvalid, ym, N); break;
-        case 2: block(xm, K, 2, wp, kp_n, bias, n0, nvalid, ym, N); break;
-        case 3: block(xm, K, 3, wp, kp_n, bias, n0, nvalid, ym, N); break;
-        case 4: block(xm, K, 4, wp, kp_n, bias, n0, nvalid, ym, N); break;
-        case 5: block(xm, K, 5, wp, kp_n, bias, n0, nvalid, ym, N); break;
-        default: block(xm, K, RT, wp, kp_n, bias, n0, nvalid, ym, N); break;
-      }
+  const uint16_t *wp = w + (size_t)t * kp_n * 2 * NT;
+  int n0 = t * NT, nvalid = N - n0 < NT ? N - n0 : NT;
+  for (int m = 0; m < M; m += per) {
+    int rows = M - m < per ? M - m : per;
+    const uint16_t *xm = x + (size_t)m * K;
+    uint16_t *ym = y + (size_t)m * N;
+    switch (rows) {   /* a constant row count per case keeps the accumulators in registers */
+      case 1: block(xm, K, 1, wp, kp_n, bias, n0, nvalid, ym, N); break;
+      case 2: block(xm, K, 2, wp, kp_n, bias, n0, nvalid, ym, N); break;
+      case 3: block(xm, K, 3, wp, kp_n, bias, n0, nvalid, ym, N); break;
+      case 4: block(xm, K, 4, wp, kp_n, bias, n0, nvalid, ym, N); break;
+      case 5: block(xm, K, 5, wp, kp_n, bias, n0, nvalid, ym, N); break;
+      default: block(xm, K, RT, wp, kp_n, bias, n0, nvalid, ym, N); break;
     }
   }
+}
+
+/* ---- helper threads: idle cores take tiles of a linear while the caller works on it too -----------------
+   The caller publishes a job and claims tiles from a shared counter; helpers (woken by a futex, spinning a
+   little between the back-to-back calls of a step) claim tiles from the same counter. Nobody waits for a
+   helper that is not running: the caller takes whatever is left, and waits only for tiles already claimed.
+   A tile is computed the same way by any thread, so results do not depend on who computed what. */
+typedef struct {
+  const uint16_t *x, *w;
+  const float *bias;
+  uint16_t *y;
+  int M, K, N;
+} lin_job;
+
+static lin_job job;
+static _Atomic uint64_t claim;          /* generation << 40 | tiles << 20 | next tile */
+static _Atomic int done_tiles;
+static _Atomic uint32_t wake_word;      /* the futex helpers sleep on: bumped for each parallel job */
+static _Atomic int sleeping;
+static int helper_count, spin_iters = 20000;
+static uint64_t generation;
+static pthread_mutex_t caller = PTHREAD_MUTEX_INITIALIZER;   /* several engines: one job at a time */
+
+static int take_tile(void) {
+  uint64_t c = atomic_load_explicit(&claim, memory_order_acquire);
+  for (;;) {
+    uint32_t tiles = (uint32_t)(c >> 20) & 0xFFFFF, next = (uint32_t)c & 0xFFFFF;
+    if (next >= tiles) return -1;
+    if (atomic_compare_exchange_weak_explicit(&claim, &c, c + 1, memory_order_acq_rel, memory_order_acquire))
+      return (int)next;
+  }
+}
+
+static void work_tiles(void) {
+  int t;
+  while ((t = take_tile()) >= 0) {
+    linear_tile(job.x, job.M, job.K, job.w, job.N, job.bias, job.y, t);
+    atomic_fetch_add_explicit(&done_tiles, 1, memory_order_release);
+  }
+}
+
+static void *helper_main(void *arg) {
+  (void)arg;
+  for (;;) {
+    uint32_t seen = atomic_load_explicit(&wake_word, memory_order_acquire);
+    work_tiles();
+    int i = 0;
+    for (; i < spin_iters && atomic_load_explicit(&wake_word, memory_order_acquire) == seen; i++) {
+      _mm_pause();
+      if ((i & 255) == 255) sched_yield();     /* a server thread that needs this core gets it */
+    }
+    if (i == spin_iters) {
+      atomic_fetch_add(&sleeping, 1);
+      syscall(SYS_futex, &wake_word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+      atomic_fetch_sub(&sleeping, 1);
+    }
+  }
+  return NULL;
+}
+
+/* Start `n` helper threads (once; later calls only report how many run). */
+int kernos_start_helpers(int n) {
+  pthread_mutex_lock(&caller);
+  for (; helper_count < n; helper_count++) {
+    pthread_t th;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&th, &attr, helper_main, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc) break;
+  }
+  int got = helper_count;
+  pthread_mutex_unlock(&caller);
+  return got;
+}
+
+#define MIN_SHARED_TILES 4
+
+void kernos_linear_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, const float *bias,
+                        uint16_t *y) {
+  int tiles = (N + NT - 1) / NT;
+  if (helper_count == 0 || tiles < MIN_SHARED_TILES || tiles >= (1 << 20) || pthread_mutex_trylock(&caller)) {
+    for (int t = 0; t < tiles; t++) linear_tile(x, M, K, w, N, bias, y, t);
+    return;
+  }
+  job = (lin_job){x, w, bias, y, M, K, N};
+  generation = (generation + 1) & 0xFFFFFF;
+  atomic_store_explicit(&done_tiles, 0, memory_order_relaxed);
+  atomic_store_explicit(&claim, (generation << 40) | ((uint64_t)tiles << 20), memory_order_release);
+  atomic_fetch_add_explicit(&wake_word, 1, memory_order_release);
+  if (atomic_load(&sleeping)) syscall(SYS_futex, &wake_word, FUTEX_WAKE_PRIVATE, helper_count, NULL, NULL, 0);
+  work_tiles();
+  for (int i = 1; atomic_load_explicit(&done_tiles, memory_order_acquire) < tiles; i++) {   /* claimed, in flight */
+    _mm_pause();
+    if ((i & 1023) == 0) sched_yield();     /* a helper preempted mid-tile: let it run */
+  }
+  pthread_mutex_unlock(&caller);
 }
 
 /* w [N, K] bf16, row-major -> the tiled layout above, zero-padded to a whole number of tiles. */

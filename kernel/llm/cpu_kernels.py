@@ -95,7 +95,17 @@ def library():
     lib.kernos_silu_mul_bf16.argtypes = [_P, _I, _I, _P]
     for f in (lib.kernos_add_rmsnorm_bf16, lib.kernos_rope_append_bf16, lib.kernos_silu_mul_bf16):
         f.restype = None
+    lib.kernos_start_helpers.argtypes = [_I]
+    lib.kernos_start_helpers.restype = _I
     return lib
+
+
+def start_helpers(count: int) -> int:
+    """Start `count` helper threads (once per process) that take tiles of large linears on otherwise idle
+    cores; returns how many run. They spin briefly between the calls of a step (yielding to any other thread
+    that wants the core) and sleep otherwise. Results are the same with or without them."""
+    lib = library()
+    return lib.kernos_start_helpers(max(0, count)) if lib is not None else 0
 
 
 def available(in_features: int) -> bool:

@@ -94,6 +94,7 @@ def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> Loaded
     if device.type == "cpu" and dtype == torch.bfloat16 and engine.pack_cpu_weights:
         pack_linears(model, own_kernels=engine.cpu_kernels == "auto")
         use_cpu_attention(model)
+        _start_kernel_helpers(model, engine)
     adapters = []
     if cfg.adapters:
         model = _attach_adapters(cfg, model)
@@ -108,6 +109,23 @@ def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> Loaded
     log.info("loaded model %s (%s, %s, %.1fM params, %s, adapters=%s)", cfg.name, hf_config.model_type,
              lm.architecture, parameters / 1e6, device, adapters or "none")
     return lm
+
+
+def _start_kernel_helpers(model, engine: EngineConfig) -> None:
+    """Where the own CPU kernels serve, helper threads on the cores the compute threads leave (on 2 cores the
+    second one, which the kernel's servers and local clients leave mostly idle: measured ~50% idle)."""
+    import os
+
+    from . import cpu_kernels
+
+    if not any(isinstance(getattr(m, "_kernos_packed", None), cpu_kernels.PackedWeight) for m in model.modules()):
+        return
+    count = engine.kernel_helpers
+    if count < 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        count = max(0, cores - torch.get_num_threads())
+    if count:
+        log.info("own CPU kernels: %d helper threads", cpu_kernels.start_helpers(count))
 
 
 def eos_ids(tokenizer, generation_eos) -> set[int]:
