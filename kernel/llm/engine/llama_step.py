@@ -140,9 +140,7 @@ class LlamaStep:
         prompt's length, room for which is reserved at once. Returns (the last position's logits, cache)."""
         from transformers import DynamicCache
 
-        from .. import cpu_kernels as ck
-
-        kw, inner, t = self.kernels, self.inner, len(tokens)
+        kw, t = self.kernels, len(tokens)
         if cache is None:
             cache = DynamicCache(config=self.model.config)
             for layer in cache.layers:
@@ -151,53 +149,44 @@ class LlamaStep:
                 layer.dtype, layer.device, layer.is_initialized = kb.dtype, kb.device, True
                 layer.keys, layer.values, layer._kernos_buffers = kb[..., :0, :], vb[..., :0, :], (kb, vb, id(layer))
         first = cache.layers[0].keys.shape[-2]
-        ids = torch.tensor(tokens, dtype=torch.long)
-        h = inner.embed_tokens(ids)
         positions = torch.arange(first, first + t)
-        cos, sin = inner.rotary_emb(h, position_ids=positions.unsqueeze(0))
-        cos, sin = cos.reshape(t, -1).contiguous(), sin.reshape(t, -1).contiguous()
-        start = torch.zeros(t, dtype=torch.int32)
-        end = (positions + 1).to(torch.int32)
-        layers = inner.layers
-        norm = layers[0].input_layernorm
-        x = ck.add_rmsnorm(h, None, norm.weight, norm.variance_epsilon)
-        for i, (layer, cache_layer) in enumerate(zip(layers, cache.layers, strict=True)):
-            attn = layer.self_attn
-            keys, values, n = _reserve(cache_layer, max(t, total - first))
-            q = ck.rope_append(kw.qkv[i](x), kw.heads, kw.kv_heads, cos, sin, keys, values, n, one_sequence=True)
-            cache_layer.keys, cache_layer.values = keys[..., :n + t, :], values[..., :n + t, :]
-            o = ck.attention(q, cache_layer.keys, cache_layer.values, start, end, attn.scaling, one_sequence=True)
-            norm = layer.post_attention_layernorm
-            x = ck.add_rmsnorm(h, attn.o_proj._kernos_packed(o.view(t, -1)), norm.weight, norm.variance_epsilon)
-            a = ck.silu_mul(kw.gate_up[i](x))
-            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else inner.norm
-            x = ck.add_rmsnorm(h, layer.mlp.down_proj._kernos_packed(a), norm.weight, norm.variance_epsilon)
+        x = self._kernel_layers(torch.tensor(tokens, dtype=torch.long), positions, torch.zeros(t, dtype=torch.int32),
+                                (positions + 1).to(torch.int32), cache, max(t, total - first), one_sequence=True)
         return self.model.lm_head._kernos_packed(x[-1:]).view(-1), cache
 
     def _kernel_step(self, ids, positions, start, cache) -> torch.Tensor:
-        """The same step on the own bf16 kernels: a handful of calls per layer."""
+        """The decode step on the own bf16 kernels."""
+        end = torch.full_like(start, cache.layers[0].keys.shape[-2] + 1)
+        x = self._kernel_layers(ids, positions, start, end, cache, 1, one_sequence=False)
+        return self.model.lm_head._kernos_packed(x).view(ids.shape[0], 1, -1)
+
+    def _kernel_layers(self, ids, positions, start, end, cache, room: int, one_sequence: bool) -> torch.Tensor:
+        """The layers on the own kernels, seven calls each, for rows `ids` at `positions`; row m attends to cache
+        columns start[m] .. end[m] - 1. `one_sequence`: the rows are consecutive positions of cache row 0 (a
+        prompt chunk); else row m is cache row m (a decode step). `room`: cache columns to reserve. Returns the
+        final-normed hidden states [rows, hidden]."""
         from .. import cpu_kernels as ck
 
-        kw, inner, b = self.kernels, self.inner, ids.shape[0]
-        h = inner.embed_tokens(ids).view(b, -1)           # the residual stream, updated in place
-        cos, sin = inner.rotary_emb(h, position_ids=positions)
-        cos, sin = cos.reshape(b, -1).contiguous(), sin.reshape(b, -1).contiguous()
+        kw, inner, rows = self.kernels, self.inner, ids.numel()
+        h = inner.embed_tokens(ids.reshape(-1))            # the residual stream, updated in place
+        cos, sin = inner.rotary_emb(h, position_ids=positions.reshape(1, -1))
+        cos, sin = cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
+        new = rows if one_sequence else 1                  # cache columns each layer gains
         layers = inner.layers
-        end = torch.full_like(start, cache.layers[0].keys.shape[-2] + 1)
         norm = layers[0].input_layernorm
         x = ck.add_rmsnorm(h, None, norm.weight, norm.variance_epsilon)
         for i, (layer, cache_layer) in enumerate(zip(layers, cache.layers, strict=True)):
             attn = layer.self_attn
-            keys, values, n = _reserve(cache_layer)
-            q = ck.rope_append(kw.qkv[i](x), kw.heads, kw.kv_heads, cos, sin, keys, values, n)
-            cache_layer.keys, cache_layer.values = keys[..., :n + 1, :], values[..., :n + 1, :]
-            o = ck.attention(q, cache_layer.keys, cache_layer.values, start, end, attn.scaling)
+            keys, values, n = _reserve(cache_layer, room)
+            q = ck.rope_append(kw.qkv[i](x), kw.heads, kw.kv_heads, cos, sin, keys, values, n, one_sequence)
+            cache_layer.keys, cache_layer.values = keys[..., :n + new, :], values[..., :n + new, :]
+            o = ck.attention(q, cache_layer.keys, cache_layer.values, start, end, attn.scaling, one_sequence)
             norm = layer.post_attention_layernorm
-            x = ck.add_rmsnorm(h, attn.o_proj._kernos_packed(o.view(b, -1)), norm.weight, norm.variance_epsilon)
+            x = ck.add_rmsnorm(h, attn.o_proj._kernos_packed(o.view(rows, -1)), norm.weight, norm.variance_epsilon)
             a = ck.silu_mul(kw.gate_up[i](x))
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else inner.norm
             x = ck.add_rmsnorm(h, layer.mlp.down_proj._kernos_packed(a), norm.weight, norm.variance_epsilon)
-        return self.model.lm_head._kernos_packed(x).view(b, 1, -1)
+        return x
 
 
 class _KernelWeights:
