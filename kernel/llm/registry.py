@@ -125,7 +125,7 @@ def _start_kernel_helpers(model, engine: EngineConfig) -> None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         count = max(0, cores - torch.get_num_threads())
     if count:
-        log.info("own CPU kernels: %d helper threads", cpu_kernels.start_helpers(count))
+        log.info("own CPU kernels: %d helper thread(s)", cpu_kernels.start_helpers(count))
 
 
 def eos_ids(tokenizer, generation_eos) -> set[int]:
