@@ -99,6 +99,22 @@ def kernel(tiny_models, lora_adapters, tmp_path_factory):
         k.stop()
 
 
+def load_with_threads(path, threads: int, data_dir, dtype: str = "bfloat16", name: str = "llama"):
+    """Load a model as `kernos serve` does with `threads` compute threads: one picks the own bf16 CPU kernels
+    where they run (as on a 2-core machine)."""
+    import torch
+
+    from kernos.kernel.config import EngineConfig, ModelConfig
+    from kernos.kernel.llm.registry import load_model
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return load_model(ModelConfig(name=name, path=str(path), dtype=dtype), EngineConfig(), data_dir)
+    finally:
+        torch.set_num_threads(before)
+
+
 def drive_engine(engine, reqs, preempt_at: dict[int, str] | None = None, victim: str = "main") -> dict:
     """Run `reqs` to completion on the calling thread, step by step, preempting request `victim` after the
     given steps (step 1 prefills and decodes) by the strategy named; the Final of each request by id."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import drive_engine
+from conftest import drive_engine, load_with_threads
 
 from kernos.kernel.config import EngineConfig, ModelConfig
 from kernos.kernel.llm import cpu_kernels, cpu_speed
@@ -16,16 +16,6 @@ from kernos.kernel.llm.types import GenRequest
 
 TEXTS = ["hello world", "what is the capital of france and the agent kernel memory", "one two",
          "memory storage schedule batch cache tool file read write plan search list run stop the model"]
-
-
-def load_with_threads(path, threads: int, data_dir, dtype: str = "bfloat16"):
-    """Load as `kernos serve` does with `threads` compute threads: one picks the own kernels where they run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return load_model(ModelConfig(name="llama", path=str(path), dtype=dtype), EngineConfig(), data_dir)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import drive_engine
+from conftest import drive_engine, load_with_threads
 
 from kernos.kernel.config import EngineConfig, ModelConfig
 from kernos.kernel.llm.engine import TransformersEngine
@@ -22,16 +22,8 @@ CHUNK = 8       # the tiny models' prompts are short: small chunks, so that they
 @pytest.fixture(scope="module", params=[("llama", "float32"), ("mixtral", "float32"), ("jamba", "float32"),
                                         ("llama", "bfloat16")], ids=lambda p: "-".join(p))
 def lm(request, tiny_models, tmp_path_factory):
-    import torch
-
-    arch, dtype = request.param
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)        # as a 2-core machine serves: bf16 on the own CPU kernels where they run
-    try:
-        return load_model(ModelConfig(name=arch, path=str(tiny_models[arch]), dtype=dtype), EngineConfig(),
-                          tmp_path_factory.mktemp("data"))
-    finally:
-        torch.set_num_threads(before)
+    arch, dtype = request.param     # as a 2-core machine serves: bf16 on the own CPU kernels where they run
+    return load_with_threads(tiny_models[arch], 1, tmp_path_factory.mktemp("data"), dtype, name=arch)
 
 
 def engine_for(lm, resident: bool = True, **kw):
@@ -129,19 +121,11 @@ def test_never_shared_across_adapters(tiny_models, lora_adapters, tmp_path):
 def test_position_exact_engine_reuses_a_conversation_to_its_last_token(tiny_models, tmp_path):
     """On the own CPU kernels a position's keys and values are the same prefilled or decoded: the next turn
     reuses the previous call's prompt and reply to the last shared token, and still replies the same."""
-    import torch
-
     from kernos.kernel.llm import cpu_kernels
 
     if cpu_kernels.library() is None:
         pytest.skip("the own bf16 kernels do not run here (no AVX512-BF16 or no C compiler)")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        lm = load_model(ModelConfig(name="llama", path=str(tiny_models["llama"]), dtype="bfloat16"), EngineConfig(),
-                        tmp_path)
-    finally:
-        torch.set_num_threads(before)
+    lm = load_with_threads(tiny_models["llama"], 1, tmp_path)
     engine = engine_for(lm)
     assert engine.runner.position_exact and engine.costs.exact_recompute
     p1 = chat(lm, [("hello there", None)])

@@ -11,7 +11,8 @@
    grouped-query heads, fp32 scores, softmax and sums. A row reads only its own columns, so its result depends
    neither on the batch's padding nor on the other rows, nor on whether it is decoded or part of a prompt.
 
-   Single-threaded: the engine runs one compute thread on the small machines where these kernels are used. */
+   The engine runs one compute thread on the small machines where these kernels are used; helper threads
+   (below) take tiles of large linears on the cores it leaves. */
 #include <immintrin.h>
 #include <linux/futex.h>
 #include <math.h>
@@ -230,10 +231,6 @@ static inline __m512 bf16_to_f32(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-/* q [M, H, D] bf16, a query position per row; keys and values bf16, a column every D, head g of query row m
-   at k + m * rs + g * sh (rs: the batch stride, one cache row per query row in a decode step; 0: all rows
-   query one sequence's cache, a prompt chunk). Row m attends to columns start[m] .. end[m] - 1.
-   out [M, H, D] bf16. scratch: 2 * (H / KV) * (max(end) + 2) floats. D even, <= 256; H / KV <= 64. */
 /* out[g] = sum over j of p_g[j] * v[j], for the G heads sharing one key/value head, two keys per vdpbf16ps:
    pb[g] holds head g's probabilities as bf16 (an even count, zero-padded), the value rows of keys j and j + 1
    are interleaved once for all G heads. D = 32 * DC (DC constant: unrolled, in registers); the outputs come out
@@ -286,6 +283,10 @@ static inline __attribute__((always_inline)) void scores16(const uint16_t *kb, c
   }
 }
 
+/* q [M, H, D] bf16, a query position per row; keys and values bf16, a column every D, head g of query row m
+   at k + m * rs + g * sh (rs: the batch stride, one cache row per query row in a decode step; 0: all rows
+   query one sequence's cache, a prompt chunk). Row m attends to columns start[m] .. end[m] - 1.
+   out [M, H, D] bf16. scratch: 2 * (H / KV) * (max(end) + 2) floats. D even, <= 256; H / KV <= 64. */
 void kernos_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, long rs, long sh, int M, int H,
                            int KV, int D, const int *start, const int *end, float scale, uint16_t *out,
                            float *scratch) {

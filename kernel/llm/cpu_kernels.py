@@ -1,5 +1,7 @@
-"""bf16 kernels for decoding on one CPU thread with AVX512-BF16 (`cpu_kernels.c`): linears for small batches,
-and the attention of one new position per row.
+"""bf16 kernels for decoding on one CPU thread with AVX512-BF16 (`cpu_kernels.c`): linears for small batches
+(shared with helper threads on idle cores), attention of a query position per row (a decode step's rows or a
+prompt chunk's positions), and a layer's elementwise work (residual add + RMSNorm, rotary + cache write,
+SiLU x up).
 
 Decoding a small model reads every weight once per step for a handful of rows, so its linears are bound by
 how fast the weights stream from memory. On one thread oneDNN's packed bf16 linear streams about 9-11 GB/s

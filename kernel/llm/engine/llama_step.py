@@ -1,12 +1,17 @@
-"""One decode step of a Llama-family model (Llama, Mistral without sliding window, Qwen2), written out.
+"""Decode steps and prompt chunks of a Llama-family model (Llama, Mistral without sliding window, Qwen2),
+written out.
 
 A decode step of a small model is mostly overhead around small tensors: transformers' forward builds a 4-D
 mask, walks its generic layer stack with keyword arguments, hooks and output records, for one token per row.
-This step runs the same operations in the same order on the model's own weights and modules (so its logits
-and cache equal transformers' bit for bit, which a test checks) without that machinery: the padding mask is
-made once per step, the rotary embedding once per step, and each layer is a dozen tensor operations.
 
-Prefills, adapters (peft), MoE and hybrid models keep transformers' forward (`supported` says which).
+- On the own bf16 CPU kernels (`cpu_kernels`), decode steps and prompt chunks share one layer loop of seven
+  kernel calls; each position is computed the same way however it is reached (prefilled in any chunks, or
+  decoded) and whatever rows are beside it.
+- Elsewhere the decode step runs transformers' operations in the same order on the model's own modules (its
+  logits and cache equal transformers' bit for bit, which a test checks) without that machinery, and prompts
+  keep transformers' forward.
+- Either way the cache grows in place, in buffers with headroom (`_reserve`). Adapters (peft), MoE and hybrid
+  models keep transformers' forward (`supported` says which).
 """
 from __future__ import annotations
 
@@ -191,8 +196,8 @@ class LlamaStep:
 
 class _KernelWeights:
     """Where every linear of the model runs on the own bf16 kernels (`cpu_kernels`): q/k/v and gate/up fused
-    into one weight each (see `PackedWeight.fuse`). The step is then the
-    kernels' computation (each row's alone, whatever the batch), not transformers' op for op."""
+    into one weight each (see `PackedWeight.fuse`). The step is then the kernels' computation (each row's
+    alone, whatever the batch), not transformers' op for op."""
 
     def __init__(self, qkv: list, gate_up: list, heads: int, kv_heads: int):
         self.qkv, self.gate_up, self.heads, self.kv_heads = qkv, gate_up, heads, kv_heads
@@ -212,6 +217,10 @@ class _KernelWeights:
                for n in [inner.norm] + [x for ly in inner.layers for x in (ly.input_layernorm,
                                                                             ly.post_attention_layernorm)]):
             return None
+        attn = inner.layers[0].self_attn
+        heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+        if heads % kv_heads or heads // kv_heads > 64:
+            return None
         qkv, gate_up = [], []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -221,10 +230,6 @@ class _KernelWeights:
                 return None
             qkv.append(cpu_kernels.PackedWeight.fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
             gate_up.append(cpu_kernels.PackedWeight.fuse([mlp.gate_proj, mlp.up_proj]))
-        attn = inner.layers[0].self_attn
-        heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
-        if heads % kv_heads or heads // kv_heads > 64:
-            return None
         return cls(qkv, gate_up, heads, kv_heads)
 
     @staticmethod
