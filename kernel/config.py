@@ -45,6 +45,8 @@ class ServerConfig(_Strict):
                                                  "HTTP server; see [aios]")
     console_session_idle_s: float = Field(8 * 3600.0, gt=0, description="a console login ends after this long "
                                                                           "unused")
+    console_sessions_per_principal: int = Field(16, gt=0, description="console logins one principal may hold; its "
+                                                                       "next one ends its least recently used")
 
     @model_validator(mode="after")
     def _tls(self):
@@ -69,6 +71,10 @@ class LimitsConfig(_Strict):
     max_stop_strings: int = Field(16, ge=0)
     max_schema_bytes: int = Field(64 * 1024, gt=0, description="largest JSON schema (a tool's parameters or "
                                                                  "response_format's)")
+    max_schema_repeats: int = Field(
+        10_000, gt=0, description="sum of a schema's array bounds (minItems, maxItems, minContains, maxContains): "
+                                  "the grammar compiler unrolls them, about 1 KB each, so a bound of 10^8 in a "
+                                  "300-byte schema would take 5 GiB")
     grammar_compile_s: float = Field(5.0, gt=0, description="longest a request's output grammar may take to compile")
     max_n: int = Field(8, gt=0, description="samples one request may ask for (n)")
     default_tool_rounds: int = Field(4, gt=0, description="tool_execution 'kernel': rounds of calls when unset")

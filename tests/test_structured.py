@@ -429,3 +429,33 @@ def test_generated_objects_are_closed_where_they_list_their_properties():
     assert "additionalProperties" not in p["meta"] and p["extra"]["additionalProperties"] is True
     assert p["either"]["anyOf"][0]["additionalProperties"] is False
     assert schema["properties"]["meta"] == {"type": "object"} and "additionalProperties" not in schema   # untouched
+
+
+def test_a_row_whose_grammar_fails_ends_alone(lm):
+    """Issue 30, finding 2's cause: one row's failure in sampling or its grammar failed every row of the batch.
+    A sampled row's grammar is broken mid-generation (a token it forbids forced into its matcher): that row ends
+    with an error, the rows beside it give the tokens they give alone."""
+    import numpy as np
+
+    names = ("free", "schema_a", "tool")
+    alone = {n: _drive(TransformersEngine(lm, 4), [_request(lm, n, temperature=0.8, seed=7)])[n]
+             for n in names}
+    engine = TransformersEngine(lm, 4)
+    handles = {}
+    for n in names:
+        r = _request(lm, n, temperature=0.8, seed=7)
+        handles[n] = RequestHandle(r)
+        engine.submit(r, handles[n])
+    engine.step()
+    row = next(s for s in engine.rows if s.req.request_id == "schema_a")
+    allowed = np.unpackbits(np.frombuffer(row.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    row.matcher.consume_token(int(np.flatnonzero(allowed == 0)[0]))
+    assert row.matcher.is_error()
+    steps = 0
+    while engine.step():
+        steps += 1
+        assert steps < 1000
+    with pytest.raises(RuntimeError, match="grammar"):
+        handles["schema_a"].result(timeout=1)
+    for n in ("free", "tool"):
+        assert handles[n].result(timeout=1).token_ids == alone[n].token_ids

@@ -11,11 +11,22 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
+class SamplingError(ValueError):
+    """This row cannot pick a token (its logits hold no finite choice): it ends alone, never its batch."""
+
+
 def choose(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator) -> int:
-    """Pick the next token from a row of logits [vocab]."""
+    """Pick the next token from a row of logits [vocab]. Scaled as (logits - max) / temperature: every value is
+    <= 0 and the best is 0, so no temperature the edge accepts (any > 0) can overflow to inf or NaN (a
+    temperature of 1e-37 made `logits / t` inf, and `multinomial` failed the whole batch)."""
     if temperature <= 0:
         return int(torch.argmax(logits.float()))      # argmax over bf16 is ~5x slower than convert + argmax
-    logits = logits.float() / temperature
+    logits = logits.float()
+    top = logits.max()
+    if not torch.isfinite(top):
+        raise SamplingError(f"no finite logit to sample from (max {float(top)})")
+    logits = (logits - top) / temperature
+    logits = torch.nan_to_num(logits, nan=float("-inf"))
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -27,6 +38,8 @@ def choose(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, g
         drop = cumulative - sorted_p >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        raise SamplingError("the sampling distribution is not finite")
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 

@@ -201,7 +201,7 @@ class Generate:
             raise invalid("empty request: give messages (chat) or prompt (raw text)")
         _check_messages(g.messages)
         output = output_spec(g.tools, _tool_choice(g), g.parallel_tool_calls, g.response_format, g.schema_json,
-                             lim.max_schema_bytes, g.strict)
+                             lim.max_schema_bytes, g.strict, lim.max_schema_repeats)
         if output is not None and output.tools and not g.messages:
             raise invalid("tools need the chat form (messages), not a raw prompt")
         if g.prompt and not g.prompt.strip():
@@ -396,6 +396,11 @@ class Generate:
         if model is None:
             raise not_found(f"snapshot '{snapshot_id}' is of model '{state['model']}', which is not served now")
         req = await asyncio.to_thread(model.engine.snapshot_request, folder, uuid.uuid4().hex)
+        # Access is decided again, as for a new request: a grant revoked since the snapshot ends its use.
+        if req.adapter and req.adapter not in model.adapters:
+            raise not_found(f"snapshot '{snapshot_id}' runs adapter '{req.adapter}', which model '{model.name}' "
+                            "no longer serves")
+        self.access.authorize_model(principal, model.name, req.adapter or None)
         await self._compile(model, req)
 
         async def submit(r, handle):
@@ -544,6 +549,8 @@ class Generate:
         return await self._engine_call(principal, request_id, "suspend")
 
     async def resume(self, principal, request_id: str) -> str:
+        _, model, handle = self._entry(principal, request_id)
+        self.access.authorize_model(principal, model.name, handle.request.adapter or None)   # decided again
         return await self._engine_call(principal, request_id, "resume")
 
     async def snapshot(self, principal, request_id: str) -> str:

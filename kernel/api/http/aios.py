@@ -67,8 +67,9 @@ def _param(params: dict, key: str, kind=str, required: bool = True, default=None
         return default
     if kind is int and isinstance(v, str) and v.strip().isdigit():
         v = int(v)
-    if not isinstance(v, kind) or (kind is str and required and not v.strip()) or isinstance(v, bool) and kind is int:
-        what = "a non-empty string" if kind is str else "an integer"
+    if (not isinstance(v, kind) or (kind is str and required and not v.strip()) or isinstance(v, bool) and kind is int
+            or kind is int and not 0 <= v < (1 << 31)):
+        what = "a non-empty string" if kind is str else "an integer from 0 to 2^31-1"
         raise StatusError("INVALID_ARGUMENT", f"query_data.params.{key} must be {what}")
     return v
 

@@ -32,7 +32,7 @@ class LLMQuery(_Loose):
     tools: list[dict[str, Any]] | None = None
     action_type: Literal[ACTIONS] = "chat"          # type: ignore[valid-type]
     temperature: float | None = Field(None, ge=0, le=2)
-    max_new_tokens: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, le=(1 << 31) - 1)
     message_return_type: Literal["text", "json"] = "text"
     response_format: dict[str, Any] | None = None
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from kernos.proto.v1 import llm_pb2 as pb
 
 from ...llm.types import Finish
+
+# Integer fields within the range of the syscall's field (uint32 / int32): a larger number is a 400 naming the
+# field, never a protobuf ValueError answered 500 (n = 2**40 was). What is sensible within it, the use case says.
+U32 = Annotated[int, Field(ge=0, le=(1 << 32) - 1)]
+I32 = Annotated[int, Field(ge=-(1 << 31), le=(1 << 31) - 1)]
 
 
 class _Loose(BaseModel):
@@ -47,25 +52,25 @@ class StreamOptions(_Loose):
 
 class _Sampling(_Loose):
     model: str
-    max_tokens: int | None = None
+    max_tokens: I32 | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
+    n: U32 = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     logprobs: bool | None = None
     # Kernos's own fields, through the client's extra_body
-    priority: int = 0
+    priority: I32 = 0
     adapter: str | None = None
 
 
 class ChatRequest(_Sampling):
     messages: list[dict[str, Any]]
-    max_completion_tokens: int | None = None
-    top_logprobs: int | None = None
+    max_completion_tokens: I32 | None = None
+    top_logprobs: U32 | None = None
     tools: list[ToolDef] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
@@ -78,7 +83,7 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    logprobs: int | None = None                    # legacy completions: the number of alternatives
+    logprobs: U32 | None = None                    # legacy completions: the number of alternatives
 
 
 class EmbeddingRequest(_Loose):

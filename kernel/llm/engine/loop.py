@@ -410,8 +410,14 @@ class TransformersEngine(Engine):
         for i, s in enumerate(rows):
             s.position += 1
             s.quantum_steps += 1
-            tok = greedy[i] if i in greedy else s.pick(logits[i])
-            finish = s.add_token(tok, self.lm.eos_ids)
+            try:
+                tok = greedy[i] if i in greedy else s.pick(logits[i])
+                finish = s.add_token(tok, self.lm.eos_ids)
+            except Exception as e:   # this row's sampling or grammar: it ends alone, the batch goes on
+                log.warning("engine %s: request %s failed: %s: %s", self.name, s.req.request_id, type(e).__name__, e)
+                self._fail(s, f"generation failed in model '{self.name}': {type(e).__name__}: {e}")
+                done.append(i)
+                continue
             if finish is not None:
                 self._keep_resident(s)
                 self._finish(s, finish)
@@ -489,6 +495,11 @@ class TransformersEngine(Engine):
         with self._lock:
             self.waiting = []
         self.batch.clear()
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """End one sequence with an error (its handle gets Failed); the caller takes it out of the batch."""
+        seq.handle.put(Failed(message))
+        self.stats.completed += 1
 
     def _fail_all(self, message: str) -> None:
         for s in self.rows:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..sampling import choose, make_generator
+from ..sampling import SamplingError, choose, make_generator
 from ..types import Final, Finish, GenRequest, RequestHandle, TextDelta
 from .detokenizer import Detokenizer
 
@@ -66,7 +66,10 @@ class Sequence:
         state only: rows of one batch follow different grammars (or none) side by side."""
         if self.matcher is None:
             return
-        allowed = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        mask = self.matcher.compute_bitmask()
+        if self.matcher.is_error():     # a grammar past its limits (lexer fuel, parser items): this row ends
+            raise SamplingError(f"the output grammar failed: {self.matcher.get_error()[:300]}")
+        allowed = np.unpackbits(np.frombuffer(mask, dtype=np.uint8), bitorder="little")
         n = row.shape[-1]
         allowed = torch.from_numpy(allowed[:n])
         row[: allowed.shape[0]].masked_fill_(allowed == 0, float("-inf"))

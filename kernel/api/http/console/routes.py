@@ -51,7 +51,8 @@ def mount(app: FastAPI, kernel) -> History:
     """Add the console's routes to `app`; returns the sampler the HTTP server runs beside it."""
     history = History(kernel)
     views = Views(kernel, history)
-    sessions = Sessions(idle_s=kernel.config.server.console_session_idle_s)
+    sessions = Sessions(idle_s=kernel.config.server.console_session_idle_s,
+                        per_owner=kernel.config.server.console_sessions_per_principal)
     gate = kernel.gate
 
     def cookie(response: Response, request: Request, name: str, value: str, path: str = "/console") -> None:
@@ -109,7 +110,7 @@ def mount(app: FastAPI, kernel) -> History:
             await asyncio.sleep(0.25)         # slows guessing; tokens are long random strings anyway
             return RedirectResponse("/console/login?error=refused", 303, headers=HEADERS)
         audit(principal.agent_id, "console.login", True, f"logged in from {peer}")
-        s = sessions.create(token)
+        s = sessions.create(token, principal.agent_id)
         response = RedirectResponse("/console", 303, headers=HEADERS)
         cookie(response, request, COOKIE, s.session_id)
         response.delete_cookie(LOGIN_COOKIE, path="/console/login")

@@ -21,26 +21,42 @@ class Session:
     session_id: str
     token: str
     csrf: str
+    owner: str = ""                 # the principal it logged in as: its sessions are capped together
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
 
 
 class Sessions:
-    def __init__(self, idle_s: float = 8 * 3600, max_sessions: int = 10_000):
+    """At most `per_owner` sessions a principal, `max_sessions` in all. A principal's new session replaces its
+    own least recently used one, never another's: an agent logging in 10,050 times once pushed an idle
+    operator out. When the whole table is full, the principal holding the most sessions gives one up."""
+
+    def __init__(self, idle_s: float = 8 * 3600, max_sessions: int = 10_000, per_owner: int = 16):
         self.idle_s = idle_s
         self.max_sessions = max_sessions
+        self.per_owner = per_owner
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def create(self, token: str) -> Session:
-        s = Session(secrets.token_urlsafe(32), token, secrets.token_urlsafe(24))
+    def create(self, token: str, owner: str = "") -> Session:
+        s = Session(secrets.token_urlsafe(32), token, secrets.token_urlsafe(24), owner)
         with self._lock:
             self._expire()
-            if len(self._sessions) >= self.max_sessions:          # the oldest idle one goes
-                oldest = min(self._sessions.values(), key=lambda x: x.last_used)
-                self._sessions.pop(oldest.session_id, None)
+            mine = [x for x in self._sessions.values() if x.owner == owner]
+            if len(mine) >= self.per_owner:
+                self._drop_oldest(mine)
+            elif len(self._sessions) >= self.max_sessions:
+                counts: dict[str, int] = {}
+                for x in self._sessions.values():
+                    counts[x.owner] = counts.get(x.owner, 0) + 1
+                top = max(counts, key=counts.__getitem__)
+                self._drop_oldest([x for x in self._sessions.values() if x.owner == top])
             self._sessions[s.session_id] = s
         return s
+
+    def _drop_oldest(self, sessions: list[Session]) -> None:
+        oldest = min(sessions, key=lambda x: x.last_used)
+        self._sessions.pop(oldest.session_id, None)
 
     def get(self, session_id: str | None) -> Session | None:
         if not session_id:

@@ -1,0 +1,171 @@
+"""Isolation under hostile load (issue 30): each numbered finding of the review, as the attack itself against a
+real kernel process. Each of these got through before: one agent's request killed the kernel, failed another
+agent's work, reached a resource it had lost access to, or took what others needed."""
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+import kernos.sdk
+from kernos.agents.demo import start_kernel, stop_kernel
+
+ADMIN = "isolation-admin-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def ik(tiny_models, lora_adapters, tmp_path_factory):
+    from conftest import write_config
+
+    d = tmp_path_factory.mktemp("isolation")
+    cfg = write_config(
+        d / "k.toml",
+        [{"name": "tiny", "path": str(tiny_models["llama"]), "restricted_adapters": ["beta"],
+          "adapters": {k: str(v) for k, v in lora_adapters.items()}},
+         {"name": "echo", "path": "-", "kind": "echo"}],
+        server={"admin_token": ADMIN, "console_sessions_per_principal": 4},
+        engine={"dtype": "float32"})
+    proc, address = start_kernel(d / "data", str(cfg), timeout=120)
+    yield proc, address, proc.http_address
+    assert stop_kernel(proc) == 0
+
+
+def client_for(http: str, session) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://{http}/v1", api_key=session.token, max_retries=0)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+# -- 1. a schema that made the grammar compiler allocate 5 GiB ---------------------------------------------------
+def test_a_grammar_bomb_is_refused_before_it_compiles(ik):
+    proc, address, http = ik
+    with kernos.sdk.connect(address, agent="bomber") as s:
+        client = client_for(http, s)
+        bomb = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"},
+                                                       "minItems": 100_000_000}}, "required": ["a"]}
+        before = peak_rss_mb(proc.pid)
+        t0 = time.monotonic()
+        for schema in (bomb, {"type": "array", "maxItems": 1_000_000},
+                       {"type": "object", "properties": {f"p{i}": {"type": "array", "maxItems": 4000}
+                                                         for i in range(50)}}):
+            with pytest.raises(openai.BadRequestError, match="max_schema_repeats"):
+                client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "list"}], max_tokens=8,
+                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        with pytest.raises(openai.BadRequestError, match="max_schema_repeats"):     # a tool's parameters too
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "call"}], max_tokens=8, tool_choice="required",
+                tools=[{"type": "function", "function": {"name": "f", "parameters": bomb}}])
+        assert time.monotonic() - t0 < 5
+        assert peak_rss_mb(proc.pid) - before < 100
+        ok = client.chat.completions.create(       # bounded arrays still compile and constrain
+            model="tiny", messages=[{"role": "user", "content": "list"}], max_tokens=40,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                "type": "array", "items": {"type": "integer"}, "maxItems": 3}}})
+        assert ok.choices[0].finish_reason in ("stop", "length")
+    assert proc.poll() is None
+
+
+# -- 2. a temperature of 1e-37 failed every row of the batch -----------------------------------------------------
+def test_a_tiny_temperature_fails_no_other_row(ik):
+    proc, address, http = ik
+    victim = kernos.sdk.connect(address, agent="steady")
+    attacker = client_for(http, kernos.sdk.connect(address, agent="overflow"))
+    kw = dict(model="tiny", max_tokens=120, stop=["never-appears-xyz"])
+    out: dict = {}
+
+    def stream():
+        chunks = list(victim.llm.stream("the agent kernel keeps going", temperature=0.7, seed=3, **kw))
+        out["victim"] = chunks[-1].completion
+    t = threading.Thread(target=stream)
+    t.start()
+    # 1.08e-37 overflowed on the embedded model's logits; the tiny model's are smaller: 1e-44 (a float32
+    # subnormal: the wire carries float32) overflows them
+    replies = [attacker.chat.completions.create(messages=[{"role": "user", "content": f"go {i % 2}"}],
+                                                temperature=t, **kw) for i, t in enumerate((1e-44, 1.08e-37) * 2)]
+    t.join(60)
+    assert out["victim"].finish_reason == "length" and out["victim"].completion_tokens == 120
+    assert all(r.choices[0].finish_reason == "length" for r in replies)
+    # a temperature that small samples as greedy would
+    greedy = attacker.chat.completions.create(messages=[{"role": "user", "content": "go 0"}], temperature=0, **kw)
+    assert replies[0].choices[0].message.content == greedy.choices[0].message.content
+    victim.close()
+
+
+# -- 3. integer fields of 2^40 answered 500 with a traceback --------------------------------------------------
+@pytest.mark.parametrize("field", ["n", "max_tokens", "priority", "top_logprobs", "max_completion_tokens"])
+def test_huge_integers_are_a_400_naming_the_field(ik, field):
+    proc, address, http = ik
+    with kernos.sdk.connect(address, agent=f"big-{field}") as s:
+        client = client_for(http, s)
+        extra = {"logprobs": True} if field == "top_logprobs" else {}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={field: 1 << 40, **extra})
+        assert field in e.value.message
+        with pytest.raises(openai.BadRequestError, match="logprobs"):
+            client.completions.create(model="echo", prompt="hi", logprobs=1 << 40)
+    assert proc.poll() is None
+
+
+# -- 4. restore skipped the model/adapter decision -------------------------------------------------------------
+def test_restore_and_resume_decide_adapter_access_again(ik):
+    proc, address, http = ik
+    admin = kernos.sdk.connect(address, token=ADMIN)
+    s = kernos.sdk.connect(address, agent="snapshotter")
+    grant = admin.access.grant("snapshotter", "model", "execute", resource="tiny/beta")
+    kw = dict(model="tiny", adapter="beta", max_tokens=200, stop=["never-appears-xyz"])
+    stream = s.llm.stream("restricted work", **kw)
+    rid = next(stream).request_id
+    next(c for c in stream if c.text)
+    snapshot_id = s.llm.snapshot(rid)
+    assert list(stream)[-1].completion.finish_reason == "snapshot"
+    stream = s.llm.stream("restricted work", **kw)        # and one suspended while it had the grant
+    rid = next(stream).request_id
+    next(c for c in stream if c.text)
+    s.llm.suspend(rid)
+    admin.access.revoke(grant.grant_id)
+    with pytest.raises(kernos.sdk.PermissionDenied, match="tiny/beta"):
+        list(s.llm.restore(snapshot_id))
+    with pytest.raises(kernos.sdk.PermissionDenied, match="tiny/beta"):
+        s.llm.resume(rid)
+    stream.close()                                            # leaving the stream cancels it
+    admin.access.grant("snapshotter", "model", "execute", resource="tiny/beta")
+    last = list(s.llm.restore(snapshot_id))[-1]             # the snapshot was kept: with the grant back, it runs
+    assert last.completion.finish_reason == "length"
+
+
+# -- 6. an agent logging in 10,050 times logged an idle operator out of the console ------------------------------
+def console_login(http: str, token: str) -> httpx.Client:
+    c = httpx.Client(base_url=f"http://{http}", follow_redirects=False, timeout=10)
+    page = c.get("/console/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    r = c.post("/console/login", data={"token": token, "csrf": csrf}, headers={"Origin": f"http://{http}"})
+    assert r.status_code == 303 and r.headers["location"] == "/console", r.headers.get("location")
+    return c
+
+
+def logged_in(c: httpx.Client) -> bool:
+    return c.get("/console").status_code == 200
+
+
+def test_console_logins_of_one_principal_never_end_anothers(ik):
+    proc, address, http = ik
+    operator = console_login(http, ADMIN)
+    with kernos.sdk.connect(address, agent="login-spammer") as s:
+        first = [console_login(http, s.token) for _ in range(4)]
+        assert all(logged_in(c) for c in first)
+        for _ in range(30):                       # the per-principal cap (4 here) is the spammer's own
+            console_login(http, s.token).close()
+        assert not any(logged_in(c) for c in first)  # its own oldest ones went
+    assert logged_in(operator)
+    with kernos.sdk.connect(address, agent="bystander-login") as b:
+        assert logged_in(console_login(http, b.token))
