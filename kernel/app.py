@@ -29,6 +29,7 @@ from .syscalls.files import Files
 from .syscalls.generate import Generate
 from .syscalls.lifecycle import Lifecycle
 from .syscalls.memory import Memory
+from .syscalls.pools import FairPool
 from .syscalls.snapshots import SnapshotStore
 from .syscalls.tuner import Tuner
 from .tools.manager import ToolManager
@@ -55,8 +56,13 @@ class LazyVectorMemory:
                 if self.config.memory.chroma_url:
                     host, port = self.config.memory.chroma_url.split("://", 1)[1].rstrip("/").rsplit(":", 1)
                     http = (host, int(port))
-                self._memory = VectorMemory(self.config.data_dir / "chroma", http=http,
-                                            max_entries=self.config.memory.max_entries)
+                from kernos.memory.embed import Embedder
+                from kernos.memory.fair import FairEmbedder
+
+                m = self.config.memory
+                embedder = FairEmbedder(Embedder(), m.embed_chunk, m.embed_pending_per_agent)
+                self._memory = VectorMemory(self.config.data_dir / "chroma", embedder, http=http,
+                                            max_entries=m.max_entries)
             return self._memory
 
 
@@ -129,8 +135,11 @@ class Kernel:
                                  self.metrics.observe)
         self.agents = Agents(self.registry, self.registration, self.llm, self.jobs, self.lifecycle,
                              self.access_control)
-        self.storage = Files(self.files, self.vector)
-        self.memory = Memory(self.vector, self.contexts, self.llm, config.limits)
+        st, mem = config.storage, config.memory
+        self.storage = Files(self.files, self.vector, FairPool("storage", st.workers, st.workers_per_agent),
+                             st.max_indexed_bytes)
+        self.memory = Memory(self.vector, self.contexts, self.llm, config.limits,
+                             FairPool("memory", mem.workers, mem.workers_per_agent))
         self.access = Access(self.access_control)
         self.datasets = Datasets(self.traces, self.files, self.vector, self.llm, self.access_control, self.generate,
                                  config.limits, config.engine.max_batch_size)

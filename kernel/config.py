@@ -31,6 +31,10 @@ class ServerConfig(_Strict):
     tls_key: Path | None = Field(None, description="its private key (PEM)")
     tls_client_ca: Path | None = Field(None, description="CA (PEM) that client certificates must chain to: mTLS")
     max_message_bytes: int = Field(32 * 1024 * 1024, gt=1024, description="largest gRPC message accepted")
+    max_http_body_bytes: int = Field(32 * 1024 * 1024, gt=1024, description="largest HTTP request body, checked "
+                                                                            "before it is read (413)")
+    http_body_timeout_s: float = Field(30.0, gt=0, description="an HTTP request's whole body must arrive within "
+                                                               "this (408): slow clients hold no connection longer")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight generations")
     agent_ttl_s: float = Field(600.0, gt=0, description="an agent silent this long is idle (its session ends; "
                                                        "its name and token stay its own)")
@@ -143,6 +147,11 @@ class StorageConfig(_Strict):
     max_file_bytes: int = Field(
         16 << 20, gt=0, description="largest single file (also bounded by server.max_message_bytes)"
     )
+    max_indexed_bytes: int = Field(1 << 20, gt=0, description="largest file written with index=true (its passages "
+                                                              "are embedded: about 12 s a MiB on 2 cores)")
+    workers: int = Field(8, gt=0, description="threads for storage calls (fsync, SQLite)")
+    workers_per_agent: int = Field(2, gt=0, description="of those, the most one agent holds; its further calls "
+                                                        "wait behind its own")
 
 
 class QuotaLimits(_Strict):
@@ -228,6 +237,12 @@ class MemoryConfig(_Strict):
     chroma_url: str = Field("", description="empty: embedded chromadb under the data dir; else http://host:port")
     max_entries: int = Field(100_000, ge=0, description="long-term entries per namespace; 0: no limit")
     summary_max_tokens: int = Field(128, gt=0, description="length of a context's summary block")
+    workers: int = Field(8, gt=0, description="threads for memory calls (Chroma, contexts)")
+    workers_per_agent: int = Field(2, gt=0, description="of those, the most one agent holds")
+    embed_chunk: int = Field(4, gt=0, description="texts embedded per turn: agents with texts waiting take turns "
+                                                  "a chunk each, so one agent's big batch never starves another")
+    embed_pending_per_agent: int = Field(4096, gt=0, description="texts one agent may have waiting to be embedded "
+                                                                 "(RESOURCE_EXHAUSTED beyond, with a retry hint)")
 
     @field_validator("chroma_url")
     @classmethod

@@ -144,12 +144,12 @@ class VectorMemory:
         if self.max_entries and coll.count() + len(texts) > self.max_entries:
             raise MemoryError_("RESOURCE_EXHAUSTED", f"memory quota: {coll.count()} of {self.max_entries} entries used")
         now = time.time()
-        coll.add(
-            ids=ids,
-            embeddings=self.embed(texts),
-            documents=texts,
-            metadatas=[dict(m, **{RESERVED: now}) for m in metadatas],
-        )
+        embeddings = self.embed(texts)
+        metas = [dict(m, **{RESERVED: now}) for m in metadatas]
+        step = self.client.get_max_batch_size()   # Chroma refuses larger batches (a 3.8 MB indexed file: 500)
+        for i in range(0, len(texts), step):
+            coll.add(ids=ids[i:i + step], embeddings=embeddings[i:i + step], documents=texts[i:i + step],
+                     metadatas=metas[i:i + step])
         return ids
 
     @_rejects_bad_input
@@ -217,8 +217,9 @@ class VectorMemory:
     def delete_where(self, namespace: str, where: dict[str, str]) -> int:
         coll = self._coll(namespace)
         present = coll.get(where=_where(where), include=[])["ids"]
-        if present:
-            coll.delete(ids=present)
+        step = self.client.get_max_batch_size()
+        for i in range(0, len(present), step):
+            coll.delete(ids=present[i:i + step])
         return len(present)
 
     def count(self, namespace: str) -> int:

@@ -4,6 +4,7 @@ agent's work, reached a resource it had lost access to, or took what others need
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 
@@ -27,7 +28,8 @@ def ik(tiny_models, lora_adapters, tmp_path_factory):
         [{"name": "tiny", "path": str(tiny_models["llama"]), "restricted_adapters": ["beta"],
           "adapters": {k: str(v) for k, v in lora_adapters.items()}},
          {"name": "echo", "path": "-", "kind": "echo"}],
-        server={"admin_token": ADMIN, "console_sessions_per_principal": 4},
+        server={"admin_token": ADMIN, "console_sessions_per_principal": 4, "http_body_timeout_s": 2.0,
+                "max_http_body_bytes": 4 << 20},
         engine={"dtype": "float32"})
     proc, address = start_kernel(d / "data", str(cfg), timeout=120)
     yield proc, address, proc.http_address
@@ -169,3 +171,88 @@ def test_console_logins_of_one_principal_never_end_anothers(ik):
     assert logged_in(operator)
     with kernos.sdk.connect(address, agent="bystander-login") as b:
         assert logged_in(console_login(http, b.token))
+
+
+# -- 9. bodies read before the token was checked, no size limit, slow clients never timed out; huge labels ---------
+def raw_request(http: str, path: str, headers: dict, body: bytes, wait_s: float = 10.0) -> tuple[int, float]:
+    """Send a request head and `body` (possibly less than it announces) on a raw socket: (status, seconds until
+    the answer came)."""
+    host, port = http.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        head = f"POST {path} HTTP/1.1\r\nHost: {http}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        t0 = time.monotonic()
+        sock.sendall(head.encode() + b"\r\n" + body)
+        answer = sock.recv(4096).decode("latin-1")
+        return int(answer.split()[1]), time.monotonic() - t0
+
+
+def test_bodies_are_bounded_before_they_are_read(ik):
+    proc, address, http = ik
+    with kernos.sdk.connect(address, agent="big-bodies") as s:
+        auth = {"Authorization": f"Bearer {s.token}", "Content-Type": "application/json"}
+        before = peak_rss_mb(proc.pid)
+        # 150 MiB announced: refused on the head alone, with or without a token
+        for headers in (auth, {"Content-Type": "application/json"}):
+            status, took = raw_request(http, "/v1/chat/completions", {**headers, "Content-Length": 150 << 20}, b"{")
+            assert status == 413 and took < 2
+        # within the size limit but no valid token: 401 before a byte of the body is read
+        status, took = raw_request(http, "/v1/chat/completions",
+                                   {"Authorization": "Bearer nope", "Content-Length": 3 << 20}, b"{")
+        assert status == 401 and took < 2
+        status, _ = raw_request(http, "/mcp", {"Content-Length": 3 << 20}, b"{")
+        assert status == 401
+        # a chunked body over the limit is cut where it passes it
+        r = httpx.post(f"http://{http}/v1/embeddings", headers=auth,
+                       content=(b"x" * (1 << 20) for _ in range(6)), timeout=30)
+        assert r.status_code == 413 and "max_http_body_bytes" in r.json()["error"]["message"]
+        # a slow client: 1 byte of 1,000 announced, then nothing
+        status, took = raw_request(http, "/v1/chat/completions", {**auth, "Content-Length": 1000}, b"{")
+        assert status == 408 and 1.5 < took < 6
+        assert peak_rss_mb(proc.pid) - before < 50
+        # a valid body still works
+        r = client_for(http, s).chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content == "hi"
+
+
+def test_registration_labels_are_bounded(ik):
+    proc, address, http = ik
+    with pytest.raises(kernos.sdk.InvalidArgument, match="label"):
+        kernos.sdk.connect(address, agent="labelled", labels={f"k{i}": "v" * (1 << 20) for i in range(24)})
+    with pytest.raises(kernos.sdk.InvalidArgument, match="label"):
+        kernos.sdk.connect(address, agent="labelled", labels={"k" * 1000: "v"})
+    with kernos.sdk.connect(address, agent="labelled", labels={"team": "search", "tier": "gold"}) as s:
+        assert {a.agent_id for a in s.kernel.agents()} == {"labelled"}
+
+
+# -- 7. one agent's embeddings starved every other agent's memory and storage -----------------------------------
+def test_heavy_embeddings_wait_behind_their_own(ik):
+    proc, address, http = ik
+    victim = kernos.sdk.connect(address, agent="searcher")
+    victim.memory.add("the kernel schedules agents fairly")
+    victim.memory.search("warm up")
+    attacker = client_for(http, kernos.sdk.connect(address, agent="embed-flood"))
+    texts = [f"passage {i}: " + "lorem ipsum dolor sit amet " * 70 for i in range(48)]   # ~1,900 characters
+    done: list[float] = []
+
+    def flood():
+        attacker.embeddings.create(model="all-MiniLM-L6-v2", input=texts)
+        done.append(time.monotonic())
+    threads = [threading.Thread(target=flood) for _ in range(4)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    waits = []
+    while len(done) < 2 and time.monotonic() - t0 < 120:      # while most of the flood is still queued
+        t1 = time.monotonic()
+        assert victim.memory.search("fair scheduling")[0].text == "the kernel schedules agents fairly"
+        victim.storage.write("note.txt", "x" * 1024)
+        waits.append(time.monotonic() - t1)
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    flood_s = max(done) - t0
+    assert len(done) == 4 and waits
+    # before: the victim queued behind every text of the flood (p50 63 s in the review's run)
+    assert max(waits) < max(2.0, 0.2 * flood_s), (waits, flood_s)
+    victim.close()

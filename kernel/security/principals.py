@@ -84,11 +84,18 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+MAX_LABEL_KEY, MAX_LABEL_VALUE = 64, 256
+
+
 def check_name(name: str, description: str = "", labels: dict | None = None) -> None:
     if not NAME_RE.match(name or ""):
         raise RegistryError("INVALID_ARGUMENT", "agent name must be 1-64 characters of letters, digits, '_', '.', '-'")
     if len(description) > 1024 or len(labels or {}) > 32:
         raise RegistryError("INVALID_ARGUMENT", "description is limited to 1024 characters and labels to 32")
+    for key, value in (labels or {}).items():     # 24 labels of 1 MiB each were taken, and stored, per call
+        if not 0 < len(key) <= MAX_LABEL_KEY or len(value) > MAX_LABEL_VALUE:
+            raise RegistryError("INVALID_ARGUMENT", f"label '{key[:64]}': keys are 1-{MAX_LABEL_KEY} characters, "
+                                                    f"values at most {MAX_LABEL_VALUE}")
 
 
 def _agent(row) -> Agent:

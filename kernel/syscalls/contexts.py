@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from kernos.memory.context import ContextError, ContextStore, plan
+from kernos.memory.fair import as_owner
 from kernos.storage.status import invalid, not_found
 
 ROLES = {"system", "user", "assistant"}
@@ -75,8 +76,8 @@ class ContextAssembler:
         aid = principal.agent_id
         texts = [f"{b.role}: {b.content}" for b in evicted]
         # Into long-term memory first, then out of the context: a crash between the two duplicates, never loses.
-        await asyncio.to_thread(lambda: self.memory().add(aid, texts, [
-            {"kind": "evicted_turn", "context": ctx.context_id, "role": b.role} for b in evicted]))
+        await asyncio.to_thread(as_owner(aid, lambda: self.memory().add(aid, texts, [
+            {"kind": "evicted_turn", "context": ctx.context_id, "role": b.role} for b in evicted])))
         if summarize:
             blocks = await asyncio.to_thread(self.contexts.blocks, aid, ctx.context_id)
             old = next((b.content for b in blocks if b.kind == "summary"), "")

@@ -4,10 +4,10 @@ runs off the event loop (fsync takes milliseconds)."""
 
 from __future__ import annotations
 
-import asyncio
-
 from kernos.storage.files import FileStore, FileVersion
 from kernos.storage.status import invalid
+
+from .pools import FairPool
 
 CHUNK_CHARS = 800
 CHUNK_OVERLAP = 100
@@ -24,9 +24,14 @@ def chunks(text: str) -> list[str]:
 
 
 class Files:
-    def __init__(self, files: FileStore, memory):
+    def __init__(self, files: FileStore, memory, pool: FairPool, max_indexed_bytes: int = 1 << 20):
         self.files = files
         self.memory = memory  # () -> the long-term vector memory
+        self.pool = pool      # storage's own threads, shared fairly between agents
+        self.max_indexed_bytes = max_indexed_bytes
+
+    def _run(self, principal, fn, *args):
+        return self.pool.run(principal.agent_id, fn, *args)
 
     @staticmethod
     def space(principal, owner: str) -> str:
@@ -58,6 +63,9 @@ class Files:
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
                 raise invalid("index=true needs UTF-8 text content") from None
+            if len(data) > self.max_indexed_bytes:     # checked before anything is written
+                raise invalid(f"index=true takes files up to {self.max_indexed_bytes} bytes "
+                              f"(storage.max_indexed_bytes); this one is {len(data)}: write it without index")
 
         def do():
             f = self.files.write(space, path, data, metadata)
@@ -67,7 +75,7 @@ class Files:
                 self._index(space, f, None)  # stale passages must go
             return f
 
-        return await asyncio.to_thread(do)
+        return await self._run(principal, do)
 
     async def search(self, principal, query: str, k: int = 5, owner: str = "") -> list:
         """One hit per file (its best passage): [(path, version, passage, distance)]."""
@@ -75,23 +83,23 @@ class Files:
         if not 1 <= k <= 50:
             raise invalid("k must be between 1 and 50")
         space = self.space(principal, owner)
-        hits = await asyncio.to_thread(lambda: self.memory().search(space, query, min(100, 4 * k), {"kind": "file"}))
+        hits = await self._run(principal, lambda: self.memory().search(space, query, min(100, 4 * k), {"kind": "file"}))
         best: dict[str, object] = {}
         for h in hits:
             best.setdefault(h.metadata["path"], h)
         return [(p, int(h.metadata["version"]), h.text, h.distance) for p, h in list(best.items())[:k]]
 
     async def read(self, principal, path: str, version: int = 0, owner: str = "") -> tuple[FileVersion, bytes]:
-        return await asyncio.to_thread(self.files.read, self.space(principal, owner), path, version)
+        return await self._run(principal, self.files.read, self.space(principal, owner), path, version)
 
     async def stat(self, principal, path: str, version: int = 0, owner: str = "") -> FileVersion:
-        return await asyncio.to_thread(self.files.stat, self.space(principal, owner), path, version)
+        return await self._run(principal, self.files.stat, self.space(principal, owner), path, version)
 
     async def list(self, principal, prefix: str = "", owner: str = "") -> list[FileVersion]:
-        return await asyncio.to_thread(self.files.list, self.space(principal, owner), prefix)
+        return await self._run(principal, self.files.list, self.space(principal, owner), prefix)
 
     async def history(self, principal, path: str, owner: str = "") -> list[FileVersion]:
-        return await asyncio.to_thread(self.files.history, self.space(principal, owner), path)
+        return await self._run(principal, self.files.history, self.space(principal, owner), path)
 
     async def delete(self, principal, path: str, owner: str = "") -> FileVersion:
         space = self.space(principal, owner)
@@ -101,7 +109,7 @@ class Files:
             self._reindex(space, f)
             return f
 
-        return await asyncio.to_thread(do)
+        return await self._run(principal, do)
 
     async def rollback(self, principal, path: str, version: int, owner: str = "") -> FileVersion:
         space = self.space(principal, owner)
@@ -111,4 +119,4 @@ class Files:
             self._reindex(space, f)  # an indexed file stays indexed, with the restored text
             return f
 
-        return await asyncio.to_thread(do)
+        return await self._run(principal, do)

@@ -3,23 +3,27 @@ the gate's grant check), and the caller's working contexts with their blocks. St
 event loop."""
 from __future__ import annotations
 
-import asyncio
-
 from kernos.memory.context import Block, Context, ContextStore
 from kernos.storage.status import invalid, not_found
 
+from .pools import FairPool
+
 
 class Memory:
-    def __init__(self, memory, contexts: ContextStore, llm, limits):
+    def __init__(self, memory, contexts: ContextStore, llm, limits, pool: FairPool):
         self.memory = memory          # () -> the long-term vector memory, opened on first use
+        self.pool = pool              # memory's own threads, shared fairly between agents
         self.contexts = contexts
         self.llm = llm
         self.limits = limits
 
-    async def _vector(self, fn):
-        return await asyncio.to_thread(lambda: fn(self.memory()))
+    def _run(self, principal, fn, *args):
+        return self.pool.run(principal.agent_id, fn, *args)
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
+    async def _vector(self, principal, fn):
+        return await self._run(principal, lambda: fn(self.memory()))
+
+    async def embed(self, principal, texts: list[str]) -> list[list[float]]:
         """The memory's embedding of each text (the model long-term memory searches with)."""
         from kernos.storage.status import invalid
 
@@ -27,7 +31,7 @@ class Memory:
             raise invalid("input must be 1 to 2048 non-empty strings")
         if sum(len(t) for t in texts) > 4 << 20:
             raise invalid("input is over 4 MiB of text")
-        return await self._vector(lambda m: m.embed(texts))
+        return await self._vector(principal, lambda m: m.embed(texts))
 
     @staticmethod
     def namespace(principal, requested: str) -> str:
@@ -39,26 +43,26 @@ class Memory:
         if len(items) > 1000:
             raise invalid("at most 1000 items per Add")
         ns = self.namespace(principal, namespace)
-        return await self._vector(lambda m: m.add(ns, [t for t, _, _ in items], [d for _, d, _ in items],
+        return await self._vector(principal, lambda m: m.add(ns, [t for t, _, _ in items], [d for _, d, _ in items],
                                                   [i for _, _, i in items]))
 
     async def search(self, principal, query: str, k: int = 5, where: dict | None = None, namespace: str = ""):
         ns = self.namespace(principal, namespace)
-        return await self._vector(lambda m: m.search(ns, query, k or 5, dict(where or {})))
+        return await self._vector(principal, lambda m: m.search(ns, query, k or 5, dict(where or {})))
 
     async def get(self, principal, ids: list[str], namespace: str = ""):
         if not ids:
             raise invalid("give the ids to get")
         ns = self.namespace(principal, namespace)
-        return await self._vector(lambda m: m.get(ns, list(ids)))
+        return await self._vector(principal, lambda m: m.get(ns, list(ids)))
 
     async def update(self, principal, id_: str, text: str | None, metadata: dict | None, namespace: str = ""):
         ns = self.namespace(principal, namespace)
-        return await self._vector(lambda m: m.update(ns, id_, text, metadata))
+        return await self._vector(principal, lambda m: m.update(ns, id_, text, metadata))
 
     async def delete(self, principal, ids: list[str], namespace: str = "") -> int:
         ns = self.namespace(principal, namespace)
-        return await self._vector(lambda m: m.delete(ns, list(ids)))
+        return await self._vector(principal, lambda m: m.delete(ns, list(ids)))
 
     # -- working contexts --------------------------------------------------------------------------------
     async def create_context(self, principal, context_id: str, budget_tokens: int, summarize: bool, model: str,
@@ -70,14 +74,14 @@ class Memory:
         if budget > self.limits.max_prompt_tokens:
             raise invalid(f"budget_tokens {budget} is over the kernel's limits.max_prompt_tokens "
                           f"({self.limits.max_prompt_tokens})")
-        return await asyncio.to_thread(self.contexts.create, principal.agent_id, context_id, budget, summarize,
+        return await self._run(principal, self.contexts.create, principal.agent_id, context_id, budget, summarize,
                                        served.name, system)
 
     async def list_contexts(self, principal) -> list[Context]:
-        return await asyncio.to_thread(self.contexts.list, principal.agent_id)
+        return await self._run(principal, self.contexts.list, principal.agent_id)
 
     async def delete_context(self, principal, context_id: str) -> Context:
-        return await asyncio.to_thread(self.contexts.delete, principal.agent_id, context_id)
+        return await self._run(principal, self.contexts.delete, principal.agent_id, context_id)
 
     async def blocks(self, principal, context_id: str) -> tuple[list[tuple[Block, int]], int]:
         """The context's blocks with the tokens each adds to the assembled prompt (so they sum to it, template
@@ -93,16 +97,16 @@ class Memory:
             messages = [b.message() for b in blocks]
             sizes = [len(model.encode_chat(messages[: i + 1])) for i in range(len(messages))]
             return list(zip(blocks, [b - a for a, b in zip([0] + sizes, sizes)])), sizes[-1]
-        return await asyncio.to_thread(do)
+        return await self._run(principal, do)
 
     async def add_block(self, principal, context_id: str, role: str, content: str, pinned: bool, label: str) -> Block:
-        return await asyncio.to_thread(self.contexts.add_block, principal.agent_id, context_id, role or "system",
+        return await self._run(principal, self.contexts.add_block, principal.agent_id, context_id, role or "system",
                                        content, pinned, label)
 
     async def edit_block(self, principal, context_id: str, block_id: str, content: str | None,
                          pinned: bool | None) -> Block:
-        return await asyncio.to_thread(self.contexts.edit_block, principal.agent_id, context_id, block_id, content,
+        return await self._run(principal, self.contexts.edit_block, principal.agent_id, context_id, block_id, content,
                                        pinned)
 
     async def delete_block(self, principal, context_id: str, block_id: str) -> Block:
-        return await asyncio.to_thread(self.contexts.delete_block, principal.agent_id, context_id, block_id)
+        return await self._run(principal, self.contexts.delete_block, principal.agent_id, context_id, block_id)

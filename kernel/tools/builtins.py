@@ -10,6 +10,7 @@ import ast
 import math
 import operator
 
+from kernos.memory.fair import as_owner
 from kernos.storage.status import StatusError
 
 from .spec import Tool
@@ -83,14 +84,14 @@ async def _calculator(tools, principal, args):
 
 
 async def _memory_search(tools, principal, args):
-    hits = await tools.in_pool(lambda: tools.memory().search(principal.agent_id, args["query"], args.get("k", 5)))
+    hits = await tools.in_pool(as_owner(principal.agent_id, lambda: tools.memory().search(
+        principal.agent_id, args["query"], args.get("k", 5))))
     return [{"id": h.id, "text": h.text, "distance": h.distance} for h in hits]
 
 
 async def _storage_search(tools, principal, args):
-    hits = await tools.in_pool(
-        lambda: tools.memory().search(principal.agent_id, args["query"], args.get("k", 5) * 4, {"kind": "file"})
-    )
+    hits = await tools.in_pool(as_owner(principal.agent_id, lambda: tools.memory().search(
+        principal.agent_id, args["query"], args.get("k", 5) * 4, {"kind": "file"})))
     seen, out = set(), []
     for h in hits:
         if h.metadata["path"] not in seen:

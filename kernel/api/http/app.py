@@ -22,6 +22,7 @@ from ...syscalls.generate import Accepted, Reply, ToolCallDeltas, ToolRun
 from ..grpc.interceptor import record_trace, token_from_metadata
 from ..grpc.llm import generation, reply_message
 from . import openai_wire as wire
+from .limits import BodyTimeout
 
 log = logging.getLogger("kernos.http")
 
@@ -46,6 +47,8 @@ def status_error(e: StatusError) -> JSONResponse:
     status, kind = STATUS.get(e.code, (500, "internal_error"))
     if e.code == "RESOURCE_EXHAUSTED" and e.retry_after_s is None:    # too large, not too often
         status, kind = 413, "request_too_large"
+    if isinstance(e, BodyTimeout):                                     # the client's, not the kernel's slowness
+        status, kind = 408, "timeout"
     return error(status, kind, e.message, code=e.code.lower(), retry_after=e.retry_after_s)
 
 
@@ -197,10 +200,10 @@ def build(kernel) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         r = parse(wire.EmbeddingRequest, await request.body())
-        principal_of(request, "/kernos.v1.Memory/Embed")
+        principal = principal_of(request, "/kernos.v1.Memory/Embed")
         texts = [r.input] if isinstance(r.input, str) else list(r.input)
         with lifecycle.track():
-            vectors = await kernel.memory.embed(texts)
+            vectors = await kernel.memory.embed(principal, texts)
         tokens = sum(len(t.split()) for t in texts)
         if r.encoding_format == "base64":
             import base64

@@ -27,6 +27,7 @@ async def start(kernel, listen: str):
     import uvicorn
 
     from .app import build
+    from .limits import RequestLimits
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -45,7 +46,10 @@ async def start(kernel, listen: str):
                 await asyncio.Event().wait()
         mcp_task = asyncio.create_task(run_mcp())
         await asyncio.wait_for(ready.wait(), 10)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+    limited = RequestLimits(app, kernel.config.server.max_http_body_bytes, kernel.config.server.http_body_timeout_s,
+                            kernel.gate.authenticate)
+    # Headers are bounded by h11 (16 KiB of an incomplete request head, then 400), bodies by RequestLimits.
+    config = uvicorn.Config(limited, log_level="warning", access_log=False, lifespan="off",
                             timeout_keep_alive=30)
     server = Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
