@@ -117,7 +117,8 @@ class Kernel:
         self.registry = AgentRegistry(data / "kernel.db", ttl_s=config.server.agent_ttl_s)
         self.access_control = AccessControl(data / "access.db", config.server.admin_token, owners, self.audit)
         self.enrollments = Enrollments(data / "access.db")
-        self.registration = Registration(self.registry, self.access_control, self.enrollments, config.registration)
+        self.registration = Registration(self.registry, self.access_control, self.enrollments, config.registration,
+                                         (config.aios.prefix,))
         self.quotas = _quotas(config, self.access_control)
         self.gate = Gate(self.registry, self.access_control, self.quotas)
         # tools, fine-tuning jobs

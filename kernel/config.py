@@ -192,6 +192,8 @@ class AiosConfig(_Strict):
     unknown_model: Literal["default", "error"] = Field(
         "default", description="an `llms` name the kernel does not serve: use the default model, or answer 404")
     max_agents: int = Field(1000, ge=0, description="AIOS agent names the kernel creates at most; 0: no limit")
+    new_agents_per_minute: int = Field(30, ge=0, description="AIOS agent names one client address may create a "
+                                                             "minute (AIOS has no authentication); 0: no limit")
 
 
 class McpServerConfig(_Strict):

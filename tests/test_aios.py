@@ -196,9 +196,13 @@ def test_each_name_is_its_own_kernos_agent_and_an_operator_can_shut_one_out(ak):
         assert bridged[0].labels["bridge"] == "aios"
         assert "aios_filer" in admin.access.groups()["aios"]
         assert list(admin.access.capabilities("aios_filer")) == ["llm", "memory", "storage", "tools"]
-    # A Kernos agent that happens to have the mapped name is never taken over.
-    with kernos.sdk.connect(address, agent="aios_squatter"):
-        pass
+    # AIOS names cannot be registered over gRPC (issue 30: that locked the AIOS name out); an agent an operator
+    # created with such a name is never taken over.
+    with pytest.raises(kernos.sdk.InvalidArgument, match="bridged"):
+        kernos.sdk.connect(address, agent="aios_squatter")
+    out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "token", "create", "--agent", "aios_squatter",
+                          "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
     r = send(base, "squatter", "memory", memory_query("add_memory", content="x"))
     assert r.status_code == 409 and "belongs to someone else" in r.json()["detail"]
     out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "token", "revoke", "--agent", "aios_rememberer",

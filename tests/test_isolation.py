@@ -29,7 +29,8 @@ def ik(tiny_models, lora_adapters, tmp_path_factory):
           "adapters": {k: str(v) for k, v in lora_adapters.items()}},
          {"name": "echo", "path": "-", "kind": "echo"}],
         server={"admin_token": ADMIN, "console_sessions_per_principal": 4, "http_body_timeout_s": 2.0,
-                "max_http_body_bytes": 4 << 20},
+                "max_http_body_bytes": 4 << 20, "aios_compat": True},
+        aios={"new_agents_per_minute": 5},
         engine={"dtype": "float32"})
     proc, address = start_kernel(d / "data", str(cfg), timeout=120)
     yield proc, address, proc.http_address
@@ -256,3 +257,47 @@ def test_heavy_embeddings_wait_behind_their_own(ik):
     # before: the victim queued behind every text of the flood (p50 63 s in the review's run)
     assert max(waits) < max(2.0, 0.2 * flood_s), (waits, flood_s)
     victim.close()
+
+
+# -- 5. AIOS names: two names reached one agent, gRPC squatted AIOS names, creation was unbounded -----------------
+def aios(http: str, agent: str, query_type: str, query_data: dict) -> httpx.Response:
+    return httpx.post(f"http://{http}/query", json={"query_type": query_type, "agent_name": agent,
+                                                   "query_data": query_data}, timeout=120)
+
+
+def test_aios_names_map_to_agents_one_to_one(ik):
+    import hashlib
+
+    proc, address, http = ik
+    victim = "alice bot e36a"
+    r = aios(http, victim, "memory", {"operation_type": "add_memory", "params": {"content": "alice's secret plan"}})
+    assert r.status_code == 200, r.text
+    # the plain name that spelled the victim's hashed agent name
+    lookalike = "alice-bot-e36a-" + hashlib.sha256(victim.encode()).hexdigest()[:10]
+    r = aios(http, lookalike, "memory", {"operation_type": "retrieve_memory", "params": {"content": "secret plan"}})
+    assert r.status_code == 200 and "secret plan" not in r.text
+    # a gRPC agent cannot take an AIOS agent's name
+    with pytest.raises(kernos.sdk.InvalidArgument, match="aios"):
+        kernos.sdk.connect(address, agent="aios.bob")
+    r = aios(http, "bob", "memory", {"operation_type": "add_memory", "params": {"content": "bob's note"}})
+    assert r.status_code == 200, r.text
+    # new names a minute from one address are limited (5 here); known names go on working
+    statuses = [aios(http, f"swarm-{i}", "memory", {"operation_type": "add_memory", "params": {"content": "x"}})
+                .status_code for i in range(8)]
+    assert statuses.count(429) >= 3 and statuses.count(200) <= 3     # alice, the lookalike and bob came first
+    assert aios(http, "bob", "memory", {"operation_type": "add_memory", "params": {"content": "again"}}
+                ).status_code == 200
+
+
+# -- 11. a large indexed AIOS write embedded for 45 s, then answered 500 although the file was committed ----------
+def test_a_large_aios_write_is_stored_unindexed(ik):
+    proc, address, http = ik
+    admin = kernos.sdk.connect(address, token=ADMIN)
+    text = "the quick brown fox jumps over the lazy dog. " * 78_000          # 3.5 MB
+    t0 = time.monotonic()
+    r = httpx.post(f"http://{http}/query", json={"query_type": "storage", "agent_name": "bob", "query_data": {
+        "operation_type": "write", "params": {"file_path": "big.txt", "content": text}}}, timeout=120)
+    assert r.status_code == 200, r.text[:300]
+    assert "not indexed" in r.text and time.monotonic() - t0 < 15
+    data = admin.storage.read("big.txt", owner="aios.bob")
+    assert len(data) == len(text.encode())

@@ -11,16 +11,19 @@ import json
 import os
 import re
 import threading
+import time
+from collections import deque
 from pathlib import Path
 
 from kernos.storage.status import StatusError
 
 LABEL = "bridge"
+HASHED = re.compile(r"-[0-9a-f]{10}$")
 
 
 class BridgedAgents:
     def __init__(self, registry, access, path: Path, protocol: str, prefix: str, group: str,
-                 capabilities: list[str], max_agents: int):
+                 capabilities: list[str], max_agents: int, per_minute: int = 0):
         self.registry = registry
         self.access = access
         self.path = path
@@ -29,32 +32,54 @@ class BridgedAgents:
         self.group = group
         self.capabilities = list(capabilities)
         self.max_agents = max_agents
+        self.per_minute = per_minute
+        self._new: dict[str, deque] = {}           # address -> times it created a name (last minute)
         self._lock = threading.Lock()
         self._tokens: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
 
     def kernos_name(self, name: str) -> str:
         """The Kernos agent for a claimed name: the prefix and the name, or (when the name has characters Kernos
-        names cannot hold, or is long) a readable part and a hash, so that two names never share an agent."""
+        names cannot hold, is long, or ends as such a hashed name does) a readable part, '-' and 10 hex digits of
+        its hash. The two forms cannot meet: "alice-bot-e36a-e91b7536c9" once reached the agent of "alice bot
+        e36a" (and read its memory), because a plain name could spell another's hashed one."""
         clean = re.sub(r"[^A-Za-z0-9_.-]", "-", name)
-        if clean == name and len(self.prefix) + len(name) <= 64:
+        if clean == name and len(self.prefix) + len(name) <= 64 and not HASHED.search(name):
             return self.prefix + name
         digest = hashlib.sha256(name.encode()).hexdigest()[:10]
         return f"{self.prefix}{clean[:63 - len(self.prefix) - len(digest)]}-{digest}"
 
-    def principal(self, name: str):
-        """The agent a call claiming `name` runs as (created on first use)."""
+    def principal(self, name: str, peer: str = ""):
+        """The agent a call claiming `name` runs as (created on first use, at most `per_minute` new ones a
+        minute from one address)."""
         if not isinstance(name, str) or not name.strip() or len(name) > 256:
             raise StatusError("INVALID_ARGUMENT", "agent_name must be a non-empty string of at most 256 characters")
         kname = self.kernos_name(name)
         with self._lock:
             token = self._tokens.get(kname)
             if token is None:
+                self._count_new(peer)
                 token = self._create(name, kname)
             agent = self.registry.authenticate(token)
         if agent is None:
             raise StatusError("PERMISSION_DENIED", f"{self.protocol} agent '{name[:64]}' (Kernos agent '{kname}') has "
                                                    "been shut out by an operator (its token is revoked)")
+        if agent.labels.get("name", name) != name:     # two names, one hash: the later one never gets the agent
+            raise StatusError("ALREADY_EXISTS", f"{self.protocol} agent '{name[:64]}' maps to Kernos agent '{kname}', "
+                                                "which another name holds: choose another name")
         return agent
+
+    def _count_new(self, peer: str, now: float | None = None) -> None:
+        """New names a minute from one address: an unauthenticated loopback client made 1,000 agents in 3 s."""
+        if not self.per_minute:
+            return
+        now = time.monotonic() if now is None else now
+        q = self._new.setdefault(peer, deque())
+        while q and now - q[0] >= 60.0:
+            q.popleft()
+        if len(q) >= self.per_minute:
+            raise StatusError("RESOURCE_EXHAUSTED", f"over {self.per_minute} new {self.protocol} agents a minute "
+                                                    "from this address", max(1.0, 60.0 - (now - q[0])))
+        q.append(now)
 
     def _create(self, name: str, kname: str) -> str:
         existing = self.registry.get(kname)

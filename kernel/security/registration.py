@@ -26,8 +26,10 @@ from .principals import AgentRegistry, check_name
 
 
 class Registration:
-    def __init__(self, registry: AgentRegistry, access: AccessControl, enrollments: Enrollments, config):
+    def __init__(self, registry: AgentRegistry, access: AccessControl, enrollments: Enrollments, config,
+                 reserved: tuple[str, ...] = ()):
         self.registry = registry
+        self.reserved = reserved                 # name prefixes of bridged agents (AIOS's): never registered here
         self.access = access
         self.enrollments = enrollments
         self.config = config                     # RegistrationConfig
@@ -37,6 +39,9 @@ class Registration:
     def register(self, name: str, description: str, labels: dict[str, str], credential: str | None, peer: str):
         """(agent, token); the token is shown once."""
         check_name(name, description, labels)
+        for prefix in self.reserved:          # a gRPC agent named "aios.NAME" locked that AIOS name out
+            if name.startswith(prefix):
+                raise StatusError("INVALID_ARGUMENT", f"names starting with '{prefix}' belong to bridged (AIOS) agents")
         operator = self.access.operator(credential) is not None
         with self._lock:
             if not operator:

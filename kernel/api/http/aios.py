@@ -83,7 +83,7 @@ def mount(app: FastAPI, kernel) -> None:
 
     cfg = kernel.config.aios
     bridge = BridgedAgents(kernel.registry, kernel.access_control, kernel.config.data_dir / "aios_agents.json",
-                           "aios", cfg.prefix, cfg.group, cfg.capabilities, cfg.max_agents)
+                           "aios", cfg.prefix, cfg.group, cfg.capabilities, cfg.max_agents, cfg.new_agents_per_minute)
     gate = kernel.gate
 
     def check_caller(request: Request) -> None:
@@ -276,8 +276,14 @@ def mount(app: FastAPI, kernel) -> None:
                 except StatusError as e:
                     if e.code != "NOT_FOUND":
                         raise
-            f = await files.write(principal, path, content.encode(), {"source": "aios"}, bool(content.strip()))
-            return f"wrote '{f.path}' (version {f.version}, {f.size} bytes)"
+            data = content.encode()
+            # AIOS indexes what it writes, for retrieve; past storage.max_indexed_bytes the file is stored unindexed
+            # (a 3.8 MB write spent 45 s embedding and then failed)
+            index = bool(content.strip()) and len(data) <= files.max_indexed_bytes
+            f = await files.write(principal, path, data, {"source": "aios"}, index)
+            note = "" if index or not content.strip() else (
+                f"; not indexed for retrieve: over {files.max_indexed_bytes} bytes (storage.max_indexed_bytes)")
+            return f"wrote '{f.path}' (version {f.version}, {f.size} bytes{note})"
         if op == "rollback":
             path = _param(p, "file_path")
             n = _param(p, "n", int, required=False, default=1)
@@ -345,7 +351,8 @@ def mount(app: FastAPI, kernel) -> None:
                 q = w.QUERIES[kind].model_validate(body.query_data)
             except ValidationError as e:
                 raise _bad(e, "query_data") from None
-            principal = await asyncio.to_thread(bridge.principal, body.agent_name)
+            principal = await asyncio.to_thread(bridge.principal, body.agent_name,
+                                                request.client.host if request.client else "")
             with kernel.lifecycle.track():
                 try:
                     response, started = await handlers[kind](principal, q, created)
