@@ -172,9 +172,11 @@ class RegistrationConfig(_Strict):
                             "(kernos token create --enroll); closed: operators create agents")
     per_peer_per_minute: int = Field(60, ge=0, description="Register calls per client address and minute; 0: no limit")
     max_agents: int = Field(10_000, ge=0, description="agents that non-operators may bring the kernel to; 0: no limit")
-    group: str = Field("", pattern=r"^([A-Za-z0-9_.-]{1,64})?$",
-                       description="group that agents registered without an operator join (quota it with "
-                                   "[quotas.groups.NAME]); an enrollment token's own group wins")
+    group: str = Field("registered", pattern=r"^([A-Za-z0-9_.-]{1,64})?$",
+                       description="group that agents registered without an operator join: one budget that new "
+                                   "names share (tool slots: tools.max_calls_per_group; quota it with "
+                                   "[quotas.groups.NAME]); a budget, not a team (members do not see each other); an "
+                                   "enrollment token's own group wins; empty: none")
 
 
 class AiosConfig(_Strict):
@@ -221,6 +223,9 @@ class ToolsConfig(_Strict):
                                                     "(it then sees the kernel's files): never on a shared kernel")
     max_concurrent_calls: int = Field(8, gt=0, description="tool calls running at once, all agents together")
     max_calls_per_agent: int = Field(4, gt=0, description="tool calls one agent may run at once")
+    max_calls_per_group: int = Field(0, ge=0, description="tool calls the agents of one group (the registration "
+                                                          "group: every self-registered name) may run at once; 0: "
+                                                          "half of max_concurrent_calls")
     mcp: list[McpServerConfig] = Field(default_factory=list, description="external MCP servers to mount "
                                                                          "([[tools.mcp]])")
     max_wall_s: float = Field(300.0, gt=0, description="the longest wall-clock limit a tool may have")

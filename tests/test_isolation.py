@@ -31,6 +31,7 @@ def ik(tiny_models, lora_adapters, tmp_path_factory):
         server={"admin_token": ADMIN, "console_sessions_per_principal": 4, "http_body_timeout_s": 2.0,
                 "max_http_body_bytes": 4 << 20, "aios_compat": True},
         aios={"new_agents_per_minute": 5},
+        tools={"max_concurrent_calls": 4, "max_calls_per_agent": 2},
         engine={"dtype": "float32"})
     proc, address = start_kernel(d / "data", str(cfg), timeout=120)
     yield proc, address, proc.http_address
@@ -301,3 +302,31 @@ def test_a_large_aios_write_is_stored_unindexed(ik):
     assert "not indexed" in r.text and time.monotonic() - t0 < 15
     data = admin.storage.read("big.txt", owner="aios.bob")
     assert len(data) == len(text.encode())
+
+
+# -- 8. two fresh names with slow tool calls took every tool slot ------------------------------------------------
+def test_fresh_names_share_one_tool_budget(ik):
+    proc, address, http = ik
+    known = kernos.sdk.connect(address, agent="known-worker", credential=ADMIN)     # created by an operator
+    newcomer = kernos.sdk.connect(address, agent="newcomer")
+    nappers = [kernos.sdk.connect(address, agent=f"napper-{i}") for i in range(2)]
+    for n in nappers:
+        n.tools.register("nap", "import time\ntime.sleep(args['s'])\nresult = 'ok'", {"type": "object"},
+                         timeout_s=30)
+    threads = [threading.Thread(target=n.tools.call, args=("nap",), kwargs={"s": 6}) for n in nappers
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    t0 = time.monotonic()
+    r = known.tools.call("python", code="result = 6 * 7")
+    known_s = time.monotonic() - t0
+    assert r.result == 42 and known_s < 3, known_s       # before: behind the nappers' calls (6 s)
+    t0 = time.monotonic()
+    r = newcomer.tools.call("python", code="result = 1")  # a fresh name shares the newcomers' half, fairly:
+    newcomer_s = time.monotonic() - t0                    # the next of its slots, before the nappers' queued calls
+    assert r.result == 1 and newcomer_s < 9, newcomer_s
+    for t in threads:
+        t.join()
+    for s in (known, newcomer, *nappers):
+        s.close()

@@ -60,10 +60,12 @@ class Agents:
             await asyncio.to_thread(self.agents.exit, principal)
 
     def _visible(self, principal):
-        """The agent ids `principal` may see: everyone for operators; else itself and its groups' members."""
+        """The agent ids `principal` may see: everyone for operators; else itself and its groups' members (not the
+        registration group's)."""
         if principal.operator:
             return None
-        groups = self.access.groups_of(principal.agent_id)
+        # The registration group is a shared budget of every self-registered name, not a team: not a way to see
+        groups = self.access.groups_of(principal.agent_id) - {self.registration.config.group}
         members = self.access.groups() if groups else {}
         return {principal.agent_id} | {a for g in groups for a in members.get(g, [])}
 

@@ -10,8 +10,9 @@ one that does not exist, and registering a name never tells of another agent's p
 Irreversible tools park the call until an operator confirms or denies it; a timeout denies.
 
 Tool work runs apart from the kernel's own: on a bounded pool of its own threads (not the one that serves
-storage, memory and access), at most `max_concurrent_calls` at once, `max_calls_per_agent` per agent and
-the tool's own `max_concurrency`. A draining kernel refuses new calls, lets running ones finish until its
+storage, memory and access), at most `max_concurrent_calls` at once, `max_calls_per_agent` per agent,
+`max_calls_per_group` per group and the tool's own `max_concurrency`; a freed slot goes to the waiting call
+whose agent runs the fewest (`slots.py`). A draining kernel refuses new calls, lets running ones finish until its
 deadline, then kills their jails."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from kernos.storage.status import StatusError
 from . import sandbox
 from .builtins import BUILTINS
 from .jail import Jail, Limits
+from .slots import FairSlots
 from .spec import Call, Tool, ToolSpec
 
 log = logging.getLogger("kernos.tools")
@@ -49,7 +51,9 @@ class ToolManager:
         self.calls: dict[str, Call] = {}      # irreversible calls, pending or decided, until collected
         self.log: deque[Call] = deque(maxlen=500)   # the last finished calls of every tool (the console's log)
         self.pool = ThreadPoolExecutor(max_workers=config.max_concurrent_calls, thread_name_prefix="tool")
-        self._per_agent: dict[str, asyncio.Semaphore] = {}
+        per_group = config.max_calls_per_group or max(1, config.max_concurrent_calls // 2)
+        self.slots = FairSlots(config.max_concurrent_calls, config.max_calls_per_agent, per_group,
+                               access.groups_of)
         self._procs: set = set()
         self._procs_lock = threading.Lock()
         self._running = 0
@@ -214,11 +218,11 @@ class ToolManager:
             raise StatusError("FAILED_PRECONDITION", self.no_code_reason)
         if tool.semaphore is None:
             tool.semaphore = asyncio.Semaphore(tool.max_concurrency)
-        mine = self._per_agent.setdefault(principal.agent_id, asyncio.Semaphore(self.config.max_calls_per_agent))
         t0 = time.monotonic()
+        groups = await self.slots.acquire(principal.agent_id)
         self._running += 1
         try:
-            async with mine, tool.semaphore:
+            async with tool.semaphore:
                 if tool.builtin is not None:
                     call.result = await asyncio.wait_for(tool.builtin(self, principal, call.args), tool.timeout_s)
                     call.state = "done"
@@ -233,6 +237,7 @@ class ToolManager:
             call.state, call.error = "error", f"timed out after {tool.timeout_s:g} s"
         finally:
             self._running -= 1
+            self.slots.release(principal.agent_id, groups)
         call.duration_ms = (time.monotonic() - t0) * 1e3
         call.decided.set()
         self.log.append(call)
