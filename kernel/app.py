@@ -105,8 +105,9 @@ class Kernel:
         self.lifecycle = Lifecycle()
         self.metrics = Metrics()
         # stores
-        self.traces = TraceLog(data / "traces.db")
-        self.audit = TraceLog(data / "audit.db")          # every access decision, same guarantees
+        keep = (config.storage.trace_max_age_s, config.storage.trace_max_per_agent)
+        self.traces = TraceLog(data / "traces.db", *keep)
+        self.audit = TraceLog(data / "audit.db", *keep)   # every access decision, same guarantees and retention
         self.files = FileStore(data / "files", config.storage.quota_bytes, config.storage.max_file_bytes)
         self.contexts = ContextStore(data / "contexts.db")
         self.adapter_store = AdapterStore(data / "adapters")
@@ -130,10 +131,11 @@ class Kernel:
                                threads=t.threads or max(1, (os.cpu_count() or 2) // 2), nice=t.nice)
         self.jobs.pump()                      # jobs interrupted by a stop resume from their checkpoints
         # use cases
+        lim = config.limits
+        snapshots = SnapshotStore(data / "snapshots", lim.max_snapshots_per_agent, lim.snapshot_ttl_s)
         self.generate = Generate(self.llm, config.limits, self.registry, self.quotas, self.access_control,
                                  self.adapter_store, self.traces, self.lifecycle, self.contexts, self.vector,
-                                 config.memory.summary_max_tokens, SnapshotStore(data / "snapshots"), self.tools,
-                                 self.metrics.observe)
+                                 config.memory.summary_max_tokens, snapshots, self.tools, self.metrics.observe)
         self.agents = Agents(self.registry, self.registration, self.llm, self.jobs, self.lifecycle,
                              self.access_control)
         st, mem = config.storage, config.memory

@@ -81,6 +81,12 @@ class LimitsConfig(_Strict):
                                   "300-byte schema would take 5 GiB")
     grammar_compile_s: float = Field(5.0, gt=0, description="longest a request's output grammar may take to compile")
     max_n: int = Field(8, gt=0, description="samples one request may ask for (n)")
+    max_snapshots_per_agent: int = Field(8, ge=0, description="snapshotted generations one agent holds; 0: no "
+                                                              "limit")
+    snapshot_ttl_s: float = Field(7 * 86400.0, ge=0, description="a snapshot not restored is deleted this long "
+                                                                 "after it was taken; 0: kept")
+    max_suspended_per_agent: int = Field(4, ge=0, description="generations one agent keeps suspended at once (each "
+                                                              "holds its KV in swap); 0: no limit")
     default_tool_rounds: int = Field(4, gt=0, description="tool_execution 'kernel': rounds of calls when unset")
     max_tool_rounds: int = Field(8, gt=0, description="tool_execution 'kernel': the most rounds a request may ask")
 
@@ -149,6 +155,10 @@ class StorageConfig(_Strict):
     )
     max_indexed_bytes: int = Field(1 << 20, gt=0, description="largest file written with index=true (its passages "
                                                               "are embedded: about 12 s a MiB on 2 cores)")
+    trace_max_age_s: float = Field(30 * 86400.0, ge=0, description="trace and audit records older than this are "
+                                                                   "deleted; 0: kept")
+    trace_max_per_agent: int = Field(100_000, ge=0, description="trace (and audit) records kept per agent, the "
+                                                                "newest; 0: no limit")
     workers: int = Field(8, gt=0, description="threads for storage calls (fsync, SQLite)")
     workers_per_agent: int = Field(2, gt=0, description="of those, the most one agent holds; its further calls "
                                                         "wait behind its own")
@@ -223,6 +233,8 @@ class ToolsConfig(_Strict):
                                                     "(it then sees the kernel's files): never on a shared kernel")
     max_concurrent_calls: int = Field(8, gt=0, description="tool calls running at once, all agents together")
     max_calls_per_agent: int = Field(4, gt=0, description="tool calls one agent may run at once")
+    max_pending_per_agent: int = Field(16, gt=0, description="irreversible calls of one agent waiting for an "
+                                                             "operator's decision at once")
     max_calls_per_group: int = Field(0, ge=0, description="tool calls the agents of one group (the registration "
                                                           "group: every self-registered name) may run at once; 0: "
                                                           "half of max_concurrent_calls")

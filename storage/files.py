@@ -81,6 +81,19 @@ class FileVersion:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+MAX_METADATA_KEYS, MAX_METADATA_BYTES = 64, 16 << 10
+
+
+def check_metadata(metadata: dict) -> None:
+    """A version's metadata is small and counts against the quota: 0-byte files with 12 MiB of metadata each
+    took 60 MiB of disk counted as 0, and made their owner's own List too large for gRPC."""
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise StorageError("INVALID_ARGUMENT", f"metadata has {len(metadata)} keys; the limit is {MAX_METADATA_KEYS}")
+    size = len(json.dumps(metadata))
+    if size > MAX_METADATA_BYTES:
+        raise StorageError("INVALID_ARGUMENT", f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+
+
 class FileStore:
     def __init__(self, root: Path, quota_bytes: int = 0, max_file_bytes: int = 16 << 20):
         self.root = root
@@ -132,15 +145,18 @@ class FileStore:
         return self._row(r) if r else None
 
     def usage(self, agent: str) -> int:
-        return self._db.execute("SELECT COALESCE(SUM(size), 0) FROM versions WHERE agent_id=?", (agent,)).fetchone()[0]
+        """Bytes the agent holds: every version's content and metadata."""
+        return self._db.execute("SELECT COALESCE(SUM(size + LENGTH(metadata)), 0) FROM versions WHERE agent_id=?",
+                                (agent,)).fetchone()[0]
 
     def _append(self, agent: str, path: str, blob: str | None, size: int, metadata: dict) -> FileVersion:
         with self._lock:
-            if size and self.quota_bytes and self.usage(agent) + size > self.quota_bytes:
+            need = size + len(json.dumps(metadata)) if blob is not None else 0
+            if need and self.quota_bytes and self.usage(agent) + need > self.quota_bytes:
                 raise StorageError(
                     "RESOURCE_EXHAUSTED",
                     f"storage quota: {self.usage(agent)} of {self.quota_bytes} bytes used "
-                    f"(versions count); this write needs {size} more",
+                    f"(versions count); this write needs {need} more",
                 )
             latest = self._latest(agent, path)
             version = (latest.version if latest else 0) + 1
@@ -156,11 +172,13 @@ class FileStore:
         path = normalize_path(path)
         if len(data) > self.max_file_bytes:
             raise StorageError("RESOURCE_EXHAUSTED", f"file is {len(data)} bytes; the limit is {self.max_file_bytes}")
-        if self.quota_bytes and self.usage(agent) + len(data) > self.quota_bytes:  # before touching the disk
+        check_metadata(metadata or {})
+        need = len(data) + len(json.dumps(dict(metadata or {})))
+        if self.quota_bytes and self.usage(agent) + need > self.quota_bytes:  # before touching the disk
             raise StorageError(
                 "RESOURCE_EXHAUSTED",
                 f"storage quota: {self.usage(agent)} of {self.quota_bytes} bytes used; "
-                f"this write needs {len(data)} more",
+                f"this write needs {need} more",
             )
         digest = self._put_blob(data)
         return self._append(agent, path, digest, len(data), dict(metadata or {}))

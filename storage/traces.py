@@ -54,9 +54,26 @@ class TraceRecord:
     ts: float = 0.0
 
 
+FAILED_RECORD_BYTES = 4096     # what a failed call keeps of its request and response: failures do not train
+
+
+def _json(value: dict, status: str) -> str:
+    text = json.dumps(value)
+    if status != "OK" and len(text) > FAILED_RECORD_BYTES:    # 200 failing requests once added 43 MiB in 5 s
+        return json.dumps({"truncated": True, "bytes": len(text), "head": text[:FAILED_RECORD_BYTES]})
+    return text
+
+
 class TraceLog:
-    def __init__(self, path: Path):
+    """`max_age_s` and `max_per_agent` (0: none) bound what the log keeps: older records, and an agent's records
+    beyond its newest `max_per_agent`, are deleted by the writer as it goes."""
+
+    def __init__(self, path: Path, max_age_s: float = 0, max_per_agent: int = 0):
         self.path = path
+        self.max_age_s = max_age_s
+        self.max_per_agent = max_per_agent
+        self._pruned_at = 0.0
+        self._written: dict[str, int] = {}         # records per agent since its last retention check
         self._db = connect(path, synchronous="NORMAL")
         self._db.executescript(_SCHEMA)
         if "preferred" not in {r[1] for r in self._db.execute("PRAGMA table_info(outcomes)")}:
@@ -87,8 +104,8 @@ class TraceLog:
                     r.agent_id,
                     r.kind,
                     r.status,
-                    json.dumps(r.request),
-                    json.dumps(r.response),
+                    _json(r.request, r.status),
+                    _json(r.response, r.status),
                     json.dumps(r.timings),
                 )
                 for r in batch
@@ -102,8 +119,30 @@ class TraceLog:
                         "VALUES (?,?,?,?,?,?,?)",
                         rows,
                     )
+                written: dict[str, int] = {}
+                for r in rows:
+                    written[r[1]] = written.get(r[1], 0) + 1
+                self._retain(written)
             if stop:
                 return
+
+    def _retain(self, agents: dict[str, int]) -> None:
+        """Retention, on the writer's thread: each agent just written keeps its newest `max_per_agent` records;
+        once a minute, records older than `max_age_s` go."""
+        with self._db:
+            if self.max_per_agent:
+                for agent in agents:          # checked every 256th record of an agent: the scan walks its index
+                    self._written[agent] = self._written.get(agent, 0) + agents[agent]
+                    if self._written[agent] < 256:
+                        continue
+                    self._written.pop(agent)
+                    self._db.execute(
+                        "DELETE FROM traces WHERE agent_id=? AND ts < (SELECT ts FROM traces WHERE agent_id=? "
+                        "ORDER BY ts DESC LIMIT 1 OFFSET ?)", (agent, agent, self.max_per_agent - 1))
+            now = time.time()
+            if self.max_age_s and now - self._pruned_at > 60:
+                self._pruned_at = now
+                self._db.execute("DELETE FROM traces WHERE ts < ?", (now - self.max_age_s,))
 
     def close(self) -> None:
         if self._closed:
@@ -178,6 +217,25 @@ class TraceLog:
                 ).fetchone()
                 is not None
             )
+        finally:
+            db.close()
+
+    def scan(self, agent_id: str, kind: str, status: str = "OK", page: int = 256):
+        """An agent's records of `kind` and `status`, oldest first, read a page at a time (building a data set
+        from every trace of an agent held them all at once: +522 MiB after 1,400 long ones)."""
+        db = connect(self.path, synchronous="NORMAL")
+        try:
+            last = 0
+            while True:
+                rows = db.execute(
+                    "SELECT id, ts, agent_id, kind, status, request, response, timings FROM traces WHERE agent_id=? "
+                    "AND kind=? AND status=? AND id>? ORDER BY id LIMIT ?", (agent_id, kind, status, last, page)
+                ).fetchall()
+                for i, ts, a, k, st, rq, rs, t in rows:
+                    last = i
+                    yield TraceRecord(a, k, st, json.loads(rq), json.loads(rs), json.loads(t), ts)
+                if len(rows) < page:
+                    return
         finally:
             db.close()
 

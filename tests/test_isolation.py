@@ -31,7 +31,9 @@ def ik(tiny_models, lora_adapters, tmp_path_factory):
         server={"admin_token": ADMIN, "console_sessions_per_principal": 4, "http_body_timeout_s": 2.0,
                 "max_http_body_bytes": 4 << 20, "aios_compat": True},
         aios={"new_agents_per_minute": 5},
-        tools={"max_concurrent_calls": 4, "max_calls_per_agent": 2},
+        tools={"max_concurrent_calls": 4, "max_calls_per_agent": 2, "max_pending_per_agent": 3},
+        limits={"max_snapshots_per_agent": 2, "max_suspended_per_agent": 2},
+        storage={"trace_max_per_agent": 300},
         engine={"dtype": "float32"})
     proc, address = start_kernel(d / "data", str(cfg), timeout=120)
     yield proc, address, proc.http_address
@@ -330,3 +332,87 @@ def test_fresh_names_share_one_tool_budget(ik):
         t.join()
     for s in (known, newcomer, *nappers):
         s.close()
+
+
+# -- 10. outside every quota: metadata, snapshots, suspended generations, pending tool calls, traces --------------
+def test_what_an_agent_makes_the_kernel_hold_is_bounded(ik):
+    import sqlite3
+
+    proc, address, http = ik
+    s = kernos.sdk.connect(address, agent="hoarder")
+    # file metadata: bounded, and the agent's own List keeps working
+    with pytest.raises(kernos.sdk.InvalidArgument, match="metadata"):
+        s.storage.write("empty.txt", b"", metadata={"blob": "x" * (12 << 20)})
+    with pytest.raises(kernos.sdk.InvalidArgument, match="metadata"):
+        s.storage.write("empty.txt", b"", metadata={f"k{i}": "v" for i in range(100)})
+    s.storage.write("small.txt", b"", metadata={"author": "hoarder"})
+    assert [f.path for f in s.storage.list()] == ["small.txt"]
+    # snapshots: at most 2 here
+    kw = dict(model="tiny", max_tokens=200, stop=["never-appears-xyz"])
+    snapshots = []
+    for i in range(3):
+        stream = s.llm.stream(f"snapshot me {i}", **kw)
+        rid = next(stream).request_id
+        next(c for c in stream if c.text)
+        if i < 2:
+            snapshots.append(s.llm.snapshot(rid))
+            list(stream)
+        else:
+            with pytest.raises(kernos.sdk.ResourceExhausted, match="max_snapshots_per_agent"):
+                s.llm.snapshot(rid)
+            stream.close()
+    list(s.llm.restore(snapshots[0]))                      # restoring one makes room
+    stream = s.llm.stream("snapshot me again", **kw)
+    rid = next(stream).request_id
+    next(c for c in stream if c.text)
+    s.llm.snapshot(rid)
+    list(stream)
+    # suspended generations: at most 2 here
+    streams = []
+    for i in range(3):
+        stream = s.llm.stream(f"park me {i}", **{**kw, "max_tokens": 2000})
+        rid = next(stream).request_id
+        next(c for c in stream if c.text)
+        streams.append((stream, rid))
+    s.llm.suspend(streams[0][1])
+    s.llm.suspend(streams[1][1])
+    with pytest.raises(kernos.sdk.ResourceExhausted, match="max_suspended_per_agent"):
+        s.llm.suspend(streams[2][1])
+    streams[0][0].close()                                  # an ended one no longer counts
+    for _ in range(50):
+        try:
+            s.llm.suspend(streams[2][1])
+            break
+        except kernos.sdk.ResourceExhausted:
+            time.sleep(0.1)                                # the cancel reaches the kernel
+    for stream, _ in streams[1:]:
+        stream.close()
+    # irreversible calls waiting for an operator: at most 3 here
+    s.tools.register("wire_money", "result = 1", {"type": "object"}, irreversible=True)
+    for _ in range(3):
+        assert s.tools.call("wire_money").state == "pending"
+    with pytest.raises(kernos.sdk.ResourceExhausted, match="max_pending_per_agent"):
+        s.tools.call("wire_money")
+    # traces: a failed call keeps 4 KiB, an agent keeps its newest records (300 here, checked every 256 written)
+    for i in range(700):
+        s.llm.chat(f"echo {i}", model="echo", max_tokens=2)
+    big = "word " * 40_000
+    for _ in range(20):
+        with pytest.raises(kernos.sdk.NotFound):
+            s.llm.chat(big, model="no-such-model")
+    time.sleep(1.5)                                        # the trace writer batches
+    with sqlite3.connect(proc_data(ik) / "traces.db") as db:
+        n, size = db.execute("SELECT COUNT(*), SUM(LENGTH(request) + LENGTH(response)) FROM traces "
+                             "WHERE agent_id='hoarder'").fetchone()
+        failed = db.execute("SELECT MAX(LENGTH(request)) FROM traces WHERE agent_id='hoarder' AND "
+                            "status != 'OK'").fetchone()[0]
+    assert n <= 300 + 256 and failed < 5000, (n, failed)
+    s.close()
+
+
+def proc_data(ik) -> "Path":
+    from pathlib import Path
+
+    proc, address, http = ik
+    args = proc.args
+    return Path(args[args.index("--data-dir") + 1])

@@ -107,9 +107,9 @@ class Datasets:
         return card, len(train), len(evals), info.version
 
     async def _episodes(self, agent_id: str) -> list[ds.Episode]:
-        traces = await asyncio.to_thread(self.traces.query, agent_id, "llm.generate", 1_000_000)
         outcomes = await asyncio.to_thread(self.traces.outcomes, agent_id)
-        return ds.episodes_from_traces(traces, outcomes)
+        return await asyncio.to_thread(
+            lambda: ds.episodes_from_traces(self.traces.scan(agent_id, "llm.generate"), outcomes))
 
     async def _raft(self, agent, request, min_reward, frac):
         k = request.samples or 4

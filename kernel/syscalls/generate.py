@@ -176,6 +176,7 @@ class Generate:
         self.contexts = ContextAssembler(contexts, memory, summary_max_tokens, self.internal)
         # request id -> (agent id, model, handle), while it runs
         self.live: dict[str, tuple[str, ServedModel, RequestHandle]] = {}
+        self.suspended: dict[str, set[str]] = {}            # agent id -> its suspended request ids (may be stale)
         self.tools = tools                                   # the tool manager: kernel tools for the tool loop
         self.observe = observe or (lambda *a: None)   # metrics: a finished generation's latencies
 
@@ -546,14 +547,29 @@ class Generate:
         return await asyncio.wrap_future(getattr(model.engine, action)(request_id, *args))
 
     async def suspend(self, principal, request_id: str) -> str:
-        return await self._engine_call(principal, request_id, "suspend")
+        """Park a live generation (its KV swapped out) until `resume`: at most limits.max_suspended_per_agent an
+        agent (16 of one agent once took 3.7 GiB of swap)."""
+        self._own(principal, request_id)
+        mine = self.suspended.setdefault(principal.agent_id, set())
+        mine.intersection_update(self.live)                      # ended ones no longer count
+        cap = self.limits.max_suspended_per_agent
+        if cap and request_id not in mine and len(mine) >= cap:
+            raise exhausted(f"'{principal.agent_id}' keeps {len(mine)} generations suspended, its limit "
+                            "(limits.max_suspended_per_agent): resume or cancel one first", 1.0)
+        state = await self._engine_call(principal, request_id, "suspend")
+        mine.add(request_id)
+        return state
 
     async def resume(self, principal, request_id: str) -> str:
         _, model, handle = self._entry(principal, request_id)
         self.access.authorize_model(principal, model.name, handle.request.adapter or None)   # decided again
-        return await self._engine_call(principal, request_id, "resume")
+        state = await self._engine_call(principal, request_id, "resume")
+        self.suspended.get(principal.agent_id, set()).discard(request_id)
+        return state
 
     async def snapshot(self, principal, request_id: str) -> str:
+        self._own(principal, request_id)
+        await asyncio.to_thread(self.snapshots.check_room, principal.agent_id)
         folder = await self._engine_call(principal, request_id, "checkpoint", self.snapshots.folder(request_id))
         return folder.name
 

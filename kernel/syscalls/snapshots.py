@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import time
 from pathlib import Path
 
 from kernos.storage.status import StatusError, invalid, not_found
@@ -12,11 +14,38 @@ SNAPSHOT_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class SnapshotStore:
-    def __init__(self, root: Path):
+    """Snapshots are bounded: at most `per_agent` an agent (RESOURCE_EXHAUSTED beyond: restore or let one
+    expire), each kept `ttl_s` after it was taken (a snapshot of the embedded model is tens of MiB; they were
+    kept forever, without a cap)."""
+
+    def __init__(self, root: Path, per_agent: int = 0, ttl_s: float = 0):
         self.root = root
+        self.per_agent = per_agent
+        self.ttl_s = ttl_s
 
     def folder(self, request_id: str) -> Path:
         return self.root / request_id
+
+    def owned(self, agent_id: str) -> list[Path]:
+        """The agent's snapshots (after dropping expired ones of anyone's). Blocking: call off the loop."""
+        out, now = [], time.time()
+        for folder in self.root.glob("*/"):
+            try:
+                state = folder / "state.json"
+                if self.ttl_s and now - state.stat().st_mtime > self.ttl_s:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    continue
+                if json.loads(state.read_text()).get("agent_id") == agent_id:
+                    out.append(folder)
+            except (OSError, ValueError):
+                continue                 # being written or removed
+        return out
+
+    def check_room(self, agent_id: str) -> None:
+        if self.per_agent and len(self.owned(agent_id)) >= self.per_agent:
+            raise StatusError("RESOURCE_EXHAUSTED", f"'{agent_id}' holds {self.per_agent} snapshots, its limit "
+                                                    "(limits.max_snapshots_per_agent): restore one first",
+                              max(1.0, self.ttl_s / 10))
 
     def load(self, snapshot_id: str, agent_id: str) -> tuple[Path, dict]:
         """The snapshot's folder and state, if `agent_id` owns it (blocking file I/O: call off the loop)."""

@@ -191,6 +191,10 @@ class ToolManager:
             raise StatusError("INVALID_ARGUMENT", f"{name}: {where}: {errors[0].message[:300]}")
         call = Call(uuid.uuid4().hex[:16], tool.key, principal, args)
         if tool.irreversible:  # kept until decided and collected; immediate calls are never stored
+            mine = sum(1 for c in self.calls.values() if c.state == "pending" and c.agent_id == principal.agent_id)
+            if mine >= self.config.max_pending_per_agent:     # 300 of one agent once waited for an operator
+                raise StatusError("RESOURCE_EXHAUSTED", f"'{principal.agent_id}' has {mine} irreversible calls "
+                                  "waiting for an operator (tools.max_pending_per_agent)", self.confirm_timeout_s)
             self._prune()
             self.calls[call.call_id] = call
             asyncio.get_running_loop().call_later(self.confirm_timeout_s, self._expire, call.call_id)

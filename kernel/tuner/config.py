@@ -24,7 +24,8 @@ class TrainConfig(BaseModel):
     eval_max_new_tokens: int = Field(48, ge=1, le=1024)
     eval_limit: int = Field(200, ge=1, description="held-out examples evaluated at most")
     seed: int = 0
-    threads: int = Field(0, ge=0, description="torch threads in the worker; 0: the kernel's tuner.threads")
+    threads: int = Field(0, ge=0, description="torch threads in the worker, at most the kernel's tuner.threads; 0: "
+                                               "that many")
 
     @model_validator(mode="after")
     def _targets(self):

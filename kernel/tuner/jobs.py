@@ -110,7 +110,8 @@ class JobManager:
                 {
                     "model_path": job.model_path,
                     "config": job.config,
-                    "threads": job.config.get("threads") or self.threads,
+                    # a job may ask for fewer threads than the kernel's tuner.threads, never more (one asked for 28)
+                    "threads": min(job.config.get("threads") or self.threads, self.threads),
                 }
             )
         )
