@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -410,9 +411,7 @@ def test_what_an_agent_makes_the_kernel_hold_is_bounded(ik):
     s.close()
 
 
-def proc_data(ik) -> "Path":
-    from pathlib import Path
-
+def proc_data(ik) -> Path:
     proc, address, http = ik
     args = proc.args
     return Path(args[args.index("--data-dir") + 1])
