@@ -459,3 +459,28 @@ def test_a_row_whose_grammar_fails_ends_alone(lm):
         handles["schema_a"].result(timeout=1)
     for n in ("free", "tool"):
         assert handles[n].result(timeout=1).token_ids == alone[n].token_ids
+
+
+def test_a_temperature_that_overflows_mid_generation_fails_no_row(lm):
+    """Issue 30, finding 2: a temperature of 1.08e-37 passed the edge's check, a later decode step overflowed
+    (logits / t = inf), `multinomial` raised and the engine failed every row of the batch. Scaled from the
+    best logit, no temperature above 0 overflows: that row goes on as greedy would, the others are untouched."""
+    names = ("free", "schema_a")
+    alone = {n: _drive(TransformersEngine(lm, 4), [_request(lm, n, temperature=0.8, seed=7)])[n] for n in names}
+    engine = TransformersEngine(lm, 4)
+    handles = {}
+    for n in (*names, "tool"):
+        r = _request(lm, n, temperature=0.8, seed=7)
+        handles[n] = RequestHandle(r)
+        engine.submit(r, handles[n])
+    engine.step()
+    # mid-generation, the attacker's row samples at 1e-44 (the tiny model's logits are smaller than the embedded
+    # model's: 1e-44 overflows them as 1.08e-37 overflowed those)
+    next(s for s in engine.rows if s.req.request_id == "tool").req.temperature = 1e-44
+    steps = 0
+    while engine.step():
+        steps += 1
+        assert steps < 1000
+    for n in names:
+        assert handles[n].result(timeout=1).token_ids == alone[n].token_ids
+    assert handles["tool"].result(timeout=1).finish.value in ("stop", "length")
