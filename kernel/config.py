@@ -33,8 +33,9 @@ class ServerConfig(_Strict):
     max_message_bytes: int = Field(32 * 1024 * 1024, gt=1024, description="largest gRPC message accepted")
     max_http_body_bytes: int = Field(32 * 1024 * 1024, gt=1024, description="largest HTTP request body, checked "
                                                                             "before it is read (413)")
-    http_body_timeout_s: float = Field(30.0, gt=0, description="an HTTP request's whole body must arrive within "
-                                                               "this (408): slow clients hold no connection longer")
+    http_body_timeout_s: float = Field(30.0, gt=0, description="an HTTP request's head, then its whole body, must "
+                                                               "each arrive within this (the connection is closed; "
+                                                               "408 for a body): slow clients hold nothing longer")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight generations")
     agent_ttl_s: float = Field(600.0, gt=0, description="an agent silent this long is idle (its session ends; "
                                                        "its name and token stay its own)")

@@ -213,6 +213,22 @@ def test_bodies_are_bounded_before_they_are_read(ik):
         # a slow client: 1 byte of 1,000 announced, then nothing
         status, took = raw_request(http, "/v1/chat/completions", {**auth, "Content-Length": 1000}, b"{")
         assert status == 408 and 1.5 < took < 6
+        # a slow head: a byte every 0.3 s never ends the head; the connection is closed at its deadline
+        host, port = http.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            t0 = time.monotonic()
+            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {http}\r\nX-Slow: ".encode())
+            closed = False
+            while time.monotonic() - t0 < 8 and not closed:
+                try:
+                    sock.sendall(b"a")
+                    sock.settimeout(0.3)
+                    closed = sock.recv(1024) == b""
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+            assert closed and 1.5 < time.monotonic() - t0 < 5
         assert peak_rss_mb(proc.pid) - before < 50
         # a valid body still works
         r = client_for(http, s).chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])

@@ -1,4 +1,5 @@
-"""What every HTTP request is held to before any route reads it: a body size (checked against Content-Length
+"""What every HTTP request is held to before any route reads it: a deadline for its head (`head_timeout_protocol`),
+a body size (checked against Content-Length
 before a byte of the body is read, and counted as it arrives for chunked bodies), a deadline for the whole body
 (a client announcing 100 MB and sending 1 byte held a connection and its buffer for 40 s and more), and on the
 token-authenticated surfaces (`/v1`, `/mcp`) a token that authenticates, checked on the headers alone (a 150 MiB
@@ -91,3 +92,43 @@ async def _answer(send, status: int, kind: str, message: str, extra: list | None
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"), *(extra or [])]})
     await send({"type": "http.response.body", "body": body})
+def head_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol with a deadline for each request head: a client that sends its head a byte at a time
+    (or opens a connection and sends nothing) is cut off after `seconds`; uvicorn re-arms its keep-alive timer on
+    every byte, so nothing else ends such a connection."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeout(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self):
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(seconds, self._too_slow)
+
+        def _too_slow(self):
+            self._head_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self._arm()                # between requests: a new head is (or may be) coming
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete and self._head_timer is not None:
+                self._head_timer.cancel()  # a head arrived whole: the body has its own deadline
+                self._head_timer = None
+
+        def connection_lost(self, exc):
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+    return HeadTimeout

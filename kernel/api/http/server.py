@@ -27,7 +27,7 @@ async def start(kernel, listen: str):
     import uvicorn
 
     from .app import build
-    from .limits import RequestLimits
+    from .limits import RequestLimits, head_timeout_protocol
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -48,9 +48,9 @@ async def start(kernel, listen: str):
         await asyncio.wait_for(ready.wait(), 10)
     limited = RequestLimits(app, kernel.config.server.max_http_body_bytes, kernel.config.server.http_body_timeout_s,
                             kernel.gate.authenticate)
-    # Headers are bounded by h11 (16 KiB of an incomplete request head, then 400), bodies by RequestLimits.
+    # Heads are bounded by h11 (16 KiB, then 400) and in time (head_timeout_protocol), bodies by RequestLimits.
     config = uvicorn.Config(limited, log_level="warning", access_log=False, lifespan="off",
-                            timeout_keep_alive=30)
+                            timeout_keep_alive=30, http=head_timeout_protocol(kernel.config.server.http_body_timeout_s))
     server = Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
