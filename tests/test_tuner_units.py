@@ -210,3 +210,15 @@ def test_moe_expert_adapter_is_served_apart_from_other_rows(tiny_models, tmp_pat
         assert gen(["a:moe", None, "a:moe", None]) == [alone[0], alone[1], alone[0], alone[1]]
     finally:
         eng.drain(5)
+
+
+def test_a_job_cannot_ask_for_more_threads_than_the_kernel_gives(tmp_path):
+    """Issue 30, finding 10: a job's own `threads` overrode tuner.threads (28 threads instead of 6)."""
+    import json
+
+    from kernos.kernel.tuner.jobs import Job, JobManager
+
+    jobs = JobManager(tmp_path, finish=lambda job, result: ("rejected", ""), max_jobs=0, threads=2)  # none start
+    for asked, given in ((28, 2), (1, 1), (0, 2)):
+        job = jobs.submit(Job("", "agent", "a", "ds", "m", str(tmp_path), {"threads": asked}), [], [])
+        assert json.loads((jobs.dir(job) / "job.json").read_text())["threads"] == given
