@@ -31,8 +31,7 @@ class ServerConfig(_Strict):
     tls_key: Path | None = Field(None, description="its private key (PEM)")
     tls_client_ca: Path | None = Field(None, description="CA (PEM) that client certificates must chain to: mTLS")
     max_message_bytes: int = Field(32 * 1024 * 1024, gt=1024, description="largest gRPC message accepted")
-    max_http_body_bytes: int = Field(32 * 1024 * 1024, gt=1024, description="largest HTTP request body, checked "
-                                                                            "before it is read (413)")
+    max_http_body_bytes: int = Field(32 << 20, gt=1024, description="largest HTTP body, checked before it is read")
     http_body_timeout_s: float = Field(30.0, gt=0, description="an HTTP request's head, then its whole body, must "
                                                                "each arrive within this (the connection is closed; "
                                                                "408 for a body): slow clients hold nothing longer")
@@ -50,8 +49,7 @@ class ServerConfig(_Strict):
                                                  "HTTP server; see [aios]")
     console_session_idle_s: float = Field(8 * 3600.0, gt=0, description="a console login ends after this long "
                                                                           "unused")
-    console_sessions_per_principal: int = Field(16, gt=0, description="console logins one principal may hold; its "
-                                                                       "next one ends its least recently used")
+    console_sessions_per_principal: int = Field(16, gt=0, description="console logins one principal holds at most")
 
     @model_validator(mode="after")
     def _tls(self):
@@ -82,10 +80,8 @@ class LimitsConfig(_Strict):
                                   "300-byte schema would take 5 GiB")
     grammar_compile_s: float = Field(5.0, gt=0, description="longest a request's output grammar may take to compile")
     max_n: int = Field(8, gt=0, description="samples one request may ask for (n)")
-    max_snapshots_per_agent: int = Field(8, ge=0, description="snapshotted generations one agent holds; 0: no "
-                                                              "limit")
-    snapshot_ttl_s: float = Field(7 * 86400.0, ge=0, description="a snapshot not restored is deleted this long "
-                                                                 "after it was taken; 0: kept")
+    max_snapshots_per_agent: int = Field(8, ge=0, description="snapshots one agent holds; 0: no limit")
+    snapshot_ttl_s: float = Field(7 * 86400.0, ge=0, description="a snapshot is deleted this long after; 0: kept")
     max_suspended_per_agent: int = Field(4, ge=0, description="generations one agent keeps suspended at once (each "
                                                               "holds its KV in swap); 0: no limit")
     default_tool_rounds: int = Field(4, gt=0, description="tool_execution 'kernel': rounds of calls when unset")
@@ -156,13 +152,11 @@ class StorageConfig(_Strict):
     )
     max_indexed_bytes: int = Field(1 << 20, gt=0, description="largest file written with index=true (its passages "
                                                               "are embedded: about 12 s a MiB on 2 cores)")
-    trace_max_age_s: float = Field(30 * 86400.0, ge=0, description="trace and audit records older than this are "
-                                                                   "deleted; 0: kept")
+    trace_max_age_s: float = Field(30 * 86400.0, ge=0, description="trace and audit records kept this long; 0: ever")
     trace_max_per_agent: int = Field(100_000, ge=0, description="trace (and audit) records kept per agent, the "
                                                                 "newest; 0: no limit")
     workers: int = Field(8, gt=0, description="threads for storage calls (fsync, SQLite)")
-    workers_per_agent: int = Field(2, gt=0, description="of those, the most one agent holds; its further calls "
-                                                        "wait behind its own")
+    workers_per_agent: int = Field(2, gt=0, description="of those, the most one agent holds")
 
 
 class QuotaLimits(_Strict):
@@ -205,8 +199,7 @@ class AiosConfig(_Strict):
     unknown_model: Literal["default", "error"] = Field(
         "default", description="an `llms` name the kernel does not serve: use the default model, or answer 404")
     max_agents: int = Field(1000, ge=0, description="AIOS agent names the kernel creates at most; 0: no limit")
-    new_agents_per_minute: int = Field(30, ge=0, description="AIOS agent names one client address may create a "
-                                                             "minute (AIOS has no authentication); 0: no limit")
+    new_agents_per_minute: int = Field(30, ge=0, description="new AIOS names per client address a minute; 0: any")
 
 
 class McpServerConfig(_Strict):
@@ -234,8 +227,7 @@ class ToolsConfig(_Strict):
                                                     "(it then sees the kernel's files): never on a shared kernel")
     max_concurrent_calls: int = Field(8, gt=0, description="tool calls running at once, all agents together")
     max_calls_per_agent: int = Field(4, gt=0, description="tool calls one agent may run at once")
-    max_pending_per_agent: int = Field(16, gt=0, description="irreversible calls of one agent waiting for an "
-                                                             "operator's decision at once")
+    max_pending_per_agent: int = Field(16, gt=0, description="irreversible calls one agent has awaiting an operator")
     max_calls_per_group: int = Field(0, ge=0, description="tool calls the agents of one group (the registration "
                                                           "group: every self-registered name) may run at once; 0: "
                                                           "half of max_concurrent_calls")
@@ -261,8 +253,7 @@ class MemoryConfig(_Strict):
     workers_per_agent: int = Field(2, gt=0, description="of those, the most one agent holds")
     embed_chunk: int = Field(4, gt=0, description="texts embedded per turn: agents with texts waiting take turns "
                                                   "a chunk each, so one agent's big batch never starves another")
-    embed_pending_per_agent: int = Field(4096, gt=0, description="texts one agent may have waiting to be embedded "
-                                                                 "(RESOURCE_EXHAUSTED beyond, with a retry hint)")
+    embed_pending_per_agent: int = Field(4096, gt=0, description="texts one agent may have waiting to be embedded")
 
     @field_validator("chroma_url")
     @classmethod
