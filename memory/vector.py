@@ -84,6 +84,14 @@ class VectorMemory:
         self.max_entries = max_entries
         self._collections: dict[str, object] = {}
         self._lock = threading.Lock()
+        self._max_batch: int | None = None
+
+    def _batch_size(self) -> int:
+        """The largest batch Chroma takes (a server asks its own; asked once)."""
+        if self._max_batch is None:
+            n = self.client.get_max_batch_size()
+            self._max_batch = n if n > 0 else 1000      # -1: the server did not say
+        return self._max_batch
 
     def _coll(self, namespace: str):
         with self._lock:
@@ -146,7 +154,7 @@ class VectorMemory:
         now = time.time()
         embeddings = self.embed(texts)
         metas = [dict(m, **{RESERVED: now}) for m in metadatas]
-        step = self.client.get_max_batch_size()   # Chroma refuses larger batches (a 3.8 MB indexed file: 500)
+        step = self._batch_size()   # Chroma refuses larger batches (a 3.8 MB indexed file: 500)
         for i in range(0, len(texts), step):
             coll.add(ids=ids[i:i + step], embeddings=embeddings[i:i + step], documents=texts[i:i + step],
                      metadatas=metas[i:i + step])
@@ -217,7 +225,7 @@ class VectorMemory:
     def delete_where(self, namespace: str, where: dict[str, str]) -> int:
         coll = self._coll(namespace)
         present = coll.get(where=_where(where), include=[])["ids"]
-        step = self.client.get_max_batch_size()
+        step = self._batch_size()
         for i in range(0, len(present), step):
             coll.delete(ids=present[i:i + step])
         return len(present)
