@@ -140,7 +140,8 @@ class Kernel:
                              self.access_control)
         st, mem = config.storage, config.memory
         self.storage = Files(self.files, self.vector, FairPool("storage", st.workers, st.workers_per_agent),
-                             st.max_indexed_bytes)
+                             st.max_indexed_bytes, {g: q.storage_bytes for g, q in config.quotas.groups.items()},
+                             self.access_control)
         self.memory = Memory(self.vector, self.contexts, self.llm, config.limits,
                              FairPool("memory", mem.workers, mem.workers_per_agent))
         self.access = Access(self.access_control)

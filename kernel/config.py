@@ -165,10 +165,14 @@ class QuotaLimits(_Strict):
     concurrent_generations: int = Field(0, ge=0, description="0: no limit")
 
 
+class GroupQuotaLimits(QuotaLimits):
+    storage_bytes: int = Field(0, ge=0, description="bytes of files the members hold together; 0: no limit")
+
+
 class QuotasConfig(QuotaLimits):
     agents: dict[str, QuotaLimits] = Field(default_factory=dict, description="per-agent overrides")
-    groups: dict[str, QuotaLimits] = Field(default_factory=dict, description="one budget a group's members share "
-                                                                               "(on top of each member's own)")
+    groups: dict[str, GroupQuotaLimits] = Field(default_factory=dict, description="one budget a group's members "
+                                                                                    "share (on top of their own)")
 
 
 class RegistrationConfig(_Strict):

@@ -149,6 +149,16 @@ class FileStore:
         return self._db.execute("SELECT COALESCE(SUM(size + LENGTH(metadata)), 0) FROM versions WHERE agent_id=?",
                                 (agent,)).fetchone()[0]
 
+    def usage_of(self, agents: list[str]) -> int:
+        """Bytes several agents hold together (a group's storage quota)."""
+        total = 0
+        for i in range(0, len(agents), 500):
+            part = agents[i:i + 500]
+            total += self._db.execute(
+                f"SELECT COALESCE(SUM(size + LENGTH(metadata)), 0) FROM versions WHERE agent_id IN "
+                f"({','.join('?' * len(part))})", part).fetchone()[0]
+        return total
+
     def _append(self, agent: str, path: str, blob: str | None, size: int, metadata: dict) -> FileVersion:
         with self._lock:
             need = size + len(json.dumps(metadata)) if blob is not None else 0

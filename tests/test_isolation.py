@@ -35,6 +35,7 @@ def ik(tiny_models, lora_adapters, tmp_path_factory):
         tools={"max_concurrent_calls": 4, "max_calls_per_agent": 2, "max_pending_per_agent": 3},
         limits={"max_snapshots_per_agent": 2, "max_suspended_per_agent": 2},
         storage={"trace_max_per_agent": 300},
+        quotas={"groups": {"registered": {"storage_bytes": 6 << 20}}},
         engine={"dtype": "float32"})
     proc, address = start_kernel(d / "data", str(cfg), timeout=120)
     yield proc, address, proc.http_address
@@ -425,6 +426,19 @@ def test_what_an_agent_makes_the_kernel_hold_is_bounded(ik):
                             "status != 'OK'").fetchone()[0]
     assert n <= 300 + 256 and failed < 5000, (n, failed)
     s.close()
+
+
+def test_a_group_shares_one_storage_quota(ik):
+    """Fresh names (the registration group) hold [quotas.groups.registered] storage_bytes together (6 MiB here):
+    each name had its own 1 GiB, so a thousand names had a terabyte."""
+    proc, address, http = ik
+    with kernos.sdk.connect(address, agent="filler-a") as a, kernos.sdk.connect(address, agent="filler-b") as b:
+        a.storage.write("big.bin", b"x" * (4 << 20))
+        with pytest.raises(kernos.sdk.ResourceExhausted, match="group 'registered'"):
+            b.storage.write("big.bin", b"y" * (3 << 20))
+        b.storage.write("small.bin", b"y" * (1 << 20))
+    with kernos.sdk.connect(address, agent="operator-made", credential=ADMIN) as c:   # in no group
+        c.storage.write("big.bin", b"z" * (3 << 20))
 
 
 def proc_data(ik) -> Path:

@@ -5,7 +5,7 @@ runs off the event loop (fsync takes milliseconds)."""
 from __future__ import annotations
 
 from kernos.storage.files import FileStore, FileVersion
-from kernos.storage.status import invalid
+from kernos.storage.status import exhausted, invalid
 
 from .pools import FairPool
 
@@ -24,8 +24,11 @@ def chunks(text: str) -> list[str]:
 
 
 class Files:
-    def __init__(self, files: FileStore, memory, pool: FairPool, max_indexed_bytes: int = 1 << 20):
+    def __init__(self, files: FileStore, memory, pool: FairPool, max_indexed_bytes: int = 1 << 20,
+                 group_bytes: dict[str, int] | None = None, access=None):
         self.files = files
+        self.group_bytes = {g: n for g, n in (group_bytes or {}).items() if n}   # [quotas.groups.G] storage_bytes
+        self.access = access          # groups_of and groups(): whose bytes count together
         self.memory = memory  # () -> the long-term vector memory
         self.pool = pool      # storage's own threads, shared fairly between agents
         self.max_indexed_bytes = max_indexed_bytes
@@ -46,6 +49,18 @@ class Files:
         if parts:
             memory.add(space, parts, [{"kind": "file", "path": f.path, "version": str(f.version)} for _ in parts])
         self.files.set_indexed(space, f.path, bool(parts))
+
+    def _check_groups(self, space: str, size: int) -> None:
+        """A group's storage quota: what its members hold together (1,000 AIOS names once had 1 GiB each)."""
+        capped = [g for g in self.access.groups_of(space) if g in self.group_bytes] if self.group_bytes else []
+        if not capped:
+            return
+        members = self.access.groups()
+        for g in capped:
+            used = self.files.usage_of(list(members.get(g, [])))
+            if used + size > self.group_bytes[g]:
+                raise exhausted(f"group '{g}' holds {used} of its {self.group_bytes[g]} bytes of files "
+                                f"([quotas.groups.{g}] storage_bytes); this write needs {size} more")
 
     def _reindex(self, space: str, f: FileVersion) -> None:
         """After a delete or rollback: an indexed file's passages follow its current content."""
@@ -68,6 +83,7 @@ class Files:
                               f"(storage.max_indexed_bytes); this one is {len(data)}: write it without index")
 
         def do():
+            self._check_groups(space, len(data))
             f = self.files.write(space, path, data, metadata)
             if index:
                 self._index(space, f, text)
