@@ -93,34 +93,20 @@ def tiny_temperature(address, client) -> dict:
 
 
 def embedding_flood(address, client) -> dict:
+    from conftest import flood_embeddings
+
     import kernos.sdk
 
     victim = kernos.sdk.connect(address, agent="bench-searcher")
     victim.memory.add("the kernel schedules agents fairly")
     victim.memory.search("warm up")
-    texts = [f"passage {i}: " + "lorem ipsum dolor sit amet " * 70 for i in range(48)]
-    done: list[float] = []
 
-    def flood():
-        client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)
-        done.append(time.monotonic())
-    threads = [threading.Thread(target=flood) for _ in range(4)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    time.sleep(0.5)
-    waits = []
-    while len(done) < 4 and time.monotonic() - t0 < 300:
-        t1 = time.monotonic()
+    def probe():
         victim.memory.search("fair scheduling")
         victim.storage.write("note.txt", "x" * 1024)
-        waits.append(time.monotonic() - t1)
-        time.sleep(0.2)
-    for t in threads:
-        t.join()
+    waits, flood_s = flood_embeddings(client, probe)
     p50, mx = stats(waits)
-    return {"victim_search_write_p50_s": p50, "victim_search_write_max_s": mx,
-            "flood_s": round(max(done) - t0, 1)}
+    return {"victim_search_write_p50_s": p50, "victim_search_write_max_s": mx, "flood_s": round(flood_s, 1)}
 
 
 def tool_slots(address) -> dict:

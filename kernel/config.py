@@ -32,9 +32,8 @@ class ServerConfig(_Strict):
     tls_client_ca: Path | None = Field(None, description="CA (PEM) that client certificates must chain to: mTLS")
     max_message_bytes: int = Field(32 * 1024 * 1024, gt=1024, description="largest gRPC message accepted")
     max_http_body_bytes: int = Field(32 << 20, gt=1024, description="largest HTTP body, checked before it is read")
-    http_body_timeout_s: float = Field(30.0, gt=0, description="an HTTP request's head, then its whole body, must "
-                                                               "each arrive within this (the connection is closed; "
-                                                               "408 for a body): slow clients hold nothing longer")
+    http_body_timeout_s: float = Field(30.0, gt=0, description="an HTTP request's head, then its body, must each "
+                                                               "arrive within this (closed; 408 for a body)")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight generations")
     agent_ttl_s: float = Field(600.0, gt=0, description="an agent silent this long is idle (its session ends; "
                                                        "its name and token stay its own)")
@@ -74,10 +73,8 @@ class LimitsConfig(_Strict):
     max_stop_strings: int = Field(16, ge=0)
     max_schema_bytes: int = Field(64 * 1024, gt=0, description="largest JSON schema (a tool's parameters or "
                                                                  "response_format's)")
-    max_schema_repeats: int = Field(
-        10_000, gt=0, description="sum of a schema's array bounds (minItems, maxItems, minContains, maxContains): "
-                                  "the grammar compiler unrolls them, about 1 KB each, so a bound of 10^8 in a "
-                                  "300-byte schema would take 5 GiB")
+    max_schema_repeats: int = Field(10_000, gt=0, description="sum of a schema's array bounds (min/maxItems, "
+                                                               "min/maxContains): the grammar unrolls them, ~1 KB each")
     grammar_compile_s: float = Field(5.0, gt=0, description="longest a request's output grammar may take to compile")
     max_n: int = Field(8, gt=0, description="samples one request may ask for (n)")
     max_snapshots_per_agent: int = Field(8, ge=0, description="snapshots one agent holds; 0: no limit")
@@ -232,9 +229,8 @@ class ToolsConfig(_Strict):
     max_concurrent_calls: int = Field(8, gt=0, description="tool calls running at once, all agents together")
     max_calls_per_agent: int = Field(4, gt=0, description="tool calls one agent may run at once")
     max_pending_per_agent: int = Field(16, gt=0, description="irreversible calls one agent has awaiting an operator")
-    max_calls_per_group: int = Field(0, ge=0, description="tool calls the agents of one group (the registration "
-                                                          "group: every self-registered name) may run at once; 0: "
-                                                          "half of max_concurrent_calls")
+    max_calls_per_group: int = Field(0, ge=0, description="tool calls one group's agents (self-registered names "
+                                                          "share one) run at once; 0: half of max_concurrent_calls")
     mcp: list[McpServerConfig] = Field(default_factory=list, description="external MCP servers to mount "
                                                                          "([[tools.mcp]])")
     max_wall_s: float = Field(300.0, gt=0, description="the longest wall-clock limit a tool may have")

@@ -133,3 +133,34 @@ def drive_engine(engine, reqs, preempt_at: dict[int, str] | None = None, victim:
             engine.preempt(rows[0], "test", strategy)
         assert step < 10_000
     return {rid: h.result(timeout=1) for rid, h in handles.items()}
+
+
+def flood_embeddings(client, probe, calls: int = 4, texts: int = 48, stop_after: int = 4,
+                     limit_s: float = 300.0) -> tuple[list[float], float]:
+    """A hostile neighbour's embeddings (issue 30, finding 7): `calls` concurrent /v1/embeddings calls of `texts`
+    passages of ~1,900 characters each, through the openai `client`. While fewer than `stop_after` of them have
+    returned, `probe()` (the victim's work) is timed every 0.2 s. Returns (the probe's times, the flood's seconds)."""
+    import threading
+    import time
+
+    batch = [f"passage {i}: " + "lorem ipsum dolor sit amet " * 70 for i in range(texts)]
+    done: list[float] = []
+
+    def flood():
+        client.embeddings.create(model="all-MiniLM-L6-v2", input=batch)
+        done.append(time.monotonic())
+    threads = [threading.Thread(target=flood) for _ in range(calls)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    waits = []
+    while len(done) < stop_after and time.monotonic() - t0 < limit_s:
+        t1 = time.monotonic()
+        probe()
+        waits.append(time.monotonic() - t1)
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    assert len(done) == calls, "the flood's calls did not all return"
+    return waits, max(done) - t0

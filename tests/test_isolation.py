@@ -248,33 +248,20 @@ def test_registration_labels_are_bounded(ik):
 
 # -- 7. one agent's embeddings starved every other agent's memory and storage -----------------------------------
 def test_heavy_embeddings_wait_behind_their_own(ik):
+    from conftest import flood_embeddings
+
     proc, address, http = ik
     victim = kernos.sdk.connect(address, agent="searcher")
     victim.memory.add("the kernel schedules agents fairly")
     victim.memory.search("warm up")
     attacker = client_for(http, kernos.sdk.connect(address, agent="embed-flood"))
-    texts = [f"passage {i}: " + "lorem ipsum dolor sit amet " * 70 for i in range(48)]   # ~1,900 characters
-    done: list[float] = []
 
-    def flood():
-        attacker.embeddings.create(model="all-MiniLM-L6-v2", input=texts)
-        done.append(time.monotonic())
-    threads = [threading.Thread(target=flood) for _ in range(4)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    time.sleep(0.5)
-    waits = []
-    while len(done) < 2 and time.monotonic() - t0 < 120:      # while most of the flood is still queued
-        t1 = time.monotonic()
+    def probe():
         assert victim.memory.search("fair scheduling")[0].text == "the kernel schedules agents fairly"
         victim.storage.write("note.txt", "x" * 1024)
-        waits.append(time.monotonic() - t1)
-        time.sleep(0.2)
-    for t in threads:
-        t.join()
-    flood_s = max(done) - t0
-    assert len(done) == 4 and waits
+    # probed while most of the flood is still queued (until 2 of its 4 calls returned)
+    waits, flood_s = flood_embeddings(attacker, probe, stop_after=2, limit_s=120)
+    assert waits
     # before: the victim queued behind every text of the flood (p50 63 s in the review's run)
     assert max(waits) < max(2.0, 0.2 * flood_s), (waits, flood_s)
     victim.close()
