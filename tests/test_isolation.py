@@ -236,6 +236,23 @@ def test_bodies_are_bounded_before_they_are_read(ik):
         assert r.choices[0].message.content == "hi"
 
 
+def test_a_stream_outlives_the_body_deadline(ik):
+    """The body deadline ends with the body: a streaming reply that stays open longer (here: suspended for 3 s,
+    past the 2 s deadline) is not cut."""
+    proc, address, http = ik
+    with kernos.sdk.connect(address, agent="long-streamer") as s:
+        stream = client_for(http, s).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "go on"}], max_tokens=200, stop=["never-appears-xyz"],
+            stream=True)
+        first = next(iter(stream))
+        rid = first.id.removeprefix("chatcmpl-")
+        s.llm.suspend(rid)
+        time.sleep(3)
+        s.llm.resume(rid)
+        finish = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+        assert finish == ["length"]
+
+
 def test_registration_labels_are_bounded(ik):
     proc, address, http = ik
     with pytest.raises(kernos.sdk.InvalidArgument, match="label"):

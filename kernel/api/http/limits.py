@@ -58,8 +58,12 @@ class RequestLimits:
         received = 0
         started = False
 
+        body_done = False
+
         async def limited_receive():
-            nonlocal received
+            nonlocal received, body_done
+            if body_done:                 # after the body: a streaming reply waits here for the disconnect, unbounded
+                return await receive()
             left = deadline - loop.time()
             try:
                 message = await asyncio.wait_for(receive(), max(left, 0.001))
@@ -69,6 +73,9 @@ class RequestLimits:
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise BodyTooLarge(self.max_body_bytes)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         async def tracked_send(message):
