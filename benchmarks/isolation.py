@@ -110,18 +110,12 @@ def embedding_flood(address, client) -> dict:
 
 
 def tool_slots(address) -> dict:
+    from conftest import start_nappers
+
     import kernos.sdk
 
     known = kernos.sdk.connect(address, agent="bench-known", credential=ADMIN)
-    nappers = [kernos.sdk.connect(address, agent=f"bench-napper-{i}") for i in range(2)]
-    for n in nappers:
-        n.tools.register("nap", "import time\ntime.sleep(args['s'])\nresult = 'ok'", {"type": "object"},
-                         timeout_s=30)
-    threads = [threading.Thread(target=n.tools.call, args=("nap",), kwargs={"s": 6}) for n in nappers
-               for _ in range(5)]
-    for t in threads:
-        t.start()
-    time.sleep(1.5)
+    _, threads = start_nappers(address, "bench-napper", calls=5)
     waits = []
     for _ in range(3):
         t0 = time.monotonic()

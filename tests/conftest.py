@@ -164,3 +164,23 @@ def flood_embeddings(client, probe, calls: int = 4, texts: int = 48, stop_after:
         t.join()
     assert len(done) == calls, "the flood's calls did not all return"
     return waits, max(done) - t0
+
+
+def start_nappers(address: str, prefix: str, calls: int, seconds: float = 6.0):
+    """Hostile neighbours of the tool slots (issue 30, finding 8): two freshly registered agents that each start
+    `calls` tool calls sleeping `seconds`. Returns (their sessions, the calls' threads, already started)."""
+    import threading
+    import time
+
+    import kernos.sdk
+
+    nappers = [kernos.sdk.connect(address, agent=f"{prefix}-{i}") for i in range(2)]
+    for n in nappers:
+        n.tools.register("nap", "import time\ntime.sleep(args['s'])\nresult = 'ok'", {"type": "object"},
+                         timeout_s=30)
+    threads = [threading.Thread(target=n.tools.call, args=("nap",), kwargs={"s": seconds}) for n in nappers
+               for _ in range(calls)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)                  # their calls hold the slots
+    return nappers, threads

@@ -330,18 +330,12 @@ def test_a_large_aios_write_is_stored_unindexed(ik):
 
 # -- 8. two fresh names with slow tool calls took every tool slot ------------------------------------------------
 def test_fresh_names_share_one_tool_budget(ik):
+    from conftest import start_nappers
+
     proc, address, http = ik
     known = kernos.sdk.connect(address, agent="known-worker", credential=ADMIN)     # created by an operator
     newcomer = kernos.sdk.connect(address, agent="newcomer")
-    nappers = [kernos.sdk.connect(address, agent=f"napper-{i}") for i in range(2)]
-    for n in nappers:
-        n.tools.register("nap", "import time\ntime.sleep(args['s'])\nresult = 'ok'", {"type": "object"},
-                         timeout_s=30)
-    threads = [threading.Thread(target=n.tools.call, args=("nap",), kwargs={"s": 6}) for n in nappers
-               for _ in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(1.5)
+    nappers, threads = start_nappers(address, "napper", calls=3)
     t0 = time.monotonic()
     r = known.tools.call("python", code="result = 6 * 7")
     known_s = time.monotonic() - t0
