@@ -130,7 +130,7 @@ def switch_costs(work: Path, lengths: list[int]):
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, JambaConfig, LlamaConfig
 
-    from kernos.kernel.llm import cache as cache_ops
+    from kernos.kernel.llm.engine import cache as cache_ops
 
     common = dict(
         vocab_size=8192,

@@ -29,6 +29,7 @@ from .syscalls.files import Files
 from .syscalls.generate import Generate
 from .syscalls.lifecycle import Lifecycle
 from .syscalls.memory import Memory
+from .syscalls.models import Models
 from .syscalls.pools import FairPool
 from .syscalls.snapshots import SnapshotStore
 from .syscalls.tuner import Tuner
@@ -136,6 +137,7 @@ class Kernel:
         self.generate = Generate(self.llm, config.limits, self.registry, self.quotas, self.access_control,
                                  self.adapter_store, self.traces, self.lifecycle, self.contexts, self.vector,
                                  config.memory.summary_max_tokens, snapshots, self.tools, self.metrics.observe)
+        self.models = Models(self.llm, self.access_control)
         self.agents = Agents(self.registry, self.registration, self.llm, self.jobs, self.lifecycle,
                              self.access_control)
         st, mem = config.storage, config.memory

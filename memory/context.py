@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from kernos.abi.errors import StatusError
 from kernos.storage.db import connect
-from kernos.storage.status import StatusError
 
 CONTEXT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ROLES = {"system", "user", "assistant"}

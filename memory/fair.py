@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
 
 OWNER: contextvars.ContextVar[str] = contextvars.ContextVar("kernos_owner", default="kernel")
 

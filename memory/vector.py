@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
 
 MAX_TEXT = 32 * 1024
 MAX_ID = 128

@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernos.abi.errors import StatusError
+
 from .db import connect
 from .durable import fsync_dir, fsync_tree
-from .status import StatusError
 
 NAME_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
 

@@ -19,9 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from kernos.abi.errors import StatusError
+
 from .db import connect
 from .durable import fsync_dir
-from .status import StatusError
 
 MAX_PATH = 1024
 MAX_COMPONENT = 255

@@ -12,8 +12,9 @@ import json
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from kernos.abi.trace import TraceRecord
 
 from .db import connect
 
@@ -41,17 +42,6 @@ CREATE TABLE IF NOT EXISTS outcomes (
 );
 CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes(agent_id, request_id);
 """
-
-
-@dataclass
-class TraceRecord:
-    agent_id: str
-    kind: str  # e.g. "llm.generate", "kernel.register"
-    status: str  # gRPC status name, "OK" on success
-    request: dict
-    response: dict
-    timings: dict
-    ts: float = 0.0
 
 
 FAILED_RECORD_BYTES = 4096     # what a failed call keeps of its request and response: failures do not train

@@ -112,7 +112,10 @@ def test_an_agent_sees_and_calls_its_tools_memory_and_files(mk):
         assert bob.storage.list() and [f.path for f in alice.storage.list()] == ["notes/a.txt"]
     traces = TraceLog(data / "traces.db")
     try:
-        assert any(t.kind == "mcp.call_tool" for t in traces.query("mcp-alice", limit=200))
+        # MCP calls are traced as the syscalls they are, as over gRPC, noting the transport
+        recs = traces.query("mcp-alice", limit=200)
+        assert any(t.kind == "tools.call" and t.request.get("via") == "mcp" for t in recs)
+        assert any(t.kind == "storage.write" and t.request.get("via") == "mcp" for t in recs)
     finally:
         traces.close()
 

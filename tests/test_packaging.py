@@ -35,3 +35,75 @@ def test_cli_help_lists_the_commands():
     assert out.returncode == 0
     for cmd in ("serve", "demo", "status", "top", "agents"):
         assert cmd in out.stdout
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the Kernos modules it imports (at the top or inside functions), from the sources."""
+    import ast
+
+    folders = {"abi": "kernos.abi", "kernel": "kernos.kernel", "scheduler": "kernos.scheduler",
+               "memory": "kernos.memory", "storage": "kernos.storage", "sdk": "kernos.sdk", "agents": "kernos.agents"}
+    mods = {}
+    for folder, pkg in folders.items():
+        for f in (ROOT / folder).rglob("*.py"):
+            parts = [p for p in f.relative_to(ROOT / folder).with_suffix("").parts if p != "__init__"]
+            mods[".".join([pkg, *parts])] = (f, f.name == "__init__.py")
+    graph = {}
+    for name, (f, is_pkg) in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = name.split(".") if is_pkg else name.split(".")[:-1]
+                    base = base[:len(base) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                # `from pkg import mod` needs pkg.mod; `from mod import name` needs mod
+                found = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in mods]
+                targets = found or [target]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t and t not in mods:
+                    t = t.rpartition(".")[0]
+                if t and t != name:
+                    deps.add(t)
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
+    assert len(graph) > 100
+    cycles, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_protobuf_and_grpc_method_names_stay_in_the_grpc_adapter():
+    """Only `kernel/api/grpc/` (and the SDK, the CLI's display of replies) speaks protobuf; security and the HTTP
+    surfaces decide and trace on typed syscalls."""
+    offenders = []
+    for f in (ROOT / "kernel").rglob("*.py"):
+        rel = f.relative_to(ROOT / "kernel").as_posix()
+        if rel.startswith(("api/grpc/", "cli/")):
+            continue
+        text = f.read_text()
+        if "kernos.proto" in text or "/kernos.v1." in text or "SimpleNamespace" in text:
+            offenders.append(rel)
+    assert not offenders, offenders

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from kernos.abi.errors import StatusError
 from kernos.kernel.config import EngineConfig, ModelConfig
 from kernos.kernel.llm.engine import TransformersEngine
 from kernos.kernel.llm.registry import load_model
@@ -13,7 +14,6 @@ from kernos.kernel.tuner.config import TrainConfig
 from kernos.kernel.tuner.publish import beats_base
 from kernos.kernel.tuner.train import IGNORE, DataError, add_lora, encode, load_base, lora_targets, train
 from kernos.storage.adapters import AdapterStore
-from kernos.storage.status import StatusError
 
 
 def test_loss_covers_assistant_turns_only(tiny_models):
@@ -37,9 +37,9 @@ def test_tool_use_traces_become_examples_in_the_serving_format(tiny_models):
     """A traced tool-using generation (tools in the request, a tool result in the conversation, tool calls in
     the reply) becomes an SFT example that the trainer writes exactly as the kernel prompts it: the tools in
     the system block, the learnt reply the <tool_call> block."""
+    from kernos.abi.trace import TraceRecord
     from kernos.kernel.llm.tool_calls import chat_template_input, tool_defs
     from kernos.kernel.tuner.datasets import build_sft, episodes_from_traces
-    from kernos.storage.traces import TraceRecord
 
     tools = [{"name": "calculator", "description": "arithmetic",
               "parameters_json": '{"type": "object", "properties": {"expression": {"type": "string"}}}'}]

@@ -31,7 +31,7 @@ def cmd_serve(args) -> int:
     except ConfigError as e:
         print(f"kernos serve: {e}", file=sys.stderr)
         return 2
-    from ..api.grpc.server import run
+    from ..daemon import run
 
     try:
         return run(config)
@@ -111,7 +111,7 @@ def cmd_agents(args) -> int:
 def cmd_token(args) -> int:
     """Create, revoke or list tokens offline, in the kernel's data dir (a running kernel sees the change at
     its next check): operator tokens (the default), enrollment tokens (--enroll) and agents' tokens (--agent)."""
-    from kernos.storage.status import StatusError
+    from kernos.abi.errors import StatusError
 
     from ..security.access import AccessControl
     from ..security.enrollment import Enrollments

@@ -6,8 +6,8 @@ from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 
+from kernos.abi.errors import StatusError
 from kernos.scheduler import RequestView
-from kernos.storage.status import StatusError
 
 from .types import GenRequest, RequestHandle
 

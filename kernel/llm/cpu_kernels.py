@@ -32,6 +32,18 @@ import torch
 
 log = logging.getLogger("kernos.llm")
 
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-shared", "-fPIC"]
 _P, _I = ctypes.c_void_p, ctypes.c_int
@@ -64,7 +76,6 @@ def _build(target: Path) -> None:
 @lru_cache(maxsize=1)
 def library():
     """The compiled kernel, or None (with the reason logged) where it cannot be built or run here."""
-    from .cpu_speed import cpu_flags
 
     if "avx512_bf16" not in cpu_flags():
         return None

@@ -17,23 +17,13 @@ from __future__ import annotations
 
 import logging
 import types
-from functools import lru_cache
 
 import torch
 
+from . import cpu_kernels
+from .cpu_kernels import cpu_flags
+
 log = logging.getLogger("kernos.llm")
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def fast_cpu_dtype() -> torch.dtype:
@@ -64,7 +54,6 @@ def pack_linears(model: torch.nn.Module, own_kernels: bool = True) -> int:
     """Pack every bf16 CPU `nn.Linear` of `model` once, for the own kernel (`cpu_kernels`: with `own_kernels`,
     one compute thread and AVX512-BF16) or else for oneDNN (see the module's doc); returns how many. Outside
     inference (grad enabled) or for other input dtypes a layer runs its ordinary forward."""
-    from . import cpu_kernels
 
     if not _mkldnn_bf16():
         return 0

@@ -22,7 +22,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 
-from kernos.storage.status import invalid
+from kernos.abi.errors import invalid
 
 TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
 
 
 class Finish(str, Enum):

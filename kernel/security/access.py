@@ -7,8 +7,8 @@ namespace or a storage path prefix, optionally expiring, and are revocable. Each
 capability families (llm, memory, storage, tools, tuner; admin for operators) that an operator can narrow.
 
 Two kinds of decision, each made once per syscall and written to the audit log:
-- `decide(principal, method, request)`: the capability family and the owner a request names (memory
-  namespace, storage space and path); the gate calls it before any use case runs.
+- `decide(principal, call)`: the capability family of a syscall (`kernos.abi.syscalls`) and the owner its
+  request names (memory namespace, storage space and path); the gate calls it before any use case runs.
 - `authorize_model` / `authorize_tool`: the model, adapter or tool a request names, which only its use
   case can resolve (the adapter a generation uses may be the agent's default one).
 """
@@ -24,9 +24,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernos.abi.errors import StatusError
+from kernos.abi.syscalls import Syscall
+from kernos.abi.trace import TraceRecord
 from kernos.storage.db import connect
-from kernos.storage.status import StatusError
-from kernos.storage.traces import TraceLog, TraceRecord
+from kernos.storage.traces import TraceLog
 
 from .principals import Operator
 
@@ -48,42 +50,6 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0
 );
 """
-
-# method -> (family, permission, what the request names). "own" = the caller's own resources only; "named" =
-# a model/adapter or tool, decided by the use case (`authorize_model`, `authorize_tool`).
-RULES: dict[str, tuple[str, str, str]] = {
-    "/kernos.v1.LLM/Generate": ("llm", "execute", "named"),
-    "/kernos.v1.LLM/GenerateStream": ("llm", "execute", "named"),
-    "/kernos.v1.LLM/ListModels": ("llm", "read", "none"),
-    "/kernos.v1.LLM/Suspend": ("llm", "execute", "own"),
-    "/kernos.v1.LLM/Resume": ("llm", "execute", "own"),
-    "/kernos.v1.LLM/Snapshot": ("llm", "execute", "own"),
-    "/kernos.v1.LLM/Restore": ("llm", "execute", "own"),
-    "/kernos.v1.Memory/Add": ("memory", "write", "namespace"),
-    "/kernos.v1.Memory/Embed": ("memory", "read", "none"),      # HTTP /v1/embeddings
-    "/kernos.v1.Memory/Update": ("memory", "write", "namespace"),
-    "/kernos.v1.Memory/Delete": ("memory", "write", "namespace"),
-    "/kernos.v1.Memory/Search": ("memory", "read", "namespace"),
-    "/kernos.v1.Memory/Get": ("memory", "read", "namespace"),
-    **{f"/kernos.v1.Memory/{m}": ("memory", "write", "own") for m in
-       ("CreateContext", "ListContexts", "DeleteContext", "ListBlocks", "AddBlock", "EditBlock", "DeleteBlock")},
-    **{f"/kernos.v1.Storage/{m}": ("storage", "read", "path") for m in ("Read", "Stat", "List", "History", "Search")},
-    **{f"/kernos.v1.Storage/{m}": ("storage", "write", "path") for m in ("Write", "Delete", "Rollback")},
-    **{f"/kernos.v1.Tools/{m}": ("tools", "execute", "own") for m in ("Register", "List", "Wait")},
-    "/kernos.v1.Tools/Call": ("tools", "execute", "named"),
-    **{f"/kernos.v1.Tools/{m}": ("admin", "write", "none") for m in ("Confirm", "Deny", "ListPending")},
-    **{f"/kernos.v1.Tuner/{m}": ("tuner", "write", "own")
-       for m in ("Feedback", "BuildDataset", "StartFinetune", "CancelJob", "SetDefaultAdapter")},
-    **{f"/kernos.v1.Tuner/{m}": ("tuner", "read", "own") for m in ("GetJob", "ListJobs", "ListAdapters")},
-    "/kernos.v1.Access/Grant": ("access", "write", "own"),
-    "/kernos.v1.Access/Revoke": ("access", "write", "own"),
-    "/kernos.v1.Access/ListGrants": ("access", "read", "own"),
-    "/kernos.v1.Access/ListGroups": ("access", "read", "own"),
-    "/kernos.v1.Access/GetCapabilities": ("access", "read", "own"),
-    **{f"/kernos.v1.Access/{m}": ("admin", "write", "none") for m in
-       ("CreateGroup", "AddMember", "RemoveMember", "SetCapabilities", "CreateToken", "RevokeToken", "Audit")},
-}
-
 
 OPEN = "not restricted"
 
@@ -291,11 +257,12 @@ class AccessControl:
         return [g for g in out if include_revoked or g.active(now)]
 
     # -- the decision ----------------------------------------------------------------------------------------
-    def decide(self, principal, method: str, request) -> tuple[bool, str, str]:
-        """(allowed, capability, reason) for `principal` calling `method` with `request`; audited."""
-        allowed, capability, reason = self._decide(principal, method, request)
-        if method in RULES or not allowed:
-            self._audit(principal.agent_id, method, allowed, capability, reason)
+    def decide(self, principal, call: Syscall) -> tuple[bool, str, str]:
+        """(allowed, capability, reason) for `principal` making `call`; audited (kernel calls need only a
+        caller, and are audited only if refused)."""
+        allowed, capability, reason = self._decide(principal, call)
+        if call.spec.family != "kernel" or not allowed:
+            self._audit(principal.agent_id, call.name, allowed, capability, reason)
         return allowed, capability, reason
 
     def _audit(self, pid: str, what: str, allowed: bool, capability: str, reason: str) -> None:
@@ -303,20 +270,19 @@ class AccessControl:
             self.audit.record(TraceRecord(pid, what, "ALLOW" if allowed else "DENY", {"capability": capability},
                                           {"reason": reason}, {}))
 
-    def _decide(self, principal, method: str, request) -> tuple[bool, str, str]:
-        rule = RULES.get(method)
+    def _decide(self, principal, call: Syscall) -> tuple[bool, str, str]:
+        family, perm, names = call.spec.family, call.spec.permission, call.spec.names
         pid = principal.agent_id
-        if rule is None:  # the Kernel service, health, reflection: authentication is enough
+        if family == "kernel":
             return True, "kernel", "authenticated"
-        family, perm, names = rule
         if family == "access":
             return True, "access", "grant management on the caller's own resources"
         if family not in self.capabilities(pid, principal.operator):
             return False, f"{family}", f"'{pid}' lacks the '{family}' capability family"
         if names in ("none", "own", "named"):
             return True, f"{family}:{perm}", "own resources" if names != "named" else "decided by the use case"
-        owner = (getattr(request, "namespace", "") if names == "namespace" else getattr(request, "owner", "")) or pid
-        resource = (getattr(request, "path", "") or getattr(request, "prefix", "")) if names == "path" else ""
+        owner = (call.namespace if names == "namespace" else call.owner) or pid
+        resource = call.path if names == "path" else ""
         capability = f"{family}:{perm} on {owner}" + (f"/{resource}" if resource else "")
         if owner == pid or principal.operator:
             return True, capability, "owner" if owner == pid else "operator"

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
 
 LABEL = "bridge"
 HASHED = re.compile(r"-[0-9a-f]{10}$")

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernos.abi.errors import StatusError
 from kernos.storage.db import connect
-from kernos.storage.status import StatusError
 
 from .access import GROUP_RE
 

@@ -1,10 +1,12 @@
-"""The gate every syscall passes before its use case runs, whatever the transport: who is calling (a token
-becomes a principal), whether it is within its request rate, and whether its capability families and
-grants allow the method on the owner and path the request names. Every decision goes to the audit log."""
+"""The gate every syscall passes before its use case runs, whatever the transport: who is calling (a token becomes
+a principal), whether it is within its request rate, and whether its capability families and grants allow the
+syscall (`kernos.abi.syscalls.Syscall`) on the owner and path its request names. Every decision goes to the
+audit log."""
 from __future__ import annotations
 
-from kernos.storage.status import StatusError
-from kernos.storage.traces import TraceRecord
+from kernos.abi.errors import StatusError
+from kernos.abi.syscalls import Syscall
+from kernos.abi.trace import TraceRecord
 
 from .access import AccessControl
 from .principals import AgentRegistry
@@ -22,16 +24,16 @@ class Gate:
         # Agents first: their tokens are found in memory; an operator token costs a database read.
         return self.agents.authenticate(token) or self.access.operator(token)
 
-    def admit(self, principal, method: str, request) -> None:
+    def admit(self, principal, call: Syscall) -> None:
         """Raise RESOURCE_EXHAUSTED (over the request rate, with a retry hint) or PERMISSION_DENIED."""
         if not principal.operator:
             try:
                 self.quotas.request(principal.agent_id)
             except QuotaExceeded as e:
                 if self.access.audit is not None:
-                    self.access.audit.record(TraceRecord(principal.agent_id, method, "DENY", {"capability": "rate"},
+                    self.access.audit.record(TraceRecord(principal.agent_id, call.name, "DENY", {"capability": "rate"},
                                                          {"reason": e.message}, {}))
                 raise
-        allowed, capability, reason = self.access.decide(principal, method, request)
+        allowed, capability, reason = self.access.decide(principal, call)
         if not allowed:
             raise StatusError("PERMISSION_DENIED", f"missing capability {capability}: {reason}")

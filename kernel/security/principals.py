@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernos.abi.errors import StatusError
 from kernos.storage.db import connect
-from kernos.storage.status import StatusError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 

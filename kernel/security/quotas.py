@@ -15,7 +15,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import defaultdict, deque
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
 
 from .access import AccessControl
 from .enrollment import Enrollments

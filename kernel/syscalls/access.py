@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
 
 from ..security.access import AccessControl
 

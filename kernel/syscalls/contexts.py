@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+from kernos.abi.errors import invalid, not_found
 from kernos.memory.context import ContextError, ContextStore, plan
 from kernos.memory.fair import as_owner
-from kernos.storage.status import invalid, not_found
 
 ROLES = {"system", "user", "assistant"}
 

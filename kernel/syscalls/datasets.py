@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
 
 from ..tuner import datasets as ds
 

@@ -4,8 +4,8 @@ runs off the event loop (fsync takes milliseconds)."""
 
 from __future__ import annotations
 
+from kernos.abi.errors import exhausted, invalid
 from kernos.storage.files import FileStore, FileVersion
-from kernos.storage.status import exhausted, invalid
 
 from .pools import FairPool
 

@@ -15,110 +15,21 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from kernos.storage.status import StatusError, exhausted, invalid, not_found, unavailable
-from kernos.storage.traces import TraceRecord
+from kernos.abi.errors import StatusError, exhausted, invalid, not_found, unavailable
+from kernos.abi.trace import TraceRecord
 
 from ..llm.core import LLMCore, ServedModel
 from ..llm.structured import output_spec
 from ..llm.tool_calls import ToolCallStream
 from ..llm.types import Failed, Final, Finish, GenRequest, RequestHandle, TextDelta
 from .contexts import ContextAssembler
+from .generation import Accepted, Choice, Generation, Reply, ToolCallDeltas, ToolRun
 from .snapshots import SnapshotStore
 
 ROLES = {"system", "user", "assistant", "tool"}
 MAX_STOP_LEN = 256
-
-
-@dataclass
-class Generation:
-    """What a caller asks for, transport-free. `size` is the request's size as it arrived, in bytes."""
-
-    # {"role", "content"}; an assistant's may carry "tool_calls" [{"id", "name", "arguments"}], a tool's
-    # "tool_call_id" (and "name")
-    messages: list[dict] = field(default_factory=list)
-    prompt: str = ""
-    model: str = ""
-    adapter: str = ""
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int = 0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    priority: int = 0
-    context_id: str = ""
-    size: int = 0
-    tools: list[dict] = field(default_factory=list)    # {"name", "description", "parameters_json", "strict"}
-    tool_choice: str = ""
-    parallel_tool_calls: bool | None = None
-    response_format: str = ""                           # "", text, json_object, json_schema
-    schema_json: str = ""
-    strict: bool = False                                # json_schema: objects take only their properties
-    n: int = 1                                          # samples of the prompt (prefilled once)
-    logprobs: bool = False
-    top_logprobs: int = 0                               # 0..20, with logprobs
-    kernel_tools: list[str] = field(default_factory=list)   # tools registered in the kernel, offered too
-    tool_execution: str = ""                            # "" / client: calls come back; kernel: the kernel runs them
-    first_tool_choice: str = ""                         # tool_choice until a tool result answers the last user turn
-    max_tool_rounds: int = 0
-
-
-@dataclass
-class Accepted:
-    """The first event of a generation: the engine took it."""
-
-    request_id: str
-
-
-@dataclass
-class Reply:
-    request_id: str
-    text: str
-    model: str
-    adapter: str
-    finish: Finish
-    prompt_tokens: int
-    completion_tokens: int
-    queue_wait_ms: float
-    ttft_ms: float
-    total_ms: float
-    snapshot_id: str = ""
-    tool_calls: list[dict] = field(default_factory=list)   # {"id", "name", "arguments" (a JSON string)}
-    tool_runs: list[ToolRun] = field(default_factory=list)
-    choices: list[Choice] = field(default_factory=list)
-
-
-@dataclass
-class Choice:
-    """One sample of a prompt (n > 1 gives several; the reply's own fields are the first's)."""
-
-    index: int
-    text: str
-    finish: Finish
-    tool_calls: list[dict]
-    completion_tokens: int
-    logprobs: list = field(default_factory=list)   # [(token, token id, logprob, [(token, id, logprob), ...])]
-
-
-@dataclass
-class ToolRun:
-    """A call the kernel ran for the model (tool_execution "kernel")."""
-
-    call: dict                  # {"id", "name", "arguments"}
-    state: str                  # done | error | denied
-    result: object = None
-    error: str = ""
-    duration_ms: float = 0.0
-
-
-@dataclass
-class ToolCallDeltas:
-    """Pieces of tool calls while a reply streams: {"index", "id", "name", "arguments"} each."""
-
-    deltas: list[dict]
-    choice: int = 0
 
 
 async def _merged(handles: list[RequestHandle]):
@@ -572,9 +483,6 @@ class Generate:
         await asyncio.to_thread(self.snapshots.check_room, principal.agent_id)
         folder = await self._engine_call(principal, request_id, "checkpoint", self.snapshots.folder(request_id))
         return folder.name
-
-    def models(self) -> list[ServedModel]:
-        return list(self.llm.models.values())
 
 
 def _tool_choice(g: Generation) -> str:

@@ -3,8 +3,8 @@ the gate's grant check), and the caller's working contexts with their blocks. St
 event loop."""
 from __future__ import annotations
 
+from kernos.abi.errors import invalid, not_found
 from kernos.memory.context import Block, Context, ContextStore
-from kernos.storage.status import invalid, not_found
 
 from .pools import FairPool
 
@@ -25,7 +25,7 @@ class Memory:
 
     async def embed(self, principal, texts: list[str]) -> list[list[float]]:
         """The memory's embedding of each text (the model long-term memory searches with)."""
-        from kernos.storage.status import invalid
+        from kernos.abi.errors import invalid
 
         if not texts or len(texts) > 2048 or any(not isinstance(t, str) or not t for t in texts):
             raise invalid("input must be 1 to 2048 non-empty strings")

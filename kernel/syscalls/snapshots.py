@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from kernos.storage.status import StatusError, invalid, not_found
+from kernos.abi.errors import StatusError, invalid, not_found
 
 SNAPSHOT_ID = re.compile(r"^[0-9a-f]{32}$")
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from kernos.abi.errors import StatusError
 from kernos.storage.adapters import NAME_RE
-from kernos.storage.status import StatusError
 
 from ..tuner.config import TrainConfig
 from ..tuner.jobs import FINAL, Job

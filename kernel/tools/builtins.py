@@ -10,8 +10,8 @@ import ast
 import math
 import operator
 
+from kernos.abi.errors import StatusError
 from kernos.memory.fair import as_owner
-from kernos.storage.status import StatusError
 
 from .spec import Tool
 from .spec import schema as _schema

@@ -13,7 +13,7 @@ What a jailed call sees and may do:
   prelude before the tool's code runs (and not raisable by it);
 - the result goes back over a pipe the tool's output cannot forge (not stdout).
 
-The kernel checks at start that all of this holds (`Jail.self_test`); without a working jail it refuses to
+The kernel checks at start that all of this holds (`sandbox.self_test`); without a working jail it refuses to
 run code unless the operator sets `tools.unsafe_no_jail = true`.
 """
 from __future__ import annotations
@@ -86,38 +86,4 @@ class Jail:
                 "--size", str(WORK_MB << 20), "--tmpfs", "/work", "--remount-ro", "/", "--chdir", "/work", "--clearenv",
                 "--setenv", "HOME", "/work", "--setenv", "TMPDIR", "/work", "--setenv", "LANG", "C.UTF-8",
                 "--setenv", "PATH", "/usr/bin:/bin"]
-
-    def self_test(self) -> str | None:
-        """None when the jail holds; else what is wrong."""
-        if not self.bwrap:
-            return "bubblewrap (bwrap) is not installed"
-        if not os.path.exists(self.python):
-            return f"no interpreter for the jail at {self.python}"
-        from .sandbox import run_python
-
-        probe = (
-            "import os, socket\n"
-            "seen = sorted(os.listdir('/'))\n"
-            "try:\n    socket.create_connection(('1.1.1.1', 53), timeout=1); net = True\n"
-            "except OSError:\n    net = False\n"
-            "import resource\n"
-            "result = {'root': seen, 'net': net, 'uid': os.getuid(), 'pid': os.getpid(),\n"
-            "          'passwd': os.path.exists('/etc/passwd'), 'cwd': os.getcwd(),\n"
-            "          'nproc': resource.getrlimit(resource.RLIMIT_NPROC)[0], 'env': sorted(os.environ)}\n")
-        out = run_python(probe, {}, Limits(cpu_s=5, memory_mb=256, wall_s=20, processes=8), self)
-        if not out.ok:
-            return f"the probe failed in the jail: {out.error}"
-        r = out.result
-        problems = []
-        if r["net"]:
-            problems.append("it reached the network")
-        if r["passwd"] or any(d in r["root"] for d in ("etc", "home", "root", "tmp", "var")):
-            problems.append(f"it sees the host filesystem: {r['root']}")
-        if r["pid"] > 3:
-            problems.append("it has no PID namespace of its own")
-        if r["nproc"] != 8:
-            problems.append("the process limit did not apply")
-        if r["cwd"] != "/work":
-            problems.append(f"its working dir is {r['cwd']}")
-        return "; ".join(problems) or None
 

@@ -27,7 +27,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
 
 from . import sandbox
 from .builtins import BUILTINS
@@ -63,7 +63,7 @@ class ToolManager:
     def _jail(self) -> tuple[Jail | None, str]:
         """The jail if it holds; else None, and why code cannot run (empty when the operator allowed it)."""
         jail = Jail()
-        problem = jail.self_test()
+        problem = sandbox.self_test(jail)
         if problem is None:
             log.info("tool jail: bubblewrap, interpreter %s%s", jail.python,
                      ", as uid nobody" if jail.drop_to_nobody else "")

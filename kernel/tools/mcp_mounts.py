@@ -17,7 +17,7 @@ import logging
 import os
 import re
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
 
 from .spec import Tool
 

@@ -134,3 +134,35 @@ def kill(proc: subprocess.Popen) -> None:
         pass
     proc.wait()
 
+
+def self_test(jail: Jail) -> str | None:
+    """None when the jail holds; else what is wrong."""
+    if not jail.bwrap:
+        return "bubblewrap (bwrap) is not installed"
+    if not os.path.exists(jail.python):
+        return f"no interpreter for the jail at {jail.python}"
+    probe = (
+        "import os, socket\n"
+        "seen = sorted(os.listdir('/'))\n"
+        "try:\n    socket.create_connection(('1.1.1.1', 53), timeout=1); net = True\n"
+        "except OSError:\n    net = False\n"
+        "import resource\n"
+        "result = {'root': seen, 'net': net, 'uid': os.getuid(), 'pid': os.getpid(),\n"
+        "          'passwd': os.path.exists('/etc/passwd'), 'cwd': os.getcwd(),\n"
+        "          'nproc': resource.getrlimit(resource.RLIMIT_NPROC)[0], 'env': sorted(os.environ)}\n")
+    out = run_python(probe, {}, Limits(cpu_s=5, memory_mb=256, wall_s=20, processes=8), jail)
+    if not out.ok:
+        return f"the probe failed in the jail: {out.error}"
+    r = out.result
+    problems = []
+    if r["net"]:
+        problems.append("it reached the network")
+    if r["passwd"] or any(d in r["root"] for d in ("etc", "home", "root", "tmp", "var")):
+        problems.append(f"it sees the host filesystem: {r['root']}")
+    if r["pid"] > 3:
+        problems.append("it has no PID namespace of its own")
+    if r["nproc"] != 8:
+        problems.append("the process limit did not apply")
+    if r["cwd"] != "/work":
+        problems.append(f"its working dir is {r['cwd']}")
+    return "; ".join(problems) or None

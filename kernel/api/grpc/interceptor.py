@@ -1,100 +1,48 @@
-"""Every RPC passes here once, before and after its servicer: the one place that
+"""gRPC's adapter to the edge: every RPC of every `kernos.v1` service passes `kernel/api/edge.py` once.
 
-- rejects undecodable requests (invalid UTF-8 in a string field...) as INVALID_ARGUMENT instead of
-  gRPC's generic INTERNAL;
-- authenticates the caller's token and runs the gate (request rate, capability and grant check);
-- turns the kernel's one error type (`StatusError`) into its gRPC status, with the retry hint in the
-  `retry-after-ms` trailing metadata, and anything else into INTERNAL with a reference in the log;
-- counts the syscall in flight, and writes its trace record (agent, kind, status, request, response,
-  timings) for every method of every service.
+Here only what is gRPC's own: an undecodable request (invalid UTF-8 in a string field...) is INVALID_ARGUMENT
+instead of gRPC's generic INTERNAL; the method and its request become a typed syscall (`methods.py`); the
+token comes from the `authorization` metadata; a kernel error becomes the gRPC status of the same name, with
+the retry hint in the `retry-after-ms` trailing metadata. Health checks and reflection pass untouched.
 
-Servicers read the caller with `current_principal()`.
-"""
+Servicers read the caller with `current_principal()`; a servicer that traces its syscall by the use case's
+own view (a generation) sets it with `trace_views()`."""
 from __future__ import annotations
 
-import logging
-import re
-import time
-import uuid
 from contextvars import ContextVar
 
 import grpc
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.json_format import MessageToDict
 
-from kernos.storage.status import CODES, StatusError
-from kernos.storage.traces import TraceLog, TraceRecord
+from kernos.abi.errors import CODES, StatusError
 
-from ...security.gate import Gate
-from ...syscalls.lifecycle import Lifecycle
+from ..edge import Edge, Passage, bearer
+from .methods import INFRASTRUCTURE, SYSCALL_OF, call_of, trace_view
 
-log = logging.getLogger("kernos.kernel")
-
-_PRINCIPAL: ContextVar = ContextVar("kernos_principal", default=None)
+_PASSAGE: ContextVar = ContextVar("kernos_passage", default=None)
+GRPC_STATUS = {code: getattr(grpc.StatusCode, code) for code in CODES}   # the one mapping to gRPC statuses
+TOKEN_HEADER = "authorization"     # "Bearer <token>"
 
 
 def current_principal():
     """The authenticated caller of the syscall being served (None for public methods)."""
-    return _PRINCIPAL.get()
+    passage = _PASSAGE.get()
+    return passage.principal if passage is not None else None
 
 
-GRPC_STATUS = {code: getattr(grpc.StatusCode, code) for code in CODES}   # the one mapping to gRPC statuses
-TOKEN_HEADER = "authorization"     # "Bearer <token>"
-PUBLIC_METHODS = {"/kernos.v1.Kernel/Register", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
-                  "/grpc.health.v1.Health/List"}
-PUBLIC_PREFIXES = ("/grpc.reflection.",)
-UNTRACED_PREFIXES = ("/grpc.",)
-# Methods whose request and reply are traced whole: the fine-tuner learns from generations, and tool calls
-# are worth replaying. Other syscalls keep their scalar fields and the size of everything else.
-TRACED_WHOLE = ("/kernos.v1.LLM/Generate", "/kernos.v1.LLM/GenerateStream", "/kernos.v1.LLM/Restore",
-                "/kernos.v1.Tools/")
-KINDS = {"/kernos.v1.LLM/GenerateStream": "llm.generate", "/kernos.v1.LLM/Restore": "llm.generate"}
-SECRET_FIELDS = {"token"}
-MAX_TRACED_STRING = 200
-
-
-def trace_kind(method: str) -> str:
-    """'/kernos.v1.Storage/ListFiles' -> 'storage.list_files'."""
-    if method in KINDS:
-        return KINDS[method]
-    service, _, name = method.rpartition("/")
-    return service.rsplit(".", 1)[-1].lower() + "." + re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
-def _summary(msg) -> dict:
-    """A bounded view of a message: scalars (long strings cut), sizes of bytes and repeated fields."""
-    out = {}
-    for fd, value in msg.ListFields():
-        if fd.name in SECRET_FIELDS:
-            out[fd.name] = "<redacted>"
-        elif fd.is_repeated:
-            out[fd.name] = {"count": len(value)}
-        elif fd.type == FieldDescriptor.TYPE_MESSAGE:
-            out[fd.name] = _summary(value)
-        elif fd.type == FieldDescriptor.TYPE_BYTES:
-            out[fd.name] = {"bytes": len(value)}
-        elif isinstance(value, str):
-            out[fd.name] = value[:MAX_TRACED_STRING]
-        else:
-            out[fd.name] = value
-    return out
-
-
-def _as_dict(method: str, msg) -> dict:
-    if msg is None or isinstance(msg, _Undecodable):
-        return {}
-    if method.startswith(TRACED_WHOLE):
-        if msg.DESCRIPTOR.fields_by_name.get("reply") is not None and msg.HasField("reply"):
-            msg = msg.reply                   # a stream's last chunk carries the whole reply
-        return MessageToDict(msg, preserving_proto_field_name=True)
-    return _summary(msg)
+def trace_views(request: dict | None = None, reply: dict | None = None) -> None:
+    """Trace the syscall being served with these views of its request and reply instead of its messages."""
+    passage = _PASSAGE.get()
+    if passage is not None:
+        if request is not None:
+            passage.request_view = request
+        if reply is not None:
+            passage.reply_view = reply
 
 
 def token_from_metadata(metadata) -> str | None:
     for key, value in metadata or ():
         if key == TOKEN_HEADER:
-            value = value if isinstance(value, str) else value.decode("utf-8", "replace")
-            return value[7:].strip() if value.lower().startswith("bearer ") else value.strip()
+            return bearer(value)
     return None
 
 
@@ -116,15 +64,15 @@ def _safe_deserializer(deserialize):
 
 
 class SyscallInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, gate: Gate, traces: TraceLog, lifecycle: Lifecycle):
-        self.gate = gate
-        self.traces = traces
-        self.lifecycle = lifecycle
+    def __init__(self, edge: Edge):
+        self.edge = edge
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None:
-            return None
+        if handler is None or details.method.startswith(INFRASTRUCTURE):
+            return handler
+        if details.method not in SYSCALL_OF:
+            return None                            # UNIMPLEMENTED: no syscall of this kernel
         method = details.method
         des, ser = _safe_deserializer(handler.request_deserializer), handler.response_serializer
         if handler.unary_unary is not None:
@@ -135,104 +83,68 @@ class SyscallInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, method: str, behaviour):
         async def run(request, context):
-            call = _Syscall(self, method, request, context)
+            passage = None
             try:
-                await call.admit()
-                with self.lifecycle.track():
-                    call.reply = await behaviour(request, context)
-                return call.reply
+                passage = self._enter(method, request, context)
+                passage.admit(token_from_metadata(context.invocation_metadata()))
+                with passage.track():
+                    passage.reply = await behaviour(request, context)
+                passage.ok()
+                return passage.reply
             except BaseException as e:
-                await call.fail(e)
+                await _fail(passage, e, context)
             finally:
-                call.trace()
+                _trace(passage, request)
         return run
 
     def _stream(self, method: str, behaviour):
         async def run(request, context):
-            call = _Syscall(self, method, request, context)
+            passage = None
             try:
-                await call.admit()
-                with self.lifecycle.track():
+                passage = self._enter(method, request, context)
+                passage.admit(token_from_metadata(context.invocation_metadata()))
+                with passage.track():
                     async for item in behaviour(request, context):
-                        call.reply = item
+                        passage.reply = item
                         yield item
+                passage.ok()
             except BaseException as e:
-                await call.fail(e)
+                await _fail(passage, e, context)
             finally:
-                call.trace()
+                _trace(passage, request)
         return run
 
+    def _enter(self, method: str, request, context) -> Passage:
+        if isinstance(request, _Undecodable):
+            raise StatusError("INVALID_ARGUMENT", f"malformed request: {request.error}")
+        passage = Passage(self.edge, call_of(method, request))
+        _PASSAGE.set(passage)
+        return passage
 
-class _Syscall:
-    """One RPC's passage through the interceptor."""
 
-    def __init__(self, interceptor: SyscallInterceptor, method: str, request, context):
-        self.i, self.method, self.request, self.context = interceptor, method, request, context
-        self.t0 = time.monotonic()
-        self.principal = None
-        self.reply = None
-        self.status = "OK"
-
-    async def admit(self) -> None:
-        if isinstance(self.request, _Undecodable):
-            raise StatusError("INVALID_ARGUMENT", f"malformed request: {self.request.error}")
-        if self.method in PUBLIC_METHODS or self.method.startswith(PUBLIC_PREFIXES):
-            return
-        principal = self.i.gate.authenticate(token_from_metadata(self.context.invocation_metadata()))
-        if principal is None:
-            raise StatusError("UNAUTHENTICATED", "missing, unknown, expired or revoked token: register with "
-                                                 "Kernel.Register and send 'authorization: Bearer <token>'")
-        self.principal = principal
-        _PRINCIPAL.set(principal)
-        self.i.gate.admit(principal, self.method, self.request)
-
-    async def fail(self, e: BaseException) -> None:
-        """Abort the RPC with the status `e` stands for (re-raises cancellations and aborts)."""
-        if isinstance(e, StatusError):
-            self.status = e.code
-            message = e.message
-            if e.retry_after_s is not None:
-                self.context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
-                message = f"{message}; retry after {e.retry_after_s:.1f} s"
-            await self.context.abort(GRPC_STATUS[e.code], message)
-        if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
+async def _fail(passage: Passage | None, e: BaseException, context) -> None:
+    """Abort the RPC with the status `e` stands for (re-raises cancellations and aborts)."""
+    if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
+        raise e
+    error = passage.failed(e) if passage is not None else e if isinstance(e, StatusError) else None
+    if error is None:
+        if passage is None and isinstance(e, Exception):   # before the edge knew the call: still answered
+            error = StatusError("INTERNAL", "internal kernel error")
+        else:
             raise e
-        if not isinstance(e, Exception):          # CancelledError, GeneratorExit: the client went away
-            self.status = "CANCELLED"
-            raise e
-        self.status = "INTERNAL"
-        ref = uuid.uuid4().hex[:12]
-        log.error("internal error [%s] in %s", ref, self.method, exc_info=e)
-        await self.context.abort(grpc.StatusCode.INTERNAL, f"internal kernel error (reference {ref} in the kernel log)")
-
-    def trace(self) -> None:
-        try:
-            self._trace()
-        except Exception:                          # a trace must never fail the syscall it records
-            log.exception("could not trace %s", self.method)
-
-    def _trace(self) -> None:
-        if self.method.startswith(UNTRACED_PREFIXES):
-            return
-        agent = self.principal.agent_id if self.principal is not None else ""
-        if not agent and self.method == "/kernos.v1.Kernel/Register":
-            agent = self.reply.agent_id if self.reply is not None else getattr(self.request, "name", "")
-        record_trace(self.i.traces, agent, self.method, self.status, self.request, self.reply, self.t0)
+    message = error.message
+    if error.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after-ms", str(int(error.retry_after_s * 1000))),))
+        message = f"{message}; retry after {error.retry_after_s:.1f} s"
+    await context.abort(GRPC_STATUS[error.code], message)
 
 
-def record_call(traces: TraceLog, agent: str, kind: str, status: str, request: dict, t0: float) -> None:
-    """A trace record for a call that reached a use case without a gRPC message (an MCP tool call, an AIOS
-    query): its scalar arguments, strings cut as for gRPC traces."""
-    traces.record(TraceRecord(agent, kind, status,
-                              {k: (v[:MAX_TRACED_STRING] if isinstance(v, str) else v) for k, v in request.items()},
-                              {}, {"syscall_ms": (time.monotonic() - t0) * 1e3}))
-
-
-def record_trace(traces: TraceLog, agent: str, method: str, status: str, request, reply, t0: float) -> None:
-    """One syscall's trace record, the same for every transport (the request and reply as the gRPC messages
-    that carry them)."""
-    if not agent:
-        return                                    # unauthenticated: nobody to account it to
-    traces.record(TraceRecord(agent, trace_kind(method), status, _as_dict(method, request),
-                              _as_dict(method, reply) if status == "OK" else {},
-                              {"syscall_ms": (time.monotonic() - t0) * 1e3}))
+def _trace(passage: Passage | None, request) -> None:
+    if passage is None:
+        return                                     # refused before admission: nobody to account it to
+    call, reply = passage.call, passage.reply
+    agent = None
+    if passage.principal is None and call.name == "kernel.register":
+        agent = reply.agent_id if reply is not None else getattr(request, "name", "")
+    passage.trace(passage.request_view if passage.request_view is not None else trace_view(call, request),
+                  passage.reply_view if passage.reply_view is not None else trace_view(call, reply), agent)

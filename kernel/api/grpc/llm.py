@@ -7,8 +7,18 @@ from kernos.proto.v1 import llm_pb2 as pb
 from kernos.proto.v1 import llm_pb2_grpc as rpc
 
 from ...llm.types import Finish, TextDelta
-from ...syscalls.generate import Accepted, Generate, Generation, Reply, ToolCallDeltas, ToolRun
-from .interceptor import current_principal
+from ...syscalls.generate import Generate
+from ...syscalls.generation import (
+    Accepted,
+    Generation,
+    Reply,
+    ToolCallDeltas,
+    ToolRun,
+    reply_view,
+    request_view,
+)
+from ...syscalls.models import Models
+from .interceptor import current_principal, trace_views
 
 _FINISH = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
            Finish.CANCELLED: pb.FINISH_REASON_CANCELLED, Finish.SNAPSHOT: pb.FINISH_REASON_SNAPSHOT,
@@ -79,6 +89,8 @@ def reply_message(r: Reply) -> pb.GenerateReply:
 async def _chunks(events):
     request_id = ""
     async for ev in events:
+        if isinstance(ev, Reply):
+            trace_views(reply=reply_view(ev))
         if isinstance(ev, Accepted):
             request_id = ev.request_id
             yield pb.GenerateChunk(request_id=request_id)
@@ -95,18 +107,23 @@ async def _chunks(events):
 
 
 class LLMServicer(rpc.LLMServicer):
-    def __init__(self, generate: Generate):
+    def __init__(self, generate: Generate, models: Models):
         self.generate = generate
+        self.models = models
 
     async def Generate(self, request, context):
-        reply = None
-        async for ev in self.generate.run(current_principal(), generation(request)):
+        g, reply = generation(request), None
+        trace_views(request=request_view(g))
+        async for ev in self.generate.run(current_principal(), g):
             if isinstance(ev, Reply):
                 reply = ev
+        trace_views(reply=reply_view(reply))
         return reply_message(reply)
 
     async def GenerateStream(self, request, context):
-        async for chunk in _chunks(self.generate.run(current_principal(), generation(request))):
+        g = generation(request)
+        trace_views(request=request_view(g))
+        async for chunk in _chunks(self.generate.run(current_principal(), g)):
             yield chunk
 
     async def Restore(self, request, context):
@@ -123,8 +140,8 @@ class LLMServicer(rpc.LLMServicer):
         return pb.SnapshotReply(snapshot_id=await self.generate.snapshot(current_principal(), request.request_id))
 
     async def ListModels(self, request, context):
-        default = self.generate.llm.default
+        default = self.models.default
         return pb.ListModelsReply(models=[
             pb.ModelInfo(name=m.name, architecture=m.architecture, device=m.device, adapters=m.adapters,
                          context_length=m.context_length, is_default=(m.name == default))
-            for m in self.generate.models()])
+            for m in self.models.served()])

@@ -1,11 +1,8 @@
-"""The daemon: a grpc.aio server with the kernel's services, health and reflection, and a draining
-shutdown on SIGTERM/SIGINT."""
+"""The gRPC server: a grpc.aio server with the kernel's services over the one edge, health and reflection, on
+TCP, TLS, mTLS or a Unix socket. The process around it (HTTP beside it, signals, drain) is `kernel/daemon.py`."""
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,7 +26,7 @@ from kernos.proto.v1 import (
 )
 
 from ...app import Kernel
-from ...config import KernelConfig
+from ..edge import Edge
 from .access import AccessServicer
 from .interceptor import SyscallInterceptor
 from .kernel import KernelServicer
@@ -39,7 +36,6 @@ from .storage import StorageServicer
 from .tools import ToolsServicer
 from .tuner import TunerServicer
 
-log = logging.getLogger("kernos.kernel")
 SERVICES = (kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].full_name,
             llm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name,
             storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name,
@@ -49,13 +45,7 @@ SERVICES = (kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].full_name,
             tuner_pb2.DESCRIPTOR.services_by_name["Tuner"].full_name)
 
 
-async def _flush_agents_periodically(kernel: Kernel) -> None:
-    while True:
-        await asyncio.sleep(5)
-        kernel.flush()
-
-
-def _listen(server, sc) -> str:
+def listen(server, sc) -> str:
     """Bind the configured address (TCP, TLS, mTLS or a Unix socket); return the address clients use."""
     if sc.listen.startswith("unix:"):
         path = sc.listen[5:]
@@ -76,18 +66,17 @@ def _listen(server, sc) -> str:
     return f"{sc.listen.rsplit(':', 1)[0]}:{port}"
 
 
-async def serve(config: KernelConfig) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    kernel = Kernel(config)
+def build(kernel: Kernel, edge: Edge):
+    """(the server with every service registered, its health servicer); not yet listening."""
+    config = kernel.config
     server = grpc.aio.server(
-        interceptors=[SyscallInterceptor(kernel.gate, kernel.traces, kernel.lifecycle)],
+        interceptors=[SyscallInterceptor(edge)],
         options=[("grpc.max_receive_message_length", config.server.max_message_bytes),
                  ("grpc.max_send_message_length", config.server.max_message_bytes),
                  ("grpc.so_reuseport", 0)],
     )
     kernel_pb2_grpc.add_KernelServicer_to_server(KernelServicer(kernel.agents), server)
-    llm_pb2_grpc.add_LLMServicer_to_server(LLMServicer(kernel.generate), server)
+    llm_pb2_grpc.add_LLMServicer_to_server(LLMServicer(kernel.generate, kernel.models), server)
     storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(kernel.storage), server)
     memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(kernel.memory), server)
     access_pb2_grpc.add_AccessServicer_to_server(AccessServicer(kernel.access), server)
@@ -97,67 +86,10 @@ async def serve(config: KernelConfig) -> int:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.server.reflection:
         reflection.enable_server_reflection(SERVICES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
-    try:
-        address = _listen(server, config.server)
-    except (RuntimeError, OSError) as e:
-        log.error("cannot listen on %s: %s", config.server.listen, e)
-        kernel.drain(0)
-        kernel.close()
-        return 2
-    await server.start()
-    if address.startswith("unix:"):
-        os.chmod(address[5:], config.server.socket_mode)  # who may connect: the socket's owner and group
+    return server, health_servicer
+
+
+async def set_serving(health_servicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("",) + SERVICES:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    await kernel.tools.start_mounts()          # external MCP servers' tools ([[tools.mcp]])
-    http = None
-    if config.server.http_listen:
-        from ..http import server as http_server
-
-        try:
-            http = await http_server.start(kernel, config.server.http_listen)
-        except (OSError, RuntimeError) as e:
-            log.error("cannot serve HTTP on %s: %s", config.server.http_listen, e)
-            await server.stop(grace=0)
-            kernel.drain(0)
-            kernel.close()
-            return 2
-    (config.data_dir / "kernel.addr").write_text(address + "\n")
-    # One machine-readable line on stdout: tests and `kernos demo` wait for it.
-    print(f"KERNOS READY {address} pid={os.getpid()}" + (f" http={http[2]}" if http else ""), flush=True)
-    if http:
-        log.info("OpenAI-compatible API on http://%s/v1", http[2])
-    log.info("serving %s on %s (data dir %s)", sorted(kernel.llm.models), address, config.data_dir)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    flusher = asyncio.create_task(_flush_agents_periodically(kernel))
-    await stop.wait()
-
-    log.info("shutting down: draining in-flight generations (up to %.0f s)", config.server.drain_timeout_s)
-    for name in ("",) + SERVICES:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await loop.run_in_executor(None, kernel.drain, config.server.drain_timeout_s)
-    # Let the handlers send the replies the engines just finished, then close.
-    for _ in range(100):
-        if kernel.lifecycle.in_flight == 0:
-            break
-        await asyncio.sleep(0.05)
-    if http:
-        await http_server.stop(http[0], http[1])
-    await server.stop(grace=2.0)
-    await kernel.tools.stop_mounts()
-    flusher.cancel()
-    kernel.close()
-    try:
-        (config.data_dir / "kernel.addr").unlink()
-    except FileNotFoundError:
-        pass
-    log.info("stopped")
-    return 0
-
-
-def run(config: KernelConfig) -> int:
-    return asyncio.run(serve(config))
+        await health_servicer.set(name, status)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
 
 
 class BodyTooLarge(StatusError):

@@ -22,7 +22,7 @@ def _bind(listen: str) -> socket.socket:
     return sock
 
 
-async def start(kernel, listen: str):
+async def start(kernel, edge, listen: str):
     """(server, its task, the address it listens on: port 0 becomes the one the system picked)."""
     import uvicorn
 
@@ -35,7 +35,7 @@ async def start(kernel, listen: str):
             yield
 
     sock = _bind(listen)
-    app = build(kernel)
+    app = build(kernel, edge)
     mcp_task = None
     if app.state.mcp is not None:          # the MCP endpoint's session manager lives as long as the server
         ready = asyncio.Event()

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from kernos.abi.errors import StatusError
 from kernos.scheduler import Budget, FifoPolicy, Policy, RequestView
-from kernos.storage.status import StatusError
 
 from ..base import Engine, EngineStats
 from ..registry import LoadedModel

@@ -27,8 +27,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernos.abi.errors import StatusError
 from kernos.scheduler import RequestView
-from kernos.storage.status import StatusError
 
 from ...config import KernelConfig, ModelConfig
 from ..base import Engine, EngineStats

@@ -14,8 +14,8 @@ from urllib.parse import parse_qs, urlsplit
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
-from kernos.storage.status import StatusError
-from kernos.storage.traces import TraceRecord
+from kernos.abi.errors import StatusError
+from kernos.abi.trace import TraceRecord
 
 from .history import History
 from .sessions import COOKIE, CSRF_HEADER, LOGIN_COOKIE, Sessions, same
@@ -47,13 +47,13 @@ def _same_origin(request: Request) -> bool:
     return urlsplit(origin).netloc == request.headers.get("host", "")
 
 
-def mount(app: FastAPI, kernel) -> History:
+def mount(app: FastAPI, kernel, edge) -> History:
     """Add the console's routes to `app`; returns the sampler the HTTP server runs beside it."""
     history = History(kernel)
-    views = Views(kernel, history)
+    views = Views(kernel, edge, history)
     sessions = Sessions(idle_s=kernel.config.server.console_session_idle_s,
                         per_owner=kernel.config.server.console_sessions_per_principal)
-    gate = kernel.gate
+    gate = edge.gate
 
     def cookie(response: Response, request: Request, name: str, value: str, path: str = "/console") -> None:
         response.set_cookie(name, value, httponly=True, samesite="strict", path=path,

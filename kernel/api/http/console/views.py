@@ -13,18 +13,17 @@ import json
 import math
 import time
 from dataclasses import asdict
-from types import SimpleNamespace
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
+from kernos.abi.syscalls import syscall
 
 PAGES = ("overview", "agents", "requests", "contexts", "memory", "files", "tools", "tuning", "audit")
 OPERATOR_PAGES = {"audit"}
 # page -> the syscall it stands for at the gate
-METHODS = {"overview": "/kernos.v1.Kernel/Stats", "requests": "/kernos.v1.Kernel/Stats",
-           "agents": "/kernos.v1.Kernel/ListAgents", "contexts": "/kernos.v1.Memory/ListContexts",
-           "memory": "/kernos.v1.Memory/Search", "files": "/kernos.v1.Storage/List",
-           "tools": "/kernos.v1.Tools/List", "tuning": "/kernos.v1.Tuner/ListJobs",
-           "audit": "/kernos.v1.Access/Audit"}
+# page -> the syscall it is (its admission decides who sees it)
+PAGE_SYSCALLS = {"overview": "kernel.stats", "requests": "kernel.stats", "agents": "kernel.list_agents",
+                 "contexts": "memory.list_contexts", "memory": "memory.search", "files": "storage.list",
+                 "tools": "tools.list", "tuning": "tuner.list_jobs", "audit": "access.audit"}
 MAX_DIFF_BYTES = 1 << 20
 
 
@@ -50,8 +49,9 @@ def _int(params: dict, key: str, default: int, lo: int, hi: int) -> int:
 
 
 class Views:
-    def __init__(self, kernel, history):
+    def __init__(self, kernel, edge, history):
         self.k = kernel
+        self.edge = edge
         self.history = history
 
     # -- who may see what ----------------------------------------------------------------------------------------
@@ -62,8 +62,7 @@ class Views:
             raise StatusError("PERMISSION_DENIED", f"the {page} page is for operators")
         self.subject_id(principal, params.get("agent", ""))
         agent = params.get("agent") or principal.agent_id
-        self.k.gate.admit(principal, METHODS[page], SimpleNamespace(owner=agent, namespace=agent, path="",
-                                                                    prefix=""))
+        self.edge.admit(principal, syscall(PAGE_SYSCALLS[page], owner=agent, namespace=agent))
 
     @staticmethod
     def subject_id(principal, agent: str) -> str:
@@ -245,11 +244,11 @@ class Views:
                 raise StatusError("INVALID_ARGUMENT", f"'{name}' is required")
             return v
         if action == "cancel-request":
-            k.gate.admit(principal, "/kernos.v1.LLM/Suspend", None)
+            self.edge.admit(principal, syscall("llm.suspend"))
             await k.generate.cancel(principal, arg("request_id"))
             return {"cancelled": body["request_id"]}
         if action in ("confirm", "deny"):
-            k.gate.admit(principal, f"/kernos.v1.Tools/{action.capitalize()}", None)
+            self.edge.admit(principal, syscall(f"tools.{action}"))
             if not principal.operator:
                 raise StatusError("PERMISSION_DENIED", "only operators confirm or deny tool calls")
             if action == "confirm":
@@ -258,7 +257,7 @@ class Views:
                 call = k.tools.deny(arg("call_id"), f"denied by {principal.agent_id} in the console")
             return {"call_id": call.call_id, "state": call.state}
         if action == "cancel-job":
-            k.gate.admit(principal, "/kernos.v1.Tuner/CancelJob", None)
+            self.edge.admit(principal, syscall("tuner.cancel_job"))
             job = await k.tuner.cancel(principal, arg("job_id"))
             return {"job_id": job.job_id, "state": job.state}
         if action == "rollback":
@@ -268,7 +267,7 @@ class Views:
             if not isinstance(version, int) or version < 1:
                 raise StatusError("INVALID_ARGUMENT", "'version' must be a positive integer")
             owner = "" if agent == principal.agent_id else agent
-            k.gate.admit(principal, "/kernos.v1.Storage/Rollback", SimpleNamespace(owner=owner, path=path))
+            self.edge.admit(principal, syscall("storage.rollback", owner=owner, path=path))
             f = await k.storage.rollback(principal, path, version, owner)
             return {"path": f.path, "version": f.version}
         raise StatusError("NOT_FOUND", f"no console action '{action[:40]}'")

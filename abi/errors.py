@@ -1,8 +1,8 @@
 """The kernel's one error type: a status code name, a message for the caller, and an optional retry hint.
 
-Raised by every layer (stores, memory, security, tools, engines, use cases); transport-free. The gRPC
-interceptor maps it to a gRPC status in one place (`kernos.kernel.api.grpc.interceptor`); the HTTP
-surfaces map the same codes to HTTP statuses. Anything else that escapes a syscall is INTERNAL."""
+Raised by every layer (stores, memory, security, tools, engines, use cases); transport-free. The edge
+(`kernos.kernel.api.edge`) turns anything else that escapes a syscall into INTERNAL and maps the codes to
+HTTP statuses; the gRPC adapter maps them to gRPC statuses of the same names."""
 from __future__ import annotations
 
 CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED",

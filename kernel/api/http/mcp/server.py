@@ -9,15 +9,14 @@ to this endpoint."""
 from __future__ import annotations
 
 import json
-import time
-from types import SimpleNamespace
 from urllib.parse import quote, unquote
 
 import mcp_types as types
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
+from kernos.abi.syscalls import syscall
 
-from ..grpc.interceptor import record_call, token_from_metadata
+from ...edge import Edge, bearer, bounded
 
 PREFIX = "kernos_"        # the syscalls offered as tools; a Kernos tool name never holds a ':' or starts so
 URI = "kernos://files/"
@@ -29,109 +28,101 @@ def _schema(props: dict, required: list[str]) -> dict:
 
 _STR = {"type": "string"}
 SYSCALL_TOOLS = {
-    "memory_add": ("Remember a text (with optional string metadata) in long-term memory.", "/kernos.v1.Memory/Add",
+    "memory_add": ("Remember a text (with optional string metadata) in long-term memory.", "memory.add",
                    _schema({"text": _STR, "metadata": {"type": "object", "additionalProperties": _STR}}, ["text"])),
-    "storage_read": ("Read a file (its latest version, or `version`).", "/kernos.v1.Storage/Read",
+    "storage_read": ("Read a file (its latest version, or `version`).", "storage.read",
                      _schema({"path": _STR, "version": {"type": "integer", "minimum": 0, "maximum": (1 << 31) - 1}},
                              ["path"])),
-    "storage_write": ("Write a text file (a new version).", "/kernos.v1.Storage/Write",
+    "storage_write": ("Write a text file (a new version).", "storage.write",
                       _schema({"path": _STR, "content": _STR}, ["path", "content"])),
-    "storage_list": ("List files (under `prefix`).", "/kernos.v1.Storage/List", _schema({"prefix": _STR}, [])),
-    "storage_history": ("A file's versions.", "/kernos.v1.Storage/History", _schema({"path": _STR}, ["path"])),
+    "storage_list": ("List files (under `prefix`).", "storage.list", _schema({"prefix": _STR}, [])),
+    "storage_history": ("A file's versions.", "storage.history", _schema({"path": _STR}, ["path"])),
 }
 
 
-def build(kernel):
+# MCP's methods -> the syscall each is (a kernel tool's call is tools.call; a kernos_* tool's, its own)
+ROUTES = {"tools/list": "tools.list", "tools/call": "tools.call", "resources/list": "storage.list",
+          "resources/read": "storage.read", **{PREFIX + name: spec[1] for name, spec in SYSCALL_TOOLS.items()}}
+
+
+def build(edge: Edge, tools, files, memory):
     """The MCP server (mcp's low-level `Server`) over the kernel's use cases."""
     from mcp.server import Server
 
-    gate = kernel.gate
-
-    def principal_of(ctx):
+    def enter(ctx, call):
         request = getattr(ctx, "request", None)
-        header = request.headers.get("authorization", "") if request is not None else ""
-        principal = gate.authenticate(token_from_metadata([("authorization", header)]))
-        if principal is None:
-            raise StatusError("UNAUTHENTICATED", "missing, unknown or revoked token")
-        return principal
-
-    def trace(principal, kind: str, status: str, args: dict, t0: float) -> None:
-        record_call(kernel.traces, principal.agent_id, f"mcp.{kind}", status, args, t0)
+        return edge.enter(call, bearer(request.headers.get("authorization", "") if request is not None else ""))
 
     async def list_tools(ctx, params) -> types.ListToolsResult:
-        principal = principal_of(ctx)
-        gate.admit(principal, "/kernos.v1.Tools/List", None)
-        tools = [types.Tool(name=t.name_for(principal), description=t.description or t.name,
-                            input_schema=t.schema,
-                            annotations=types.ToolAnnotations(destructive_hint=t.irreversible))
-                 for t in kernel.tools.visible(principal)]
-        tools += [types.Tool(name=PREFIX + name, description=text, input_schema=schema)
-                  for name, (text, _, schema) in SYSCALL_TOOLS.items()]
-        return types.ListToolsResult(tools=tools)
+        principal = enter(ctx, syscall("tools.list")).principal
+        listed = [types.Tool(name=t.name_for(principal), description=t.description or t.name,
+                             input_schema=t.schema, annotations=types.ToolAnnotations(destructive_hint=t.irreversible))
+                  for t in tools.visible(principal)]
+        listed += [types.Tool(name=PREFIX + name, description=text, input_schema=schema)
+                   for name, (text, _, schema) in SYSCALL_TOOLS.items()]
+        return types.ListToolsResult(tools=listed)
 
     async def call_tool(ctx, params) -> types.CallToolResult:
-        principal = principal_of(ctx)
-        name, args, t0 = params.name, dict(params.arguments or {}), time.monotonic()
-        status = "INTERNAL"
+        name, args = params.name, dict(params.arguments or {})
+        own = name.startswith(PREFIX) and name[len(PREFIX):] in SYSCALL_TOOLS
+        call = syscall(ROUTES[name], path=args.get("path", "") or args.get("prefix", "")) if own else \
+            syscall("tools.call")
+        passage = None
         try:
-            with kernel.lifecycle.track():
-                if name.startswith(PREFIX) and name[len(PREFIX):] in SYSCALL_TOOLS:
-                    result = await syscall(principal, name[len(PREFIX):], args)
-                else:
-                    result = await tool(principal, name, args)
-            status = "OK"
+            passage = enter(ctx, call)
+            with passage.track():
+                result = await (syscall_tool(passage.principal, name[len(PREFIX):], args) if own else
+                                tool(passage.principal, name, args))
+            passage.ok()
             text = result if isinstance(result, str) else json.dumps(result)
             return types.CallToolResult(content=[types.TextContent(text=text)], is_error=False)
         except StatusError as e:
-            status = e.code
+            if passage is not None:
+                passage.failed(e)
             return types.CallToolResult(content=[types.TextContent(text=f"{e.code}: {e.message}")], is_error=True)
         finally:
-            trace(principal, "call_tool", status, {"name": name}, t0)
+            if passage is not None:
+                passage.trace({"name": name, "arguments": bounded(args), "via": "mcp"})
 
     async def tool(principal, name: str, args: dict):
-        gate.admit(principal, "/kernos.v1.Tools/Call", None)
-        call = await kernel.tools.call_and_wait(principal, name, json.dumps(args))   # irreversible: an operator
+        call = await tools.call_and_wait(principal, name, json.dumps(args))   # irreversible: an operator
         if call.state != "done":
             raise StatusError("ABORTED" if call.state == "denied" else "FAILED_PRECONDITION",
                               f"tool '{name}' {call.state}: {call.error}")
         return call.result
 
-    async def syscall(principal, name: str, a: dict):
-        _, method, _ = SYSCALL_TOOLS[name]
+    async def syscall_tool(principal, name: str, a: dict):
         path = a.get("path", "")
-        gate.admit(principal, method, SimpleNamespace(namespace="", owner="", path=path, prefix=a.get("prefix", "")))
         if name == "memory_add":
             meta = {str(k): str(v) for k, v in (a.get("metadata") or {}).items()}
-            [memory_id] = await kernel.memory.add(principal, [(str(a["text"]), meta, "")])
+            [memory_id] = await memory.add(principal, [(str(a["text"]), meta, "")])
             return {"id": memory_id}
         if name == "storage_read":
-            f, data = await kernel.storage.read(principal, path, int(a.get("version") or 0))
+            f, data = await files.read(principal, path, int(a.get("version") or 0))
             return data.decode("utf-8", errors="replace")
         if name == "storage_write":
-            f = await kernel.storage.write(principal, path, str(a["content"]).encode(), {"source": "mcp"}, False)
+            f = await files.write(principal, path, str(a["content"]).encode(), {"source": "mcp"}, False)
             return {"path": f.path, "version": f.version, "size": f.size}
         if name == "storage_list":
             return [{"path": f.path, "version": f.version, "size": f.size}
-                    for f in await kernel.storage.list(principal, a.get("prefix", ""))]
+                    for f in await files.list(principal, a.get("prefix", ""))]
         return [{"version": f.version, "size": f.size, "created": f.created, "deleted": f.deleted}
-                for f in await kernel.storage.history(principal, path)]
+                for f in await files.history(principal, path)]
 
     async def list_resources(ctx, params) -> types.ListResourcesResult:
-        principal = principal_of(ctx)
-        gate.admit(principal, "/kernos.v1.Storage/List", SimpleNamespace(owner="", path="", prefix=""))
-        files = await kernel.storage.list(principal, "")
+        principal = enter(ctx, syscall("storage.list")).principal
+        found = await files.list(principal, "")
         return types.ListResourcesResult(resources=[
             types.Resource(uri=URI + quote(f.path), name=f.path, size=f.size,
-                           description=f"version {f.version}") for f in files])
+                           description=f"version {f.version}") for f in found])
 
     async def read_resource(ctx, params) -> types.ReadResourceResult:
-        principal = principal_of(ctx)
         uri = str(params.uri)
         if not uri.startswith(URI):
             raise StatusError("NOT_FOUND", f"no resource '{uri[:128]}' (files are {URI}PATH)")
         path = unquote(uri[len(URI):])
-        gate.admit(principal, "/kernos.v1.Storage/Read", SimpleNamespace(owner="", path=path, prefix=""))
-        f, data = await kernel.storage.read(principal, path)
+        principal = enter(ctx, syscall("storage.read", path=path)).principal
+        f, data = await files.read(principal, path)
         try:
             return types.ReadResourceResult(contents=[types.TextResourceContents(uri=uri, text=data.decode())])
         except UnicodeDecodeError:
@@ -144,20 +135,19 @@ def build(kernel):
                   on_read_resource=read_resource)
 
 
-def mount(app, kernel):
+def mount(app, edge: Edge, tools, files, memory):
     """Serve `/mcp` (stateless streamable HTTP: every request carries its token); returns the session manager
     whose `run()` the HTTP server keeps open while it serves."""
     from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    manager = StreamableHTTPSessionManager(app=build(kernel), stateless=True, json_response=True)
+    manager = StreamableHTTPSessionManager(app=build(edge, tools, files, memory), stateless=True, json_response=True)
 
     class Endpoint:                 # an ASGI app (a class instance, so that Starlette's Route passes scope through)
         async def __call__(self, scope, receive, send):
             headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-            token = token_from_metadata([("authorization", headers.get("authorization", ""))])
-            if kernel.gate.authenticate(token) is None:
+            if edge.gate.authenticate(bearer(headers.get("authorization", ""))) is None:
                 response = JSONResponse({"error": "send an agent's token: Authorization: Bearer <token>"}, 401,
                                         headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)

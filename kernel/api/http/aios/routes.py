@@ -1,14 +1,14 @@
 """AIOS compatibility (`server.aios_compat`): agents written with AIOS's SDK (Cerebrum) run unchanged against
 Kernos. They send every syscall as `POST /query` and read `result["response"][...]`; at start they call
-`/status` and `/core/llms/list`. Each query is mapped onto Kernos's own syscalls (the same gate, quotas,
-scheduling, traces as gRPC): `llm` onto generate (the five action types), `memory` onto long-term memory,
-`storage` onto versioned files, `tool` onto the tool syscall.
+`/status` and `/core/llms/list`. Each query is mapped onto Kernos's own syscalls, each through the one edge (the
+same admission, quotas, audit, scheduling and trace kinds as gRPC): `llm` onto generate (the five action types),
+`memory` onto long-term memory, `storage` onto versioned files, `tool` onto the tool syscall.
 
 AIOS has no authentication: any caller names itself any agent. Here each name is its own Kernos agent
 (`security/bridge.py`), isolated from every other name, in the group `[aios] group` with the capabilities
 `[aios] capabilities`; the routes answer loopback callers only unless `[aios] allow_remote`, and require a
-shared bearer token when `[aios] token` is set. A bad body gets a 400 that names the field (AIOS answers 500),
-a kernel error its HTTP status with the AIOS-shaped body, never a dead kernel."""
+shared bearer token when `[aios] token` is set. A bad body gets a 400 that names the field (AIOS answers 500), a
+kernel error its HTTP status with the AIOS-shaped body, never a dead kernel."""
 from __future__ import annotations
 
 import asyncio
@@ -17,20 +17,31 @@ import json
 import logging
 import secrets
 import time
-from types import SimpleNamespace
+from contextvars import ContextVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from kernos.storage.status import StatusError
+from kernos.abi.errors import StatusError
+from kernos.abi.syscalls import syscall
 
-from ...security.bridge import BridgedAgents
-from ..grpc.interceptor import record_call
-from . import aios_wire as w
-from . import openai_wire
+from ....security.bridge import BridgedAgents
+from ...edge import Edge, bounded, http_status
+from ..openai import wire as openai_wire
+from ..openai.routes import complete
+from . import wire as w
 
 log = logging.getLogger("kernos.aios")
+_PASSAGES: ContextVar = ContextVar("kernos_aios_passages")
+# query_type (and operation) -> the syscall it is; an LLM query is llm.generate (and, for call_tool and
+# operate_file, the tool calls and storage operations the model picks, each admitted as its own syscall)
+ROUTES = {"llm": "llm.generate", "memory.add_memory": "memory.add", "memory.add_agentic_memory": "memory.add",
+          "memory.get_memory": "memory.get", "memory.update_memory": "memory.update",
+          "memory.remove_memory": "memory.delete", "memory.retrieve_memory": "memory.search",
+          "memory.retrieve_memory_raw": "memory.search", "storage.write": "storage.write",
+          "storage.create_file": "storage.write", "storage.rollback": "storage.rollback",
+          "storage.share": "access.grant", "storage.retrieve": "storage.search", "tool": "tools.call"}
 
 AGENTIC_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["keywords", "context", "tags"],
                   "properties": {"keywords": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
@@ -78,13 +89,17 @@ def _text(x) -> str:
     return x if isinstance(x, str) else json.dumps(x)
 
 
-def mount(app: FastAPI, kernel) -> None:
-    from .app import GENERATE, STATUS, complete
-
+def mount(app: FastAPI, edge: Edge, kernel) -> None:
     cfg = kernel.config.aios
     bridge = BridgedAgents(kernel.registry, kernel.access_control, kernel.config.data_dir / "aios_agents.json",
                            "aios", cfg.prefix, cfg.group, cfg.capabilities, cfg.max_agents, cfg.new_agents_per_minute)
-    gate = kernel.gate
+
+    def admit(principal, name: str, path: str = "", args: dict | None = None):
+        """Admit one syscall of a query through the edge; it is traced when the query ends."""
+        passage = edge.enter(syscall(name, path=path), principal=principal)
+        passage.request_view = {**bounded(args or {}), "via": "aios"}
+        _PASSAGES.get().append(passage)
+        return passage
 
     def check_caller(request: Request) -> None:
         host = request.client.host if request.client else ""
@@ -119,11 +134,7 @@ def mount(app: FastAPI, kernel) -> None:
             message = openai_wire.chat_request(openai_wire.ChatRequest.model_validate(body), set(kernel.llm.models))
         except ValidationError as e:
             raise _bad(e, "query_data") from None
-        gate.admit(principal, GENERATE, message)
-        return await complete(kernel, principal, message)
-
-    def trace(principal, kind: str, status: str, request: dict, t0: float) -> None:
-        record_call(kernel.traces, principal.agent_id, f"aios.{kind}", status, request, t0)
+        return await complete(edge.enter(syscall("llm.generate"), principal=principal), kernel.generate, message)
 
     # -- tools ------------------------------------------------------------------------------------------------
     async def run_tools(principal, calls: list[tuple[str, dict]]) -> dict:
@@ -132,13 +143,16 @@ def mount(app: FastAPI, kernel) -> None:
         results, errors = [], []
         for name, args in calls:
             entry = {"name": name, "parameters": args}
+            passage = None
             try:
-                gate.admit(principal, "/kernos.v1.Tools/Call", None)
+                passage = admit(principal, "tools.call", args={"name": name})
                 call = await kernel.tools.call_and_wait(principal, name, json.dumps(args))
                 entry.update(state=call.state, result=call.result, error=call.error or None)
                 if call.state != "done":
                     errors.append(f"{name}: {call.error or call.state}")
             except StatusError as e:
+                if passage is not None:
+                    passage.failed(e)
                 entry.update(state="error", result=None, error=e.message)
                 errors.append(f"{name}: {e.message}")
             results.append(entry)
@@ -182,7 +196,6 @@ def mount(app: FastAPI, kernel) -> None:
 
     async def memory(principal, q: w.MemoryQuery, created: float):
         op, p, mem = q.operation_type, q.params, kernel.memory
-        ns = SimpleNamespace(namespace="")
         if op in ("add_memory", "add_agentic_memory"):
             content = _param(p, "content")
             try:
@@ -191,12 +204,12 @@ def mount(app: FastAPI, kernel) -> None:
                 raise StatusError("INVALID_ARGUMENT", f"query_data.{e}") from None
             if op == "add_agentic_memory":
                 meta.update(await analyze(principal, content))
-            gate.admit(principal, "/kernos.v1.Memory/Add", ns)
+            admit(principal, "memory.add", args=p)
             [memory_id] = await mem.add(principal, [(content, meta, "")])
             return w.memory_response(memory_id=memory_id, content=content, metadata=meta), None
         if op == "get_memory":
             memory_id = _param(p, "memory_id")
-            gate.admit(principal, "/kernos.v1.Memory/Get", ns)
+            admit(principal, "memory.get", args=p)
             return await one_memory(memory_id, mem.get(principal, [memory_id])), None
         if op == "update_memory":
             memory_id = _param(p, "memory_id")
@@ -205,11 +218,11 @@ def mount(app: FastAPI, kernel) -> None:
                 meta = w.metadata(p.get("metadata")) if p.get("metadata") is not None else None
             except TypeError as e:
                 raise StatusError("INVALID_ARGUMENT", f"query_data.{e}") from None
-            gate.admit(principal, "/kernos.v1.Memory/Update", ns)
+            admit(principal, "memory.update", args=p)
             return await one_memory(memory_id, mem.update(principal, memory_id, content, meta)), None
         if op == "remove_memory":
             memory_id = _param(p, "memory_id")
-            gate.admit(principal, "/kernos.v1.Memory/Delete", ns)
+            admit(principal, "memory.delete", args=p)
             n = await mem.delete(principal, [memory_id])
             return w.memory_response(n > 0, memory_id, error=None if n else f"no memory '{memory_id[:64]}'"), None
         # retrieve_memory, retrieve_memory_raw
@@ -217,7 +230,7 @@ def mount(app: FastAPI, kernel) -> None:
         k = _param(p, "k", int, required=False, default=5)
         if not 1 <= k <= 100:
             raise StatusError("INVALID_ARGUMENT", "query_data.params.k must be between 1 and 100")
-        gate.admit(principal, "/kernos.v1.Memory/Search", ns)
+        admit(principal, "memory.search", args=p)
         # The agent's files are indexed in its memory too (as kind "file"): AIOS's memory holds memories only.
         hits = [h for h in await mem.search(principal, query, min(100, 3 * k)) if h.metadata.get("kind") != "file"][:k]
         return w.memory_response(search_results=[
@@ -267,7 +280,7 @@ def mount(app: FastAPI, kernel) -> None:
             content = _param(p, "content", required=False, default="") if op == "write" else ""
             if not isinstance(content, str):
                 raise StatusError("INVALID_ARGUMENT", "query_data.params.content must be a string")
-            gate.admit(principal, "/kernos.v1.Storage/Write", SimpleNamespace(owner="", path=path))
+            admit(principal, "storage.write", path, {"file_path": path})
             if op == "create_file":
                 try:
                     f = await files.stat(principal, path)
@@ -287,7 +300,7 @@ def mount(app: FastAPI, kernel) -> None:
         if op == "rollback":
             path = _param(p, "file_path")
             n = _param(p, "n", int, required=False, default=1)
-            gate.admit(principal, "/kernos.v1.Storage/Rollback", SimpleNamespace(owner="", path=path))
+            admit(principal, "storage.rollback", path, {"file_path": path, "n": n})
             history = await files.history(principal, path)
             if n < 1 or n >= len(history):
                 raise StatusError("OUT_OF_RANGE", f"'{path}' has {len(history)} versions: cannot go back {n}")
@@ -296,7 +309,7 @@ def mount(app: FastAPI, kernel) -> None:
             return f"rolled '{f.path}' back to version {target} (now version {f.version})"
         if op == "share":
             path = _param(p, "file_path")
-            gate.admit(principal, "/kernos.v1.Access/Grant", None)
+            admit(principal, "access.grant", args={"file_path": path})
             await files.stat(principal, path)
             await kernel.access.grant(principal, f"group:{cfg.group}", "storage", principal.agent_id, path, "read", 0)
             return (f"shared '{path}' with every AIOS agent (read it as owner '{principal.agent_id}', "
@@ -304,7 +317,7 @@ def mount(app: FastAPI, kernel) -> None:
         # retrieve
         query = _param(p, "query_text")
         n = _param(p, "n", int, required=False, default=5)
-        gate.admit(principal, "/kernos.v1.Storage/Search", SimpleNamespace(owner="", path=""))
+        admit(principal, "storage.search", args={"query_text": query})
         hits = await files.search(principal, query, max(1, min(50, n)))
         return json.dumps([{"file_path": path, "version": version, "passage": passage, "distance": d}
                            for path, version, passage, d in hits])
@@ -338,8 +351,9 @@ def mount(app: FastAPI, kernel) -> None:
 
     @app.post("/query")
     async def query(request: Request):
-        created, t0 = time.time(), time.monotonic()
-        kind = "llm"
+        created = time.time()
+        kind, passages = "llm", []
+        _PASSAGES.set(passages)
         try:
             check_caller(request)
             try:
@@ -353,22 +367,26 @@ def mount(app: FastAPI, kernel) -> None:
                 raise _bad(e, "query_data") from None
             principal = await asyncio.to_thread(bridge.principal, body.agent_name,
                                                 request.client.host if request.client else "")
-            with kernel.lifecycle.track():
+            with edge.lifecycle.track():
                 try:
                     response, started = await handlers[kind](principal, q, created)
                 except TypeError as e:            # a translation found a bad field
                     raise StatusError("INVALID_ARGUMENT", str(e)) from None
-            if kind != "llm" or q.action_type == "call_tool":
-                trace(principal, f"{kind}.{getattr(q, 'operation_type', None) or 'call'}", "OK",
-                      getattr(q, "params", None) or {}, t0)
+            for passage in passages:
+                if passage.status == "INTERNAL":    # not refused or failed on its own
+                    passage.ok()
             return w.envelope(response, created, started or created, time.time())
         except StatusError as e:
-            code, _ = STATUS.get(e.code, (500, ""))
-            if e.code == "RESOURCE_EXHAUSTED" and e.retry_after_s is None:
-                code = 413
+            for passage in passages:
+                if passage.status == "INTERNAL":
+                    passage.failed(e)
+            code, _ = http_status(e)
             response = (w.llm_response(None, error=e.message, status=code) if kind == "llm" else
                         w.memory_response(False, error=e.message) if kind == "memory" else
                         w.text_response(kind, None, e.message, code))
             headers = {"Retry-After": str(max(1, round(e.retry_after_s)))} if e.retry_after_s is not None else None
             return JSONResponse({"detail": e.message, **w.envelope(response, created, created, time.time())}, code,
                                 headers=headers)
+        finally:
+            for passage in passages:
+                passage.trace(passage.request_view)

@@ -1,6 +1,6 @@
-"""OpenAI's request and reply shapes, translated to and from the LLM syscall's messages: a chat or completion
-request becomes the `GenerateRequest` the gRPC surface takes (so that both reach the same use case, and
-their traces read the same), and a `Reply` becomes OpenAI's JSON. Nothing here decides anything."""
+"""OpenAI's request and reply shapes, translated straight to and from the generate use case's terms: a chat or
+completion request becomes a `Generation` (as a gRPC `GenerateRequest` does, so that both reach the same use
+case and their traces read the same), and a `Reply` becomes OpenAI's JSON. Nothing here decides anything."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kernos.proto.v1 import llm_pb2 as pb
-
-from ...llm.types import Finish
+from ....llm.types import Finish
+from ....syscalls.generation import Generation
 
 # Integer fields within the range of the syscall's field (uint32 / int32): a larger number is a 400 naming the
 # field, never a protobuf ValueError answered 500 (n = 2**40 was). What is sensible within it, the use case says.
@@ -113,12 +112,12 @@ def _content(value) -> str:
     raise TypeError("content must be a string or a list of parts")
 
 
-def _message(i: int, m: dict) -> pb.ChatMessage:
+def _message(i: int, m: dict) -> dict:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise TypeError(f"messages[{i}] needs a role")
     role = "system" if m["role"] == "developer" else m["role"]
     try:
-        content = _content(m.get("content"))
+        out = {"role": role, "content": _content(m.get("content"))}
     except TypeError as e:
         raise TypeError(f"messages[{i}].content: {e}") from None
     calls = []
@@ -127,62 +126,56 @@ def _message(i: int, m: dict) -> pb.ChatMessage:
         args = f.get("arguments", "{}")
         if not isinstance(args, str):
             raise TypeError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON string")
-        calls.append(pb.ToolCall(id=str(c.get("id", "")), name=str(f.get("name", "")), arguments=args))
-    return pb.ChatMessage(role=role, content=content, tool_calls=calls, tool_call_id=str(m.get("tool_call_id") or ""),
-                          name=str(m.get("name") or "") if role == "tool" else "")
+        calls.append({"id": str(c.get("id", "")), "name": str(f.get("name", "")), "arguments": args})
+    if calls:
+        out["tool_calls"] = calls
+    if m.get("tool_call_id"):
+        out["tool_call_id"] = str(m["tool_call_id"])
+    if role == "tool" and m.get("name"):
+        out["name"] = str(m["name"])
+    return out
 
 
-def _sampling(r: _Sampling, max_tokens: int | None) -> pb.SamplingParams:
-    s = pb.SamplingParams(stop=[r.stop] if isinstance(r.stop, str) else list(r.stop or []))
-    if r.temperature is not None:
-        s.temperature = r.temperature
-    if r.top_p is not None:
-        s.top_p = r.top_p
-    if max_tokens is not None:
-        s.max_tokens = max_tokens
-    if r.seed is not None:
-        s.seed = r.seed % (1 << 64)
-    return s
+def _sampling(r: _Sampling, max_tokens: int | None) -> dict:
+    return {"stop": [r.stop] if isinstance(r.stop, str) else list(r.stop or []), "temperature": r.temperature,
+            "top_p": r.top_p, "max_tokens": max_tokens, "seed": r.seed % (1 << 64) if r.seed is not None else None}
 
 
-def chat_request(r: ChatRequest, served: set[str]) -> pb.GenerateRequest:
-    model, adapter = split_model(r.model, served)
-    req = pb.GenerateRequest(
-        messages=[_message(i, m) for i, m in enumerate(r.messages)], model=model, adapter=r.adapter or adapter,
-        sampling=_sampling(r, r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens),
-        priority=r.priority, context_id=r.context_id or "", n=r.n, logprobs=bool(r.logprobs),
-        top_logprobs=r.top_logprobs or 0, kernel_tools=r.kernel_tools or [], tool_execution=r.tool_execution or "",
-        tools=[pb.ToolDefinition(name=t.function.name, description=t.function.description,
-                                 parameters_json=json.dumps(t.function.parameters) if t.function.parameters else "",
-                                 strict=bool(t.function.strict)) for t in r.tools or []])
-    choice = r.tool_choice
+def _choice_name(choice) -> str:
     if isinstance(choice, dict):
         choice = (choice.get("function") or {}).get("name", "")
-    req.tool_choice = choice or ""
-    first = r.first_tool_choice
-    if isinstance(first, dict):
-        first = (first.get("function") or {}).get("name", "")
-    req.first_tool_choice = first or ""
-    if r.parallel_tool_calls is not None:
-        req.parallel_tool_calls = r.parallel_tool_calls
-    if r.response_format is not None:
-        js = r.response_format.json_schema
-        req.response_format.CopyFrom(pb.ResponseFormat(
-            type=r.response_format.type, name=js.name if js else "", strict=bool(js and js.strict),
-            schema_json=json.dumps(js.schema_) if js and js.schema_ is not None else ""))
-    return req
+    return choice or ""
 
 
-def completion_request(r: CompletionRequest, served: set[str]) -> pb.GenerateRequest:
+def chat_request(r: ChatRequest, served: set[str], size: int = 0) -> Generation:
+    """`size`: the request's size in bytes as it arrived."""
+    model, adapter = split_model(r.model, served)
+    js = r.response_format.json_schema if r.response_format is not None else None
+    return Generation(
+        messages=[_message(i, m) for i, m in enumerate(r.messages)], model=model, adapter=r.adapter or adapter,
+        **_sampling(r, r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens),
+        priority=r.priority, context_id=r.context_id or "", n=r.n or 1, logprobs=bool(r.logprobs),
+        top_logprobs=r.top_logprobs or 0, kernel_tools=list(r.kernel_tools or []),
+        tool_execution=r.tool_execution or "", size=size,
+        tools=[{"name": t.function.name, "description": t.function.description,
+                "parameters_json": json.dumps(t.function.parameters) if t.function.parameters else "",
+                "strict": bool(t.function.strict)} for t in r.tools or []],
+        tool_choice=_choice_name(r.tool_choice), first_tool_choice=_choice_name(r.first_tool_choice),
+        parallel_tool_calls=r.parallel_tool_calls,
+        response_format=r.response_format.type if r.response_format is not None else "",
+        strict=bool(js and js.strict), schema_json=json.dumps(js.schema_) if js and js.schema_ is not None else "")
+
+
+def completion_request(r: CompletionRequest, served: set[str], size: int = 0) -> Generation:
     model, adapter = split_model(r.model, served)
     prompt = r.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise TypeError("prompt: one prompt per request (a list of several is not supported)")
         prompt = prompt[0]
-    return pb.GenerateRequest(prompt=prompt, model=model, adapter=r.adapter or adapter, n=r.n,
-                              sampling=_sampling(r, r.max_tokens if r.max_tokens is not None else 16),
-                              priority=r.priority, logprobs=bool(r.logprobs), top_logprobs=min(r.logprobs or 0, 20))
+    return Generation(prompt=prompt, model=model, adapter=r.adapter or adapter, n=r.n or 1, size=size,
+                      **_sampling(r, r.max_tokens if r.max_tokens is not None else 16),
+                      priority=r.priority, logprobs=bool(r.logprobs), top_logprobs=min(r.logprobs or 0, 20))
 
 
 # -- replies ------------------------------------------------------------------------------------------------

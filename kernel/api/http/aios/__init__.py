@@ -1,0 +1,1 @@
+"""AIOS's /query (opt-in): routes over the edge."""

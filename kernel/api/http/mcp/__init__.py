@@ -1,0 +1,1 @@
+"""Kernos as an MCP server (/mcp): routes over the edge."""

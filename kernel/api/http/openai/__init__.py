@@ -1,0 +1,1 @@
+"""OpenAI-compatible /v1 and /metrics: routes over the edge."""

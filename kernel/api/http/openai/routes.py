@@ -1,0 +1,139 @@
+"""The OpenAI-compatible HTTP surface (`/v1`) and `/metrics`: every call is a syscall through the one edge
+(the agent's token as `Authorization: Bearer`, its request rate, its capabilities, counted in flight for the
+drain, traced), run by the same use case as over gRPC. This module only routes; `wire.py` translates and
+`stream.py` writes a streamed reply as server-sent events."""
+from __future__ import annotations
+
+import base64
+import struct
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from kernos.abi.errors import StatusError
+from kernos.abi.syscalls import syscall
+
+from ....syscalls.generation import Generation, Reply, reply_view, request_view
+from ...edge import Edge, Passage, bearer
+from ..errors import parse
+from . import wire
+from .stream import sse
+
+# (method, path) -> the syscall the route is
+ROUTES = {("GET", "/v1/models"): "llm.list_models", ("GET", "/v1/models/{model_id:path}"): "llm.list_models",
+          ("POST", "/v1/chat/completions"): "llm.generate", ("POST", "/v1/completions"): "llm.generate",
+          ("POST", "/v1/embeddings"): "memory.embed", ("GET", "/metrics"): "kernel.stats"}
+
+
+def token(request: Request) -> str | None:
+    return bearer(request.headers.get("authorization", ""))
+
+
+async def complete(passage: Passage, generate, g: Generation) -> Reply:
+    """One generation run whole on an admitted passage: counted in flight for the drain, and traced."""
+    reply, passage.request_view = None, request_view(g)
+    try:
+        with passage.track():
+            async for ev in generate.run(passage.principal, g):
+                if isinstance(ev, Reply):
+                    reply = ev
+        passage.ok()
+        return reply
+    except BaseException as e:
+        error = passage.failed(e)
+        if error is None:
+            raise
+        raise error from (None if error is e else e)
+    finally:
+        passage.trace(passage.request_view, reply_view(reply))
+
+
+def mount(app: FastAPI, edge: Edge, generate, memory, models, metrics, metrics_public: bool) -> None:
+    def usable(principal) -> list[dict]:
+        """Each usable model, and each of its adapters, as MODEL:ADAPTER."""
+        created = int(edge.lifecycle.started)
+        out = []
+        for m in models.usable(principal):
+            out.append({"id": m.name, "object": "model", "created": created, "owned_by": "kernos"})
+            out += [{"id": f"{m.name}:{a}", "object": "model", "created": created, "parent": m.name,
+                     "owned_by": a.split(":")[0] if ":" in a else "kernos"} for a in m.adapters]
+        return out
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        passage = edge.enter(syscall("llm.list_models"), token(request))
+        return {"object": "list", "data": usable(passage.principal)}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        passage = edge.enter(syscall("llm.list_models"), token(request))
+        for m in usable(passage.principal):
+            if m["id"] == model_id:
+                return m
+        raise StatusError("NOT_FOUND", f"no model '{model_id[:128]}' this agent may use")
+
+    async def generation_route(request: Request, shape_in, translate, shape_out):
+        """Chat and completions alike: parse OpenAI's body, translate it, run it (streamed or whole)."""
+        body = await request.body()
+        r = parse(shape_in, body)
+        try:
+            g = translate(r, models.names(), len(body))
+        except TypeError as e:
+            raise StatusError("INVALID_ARGUMENT", str(e)) from None
+        passage = edge.enter(syscall("llm.generate"), token(request))
+        if not r.stream:
+            return shape_out(await complete(passage, generate, g))
+        include_usage = bool(r.stream_options and r.stream_options.include_usage)
+        passage.request_view = request_view(g)
+        events = generate.run(passage.principal, g)
+        tracker = passage.track()
+        tracker.__enter__()
+        try:
+            first = await events.__anext__()                 # errors before acceptance: a proper HTTP status
+        except StatusError as e:
+            tracker.__exit__(None, None, None)
+            passage.failed(e)
+            passage.trace(passage.request_view)
+            raise
+        return StreamingResponse(sse(first, events, g, passage, tracker, include_usage, shape_out is wire.chat_reply),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generation_route(request, wire.ChatRequest, wire.chat_request, wire.chat_reply)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generation_route(request, wire.CompletionRequest, wire.completion_request,
+                                      wire.completion_reply)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        r = parse(wire.EmbeddingRequest, await request.body())
+        passage = edge.enter(syscall("memory.embed"), token(request))
+        texts = [r.input] if isinstance(r.input, str) else list(r.input)
+        try:
+            with passage.track():
+                vectors = await memory.embed(passage.principal, texts)
+            passage.ok()
+        except StatusError as e:
+            passage.failed(e)
+            raise
+        finally:
+            passage.trace({"texts": {"count": len(texts)}, "model": r.model or ""})
+        tokens = sum(len(t.split()) for t in texts)
+        if r.encoding_format == "base64":
+            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
+        return {"object": "list", "model": r.model or "all-MiniLM-L6-v2",
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.get("/metrics")
+    async def prometheus(request: Request):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if not metrics_public:
+            passage = edge.enter(syscall("kernel.stats"), token(request))
+            if not passage.principal.operator:
+                raise StatusError("PERMISSION_DENIED", "metrics are for operators (or set server.metrics_public)")
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
