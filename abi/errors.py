@@ -7,7 +7,7 @@ from __future__ import annotations
 
 CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED",
                    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL",
-                   "UNIMPLEMENTED", "CANCELLED", "ABORTED", "DATA_LOSS"})
+                   "UNIMPLEMENTED", "CANCELLED", "ABORTED", "DATA_LOSS", "OUT_OF_RANGE"})
 
 
 class StatusError(Exception):

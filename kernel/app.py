@@ -153,6 +153,14 @@ class Kernel:
                            config.tuner)
         self.metrics.attach(self)
 
+    def aios_bridge(self):
+        """The agents of AIOS's `/query` (`server.aios_compat`): each AIOS name its own Kernos agent."""
+        from .security.bridge import BridgedAgents
+
+        cfg = self.config.aios
+        return BridgedAgents(self.registry, self.access_control, self.config.data_dir / "aios_agents.json", "aios",
+                             cfg.prefix, cfg.group, cfg.capabilities, cfg.max_agents, cfg.new_agents_per_minute)
+
     def flush(self) -> None:
         self.registry.flush()
 

@@ -1,4 +1,5 @@
-"""Scheduling policies: pure objects that see request state and decide who runs. No torch here."""
+"""Scheduling: the policies (pure objects that see request state and decide who runs) and the run queue they
+order. No torch here."""
 from .policy import (
                      POLICIES,
                      Budget,
@@ -11,6 +12,7 @@ from .policy import (
                      RoundRobinPolicy,
                      make_policy,
 )
+from .queue import RunQueue
 
 __all__ = ["POLICIES", "Budget", "Decision", "FairSharePolicy", "FifoPolicy", "Policy", "PriorityPolicy",
-           "RequestView", "RoundRobinPolicy", "make_policy"]
+           "RequestView", "RoundRobinPolicy", "RunQueue", "make_policy"]

@@ -67,6 +67,22 @@ class Policy:
     def record(self, agent_id: str, tokens: int, now: float) -> None:
         """Accounting hook: `tokens` were generated for `agent_id`."""
 
+    def decoded(self, agent_ids, now: float) -> None:
+        """One decode step made a token for each of these requests' agents (an engine passes them on unread)."""
+        counts: dict[str, int] = {}
+        for agent in agent_ids:
+            counts[agent] = counts.get(agent, 0) + 1
+        for agent, n in counts.items():
+            self.record(agent, n, now)
+
+    # How an engine that orders requests only when it admits them (vLLM) honours this policy: "fcfs" (arrival
+    # order), "rank" (by `admission_priority`), or "" (it cannot: the policy needs time slices between steps).
+    admission = "rank"
+
+    def admission_priority(self, r: RequestView, now: float) -> int:
+        """The request's place at admission for such an engine: lower runs first (ties: arrival)."""
+        return 0
+
     def schedule(self, waiting: Sequence[RequestView], running: Sequence[RequestView], budget: Budget,
                  now: float | None = None) -> Decision:
         now = time.monotonic() if now is None else now
@@ -106,6 +122,8 @@ def _fits(cand: RequestView, active: list[RequestView], budget: Budget) -> bool:
 
 
 class FifoPolicy(Policy):
+    admission = "fcfs"
+
     """First come, first served; a running request is never displaced."""
 
     name = "fifo"
@@ -120,6 +138,8 @@ class RoundRobinPolicy(Policy):
 
     name = "round_robin"
     preempt_reason = "quantum"
+
+    admission = ""          # a time slice per request: only an engine that steps itself can give it
 
     def __init__(self, quantum: int = 32):
         if quantum <= 0:
@@ -151,6 +171,9 @@ class PriorityPolicy(Policy):
 
     def effective(self, r: RequestView, now: float) -> float:
         return r.priority + self.aging_per_s * max(0.0, now - (r.enqueued or r.arrival))
+
+    def admission_priority(self, r, now):
+        return -r.priority      # aging applies while a request waits in Kernos's own queue only
 
     def rank(self, r, now):
         return (-self.effective(r, now), r.arrival)
@@ -186,6 +209,9 @@ class FairSharePolicy(Policy):
         while ev and now - ev[0][0] > self.window_s:
             self._totals[agent_id] -= ev.popleft()[1]
         return self._totals[agent_id] / self.weights.get(agent_id, 1.0)
+
+    def admission_priority(self, r, now):
+        return int(self.usage(r.agent_id, now))       # tokens in the window per unit of weight
 
     def rank(self, r, now):
         return (self.usage(r.agent_id, now), r.enqueued or r.arrival)

@@ -125,3 +125,18 @@ def test_make_policy_and_bad_options():
         make_policy("lottery")
     with pytest.raises(ValueError, match="quantum"):
         RoundRobinPolicy(quantum=0)
+
+
+def test_admission_order_for_engines_that_order_only_at_admission():
+    """What a vLLM model does with the policy: fifo keeps arrival order, priority places the higher first,
+    fair share the agent with less recent service first (its usage counted from decoded tokens); round robin
+    cannot be honoured without time slices."""
+    now = 100.0
+    hi, lo = v("hi", priority=5), v("lo", priority=0)
+    assert FifoPolicy().admission == "fcfs" and RoundRobinPolicy().admission == ""
+    p = PriorityPolicy()
+    assert p.admission == "rank" and p.admission_priority(hi, now) < p.admission_priority(lo, now)
+    f = FairSharePolicy()
+    f.decoded(["heavy"] * 50 + ["light"] * 2, now)
+    heavy, light = v("h1", agent="heavy"), v("l1", agent="light")
+    assert f.admission_priority(light, now) == 2 < f.admission_priority(heavy, now) == 50

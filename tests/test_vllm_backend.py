@@ -66,7 +66,8 @@ def test_chat_stream_and_stats_on_vllm(vkernel):
         on_vllm = s.llm.chat("what is the capital of france", model="tiny", max_tokens=40, stop=FOREVER)
         assert on_vllm.text == own.text and on_vllm.completion_tokens == own.completion_tokens == 40
         m = _model(s, "smol")
-        assert m.policy == "vllm:priority" and m.cache_budget_bytes > 0 and m.dtype == "float32"
+        assert m.policy == "vllm:priority (fair_share at admission)"
+        assert m.cache_budget_bytes > 0 and m.dtype == "float32"
         assert m.completed >= 2 and m.generated_tokens >= r.completion_tokens and m.decode_steps > 0
         assert m.prefix_lookups >= 2
 
@@ -244,6 +245,16 @@ def test_vllm_entries_are_checked_before_vllm_starts(tmp_path):
     args = engine_args(m, EngineConfig(), tmp_path)
     assert args["dtype"] == "bfloat16" and args["max_num_seqs"] == 8 and args["block_size"] == 32
     assert args["scheduling_policy"] == "priority" and args["model"] == str(tmp_path)
+    # [scheduler] policy maps onto what vLLM can do, or is refused by name: never silently ignored
+    from kernos.kernel.config import SchedulerConfig
+
+    fifo = SchedulerConfig(policy="fifo").make()
+    assert engine_args(m, EngineConfig(), tmp_path, fifo)["scheduling_policy"] == "fcfs"
+    for policy in ("priority", "fair_share"):
+        made = SchedulerConfig(policy=policy).make()
+        assert engine_args(m, EngineConfig(), tmp_path, made)["scheduling_policy"] == "priority"
+    with pytest.raises(ModelLoadError, match="'round_robin' needs time slices"):
+        engine_args(m, EngineConfig(), tmp_path, SchedulerConfig(policy="round_robin").make())
     ray = dict(args, distributed_executor_backend="ray", tensor_parallel_size=2)
     if importlib.util.find_spec("ray") is None:
         with pytest.raises(ModelLoadError, match="needs Ray"):

@@ -1,4 +1,5 @@
-"""`kernos` command line: serve the kernel, run the demo, inspect a running kernel."""
+"""`kernos` command line: serve the kernel, run the demo, inspect a running kernel (through the SDK); tokens
+offline (`tokens.py`); fine-tuning jobs (`finetune.py`)."""
 from __future__ import annotations
 
 import argparse
@@ -7,19 +8,10 @@ import json
 import logging
 import os
 import sys
-import time
-from pathlib import Path
 
-
-def _address(args) -> str:
-    if getattr(args, "address", None):
-        return args.address
-    if os.environ.get("KERNOS_ADDRESS"):
-        return os.environ["KERNOS_ADDRESS"]
-    addr_file = Path(os.path.expanduser(args.data_dir or "~/.kernos")) / "kernel.addr"
-    if addr_file.exists():
-        return addr_file.read_text().strip()
-    return "127.0.0.1:7070"
+from .address import address as _address
+from .finetune import cmd_finetune
+from .tokens import cmd_token
 
 
 def cmd_serve(args) -> int:
@@ -108,106 +100,6 @@ def cmd_agents(args) -> int:
     return 0
 
 
-def cmd_token(args) -> int:
-    """Create, revoke or list tokens offline, in the kernel's data dir (a running kernel sees the change at
-    its next check): operator tokens (the default), enrollment tokens (--enroll) and agents' tokens (--agent)."""
-    from kernos.abi.errors import StatusError
-
-    from ..security.access import AccessControl
-    from ..security.enrollment import Enrollments
-    from ..security.principals import AgentRegistry
-
-    data = Path(os.path.expanduser(args.data_dir or os.environ.get("KERNOS_DATA_DIR", "~/.kernos")))
-    data.mkdir(parents=True, exist_ok=True)
-    args.name = args.name or ("enroll" if args.enroll else "operator")
-    ttl = f", expires in {args.ttl:.0f} s" if args.ttl else ""
-    if args.action == "list":
-        _list_tokens(data)
-        return 0
-    try:
-        if args.agent:
-            registry = AgentRegistry(data / "kernel.db", ttl_s=600)
-            try:
-                if args.action == "create":
-                    known = registry.get(args.agent) is not None
-                    _, token = (registry.rotate if known else registry.create)(args.agent, args.description)
-                    print(token)
-                    print(f"agent '{args.agent}' " + ("has a new token (the old one no longer works)" if known
-                                                      else "created") + "; the token is shown only now",
-                          file=sys.stderr)
-                else:
-                    if not registry.revoke(args.agent):
-                        print(f"kernos token: no agent '{args.agent}' with an active token", file=sys.stderr)
-                        return 1
-                    print(f"agent '{args.agent}' token revoked; the name stays reserved (kernos token create "
-                          f"--agent {args.agent} issues a new one)", file=sys.stderr)
-            finally:
-                registry.close(flush=False)    # the kernel's counters are its own
-            return 0
-        if args.enroll:
-            en = Enrollments(data / "access.db")
-            try:
-                if args.action == "create":
-                    token, e = en.create(args.name, uses=args.uses, ttl_s=args.ttl, group=args.group)
-                    print(token)
-                    print(f"enrollment token '{args.name}' created: {e.uses_left} registration(s)"
-                          + (f" into group '{e.group}'" if e.group else "") + ttl + "; it is shown only now",
-                          file=sys.stderr)
-                else:
-                    if not en.revoke(args.name):
-                        print(f"kernos token: no active enrollment token '{args.name}'", file=sys.stderr)
-                        return 1
-                    print(f"enrollment token '{args.name}' revoked", file=sys.stderr)
-            finally:
-                en.close()
-            return 0
-        ac = AccessControl(data / "access.db")
-        try:
-            if args.action == "create":
-                token, expires = ac.create_token(args.name, admin=True, ttl_s=args.ttl)
-                print(token)
-                print(f"operator token '{args.name}' created{ttl}; it is shown only now", file=sys.stderr)
-            else:
-                if not ac.revoke_token(args.name):
-                    print(f"kernos token: no active token '{args.name}'", file=sys.stderr)
-                    return 1
-                print(f"operator token '{args.name}' revoked", file=sys.stderr)
-        finally:
-            ac.close()
-    except StatusError as e:
-        print(f"kernos token: {e.message}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _expiry(expires: float) -> str:
-    if not expires:
-        return "active"
-    left = expires - time.time()
-    return f"expires in {left:.0f} s" if left > 0 else "expired"
-
-
-def _list_tokens(data: Path) -> None:
-    """Every token's name and state (never a token: only hashes are kept)."""
-    from ..security.access import AccessControl
-    from ..security.enrollment import Enrollments
-    from ..security.principals import AgentRegistry
-
-    ac = AccessControl(data / "access.db")
-    for name, expires, revoked in ac.tokens():
-        print(f"operator {name:<28}" + ("revoked" if revoked else _expiry(expires)))
-    ac.close()
-    en = Enrollments(data / "access.db")
-    for e in en.list():
-        state = "revoked" if e.revoked else "used up" if e.uses_left < 1 else _expiry(e.expires)
-        print(f"enroll   {e.name:<28}{state:<20}{e.uses_left} left" + (f", group {e.group}" if e.group else ""))
-    en.close()
-    registry = AgentRegistry(data / "kernel.db", ttl_s=float("inf"))
-    for a in registry.list(include_exited=True):
-        print(f"agent    {a.agent_id:<28}{'active token' if a.token_hash else 'revoked'}")
-    registry.close(flush=False)
-
-
 def cmd_decide(args) -> int:
     """Confirm or deny a pending irreversible tool call, or list them (operators)."""
     import kernos.sdk
@@ -230,76 +122,6 @@ def cmd_decide(args) -> int:
         return 1
     print(f"{r.call_id}: {r.state}" + (f" ({r.error})" if r.error else f" -> {json.dumps(r.result)}"))
     return 0
-
-
-def cmd_finetune(args) -> int:
-    """Fine-tuning jobs: start one on an agent's data set, watch progress, cancel, list adapters."""
-    import kernos.sdk
-
-    token = args.token or os.environ.get("KERNOS_TOKEN")
-    if not token:
-        print("kernos finetune: a token is needed: --token or KERNOS_TOKEN (the agent's token; an operator "
-              "token shows every agent's jobs)", file=sys.stderr)
-        return 2
-    try:
-        # Not `with`: leaving it would end the session of the agent that lent us its token.
-        s = kernos.sdk.connect(_address(args), token=token, timeout=args.timeout, tls_ca=args.tls_ca,
-                               tls_cert=args.tls_cert, tls_key=args.tls_key)
-        try:
-            return _finetune(args, s, operator="admin" in s.access.capabilities())
-        finally:
-            s.close()
-    except (kernos.sdk.KernosError, ValueError, OSError) as e:
-        print(f"kernos finetune {args.action}: {e}", file=sys.stderr)
-        return 1
-
-
-def _finetune(args, s, operator: bool) -> int:
-    from .top import job_table
-
-    def table(jobs):
-        print("\n".join(job_table(jobs)))
-    if args.action == "status":
-        jobs = [s.tuner.job(args.job_id)] if args.job_id else s.tuner.jobs(all_agents=operator)
-        if args.json:
-            print(json.dumps([j.model_dump() for j in jobs], indent=2))
-        elif jobs:
-            table(jobs)
-        else:
-            print("no fine-tuning jobs")
-        return 0
-    if args.action == "cancel":
-        table([s.tuner.cancel(args.job_id)])
-        return 0
-    if args.action == "adapters":
-        for a in s.tuner.adapters():
-            acc = (f"accuracy {a.base.accuracy:.2f} -> {a.tuned.accuracy:.2f}, "
-                   if a.tuned.accuracy is not None and a.base.accuracy is not None else "")
-            print(f"{a.model}/{a.name} v{a.version}  {acc}loss {a.base.loss:.3f} -> {a.tuned.loss:.3f}"
-                  f"{'  loaded' if a.loaded else ''}{'  default' if a.is_default else ''}")
-        return 0
-    config = {}
-    if args.config:
-        text = Path(args.config).read_text() if Path(args.config).exists() else args.config
-        config = json.loads(text)
-    job = s.tuner.finetune(args.name, args.dataset, model=args.model or "", config=config,
-                           set_default=args.set_default, min_improvement=args.min_improvement)
-    print(f"job {job.job_id} queued: adapter '{job.name}' on '{job.model}' from data set '{job.dataset}'")
-    if not args.wait:
-        return 0
-    last = None
-    while not job.done:
-        time.sleep(1.0)
-        job = s.tuner.job(job.job_id)
-        line = (f"{job.state} step {job.step}/{job.total_steps}"
-                + (f" loss {job.loss:.4f}" if job.loss is not None else "")
-                + (f" {job.steps_per_s:.1f} steps/s ETA {job.eta_s:.0f} s" if job.eta_s else "")
-                + (f" ({job.message})" if job.message else ""))
-        if line != last:
-            print(line, flush=True)
-            last = line
-    table([job])
-    return 0 if job.state == "published" else 1
 
 
 def cmd_mcp(args) -> int:

@@ -44,7 +44,8 @@ def build(kernel, edge: Edge) -> FastAPI:
     if server.aios_compat:
         from .aios.routes import mount as mount_aios
 
-        mount_aios(app, edge, kernel)
+        mount_aios(app, edge, kernel.generate, kernel.memory, kernel.storage, kernel.tools, kernel.access,
+                   kernel.models, kernel.aios_bridge(), kernel.config.aios)
     app.state.mcp = None
     if server.mcp:
         from .mcp.server import mount as mount_mcp

@@ -12,12 +12,12 @@ policy which waiting requests to start or resume and which running ones to preem
   prefill, each priced from what this engine has measured. Jamba's Mamba state is constant-size, so
   hybrid models swap cheaply where long attention contexts recompute.
 
-Every row keeps its own positions, generator, adapter and stop conditions, so a sequence preempted any
-number of times produces the tokens of an uninterrupted run.
+Every row keeps its own positions, generator, adapter and stop conditions: a sequence preempted any number of
+times produces the tokens of an uninterrupted run.
 
-This file is the loop and the public interface; its collaborators are the sequence state (`sequence.py`),
-the running batch (`batch.py`), the model runner (`runner.py`, with `adapters.py`), the swap space and
-cost model (`swap.py`), the snapshot format (`snapshot.py`) and the detokenizer (`detokenizer.py`).
+The loop and the public interface live here; context switching is `switching.py`, the run queue
+`kernos.scheduler`'s; collaborators: `sequence.py`, `batch.py`, `runner.py` (with `adapters.py`),
+`swap.py` (swap space, cost model), `snapshot.py`, `detokenizer.py`.
 """
 from __future__ import annotations
 
@@ -31,24 +31,24 @@ from pathlib import Path
 import torch
 
 from kernos.abi.errors import StatusError
-from kernos.scheduler import Budget, FifoPolicy, Policy, RequestView
+from kernos.scheduler import Budget, FifoPolicy, Policy, RequestView, RunQueue
 
 from ..base import Engine, EngineStats
 from ..registry import LoadedModel
 from ..sampling import greedy_tokens
 from ..types import EngineClosed, Failed, Finish, GenRequest, RequestHandle, RequestTooLarge
 from . import cache as cache_ops
-from . import snapshot as snapshot_format
 from .batch import RunningBatch
 from .resident import ResidentCache
 from .runner import ModelRunner
 from .sequence import Sequence
 from .swap import CostModel, SwapSpace
+from .switching import ContextSwitching
 
 log = logging.getLogger("kernos.llm")
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(ContextSwitching, Engine):
     def __init__(self, lm: LoadedModel, max_batch_size: int = 16, policy: Policy | None = None,
                  max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
                  swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None, resident_bytes: int = 0,
@@ -66,8 +66,7 @@ class TransformersEngine(Engine):
         self.resident = ResidentCache(resident_bytes, resident_ttl_s, lm.architecture == "hybrid", prefill_chunk)
         self._lock = threading.Lock()  # guards waiting and the batch's rows for snapshot()
         self.batch = RunningBatch(self._lock)
-        self.waiting: list[Sequence] = []
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting = RunQueue(self._lock)   # new, preempted and parked sequences, in kernos.scheduler
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._accepting = True
@@ -93,7 +92,7 @@ class TransformersEngine(Engine):
             raise RequestTooLarge(
                 f"this request needs up to {need} bytes of cache ({len(request.prompt_ids)} prompt + "
                 f"{request.max_tokens} new tokens); the model's cache budget is {self.budget.cache_bytes} bytes")
-        self._inbox.put(Sequence(request, handle, self.lm.tokenizer))
+        self.waiting.put(Sequence(request, handle, self.lm.tokenizer))
         self._wake.set()
 
     def call(self, fn) -> Future:
@@ -108,7 +107,7 @@ class TransformersEngine(Engine):
         so running requests never see a half-loaded model."""
         def do():
             in_use = {"running": {s.req.adapter for s in self.rows},
-                      "all": {s.req.adapter for s in self.rows + self.waiting}}
+                      "all": {s.req.adapter for s in self.rows + list(self.waiting)}}
             exact = self.runner.position_exact
             loaded = self.runner.adapters.load(name, folder, in_use)
             self.resident.drop_adapter(name)        # computed by the adapter's previous weights
@@ -116,54 +115,6 @@ class TransformersEngine(Engine):
                 self.resident.clear()   # the base model now runs transformers' forward, which rounds differently
             return loaded
         return self.call(do)
-
-    def suspend(self, request_id: str) -> Future:
-        """Preempt a request and keep it out of scheduling until `resume` (an agent waiting on a tool)."""
-        def do():
-            seq = self._find(request_id)
-            if seq.state == "running":
-                self.preempt(seq, "suspended")
-            seq.parked = True
-            return seq.state
-        return self.call(do)
-
-    def resume(self, request_id: str) -> Future:
-        def do():
-            seq = self._find(request_id)
-            seq.parked = False
-            seq.enqueued = time.monotonic()
-            return seq.state
-        return self.call(do)
-
-    def checkpoint(self, request_id: str, directory: Path) -> Future:
-        """Write a request's whole state (tokens, position, sampling generator, cache) to `directory` and
-        release it: its handle gets a Final with finish SNAPSHOT. `restore` continues it, in this kernel
-        or after a restart, with exactly the tokens an uninterrupted run would have produced."""
-        def do():
-            seq = self._find(request_id)
-            if seq.state == "running":
-                self.preempt(seq, "snapshot", "swap")
-            with self._lock:
-                self.waiting.remove(seq)
-            past = self.swap.take(seq, self.runner.template) if self.swap.holds(seq) else None
-            snapshot_format.write(directory, seq, self.name, past)
-            self._finish(seq, Finish.SNAPSHOT, snapshot_id=directory.name)
-            return directory
-        return self.call(do)
-
-    def restore(self, directory: Path, request: GenRequest, handle: RequestHandle) -> None:
-        """Continue a checkpointed request (see `checkpoint`) as `request`, whose id and arrival are new;
-        the rest of its fields must come from the snapshot (`snapshot_request`)."""
-        seq = Sequence(request, handle, self.lm.tokenizer)
-        snapshot_format.resume_into(seq, directory)
-        if not self._accepting:
-            raise EngineClosed(f"model '{self.name}' is shutting down")
-        self._inbox.put(seq)
-        self._wake.set()
-
-    @staticmethod
-    def snapshot_request(directory: Path, request_id: str) -> GenRequest:
-        return snapshot_format.request(directory, request_id)
 
     @property
     def policy_name(self) -> str:
@@ -176,9 +127,6 @@ class TransformersEngine(Engine):
     def cache_bytes_for(self, tokens: int) -> int:
         return self.fixed_bytes + self.bytes_per_token * tokens
 
-    def choose_strategy(self, seq: Sequence) -> str:
-        return self.costs.choose(seq.position, self.cache_bytes_for(seq.position))
-
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
         self._thread.start()
@@ -189,9 +137,9 @@ class TransformersEngine(Engine):
             s.parked = False
         self._wake.set()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (self.rows or self.waiting or not self._inbox.empty()):
+        while time.monotonic() < deadline and (self.rows or self.waiting or self.waiting.arriving()):
             time.sleep(0.02)
-        clean = not (self.rows or self.waiting or not self._inbox.empty())
+        clean = not (self.rows or self.waiting or self.waiting.arriving())
         self._stop = True
         self._wake.set()
         if self._thread is not None:
@@ -205,7 +153,7 @@ class TransformersEngine(Engine):
             live = [(self._view(s), "running") for s in self.rows]
             live += [(self._view(s), "suspended" if s.parked else s.state) for s in self.waiting]
             self.stats.running, self.stats.waiting = len(self.rows), len(self.waiting)
-            self._resident_stats()
+            self.resident.report(self.stats)
         return self.stats, live
 
     # -- the loop: take work, schedule, run the batch one token, update ------------------------------------
@@ -244,13 +192,7 @@ class TransformersEngine(Engine):
         return bool(self.rows) or any(not s.parked for s in self.waiting)
 
     def _take_new_work(self) -> None:
-        while True:
-            try:
-                seq = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            with self._lock:
-                self.waiting.append(seq)
+        self.waiting.take_arrivals()
         while True:
             try:
                 fn, fut = self._commands.get_nowait()
@@ -262,15 +204,13 @@ class TransformersEngine(Engine):
                 fut.set_exception(e)
 
     def _find(self, request_id: str) -> Sequence:
-        for s in self.rows + self.waiting:
+        for s in self.rows + list(self.waiting):
             if s.req.request_id == request_id:
                 return s
         raise StatusError("NOT_FOUND", f"generation '{request_id}' has already finished")
 
     def _drop_cancelled(self) -> None:
-        for s in [s for s in self.waiting if s.handle.cancelled]:
-            with self._lock:
-                self.waiting.remove(s)
+        for s in self.waiting.take_cancelled():
             self.swap.release(s)
             self._finish(s, Finish.CANCELLED)
         rows = [i for i, s in enumerate(self.rows) if s.handle.cancelled]
@@ -293,7 +233,7 @@ class TransformersEngine(Engine):
         return held > self.budget.cache_bytes
 
     def _schedule(self) -> None:
-        candidates = [s for s in self.waiting if not s.parked]
+        candidates = self.waiting.candidates()
         if self.resident.entries:
             self._fit_resident(candidates)
         if not candidates and not self._over_budget():
@@ -308,8 +248,7 @@ class TransformersEngine(Engine):
             seq = views[rid]
             if not self.runner.adapters.batchable(self.rows, seq):
                 continue                      # waits until the batch holds only its adapter (or drains)
-            with self._lock:
-                self.waiting.remove(seq)
+            self.waiting.remove(seq)
             try:
                 self._resume(seq) if seq.started else self._prefill(seq)
             except Exception as e:  # this request's failure: answer it, keep the batch going
@@ -324,12 +263,7 @@ class TransformersEngine(Engine):
         needed = sum(self.cache_bytes_for(s.position + 1) for s in self.rows)
         needed += sum(self.cache_bytes_for(len(s.req.prompt_ids) + 1) for s in candidates)
         self.resident.shrink(max(0, min(self.resident.max_bytes, self.budget.cache_bytes - needed)))
-        self._resident_stats()
-
-    def _resident_stats(self) -> None:
-        r = self.resident
-        self.stats.resident_bytes, self.stats.resident_entries = r.nbytes, len(r.entries)
-        self.stats.prefix_lookups, self.stats.prefix_hits = r.lookups, r.hits
+        self.resident.report(self.stats)
 
     def _prefill(self, seq: Sequence) -> None:
         seq.admitted_at = time.monotonic()
@@ -383,7 +317,7 @@ class TransformersEngine(Engine):
             self.resident.add(tokens, adapter, cache_ops.view_prefix(past, len(tokens)))
         elif keep and boundary:
             self.resident.add(tokens[:boundary[1]], adapter, boundary[0])
-        self._resident_stats()
+        self.resident.report(self.stats)
         return logits, past, mask
 
     def _keep_resident(self, seq: Sequence) -> None:
@@ -396,7 +330,7 @@ class TransformersEngine(Engine):
         if len(tokens) != seq.position or seq.position <= len(seq.req.prompt_ids):
             return
         self.resident.add(tokens, seq.req.adapter, self.batch.extract(seq))
-        self._resident_stats()
+        self.resident.report(self.stats)
 
     def _join(self, seq: Sequence, past, mask) -> None:
         self.batch.join(seq, past, mask)
@@ -432,49 +366,7 @@ class TransformersEngine(Engine):
     def _count_tokens(self, seqs: list[Sequence], now: float) -> None:
         self.stats.generated_tokens += len(seqs)
         self.stats.recent.append((now, len(seqs)))
-        per_agent: dict[str, int] = {}
-        for s in seqs:
-            per_agent[s.req.agent_id] = per_agent.get(s.req.agent_id, 0) + 1
-        for agent, n in per_agent.items():
-            self.policy.record(agent, n, now)
-
-    # -- context switching -------------------------------------------------------------------------------
-    def preempt(self, seq: Sequence, reason: str, strategy: str | None = None) -> None:
-        """Take a running sequence out of the batch: its cache swapped out, or dropped to recompute."""
-        t0 = time.perf_counter()
-        strategy = strategy or self.choose_strategy(seq)
-        moved = 0
-        if strategy == "swap":
-            saved = self.batch.extract(seq)
-            moved = cache_ops.nbytes(saved)
-            if self.lm.device.type != "cpu":
-                saved = cache_ops.to_device(saved, "cpu")
-            self.swap.put(seq, saved)
-        self.batch.remove([self.rows.index(seq)])
-        seq.state = "preempted"
-        seq.enqueued = time.monotonic()
-        seq.quantum_steps = 0
-        seq.preemptions += 1
-        with self._lock:
-            self.waiting.append(seq)
-        dt = time.perf_counter() - t0
-        self.costs.observe_swap(moved, dt)
-        self.stats.context_switches += 1
-        self.stats.switch_seconds += dt
-        self.stats.preempted_by_reason[reason] = self.stats.preempted_by_reason.get(reason, 0) + 1
-        self.stats.strategy_counts[strategy] = self.stats.strategy_counts.get(strategy, 0) + 1
-
-    def _resume(self, seq: Sequence) -> None:
-        t0 = time.perf_counter()
-        seq.admitted_at = seq.admitted_at or time.monotonic()  # a restored snapshot's first admission
-        if self.swap.holds(seq):
-            past = self.swap.take(seq, self.runner.template)
-            past = cache_ops.to_device(past, self.lm.device) if self.lm.device.type != "cpu" else past
-        else:  # recompute: the cache held every token before the pending one
-            past = self._run_prefill(seq.req.prompt_ids + seq.ids[:-1], seq.req.adapter)[1]
-        mask = torch.ones((1, seq.position), dtype=torch.long, device=self.lm.device)
-        self._join(seq, past, mask)
-        self.stats.switch_seconds += time.perf_counter() - t0
+        self.policy.decoded((s.req.agent_id for s in seqs), now)     # the policy's accounting, not the engine's
 
     # -- endings -----------------------------------------------------------------------------------------
     def _finish(self, seq: Sequence, finish: Finish, snapshot_id: str = "") -> None:
@@ -489,11 +381,10 @@ class TransformersEngine(Engine):
             self.stats.cancelled += 1
 
     def _cancel_all(self) -> None:
-        for s in self.rows + self.waiting:
+        for s in self.rows + list(self.waiting):
             self.swap.release(s)
             self._finish(s, Finish.CANCELLED)
-        with self._lock:
-            self.waiting = []
+        self.waiting.clear()
         self.batch.clear()
 
     def _fail(self, seq: Sequence, message: str) -> None:

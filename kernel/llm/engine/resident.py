@@ -130,6 +130,11 @@ class ResidentCache:
     def clear(self) -> None:
         self.entries, self.nbytes = [], 0
 
+    def report(self, stats) -> None:
+        """Into an engine's stats: bytes and entries held, lookups and hits."""
+        stats.resident_bytes, stats.resident_entries = self.nbytes, len(self.entries)
+        stats.prefix_lookups, stats.prefix_hits = self.lookups, self.hits
+
     def drop_adapter(self, adapter: str) -> None:
         """An adapter was replaced: what it computed is stale."""
         for e in [e for e in self.entries if e.adapter == adapter]:

@@ -3,16 +3,16 @@ so agents, access, quotas, traces, contexts, tools, structured output, adapters 
 
 vLLM runs its engine core in a child process (and its workers on GPUs or on other nodes through Ray); this
 module's thread runs an asyncio loop that talks to it. What maps to what:
-- a request: its token ids (the kernel formats prompts, one way for every engine), its sampling, its priority
-  (Kernos: higher first; vLLM: lower first), its LoRA adapter (`LoRARequest`, per request);
+- a request: its token ids (the kernel formats prompts, one way for every engine), its sampling, its LoRA
+  adapter (`LoRARequest`, per request), and its place in vLLM's queue: `[scheduler] policy` fifo is vLLM's
+  "fcfs"; priority and fair_share are vLLM's "priority", each request placed when it is admitted by the policy
+  (`Policy.admission_priority`: Kernos priority, higher first; or the agent's fair-share usage, lower first);
+  round_robin is refused at start (vLLM gives no time slices);
 - text: vLLM returns token ids; Kernos's own detokenizer turns them into text and applies stop strings, so the
   text, stop handling and streaming are the own engine's, also across a suspend;
 - tool calls and response formats: the request's grammar (the llguidance Lark grammar the own engine uses) goes
   to vLLM's structured outputs (backend "guidance"); replies are parsed by the syscall layer as for the own engine;
-- cancel: vLLM's abort; suspend and snapshot: abort, keep the tokens; resume and restore: a new vLLM request
-  whose prompt is the prompt plus the tokens generated so far (a recompute, cheap with prefix caching; greedy
-  output equals an uninterrupted run's). A grammar's state cannot be handed to vLLM, so a structured generation
-  cannot be suspended here (FAILED_PRECONDITION, with the reason);
+- cancel: vLLM's abort; suspend, snapshot, resume and restore: `switching.py`;
 - adapters: loaded with `add_lora` at start and when the tuner publishes one; a new version gets a new LoRA id, so
   requests already running keep the version they started with;
 - stats: a vLLM stat logger (running, waiting, KV usage, preemptions, steps) and each request's prefix-cache hit.
@@ -24,7 +24,6 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from kernos.abi.errors import StatusError
@@ -32,11 +31,12 @@ from kernos.scheduler import RequestView
 
 from ...config import KernelConfig, ModelConfig
 from ..base import Engine, EngineStats
-from ..engine import snapshot as snapshot_format
 from ..engine.detokenizer import Detokenizer
 from ..registry import ModelLoadError, architecture_of, eos_ids, model_folder
 from ..types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, RequestTooLarge, TextDelta
 from .setup import check_topology, engine_args, import_vllm
+from .stats import bytes_per_token, parameters, stat_logger
+from .switching import Run, Switching
 
 log = logging.getLogger("kernos.llm")
 
@@ -44,38 +44,19 @@ START_TIMEOUT_S = 1800.0        # a big model's first start compiles and loads f
 WATCH_S = 0.05                  # how often cancelled handles are looked for
 
 
-@dataclass
-class _Run:
-    """One generation while the kernel knows it: its tokens so far survive vLLM requests (suspend, resume)."""
-
-    req: GenRequest
-    handle: RequestHandle
-    detok: Detokenizer
-    lora: object = None
-    ids: list[int] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
-    state: str = "waiting"          # waiting | running | suspended
-    task: asyncio.Task | None = None
-    attempt: int = 0
-    stopping: str = ""              # why its task is being cancelled: cancel | suspend | snapshot
-    first_token_at: float = 0.0
-    queue_wait_ms: float = -1.0
-    enqueued: float = 0.0
-    preemptions: int = 0
-
-
-class VllmEngine(Engine):
-    def __init__(self, cfg: ModelConfig, config: KernelConfig):
+class VllmEngine(Switching, Engine):
+    def __init__(self, cfg: ModelConfig, config: KernelConfig, policy=None):
         self.name = cfg.name
         self.cfg = cfg
+        self.policy = policy or config.scheduler.make()
         self.path = model_folder(cfg, config.data_dir)
         import_vllm(cfg.name)
-        self.args = engine_args(cfg, config.engine, self.path)
+        self.args = engine_args(cfg, config.engine, self.path, self.policy)
         self.stats = EngineStats()
         self.adapters: list[str] = []
         self._loras: dict[str, object] = {}     # adapter name -> its current LoRARequest
         self._lora_ids = 0
-        self._live: dict[str, _Run] = {}
+        self._live: dict[str, Run] = {}
         self._lock = threading.Lock()           # guards _live for snapshot() from other threads
         self._accepting = True
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -140,40 +121,9 @@ class VllmEngine(Engine):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args), stat_loggers=[self._stat_logger])
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args), stat_loggers=[stat_logger(self)])
         cache = self.llm.vllm_config.cache_config
-        self.kv_bytes = int((cache.num_gpu_blocks or 0) * cache.block_size * _bytes_per_token(self.llm))
-
-    def _stat_logger(self, vllm_config, engine_index: int = 0):
-        from vllm.v1.metrics.loggers import StatLoggerBase
-
-        engine = self
-
-        class KernosStats(StatLoggerBase):
-            """vLLM's per-step scheduler and iteration stats into the engine's EngineStats."""
-
-            def __init__(self, vllm_config, engine_index: int = 0):
-                pass
-
-            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
-                st = engine.stats
-                if scheduler_stats is not None:
-                    st.cache_bytes = int(scheduler_stats.kv_cache_usage * engine.kv_bytes)
-                if iteration_stats is not None:
-                    n = iteration_stats.num_generation_tokens
-                    if n:
-                        st.decode_steps += 1
-                        st.batch_rows += n
-                    pre = iteration_stats.num_preempted_reqs
-                    if pre:         # vLLM preempts by dropping the KV and recomputing it
-                        st.context_switches += pre
-                        st.preempted_by_reason["kv cache full"] = st.preempted_by_reason.get("kv cache full", 0) + pre
-                        st.strategy_counts["recompute"] = st.strategy_counts.get("recompute", 0) + pre
-
-            def log_engine_initialized(self):
-                pass
-
-        return KernosStats(vllm_config, engine_index)
+        self.kv_bytes = int((cache.num_gpu_blocks or 0) * cache.block_size * bytes_per_token(self.llm))
 
     @property
     def device(self) -> str:
@@ -199,22 +149,15 @@ class VllmEngine(Engine):
 
     @property
     def policy_name(self) -> str:
-        return "vllm:priority"
+        mode = self.args["scheduling_policy"]
+        return f"vllm:{mode}" + (f" ({self.policy.name} at admission)" if mode == "priority" else "")
 
     @property
     def cache_budget_bytes(self) -> int:
         return self.kv_bytes
 
     def parameters(self) -> int:
-        from safetensors import safe_open
-
-        n = 0
-        for f in self.path.glob("*.safetensors"):
-            with safe_open(f, "np") as h:
-                for k in h.keys():
-                    shape = h.get_slice(k).get_shape()
-                    n += int(_prod(shape))
-        return n
+        return parameters(self.path)
 
     # -- the Engine interface (any thread) -------------------------------------------------------------------
     def start(self) -> None:
@@ -226,32 +169,8 @@ class VllmEngine(Engine):
         if len(request.prompt_ids) + request.max_tokens > self.context_length:
             raise RequestTooLarge(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
                                   f"exceeds the context length of '{self.name}' on vLLM ({self.context_length})")
-        run = _Run(request, handle, Detokenizer(self.tokenizer, request.stop), enqueued=request.arrival)
+        run = Run(request, handle, Detokenizer(self.tokenizer, request.stop), enqueued=request.arrival)
         self._loop.call_soon_threadsafe(self._admit, run)
-
-    def suspend(self, request_id: str) -> Future:
-        return self._call(self._suspend(request_id, "suspend"))
-
-    def resume(self, request_id: str) -> Future:
-        return self._call(self._resume(request_id))
-
-    def checkpoint(self, request_id: str, directory: Path) -> Future:
-        return self._call(self._checkpoint(request_id, directory))
-
-    def restore(self, directory: Path, request: GenRequest, handle: RequestHandle) -> None:
-        """Continue a snapshot (see `checkpoint`): a new vLLM request over its prompt and tokens."""
-        state = snapshot_format.read_state(directory)
-        if not self._accepting or self._loop is None:
-            raise EngineClosed(f"model '{self.name}' is shutting down")
-        run = _Run(request, handle, Detokenizer(self.tokenizer, request.stop), enqueued=request.arrival)
-        run.ids, run.preemptions = list(state["ids"]), state.get("preemptions", 0)
-        run.detok.restore(run.ids, state.get("emitted", 0))
-        run.logprobs = [(t, lp, [tuple(x) for x in top]) for t, lp, top in state.get("logprobs", [])]
-        self._loop.call_soon_threadsafe(self._admit, run)
-
-    @staticmethod
-    def snapshot_request(directory: Path, request_id: str) -> GenRequest:
-        return snapshot_format.request(directory, request_id)
 
     def load_adapter(self, name: str, folder: Path) -> Future:
         """Load (or replace) a LoRA adapter: new requests use it; running ones keep the version they started with."""
@@ -287,13 +206,13 @@ class VllmEngine(Engine):
             raise EngineClosed(f"model '{self.name}' is not running")
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def _view(self, r: _Run) -> RequestView:
+    def _view(self, r: Run) -> RequestView:
         q = r.req
         return RequestView(q.request_id, q.agent_id, q.priority, q.arrival, len(q.prompt_ids), q.max_tokens,
                            len(r.ids), r.enqueued, 0, 0, r.preemptions, r.first_token_at)
 
     # -- on the engine's loop ----------------------------------------------------------------------------------
-    def _admit(self, run: _Run) -> None:
+    def _admit(self, run: Run) -> None:
         if run.req.adapter and run.req.adapter not in self._loras:
             run.handle.put(Failed(f"model '{self.name}' has no adapter '{run.req.adapter}'"))
             return
@@ -302,12 +221,12 @@ class VllmEngine(Engine):
             self._live[run.req.request_id] = run
         self._launch(run)
 
-    def _launch(self, run: _Run) -> None:
+    def _launch(self, run: Run) -> None:
         run.attempt += 1
         run.state, run.stopping = "waiting", ""
         run.task = self._loop.create_task(self._serve(run))
 
-    async def _serve(self, run: _Run) -> None:
+    async def _serve(self, run: Run) -> None:
         from vllm.inputs.engine import tokens_input
 
         req = run.req
@@ -315,8 +234,9 @@ class VllmEngine(Engine):
         if left <= 0:
             self._finish(run, Finish.LENGTH)
             return
+        place = self.policy.admission_priority(self._view(run), time.monotonic())
         gen = self.llm.generate(tokens_input(req.prompt_ids + run.ids), self._params(req, left),
-                                f"{req.request_id}.{run.attempt}", lora_request=run.lora, priority=-req.priority)
+                                f"{req.request_id}.{run.attempt}", lora_request=run.lora, priority=place)
         try:
             async for out in gen:
                 finish = self._take(run, out)
@@ -344,7 +264,7 @@ class VllmEngine(Engine):
             output_kind=RequestOutputKind.DELTA,
             structured_outputs=StructuredOutputsParams(grammar=grammar) if grammar else None)
 
-    def _take(self, run: _Run, out) -> Finish | None:
+    def _take(self, run: Run, out) -> Finish | None:
         """A delta of new tokens: the run's ids, text and log-probabilities; its finish, if it ends here."""
         c = out.outputs[0]
         now = time.monotonic()
@@ -353,6 +273,7 @@ class VllmEngine(Engine):
             self._first_output(run, out, now)
         self.stats.recent.append((now, len(c.token_ids)))
         self.stats.generated_tokens += len(c.token_ids)
+        self.policy.record(run.req.agent_id, len(c.token_ids), now)     # fair share's usage, for admission
         finish = None
         for i, tok in enumerate(c.token_ids):
             if tok in self.eos_ids:
@@ -377,7 +298,7 @@ class VllmEngine(Engine):
                 run.handle.put(TextDelta(new, len(run.ids)))
         return finish
 
-    def _first_output(self, run: _Run, out, now: float) -> None:
+    def _first_output(self, run: Run, out, now: float) -> None:
         if not run.first_token_at:
             run.first_token_at = now
         m = out.metrics
@@ -391,7 +312,7 @@ class VllmEngine(Engine):
             self.stats.prefix_hits += 1
             self.stats.prefix_tokens_reused += cached
 
-    def _finish(self, run: _Run, finish: Finish, snapshot_id: str = "") -> None:
+    def _finish(self, run: Run, finish: Finish, snapshot_id: str = "") -> None:
         with self._lock:
             if self._live.pop(run.req.request_id, None) is None:
                 return                        # already ended
@@ -410,7 +331,7 @@ class VllmEngine(Engine):
         if finish == Finish.CANCELLED:
             self.stats.cancelled += 1
 
-    def _fail(self, run: _Run, message: str) -> None:
+    def _fail(self, run: Run, message: str) -> None:
         with self._lock:
             self._live.pop(run.req.request_id, None)
         run.handle.put(Failed(message))
@@ -424,7 +345,7 @@ class VllmEngine(Engine):
                 if run.req.request_id in self._live:
                     self._finish(run, Finish.CANCELLED)
 
-    async def _stop_task(self, run: _Run, why: str) -> None:
+    async def _stop_task(self, run: Run, why: str) -> None:
         if run.task is not None and not run.task.done():
             run.stopping = why
             run.task.cancel()
@@ -433,53 +354,11 @@ class VllmEngine(Engine):
             except asyncio.CancelledError:
                 pass
 
-    def _find(self, request_id: str) -> _Run:
+    def _find(self, request_id: str) -> Run:
         run = self._live.get(request_id)
         if run is None:
             raise StatusError("NOT_FOUND", f"generation '{request_id}' has already finished")
         return run
-
-    def _refuse_structured(self, run: _Run, what: str) -> None:
-        if run.req.output is not None and run.req.output.constrained:
-            raise StatusError("FAILED_PRECONDITION", f"model '{self.name}' runs on vLLM, which cannot {what} a "
-                                                     "generation with tools or a response format (its grammar's "
-                                                     "state cannot be handed back to vLLM)")
-
-    async def _suspend(self, request_id: str, why: str) -> str:
-        run = self._find(request_id)
-        self._refuse_structured(run, why)
-        if run.state != "suspended":
-            await self._stop_task(run, why)
-            if request_id not in self._live:       # it finished meanwhile
-                raise StatusError("NOT_FOUND", f"generation '{request_id}' has already finished")
-            run.state, run.enqueued = "suspended", time.monotonic()
-            run.preemptions += 1
-            self.stats.context_switches += 1
-            self.stats.preempted_by_reason[why] = self.stats.preempted_by_reason.get(why, 0) + 1
-            self.stats.strategy_counts["recompute"] = self.stats.strategy_counts.get("recompute", 0) + 1
-        return "preempted"
-
-    async def _resume(self, request_id: str) -> str:
-        run = self._find(request_id)
-        if run.state == "suspended":
-            self._launch(run)
-        return run.state
-
-    async def _unpark_all(self) -> None:
-        for run in list(self._live.values()):
-            if run.state == "suspended":
-                self._launch(run)
-
-    async def _checkpoint(self, request_id: str, directory: Path) -> Path:
-        run = self._find(request_id)
-        self._refuse_structured(run, "snapshot")
-        await self._suspend(request_id, "snapshot")
-        state = {**snapshot_format.request_state(run.req, self.name), "engine": "vllm", "ids": run.ids,
-                 "emitted": len(run.detok.text), "preemptions": run.preemptions, "has_cache": False,
-                 "logprobs": run.logprobs}
-        await asyncio.to_thread(snapshot_format.write_folder, directory, state)
-        self._finish(run, Finish.SNAPSHOT, snapshot_id=directory.name)
-        return directory
 
     async def _load_adapter(self, name: str, folder: Path) -> list[str]:
         from vllm.lora.request import LoRARequest
@@ -500,25 +379,3 @@ class VllmEngine(Engine):
             if run.req.request_id in self._live:
                 self._finish(run, Finish.CANCELLED)
         await asyncio.to_thread(self.llm.shutdown)
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-def _bytes_per_token(llm) -> int:
-    """KV bytes one token takes in vLLM's cache, over every attention layer (0 where it cannot be told)."""
-    mc = llm.model_config
-    try:
-        layers = mc.get_num_layers_by_block_type(llm.vllm_config.parallel_config, "attention")
-        per_layer = 2 * mc.get_num_kv_heads(llm.vllm_config.parallel_config) * mc.get_head_size()
-    except Exception:
-        return 0
-    import torch
-
-    kv_dtype = llm.vllm_config.cache_config.cache_dtype
-    size = torch.tensor([], dtype=mc.dtype).element_size() if kv_dtype == "auto" else 1
-    return layers * per_layer * size

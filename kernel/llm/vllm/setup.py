@@ -29,7 +29,20 @@ def import_vllm(model: str):
     return vllm
 
 
-def engine_args(cfg: ModelConfig, engine: EngineConfig, path: Path) -> dict:
+def scheduling_policy(model: str, policy) -> str:
+    """vLLM's scheduling policy for Kernos's `[scheduler] policy`: fifo is vLLM's "fcfs"; priority and fair_share
+    become vLLM's "priority", each request's place given at admission (`Policy.admission_priority`); a policy
+    that needs time slices between decode steps (round_robin) is refused at start, by name."""
+    if policy is None or policy.admission == "rank":
+        return "priority"
+    if policy.admission == "fcfs":
+        return "fcfs"
+    raise ModelLoadError(f"model '{model}': scheduler.policy '{policy.name}' needs time slices between decode "
+                         "steps, which vLLM's scheduler does not give; use fifo, priority or fair_share for models "
+                         "of kind 'vllm'")
+
+
+def engine_args(cfg: ModelConfig, engine: EngineConfig, path: Path, policy=None) -> dict:
     """The AsyncEngineArgs of a model entry (a plain dict: checked here, built by the engine)."""
     v = cfg.vllm
     args = {
@@ -38,8 +51,8 @@ def engine_args(cfg: ModelConfig, engine: EngineConfig, path: Path) -> dict:
         "enable_prefix_caching": v.enable_prefix_caching, "enforce_eager": v.enforce_eager,
         "tensor_parallel_size": v.tensor_parallel_size, "pipeline_parallel_size": v.pipeline_parallel_size,
         "enable_lora": v.enable_lora,
-        # Kernos priorities (higher runs first) become vLLM's (lower runs first): see VllmEngine.
-        "scheduling_policy": "priority",
+        # Kernos's policy, as far as vLLM can order requests (see scheduling_policy and VllmEngine._serve).
+        "scheduling_policy": scheduling_policy(cfg.name, policy),
         # Tool calls and response formats arrive as llguidance (Lark) grammars, the ones the own engine uses.
         "structured_outputs_config": {"backend": "guidance"},
         "disable_log_stats": True,           # Kernos's own stat logger still runs (VllmEngine), not vLLM's

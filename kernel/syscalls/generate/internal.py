@@ -1,0 +1,78 @@
+"""Generations the kernel runs on an agent's behalf (a context's summary, a data set's samples): the model's
+base, the newest `limits.max_prompt_tokens` of the prompt, no quota refusal; accounted to the agent and traced
+here as `llm.internal` (an agent's own generations are traced by the edge)."""
+from __future__ import annotations
+
+import time
+import uuid
+
+from kernos.abi.errors import StatusError, not_found
+from kernos.abi.trace import TraceRecord
+
+from ...llm.core import LLMCore
+from ...llm.types import GenRequest
+from ..generation import Reply
+from .events import Runner
+
+
+class Internal:
+    def __init__(self, llm: LLMCore, runner: Runner, traces, limits):
+        self.llm = llm
+        self.runner = runner
+        self.traces = traces
+        self.limits = limits
+
+    async def __call__(
+        self,
+        principal,
+        messages: list[dict],
+        max_tokens: int,
+        *,
+        cause: str,
+        model: str = "",
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> Reply:
+        """A generation the kernel runs for `principal` (a summary, a data-set sample): its base model, the
+        newest `limits.max_prompt_tokens` of the prompt; accounted to the agent and traced as 'llm.internal'."""
+        served = self.llm.get(model)
+        if served is None:
+            raise not_found(f"unknown model '{model}'")
+        ids = served.encode_chat(messages)[-self.limits.max_prompt_tokens :]
+        req = GenRequest(
+            request_id=uuid.uuid4().hex,
+            agent_id=principal.agent_id,
+            prompt_ids=ids,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+        )
+        t0 = time.monotonic()
+        reply, status = None, "INTERNAL"
+        try:
+            async for ev in self.runner.events(principal, served, req, served.engine.submit, refuse=False):
+                if isinstance(ev, Reply):
+                    reply, status = ev, "OK"
+        finally:
+            self.traces.record(
+                TraceRecord(
+                    principal.agent_id,
+                    "llm.internal",
+                    status,
+                    {
+                        "cause": cause,
+                        "model": served.name,
+                        "messages": messages,
+                        "max_tokens": max_tokens,
+                        "temperature": temperature,
+                        "seed": seed,
+                    },
+                    {"request_id": req.request_id, "text": reply.text, "completion_tokens": reply.completion_tokens}
+                    if reply
+                    else {},
+                    {"syscall_ms": (time.monotonic() - t0) * 1e3},
+                )
+            )
+        if reply is None:
+            raise StatusError("INTERNAL", "the engine closed the request without a result")
+        return reply
