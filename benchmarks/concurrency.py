@@ -26,6 +26,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import quick  # noqa: E402
+
 QUESTIONS = [
     "What is the capital of France?",
     "Explain what an operating system does.",
@@ -187,7 +189,10 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=3, help="chat calls per agent")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--overhead-calls", type=int, default=500)
+    ap.add_argument("--quick", action="store_true", help=quick.HELP)
     args = ap.parse_args()
+    if args.quick:
+        args.model, args.agents, args.calls, args.max_tokens, args.overhead_calls = "tiny", 2, 1, 4, 20
 
     from conftest import write_config
 

@@ -21,6 +21,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import quick  # noqa: E402
 import torch  # noqa: E402
 from concurrency import QUESTIONS  # noqa: E402
 
@@ -106,12 +107,16 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 32, 64], help="prefill chunk sizes (0: whole)")
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help=quick.HELP)
     args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="kernos-bench-steps-"))
+    if args.quick:
+        args.model = str(quick.tiny_model(work))
+        args.batch, args.chunks, args.calls, args.max_tokens = [2], [0, 8], 1, 4
 
     from kernos.kernel.config import EngineConfig, KernelConfig, ModelConfig
     from kernos.kernel.llm.core import LLMCore
 
-    work = Path(tempfile.mkdtemp(prefix="kernos-bench-steps-"))
     models = [ModelConfig(name="bench", path=str(Path(args.model).resolve()), dtype=args.dtype)] if args.model \
         else [ModelConfig(name="bench", path="embedded", dtype=args.dtype)]
     # The engine exactly as `kernos serve` builds it (policy, budgets, resident cache, threads, packed weights).

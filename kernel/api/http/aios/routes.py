@@ -55,7 +55,7 @@ def _text(x) -> str:
     return x if isinstance(x, str) else json.dumps(x)
 
 
-def mount(app: FastAPI, edge: Edge, generate, memory, files, tools, access, models, bridge, cfg) -> None:
+def mount(app: FastAPI, edge: Edge, generate, memories, files, tools, access, models, bridge, cfg) -> None:
     """AIOS's routes over the edge and the use cases they call; `bridge` gives each AIOS name its agent."""
 
     def admit(principal, name: str, path: str = "", args: dict | None = None):
@@ -154,7 +154,7 @@ def mount(app: FastAPI, edge: Edge, generate, memory, files, tools, access, mode
                                  400 if errors and not done else 200), "finished": not errors}, None
 
     async def memory(principal, q: w.MemoryQuery, created: float):
-        op, p, mem = q.operation_type, q.params, memory
+        op, p, mem = q.operation_type, q.params, memories
         if op in ("add_memory", "add_agentic_memory"):
             content = param(p, "content")
             try:

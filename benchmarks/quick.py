@@ -1,0 +1,16 @@
+"""`--quick`, which every benchmark script takes: its smallest run, on a tiny random model where it has a model,
+in seconds. The suite runs each script so (`tests/test_benchmarks.py`): a move in the kernel that breaks a
+benchmark fails there, not months later. Its numbers mean nothing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = ("the smallest run (tiny random model, a few calls) that checks the script still works; the suite runs "
+        "it; its numbers mean nothing")
+
+
+def tiny_model(work: Path) -> Path:
+    """A tiny random Llama with a trained tokenizer and a chat template, built in `work`."""
+    from kernos.kernel.llm.testing import build_tiny_model
+
+    return build_tiny_model(work / "tiny", "llama")
