@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import quick  # noqa: E402
 from concurrency import QUESTIONS, model_folder  # noqa: E402
 
 ANSWER = (
@@ -136,7 +137,10 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--direct-only", nargs=1, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help=quick.HELP)
     args = ap.parse_args()
+    if args.quick:
+        args.model, args.steps, args.agents, args.calls, args.max_tokens = "tiny", 4, 2, 1, 4
     if args.direct_only:
         spec = json.loads(args.direct_only[0])
         print(json.dumps(direct(**spec)))

@@ -19,6 +19,8 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
+import quick  # noqa: E402
+
 MODEL = "smollm2-135m-instruct"
 
 
@@ -59,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--agents", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help=quick.HELP)
     args = ap.parse_args()
     import openai
     from conftest import write_config
@@ -67,8 +70,10 @@ def main() -> None:
     from kernos.agents.demo import start_kernel, stop_kernel
 
     work = Path(tempfile.mkdtemp(prefix="kernos-bench-http-"))
-    cfg = write_config(work / "k.toml", [{"name": MODEL, "path": "embedded"}, {"name": "echo", "path": "-",
-                                                                              "kind": "echo"}])
+    path = "embedded"
+    if args.quick:
+        args.calls, args.agents, path = 6, 2, str(quick.tiny_model(work))
+    cfg = write_config(work / "k.toml", [{"name": MODEL, "path": path}, {"name": "echo", "path": "-", "kind": "echo"}])
     proc, address = start_kernel(work / "data", str(cfg), timeout=300)
     result = {}
     try:

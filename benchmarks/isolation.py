@@ -16,11 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+
+import quick  # noqa: E402
 
 ADMIN = "isolation-bench-admin-token-0123"
 EMBEDDED = "smollm2-135m-instruct"
@@ -129,6 +132,9 @@ def tool_slots(address) -> dict:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick.HELP + " (the tiny model stands in for the embedded)")
+    args = ap.parse_args()
     import openai
     from conftest import write_config
 
@@ -139,7 +145,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kernos-isolation-"))
     tiny = build_tiny_model(work / "tiny", "llama")
     cfg = write_config(work / "k.toml", [{"name": "tiny", "path": str(tiny), "dtype": "float32"},
-                                         {"name": EMBEDDED, "path": "embedded"}], server={"admin_token": ADMIN})
+                                         {"name": EMBEDDED, "path": str(tiny) if args.quick else "embedded"}],
+                       server={"admin_token": ADMIN})
     proc, address = start_kernel(work / "data", str(cfg), timeout=300)
     results = {}
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import quick  # noqa: E402
 
 WORDS = (
     "agent kernel memory storage schedule batch cache tool file paris france capital river mountain city "
@@ -46,7 +47,10 @@ def main() -> int:
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--files", type=int, default=500)
+    ap.add_argument("--quick", action="store_true", help=quick.HELP)
     args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.queries, args.files = "50", 5, 5
     sizes = [int(x) for x in args.sizes.split(",")]
 
     import chromadb

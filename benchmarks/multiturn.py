@@ -27,6 +27,7 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
+import quick  # noqa: E402
 from vllm_server import VllmServer  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -166,9 +167,14 @@ def main() -> None:
     ap.add_argument("--skip-vllm", action="store_true", help="Kernos with reuse on and off only")
     ap.add_argument("--kernos-engine", nargs="*", default=[], metavar="KEY=VALUE",
                     help="[engine] settings for Kernos, e.g. prefill_chunk_tokens=32")
+    ap.add_argument("--quick", action="store_true", help=quick.HELP + " (Kernos only: vLLM's server takes minutes "
+                                                                      "to start)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="kernos-bench-multiturn-"))
+    if args.quick:
+        args.agents, args.turns, args.max_tokens, args.skip_vllm = 2, 2, 4, True
+        args.model = str(quick.tiny_model(work))
     if args.model:
         folder = Path(args.model).resolve()
     else:

@@ -9,8 +9,9 @@ HELP = ("the smallest run (tiny random model, a few calls) that checks the scrip
         "it; its numbers mean nothing")
 
 
-def tiny_model(work: Path) -> Path:
-    """A tiny random Llama with a trained tokenizer and a chat template, built in `work`."""
+def tiny_model(work: Path, head_dim: int | None = None) -> Path:
+    """A tiny random Llama with a trained tokenizer and a chat template, built in `work` (vLLM's CPU attention
+    takes head_dim 32 and up)."""
     from kernos.kernel.llm.testing import build_tiny_model
 
-    return build_tiny_model(work / "tiny", "llama")
+    return build_tiny_model(work / "tiny", "llama", head_dim=head_dim)

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+import quick  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 POLICIES = {
@@ -199,7 +201,10 @@ def main() -> int:
     ap.add_argument("--spacing", type=float, default=None, help="seconds between short arrivals (default: scaled)")
     ap.add_argument("--lengths", default="64,128,256,512,1024,2048")
     ap.add_argument("--skip-switch", action="store_true")
+    ap.add_argument("--quick", action="store_true", help=quick.HELP)
     args = ap.parse_args()
+    if args.quick:
+        args.model, args.long_tokens, args.short_tokens, args.shorts, args.lengths = "tiny", 16, 4, 2, "16,32"
     work = Path(tempfile.mkdtemp(prefix="kernos-sched-"))
     lm = load(args.model, work)
     spacing = args.spacing

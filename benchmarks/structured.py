@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import quick  # noqa: E402
 
 CALC = {"type": "object", "properties": {"expression": {"type": "string"}},
         "required": ["expression"], "additionalProperties": False}
@@ -101,12 +102,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--quick", action="store_true", help=quick.HELP)
     args = ap.parse_args()
     import kernos.sdk
     from kernos.agents.demo import start_kernel, stop_kernel
 
     data = Path(tempfile.mkdtemp(prefix="kernos-bench-structured-"))
-    proc, address = start_kernel(data, None, timeout=300)          # the embedded model
+    folder, vocab, config, steps, rounds = data / "models" / "smollm2-135m-instruct", 49152, None, 64, 3
+    if args.quick:
+        from conftest import write_config
+
+        args.prompts, args.max_tokens, steps, rounds = 2, 16, 8, 1
+        folder = quick.tiny_model(data.parent / f"{data.name}-tiny")
+        config = str(write_config(data.parent / f"{data.name}.toml", [{"name": "tiny", "path": str(folder)}]))
+    proc, address = start_kernel(data, config, timeout=300)          # the embedded model (quick: the tiny one)
     rows, result = [], {}
     try:
         s = kernos.sdk.connect(address, agent="bench-structured")
@@ -131,7 +140,6 @@ def main() -> None:
         # schema (an array of at least 500 integers) that cannot end within max_tokens.
         long = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": {
             "type": "array", "items": {"type": "integer"}, "minItems": 500}}}
-        steps = 64
 
         def batch(half: bool) -> float:
             t0 = time.perf_counter()
@@ -143,7 +151,7 @@ def main() -> None:
             return sum(r.completion_tokens for r in replies) / wall
 
         free, mixed = [], []
-        for _ in range(3):                   # alternate: drift on a noisy machine hits both
+        for _ in range(rounds):              # alternate: drift on a noisy machine hits both
             free.append(batch(False))
             mixed.append(batch(True))
         result["free_tok_s"], result["half_constrained_tok_s"] = max(free), max(mixed)
@@ -154,7 +162,8 @@ def main() -> None:
 
     from kernos.kernel.llm.structured import OutputSpec, compile_matcher
 
-    tok = AutoTokenizer.from_pretrained(data / "models" / "smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(folder)
+    vocab = vocab if not args.quick else len(tok)
     import torch
 
     from kernos.kernel.llm.engine.sequence import Sequence
@@ -164,9 +173,9 @@ def main() -> None:
     times = []
     for _ in range(5):
         seq = Sequence.__new__(Sequence)
-        seq.matcher = compile_matcher(spec.grammar(), tok, 49152)
+        seq.matcher = compile_matcher(spec.grammar(), tok, vocab)
         for t in target:
-            row = torch.zeros(49152)
+            row = torch.zeros(vocab)
             t0 = time.perf_counter()
             seq.constrain(row)
             times.append((time.perf_counter() - t0) * 1e6)

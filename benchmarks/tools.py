@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import quick  # noqa: E402
 
 
 def timed(fn, n: int) -> list[float]:
@@ -34,7 +35,10 @@ def p(xs: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--quick", action="store_true", help=quick.HELP)
     args = ap.parse_args()
+    if args.quick:
+        args.calls = 6
     from conftest import write_config
 
     import kernos.sdk

@@ -26,6 +26,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import tempfile  # noqa: E402
 
+import quick  # noqa: E402
 from vllm_server import VllmServer  # noqa: E402
 from vs_vllm import MODEL, closed_loop, kernos_round  # noqa: E402
 
@@ -42,10 +43,15 @@ def main() -> None:
                     help="gpu_memory_utilization (on a CPU: share of the NUMA node's memory for the KV cache)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--skip-own", action="store_true", help="leave Kernos's own engine out")
+    ap.add_argument("--quick", action="store_true", help=quick.HELP + " (Kernos's vLLM backend, not vLLM's "
+                                                                      "server, which takes minutes to start)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     work = Path(tempfile.mkdtemp(prefix="kernos-bench-vllm-backend-"))
+    if args.quick:
+        args.agents, args.calls, args.max_tokens, args.rounds, args.skip_own = [2], 1, 4, 1, True
+        args.model, args.dtype, args.max_model_len = str(quick.tiny_model(work, head_dim=32)), "float32", 256
     if args.model:
         folder = Path(args.model).resolve()
     else:
@@ -55,6 +61,9 @@ def main() -> None:
     # Like for like with vLLM's server: no LoRA slots (Kernos turns them on by default for the tuner's adapters).
     vllm_entry = {"kind": "vllm", "vllm": {"max_model_len": args.max_model_len,
                                           "gpu_memory_utilization": args.memory, "enable_lora": False}}
+    if args.quick:         # as the suite runs vLLM on the CPU: no compilation, a small KV cache
+        vllm_entry["vllm"] = {"max_model_len": args.max_model_len, "enable_lora": False, "enforce_eager": True,
+                              "kv_cache_memory_bytes": 256 << 20}
 
     def plain_vllm() -> dict[int, dict]:
         with VllmServer(folder, MODEL, dtype=args.dtype, max_model_len=args.max_model_len,
@@ -63,9 +72,9 @@ def main() -> None:
             closed_loop(url, keys[:2], 1, 8)
             return {n: closed_loop(url, keys[:n], args.calls, args.max_tokens) for n in args.agents}
 
-    runs = {"vllm": plain_vllm,
-            "kernos-vllm": lambda: kernos_round(folder, work, args.agents, args.calls, args.max_tokens, args.dtype,
-                                                {}, vllm_entry)}
+    runs = {} if args.quick else {"vllm": plain_vllm}
+    runs["kernos-vllm"] = lambda: kernos_round(folder, work, args.agents, args.calls, args.max_tokens, args.dtype,
+                                               {}, vllm_entry)
     if not args.skip_own:
         runs["kernos-own"] = lambda: kernos_round(folder, work, args.agents, args.calls, args.max_tokens, None, {})
     best: dict[str, dict[int, dict]] = {name: {} for name in runs}
@@ -81,12 +90,14 @@ def main() -> None:
     print(f"{'agents':>6} | " + " | ".join(f"{c + ' tok/s':>17}" for c in cols) + " | overhead on vLLM")
     out = {"model": folder.name, "dtype": args.dtype, "calls": args.calls, "max_tokens": args.max_tokens}
     for n in args.agents:
-        v, kv = best["vllm"][n]["tok_s"], best["kernos-vllm"][n]["tok_s"]
+        kv = best["kernos-vllm"][n]["tok_s"]
+        v = best["vllm"][n]["tok_s"] if "vllm" in best else float("nan")
         overhead = 1 - kv / v
         print(f"{n:>6} | " + " | ".join(f"{best[c][n]['tok_s']:>17.1f}" for c in cols) + f" | {overhead:>15.1%}")
         row = {f"{c.replace('-', '_')}_tok_s": round(best[c][n]["tok_s"], 1) for c in cols}
         row.update({f"{c.replace('-', '_')}_ttft_p50_ms": round(best[c][n]["ttft_p50_ms"]) for c in cols})
-        row["ratio_kernos_vllm"] = round(kv / v, 3)
+        if "vllm" in best:
+            row["ratio_kernos_vllm"] = round(kv / v, 3)
         if "kernos-own" in best:
             row["ratio_own_engine_vllm_backend"] = round(best["kernos-own"][n]["tok_s"] / kv, 3)
         out[f"agents_{n}"] = row

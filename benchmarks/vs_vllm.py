@@ -26,6 +26,7 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
+import quick  # noqa: E402
 from concurrency import QUESTIONS  # noqa: E402
 from vllm_server import VllmServer  # noqa: E402
 
@@ -127,12 +128,17 @@ def main() -> None:
     ap.add_argument("--kernos-engine", nargs="*", default=[], metavar="KEY=VALUE",
                     help="[engine] settings for Kernos, e.g. threads=1 max_batch_size=32")
     ap.add_argument("--only", choices=["kernos", "vllm"], help="run one server (no ratio)")
+    ap.add_argument("--quick", action="store_true", help=quick.HELP + " (Kernos only: vLLM's server takes minutes "
+                                                                      "to start)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     engine = {k: json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
               for k, v in (kv.split("=", 1) for kv in args.kernos_engine)}
     work = Path(tempfile.mkdtemp(prefix="kernos-bench-vllm-"))
+    if args.quick:
+        args.agents, args.calls, args.max_tokens, args.rounds, args.only = [2], 1, 4, 1, "kernos"
+        args.model = str(quick.tiny_model(work))
     if args.model:
         folder = Path(args.model).resolve()
     else:
