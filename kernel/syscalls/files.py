@@ -4,10 +4,15 @@ runs off the event loop (fsync takes milliseconds)."""
 
 from __future__ import annotations
 
+import asyncio
+import difflib
+
 from kernos.abi.errors import exhausted, invalid
 from kernos.storage.files import FileStore, FileVersion
 
 from .pools import FairPool
+
+MAX_DIFF_BYTES = 1 << 20
 
 CHUNK_CHARS = 800
 CHUNK_OVERLAP = 100
@@ -116,6 +121,19 @@ class Files:
 
     async def history(self, principal, path: str, owner: str = "") -> list[FileVersion]:
         return await self._run(principal, self.files.history, self.space(principal, owner), path)
+
+    async def diff(self, principal, path: str, a: int, b: int, owner: str = "") -> dict:
+        """Version `a` of a file against version `b`: a unified diff of their text (at most 5,000 lines), or
+        `binary` where either is over MAX_DIFF_BYTES or holds a NUL byte."""
+        (fa, da), (fb, db) = await asyncio.gather(self.read(principal, path, a, owner),
+                                                  self.read(principal, path, b, owner))
+        same = fa.sha256 == fb.sha256
+        if max(len(da), len(db)) > MAX_DIFF_BYTES or b"\0" in da[:8192] + db[:8192]:
+            return {"a": a, "b": b, "binary": True, "lines": [], "same": same}
+        lines = list(difflib.unified_diff(da.decode(errors="replace").splitlines(),
+                                          db.decode(errors="replace").splitlines(),
+                                          f"{path} v{a}", f"{path} v{b}", lineterm=""))
+        return {"a": a, "b": b, "binary": False, "lines": lines[:5000], "same": same}
 
     async def delete(self, principal, path: str, owner: str = "") -> FileVersion:
         space = self.space(principal, owner)

@@ -1,7 +1,8 @@
 """The HTTP surfaces, side by side on one FastAPI app and beside gRPC (not on it): OpenAI's `/v1` and
 `/metrics` (`openai/`), `/mcp` (`mcp/`), AIOS's `/query` (`aios/`, opt-in) and the console (`console/`).
-Each is a thin adapter over the one edge (`kernel/api/edge.py`) and the use cases it calls; `ROUTES` of
-each lists its routes and the syscall each one is."""
+Each is a thin adapter over the one edge (`kernel/api/edge.py`) and the use cases it calls, handed to it
+here (this is the only HTTP module that sees the kernel object); `ROUTES` of each lists its routes and the
+syscall each one is."""
 from __future__ import annotations
 
 import logging
@@ -54,6 +55,10 @@ def build(kernel, edge: Edge) -> FastAPI:
     app.state.history = None
     if server.console:
         from .console.routes import mount as mount_console
+        from .console.views import ConsoleDeps
 
-        app.state.history = mount_console(app, kernel, edge)
+        k = kernel
+        app.state.history = mount_console(app, ConsoleDeps(
+            k.agents, k.generate, k.memory, k.storage, k.tools, k.tuner, k.access, k.access_control, k.adapter_store,
+            k.registry, k.quotas, k.models, k.metrics, k.audit, k.lifecycle, server), edge)
     return app

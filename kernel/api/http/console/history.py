@@ -13,19 +13,20 @@ log = logging.getLogger("kernos.console")
 
 
 class History:
-    def __init__(self, kernel, period_s: float = 1.0, keep_s: float = 600.0):
-        self.kernel = kernel
+    def __init__(self, models, metrics, period_s: float = 1.0, keep_s: float = 600.0):
+        self.models = models
+        self.metrics = metrics
         self.period_s = period_s
         self.points: dict[str, deque] = {}
         self._maxlen = int(keep_s / period_s)
 
     def sample(self) -> None:
         now = time.time()
-        for m in self.kernel.llm.models.values():
+        for m in self.models.served():
             st, live = m.engine.snapshot()
             budget = m.engine.cache_budget_bytes
-            ttft = self.kernel.metrics.percentiles(m.name, "ttft_ms", 60.0)
-            wait = self.kernel.metrics.percentiles(m.name, "queue_wait_ms", 60.0)
+            ttft = self.metrics.percentiles(m.name, "ttft_ms", 60.0)
+            wait = self.metrics.percentiles(m.name, "queue_wait_ms", 60.0)
             self.points.setdefault(m.name, deque(maxlen=self._maxlen)).append({
                 "t": round(now, 2), "tokens_per_s": round(st.tokens_per_s(5.0), 2), "batch": st.running,
                 "waiting": st.waiting, "preempted": sum(1 for _, s in live if s == "preempted"),

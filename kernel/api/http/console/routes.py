@@ -19,7 +19,7 @@ from kernos.abi.trace import TraceRecord
 
 from .history import History
 from .sessions import COOKIE, CSRF_HEADER, LOGIN_COOKIE, Sessions, same
-from .views import Views
+from .views import ConsoleDeps, Views
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"console.js": "text/javascript", "console.css": "text/css", "favicon.svg": "image/svg+xml"}
@@ -47,12 +47,12 @@ def _same_origin(request: Request) -> bool:
     return urlsplit(origin).netloc == request.headers.get("host", "")
 
 
-def mount(app: FastAPI, kernel, edge) -> History:
+def mount(app: FastAPI, deps: ConsoleDeps, edge) -> History:
     """Add the console's routes to `app`; returns the sampler the HTTP server runs beside it."""
-    history = History(kernel)
-    views = Views(kernel, edge, history)
-    sessions = Sessions(idle_s=kernel.config.server.console_session_idle_s,
-                        per_owner=kernel.config.server.console_sessions_per_principal)
+    history = History(deps.models, deps.metrics)
+    views = Views(deps, edge, history)
+    sessions = Sessions(idle_s=deps.server.console_session_idle_s,
+                        per_owner=deps.server.console_sessions_per_principal)
     gate = edge.gate
 
     def cookie(response: Response, request: Request, name: str, value: str, path: str = "/console") -> None:
@@ -79,7 +79,7 @@ def mount(app: FastAPI, kernel, edge) -> History:
         return found
 
     def audit(who: str, what: str, allowed: bool, reason: str) -> None:
-        kernel.audit.record(TraceRecord(who, what, "ALLOW" if allowed else "DENY", {"capability": "console"},
+        deps.audit.record(TraceRecord(who, what, "ALLOW" if allowed else "DENY", {"capability": "console"},
                                         {"reason": reason}, {}))
 
     @app.get("/console/login")
@@ -160,7 +160,7 @@ def mount(app: FastAPI, kernel, edge) -> History:
         async def events():
             since = float(p.get("since") or 0)
             while True:
-                if await request.is_disconnected() or kernel.lifecycle.stopping:   # a drain ends the stream
+                if await request.is_disconnected() or deps.lifecycle.stopping:   # a drain ends the stream
                     return
                 found = logged_in(request)
                 if found is None or found[0].session_id != s.session_id:

@@ -7,12 +7,10 @@ requests, calls, jobs, contexts, memory and files; operators see everyone's and 
 Pages return plain JSON-able dicts; the browser renders them (`static/console.js`)."""
 from __future__ import annotations
 
-import asyncio
-import difflib
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from kernos.abi.errors import StatusError
 from kernos.abi.syscalls import syscall
@@ -24,7 +22,6 @@ OPERATOR_PAGES = {"audit"}
 PAGE_SYSCALLS = {"overview": "kernel.stats", "requests": "kernel.stats", "agents": "kernel.list_agents",
                  "contexts": "memory.list_contexts", "memory": "memory.search", "files": "storage.list",
                  "tools": "tools.list", "tuning": "tuner.list_jobs", "audit": "access.audit"}
-MAX_DIFF_BYTES = 1 << 20
 
 
 def clean(x):
@@ -48,9 +45,30 @@ def _int(params: dict, key: str, default: int, lo: int, hi: int) -> int:
     return v
 
 
+@dataclass
+class ConsoleDeps:
+    """What the console uses: the use cases its pages and actions call, and the state they show."""
+    agents: object           # syscalls.agents.Agents
+    generate: object
+    memory: object
+    storage: object          # syscalls.files.Files
+    tools: object            # the tool manager
+    tuner: object
+    access: object           # syscalls.access.Access
+    access_control: object   # groups and capabilities of the agents shown
+    adapters: object         # the adapter store: agents' default adapters
+    registry: object         # the agent registry
+    quotas: object
+    models: object           # syscalls.models.Models
+    metrics: object
+    audit: object            # the audit log: console logins and actions
+    lifecycle: object
+    server: object           # the [server] settings
+
+
 class Views:
-    def __init__(self, kernel, edge, history):
-        self.k = kernel
+    def __init__(self, deps: ConsoleDeps, edge, history):
+        self.d = deps
         self.edge = edge
         self.history = history
 
@@ -81,7 +99,7 @@ class Views:
             if principal.operator:
                 raise StatusError("INVALID_ARGUMENT", "pick an agent")
             return principal
-        a = self.k.registry.get(who)
+        a = self.d.registry.get(who)
         if a is None:
             raise StatusError("NOT_FOUND", f"no agent '{who[:64]}'")
         return a
@@ -92,7 +110,7 @@ class Views:
 
     # -- pages -------------------------------------------------------------------------------------------------
     async def overview(self, principal, params: dict) -> dict:
-        s = await self.k.agents.stats(principal)
+        s = await self.d.agents.stats(principal)
         models = [{"name": m.model.name, "architecture": m.model.architecture, "device": m.model.device,
                    "dtype": m.model.dtype, "policy": m.policy, "tokens_per_s": m.stats.tokens_per_s(),
                    "running": m.stats.running, "waiting": m.stats.waiting, "preempted": m.preempted,
@@ -107,7 +125,7 @@ class Views:
                 "models": models, "series": self.history.series(since), "period_s": self.history.period_s}
 
     async def agents(self, principal, params: dict) -> dict:
-        k = self.k
+        k = self.d
         exited = params.get("exited") in ("1", "true", "on")
         agents = await k.agents.list(principal, exited)
         agents.sort(key=lambda a: ({"active": 0, "idle": 1}.get(a.state, 2), -a.last_seen))
@@ -122,12 +140,12 @@ class Views:
                 "groups": sorted(k.access_control.groups_of(aid)),
                 "capabilities": list(k.access_control.capabilities(aid)),
                 "quotas": k.quotas.usage(aid),
-                "default_adapters": {m: d for m in k.llm.models if (d := k.adapter_store.default(aid, m))},
+                "default_adapters": {m: d for m in k.models.names() if (d := k.adapters.default(aid, m))},
                 "grants": [asdict(g) for g in grants if aid in (g.grantee, g.owner)]})
         return {"agents": rows, "total": len(agents), "operator": principal.operator}
 
     async def requests(self, principal, params: dict) -> dict:
-        s = await self.k.agents.stats(principal)
+        s = await self.d.agents.stats(principal)
         now = time.monotonic()
         live = [{"request_id": v.request_id, "agent_id": v.agent_id, "model": m.model.name, "state": state,
                  "priority": v.priority, "prompt_tokens": v.prompt_tokens, "generated_tokens": v.generated,
@@ -137,7 +155,7 @@ class Views:
                  "ttft_ms": (v.first_token_at - v.arrival) * 1e3 if v.first_token_at else None}
                 for m in s.models for v, state in m.live]
         mine = None if principal.operator else principal.agent_id
-        recent = [r for r in reversed(self.k.metrics.recent) if mine is None or r["agent_id"] == mine][:50]
+        recent = [r for r in reversed(self.d.metrics.recent) if mine is None or r["agent_id"] == mine][:50]
         return {"live": live, "recent": recent, "can_cancel": True}
 
     async def contexts(self, principal, params: dict) -> dict:
@@ -147,12 +165,12 @@ class Views:
         out = []
         resident = {m.name: {"bytes": m.engine.stats.resident_bytes, "entries": m.engine.stats.resident_entries,
                              "tokens_reused": m.engine.stats.prefix_tokens_reused}
-                    for m in self.k.llm.models.values()}
-        for c in await self.k.memory.list_contexts(subject):
-            blocks, total = await self.k.memory.blocks(subject, c.context_id)
+                    for m in self.d.models.served()}
+        for c in await self.d.memory.list_contexts(subject):
+            blocks, total = await self.d.memory.blocks(subject, c.context_id)
             out.append({"context_id": c.context_id, "model": c.model, "budget_tokens": c.budget_tokens,
                         "summarize": c.summarize, "evicted": c.evicted, "prompt_tokens": total,
-                        "resident": resident.get(c.model or self.k.llm.default),   # model-wide, all contexts
+                        "resident": resident.get(c.model or self.d.models.default),   # model-wide, all contexts
                         "blocks": [{"block_id": b.block_id, "role": b.role, "kind": b.kind, "pinned": b.pinned,
                                     "label": b.label, "tokens": n, "content": b.content[:2000]}
                                    for b, n in blocks]})
@@ -166,7 +184,7 @@ class Views:
         if principal.operator and not agent:
             raise StatusError("INVALID_ARGUMENT", "pick an agent whose memory to search")
         k = _int(params, "k", 5, 1, 50)
-        hits = await self.k.memory.search(principal, query, k, None, agent)
+        hits = await self.d.memory.search(principal, query, k, None, agent)
         return {"agent": agent, "query": query,
                 "results": [{"id": h.id, "text": h.text[:2000], "metadata": h.metadata, "distance": h.distance}
                             for h in hits]}
@@ -176,29 +194,18 @@ class Views:
         if principal.operator and not agent:
             return {"agent": "", "files": [], "note": "pick an agent to see its files"}
         owner = "" if agent == principal.agent_id else agent
-        out = {"agent": agent, "files": [asdict(f) for f in await self.k.storage.list(principal, "", owner)]}
+        out = {"agent": agent, "files": [asdict(f) for f in await self.d.storage.list(principal, "", owner)]}
         path = params.get("path") or ""
         if path:
             out["path"] = path
-            out["history"] = [asdict(f) for f in await self.k.storage.history(principal, path, owner)]
+            out["history"] = [asdict(f) for f in await self.d.storage.history(principal, path, owner)]
             a, b = _int(params, "a", 0, 0, 1 << 30), _int(params, "b", 0, 0, 1 << 30)
             if a and b:
-                out["diff"] = await self._diff(principal, path, owner, a, b)
+                out["diff"] = await self.d.storage.diff(principal, path, a, b, owner)
         return out
 
-    async def _diff(self, principal, path: str, owner: str, a: int, b: int) -> dict:
-        (fa, da), (fb, db) = await asyncio.gather(self.k.storage.read(principal, path, a, owner),
-                                                  self.k.storage.read(principal, path, b, owner))
-        if max(len(da), len(db)) > MAX_DIFF_BYTES or b"\0" in da[:8192] + db[:8192]:
-            return {"a": a, "b": b, "binary": True, "lines": [],
-                    "same": fa.sha256 == fb.sha256}
-        lines = list(difflib.unified_diff(da.decode(errors="replace").splitlines(),
-                                          db.decode(errors="replace").splitlines(),
-                                          f"{path} v{a}", f"{path} v{b}", lineterm=""))
-        return {"a": a, "b": b, "binary": False, "lines": lines[:5000], "same": fa.sha256 == fb.sha256}
-
     async def tools(self, principal, params: dict) -> dict:
-        t = self.k.tools
+        t = self.d.tools
         mine = None if principal.operator else principal.agent_id
         now = time.monotonic()
 
@@ -214,8 +221,8 @@ class Views:
                 "confirm_timeout_s": t.confirm_timeout_s}
 
     async def tuning(self, principal, params: dict) -> dict:
-        jobs = await self.k.tuner.list_jobs(principal, principal.operator)
-        adapters = await self.k.tuner.adapters(principal)
+        jobs = await self.d.tuner.list_jobs(principal, principal.operator)
+        adapters = await self.d.tuner.adapters(principal)
         return {"jobs": [{k: v for k, v in asdict(j).items() if k not in ("config", "model_path")}
                          for j in sorted(jobs, key=lambda j: j.created, reverse=True)],
                 "adapters": [{"owner": v.owner, "name": v.name, "version": v.version, "model": v.model,
@@ -226,7 +233,7 @@ class Views:
         limit = _int(params, "limit", 200, 1, 5000)
         who, text = params.get("who", ""), (params.get("text") or "").lower()
         denied = params.get("denied") in ("1", "true", "on")
-        recs = await self.k.access.audit(who, limit if not text else 5000, denied)
+        recs = await self.d.access.audit(who, limit if not text else 5000, denied)
         rows = [{"ts": r.ts, "agent_id": r.agent_id, "what": r.kind, "decision": r.status,
                  "capability": r.request.get("capability", ""), "reason": r.response.get("reason", "")}
                 for r in recs]
@@ -236,7 +243,7 @@ class Views:
 
     # -- actions -------------------------------------------------------------------------------------------------
     async def act(self, principal, action: str, body: dict) -> dict:
-        k = self.k
+        k = self.d
 
         def arg(name: str) -> str:
             v = body.get(name)
