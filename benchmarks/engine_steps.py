@@ -120,7 +120,7 @@ def main() -> None:
     models = [ModelConfig(name="bench", path=str(Path(args.model).resolve()), dtype=args.dtype)] if args.model \
         else [ModelConfig(name="bench", path="embedded", dtype=args.dtype)]
     # The engine exactly as `kernos serve` builds it (policy, budgets, resident cache, threads, packed weights).
-    core = LLMCore(KernelConfig(data_dir=work, models=models, engine=EngineConfig(threads=args.threads)))
+    core = LLMCore(models, "bench", EngineConfig(threads=args.threads), KernelConfig().scheduler.make, work)
     served = core.get("bench")
     lm = served.engine.lm
     result: dict = {"dtype": str(lm.dtype).replace("torch.", ""), "threads": torch.get_num_threads()}

@@ -113,7 +113,8 @@ class Kernel:
         self.contexts = ContextStore(data / "contexts.db")
         self.adapter_store = AdapterStore(data / "adapters")
         self.vector = LazyVectorMemory(config)
-        self.llm = LLMCore(config)
+        self.llm = LLMCore(config.effective_models(), config.default_model_name(), config.engine,
+                           config.scheduler.make, data)
         # security
         owners = ResourceOwners(config, self.llm)
         self.registry = AgentRegistry(data / "kernel.db", ttl_s=config.server.agent_ttl_s)

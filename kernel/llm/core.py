@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import KernelConfig, ModelConfig
 from .base import Engine
 from .echo import EchoEngine, EchoTokenizer
+from .settings import EngineConfig, ModelConfig
 from .structured import compile_matcher
 from .tool_calls import chat_template_input
 
@@ -69,14 +69,14 @@ def engine_threads(configured: int) -> int:
     return max(1, cores - 1)
 
 
-def _load(cfg: ModelConfig, config: KernelConfig) -> ServedModel:
+def _load(cfg: ModelConfig, engine_cfg: EngineConfig, make_policy, data_dir: Path) -> ServedModel:
     if cfg.kind == "echo":
         engine = EchoEngine(cfg.name)
         return ServedModel(cfg.name, engine, "echo", "none", "none", [], 1 << 20, 0, engine.tokenizer, True)
     if cfg.kind == "vllm":
         from .vllm.engine import VllmEngine
 
-        engine = VllmEngine(cfg, config)
+        engine = VllmEngine(cfg, engine_cfg, data_dir, make_policy())
         engine.open()
         return ServedModel(cfg.name, engine, engine.architecture, engine.device, engine.dtype, engine.adapters,
                            engine.context_length, engine.parameters(), engine.tokenizer,
@@ -86,13 +86,13 @@ def _load(cfg: ModelConfig, config: KernelConfig) -> ServedModel:
     from .engine import TransformersEngine
     from .registry import load_model
 
-    torch.set_num_threads(engine_threads(config.engine.threads))
-    lm = load_model(cfg, config.engine, config.data_dir)
-    e = config.engine
-    engine = TransformersEngine(lm, max_batch_size=e.max_batch_size, policy=config.scheduler.make(),
+    torch.set_num_threads(engine_threads(engine_cfg.threads))
+    lm = load_model(cfg, engine_cfg, data_dir)
+    e = engine_cfg
+    engine = TransformersEngine(lm, max_batch_size=e.max_batch_size, policy=make_policy(),
                                 max_tokens_in_flight=e.max_tokens_in_flight, cache_budget_bytes=e.cache_budget_bytes,
                                 preemption=e.preemption, swap_host_bytes=e.swap_host_bytes,
-                                swap_dir=config.data_dir / "swap" / cfg.name, resident_bytes=e.resident_cache_bytes,
+                                swap_dir=data_dir / "swap" / cfg.name, resident_bytes=e.resident_cache_bytes,
                                 resident_ttl_s=e.resident_ttl_s, prefill_chunk=e.prefill_chunk_tokens)
     return ServedModel(cfg.name, engine, lm.architecture, str(lm.device), str(lm.dtype).replace("torch.", ""),
                        lm.adapters, lm.context_length, lm.parameters, lm.tokenizer,
@@ -101,12 +101,14 @@ def _load(cfg: ModelConfig, config: KernelConfig) -> ServedModel:
 
 
 class LLMCore:
-    def __init__(self, config: KernelConfig):
-        self.config = config
-        self.default = config.default_model_name()
+    """The served models: each entry loaded on its engine (own, vLLM or echo), each engine with its own
+    scheduling policy (`make_policy()`), converted models and swap space under `data_dir`."""
+
+    def __init__(self, models: list[ModelConfig], default: str, engine: EngineConfig, make_policy, data_dir: Path):
+        self.default = default
         self.models: dict[str, ServedModel] = {}
-        for cfg in config.effective_models():
-            self.models[cfg.name] = _load(cfg, config)
+        for cfg in models:
+            self.models[cfg.name] = _load(cfg, engine, make_policy, data_dir)
         for m in self.models.values():
             m.engine.start()
 

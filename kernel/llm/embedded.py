@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..config import EMBEDDED_MODEL
+from .settings import EMBEDDED_MODEL
 
 log = logging.getLogger("kernos.llm")
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

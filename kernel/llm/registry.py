@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import EngineConfig, ModelConfig
 from . import embedded
 from .cpu_speed import fast_cpu_dtype, pack_linears, use_cpu_attention
+from .settings import EngineConfig, ModelConfig
 
 log = logging.getLogger("kernos.llm")
 

@@ -27,12 +27,12 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from kernos.abi.errors import StatusError
-from kernos.scheduler import RequestView
+from kernos.scheduler import FifoPolicy, RequestView
 
-from ...config import KernelConfig, ModelConfig
 from ..base import Engine, EngineStats
 from ..engine.detokenizer import Detokenizer
 from ..registry import ModelLoadError, architecture_of, eos_ids, model_folder
+from ..settings import EngineConfig, ModelConfig
 from ..types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, RequestTooLarge, TextDelta
 from .setup import check_topology, engine_args, import_vllm
 from .stats import bytes_per_token, parameters, stat_logger
@@ -45,13 +45,13 @@ WATCH_S = 0.05                  # how often cancelled handles are looked for
 
 
 class VllmEngine(Switching, Engine):
-    def __init__(self, cfg: ModelConfig, config: KernelConfig, policy=None):
+    def __init__(self, cfg: ModelConfig, engine: EngineConfig, data_dir: Path, policy=None):
         self.name = cfg.name
         self.cfg = cfg
-        self.policy = policy or config.scheduler.make()
-        self.path = model_folder(cfg, config.data_dir)
+        self.policy = policy if policy is not None else FifoPolicy()
+        self.path = model_folder(cfg, data_dir)
         import_vllm(cfg.name)
-        self.args = engine_args(cfg, config.engine, self.path, self.policy)
+        self.args = engine_args(cfg, engine, self.path, self.policy)
         self.stats = EngineStats()
         self.adapters: list[str] = []
         self._loras: dict[str, object] = {}     # adapter name -> its current LoRARequest

