@@ -107,3 +107,23 @@ def test_protobuf_and_grpc_method_names_stay_in_the_grpc_adapter():
         if "kernos.proto" in text or "/kernos.v1." in text or "SimpleNamespace" in text:
             offenders.append(rel)
     assert not offenders, offenders
+
+
+def test_layers_import_only_what_they_may():
+    """docs/architecture.md's table: the vocabulary imports nothing of Kernos; the scheduler and the LLM layer
+    only what is below them; nothing below the transports imports them."""
+    graph = _import_graph()
+    may = {"kernos.abi": ("kernos.abi",),
+           "kernos.scheduler": ("kernos.abi", "kernos.scheduler"),
+           "kernos.storage": ("kernos.abi", "kernos.storage"),
+           "kernos.kernel.llm": ("kernos.abi", "kernos.scheduler", "kernos.kernel.llm")}
+    below_api = ("kernos.kernel.syscalls", "kernos.kernel.security", "kernos.kernel.tools", "kernos.kernel.tuner",
+                 "kernos.kernel.llm", "kernos.kernel.app", "kernos.memory", "kernos.storage", "kernos.scheduler")
+    wrong = []
+    for mod, deps in graph.items():
+        for layer, allowed in may.items():
+            if mod == layer or mod.startswith(layer + "."):
+                wrong += [f"{mod} -> {d}" for d in deps if d.startswith("kernos.") and not d.startswith(allowed)]
+        if mod.startswith(below_api):
+            wrong += [f"{mod} -> {d}" for d in deps if d.startswith(("kernos.kernel.api", "kernos.kernel.daemon"))]
+    assert not wrong, "\n".join(wrong)
