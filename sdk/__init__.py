@@ -8,6 +8,7 @@ Depends on grpcio, protobuf and pydantic only: never torch. `kernos.sdk.aio` is 
 """
 
 from . import aio
+from ._wire import to_dict
 from .client import Session, connect
 from .errors import (
     AlreadyExists,
@@ -47,6 +48,7 @@ from .types import (
 )
 
 __all__ = [
+    "to_dict",
     "Choice",
     "TokenLogprob",
     "run_tools",

@@ -214,3 +214,10 @@ def finetune_request(
         set_default=set_default,
         min_improvement=min_improvement,
     )
+
+
+def to_dict(message) -> dict:
+    """A raw reply message (e.g. `session.kernel.stats()`) as a plain dict, with the ABI's field names."""
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True)

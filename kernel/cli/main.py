@@ -48,7 +48,6 @@ def _session(args):
 
 
 def cmd_status(args) -> int:
-    from google.protobuf.json_format import MessageToDict
 
     import kernos.sdk
 
@@ -59,7 +58,7 @@ def cmd_status(args) -> int:
         print(f"kernos status: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(MessageToDict(st, preserving_proto_field_name=True), indent=2))
+        print(json.dumps(kernos.sdk.to_dict(st), indent=2))
         return 0
     from .top import render
 
