@@ -38,14 +38,17 @@ def test_the_grpc_table_is_the_proto_files():
 
 def test_every_syscall_is_reachable_and_every_route_is_a_syscall(tmp_path):
     """The HTTP tables against the routes an app really mounts (built in this process from a real kernel on
-    the echo model); each table's syscalls are in the vocabulary, and each syscall has a transport."""
+    the echo model, every surface on): each mounted route is in exactly one surface's table, each table's
+    syscalls are in the vocabulary, and each syscall has a transport."""
     from conftest import write_config
 
     from kernos.kernel.api.edge import Edge
     from kernos.kernel.api.grpc.methods import METHODS
+    from kernos.kernel.api.http.aios.routes import QUERIES
     from kernos.kernel.api.http.aios.routes import ROUTES as AIOS
     from kernos.kernel.api.http.app import build
-    from kernos.kernel.api.http.console.views import PAGE_SYSCALLS
+    from kernos.kernel.api.http.console.routes import ROUTES as CONSOLE
+    from kernos.kernel.api.http.mcp.server import METHODS as MCP_METHODS
     from kernos.kernel.api.http.mcp.server import ROUTES as MCP
     from kernos.kernel.api.http.openai.routes import ROUTES as OPENAI
     from kernos.kernel.app import Kernel
@@ -61,11 +64,13 @@ def test_every_syscall_is_reachable_and_every_route_is_a_syscall(tmp_path):
     finally:
         kernel.drain(0)
         kernel.close()
-    openai_routes = {(m, p) for m, p in mounted if p.startswith("/v1") or p == "/metrics"}
-    assert openai_routes == set(OPENAI)
-    assert ("POST", "/query") in mounted and ("POST", "/mcp") in mounted
-    for table in (OPENAI, MCP, AIOS, PAGE_SYSCALLS):
-        assert set(table.values()) <= set(SYSCALLS), set(table.values()) - set(SYSCALLS)
+    tables = [OPENAI, AIOS, MCP, CONSOLE]
+    listed = [key for table in tables for key in table]
+    assert len(listed) == len(set(listed)) and set(listed) == mounted, set(listed) ^ mounted
+    for table in tables + [QUERIES, MCP_METHODS]:
+        for value in table.values():
+            names = (value,) if isinstance(value, str) else value
+            assert set(names) <= set(SYSCALLS), set(names) - set(SYSCALLS)
     carried = {n for rpcs in METHODS.values() for n in rpcs.values()} | set(OPENAI.values())
     assert carried == set(SYSCALLS), set(SYSCALLS) - carried
 

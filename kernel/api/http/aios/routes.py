@@ -38,12 +38,15 @@ log = logging.getLogger("kernos.aios")
 _PASSAGES: ContextVar = ContextVar("kernos_aios_passages")
 # query_type (and operation) -> the syscall it is; an LLM query is llm.generate (and, for call_tool and
 # operate_file, the tool calls and storage operations the model picks, each admitted as its own syscall)
-ROUTES = {"llm": "llm.generate", "memory.add_memory": "memory.add", "memory.add_agentic_memory": "memory.add",
+QUERIES = {"llm": "llm.generate", "memory.add_memory": "memory.add", "memory.add_agentic_memory": "memory.add",
           "memory.get_memory": "memory.get", "memory.update_memory": "memory.update",
           "memory.remove_memory": "memory.delete", "memory.retrieve_memory": "memory.search",
           "memory.retrieve_memory_raw": "memory.search", "storage.write": "storage.write",
           "storage.create_file": "storage.write", "storage.rollback": "storage.rollback",
           "storage.share": "access.grant", "storage.retrieve": "storage.search", "tool": "tools.call"}
+# (method, path) -> the syscalls the route makes (the status routes answer what is served, for AIOS's start)
+ROUTES = {("GET", "/status"): (), ("GET", "/core/status"): (), ("GET", "/core/llms/list"): (),
+          ("POST", "/query"): tuple(sorted(set(QUERIES.values())))}
 
 def _bad(e: ValidationError, prefix: str) -> StatusError:
     first = e.errors()[0]

@@ -19,7 +19,7 @@ from kernos.abi.trace import TraceRecord
 
 from .history import History
 from .sessions import COOKIE, CSRF_HEADER, LOGIN_COOKIE, Sessions, same
-from .views import ConsoleDeps, Views
+from .views import ACTION_SYSCALLS, PAGE_SYSCALLS, ConsoleDeps, Views
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"console.js": "text/javascript", "console.css": "text/css", "favicon.svg": "image/svg+xml"}
@@ -46,6 +46,13 @@ def _same_origin(request: Request) -> bool:
         return origin is None
     return urlsplit(origin).netloc == request.headers.get("host", "")
 
+
+_PAGES = tuple(sorted(set(PAGE_SYSCALLS.values())))
+# (method, path) -> the syscalls the route makes ((): log-in, the page shell and its assets: no syscall)
+ROUTES = {("GET", "/console/login"): (), ("POST", "/console/login"): (), ("POST", "/console/logout"): (),
+          ("GET", "/console"): (), ("GET", "/console/static/{name}"): (), ("GET", "/console/api/page/{page}"): _PAGES,
+          ("GET", "/console/api/stream/{page}"): _PAGES,
+          ("POST", "/console/api/action/{action}"): tuple(sorted(set(ACTION_SYSCALLS.values())))}
 
 def mount(app: FastAPI, deps: ConsoleDeps, edge) -> History:
     """Add the console's routes to `app`; returns the sampler the HTTP server runs beside it."""

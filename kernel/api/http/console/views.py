@@ -22,6 +22,9 @@ OPERATOR_PAGES = {"audit"}
 PAGE_SYSCALLS = {"overview": "kernel.stats", "requests": "kernel.stats", "agents": "kernel.list_agents",
                  "contexts": "memory.list_contexts", "memory": "memory.search", "files": "storage.list",
                  "tools": "tools.list", "tuning": "tuner.list_jobs", "audit": "access.audit"}
+# action -> the syscall it is
+ACTION_SYSCALLS = {"cancel-request": "llm.suspend", "confirm": "tools.confirm", "deny": "tools.deny",
+                   "cancel-job": "tuner.cancel_job", "rollback": "storage.rollback"}
 
 
 def clean(x):
@@ -250,12 +253,14 @@ class Views:
             if not isinstance(v, str) or not v:
                 raise StatusError("INVALID_ARGUMENT", f"'{name}' is required")
             return v
+        if action not in ACTION_SYSCALLS:
+            raise StatusError("NOT_FOUND", f"no console action '{action[:40]}'")
+        if action != "rollback":             # a rollback names its owner and path: admitted below
+            self.edge.admit(principal, syscall(ACTION_SYSCALLS[action]))
         if action == "cancel-request":
-            self.edge.admit(principal, syscall("llm.suspend"))
             await k.generate.cancel(principal, arg("request_id"))
             return {"cancelled": body["request_id"]}
         if action in ("confirm", "deny"):
-            self.edge.admit(principal, syscall(f"tools.{action}"))
             if not principal.operator:
                 raise StatusError("PERMISSION_DENIED", "only operators confirm or deny tool calls")
             if action == "confirm":
@@ -264,7 +269,6 @@ class Views:
                 call = k.tools.deny(arg("call_id"), f"denied by {principal.agent_id} in the console")
             return {"call_id": call.call_id, "state": call.state}
         if action == "cancel-job":
-            self.edge.admit(principal, syscall("tuner.cancel_job"))
             job = await k.tuner.cancel(principal, arg("job_id"))
             return {"job_id": job.job_id, "state": job.state}
         if action == "rollback":
@@ -274,7 +278,7 @@ class Views:
             if not isinstance(version, int) or version < 1:
                 raise StatusError("INVALID_ARGUMENT", "'version' must be a positive integer")
             owner = "" if agent == principal.agent_id else agent
-            self.edge.admit(principal, syscall("storage.rollback", owner=owner, path=path))
+            self.edge.admit(principal, syscall(ACTION_SYSCALLS[action], owner=owner, path=path))
             f = await k.storage.rollback(principal, path, version, owner)
             return {"path": f.path, "version": f.version}
         raise StatusError("NOT_FOUND", f"no console action '{action[:40]}'")

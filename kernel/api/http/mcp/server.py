@@ -41,8 +41,11 @@ SYSCALL_TOOLS = {
 
 
 # MCP's methods -> the syscall each is (a kernel tool's call is tools.call; a kernos_* tool's, its own)
-ROUTES = {"tools/list": "tools.list", "tools/call": "tools.call", "resources/list": "storage.list",
+METHODS = {"tools/list": "tools.list", "tools/call": "tools.call", "resources/list": "storage.list",
           "resources/read": "storage.read", **{PREFIX + name: spec[1] for name, spec in SYSCALL_TOOLS.items()}}
+
+# (method, path) -> the syscalls the route makes: the one MCP endpoint carries all of METHODS
+ROUTES = {(m, "/mcp"): tuple(sorted(set(METHODS.values()))) for m in ("GET", "POST", "DELETE")}
 
 
 def build(edge: Edge, tools, files, memory):
@@ -65,7 +68,7 @@ def build(edge: Edge, tools, files, memory):
     async def call_tool(ctx, params) -> types.CallToolResult:
         name, args = params.name, dict(params.arguments or {})
         own = name.startswith(PREFIX) and name[len(PREFIX):] in SYSCALL_TOOLS
-        call = syscall(ROUTES[name], path=args.get("path", "") or args.get("prefix", "")) if own else \
+        call = syscall(METHODS[name], path=args.get("path", "") or args.get("prefix", "")) if own else \
             syscall("tools.call")
         passage = None
         try:
