@@ -71,9 +71,15 @@ class Edge:
         return principal
 
     def enter(self, call: Syscall, token: str | None = None, principal=None) -> Passage:
-        """A passage for `call`, admitted (see `Passage.admit`)."""
+        """A passage for `call`, admitted (see `Passage.admit`); a refusal of a known caller is traced here, as
+        the gRPC adapter traces it, before it raises."""
         passage = Passage(self, call)
-        passage.admit(token, principal)
+        try:
+            passage.admit(token, principal)
+        except StatusError as e:
+            passage.failed(e)
+            passage.trace({})
+            raise
         return passage
 
     def admit(self, principal, call: Syscall) -> None:
