@@ -33,21 +33,11 @@ class OfflineTokens:
         self.data = data_dir
         self.data.mkdir(parents=True, exist_ok=True)
 
-    @contextlib.contextmanager
     def _access(self):
-        ac = AccessControl(self.data / "access.db")
-        try:
-            yield ac
-        finally:
-            ac.close()
+        return contextlib.closing(AccessControl(self.data / "access.db"))
 
-    @contextlib.contextmanager
     def _enrollments(self):
-        en = Enrollments(self.data / "access.db")
-        try:
-            yield en
-        finally:
-            en.close()
+        return contextlib.closing(Enrollments(self.data / "access.db"))
 
     @contextlib.contextmanager
     def _agents(self, ttl_s: float = 600):

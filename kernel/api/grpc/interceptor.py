@@ -83,10 +83,9 @@ class SyscallInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, method: str, behaviour):
         async def run(request, context):
-            passage = None
+            passage = self._passage(method, request)
             try:
-                passage = self._enter(method, request, context)
-                passage.admit(token_from_metadata(context.invocation_metadata()))
+                _admit(passage, request, context)
                 with passage.track():
                     passage.reply = await behaviour(request, context)
                 passage.ok()
@@ -99,10 +98,9 @@ class SyscallInterceptor(grpc.aio.ServerInterceptor):
 
     def _stream(self, method: str, behaviour):
         async def run(request, context):
-            passage = None
+            passage = self._passage(method, request)
             try:
-                passage = self._enter(method, request, context)
-                passage.admit(token_from_metadata(context.invocation_metadata()))
+                _admit(passage, request, context)
                 with passage.track():
                     async for item in behaviour(request, context):
                         passage.reply = item
@@ -114,24 +112,25 @@ class SyscallInterceptor(grpc.aio.ServerInterceptor):
                 _trace(passage, request)
         return run
 
-    def _enter(self, method: str, request, context) -> Passage:
-        if isinstance(request, _Undecodable):
-            raise StatusError("INVALID_ARGUMENT", f"malformed request: {request.error}")
+    def _passage(self, method: str, request) -> Passage:
         passage = Passage(self.edge, call_of(method, request))
         _PASSAGE.set(passage)
         return passage
 
 
-async def _fail(passage: Passage | None, e: BaseException, context) -> None:
+def _admit(passage: Passage, request, context) -> None:
+    if isinstance(request, _Undecodable):       # nobody to account it to yet: answered, not traced
+        raise StatusError("INVALID_ARGUMENT", f"malformed request: {request.error}")
+    passage.admit(token_from_metadata(context.invocation_metadata()))
+
+
+async def _fail(passage: Passage, e: BaseException, context) -> None:
     """Abort the RPC with the status `e` stands for (re-raises cancellations and aborts)."""
     if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
         raise e
-    error = passage.failed(e) if passage is not None else e if isinstance(e, StatusError) else None
+    error = passage.failed(e)
     if error is None:
-        if passage is None and isinstance(e, Exception):   # before the edge knew the call: still answered
-            error = StatusError("INTERNAL", "internal kernel error")
-        else:
-            raise e
+        raise e
     message = error.message
     if error.retry_after_s is not None:
         context.set_trailing_metadata((("retry-after-ms", str(int(error.retry_after_s * 1000))),))
@@ -139,9 +138,7 @@ async def _fail(passage: Passage | None, e: BaseException, context) -> None:
     await context.abort(GRPC_STATUS[error.code], message)
 
 
-def _trace(passage: Passage | None, request) -> None:
-    if passage is None:
-        return                                     # refused before admission: nobody to account it to
+def _trace(passage: Passage, request) -> None:
     call, reply = passage.call, passage.reply
     agent = None
     if passage.principal is None and call.name == "kernel.register":

@@ -8,6 +8,8 @@ from google.protobuf.json_format import MessageToDict
 
 from kernos.abi.syscalls import Syscall, syscall
 
+from ..edge import MAX_TRACED_STRING
+
 PACKAGE = "kernos.v1"
 METHODS: dict[str, dict[str, str]] = {
     "Kernel": {"Register": "kernel.register", "Heartbeat": "kernel.heartbeat", "Exit": "kernel.exit",
@@ -38,7 +40,6 @@ SYSCALL_OF = {f"/{PACKAGE}.{service}/{rpc}": name for service, rpcs in METHODS.i
 # gRPC's own services: health checks and reflection, answered without a token and not traced.
 INFRASTRUCTURE = ("/grpc.health.", "/grpc.reflection.")
 SECRET_FIELDS = {"token"}
-MAX_TRACED_STRING = 200
 
 
 def call_of(method: str, request) -> Syscall:

@@ -13,6 +13,8 @@ import json
 
 from kernos.abi.errors import StatusError
 
+from ..edge import bearer
+
 
 class BodyTooLarge(StatusError):
     """Raised from inside a route's body read: the app's handler answers it (413) like any StatusError."""
@@ -47,8 +49,7 @@ class RequestLimits:
                                  f"{self.max_body_bytes} (server.max_http_body_bytes)")
         path = scope.get("path", "")
         if self.authenticate is not None and path.startswith(self.token_paths):
-            auth = headers.get("authorization", "")
-            token = auth[7:].strip() if auth.lower().startswith("bearer ") else auth.strip()
+            token = bearer(headers.get("authorization", ""))
             if not token or self.authenticate(token) is None:
                 return await _answer(send, 401, "authentication_error",
                                      "missing, unknown or revoked token: send 'Authorization: Bearer <agent token>'",

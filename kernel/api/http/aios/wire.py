@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ....syscalls.file_ops import calls
+
 ACTIONS = ("chat", "chat_with_json_output", "chat_with_tool_call_output", "call_tool", "operate_file")
 MEMORY_OPS = ("add_memory", "get_memory", "update_memory", "remove_memory", "retrieve_memory", "add_agentic_memory",
               "retrieve_memory_raw")
@@ -152,14 +154,7 @@ def calls_of(reply, names: dict[str, str] | None = None) -> list[dict]:
     """The reply's tool calls in AIOS's shape: {"id", "name", "parameters"}; `names` maps the names the model
     saw back to the agent's own."""
     names = names or {}
-    out = []
-    for c in reply.tool_calls:
-        try:
-            args = json.loads(c["arguments"] or "{}")
-        except ValueError:
-            args = {"_raw": c["arguments"]}
-        out.append({"id": c["id"], "name": names.get(c["name"], c["name"]), "parameters": args})
-    return out
+    return [{**c, "name": names.get(c["name"], c["name"])} for c in calls(reply)]
 
 
 def llm_response(message: str | None, tool_calls: list[dict] | None = None, error: str | None = None,
