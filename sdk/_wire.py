@@ -97,8 +97,21 @@ def generate_request(
     logprobs: bool = False,
     top_logprobs: int = 0,
     first_tool_choice=None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    repetition_penalty: float | None = None,
+    logit_bias: dict[int, float] | None = None,
+    min_p: float = 0.0,
+    stop_token_ids: list[int] | None = None,
+    min_tokens: int = 0,
+    ignore_eos: bool = False,
 ) -> llm_pb2.GenerateRequest:
-    sampling = llm_pb2.SamplingParams(top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []))
+    sampling = llm_pb2.SamplingParams(
+        top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []), frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty, logit_bias={int(k): float(v) for k, v in (logit_bias or {}).items()},
+        min_p=min_p, stop_token_ids=list(stop_token_ids or []), min_tokens=min_tokens, ignore_eos=ignore_eos)
+    if repetition_penalty is not None:
+        sampling.repetition_penalty = repetition_penalty
     if temperature is not None:
         sampling.temperature = temperature
     if top_p is not None:

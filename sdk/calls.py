@@ -91,7 +91,9 @@ class LLMCalls(CallGroup):
         assistant messages with "tool_calls", "tool" messages with "tool_call_id"; OpenAI's shape works).
 
         Sampling keywords: model, adapter, temperature (0 = greedy), top_p, top_k, max_tokens, stop, seed,
-        priority, context_id; n (samples of the prompt, in `reply.choices`), logprobs, top_logprobs.
+        priority, context_id; n (samples of the prompt, in `reply.choices`), logprobs, top_logprobs;
+        frequency_penalty, presence_penalty, repetition_penalty, logit_bias ({token id: bias}), min_p,
+        stop_token_ids, min_tokens, ignore_eos (OpenAI's and vLLM's meanings).
         Tools: `tools` (Python functions or OpenAI-style dicts), `tool_choice` ("auto",
         "none", "required" or a tool's name), `parallel_tool_calls`; the reply's `tool_calls` are always
         valid for their tool's schema. `kernel_tools` offers tools registered in the kernel (built-ins,

@@ -56,6 +56,11 @@ class TokenLogprob(BaseModel):
     logprob: float
     top_logprobs: list[TopLogprob] = []
 
+    @classmethod
+    def from_proto(cls, x) -> "TokenLogprob":
+        return cls(token=x.token, token_id=x.token_id, logprob=x.logprob, top_logprobs=[
+            TopLogprob(token=y.token, token_id=y.token_id, logprob=y.logprob) for y in x.top_logprobs])
+
 
 class Choice(BaseModel):
     """One sample of the prompt (`n` > 1 gives several; choices[0] is the completion's own text)."""
@@ -71,9 +76,7 @@ class Choice(BaseModel):
         return cls(index=c.index, text=c.text, finish_reason=_FINISH.get(c.finish_reason, "unspecified"),
                    tool_calls=[ToolCall(id=t.id, name=t.name, arguments=t.arguments) for t in c.tool_calls],
                    completion_tokens=c.completion_tokens,
-                   logprobs=[TokenLogprob(token=x.token, token_id=x.token_id, logprob=x.logprob, top_logprobs=[
-                       TopLogprob(token=y.token, token_id=y.token_id, logprob=y.logprob) for y in x.top_logprobs])
-                       for x in c.logprobs])
+                   logprobs=[TokenLogprob.from_proto(x) for x in c.logprobs])
 
 
 class Message(BaseModel):
@@ -155,6 +158,7 @@ class Chunk(BaseModel):
     tool_calls: list[ToolCallDelta] = []
     tool_run: ToolRun | None = None     # tool_execution="kernel": a call the kernel just ran
     index: int = 0                      # n > 1: the sample this text and these tool calls belong to
+    logprobs: list[TokenLogprob] = []   # with logprobs: those of the tokens this chunk's text completes
 
     @classmethod
     def from_proto(cls, c: llm_pb2.GenerateChunk) -> "Chunk":
@@ -162,7 +166,8 @@ class Chunk(BaseModel):
                    completion=Completion.from_proto(c.reply) if c.done else None,
                    tool_calls=[ToolCallDelta(index=d.index, id=d.id, name=d.name, arguments=d.arguments)
                                for d in c.tool_calls],
-                   tool_run=ToolRun.from_proto(c.tool_run) if c.HasField("tool_run") else None, index=c.index)
+                   tool_run=ToolRun.from_proto(c.tool_run) if c.HasField("tool_run") else None, index=c.index,
+                   logprobs=[TokenLogprob.from_proto(x) for x in c.logprobs])
 
 
 class ModelInfo(BaseModel):

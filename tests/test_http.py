@@ -146,8 +146,55 @@ def test_error_statuses_map_to_the_clients_exceptions(hk):
             lc.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])
     assert int(err.value.response.headers["retry-after"]) >= 1
     r = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "still here"}],
-                                       extra_body={"unknown_field": 1, "priority": 3})
-    assert r.choices[0].message.content == "still here"     # unknown fields are ignored
+                                       extra_body={"priority": 3}, user="u1", metadata={"k": "v"})
+    assert r.choices[0].message.content == "still here"
+    with pytest.raises(openai.BadRequestError, match="unknown_field"):       # never silently ignored (issue 32)
+        client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"unknown_field": 1})
+
+
+def test_sampling_fields_are_honoured_or_refused(hk):
+    """Issue 32: each sampling field has its effect, the same over /v1 as over gRPC, or is a 400 naming it;
+    streamed log-probabilities come chunk by chunk."""
+    client, session, *_ = hk
+    msgs = [{"role": "user", "content": "Name three colours."}]
+    base = session.llm.chat(msgs, model=MODEL, max_tokens=8, logprobs=True).choices[0]
+    first, second = base.logprobs[0], base.logprobs[1]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, logprobs=True,
+                                       logit_bias={str(first.token_id): -100})
+    assert r.choices[0].logprobs.content[0].token != first.token
+    assert session.llm.chat(msgs, model=MODEL, max_tokens=8, logit_bias={first.token_id: -100}).text == \
+        r.choices[0].message.content
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8,
+                                       extra_body={"stop_token_ids": [second.token_id]})
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == first.token.strip()
+    shaped = dict(frequency_penalty=1.5, presence_penalty=0.5)
+    vllm_fields = dict(repetition_penalty=1.3, min_p=0.2, top_k=20)
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0.9, seed=4, **shaped,
+                                       extra_body=vllm_fields)
+    g = session.llm.chat(msgs, model=MODEL, max_tokens=24, temperature=0.9, seed=4, **shaped, **vllm_fields)
+    plain = session.llm.chat(msgs, model=MODEL, max_tokens=24, temperature=0.9, seed=4)
+    assert r.choices[0].message.content == g.text != plain.text
+    for bad, field in ((dict(presence_penalty=3), "presence_penalty"), (dict(logit_bias={"x": 1}), "logit_bias"),
+                       (dict(extra_body={"min_tokens": 99}), "min_tokens"),
+                       (dict(extra_body={"stop_token_ids": [10 ** 9]}), "stop_token_ids"),
+                       (dict(prediction={"type": "content", "content": "x"}), "prediction"),
+                       (dict(modalities=["text", "audio"]), "modalities"), (dict(service_tier="flex"), "service_tier"),
+                       (dict(extra_body={"suffix": "x"}), "suffix")):
+        with pytest.raises(openai.BadRequestError, match=field):
+            client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, **bad)
+    with pytest.raises(openai.BadRequestError, match="does not support sampling.frequency_penalty"):
+        client.completions.create(model="echo", prompt="one two", frequency_penalty=1.0)
+    whole = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, logprobs=True, top_logprobs=2)
+    chunks = [c.choices[0].logprobs.content for c in client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=16, logprobs=True, top_logprobs=2, stream=True)
+        if c.choices and c.choices[0].logprobs]
+    assert len(chunks) > 3
+    assert [x.token for c in chunks for x in c] == [x.token for x in whole.choices[0].logprobs.content]
+    assert all(len(x.top_logprobs) == 2 for c in chunks for x in c)
+    sdk_chunks = list(session.llm.stream(msgs, model=MODEL, max_tokens=16, logprobs=True))
+    assert [x.token_id for c in sdk_chunks for x in c.logprobs] == \
+        [x.token_id for x in sdk_chunks[-1].completion.choices[0].logprobs]
 
 
 def test_async_client(hk):

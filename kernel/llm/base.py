@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from kernos.abi.errors import StatusError
 from kernos.scheduler import RequestView
 
-from .types import GenRequest, RequestHandle
+from .types import GenRequest, RequestHandle, Shaping
+
+ALL_SHAPING = frozenset(Shaping.__dataclass_fields__)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Engine(ABC):
     """Runs generation requests for one model. Thread-safe `submit`; events arrive on the handle."""
 
     name: str
+    # The fields of a request's `Shaping` this engine applies (a request that sets another is refused, naming it)
+    shaping: frozenset[str] = frozenset()
 
     @abstractmethod
     def submit(self, request: GenRequest, handle: RequestHandle) -> None: ...

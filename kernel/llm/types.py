@@ -25,6 +25,43 @@ class Finish(str, Enum):
 
 
 @dataclass
+class Shaping:
+    """A request's sampling fields beyond temperature, top-p and top-k, with OpenAI's and vLLM's meanings:
+    penalties on tokens already seen (repetition: prompt and output, multiplicative; frequency and presence:
+    output, additive), a bias per token id, min-p, token ids that end the reply, a floor on its length, and
+    whether the end-of-sequence token ends it. The defaults change nothing."""
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_p: float = 0.0
+    stop_token_ids: list[int] = field(default_factory=list)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether anything here changes the logits before the grammar and the sampler see them."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
+
+    def fields_set(self) -> list[str]:
+        """The names of the fields that differ from their defaults (what an engine must support)."""
+        default = Shaping()
+        return [k for k in self.__dataclass_fields__ if getattr(self, k) != getattr(default, k)]
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.fields_set()}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Shaping:
+        d = dict(d or {})
+        if "logit_bias" in d:
+            d["logit_bias"] = {int(k): float(v) for k, v in d["logit_bias"].items()}
+        return cls(**d)
+
+
+@dataclass
 class GenRequest:
     request_id: str
     agent_id: str
@@ -44,6 +81,7 @@ class GenRequest:
     top_logprobs: int = 0       # ... and the most likely alternatives (up to 20)
     group: str = ""             # samples of one prompt (n > 1) share this id: the prompt is prefilled once
     group_size: int = 1
+    shaping: Shaping = field(default_factory=Shaping)
 
 
 @dataclass
@@ -51,6 +89,7 @@ class TextDelta:
     text: str
     tokens: int                 # tokens generated so far
     index: int = 0              # which sample of the prompt (n > 1)
+    logprobs: list = field(default_factory=list)   # the log-probabilities of the tokens this text completes
 
 
 @dataclass

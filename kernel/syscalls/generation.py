@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..llm.types import Finish
+from ..llm.types import Finish, Shaping
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Generation:
     tool_execution: str = ""                            # "" / client: calls come back; kernel: the kernel runs them
     first_tool_choice: str = ""                         # tool_choice until a tool result answers the last user turn
     max_tool_rounds: int = 0
+    shaping: Shaping = field(default_factory=Shaping)   # penalties, logit bias, min-p, stop token ids, ...
 
 
 @dataclass
@@ -110,7 +111,9 @@ def request_view(g: Generation) -> dict:
                      for m in g.messages],
         "prompt": g.prompt, "model": g.model, "adapter": g.adapter,
         "sampling": _drop_empty({"max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p,
-                                 "top_k": g.top_k, "stop": list(g.stop), "seed": g.seed}),
+                                 "top_k": g.top_k, "stop": list(g.stop), "seed": g.seed,
+                                 **{k: v if k != "logit_bias" else {str(t): b for t, b in v.items()}
+                                    for k, v in g.shaping.to_dict().items()}}),
         "priority": g.priority, "context_id": g.context_id, "tools": [_drop_empty(dict(t)) for t in g.tools],
         "tool_choice": g.tool_choice, "parallel_tool_calls": g.parallel_tool_calls,
         "response_format": _drop_empty({"type": g.response_format, "schema_json": g.schema_json,

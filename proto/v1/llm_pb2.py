@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kernos/v1/llm.proto\x12\tkernos.v1\"y\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\ntool_calls\x18\x03 \x03(\x0b\x32\x13.kernos.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\\\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"Q\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bschema_json\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"\xb9\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\x80\x04\n\x0fGenerateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kernos.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kernos.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncontext_id\x18\x07 \x01(\t\x12(\n\x05tools\x18\x08 \x03(\x0b\x32\x19.kernos.v1.ToolDefinition\x12\x13\n\x0btool_choice\x18\t \x01(\t\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x00\x88\x01\x01\x12\x32\n\x0fresponse_format\x18\x0b \x01(\x0b\x32\x19.kernos.v1.ResponseFormat\x12\x14\n\x0ckernel_tools\x18\x0c \x03(\t\x12\x16\n\x0etool_execution\x18\r \x01(\t\x12\x17\n\x0fmax_tool_rounds\x18\x0e \x01(\r\x12\t\n\x01n\x18\x0f \x01(\r\x12\x10\n\x08logprobs\x18\x10 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x11 \x01(\r\x12\x19\n\x11\x66irst_tool_choice\x18\x12 \x01(\tB\x16\n\x14_parallel_tool_calls\">\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"m\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.kernos.v1.TopLogprob\"\xc4\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kernos.v1.FinishReason\x12\'\n\ntool_calls\x18\x04 \x03(\x0b\x32\x13.kernos.v1.ToolCall\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.kernos.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"R\n\x07Timings\x12\x15\n\rqueue_wait_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xd0\x02\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.kernos.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.kernos.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.kernos.v1.Timings\x12\x13\n\x0bsnapshot_id\x18\x08 \x01(\t\x12\'\n\ntool_calls\x18\t \x03(\x0b\x32\x13.kernos.v1.ToolCall\x12%\n\ttool_runs\x18\n \x03(\x0b\x32\x12.kernos.v1.ToolRun\x12\"\n\x07\x63hoices\x18\x0b \x03(\x0b\x32\x11.kernos.v1.Choice\"t\n\x07ToolRun\x12!\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x13.kernos.v1.ToolCall\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bresult_json\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xdb\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\'\n\x05reply\x18\x05 \x01(\x0b\x32\x18.kernos.v1.GenerateReply\x12,\n\ntool_calls\x18\x06 \x03(\x0b\x32\x18.kernos.v1.ToolCallDelta\x12$\n\x08tool_run\x18\x07 \x01(\x0b\x32\x12.kernos.v1.ToolRun\x12\r\n\x05index\x18\x08 \x01(\r\"$\n\x0eSuspendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1d\n\x0cSuspendReply\x12\r\n\x05state\x18\x01 \x01(\t\"#\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1c\n\x0bResumeReply\x12\r\n\x05state\x18\x01 \x01(\t\"%\n\x0fSnapshotRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\rSnapshotReply\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"%\n\x0eRestoreRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"}\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x12\n\nis_default\x18\x06 \x01(\x08\"7\n\x0fListModelsReply\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kernos.v1.ModelInfo*\xb6\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_SNAPSHOT\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x32\xd8\x03\n\x03LLM\x12@\n\x08Generate\x12\x1a.kernos.v1.GenerateRequest\x1a\x18.kernos.v1.GenerateReply\x12H\n\x0eGenerateStream\x12\x1a.kernos.v1.GenerateRequest\x1a\x18.kernos.v1.GenerateChunk0\x01\x12\x46\n\nListModels\x12\x1c.kernos.v1.ListModelsRequest\x1a\x1a.kernos.v1.ListModelsReply\x12=\n\x07Suspend\x12\x19.kernos.v1.SuspendRequest\x1a\x17.kernos.v1.SuspendReply\x12:\n\x06Resume\x12\x18.kernos.v1.ResumeRequest\x1a\x16.kernos.v1.ResumeReply\x12@\n\x08Snapshot\x12\x1a.kernos.v1.SnapshotRequest\x1a\x18.kernos.v1.SnapshotReply\x12@\n\x07Restore\x12\x19.kernos.v1.RestoreRequest\x1a\x18.kernos.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kernos/v1/llm.proto\x12\tkernos.v1\"y\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\ntool_calls\x18\x03 \x03(\x0b\x32\x13.kernos.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\\\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"Q\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bschema_json\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"\xe5\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12<\n\nlogit_bias\x18\n \x03(\x0b\x32(.kernos.v1.SamplingParams.LogitBiasEntry\x12\r\n\x05min_p\x18\x0b \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x80\x04\n\x0fGenerateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kernos.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kernos.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncontext_id\x18\x07 \x01(\t\x12(\n\x05tools\x18\x08 \x03(\x0b\x32\x19.kernos.v1.ToolDefinition\x12\x13\n\x0btool_choice\x18\t \x01(\t\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x00\x88\x01\x01\x12\x32\n\x0fresponse_format\x18\x0b \x01(\x0b\x32\x19.kernos.v1.ResponseFormat\x12\x14\n\x0ckernel_tools\x18\x0c \x03(\t\x12\x16\n\x0etool_execution\x18\r \x01(\t\x12\x17\n\x0fmax_tool_rounds\x18\x0e \x01(\r\x12\t\n\x01n\x18\x0f \x01(\r\x12\x10\n\x08logprobs\x18\x10 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x11 \x01(\r\x12\x19\n\x11\x66irst_tool_choice\x18\x12 \x01(\tB\x16\n\x14_parallel_tool_calls\">\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"m\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.kernos.v1.TopLogprob\"\xc4\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kernos.v1.FinishReason\x12\'\n\ntool_calls\x18\x04 \x03(\x0b\x32\x13.kernos.v1.ToolCall\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.kernos.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"R\n\x07Timings\x12\x15\n\rqueue_wait_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xd0\x02\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.kernos.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.kernos.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.kernos.v1.Timings\x12\x13\n\x0bsnapshot_id\x18\x08 \x01(\t\x12\'\n\ntool_calls\x18\t \x03(\x0b\x32\x13.kernos.v1.ToolCall\x12%\n\ttool_runs\x18\n \x03(\x0b\x32\x12.kernos.v1.ToolRun\x12\"\n\x07\x63hoices\x18\x0b \x03(\x0b\x32\x11.kernos.v1.Choice\"t\n\x07ToolRun\x12!\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x13.kernos.v1.ToolCall\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bresult_json\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x86\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\'\n\x05reply\x18\x05 \x01(\x0b\x32\x18.kernos.v1.GenerateReply\x12,\n\ntool_calls\x18\x06 \x03(\x0b\x32\x18.kernos.v1.ToolCallDelta\x12$\n\x08tool_run\x18\x07 \x01(\x0b\x32\x12.kernos.v1.ToolRun\x12\r\n\x05index\x18\x08 \x01(\r\x12)\n\x08logprobs\x18\t \x03(\x0b\x32\x17.kernos.v1.TokenLogprob\"$\n\x0eSuspendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1d\n\x0cSuspendReply\x12\r\n\x05state\x18\x01 \x01(\t\"#\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1c\n\x0bResumeReply\x12\r\n\x05state\x18\x01 \x01(\t\"%\n\x0fSnapshotRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\rSnapshotReply\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"%\n\x0eRestoreRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"}\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x12\n\nis_default\x18\x06 \x01(\x08\"7\n\x0fListModelsReply\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kernos.v1.ModelInfo*\xb6\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_SNAPSHOT\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x32\xd8\x03\n\x03LLM\x12@\n\x08Generate\x12\x1a.kernos.v1.GenerateRequest\x1a\x18.kernos.v1.GenerateReply\x12H\n\x0eGenerateStream\x12\x1a.kernos.v1.GenerateRequest\x1a\x18.kernos.v1.GenerateChunk0\x01\x12\x46\n\nListModels\x12\x1c.kernos.v1.ListModelsRequest\x1a\x1a.kernos.v1.ListModelsReply\x12=\n\x07Suspend\x12\x19.kernos.v1.SuspendRequest\x1a\x17.kernos.v1.SuspendReply\x12:\n\x06Resume\x12\x18.kernos.v1.ResumeRequest\x1a\x16.kernos.v1.ResumeReply\x12@\n\x08Snapshot\x12\x1a.kernos.v1.SnapshotRequest\x1a\x18.kernos.v1.SnapshotReply\x12@\n\x07Restore\x12\x19.kernos.v1.RestoreRequest\x1a\x18.kernos.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kernos.v1.llm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2825
-  _globals['_FINISHREASON']._serialized_end=3007
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=3168
+  _globals['_FINISHREASON']._serialized_end=3350
   _globals['_CHATMESSAGE']._serialized_start=34
   _globals['_CHATMESSAGE']._serialized_end=155
   _globals['_TOOLDEFINITION']._serialized_start=157
@@ -42,47 +44,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESPONSEFORMAT']._serialized_start=308
   _globals['_RESPONSEFORMAT']._serialized_end=389
   _globals['_SAMPLINGPARAMS']._serialized_start=392
-  _globals['_SAMPLINGPARAMS']._serialized_end=577
-  _globals['_GENERATEREQUEST']._serialized_start=580
-  _globals['_GENERATEREQUEST']._serialized_end=1092
-  _globals['_TOPLOGPROB']._serialized_start=1094
-  _globals['_TOPLOGPROB']._serialized_end=1156
-  _globals['_TOKENLOGPROB']._serialized_start=1158
-  _globals['_TOKENLOGPROB']._serialized_end=1267
-  _globals['_CHOICE']._serialized_start=1270
-  _globals['_CHOICE']._serialized_end=1466
-  _globals['_USAGE']._serialized_start=1468
-  _globals['_USAGE']._serialized_end=1525
-  _globals['_TIMINGS']._serialized_start=1527
-  _globals['_TIMINGS']._serialized_end=1609
-  _globals['_GENERATEREPLY']._serialized_start=1612
-  _globals['_GENERATEREPLY']._serialized_end=1948
-  _globals['_TOOLRUN']._serialized_start=1950
-  _globals['_TOOLRUN']._serialized_end=2066
-  _globals['_TOOLCALLDELTA']._serialized_start=2068
-  _globals['_TOOLCALLDELTA']._serialized_end=2143
-  _globals['_GENERATECHUNK']._serialized_start=2146
-  _globals['_GENERATECHUNK']._serialized_end=2365
-  _globals['_SUSPENDREQUEST']._serialized_start=2367
-  _globals['_SUSPENDREQUEST']._serialized_end=2403
-  _globals['_SUSPENDREPLY']._serialized_start=2405
-  _globals['_SUSPENDREPLY']._serialized_end=2434
-  _globals['_RESUMEREQUEST']._serialized_start=2436
-  _globals['_RESUMEREQUEST']._serialized_end=2471
-  _globals['_RESUMEREPLY']._serialized_start=2473
-  _globals['_RESUMEREPLY']._serialized_end=2501
-  _globals['_SNAPSHOTREQUEST']._serialized_start=2503
-  _globals['_SNAPSHOTREQUEST']._serialized_end=2540
-  _globals['_SNAPSHOTREPLY']._serialized_start=2542
-  _globals['_SNAPSHOTREPLY']._serialized_end=2578
-  _globals['_RESTOREREQUEST']._serialized_start=2580
-  _globals['_RESTOREREQUEST']._serialized_end=2617
-  _globals['_LISTMODELSREQUEST']._serialized_start=2619
-  _globals['_LISTMODELSREQUEST']._serialized_end=2638
-  _globals['_MODELINFO']._serialized_start=2640
-  _globals['_MODELINFO']._serialized_end=2765
-  _globals['_LISTMODELSREPLY']._serialized_start=2767
-  _globals['_LISTMODELSREPLY']._serialized_end=2822
-  _globals['_LLM']._serialized_start=3010
-  _globals['_LLM']._serialized_end=3482
+  _globals['_SAMPLINGPARAMS']._serialized_end=877
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=756
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=804
+  _globals['_GENERATEREQUEST']._serialized_start=880
+  _globals['_GENERATEREQUEST']._serialized_end=1392
+  _globals['_TOPLOGPROB']._serialized_start=1394
+  _globals['_TOPLOGPROB']._serialized_end=1456
+  _globals['_TOKENLOGPROB']._serialized_start=1458
+  _globals['_TOKENLOGPROB']._serialized_end=1567
+  _globals['_CHOICE']._serialized_start=1570
+  _globals['_CHOICE']._serialized_end=1766
+  _globals['_USAGE']._serialized_start=1768
+  _globals['_USAGE']._serialized_end=1825
+  _globals['_TIMINGS']._serialized_start=1827
+  _globals['_TIMINGS']._serialized_end=1909
+  _globals['_GENERATEREPLY']._serialized_start=1912
+  _globals['_GENERATEREPLY']._serialized_end=2248
+  _globals['_TOOLRUN']._serialized_start=2250
+  _globals['_TOOLRUN']._serialized_end=2366
+  _globals['_TOOLCALLDELTA']._serialized_start=2368
+  _globals['_TOOLCALLDELTA']._serialized_end=2443
+  _globals['_GENERATECHUNK']._serialized_start=2446
+  _globals['_GENERATECHUNK']._serialized_end=2708
+  _globals['_SUSPENDREQUEST']._serialized_start=2710
+  _globals['_SUSPENDREQUEST']._serialized_end=2746
+  _globals['_SUSPENDREPLY']._serialized_start=2748
+  _globals['_SUSPENDREPLY']._serialized_end=2777
+  _globals['_RESUMEREQUEST']._serialized_start=2779
+  _globals['_RESUMEREQUEST']._serialized_end=2814
+  _globals['_RESUMEREPLY']._serialized_start=2816
+  _globals['_RESUMEREPLY']._serialized_end=2844
+  _globals['_SNAPSHOTREQUEST']._serialized_start=2846
+  _globals['_SNAPSHOTREQUEST']._serialized_end=2883
+  _globals['_SNAPSHOTREPLY']._serialized_start=2885
+  _globals['_SNAPSHOTREPLY']._serialized_end=2921
+  _globals['_RESTOREREQUEST']._serialized_start=2923
+  _globals['_RESTOREREQUEST']._serialized_end=2960
+  _globals['_LISTMODELSREQUEST']._serialized_start=2962
+  _globals['_LISTMODELSREQUEST']._serialized_end=2981
+  _globals['_MODELINFO']._serialized_start=2983
+  _globals['_MODELINFO']._serialized_end=3108
+  _globals['_LISTMODELSREPLY']._serialized_start=3110
+  _globals['_LISTMODELSREPLY']._serialized_end=3165
+  _globals['_LLM']._serialized_start=3353
+  _globals['_LLM']._serialized_end=3825
 # @@protoc_insertion_point(module_scope)

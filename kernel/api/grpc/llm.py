@@ -6,7 +6,7 @@ import json
 from kernos.proto.v1 import llm_pb2 as pb
 from kernos.proto.v1 import llm_pb2_grpc as rpc
 
-from ...llm.types import Finish, TextDelta
+from ...llm.types import Finish, Shaping, TextDelta
 from ...syscalls.generate import Generate
 from ...syscalls.generation import (
     Accepted,
@@ -51,7 +51,14 @@ def generation(r: pb.GenerateRequest) -> Generation:
         response_format=r.response_format.type, schema_json=r.response_format.schema_json,
         strict=r.response_format.strict, kernel_tools=list(r.kernel_tools), tool_execution=r.tool_execution,
         max_tool_rounds=r.max_tool_rounds, n=r.n or 1, logprobs=r.logprobs, top_logprobs=r.top_logprobs,
-        first_tool_choice=r.first_tool_choice)
+        first_tool_choice=r.first_tool_choice, shaping=shaping(s))
+
+
+def shaping(s: pb.SamplingParams) -> Shaping:
+    return Shaping(frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
+                   repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+                   logit_bias=dict(s.logit_bias), min_p=s.min_p, stop_token_ids=list(s.stop_token_ids),
+                   min_tokens=s.min_tokens, ignore_eos=s.ignore_eos)
 
 
 def _calls(calls: list[dict]) -> list[pb.ToolCall]:
@@ -95,7 +102,8 @@ async def _chunks(events):
             request_id = ev.request_id
             yield pb.GenerateChunk(request_id=request_id)
         elif isinstance(ev, TextDelta):
-            yield pb.GenerateChunk(request_id=request_id, text=ev.text, tokens=ev.tokens, index=ev.index)
+            yield pb.GenerateChunk(request_id=request_id, text=ev.text, tokens=ev.tokens, index=ev.index,
+                                   logprobs=[_logprob(*x) for x in ev.logprobs])
         elif isinstance(ev, ToolCallDeltas):
             yield pb.GenerateChunk(request_id=request_id, tool_calls=[pb.ToolCallDelta(**d) for d in ev.deltas],
                                    index=ev.choice)

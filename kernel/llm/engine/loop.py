@@ -33,7 +33,7 @@ import torch
 from kernos.abi.errors import StatusError
 from kernos.scheduler import Budget, FifoPolicy, Policy, RequestView, RunQueue
 
-from ..base import Engine, EngineStats
+from ..base import ALL_SHAPING, Engine, EngineStats
 from ..registry import LoadedModel
 from ..sampling import greedy_tokens
 from ..types import EngineClosed, Failed, Finish, GenRequest, RequestHandle, RequestTooLarge
@@ -49,6 +49,8 @@ log = logging.getLogger("kernos.llm")
 
 
 class TransformersEngine(ContextSwitching, Engine):
+    shaping = ALL_SHAPING      # every sampling field (kernos.kernel.llm.types.Shaping)
+
     def __init__(self, lm: LoadedModel, max_batch_size: int = 16, policy: Policy | None = None,
                  max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
                  swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None, resident_bytes: int = 0,
@@ -92,7 +94,7 @@ class TransformersEngine(ContextSwitching, Engine):
             raise RequestTooLarge(
                 f"this request needs up to {need} bytes of cache ({len(request.prompt_ids)} prompt + "
                 f"{request.max_tokens} new tokens); the model's cache budget is {self.budget.cache_bytes} bytes")
-        self.waiting.put(Sequence(request, handle, self.lm.tokenizer))
+        self.waiting.put(Sequence(request, handle, self.lm.tokenizer, self.lm.eos_ids))
         self._wake.set()
 
     def call(self, fn) -> Future:
@@ -273,7 +275,7 @@ class TransformersEngine(ContextSwitching, Engine):
         tok = seq.pick(logits)
         seq.first_token_at = time.monotonic()
         self._count_tokens([seq], seq.first_token_at)
-        finish = seq.add_token(tok, self.lm.eos_ids)
+        finish = seq.add_token(tok)
         if finish is not None:
             self._finish(seq, finish)
         else:
@@ -346,7 +348,7 @@ class TransformersEngine(ContextSwitching, Engine):
             s.quantum_steps += 1
             try:
                 tok = greedy[i] if i in greedy else s.pick(logits[i])
-                finish = s.add_token(tok, self.lm.eos_ids)
+                finish = s.add_token(tok)
             except Exception as e:   # this row's sampling or grammar: it ends alone, the batch goes on
                 log.warning("engine %s: request %s failed: %s: %s", self.name, s.req.request_id, type(e).__name__, e)
                 self._fail(s, f"generation failed in model '{self.name}': {type(e).__name__}: {e}")

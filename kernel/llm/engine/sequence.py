@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..sampling import SamplingError, choose, make_generator
+from ..sampling import SamplingError, choose, make_generator, shape
 from ..types import Final, Finish, GenRequest, RequestHandle, TextDelta
 from .detokenizer import Detokenizer
 
@@ -16,9 +16,9 @@ from .detokenizer import Detokenizer
 class Sequence:
     __slots__ = ("req", "handle", "gen", "ids", "pending", "position", "detok", "admitted_at", "first_token_at",
                  "state", "enqueued", "quantum_steps", "swapped", "swap_path", "preemptions", "parked",
-                 "keep_swap_file", "matcher", "logprobs", "_step_logprobs")
+                 "keep_swap_file", "matcher", "logprobs", "_step_logprobs", "ends", "_lp_sent")
 
-    def __init__(self, req: GenRequest, handle: RequestHandle, tokenizer):
+    def __init__(self, req: GenRequest, handle: RequestHandle, tokenizer, eos_ids: set[int]):
         self.req = req
         self.handle = handle
         self.gen = make_generator(req.seed)
@@ -39,6 +39,9 @@ class Sequence:
         self.matcher = req.matcher   # the grammar its output must follow (structured output), or None
         self.logprobs: list = []     # with req.logprobs: (token, logprob, top alternatives) per token
         self._step_logprobs = None
+        self._lp_sent = 0            # log-probabilities already sent with a text delta
+        # the tokens that end the reply: EOS (unless the request ignores it) and its stop token ids
+        self.ends = frozenset((set() if req.shaping.ignore_eos else set(eos_ids)) | set(req.shaping.stop_token_ids))
 
     @property
     def started(self) -> bool:
@@ -50,16 +53,26 @@ class Sequence:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy with nothing per row to apply first (grammar, log-probabilities): batchable with others."""
-        return self.req.temperature <= 0 and self.matcher is None and not self.req.logprobs
+        """Greedy with nothing per row to apply first (grammar, log-probabilities, penalties, biases, a length
+        floor): batchable with others."""
+        return (self.req.temperature <= 0 and self.matcher is None and not self.req.logprobs
+                and not self.shaped)
+
+    @property
+    def shaped(self) -> bool:
+        x = self.req.shaping
+        return x.penalizes or len(self.ids) < x.min_tokens
 
     def pick(self, row) -> int:
         """This sequence's next token from its row of logits: log-probabilities taken from the model's own
-        distribution (before the grammar and temperature), the grammar's mask, then its sampling."""
+        distribution (before the grammar and temperature), its penalties and biases, the grammar's mask, then its
+        sampling."""
         if self.req.logprobs:
             self._step_logprobs = torch.log_softmax(row.float(), dim=-1)
+        if self.shaped:
+            row = shape(row, self.req.shaping, self.req.prompt_ids, self.ids, self.ends)
         self.constrain(row)
-        return choose(row, self.req.temperature, self.req.top_p, self.req.top_k, self.gen)
+        return choose(row, self.req.temperature, self.req.top_p, self.req.top_k, self.gen, self.req.shaping.min_p)
 
     def constrain(self, row) -> None:
         """Forbid, in this sequence's row of logits, every token its grammar does not allow next. Its own
@@ -76,9 +89,10 @@ class Sequence:
         if allowed.shape[0] < n:
             row[allowed.shape[0]:] = float("-inf")
 
-    def add_token(self, tok: int, eos_ids: set[int]) -> Finish | None:
-        """Record a sampled token and stream the text it completes; the finish reason if it ends the sequence."""
-        if tok in eos_ids:
+    def add_token(self, tok: int) -> Finish | None:
+        """Record a sampled token and stream the text it completes (with the log-probabilities of the tokens
+        it took); the finish reason if it ends the sequence."""
+        if tok in self.ends:
             return Finish.STOP
         self.ids.append(tok)
         self.pending = tok
@@ -99,16 +113,21 @@ class Sequence:
             return Finish.LENGTH
         new = self.detok.ready()
         if new:
-            self.handle.put(TextDelta(new, len(self.ids)))
+            self.handle.put(TextDelta(new, len(self.ids), logprobs=self._unsent_logprobs()))
         return None
+
+    def _unsent_logprobs(self) -> list:
+        out = self.logprobs[self._lp_sent:]
+        self._lp_sent = len(self.logprobs)
+        return out
 
     def finish(self, finish: Finish, snapshot_id: str = "") -> None:
         """Send the rest of the text and the final event."""
         now = time.monotonic()
         self.detok.flush(self.ids)      # after a stop string, nothing is left to flush
         rest = self.detok.rest()
-        if rest:
-            self.handle.put(TextDelta(rest, len(self.ids)))
+        if rest or self._lp_sent < len(self.logprobs):
+            self.handle.put(TextDelta(rest, len(self.ids), logprobs=self._unsent_logprobs()))
         admitted = self.admitted_at or now
         self.handle.put(Final(
             text=self.text, finish=finish, prompt_tokens=len(self.req.prompt_ids), completion_tokens=len(self.ids),

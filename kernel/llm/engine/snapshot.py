@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..types import GenRequest
+from ..types import GenRequest, Shaping
 from . import cache as cache_ops
 
 
@@ -28,7 +28,7 @@ def request_state(r: GenRequest, model: str) -> dict:
             "max_tokens": r.max_tokens, "temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
             "stop": r.stop, "seed": r.seed, "adapter": r.adapter, "priority": r.priority,
             "output": r.output.to_dict() if r.output is not None else None,
-            "logprobs_on": r.logprobs, "top_logprobs": r.top_logprobs}
+            "logprobs_on": r.logprobs, "top_logprobs": r.top_logprobs, "shaping": r.shaping.to_dict()}
 
 
 def write_folder(directory: Path, state: dict, past=None) -> None:
@@ -59,7 +59,8 @@ def request(directory: Path, request_id: str) -> GenRequest:
                       max_tokens=st["max_tokens"], temperature=st["temperature"], top_p=st["top_p"],
                       top_k=st["top_k"], stop=st["stop"], seed=st["seed"], adapter=st["adapter"],
                       priority=st["priority"], output=OutputSpec.from_dict(st.get("output")),
-                      logprobs=st.get("logprobs_on", False), top_logprobs=st.get("top_logprobs", 0))
+                      logprobs=st.get("logprobs_on", False), top_logprobs=st.get("top_logprobs", 0),
+                      shaping=Shaping.from_dict(st.get("shaping")))
 
 
 def resume_into(seq, directory: Path) -> None:

@@ -53,7 +53,7 @@ class ContextSwitching:
     def restore(self, directory: Path, request: GenRequest, handle: RequestHandle) -> None:
         """Continue a checkpointed request (see `checkpoint`) as `request`, whose id and arrival are new;
         the rest of its fields must come from the snapshot (`snapshot_request`)."""
-        seq = Sequence(request, handle, self.lm.tokenizer)
+        seq = Sequence(request, handle, self.lm.tokenizer, self.lm.eos_ids)
         snapshot_format.resume_into(seq, directory)
         if not self._accepting:
             raise EngineClosed(f"model '{self.name}' is shutting down")

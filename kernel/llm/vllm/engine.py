@@ -29,7 +29,7 @@ from pathlib import Path
 from kernos.abi.errors import StatusError
 from kernos.scheduler import FifoPolicy, RequestView
 
-from ..base import Engine, EngineStats
+from ..base import ALL_SHAPING, Engine, EngineStats
 from ..engine.detokenizer import Detokenizer
 from ..registry import ModelLoadError, architecture_of, eos_ids, model_folder
 from ..settings import EngineConfig, ModelConfig
@@ -45,6 +45,8 @@ WATCH_S = 0.05                  # how often cancelled handles are looked for
 
 
 class VllmEngine(Switching, Engine):
+    shaping = ALL_SHAPING      # every sampling field (kernos.kernel.llm.types.Shaping)
+
     def __init__(self, cfg: ModelConfig, engine: EngineConfig, data_dir: Path, policy=None):
         self.name = cfg.name
         self.cfg = cfg
@@ -258,11 +260,18 @@ class VllmEngine(Switching, Engine):
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         grammar = req.output.grammar() if req.output is not None else None
+        x, done = req.shaping, req.max_tokens - left          # tokens of an earlier attempt (resumed)
         return SamplingParams(
             max_tokens=left, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or 0, seed=req.seed,
             logprobs=(req.top_logprobs if req.logprobs else None), detokenize=False,
             output_kind=RequestOutputKind.DELTA,
-            structured_outputs=StructuredOutputsParams(grammar=grammar) if grammar else None)
+            structured_outputs=StructuredOutputsParams(grammar=grammar) if grammar else None,
+            # the request's shaping, as vLLM names it (after a resume, the earlier output is prompt to vLLM:
+            # the length floor counts it; frequency and presence penalties see only the new output)
+            frequency_penalty=x.frequency_penalty, presence_penalty=x.presence_penalty,
+            repetition_penalty=x.repetition_penalty, logit_bias=dict(x.logit_bias) or None, min_p=x.min_p,
+            stop_token_ids=list(x.stop_token_ids), min_tokens=max(0, x.min_tokens - done),
+            ignore_eos=x.ignore_eos)
 
     def _take(self, run: Run, out) -> Finish | None:
         """A delta of new tokens: the run's ids, text and log-probabilities; its finish, if it ends here."""
@@ -275,8 +284,9 @@ class VllmEngine(Switching, Engine):
         self.stats.generated_tokens += len(c.token_ids)
         self.policy.record(run.req.agent_id, len(c.token_ids), now)     # fair share's usage, for admission
         finish = None
+        ends = self.ends(run.req)
         for i, tok in enumerate(c.token_ids):
-            if tok in self.eos_ids:
+            if tok in ends:
                 finish = Finish.STOP
                 break
             run.ids.append(tok)
@@ -295,8 +305,13 @@ class VllmEngine(Switching, Engine):
         if finish is None:
             new = run.detok.ready()
             if new:
-                run.handle.put(TextDelta(new, len(run.ids)))
+                run.handle.put(TextDelta(new, len(run.ids), logprobs=run.logprobs[run.lp_sent:]))
+                run.lp_sent = len(run.logprobs)
         return finish
+
+    def ends(self, req: GenRequest) -> set[int]:
+        """The tokens that end a reply: EOS unless the request ignores it, and its stop token ids."""
+        return (set() if req.shaping.ignore_eos else self.eos_ids) | set(req.shaping.stop_token_ids)
 
     def _first_output(self, run: Run, out, now: float) -> None:
         if not run.first_token_at:
@@ -319,8 +334,9 @@ class VllmEngine(Switching, Engine):
         now = time.monotonic()
         run.detok.flush(run.ids)
         rest = run.detok.rest()
-        if rest:
-            run.handle.put(TextDelta(rest, len(run.ids)))
+        if rest or run.lp_sent < len(run.logprobs):
+            run.handle.put(TextDelta(rest, len(run.ids), logprobs=run.logprobs[run.lp_sent:]))
+            run.lp_sent = len(run.logprobs)
         r = run.req
         run.handle.put(Final(
             text=run.detok.text, finish=finish, prompt_tokens=len(r.prompt_ids), completion_tokens=len(run.ids),

@@ -27,6 +27,7 @@ class Run:
     lora: object = None
     ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    lp_sent: int = 0                # log-probabilities already sent with a text delta
     state: str = "waiting"          # waiting | running | suspended
     task: asyncio.Task | None = None
     attempt: int = 0

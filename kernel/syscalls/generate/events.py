@@ -67,8 +67,8 @@ class Runner:
                 async for i, ev in merged(handles):
                     if isinstance(ev, TextDelta):
                         text, deltas = streams[i].feed(ev.text)
-                        if text:
-                            yield TextDelta(text, ev.tokens, i)
+                        if text or ev.logprobs:
+                            yield TextDelta(text, ev.tokens, i, logprobs(model, ev.logprobs))
                         if deltas:
                             yield ToolCallDeltas(deltas, i)
                     elif isinstance(ev, Failed):
@@ -92,14 +92,18 @@ class Runner:
                     self.live.pop(r.request_id, None)
 
 
+def logprobs(model: ServedModel, raw: list) -> list:
+    """The engine's (token id, logprob, [(id, logprob)]) as (token, id, logprob, [(token, id, logprob)])."""
+    return [(model.token_text(t), t, lp, [(model.token_text(a), a, b) for a, b in top]) for t, lp, top in raw]
+
+
 def reply(model: ServedModel, req: GenRequest, finals: list[Final], streams: list[ToolCallStream]) -> Reply:
     choices = []
     for i, (final, calls) in enumerate(zip(finals, streams)):
         text = "".join(calls.content) if calls.enabled else final.text
         finish = Finish.TOOL_CALLS if calls.calls and final.finish == Finish.STOP else final.finish
-        logprobs = [(model.token_text(t), t, lp, [(model.token_text(a), a, b) for a, b in top])
-                    for t, lp, top in final.logprobs]
-        choices.append(Choice(i, text, finish, list(calls.calls), final.completion_tokens, logprobs))
+        choices.append(Choice(i, text, finish, list(calls.calls), final.completion_tokens,
+                              logprobs(model, final.logprobs)))
     first, head = finals[0], choices[0]
     return Reply(req.request_id, head.text, model.name, req.adapter or "", head.finish, first.prompt_tokens,
                  sum(c.completion_tokens for c in choices), first.queue_wait_ms, first.ttft_ms,

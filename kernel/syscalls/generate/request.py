@@ -13,7 +13,7 @@ from kernos.abi.errors import exhausted, invalid, not_found
 
 from ...llm.core import LLMCore, ServedModel
 from ...llm.structured import output_spec
-from ...llm.types import GenRequest
+from ...llm.types import GenRequest, Shaping
 from ..generation import Generation
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -64,6 +64,8 @@ class Requests:
         top_p = g.top_p if g.top_p is not None else 1.0
         if not math.isfinite(top_p) or not 0 < top_p <= 1:
             raise invalid(f"sampling.top_p must be in (0, 1], got {top_p}")
+        if g.top_k < 0:
+            raise invalid(f"sampling.top_k must be >= 0 (0: off), got {g.top_k}")
         if len(g.stop) > lim.max_stop_strings:
             raise invalid(f"{len(g.stop)} stop strings; the limit is {lim.max_stop_strings}")
         if any(not x or len(x) > MAX_STOP_LEN for x in g.stop):
@@ -76,6 +78,7 @@ class Requests:
             raise invalid(f"top_logprobs must be 0 to 20, got {g.top_logprobs}")
         if g.top_logprobs and not g.logprobs:
             raise invalid("top_logprobs needs logprobs = true")
+        check_shaping(g.shaping, model, max_tokens, lim)
         if g.messages and not model.chat:
             raise invalid(f"model '{model.name}' has no chat template: send a raw prompt")
         try:
@@ -108,6 +111,7 @@ class Requests:
             output=output,
             logprobs=bool(g.logprobs),
             top_logprobs=int(g.top_logprobs),
+            shaping=g.shaping,
         )
 
     async def compile(self, model: ServedModel, req: GenRequest) -> None:
@@ -122,6 +126,43 @@ class Requests:
                           "(limits.grammar_compile_s): simplify the schema") from None
         except (ValueError, RuntimeError) as e:   # llguidance's own errors on a schema it cannot take
             raise invalid(f"the requested output cannot be compiled to a grammar: {str(e)[:400]}") from None
+
+
+MAX_BIASED_TOKENS = 1024
+MAX_STOP_TOKEN_IDS = 64
+
+
+def check_shaping(x: Shaping, model: ServedModel, max_tokens: int, lim) -> None:
+    """The sampling fields beyond temperature / top-p / top-k: in range, and applied by the model's engine (a
+    field it cannot apply is refused by name, never ignored)."""
+    unsupported = [f for f in x.fields_set() if f not in model.engine.shaping]
+    if unsupported:
+        raise invalid(f"model '{model.name}' ({model.architecture}) does not support sampling.{unsupported[0]}")
+    for name in ("frequency_penalty", "presence_penalty"):
+        v = getattr(x, name)
+        if not math.isfinite(v) or not -2 <= v <= 2:
+            raise invalid(f"sampling.{name} must be in [-2, 2], got {v}")
+    if not math.isfinite(x.repetition_penalty) or not 0 < x.repetition_penalty <= 10:
+        raise invalid(f"sampling.repetition_penalty must be in (0, 10], got {x.repetition_penalty}")
+    if not math.isfinite(x.min_p) or not 0 <= x.min_p <= 1:
+        raise invalid(f"sampling.min_p must be in [0, 1], got {x.min_p}")
+    vocab = model.vocab_size if (x.logit_bias or x.stop_token_ids) else 0
+    if len(x.logit_bias) > MAX_BIASED_TOKENS:
+        raise invalid(f"sampling.logit_bias names {len(x.logit_bias)} tokens; the limit is {MAX_BIASED_TOKENS}")
+    for t, b in x.logit_bias.items():
+        if not 0 <= t < vocab:
+            raise invalid(f"sampling.logit_bias: token id {t} is not in the vocabulary of '{model.name}' "
+                          f"(0 to {vocab - 1})")
+        if not math.isfinite(b) or not -100 <= b <= 100:
+            raise invalid(f"sampling.logit_bias[{t}] must be in [-100, 100], got {b}")
+    if len(x.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise invalid(f"sampling.stop_token_ids: {len(x.stop_token_ids)} ids; the limit is {MAX_STOP_TOKEN_IDS}")
+    for t in x.stop_token_ids:
+        if not 0 <= t < vocab:
+            raise invalid(f"sampling.stop_token_ids: token id {t} is not in the vocabulary of '{model.name}' "
+                          f"(0 to {vocab - 1})")
+    if not 0 <= x.min_tokens <= max_tokens:
+        raise invalid(f"sampling.min_tokens must be 0 to max_tokens ({max_tokens}), got {x.min_tokens}")
 
 
 def tool_choice(g: Generation) -> str:

@@ -21,15 +21,21 @@ async def sse(first: Accepted, events, g: Generation, passage, tracker, include_
     def chunk(choices, **extra):
         return "data: " + json.dumps({**head, "choices": choices, **extra}) + "\n\n"
 
+    offsets: dict[int, int] = {}          # completions: each sample's text so far (its logprobs' text_offset)
     try:
         if chat:
             for i in range(max(1, g.n)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         async for ev in events:
             if isinstance(ev, TextDelta):
-                delta = {"content": ev.text} if chat else None
-                yield chunk([{"index": ev.index, "delta": delta, "finish_reason": None}] if chat else
-                            [{"index": ev.index, "text": ev.text, "finish_reason": None, "logprobs": None}])
+                if chat:
+                    yield chunk([{"index": ev.index, "delta": {"content": ev.text} if ev.text else {},
+                                  "logprobs": wire.logprobs(ev.logprobs), "finish_reason": None}])
+                else:
+                    at = offsets.get(ev.index, 0)
+                    offsets[ev.index] = at + sum(len(t) for t, _, _, _ in ev.logprobs)
+                    yield chunk([{"index": ev.index, "text": ev.text, "finish_reason": None,
+                                  "logprobs": wire.text_logprobs(ev.logprobs, at)}])
             elif isinstance(ev, ToolCallDeltas) and chat:
                 calls = [{"index": d["index"], **({"id": d["id"], "type": "function"} if d["id"] else {}),
                           "function": {k: d[k] for k in ("name", "arguments") if d[k] or k == "arguments"}}
@@ -41,7 +47,7 @@ async def sse(first: Accepted, events, g: Generation, passage, tracker, include_
                 reply = ev
                 for c in ev.choices:
                     done = {"index": c.index, "finish_reason": wire.finish_reason(c.finish)}
-                    yield chunk([{**done, "delta": {}, "logprobs": wire.logprobs(c)}] if chat else
+                    yield chunk([{**done, "delta": {}, "logprobs": None}] if chat else
                                 [{**done, "text": "", "logprobs": None}])
                 if include_usage:
                     yield chunk([], usage=wire.usage(ev))

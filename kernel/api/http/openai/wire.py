@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ....llm.types import Finish
+from ....llm.types import Finish, Shaping
 from ....syscalls.generation import Generation
 
 # Integer fields within the range of the syscall's field (uint32 / int32): a larger number is a 400 naming the
@@ -49,7 +49,11 @@ class StreamOptions(_Loose):
     include_usage: bool = False
 
 
-class _Sampling(_Loose):
+class _Sampling(BaseModel):
+    """The fields both generation endpoints take. A field this surface does not know is refused by name (as
+    OpenAI does), never ignored: a framework that sets one learns it had no effect."""
+    model_config = ConfigDict(extra="allow")
+
     model: str
     max_tokens: I32 | None = None
     temperature: float | None = None
@@ -59,11 +63,47 @@ class _Sampling(_Loose):
     n: U32 = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     logprobs: bool | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None     # token id (as a string) -> bias
+    # accepted, and nothing to do: who asks (traces name the agent), labels, storage (every call is traced),
+    # the tier and cache key (prefix reuse is automatic)
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    # vLLM's fields beyond OpenAI's
+    top_k: I32 | None = None                       # -1 or 0: off
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[U32] | None = None
+    min_tokens: U32 | None = None
+    ignore_eos: bool | None = None
     # Kernos's own fields, through the client's extra_body
     priority: I32 = 0
     adapter: str | None = None
+
+    def refuse_unknown(self) -> None:
+        unknown = sorted(self.model_extra or {})
+        if unknown:
+            raise TypeError(f"unsupported field '{unknown[0][:64]}': Kernos does not implement it (see "
+                            "docs/openai.md for the fields each endpoint takes)")
+
+    def shaping(self) -> Shaping:
+        bias = {}
+        for k, v in (self.logit_bias or {}).items():
+            try:
+                bias[int(k)] = float(v)
+            except ValueError:
+                raise TypeError(f"logit_bias: '{k[:32]}' is not a token id") from None
+        return Shaping(frequency_penalty=self.frequency_penalty or 0.0, presence_penalty=self.presence_penalty or 0.0,
+                       repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                       logit_bias=bias, min_p=self.min_p or 0.0, stop_token_ids=list(self.stop_token_ids or []),
+                       min_tokens=self.min_tokens or 0, ignore_eos=bool(self.ignore_eos))
 
 
 class ChatRequest(_Sampling):
@@ -78,6 +118,7 @@ class ChatRequest(_Sampling):
     kernel_tools: list[str] | None = None
     tool_execution: str | None = None
     first_tool_choice: str | dict | None = None
+    modalities: list[Literal["text"]] | None = None     # text is all a Kernos model writes
 
 
 class CompletionRequest(_Sampling):
@@ -137,8 +178,10 @@ def _message(i: int, m: dict) -> dict:
 
 
 def _sampling(r: _Sampling, max_tokens: int | None) -> dict:
+    r.refuse_unknown()
     return {"stop": [r.stop] if isinstance(r.stop, str) else list(r.stop or []), "temperature": r.temperature,
-            "top_p": r.top_p, "max_tokens": max_tokens, "seed": r.seed % (1 << 64) if r.seed is not None else None}
+            "top_p": r.top_p, "top_k": 0 if r.top_k in (None, -1) else r.top_k, "max_tokens": max_tokens,
+            "shaping": r.shaping(), "seed": r.seed % (1 << 64) if r.seed is not None else None}
 
 
 def _choice_name(choice) -> str:
@@ -188,12 +231,28 @@ def _tool_calls(calls: list[dict]) -> list[dict]:
             for c in calls]
 
 
-def logprobs(choice) -> dict | None:
-    if not choice.logprobs:
+def logprobs(entries: list) -> dict | None:
+    """Chat's logprobs of (token, id, logprob, top) entries."""
+    if not entries:
         return None
     return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
                          "top_logprobs": [{"token": a, "logprob": x, "bytes": list(a.encode())} for a, _, x in top]}
-                        for t, _, lp, top in choice.logprobs]}
+                        for t, _, lp, top in entries]}
+
+
+def text_logprobs(entries: list, offset: int = 0) -> dict | None:
+    """Legacy completions' logprobs of (token, id, logprob, top) entries: tokens, their logprobs, the top
+    alternatives as {token: logprob} (None where a token has none: the first of an echoed prompt), and each
+    token's character offset in the text, counting from `offset`."""
+    if not entries:
+        return None
+    offsets, at = [], offset
+    for t, _, _, _ in entries:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": [t for t, _, _, _ in entries], "token_logprobs": [lp for _, _, lp, _ in entries],
+            "top_logprobs": [({a: x for a, _, x in top} if lp is not None else None) for _, _, lp, top in entries],
+            "text_offset": offsets}
 
 
 def usage(reply) -> dict:
@@ -212,7 +271,7 @@ def chat_reply(reply) -> dict:
         if c.tool_calls:
             message["tool_calls"] = _tool_calls(c.tool_calls)
         choices.append({"index": c.index, "message": message, "finish_reason": finish_reason(c.finish),
-                        "logprobs": logprobs(c)})
+                        "logprobs": logprobs(c.logprobs)})
     out = {"id": f"chatcmpl-{reply.request_id}", "object": "chat.completion", "created": int(time.time()),
            "model": model_id(reply), "choices": choices, "usage": usage(reply)}
     if reply.tool_runs:
@@ -225,4 +284,4 @@ def completion_reply(reply) -> dict:
     return {"id": f"cmpl-{reply.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": model_id(reply), "usage": usage(reply),
             "choices": [{"index": c.index, "text": c.text, "finish_reason": finish_reason(c.finish),
-                         "logprobs": None} for c in reply.choices]}
+                         "logprobs": text_logprobs(c.logprobs)} for c in reply.choices]}
