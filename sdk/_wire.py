@@ -105,6 +105,7 @@ def generate_request(
     stop_token_ids: list[int] | None = None,
     min_tokens: int = 0,
     ignore_eos: bool = False,
+    prompt_logprobs: bool = False,
 ) -> llm_pb2.GenerateRequest:
     sampling = llm_pb2.SamplingParams(
         top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []), frequency_penalty=frequency_penalty,
@@ -139,6 +140,7 @@ def generate_request(
         n=n,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
     if parallel_tool_calls is not None:
         req.parallel_tool_calls = parallel_tool_calls

@@ -112,6 +112,15 @@ class LLMCalls(CallGroup):
             "LLM", "Generate", generate_request(prompt=prompt, **sampling), Completion.from_proto, timeout
         )
 
+    @rpc("LLM", "Generate")
+    def score(self, prompt: str, *, top_logprobs: int = 0, timeout: float | None = None, **sampling) -> Completion:
+        """Score a raw prompt without generating: `reply.prompt_logprobs` holds each token's log-probability
+        given the tokens before it (and `top_logprobs` alternatives), `reply.prompt_logprob` their sum, from the
+        model's own forward. `model` / `adapter` choose what scores it."""
+        return self._call("LLM", "Generate", generate_request(
+            prompt=prompt, max_tokens=0, prompt_logprobs=True, top_logprobs=top_logprobs, **sampling),
+            Completion.from_proto, timeout)
+
     @rpc("LLM", "GenerateStream", "stream")
     def stream(
         self, messages: Messages | None = None, *, prompt: str | None = None, timeout: float | None = None, **sampling

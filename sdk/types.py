@@ -62,6 +62,20 @@ class TokenLogprob(BaseModel):
             TopLogprob(token=y.token, token_id=y.token_id, logprob=y.logprob) for y in x.top_logprobs])
 
 
+class PromptLogprob(BaseModel):
+    """A prompt token's log-probability given the tokens before it (None for the first)."""
+    token: str
+    token_id: int
+    logprob: float | None
+    top_logprobs: list[TopLogprob] = []
+
+    @classmethod
+    def from_proto(cls, x) -> "PromptLogprob":
+        return cls(token=x.token, token_id=x.token_id, logprob=x.logprob if x.HasField("logprob") else None,
+                   top_logprobs=[TopLogprob(token=y.token, token_id=y.token_id, logprob=y.logprob)
+                                 for y in x.top_logprobs])
+
+
 class Choice(BaseModel):
     """One sample of the prompt (`n` > 1 gives several; choices[0] is the completion's own text)."""
     index: int
@@ -129,6 +143,12 @@ class Completion(BaseModel):
     parsed: Any = None               # with response_format=<a pydantic model>: the reply as that model
     tool_runs: list[ToolRun] = []    # tool_execution="kernel": the calls the kernel ran, in order
     choices: list[Choice] = []       # every sample (n); choices[0] is this completion's own
+    prompt_logprobs: list[PromptLogprob] = []   # prompt_logprobs=True: one per prompt token
+
+    @property
+    def prompt_logprob(self) -> float:
+        """The prompt's log-likelihood: the sum of its tokens' log-probabilities (the first has none)."""
+        return sum(x.logprob for x in self.prompt_logprobs if x.logprob is not None)
 
     @classmethod
     def from_proto(cls, r: llm_pb2.GenerateReply) -> "Completion":
@@ -139,7 +159,8 @@ class Completion(BaseModel):
                    snapshot_id=r.snapshot_id or None,
                    tool_calls=[ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in r.tool_calls],
                    tool_runs=[ToolRun.from_proto(x) for x in r.tool_runs],
-                   choices=[Choice.from_proto(c) for c in r.choices])
+                   choices=[Choice.from_proto(c) for c in r.choices],
+                   prompt_logprobs=[PromptLogprob.from_proto(x) for x in r.prompt_logprobs])
 
     def message(self) -> Message:
         """This reply as the assistant message to append to the conversation."""

@@ -197,6 +197,37 @@ def test_sampling_fields_are_honoured_or_refused(hk):
         [x.token_id for x in sdk_chunks[-1].completion.choices[0].logprobs]
 
 
+def test_completions_echo_scores_the_prompt(hk):
+    """Issue 32: /v1/completions with echo and logprobs gives the prompt's logprobs (max_tokens 0: only those),
+    as lm-eval-harness's log-likelihood requests read them, equal to the SDK's score."""
+    client, session, *_ = hk
+    text = "The capital of France is Paris"
+    r = client.completions.create(model=MODEL, prompt=text, echo=True, logprobs=2, max_tokens=0)
+    c = r.choices[0]
+    assert c.text == text and c.finish_reason == "length" and r.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert "".join(lp.tokens) == text and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(len(top) <= 2 and max(top.values()) >= x - 1e-6 for x, top in zip(lp.token_logprobs[1:],
+                                                                                 lp.top_logprobs[1:]))
+    scored = session.llm.score(text, model=MODEL, top_logprobs=2)
+    assert [x.token for x in scored.prompt_logprobs] == lp.tokens
+    assert all(abs(a.logprob - b) < 1e-4 for a, b in zip(scored.prompt_logprobs[1:], lp.token_logprobs[1:]))
+    assert scored.completion_tokens == 0 and scored.prompt_logprob < 0
+    paris = client.completions.create(model=MODEL, prompt=text, echo=True, logprobs=0, max_tokens=0)
+    rome = client.completions.create(model=MODEL, prompt="The capital of France is Rome", echo=True, logprobs=0,
+                                     max_tokens=0)
+    assert paris.choices[0].logprobs.token_logprobs[-1] > rome.choices[0].logprobs.token_logprobs[-1]
+    more = client.completions.create(model=MODEL, prompt=text, echo=True, logprobs=1, max_tokens=3)
+    assert more.choices[0].text.startswith(text) and len(more.choices[0].logprobs.tokens) == len(lp.tokens) + 3
+    plain = client.completions.create(model=MODEL, prompt=text, max_tokens=3, stream=True, echo=True)
+    assert "".join(x.choices[0].text for x in plain if x.choices).startswith(text)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt=text, max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="cannot score"):
+        client.completions.create(model="echo", prompt=text, echo=True, logprobs=1, max_tokens=0)
+
+
 def test_async_client(hk):
     _, session, http, *_ = hk
 

@@ -134,3 +134,24 @@ def test_a_snapshot_keeps_the_fields(lm, tmp_path):
     snapshot.write_folder(tmp_path / "snap", snapshot.request_state(req, "llama"))
     back = snapshot.request(tmp_path / "snap", "s2")
     assert back.shaping == req.shaping
+
+
+def test_scoring_a_prompt_equals_the_models_forward(lm):
+    """prompt_logprobs: each prompt token's log-probability given those before it, as a direct forward gives it,
+    over several scoring chunks; max_tokens 0 scores without generating, beside a row that generates."""
+    ids = _ids(lm, "the agent kernel schedules memory and tools " * 40)       # > one 256-token chunk
+    assert len(ids) > 300
+    score = GenRequest("score", "a", ids, 0, prompt_logprobs=True, top_logprobs=3)
+    both = GenRequest("both", "a", ids[:50], 6, prompt_logprobs=True, logprobs=True)
+    plain = GenRequest("plain", "a", ids[:50], 6)
+    (s, b, p), _ = _run(lm, [score, both, plain], 4)
+    assert s.completion_tokens == 0 and s.token_ids == [] and s.finish == Finish.LENGTH
+    assert b.token_ids == p.token_ids and len(b.logprobs) == 6
+    with torch.no_grad():
+        ref = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), -1)
+    assert len(s.prompt_logprobs) == len(ids) and s.prompt_logprobs[0] == (ids[0], None, [])
+    for i, (t, lp, top) in enumerate(s.prompt_logprobs[1:], start=1):
+        assert t == ids[i] and abs(lp - float(ref[i - 1, t])) < 1e-4
+        assert [a for a, _ in top] == ref[i - 1].topk(3).indices.tolist()
+    assert len(b.prompt_logprobs) == 50
+    assert all(x[0] == y[0] and abs(x[1] - y[1]) < 1e-4 for x, y in zip(b.prompt_logprobs[1:], s.prompt_logprobs[1:]))

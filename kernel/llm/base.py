@@ -56,6 +56,7 @@ class Engine(ABC):
     name: str
     # The fields of a request's `Shaping` this engine applies (a request that sets another is refused, naming it)
     shaping: frozenset[str] = frozenset()
+    scores = False          # whether it scores a prompt (GenRequest.prompt_logprobs)
 
     @abstractmethod
     def submit(self, request: GenRequest, handle: RequestHandle) -> None: ...

@@ -82,6 +82,7 @@ class GenRequest:
     group: str = ""             # samples of one prompt (n > 1) share this id: the prompt is prefilled once
     group_size: int = 1
     shaping: Shaping = field(default_factory=Shaping)
+    prompt_logprobs: bool = False   # score the prompt: each token's log-probability (and top_logprobs alternatives)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Final:
     preemptions: int = 0
     snapshot_id: str = ""
     logprobs: list = field(default_factory=list)   # [(token id, logprob, [(token id, logprob), ...])]
+    prompt_logprobs: list = field(default_factory=list)   # the same per prompt token (the first: logprob None)
 
 
 @dataclass

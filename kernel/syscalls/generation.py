@@ -42,6 +42,7 @@ class Generation:
     first_tool_choice: str = ""                         # tool_choice until a tool result answers the last user turn
     max_tool_rounds: int = 0
     shaping: Shaping = field(default_factory=Shaping)   # penalties, logit bias, min-p, stop token ids, ...
+    prompt_logprobs: bool = False                       # score the prompt's tokens (max_tokens 0: only that)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Reply:
     total_ms: float
     snapshot_id: str = ""
     tool_calls: list[dict] = field(default_factory=list)   # {"id", "name", "arguments" (a JSON string)}
+    prompt_logprobs: list = field(default_factory=list)    # [(token, id, logprob or None, top)] per prompt token
     tool_runs: list[ToolRun] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
 
@@ -120,7 +122,8 @@ def request_view(g: Generation) -> dict:
                                         "strict": g.strict}),
         "kernel_tools": list(g.kernel_tools), "tool_execution": g.tool_execution,
         "max_tool_rounds": g.max_tool_rounds, "n": g.n if g.n != 1 else 0, "logprobs": g.logprobs,
-        "top_logprobs": g.top_logprobs, "first_tool_choice": g.first_tool_choice})
+        "top_logprobs": g.top_logprobs, "first_tool_choice": g.first_tool_choice,
+        "prompt_logprobs": g.prompt_logprobs})
 
 
 def _choice_view(c: Choice) -> dict:

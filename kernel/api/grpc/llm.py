@@ -51,7 +51,7 @@ def generation(r: pb.GenerateRequest) -> Generation:
         response_format=r.response_format.type, schema_json=r.response_format.schema_json,
         strict=r.response_format.strict, kernel_tools=list(r.kernel_tools), tool_execution=r.tool_execution,
         max_tool_rounds=r.max_tool_rounds, n=r.n or 1, logprobs=r.logprobs, top_logprobs=r.top_logprobs,
-        first_tool_choice=r.first_tool_choice, shaping=shaping(s))
+        first_tool_choice=r.first_tool_choice, shaping=shaping(s), prompt_logprobs=r.prompt_logprobs)
 
 
 def shaping(s: pb.SamplingParams) -> Shaping:
@@ -90,7 +90,9 @@ def reply_message(r: Reply) -> pb.GenerateReply:
         timings=pb.Timings(queue_wait_ms=r.queue_wait_ms, time_to_first_token_ms=r.ttft_ms, total_ms=r.total_ms),
         snapshot_id=r.snapshot_id,
         tool_calls=_calls(r.tool_calls), tool_runs=[_tool_run(x) for x in r.tool_runs],
-        choices=[_choice(c) for c in r.choices])
+        choices=[_choice(c) for c in r.choices],
+        prompt_logprobs=[pb.PromptLogprob(token=t, token_id=i, logprob=lp, top_logprobs=[
+            pb.TopLogprob(token=a, token_id=b, logprob=x) for a, b, x in top]) for t, i, lp, top in r.prompt_logprobs])
 
 
 async def _chunks(events):

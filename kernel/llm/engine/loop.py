@@ -12,13 +12,9 @@ policy which waiting requests to start or resume and which running ones to preem
   prefill, each priced from what this engine has measured. Jamba's Mamba state is constant-size, so
   hybrid models swap cheaply where long attention contexts recompute.
 
-Every row keeps its own positions, generator, adapter and stop conditions: a sequence preempted any number of
-times produces the tokens of an uninterrupted run.
-
-The loop and the public interface live here; context switching is `switching.py`, the run queue
-`kernos.scheduler`'s; collaborators: `sequence.py`, `batch.py`, `runner.py` (with `adapters.py`),
-`swap.py` (swap space, cost model), `snapshot.py`, `detokenizer.py`.
-"""
+Every row keeps its own positions, generator, adapter, sampling fields and stop conditions: a sequence preempted
+any number of times produces the tokens of an uninterrupted run. Here: the loop and the public interface; context
+switching in `switching.py`; the run queue is `kernos.scheduler`'s; `sequence.py`, `batch.py`, `runner.py`."""
 from __future__ import annotations
 
 import logging
@@ -50,6 +46,7 @@ log = logging.getLogger("kernos.llm")
 
 class TransformersEngine(ContextSwitching, Engine):
     shaping = ALL_SHAPING      # every sampling field (kernos.kernel.llm.types.Shaping)
+    scores = True
 
     def __init__(self, lm: LoadedModel, max_batch_size: int = 16, policy: Policy | None = None,
                  max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
@@ -159,12 +156,11 @@ class TransformersEngine(ContextSwitching, Engine):
         return self.stats, live
 
     # -- the loop: take work, schedule, run the batch one token, update ------------------------------------
-    def _ensure_measured(self) -> None:
+    def _ensure_measured(self):
         if self._measured.is_set():
             return
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._measured.wait(60)
-            return
+            return self._measured.wait(60)
         self.bytes_per_token, self.fixed_bytes = self.runner.measure_cache_size()
         self._measured.set()
 
@@ -270,6 +266,11 @@ class TransformersEngine(ContextSwitching, Engine):
     def _prefill(self, seq: Sequence) -> None:
         seq.admitted_at = time.monotonic()
         self.stats.queue_waits.append((seq.admitted_at - seq.req.arrival) * 1e3)
+        r = seq.req
+        if r.prompt_logprobs:          # scored by the model's forward over the prompt; max_tokens 0: nothing more
+            seq.prompt_logprobs = self.runner.score(r.prompt_ids, r.adapter, r.top_logprobs)
+            if not r.max_tokens:
+                return self._finish(seq, Finish.LENGTH)
         logits, past, mask = self._prefill_once(seq)
         seq.position = len(seq.req.prompt_ids)
         tok = seq.pick(logits)

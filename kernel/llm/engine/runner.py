@@ -83,6 +83,27 @@ class ModelRunner:
             self._template = past
         return logits, past, mask, seconds
 
+    def score(self, tokens: list[int], adapter: str | None, top: int, chunk: int = 0) -> list:
+        """Each token's log-probability given the tokens before it ([(id, logprob, [(id, logprob)] * top)]; the
+        first has none: None), from the model's forward over the prompt, every position's logits kept a chunk at
+        a time (chunks of `chunk` tokens, else 256: memory stays a chunk by the vocabulary)."""
+        dev, step = self.lm.device, chunk or 256
+        mask = torch.ones((1, len(tokens)), dtype=torch.long, device=dev)
+        out, past = [(tokens[0], None, [])], None
+        for pos in range(0, len(tokens) - 1, step):
+            end = min(len(tokens) - 1, pos + step)           # positions pos..end-1 predict tokens pos+1..end
+            ids = torch.tensor([tokens[pos:end]], dtype=torch.long, device=dev)
+            o = self.forward(ids, mask[:, :end], torch.arange(pos, end, device=dev).unsqueeze(0), past, [adapter],
+                             last_only=False)
+            past = cache_of(o)
+            lps = torch.log_softmax(o.logits[0].float(), dim=-1)
+            nxt = torch.tensor(tokens[pos + 1:end + 1], dtype=torch.long, device=dev)
+            chosen = lps.gather(1, nxt.unsqueeze(1)).squeeze(1).tolist()
+            values, alts = lps.topk(top, dim=-1) if top else (None, None)
+            for i, (t, lp) in enumerate(zip(nxt.tolist(), chosen)):
+                out.append((t, lp, list(zip(alts[i].tolist(), values[i].tolist())) if top else []))
+        return out
+
     def decode(self, batch) -> torch.Tensor:
         """One step of the running batch: its cache and mask grow by a column; the next-token logits per row."""
         rows, dev = batch.rows, self.lm.device

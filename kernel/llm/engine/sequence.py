@@ -16,7 +16,8 @@ from .detokenizer import Detokenizer
 class Sequence:
     __slots__ = ("req", "handle", "gen", "ids", "pending", "position", "detok", "admitted_at", "first_token_at",
                  "state", "enqueued", "quantum_steps", "swapped", "swap_path", "preemptions", "parked",
-                 "keep_swap_file", "matcher", "logprobs", "_step_logprobs", "ends", "_lp_sent")
+                 "keep_swap_file", "matcher", "logprobs", "_step_logprobs", "ends", "_lp_sent",
+                 "prompt_logprobs")
 
     def __init__(self, req: GenRequest, handle: RequestHandle, tokenizer, eos_ids: set[int]):
         self.req = req
@@ -40,6 +41,7 @@ class Sequence:
         self.logprobs: list = []     # with req.logprobs: (token, logprob, top alternatives) per token
         self._step_logprobs = None
         self._lp_sent = 0            # log-probabilities already sent with a text delta
+        self.prompt_logprobs: list = []    # with req.prompt_logprobs: the prompt's, scored at its prefill
         # the tokens that end the reply: EOS (unless the request ignores it) and its stop token ids
         self.ends = frozenset((set() if req.shaping.ignore_eos else set(eos_ids)) | set(req.shaping.stop_token_ids))
 
@@ -134,5 +136,5 @@ class Sequence:
             queue_wait_ms=(admitted - self.req.arrival) * 1e3,
             ttft_ms=((self.first_token_at or now) - self.req.arrival) * 1e3,
             total_ms=(now - self.req.arrival) * 1e3, token_ids=list(self.ids), preemptions=self.preemptions,
-            logprobs=list(self.logprobs),
+            logprobs=list(self.logprobs), prompt_logprobs=self.prompt_logprobs,
             snapshot_id=snapshot_id))

@@ -3,7 +3,8 @@ so agents, access, quotas, traces, contexts, tools, structured output, adapters 
 
 vLLM runs its engine core in a child process (and its workers on GPUs or on other nodes through Ray); this
 module's thread runs an asyncio loop that talks to it. What maps to what:
-- a request: its token ids (the kernel formats prompts, one way for every engine), its sampling, its LoRA
+- a request: its token ids (the kernel formats prompts, one way for every engine), its sampling (`requests.py`:
+  every sampling field, and prompt scoring), its LoRA
   adapter (`LoRARequest`, per request), and its place in vLLM's queue: `[scheduler] policy` fifo is vLLM's
   "fcfs"; priority and fair_share are vLLM's "priority", each request placed when it is admitted by the policy
   (`Policy.admission_priority`: Kernos priority, higher first; or the agent's fair-share usage, lower first);
@@ -34,6 +35,7 @@ from ..engine.detokenizer import Detokenizer
 from ..registry import ModelLoadError, architecture_of, eos_ids, model_folder
 from ..settings import EngineConfig, ModelConfig
 from ..types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, RequestTooLarge, TextDelta
+from .requests import ends_of, prompt_logprobs, sampling_params
 from .setup import check_topology, engine_args, import_vllm
 from .stats import bytes_per_token, parameters, stat_logger
 from .switching import Run, Switching
@@ -46,6 +48,7 @@ WATCH_S = 0.05                  # how often cancelled handles are looked for
 
 class VllmEngine(Switching, Engine):
     shaping = ALL_SHAPING      # every sampling field (kernos.kernel.llm.types.Shaping)
+    scores = True
 
     def __init__(self, cfg: ModelConfig, engine: EngineConfig, data_dir: Path, policy=None):
         self.name = cfg.name
@@ -233,11 +236,11 @@ class VllmEngine(Switching, Engine):
 
         req = run.req
         left = req.max_tokens - len(run.ids)
-        if left <= 0:
+        if left <= 0 and not (req.prompt_logprobs and not run.prompt_logprobs):    # max_tokens 0: scoring only
             self._finish(run, Finish.LENGTH)
             return
         place = self.policy.admission_priority(self._view(run), time.monotonic())
-        gen = self.llm.generate(tokens_input(req.prompt_ids + run.ids), self._params(req, left),
+        gen = self.llm.generate(tokens_input(req.prompt_ids + run.ids), sampling_params(req, len(run.ids)),
                                 f"{req.request_id}.{run.attempt}", lora_request=run.lora, priority=place)
         try:
             async for out in gen:
@@ -255,24 +258,6 @@ class VllmEngine(Switching, Engine):
         finally:
             await gen.aclose()               # a stop string ended it early: vLLM aborts the request
 
-    def _params(self, req: GenRequest, left: int):
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-
-        grammar = req.output.grammar() if req.output is not None else None
-        x, done = req.shaping, req.max_tokens - left          # tokens of an earlier attempt (resumed)
-        return SamplingParams(
-            max_tokens=left, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or 0, seed=req.seed,
-            logprobs=(req.top_logprobs if req.logprobs else None), detokenize=False,
-            output_kind=RequestOutputKind.DELTA,
-            structured_outputs=StructuredOutputsParams(grammar=grammar) if grammar else None,
-            # the request's shaping, as vLLM names it (after a resume, the earlier output is prompt to vLLM:
-            # the length floor counts it; frequency and presence penalties see only the new output)
-            frequency_penalty=x.frequency_penalty, presence_penalty=x.presence_penalty,
-            repetition_penalty=x.repetition_penalty, logit_bias=dict(x.logit_bias) or None, min_p=x.min_p,
-            stop_token_ids=list(x.stop_token_ids), min_tokens=max(0, x.min_tokens - done),
-            ignore_eos=x.ignore_eos)
-
     def _take(self, run: Run, out) -> Finish | None:
         """A delta of new tokens: the run's ids, text and log-probabilities; its finish, if it ends here."""
         c = out.outputs[0]
@@ -280,11 +265,15 @@ class VllmEngine(Switching, Engine):
         if run.state == "waiting":
             run.state = "running"
             self._first_output(run, out, now)
+        if run.req.prompt_logprobs and out.prompt_logprobs and not run.prompt_logprobs:
+            run.prompt_logprobs = prompt_logprobs(run.req, out.prompt_logprobs)
+            if not run.req.max_tokens:
+                return Finish.LENGTH          # scored; the token vLLM had to generate is not the reply's
         self.stats.recent.append((now, len(c.token_ids)))
         self.stats.generated_tokens += len(c.token_ids)
         self.policy.record(run.req.agent_id, len(c.token_ids), now)     # fair share's usage, for admission
         finish = None
-        ends = self.ends(run.req)
+        ends = ends_of(run.req, self.eos_ids)
         for i, tok in enumerate(c.token_ids):
             if tok in ends:
                 finish = Finish.STOP
@@ -309,9 +298,6 @@ class VllmEngine(Switching, Engine):
                 run.lp_sent = len(run.logprobs)
         return finish
 
-    def ends(self, req: GenRequest) -> set[int]:
-        """The tokens that end a reply: EOS unless the request ignores it, and its stop token ids."""
-        return (set() if req.shaping.ignore_eos else self.eos_ids) | set(req.shaping.stop_token_ids)
 
     def _first_output(self, run: Run, out, now: float) -> None:
         if not run.first_token_at:
@@ -342,7 +328,7 @@ class VllmEngine(Switching, Engine):
             text=run.detok.text, finish=finish, prompt_tokens=len(r.prompt_ids), completion_tokens=len(run.ids),
             queue_wait_ms=max(run.queue_wait_ms, 0.0), ttft_ms=((run.first_token_at or now) - r.arrival) * 1e3,
             total_ms=(now - r.arrival) * 1e3, token_ids=list(run.ids), preemptions=run.preemptions,
-            snapshot_id=snapshot_id, logprobs=list(run.logprobs)))
+            snapshot_id=snapshot_id, logprobs=list(run.logprobs), prompt_logprobs=run.prompt_logprobs))
         self.stats.completed += 1
         if finish == Finish.CANCELLED:
             self.stats.cancelled += 1

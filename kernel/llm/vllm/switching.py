@@ -28,6 +28,7 @@ class Run:
     ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     lp_sent: int = 0                # log-probabilities already sent with a text delta
+    prompt_logprobs: list = field(default_factory=list)    # with req.prompt_logprobs: the prompt's, scored
     state: str = "waiting"          # waiting | running | suspended
     task: asyncio.Task | None = None
     attempt: int = 0

@@ -107,4 +107,5 @@ def reply(model: ServedModel, req: GenRequest, finals: list[Final], streams: lis
     first, head = finals[0], choices[0]
     return Reply(req.request_id, head.text, model.name, req.adapter or "", head.finish, first.prompt_tokens,
                  sum(c.completion_tokens for c in choices), first.queue_wait_ms, first.ttft_ms,
-                 max(f.total_ms for f in finals), first.snapshot_id, head.tool_calls, choices=choices)
+                 max(f.total_ms for f in finals), first.snapshot_id, head.tool_calls,
+                 prompt_logprobs=logprobs(model, first.prompt_logprobs), choices=choices)

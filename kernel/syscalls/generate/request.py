@@ -54,8 +54,11 @@ class Requests:
         if g.prompt and not g.prompt.strip():
             raise invalid("prompt is empty")
         max_tokens = g.max_tokens if g.max_tokens is not None else lim.default_max_tokens
-        if max_tokens <= 0:
-            raise invalid(f"sampling.max_tokens must be > 0, got {max_tokens}")
+        if max_tokens < 0 or (max_tokens == 0 and not g.prompt_logprobs):
+            raise invalid(f"sampling.max_tokens must be > 0 (0 only to score the prompt: prompt_logprobs), "
+                          f"got {max_tokens}")
+        if g.prompt_logprobs:
+            check_scoring(g, model, output, max_tokens)
         if max_tokens > lim.max_tokens_cap:
             raise invalid(f"sampling.max_tokens is {max_tokens}; the kernel's cap is {lim.max_tokens_cap}")
         temperature = g.temperature if g.temperature is not None else lim.default_temperature
@@ -76,8 +79,8 @@ class Requests:
             raise invalid("n > 1 takes neither a context_id nor tool_execution 'kernel'")
         if not 0 <= g.top_logprobs <= 20:
             raise invalid(f"top_logprobs must be 0 to 20, got {g.top_logprobs}")
-        if g.top_logprobs and not g.logprobs:
-            raise invalid("top_logprobs needs logprobs = true")
+        if g.top_logprobs and not (g.logprobs or g.prompt_logprobs):
+            raise invalid("top_logprobs needs logprobs (or prompt_logprobs) = true")
         check_shaping(g.shaping, model, max_tokens, lim)
         if g.messages and not model.chat:
             raise invalid(f"model '{model.name}' has no chat template: send a raw prompt")
@@ -112,6 +115,7 @@ class Requests:
             logprobs=bool(g.logprobs),
             top_logprobs=int(g.top_logprobs),
             shaping=g.shaping,
+            prompt_logprobs=g.prompt_logprobs,
         )
 
     async def compile(self, model: ServedModel, req: GenRequest) -> None:
@@ -126,6 +130,15 @@ class Requests:
                           "(limits.grammar_compile_s): simplify the schema") from None
         except (ValueError, RuntimeError) as e:   # llguidance's own errors on a schema it cannot take
             raise invalid(f"the requested output cannot be compiled to a grammar: {str(e)[:400]}") from None
+
+
+def check_scoring(g: Generation, model: ServedModel, output, max_tokens: int) -> None:
+    if not model.engine.scores:
+        raise invalid(f"model '{model.name}' ({model.architecture}) cannot score a prompt (prompt_logprobs)")
+    if g.n != 1:
+        raise invalid("prompt_logprobs takes n = 1")
+    if max_tokens == 0 and (output is not None or g.tool_execution == "kernel" or g.context_id):
+        raise invalid("max_tokens 0 only scores the prompt: it takes no tools, response format or context")
 
 
 MAX_BIASED_TOKENS = 1024

@@ -82,7 +82,7 @@ def mount(app: FastAPI, edge: Edge, generate, memory, models, metrics, metrics_p
             raise StatusError("INVALID_ARGUMENT", str(e)) from None
         passage = edge.enter(syscall("llm.generate"), token(request))
         if not r.stream:
-            return shape_out(await complete(passage, generate, g))
+            return shape_out(await complete(passage, generate, g), r)
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
         passage.request_view = request_view(g)
         events = generate.run(passage.principal, g)
@@ -95,7 +95,9 @@ def mount(app: FastAPI, edge: Edge, generate, memory, models, metrics, metrics_p
             passage.failed(e)
             passage.trace(passage.request_view)
             raise
-        return StreamingResponse(sse(first, events, g, passage, tracker, include_usage, shape_out is wire.chat_reply),
+        echo = g.prompt if getattr(r, "echo", False) else ""
+        return StreamingResponse(sse(first, events, g, passage, tracker, include_usage, shape_out is wire.chat_reply,
+                                     echo),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/chat/completions")

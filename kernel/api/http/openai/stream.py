@@ -12,8 +12,10 @@ from ..errors import status_error
 from . import wire
 
 
-async def sse(first: Accepted, events, g: Generation, passage, tracker, include_usage: bool, chat: bool):
-    """The chunks of one streamed generation; `tracker` (the passage's in-flight count) ends with the stream."""
+async def sse(first: Accepted, events, g: Generation, passage, tracker, include_usage: bool, chat: bool,
+              echo: str = ""):
+    """The chunks of one streamed generation; `tracker` (the passage's in-flight count) ends with the stream.
+    `echo`: a completion's prompt, sent first (each sample's text starts with it)."""
     rid, created, reply = first.request_id, int(time.time()), None
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "created": created, "model": g.model,
             "object": "chat.completion.chunk" if chat else "text_completion"}
@@ -23,6 +25,8 @@ async def sse(first: Accepted, events, g: Generation, passage, tracker, include_
 
     offsets: dict[int, int] = {}          # completions: each sample's text so far (its logprobs' text_offset)
     try:
+        for i in range(max(1, g.n) if echo else 0):
+            yield chunk([{"index": i, "text": echo, "finish_reason": None, "logprobs": None}])
         if chat:
             for i in range(max(1, g.n)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])

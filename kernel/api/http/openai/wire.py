@@ -123,7 +123,9 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    logprobs: U32 | None = None                    # legacy completions: the number of alternatives
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None   # the number of alternatives (0: the token's own)
+    echo: bool = False                             # the prompt first, in the text and (with logprobs) scored
+    best_of: Annotated[int, Field(ge=1, le=1)] | None = None     # one sample per choice: best_of 1 only
 
 
 class EmbeddingRequest(_Loose):
@@ -216,9 +218,13 @@ def completion_request(r: CompletionRequest, served: set[str], size: int = 0) ->
         if len(prompt) != 1:
             raise TypeError("prompt: one prompt per request (a list of several is not supported)")
         prompt = prompt[0]
+    max_tokens = r.max_tokens if r.max_tokens is not None else 16
+    if r.echo and r.stream and r.logprobs is not None:
+        raise TypeError("echo with logprobs is not streamed: send stream=false to score the prompt")
     return Generation(prompt=prompt, model=model, adapter=r.adapter or adapter, n=r.n or 1, size=size,
-                      **_sampling(r, r.max_tokens if r.max_tokens is not None else 16),
-                      priority=r.priority, logprobs=bool(r.logprobs), top_logprobs=min(r.logprobs or 0, 20))
+                      **_sampling(r, max_tokens), priority=r.priority, logprobs=r.logprobs is not None,
+                      top_logprobs=r.logprobs or 0,
+                      prompt_logprobs=r.echo and (r.logprobs is not None or max_tokens == 0))
 
 
 # -- replies ------------------------------------------------------------------------------------------------
@@ -264,7 +270,7 @@ def model_id(reply) -> str:
     return f"{reply.model}:{reply.adapter}" if reply.adapter else reply.model
 
 
-def chat_reply(reply) -> dict:
+def chat_reply(reply, r: ChatRequest | None = None) -> dict:
     choices = []
     for c in reply.choices:
         message = {"role": "assistant", "content": c.text if (c.text or not c.tool_calls) else None}
@@ -280,8 +286,13 @@ def chat_reply(reply) -> dict:
     return out
 
 
-def completion_reply(reply) -> dict:
+def completion_reply(reply, r: CompletionRequest) -> dict:
+    """With echo, each choice's text starts with the prompt, and its logprobs with the prompt's (the first token
+    has none: None, as OpenAI's legacy completions give it)."""
+    prompt = r.prompt if isinstance(r.prompt, str) else r.prompt[0]
+    head, scored = (prompt, reply.prompt_logprobs) if r.echo else ("", [])
     return {"id": f"cmpl-{reply.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": model_id(reply), "usage": usage(reply),
-            "choices": [{"index": c.index, "text": c.text, "finish_reason": finish_reason(c.finish),
-                         "logprobs": text_logprobs(c.logprobs)} for c in reply.choices]}
+            "choices": [{"index": c.index, "text": head + c.text, "finish_reason": finish_reason(c.finish),
+                         "logprobs": text_logprobs(scored + c.logprobs) if r.logprobs is not None else None}
+                        for c in reply.choices]}
