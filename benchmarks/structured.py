@@ -1,6 +1,7 @@
 """Structured output on the embedded model, through a real kernel: 50 prompts asked for a forced tool call and
 50 for a JSON-schema record, with the grammar (constrained decoding) and without it (the same prompt, the
-schema only described in the prompt); the rates of replies that parse and that validate. Then the throughput
+schema only described in the prompt); the rates of replies that parse and that validate; the same with budgets
+too small for what the model would write, at temperature 0.8 (and parallel calls allowed). Then the throughput
 of a batch of 8 where half the rows are constrained against 8 free rows, and the engine's mask time per
 token. Prints a table and one JSON line.
 
@@ -79,6 +80,19 @@ def call_valid(reply) -> tuple[bool, bool]:
     return valid(args, schemas[name])
 
 
+def valid_record(reply) -> tuple[bool, bool]:
+    return valid(reply.text, PERSON)
+
+
+def valid_call(reply) -> tuple[bool, bool]:
+    """A complete reply of grammar-made calls: it ended with its calls (tool_calls), each valid."""
+    if reply.finish_reason != "tool_calls" or not reply.tool_calls:
+        return False, False
+    schemas = {t["name"]: t["parameters"] for t in TOOLS}
+    checks = [valid(c.arguments, schemas[c.name]) for c in reply.tool_calls]
+    return all(a for a, _ in checks), all(b for _, b in checks)
+
+
 def run_all(fn, items, width: int = 8) -> list:
     out, lock, it = [None] * len(items), threading.Lock(), iter(enumerate(items))
 
@@ -135,6 +149,20 @@ def main() -> None:
                 response_format=fmt if constrained else None, max_tokens=mt), record_prompts(args.prompts))
             ok = [valid(r.text, PERSON) for r in replies]
             rows.append((f"json_schema record, {label}", sum(a for a, _ in ok), sum(b for _, b in ok), len(ok)))
+        # Budgets too small for what the model would write, sampled (issue 32): the grammar's shortest ending is
+        # written as the budget runs out, and a repeated call ends a reply of parallel calls.
+        budgets = [("json_schema record, t=0.8, max_tokens 24", record_prompts, valid_record,
+                    dict(response_format=fmt, max_tokens=24)),
+                   ("forced call, t=0.8, max_tokens 36", tool_prompts, valid_call,
+                    dict(tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=36)),
+                   ("forced calls, parallel, t=0.8, 160", tool_prompts, valid_call,
+                    dict(tools=TOOLS, tool_choice="required", max_tokens=160))]
+        for label, prompts, check, kw in budgets:
+            replies = run_all(lambda p: s.llm.chat(p, temperature=0.8, seed=len(p), **kw), prompts(args.prompts))
+            ok = [check(r) for r in replies]
+            rows.append((label, sum(a for a, _ in ok), sum(b for _, b in ok), len(ok)))
+            result[f"{label.split(',')[0].replace(' ', '_')}_{kw['max_tokens']}_closed"] = sum(
+                r.choices[0].closed_at_budget for r in replies)
         # Throughput: 8 rows at once, all free against half constrained. Every row must run the same number of
         # tokens (else the batch thins out and the comparison measures that): raw prompts that count on, and a
         # schema (an array of at least 500 integers) that cannot end within max_tokens.

@@ -84,13 +84,14 @@ class Choice(BaseModel):
     tool_calls: list[ToolCall] = []
     completion_tokens: int
     logprobs: list[TokenLogprob] = []
+    closed_at_budget: bool = False      # under a grammar: its shortest valid ending was written as max_tokens neared
 
     @classmethod
     def from_proto(cls, c) -> "Choice":
         return cls(index=c.index, text=c.text, finish_reason=_FINISH.get(c.finish_reason, "unspecified"),
                    tool_calls=[ToolCall(id=t.id, name=t.name, arguments=t.arguments) for t in c.tool_calls],
                    completion_tokens=c.completion_tokens,
-                   logprobs=[TokenLogprob.from_proto(x) for x in c.logprobs])
+                   logprobs=[TokenLogprob.from_proto(x) for x in c.logprobs], closed_at_budget=c.closed_at_budget)
 
 
 class Message(BaseModel):

@@ -225,6 +225,94 @@ def test_streamed_tool_call_deltas_reassemble_to_the_final_calls(ek):
     assert completed, "no case produced a complete call: the reassembly was not exercised"
 
 
+def test_a_repeated_call_ends_the_turn(ek):
+    """Issue 32: with a forced choice and parallel calls allowed (the default), the embedded model repeated its
+    call until max_tokens (finish "length"); the repeat now ends the reply with the calls made, none twice."""
+    s = ek
+    prompts = [f"How is the weather in {CITIES[i % 10]}?" if i % 2 else f"What is {i + 3} times {2 * i + 7}?"
+               for i in range(12)]
+    replies = _parallel(lambda i, p: s.llm.chat(p, tools=TOOLS, max_tokens=160, tool_choice="required"), prompts)
+    for r in replies:
+        keys = [(c.name, json.dumps(c.args, sort_keys=True)) for c in r.tool_calls]
+        assert len(set(keys)) == len(keys) and "<tool_call>" not in r.text, r
+    ended = sum(r.finish_reason == "tool_calls" for r in replies)
+    assert ended >= 10, [(r.finish_reason, r.completion_tokens) for r in replies]
+
+
+def test_a_repeat_is_dropped_from_the_stream_without_a_delta():
+    from kernos.kernel.llm.structured import OutputSpec, ToolDef
+    from kernos.kernel.llm.tool_calls import RepeatWatch, ToolCallStream
+
+    call = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+    other = '<tool_call>\n{"name": "f", "arguments": {"x": 12}}\n</tool_call>'
+    text = call + "\n" + call.replace(": 1", ":  1") + "\n" + other
+    stream, deltas = ToolCallStream(OutputSpec((ToolDef("f"),), "required")), []
+    for i in range(0, len(text), 3):                      # fed in small pieces, as a stream arrives
+        out, d = stream.feed(text[i:i + 3])
+        assert not out
+        deltas += d
+    content, calls, rest = stream.finish()
+    assert [c["arguments"] for c in calls] == ['{"x": 1}', '{"x": 12}'] and not content.strip()
+    assert [d["index"] for d in deltas if d["id"]] == [0, 1]
+    assert "".join(d["arguments"] for d in deltas if d["index"] == 1) == '{"x": 12}'
+    watch = RepeatWatch()
+    assert not watch.repeated(call) and not watch.repeated(call + "\n" + other)
+    assert watch.repeated(text)
+
+
+NESTED = {"type": "object", "properties": {
+    "id": {"type": "integer", "minimum": 3}, "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+    "unit": {"enum": ["celsius", "fahrenheit"]}, "ok": {"type": "boolean"}, "where": {"$ref": "#/$defs/place"},
+    "note": {"anyOf": [{"type": "null"}, {"type": "string"}]}},
+    "required": ["id", "tags", "unit", "where"], "additionalProperties": False,
+    "$defs": {"place": {"type": "object", "properties": {"city": {"type": "string"}, "lat": {"type": "number"}},
+                        "required": ["city", "lat"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("schema,doc", [
+    (NESTED, '{"id": 17, "tags": ["a\\"b", "\\u00e9t\u00e9"], "unit": "fahrenheit", "ok": true, '
+             '"where": {"city": "Oslo", "lat": -59.9e0}, "note": null}'),
+    (NESTED, '{ "id" : 4 , "tags" : [ "x" , "y" , "z" ] , "unit" : "celsius" , '
+             '"where" : { "city" : "" , "lat" : 1 } }'),
+    ({"type": "object"}, '{"a": [1, {"b": null}, false], "c": "d", "e": {}}'),
+])
+def test_every_cut_of_a_value_closes_to_a_valid_one(schema, doc):
+    """The shortest ending (closing.close) of each prefix of a valid document parses and validates (issue 32)."""
+    from kernos.kernel.llm.closing import close
+
+    validator = Draft202012Validator(schema)
+    for i in range(len(doc) + 1):
+        rest = close(doc[:i], schema)
+        assert rest is not None, doc[:i]
+        assert not list(validator.iter_errors(json.loads(doc[:i] + rest))), (doc[:i], rest)
+        if i == len(doc):
+            assert rest == ""
+
+
+def test_constrained_replies_finish_valid_within_small_budgets(ek):
+    """Issue 32: sampled at temperature 0.8 with budgets too small for what the model would write, a JSON-schema
+    reply and a forced tool call still end parsing and validating: the grammar's shortest ending is written as the
+    budget runs out (closed_at_budget), and the finish reason is stop / tool_calls, not length."""
+    s = ek
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    records = [f"{NAMES[i]} is {20 + i} years old and lives in {CITIES[i]}. Give this person as a JSON record."
+               for i in range(8)]
+    replies = _parallel(lambda i, p: s.llm.chat(p, response_format=fmt, max_tokens=16, temperature=0.8, seed=i),
+                        records)
+    for r in replies:
+        assert r.finish_reason == "stop" and r.completion_tokens <= 16, r
+        assert not list(Draft202012Validator(PERSON).iter_errors(json.loads(r.text))), r.text
+    assert sum(r.choices[0].closed_at_budget for r in replies) >= 6
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    asks = [f"How is the weather in {CITIES[i]}?" if i % 2 else f"What is {i + 3} times {2 * i + 7}?"
+            for i in range(8)]
+    replies = _parallel(lambda i, p: s.llm.chat(p, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                                                max_tokens=36, temperature=0.8, seed=i), asks)
+    for r in replies:
+        assert r.finish_reason == "tool_calls" and len(r.tool_calls) == 1, r
+        assert not list(Draft202012Validator(schemas[r.tool_calls[0].name]).iter_errors(r.tool_calls[0].args))
+
+
 def test_functions_and_pydantic_models_through_the_sdk(ek):
     s = ek
     seen = []

@@ -101,6 +101,43 @@ def _args(arguments: str):
 
 
 # -- reading calls back ------------------------------------------------------------------------------------
+_SPACE = re.compile(r"\s+")
+
+
+def call_key(segment: str) -> str:
+    """What makes two calls the same call: their text without whitespace (name and arguments as written)."""
+    return _SPACE.sub("", segment)
+
+
+def repeat_watch(req) -> RepeatWatch | None:
+    """A watch for a request whose reply may hold several tool calls (else None)."""
+    out = req.output
+    return RepeatWatch() if out is not None and out.calls_tools and out.parallel else None
+
+
+class RepeatWatch:
+    """Watches a reply's text for a tool call identical to one it made already (the same name and arguments).
+    A small model under a grammar that allows more calls repeats its call until max_tokens; engines end the reply
+    at the repeat instead (it ends `tool_calls`), and `ToolCallStream` drops the repeat."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+        self.scanned = 0
+
+    def repeated(self, text: str) -> bool:
+        """True once a call that closed in `text` (the whole reply so far) repeats an earlier one."""
+        while (j := text.find(TOOL_CLOSE, self.scanned)) >= 0:
+            i = text.rfind(TOOL_OPEN, self.scanned, j)
+            self.scanned = j + len(TOOL_CLOSE)
+            if i < 0:
+                continue
+            key = call_key(text[i + len(TOOL_OPEN):j])
+            if key in self.seen:
+                return True
+            self.seen.add(key)
+        return False
+
+
 _NAME = re.compile(r'"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"')
 _ARGS = re.compile(r'"arguments"\s*:\s*(?=\S)')
 
@@ -132,6 +169,8 @@ class ToolCallStream:
         self.blank = ""                # whitespace held back: between calls it is no content
         self.calls: list[dict] = []
         self.count = 0
+        self.keys: list[str] = []      # each recorded call's key (call_key): a repeat is dropped
+        self.held: list[dict] = []     # deltas of a call that may yet be a repeat (its text so far begins one)
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
         if not self.enabled:                      # no tools: text passes as it is (the reply keeps the engine's)
@@ -152,10 +191,15 @@ class ToolCallStream:
                 self.call_start = self.pos = i + len(TOOL_OPEN)
             j = self.buf.find(TOOL_CLOSE, self.call_start)
             seg = self.buf[self.call_start: j if j >= 0 else len(self.buf)]
-            deltas += self._progress(seg)
+            self.held += self._progress(seg)
+            key = call_key(seg if j >= 0 else seg[:len(seg) - _partial_suffix(seg, TOOL_CLOSE, 0)])
+            if not any(k.startswith(key) for k in self.keys):     # no repeat: what was held goes out
+                deltas, self.held = deltas + self.held, []
             if j < 0:
                 break
-            out.append(self._close(seg))
+            closed = self._close(seg)
+            deltas, self.held = deltas + self.held, []              # (emptied by _close for a repeat)
+            out.append(closed)
             self.pos = j + len(TOOL_CLOSE)
             if self.buf.startswith("\n", self.pos):
                 self.pos += 1
@@ -215,6 +259,11 @@ class ToolCallStream:
             ok = False
         if not ok or not c.args_done:
             return f"{TOOL_OPEN}{seg}{TOOL_CLOSE}"
+        if call_key(seg) in self.keys:        # a repeat of a call made: no call, no text, no deltas
+            self.held = []
+            self.count -= 1
+            return ""
+        self.keys.append(call_key(seg))
         self.calls.append({"id": c.id, "name": c.name, "arguments": seg[c.args_start:c.args_start + c.args_sent]})
         return ""
 

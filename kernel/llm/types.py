@@ -107,6 +107,7 @@ class Final:
     snapshot_id: str = ""
     logprobs: list = field(default_factory=list)   # [(token id, logprob, [(token id, logprob), ...])]
     prompt_logprobs: list = field(default_factory=list)   # the same per prompt token (the first: logprob None)
+    closed: bool = False        # its grammar's shortest ending was written as the budget ran out
 
 
 @dataclass

@@ -81,6 +81,7 @@ class Choice:
     tool_calls: list[dict]
     completion_tokens: int
     logprobs: list = field(default_factory=list)   # [(token, token id, logprob, [(token, id, logprob), ...])]
+    closed: bool = False    # under a grammar, its shortest valid ending was written as max_tokens neared
 
 
 @dataclass
@@ -131,7 +132,7 @@ def _choice_view(c: Choice) -> dict:
                         "tool_calls": [dict(x) for x in c.tool_calls], "completion_tokens": c.completion_tokens,
                         "logprobs": [{"token": t, "token_id": i, "logprob": lp,
                                       "top_logprobs": [{"token": a, "token_id": b, "logprob": x} for a, b, x in top]}
-                                     for t, i, lp, top in c.logprobs]})
+                                     for t, i, lp, top in c.logprobs], "closed_at_budget": c.closed})
 
 
 def reply_view(r: Reply | None) -> dict:

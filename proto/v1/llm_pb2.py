@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kernos/v1/llm.proto\x12\tkernos.v1\"y\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\ntool_calls\x18\x03 \x03(\x0b\x32\x13.kernos.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\\\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"Q\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bschema_json\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"\xe5\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12<\n\nlogit_bias\x18\n \x03(\x0b\x32(.kernos.v1.SamplingParams.LogitBiasEntry\x12\r\n\x05min_p\x18\x0b \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x99\x04\n\x0fGenerateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kernos.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kernos.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncontext_id\x18\x07 \x01(\t\x12(\n\x05tools\x18\x08 \x03(\x0b\x32\x19.kernos.v1.ToolDefinition\x12\x13\n\x0btool_choice\x18\t \x01(\t\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x00\x88\x01\x01\x12\x32\n\x0fresponse_format\x18\x0b \x01(\x0b\x32\x19.kernos.v1.ResponseFormat\x12\x14\n\x0ckernel_tools\x18\x0c \x03(\t\x12\x16\n\x0etool_execution\x18\r \x01(\t\x12\x17\n\x0fmax_tool_rounds\x18\x0e \x01(\r\x12\t\n\x01n\x18\x0f \x01(\r\x12\x10\n\x08logprobs\x18\x10 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x11 \x01(\r\x12\x19\n\x11\x66irst_tool_choice\x18\x12 \x01(\t\x12\x17\n\x0fprompt_logprobs\x18\x14 \x01(\x08\x42\x16\n\x14_parallel_tool_calls\"\x7f\n\rPromptLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.kernos.v1.TopLogprobB\n\n\x08_logprob\">\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"m\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.kernos.v1.TopLogprob\"\xc4\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kernos.v1.FinishReason\x12\'\n\ntool_calls\x18\x04 \x03(\x0b\x32\x13.kernos.v1.ToolCall\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.kernos.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"R\n\x07Timings\x12\x15\n\rqueue_wait_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x83\x03\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.kernos.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.kernos.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.kernos.v1.Timings\x12\x13\n\x0bsnapshot_id\x18\x08 \x01(\t\x12\'\n\ntool_calls\x18\t \x03(\x0b\x32\x13.kernos.v1.ToolCall\x12%\n\ttool_runs\x18\n \x03(\x0b\x32\x12.kernos.v1.ToolRun\x12\"\n\x07\x63hoices\x18\x0b \x03(\x0b\x32\x11.kernos.v1.Choice\x12\x31\n\x0fprompt_logprobs\x18\x0c \x03(\x0b\x32\x18.kernos.v1.PromptLogprob\"t\n\x07ToolRun\x12!\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x13.kernos.v1.ToolCall\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bresult_json\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x86\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\'\n\x05reply\x18\x05 \x01(\x0b\x32\x18.kernos.v1.GenerateReply\x12,\n\ntool_calls\x18\x06 \x03(\x0b\x32\x18.kernos.v1.ToolCallDelta\x12$\n\x08tool_run\x18\x07 \x01(\x0b\x32\x12.kernos.v1.ToolRun\x12\r\n\x05index\x18\x08 \x01(\r\x12)\n\x08logprobs\x18\t \x03(\x0b\x32\x17.kernos.v1.TokenLogprob\"$\n\x0eSuspendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1d\n\x0cSuspendReply\x12\r\n\x05state\x18\x01 \x01(\t\"#\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1c\n\x0bResumeReply\x12\r\n\x05state\x18\x01 \x01(\t\"%\n\x0fSnapshotRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\rSnapshotReply\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"%\n\x0eRestoreRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"}\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x12\n\nis_default\x18\x06 \x01(\x08\"7\n\x0fListModelsReply\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kernos.v1.ModelInfo*\xb6\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_SNAPSHOT\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x32\xd8\x03\n\x03LLM\x12@\n\x08Generate\x12\x1a.kernos.v1.GenerateRequest\x1a\x18.kernos.v1.GenerateReply\x12H\n\x0eGenerateStream\x12\x1a.kernos.v1.GenerateRequest\x1a\x18.kernos.v1.GenerateChunk0\x01\x12\x46\n\nListModels\x12\x1c.kernos.v1.ListModelsRequest\x1a\x1a.kernos.v1.ListModelsReply\x12=\n\x07Suspend\x12\x19.kernos.v1.SuspendRequest\x1a\x17.kernos.v1.SuspendReply\x12:\n\x06Resume\x12\x18.kernos.v1.ResumeRequest\x1a\x16.kernos.v1.ResumeReply\x12@\n\x08Snapshot\x12\x1a.kernos.v1.SnapshotRequest\x1a\x18.kernos.v1.SnapshotReply\x12@\n\x07Restore\x12\x19.kernos.v1.RestoreRequest\x1a\x18.kernos.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kernos/v1/llm.proto\x12\tkernos.v1\"y\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\ntool_calls\x18\x03 \x03(\x0b\x32\x13.kernos.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\\\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"Q\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bschema_json\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"\xe5\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12<\n\nlogit_bias\x18\n \x03(\x0b\x32(.kernos.v1.SamplingParams.LogitBiasEntry\x12\r\n\x05min_p\x18\x0b \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x99\x04\n\x0fGenerateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kernos.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kernos.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncontext_id\x18\x07 \x01(\t\x12(\n\x05tools\x18\x08 \x03(\x0b\x32\x19.kernos.v1.ToolDefinition\x12\x13\n\x0btool_choice\x18\t \x01(\t\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x00\x88\x01\x01\x12\x32\n\x0fresponse_format\x18\x0b \x01(\x0b\x32\x19.kernos.v1.ResponseFormat\x12\x14\n\x0ckernel_tools\x18\x0c \x03(\t\x12\x16\n\x0etool_execution\x18\r \x01(\t\x12\x17\n\x0fmax_tool_rounds\x18\x0e \x01(\r\x12\t\n\x01n\x18\x0f \x01(\r\x12\x10\n\x08logprobs\x18\x10 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x11 \x01(\r\x12\x19\n\x11\x66irst_tool_choice\x18\x12 \x01(\t\x12\x17\n\x0fprompt_logprobs\x18\x14 \x01(\x08\x42\x16\n\x14_parallel_tool_calls\"\x7f\n\rPromptLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.kernos.v1.TopLogprobB\n\n\x08_logprob\">\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"m\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.kernos.v1.TopLogprob\"\xde\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kernos.v1.FinishReason\x12\'\n\ntool_calls\x18\x04 \x03(\x0b\x32\x13.kernos.v1.ToolCall\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.kernos.v1.TokenLogprob\x12\x18\n\x10\x63losed_at_budget\x18\x07 \x01(\x08\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"R\n\x07Timings\x12\x15\n\rqueue_wait_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x83\x03\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.kernos.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.kernos.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.kernos.v1.Timings\x12\x13\n\x0bsnapshot_id\x18\x08 \x01(\t\x12\'\n\ntool_calls\x18\t \x03(\x0b\x32\x13.kernos.v1.ToolCall\x12%\n\ttool_runs\x18\n \x03(\x0b\x32\x12.kernos.v1.ToolRun\x12\"\n\x07\x63hoices\x18\x0b \x03(\x0b\x32\x11.kernos.v1.Choice\x12\x31\n\x0fprompt_logprobs\x18\x0c \x03(\x0b\x32\x18.kernos.v1.PromptLogprob\"t\n\x07ToolRun\x12!\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x13.kernos.v1.ToolCall\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bresult_json\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x86\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\'\n\x05reply\x18\x05 \x01(\x0b\x32\x18.kernos.v1.GenerateReply\x12,\n\ntool_calls\x18\x06 \x03(\x0b\x32\x18.kernos.v1.ToolCallDelta\x12$\n\x08tool_run\x18\x07 \x01(\x0b\x32\x12.kernos.v1.ToolRun\x12\r\n\x05index\x18\x08 \x01(\r\x12)\n\x08logprobs\x18\t \x03(\x0b\x32\x17.kernos.v1.TokenLogprob\"$\n\x0eSuspendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1d\n\x0cSuspendReply\x12\r\n\x05state\x18\x01 \x01(\t\"#\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1c\n\x0bResumeReply\x12\r\n\x05state\x18\x01 \x01(\t\"%\n\x0fSnapshotRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\rSnapshotReply\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"%\n\x0eRestoreRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"}\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x12\n\nis_default\x18\x06 \x01(\x08\"7\n\x0fListModelsReply\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kernos.v1.ModelInfo*\xb6\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_SNAPSHOT\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x32\xd8\x03\n\x03LLM\x12@\n\x08Generate\x12\x1a.kernos.v1.GenerateRequest\x1a\x18.kernos.v1.GenerateReply\x12H\n\x0eGenerateStream\x12\x1a.kernos.v1.GenerateRequest\x1a\x18.kernos.v1.GenerateChunk0\x01\x12\x46\n\nListModels\x12\x1c.kernos.v1.ListModelsRequest\x1a\x1a.kernos.v1.ListModelsReply\x12=\n\x07Suspend\x12\x19.kernos.v1.SuspendRequest\x1a\x17.kernos.v1.SuspendReply\x12:\n\x06Resume\x12\x18.kernos.v1.ResumeRequest\x1a\x16.kernos.v1.ResumeReply\x12@\n\x08Snapshot\x12\x1a.kernos.v1.SnapshotRequest\x1a\x18.kernos.v1.SnapshotReply\x12@\n\x07Restore\x12\x19.kernos.v1.RestoreRequest\x1a\x18.kernos.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=3373
-  _globals['_FINISHREASON']._serialized_end=3555
+  _globals['_FINISHREASON']._serialized_start=3399
+  _globals['_FINISHREASON']._serialized_end=3581
   _globals['_CHATMESSAGE']._serialized_start=34
   _globals['_CHATMESSAGE']._serialized_end=155
   _globals['_TOOLDEFINITION']._serialized_start=157
@@ -56,39 +56,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROB']._serialized_start=1612
   _globals['_TOKENLOGPROB']._serialized_end=1721
   _globals['_CHOICE']._serialized_start=1724
-  _globals['_CHOICE']._serialized_end=1920
-  _globals['_USAGE']._serialized_start=1922
-  _globals['_USAGE']._serialized_end=1979
-  _globals['_TIMINGS']._serialized_start=1981
-  _globals['_TIMINGS']._serialized_end=2063
-  _globals['_GENERATEREPLY']._serialized_start=2066
-  _globals['_GENERATEREPLY']._serialized_end=2453
-  _globals['_TOOLRUN']._serialized_start=2455
-  _globals['_TOOLRUN']._serialized_end=2571
-  _globals['_TOOLCALLDELTA']._serialized_start=2573
-  _globals['_TOOLCALLDELTA']._serialized_end=2648
-  _globals['_GENERATECHUNK']._serialized_start=2651
-  _globals['_GENERATECHUNK']._serialized_end=2913
-  _globals['_SUSPENDREQUEST']._serialized_start=2915
-  _globals['_SUSPENDREQUEST']._serialized_end=2951
-  _globals['_SUSPENDREPLY']._serialized_start=2953
-  _globals['_SUSPENDREPLY']._serialized_end=2982
-  _globals['_RESUMEREQUEST']._serialized_start=2984
-  _globals['_RESUMEREQUEST']._serialized_end=3019
-  _globals['_RESUMEREPLY']._serialized_start=3021
-  _globals['_RESUMEREPLY']._serialized_end=3049
-  _globals['_SNAPSHOTREQUEST']._serialized_start=3051
-  _globals['_SNAPSHOTREQUEST']._serialized_end=3088
-  _globals['_SNAPSHOTREPLY']._serialized_start=3090
-  _globals['_SNAPSHOTREPLY']._serialized_end=3126
-  _globals['_RESTOREREQUEST']._serialized_start=3128
-  _globals['_RESTOREREQUEST']._serialized_end=3165
-  _globals['_LISTMODELSREQUEST']._serialized_start=3167
-  _globals['_LISTMODELSREQUEST']._serialized_end=3186
-  _globals['_MODELINFO']._serialized_start=3188
-  _globals['_MODELINFO']._serialized_end=3313
-  _globals['_LISTMODELSREPLY']._serialized_start=3315
-  _globals['_LISTMODELSREPLY']._serialized_end=3370
-  _globals['_LLM']._serialized_start=3558
-  _globals['_LLM']._serialized_end=4030
+  _globals['_CHOICE']._serialized_end=1946
+  _globals['_USAGE']._serialized_start=1948
+  _globals['_USAGE']._serialized_end=2005
+  _globals['_TIMINGS']._serialized_start=2007
+  _globals['_TIMINGS']._serialized_end=2089
+  _globals['_GENERATEREPLY']._serialized_start=2092
+  _globals['_GENERATEREPLY']._serialized_end=2479
+  _globals['_TOOLRUN']._serialized_start=2481
+  _globals['_TOOLRUN']._serialized_end=2597
+  _globals['_TOOLCALLDELTA']._serialized_start=2599
+  _globals['_TOOLCALLDELTA']._serialized_end=2674
+  _globals['_GENERATECHUNK']._serialized_start=2677
+  _globals['_GENERATECHUNK']._serialized_end=2939
+  _globals['_SUSPENDREQUEST']._serialized_start=2941
+  _globals['_SUSPENDREQUEST']._serialized_end=2977
+  _globals['_SUSPENDREPLY']._serialized_start=2979
+  _globals['_SUSPENDREPLY']._serialized_end=3008
+  _globals['_RESUMEREQUEST']._serialized_start=3010
+  _globals['_RESUMEREQUEST']._serialized_end=3045
+  _globals['_RESUMEREPLY']._serialized_start=3047
+  _globals['_RESUMEREPLY']._serialized_end=3075
+  _globals['_SNAPSHOTREQUEST']._serialized_start=3077
+  _globals['_SNAPSHOTREQUEST']._serialized_end=3114
+  _globals['_SNAPSHOTREPLY']._serialized_start=3116
+  _globals['_SNAPSHOTREPLY']._serialized_end=3152
+  _globals['_RESTOREREQUEST']._serialized_start=3154
+  _globals['_RESTOREREQUEST']._serialized_end=3191
+  _globals['_LISTMODELSREQUEST']._serialized_start=3193
+  _globals['_LISTMODELSREQUEST']._serialized_end=3212
+  _globals['_MODELINFO']._serialized_start=3214
+  _globals['_MODELINFO']._serialized_end=3339
+  _globals['_LISTMODELSREPLY']._serialized_start=3341
+  _globals['_LISTMODELSREPLY']._serialized_end=3396
+  _globals['_LLM']._serialized_start=3584
+  _globals['_LLM']._serialized_end=4056
 # @@protoc_insertion_point(module_scope)

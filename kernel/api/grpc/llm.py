@@ -68,7 +68,7 @@ def _calls(calls: list[dict]) -> list[pb.ToolCall]:
 def _choice(c) -> pb.Choice:
     return pb.Choice(index=c.index, text=c.text, finish_reason=_FINISH[c.finish], tool_calls=_calls(c.tool_calls),
                      completion_tokens=c.completion_tokens,
-                     logprobs=[_logprob(*x) for x in c.logprobs])
+                     logprobs=[_logprob(*x) for x in c.logprobs], closed_at_budget=c.closed)
 
 
 def _logprob(token: str, token_id: int, logprob: float, top: list) -> pb.TokenLogprob:

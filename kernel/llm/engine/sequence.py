@@ -8,16 +8,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..closing import ending
 from ..sampling import SamplingError, choose, make_generator, shape
+from ..tool_calls import repeat_watch
 from ..types import Final, Finish, GenRequest, RequestHandle, TextDelta
 from .detokenizer import Detokenizer
+
+CLOSE_WINDOW = 64     # a constrained reply's ending is looked for in its last this many tokens of budget ...
+CLOSE_MARGIN = 3      # ... and taken while its tokens fit what is left with at most this many to spare
 
 
 class Sequence:
     __slots__ = ("req", "handle", "gen", "ids", "pending", "position", "detok", "admitted_at", "first_token_at",
                  "state", "enqueued", "quantum_steps", "swapped", "swap_path", "preemptions", "parked",
                  "keep_swap_file", "matcher", "logprobs", "_step_logprobs", "ends", "_lp_sent",
-                 "prompt_logprobs")
+                 "prompt_logprobs", "repeats", "forced", "closed")
 
     def __init__(self, req: GenRequest, handle: RequestHandle, tokenizer, eos_ids: set[int]):
         self.req = req
@@ -42,6 +47,9 @@ class Sequence:
         self._step_logprobs = None
         self._lp_sent = 0            # log-probabilities already sent with a text delta
         self.prompt_logprobs: list = []    # with req.prompt_logprobs: the prompt's, scored at its prefill
+        self.repeats = repeat_watch(req)   # a reply that may make several tool calls ends at a repeated one
+        self.forced: list[int] = []        # the tokens of its grammar's shortest ending, still to write ...
+        self.closed = False                # ... once its budget ran low (then it ends with them)
         # the tokens that end the reply: EOS (unless the request ignores it) and its stop token ids
         self.ends = frozenset((set() if req.shaping.ignore_eos else set(eos_ids)) | set(req.shaping.stop_token_ids))
 
@@ -71,10 +79,43 @@ class Sequence:
         sampling."""
         if self.req.logprobs:
             self._step_logprobs = torch.log_softmax(row.float(), dim=-1)
+        if self.forced or self._close_now():
+            return self.forced.pop(0)
         if self.shaped:
             row = shape(row, self.req.shaping, self.req.prompt_ids, self.ids, self.ends)
         self.constrain(row)
         return choose(row, self.req.temperature, self.req.top_p, self.req.top_k, self.gen, self.req.shaping.min_p)
+
+    def _close_now(self) -> bool:
+        """As its budget runs out, a reply under a grammar is steered onto the shortest valid ending of what it
+        wrote (`closing.ending`), once that ending, checked by the grammar, just fits what is left: its tokens go
+        to `forced`, and the reply ends with them (`closed`), parsing and validating."""
+        left = self.req.max_tokens - len(self.ids)
+        if self.matcher is None or self.closed or left > CLOSE_WINDOW:
+            return False
+        text = ending(self.req.output, self.detok.text)
+        if text is None:
+            return False
+        toks = self._encode(text)
+        if not text:      # whole: it ends here unless another call (written after a "\n") would still fit
+            more = ending(self.req.output, self.detok.text + "\n")
+            if more is not None and len(self._encode(more)) + 1 < left - CLOSE_MARGIN:
+                return False
+        elif not left - CLOSE_MARGIN <= len(toks) <= left:
+            return False
+        if toks:
+            m = self.matcher.deep_copy()
+            if m.try_consume_tokens(toks) != len(toks) or not m.is_accepting():
+                return False
+        elif self.matcher.is_accepting() and self.ends:
+            toks = [min(self.ends)]          # whole already: it ends here
+        else:
+            return False
+        self.forced, self.closed = toks, True
+        return True
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.detok.tokenizer.encode(text, add_special_tokens=False)) if text else []
 
     def constrain(self, row) -> None:
         """Forbid, in this sequence's row of logits, every token its grammar does not allow next. Its own
@@ -109,7 +150,9 @@ class Sequence:
         if self.matcher is not None:
             self.matcher.consume_token(tok)
             grammar_done = self.matcher.is_stopped()      # nothing but the end can follow
-        if self.detok.add(self.ids) or grammar_done:
+        if self.detok.add(self.ids) or grammar_done or (self.closed and not self.forced):
+            return Finish.STOP
+        if self.repeats is not None and self.repeats.repeated(self.detok.text):
             return Finish.STOP
         if len(self.ids) >= self.req.max_tokens:
             return Finish.LENGTH
@@ -136,5 +179,5 @@ class Sequence:
             queue_wait_ms=(admitted - self.req.arrival) * 1e3,
             ttft_ms=((self.first_token_at or now) - self.req.arrival) * 1e3,
             total_ms=(now - self.req.arrival) * 1e3, token_ids=list(self.ids), preemptions=self.preemptions,
-            logprobs=list(self.logprobs), prompt_logprobs=self.prompt_logprobs,
+            logprobs=list(self.logprobs), prompt_logprobs=self.prompt_logprobs, closed=self.closed,
             snapshot_id=snapshot_id))

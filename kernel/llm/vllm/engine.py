@@ -34,6 +34,7 @@ from ..base import ALL_SHAPING, Engine, EngineStats
 from ..engine.detokenizer import Detokenizer
 from ..registry import ModelLoadError, architecture_of, eos_ids, model_folder
 from ..settings import EngineConfig, ModelConfig
+from ..tool_calls import repeat_watch
 from ..types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, RequestTooLarge, TextDelta
 from .requests import ends_of, prompt_logprobs, sampling_params
 from .setup import check_topology, engine_args, import_vllm
@@ -174,7 +175,8 @@ class VllmEngine(Switching, Engine):
         if len(request.prompt_ids) + request.max_tokens > self.context_length:
             raise RequestTooLarge(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
                                   f"exceeds the context length of '{self.name}' on vLLM ({self.context_length})")
-        run = Run(request, handle, Detokenizer(self.tokenizer, request.stop), enqueued=request.arrival)
+        run = Run(request, handle, Detokenizer(self.tokenizer, request.stop), enqueued=request.arrival,
+                  repeats=repeat_watch(request))
         self._loop.call_soon_threadsafe(self._admit, run)
 
     def load_adapter(self, name: str, folder: Path) -> Future:
@@ -283,7 +285,7 @@ class VllmEngine(Switching, Engine):
                 step = c.logprobs[i]
                 top = sorted(step.items(), key=lambda kv: kv[1].rank)[: run.req.top_logprobs]
                 run.logprobs.append((tok, float(step[tok].logprob), [(t, float(lp.logprob)) for t, lp in top]))
-            if run.detok.add(run.ids):
+            if run.detok.add(run.ids) or (run.repeats is not None and run.repeats.repeated(run.detok.text)):
                 finish = Finish.STOP
                 break
             if len(run.ids) >= run.req.max_tokens:

@@ -14,6 +14,7 @@ from kernos.abi.errors import StatusError
 
 from ..engine import snapshot as snapshot_format
 from ..engine.detokenizer import Detokenizer
+from ..tool_calls import repeat_watch
 from ..types import EngineClosed, Finish, GenRequest, RequestHandle
 
 
@@ -29,6 +30,7 @@ class Run:
     logprobs: list = field(default_factory=list)
     lp_sent: int = 0                # log-probabilities already sent with a text delta
     prompt_logprobs: list = field(default_factory=list)    # with req.prompt_logprobs: the prompt's, scored
+    repeats: object = None          # tool_calls.RepeatWatch: a reply of several calls ends at a repeated one
     state: str = "waiting"          # waiting | running | suspended
     task: asyncio.Task | None = None
     attempt: int = 0
@@ -54,7 +56,8 @@ class Switching:
         state = snapshot_format.read_state(directory)
         if not self._accepting or self._loop is None:
             raise EngineClosed(f"model '{self.name}' is shutting down")
-        run = Run(request, handle, Detokenizer(self.tokenizer, request.stop), enqueued=request.arrival)
+        run = Run(request, handle, Detokenizer(self.tokenizer, request.stop), enqueued=request.arrival,
+                  repeats=repeat_watch(request))
         run.ids, run.preemptions = list(state["ids"]), state.get("preemptions", 0)
         run.detok.restore(run.ids, state.get("emitted", 0))
         run.logprobs = [(t, lp, [tuple(x) for x in top]) for t, lp, top in state.get("logprobs", [])]

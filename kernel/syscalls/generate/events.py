@@ -103,7 +103,7 @@ def reply(model: ServedModel, req: GenRequest, finals: list[Final], streams: lis
         text = "".join(calls.content) if calls.enabled else final.text
         finish = Finish.TOOL_CALLS if calls.calls and final.finish == Finish.STOP else final.finish
         choices.append(Choice(i, text, finish, list(calls.calls), final.completion_tokens,
-                              logprobs(model, final.logprobs)))
+                              logprobs(model, final.logprobs), final.closed))
     first, head = finals[0], choices[0]
     return Reply(req.request_id, head.text, model.name, req.adapter or "", head.finish, first.prompt_tokens,
                  sum(c.completion_tokens for c in choices), first.queue_wait_ms, first.ttft_ms,

@@ -50,7 +50,8 @@ async def sse(first: Accepted, events, g: Generation, passage, tracker, include_
             elif isinstance(ev, Reply):
                 reply = ev
                 for c in ev.choices:
-                    done = {"index": c.index, "finish_reason": wire.finish_reason(c.finish)}
+                    done = {"index": c.index, "finish_reason": wire.finish_reason(c.finish),
+                            **({"closed_at_budget": True} if c.closed else {})}
                     yield chunk([{**done, "delta": {}, "logprobs": None}] if chat else
                                 [{**done, "text": "", "logprobs": None}])
                 if include_usage:

@@ -277,7 +277,7 @@ def chat_reply(reply, r: ChatRequest | None = None) -> dict:
         if c.tool_calls:
             message["tool_calls"] = _tool_calls(c.tool_calls)
         choices.append({"index": c.index, "message": message, "finish_reason": finish_reason(c.finish),
-                        "logprobs": logprobs(c.logprobs)})
+                        "logprobs": logprobs(c.logprobs), **({"closed_at_budget": True} if c.closed else {})})
     out = {"id": f"chatcmpl-{reply.request_id}", "object": "chat.completion", "created": int(time.time()),
            "model": model_id(reply), "choices": choices, "usage": usage(reply)}
     if reply.tool_runs:
