@@ -46,6 +46,9 @@ SYSCALLS: dict[str, Spec] = {
     "llm.generate": Spec("llm.generate", "llm", "execute", "named", traced_whole=True),
     "llm.list_models": Spec("llm.list_models", "llm", "read"),
     **_specs("llm", "llm", "execute", "own", "suspend", "resume", "snapshot"),
+    # stored responses (/v1/responses): the caller's own
+    "llm.get_response": Spec("llm.get_response", "llm", "read", "own"),
+    "llm.delete_response": Spec("llm.delete_response", "llm", "write", "own"),
     "llm.restore": Spec("llm.restore", "llm", "execute", "own", trace_kind="llm.generate", traced_whole=True),
     # memory: long-term entries in a namespace; working-memory contexts are the caller's own
     **_specs("memory", "memory", "write", "namespace", "add", "update", "delete"),

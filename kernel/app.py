@@ -11,6 +11,7 @@ import time
 from kernos.memory.context import ContextStore
 from kernos.storage.adapters import AdapterStore
 from kernos.storage.files import FileStore
+from kernos.storage.responses import ResponseStore
 from kernos.storage.traces import TraceLog
 
 from .config import KernelConfig
@@ -31,6 +32,7 @@ from .syscalls.lifecycle import Lifecycle
 from .syscalls.memory import Memory
 from .syscalls.models import Models
 from .syscalls.pools import FairPool
+from .syscalls.responses import Responses
 from .syscalls.snapshots import SnapshotStore
 from .syscalls.tuner import Tuner
 from .tools.manager import ToolManager
@@ -138,6 +140,7 @@ class Kernel:
         self.generate = Generate(self.llm, config.limits, self.registry, self.quotas, self.access_control,
                                  self.adapter_store, self.traces, self.lifecycle, self.contexts, self.vector,
                                  config.memory.summary_max_tokens, snapshots, self.tools, self.metrics.observe)
+        self.responses = Responses(ResponseStore(data / "responses.db"), self.generate)
         self.models = Models(self.llm, self.access_control)
         self.agents = Agents(self.registry, self.registration, self.llm, self.jobs, self.lifecycle,
                              self.access_control)

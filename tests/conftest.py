@@ -184,3 +184,22 @@ def start_nappers(address: str, prefix: str, calls: int, seconds: float = 6.0):
         t.start()
     time.sleep(1.5)                  # their calls hold the slots
     return nappers, threads
+
+
+def openai_agents():
+    """The `agents` package of openai-agents: this repository's own `agents/` folder (kernos.agents) would
+    shadow it from the working directory."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    mod = sys.modules.get("agents")
+    if mod is not None and Path(getattr(mod, "__file__", "") or "").resolve().is_relative_to(root):
+        del sys.modules["agents"]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        return importlib.import_module("agents")
+    finally:
+        sys.path[:] = saved

@@ -318,27 +318,10 @@ def test_langchain_chat_openai_and_a_langgraph_react_agent(hk):
     assert "21" in out["messages"][-1].content or "sunny" in out["messages"][-1].content.lower()
 
 
-def _openai_agents():
-    """The `agents` package of openai-agents: this repository's own `agents/` folder (kernos.agents) would
-    shadow it from the working directory."""
-    import importlib
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    mod = sys.modules.get("agents")
-    if mod is not None and Path(getattr(mod, "__file__", "") or "").resolve().is_relative_to(root):
-        del sys.modules["agents"]
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    try:
-        return importlib.import_module("agents")
-    finally:
-        sys.path[:] = saved
-
-
 def test_openai_agents_sdk_runs_a_function_tool(hk):
-    oa = _openai_agents()
+    from conftest import openai_agents
+
+    oa = openai_agents()
     Agent, ModelSettings, Runner, function_tool = oa.Agent, oa.ModelSettings, oa.Runner, oa.function_tool
     OpenAIChatCompletionsModel, set_tracing_disabled = oa.OpenAIChatCompletionsModel, oa.set_tracing_disabled
 

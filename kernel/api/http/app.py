@@ -41,7 +41,8 @@ def build(kernel, edge: Edge) -> FastAPI:
     from .openai.routes import mount as mount_openai
 
     server = kernel.config.server
-    mount_openai(app, edge, kernel.generate, kernel.memory, kernel.models, kernel.metrics, server.metrics_public)
+    mount_openai(app, edge, kernel.generate, kernel.responses, kernel.memory, kernel.models, kernel.metrics,
+                 server.metrics_public)
     if server.aios_compat:
         from .aios.routes import mount as mount_aios
 

@@ -103,7 +103,8 @@ def mount(app: FastAPI, edge: Edge, generate, memories, files, tools, access, mo
             raise _bad(e, "query_data") from None
 
     async def generate_whole(principal, g: Generation):
-        return await complete(edge.enter(syscall("llm.generate"), principal=principal), generate, g)
+        passage = edge.enter(syscall("llm.generate"), principal=principal)
+        return await complete(passage, g, generate.run(principal, g))
 
     file_ops = FileOperations(files, access, cfg.group, generate_whole, admit)
     analysis = MemoryAnalysis(generate_whole, models)

@@ -16,25 +16,29 @@ from kernos.abi.syscalls import syscall
 from ....syscalls.generation import Generation, Reply, reply_view, request_view
 from ...edge import Edge, Passage, bearer
 from ..errors import parse
-from . import wire
+from . import responses, wire
 from .stream import sse
 
 # (method, path) -> the syscall the route is
 ROUTES = {("GET", "/v1/models"): "llm.list_models", ("GET", "/v1/models/{model_id:path}"): "llm.list_models",
           ("POST", "/v1/chat/completions"): "llm.generate", ("POST", "/v1/completions"): "llm.generate",
-          ("POST", "/v1/embeddings"): "memory.embed", ("GET", "/metrics"): "kernel.stats"}
+          ("POST", "/v1/embeddings"): "memory.embed", ("GET", "/metrics"): "kernel.stats",
+          ("POST", "/v1/responses"): "llm.generate", ("GET", "/v1/responses/{response_id}"): "llm.get_response",
+          ("DELETE", "/v1/responses/{response_id}"): "llm.delete_response",
+          ("GET", "/v1/responses/{response_id}/input_items"): "llm.get_response"}
 
 
 def token(request: Request) -> str | None:
     return bearer(request.headers.get("authorization", ""))
 
 
-async def complete(passage: Passage, generate, g: Generation) -> Reply:
-    """One generation run whole on an admitted passage: counted in flight for the drain, and traced."""
+async def complete(passage: Passage, g: Generation, events) -> Reply:
+    """One generation (`events`, the use case's for `g`) run whole on an admitted passage: counted in flight for
+    the drain, and traced."""
     reply, passage.request_view = None, request_view(g)
     try:
         with passage.track():
-            async for ev in generate.run(passage.principal, g):
+            async for ev in events:
                 if isinstance(ev, Reply):
                     reply = ev
         passage.ok()
@@ -48,7 +52,7 @@ async def complete(passage: Passage, generate, g: Generation) -> Reply:
         passage.trace(passage.request_view, reply_view(reply))
 
 
-def mount(app: FastAPI, edge: Edge, generate, memory, models, metrics, metrics_public: bool) -> None:
+def mount(app: FastAPI, edge: Edge, generate, respond, memory, models, metrics, metrics_public: bool) -> None:
     def usable(principal) -> list[dict]:
         """Each usable model, and each of its adapters, as MODEL:ADAPTER."""
         created = int(edge.lifecycle.started)
@@ -76,13 +80,13 @@ def mount(app: FastAPI, edge: Edge, generate, memory, models, metrics, metrics_p
         """Chat and completions alike: parse OpenAI's body, translate it, run it (streamed or whole)."""
         body = await request.body()
         r = parse(shape_in, body)
+        passage = edge.enter(syscall("llm.generate"), token(request))     # the caller first, then its fields
         try:
             g = translate(r, models.names(), len(body))
         except TypeError as e:
             raise StatusError("INVALID_ARGUMENT", str(e)) from None
-        passage = edge.enter(syscall("llm.generate"), token(request))
         if not r.stream:
-            return shape_out(await complete(passage, generate, g), r)
+            return shape_out(await complete(passage, g, generate.run(passage.principal, g)), r)
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
         passage.request_view = request_view(g)
         events = generate.run(passage.principal, g)
@@ -108,6 +112,62 @@ def mount(app: FastAPI, edge: Edge, generate, memory, models, metrics, metrics_p
     async def completions(request: Request):
         return await generation_route(request, wire.CompletionRequest, wire.completion_request,
                                       wire.completion_reply)
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request):
+        body = await request.body()
+        r = parse(responses.ResponsesRequest, body)
+        passage = edge.enter(syscall("llm.generate"), token(request))
+        items = responses.input_items(r)
+        try:
+            r.refuse_unknown()
+            messages = respond.conversation(passage.principal, r.previous_response_id or "", items,
+                                            r.instructions or "")
+            g = responses.generation(r, messages, models.names(), len(body))
+        except StatusError as e:
+            passage.failed(e)
+            passage.trace({"previous_response_id": r.previous_response_id or "", "model": r.model})
+            raise
+        rid, created = responses.new_id()
+        events = respond.run(passage.principal, g, r.truncation == "auto")
+        if not r.stream:
+            reply = await complete(passage, g, events)
+            final = responses.response(rid, created, r, responses.status_of(reply), reply)
+            if r.store:
+                respond.save(passage.principal, final, items)
+            return final
+        passage.request_view = request_view(g)
+        tracker = passage.track()
+        tracker.__enter__()
+        try:
+            await events.__anext__()                          # accepted (errors before it: a proper status)
+        except StatusError as e:
+            tracker.__exit__(None, None, None)
+            passage.failed(e)
+            passage.trace(passage.request_view)
+            raise
+        stream = responses.EventStream(rid, created, r)
+        return StreamingResponse(responses.sse(stream, events, passage, tracker,
+                                               lambda final: respond.save(passage.principal, final, items)),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, request: Request):
+        passage = edge.enter(syscall("llm.get_response"), token(request))
+        return respond.get(passage.principal, response_id)[0]
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request):
+        passage = edge.enter(syscall("llm.delete_response"), token(request))
+        respond.delete(passage.principal, response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_items(response_id: str, request: Request, order: str = "desc", limit: int = 20,
+                             after: str = ""):
+        passage = edge.enter(syscall("llm.get_response"), token(request))
+        _, items = respond.get(passage.principal, response_id)
+        return responses.listed_items(response_id, items, order, limit, after)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
