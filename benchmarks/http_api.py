@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API against gRPC, side by side in one run on one kernel:
 1. per-call overhead on the echo model (no compute: transport, auth, dispatch, tracing), p50 and p99, with
-   the `openai` client over HTTP and the SDK over gRPC;
-2. closed-loop throughput of 8 agents x 3 chat calls x 32 tokens on the embedded model, through each.
+   the `openai` client over HTTP (chat completions, and the Responses API with the response stored) and the SDK
+   over gRPC;
+2. closed-loop throughput of 8 agents x 3 chat calls x 32 tokens on the embedded model, through each (the
+   Responses column: each agent's 3 calls one chain, continued by previous_response_id).
 Prints a table and one JSON line.
 
     python benchmarks/http_api.py [--calls 300] [--agents 8]
@@ -83,12 +85,15 @@ def main() -> None:
         for _ in range(20):
             s.llm.chat(msgs, model="echo")
             client.chat.completions.create(model="echo", messages=msgs)
-        grpc_ms, http_ms = [], []
-        for _ in range(3):                   # alternate: drift on a noisy machine hits both
+            client.responses.create(model="echo", input="ping")
+        grpc_ms, http_ms, resp_ms = [], [], []
+        for _ in range(3):                   # alternate: drift on a noisy machine hits all three
             grpc_ms += timed(lambda: s.llm.chat(msgs, model="echo"), args.calls // 3)
             http_ms += timed(lambda: client.chat.completions.create(model="echo", messages=msgs), args.calls // 3)
+            resp_ms += timed(lambda: client.responses.create(model="echo", input="ping"), args.calls // 3)
         result.update(grpc_p50_ms=pct(grpc_ms, 0.5), grpc_p99_ms=pct(grpc_ms, 0.99), http_p50_ms=pct(http_ms, 0.5),
-                      http_p99_ms=pct(http_ms, 0.99))
+                      http_p99_ms=pct(http_ms, 0.99), responses_p50_ms=pct(resp_ms, 0.5),
+                      responses_p99_ms=pct(resp_ms, 0.99))
         sessions = [kernos.sdk.connect(address, agent=f"bench-http-{i}") for i in range(args.agents)]
         clients = [openai.OpenAI(base_url=f"http://{proc.http_address}/v1", api_key=x.token, max_retries=0)
                    for x in sessions]
@@ -103,19 +108,31 @@ def main() -> None:
             r = clients[i].chat.completions.create(model=MODEL, messages=prompt(i, j), max_tokens=32)
             return r.usage.completion_tokens
 
-        grpc_tps, http_tps = [], []
+        last: dict[int, str] = {}
+
+        def via_responses(i, j):
+            r = clients[i].responses.create(model=MODEL, input=prompt(i, j)[0]["content"], max_output_tokens=32,
+                                            previous_response_id=last.get(i) if j else None)
+            last[i] = r.id
+            return r.usage.output_tokens
+
+        grpc_tps, http_tps, resp_tps = [], [], []
         for _ in range(2):
             grpc_tps.append(closed_loop(via_grpc, args.agents))
             http_tps.append(closed_loop(via_http, args.agents))
-        result.update(grpc_tok_s=max(grpc_tps), http_tok_s=max(http_tps))
+            resp_tps.append(closed_loop(via_responses, args.agents))
+        result.update(grpc_tok_s=max(grpc_tps), http_tok_s=max(http_tps), responses_tok_s=max(resp_tps))
     finally:
         stop_kernel(proc)
     result["http_minus_grpc_p50_ms"] = result["http_p50_ms"] - result["grpc_p50_ms"]
+    result["responses_minus_chat_p50_ms"] = result["responses_p50_ms"] - result["http_p50_ms"]
     result["throughput_ratio"] = result["http_tok_s"] / result["grpc_tok_s"]
-    print(f"{'':<28}{'gRPC':>10}{'HTTP':>10}")
-    print(f"{'echo call p50 (ms)':<28}{result['grpc_p50_ms']:>10.2f}{result['http_p50_ms']:>10.2f}")
-    print(f"{'echo call p99 (ms)':<28}{result['grpc_p99_ms']:>10.2f}{result['http_p99_ms']:>10.2f}")
-    print(f"{f'{args.agents} agents, tok/s':<28}{result['grpc_tok_s']:>10.1f}{result['http_tok_s']:>10.1f}")
+    print(f"{'':<28}{'gRPC':>10}{'HTTP chat':>11}{'HTTP responses':>16}")
+    for label, key in (("echo call p50 (ms)", "p50_ms"), ("echo call p99 (ms)", "p99_ms")):
+        print(f"{label:<28}{result['grpc_' + key]:>10.2f}{result['http_' + key]:>11.2f}"
+              f"{result['responses_' + key]:>16.2f}")
+    print(f"{f'{args.agents} agents, tok/s':<28}{result['grpc_tok_s']:>10.1f}{result['http_tok_s']:>11.1f}"
+          f"{result['responses_tok_s']:>16.1f}")
     print(json.dumps({k: round(v, 3) for k, v in result.items()}))
 
 

@@ -106,6 +106,7 @@ def generate_request(
     min_tokens: int = 0,
     ignore_eos: bool = False,
     prompt_logprobs: bool = False,
+    prompt_ids: list[int] | None = None,
 ) -> llm_pb2.GenerateRequest:
     sampling = llm_pb2.SamplingParams(
         top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []), frequency_penalty=frequency_penalty,
@@ -141,6 +142,7 @@ def generate_request(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs,
+        prompt_ids=list(prompt_ids or []),
     )
     if parallel_tool_calls is not None:
         req.parallel_tool_calls = parallel_tool_calls

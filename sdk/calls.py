@@ -106,19 +106,19 @@ class LLMCalls(CallGroup):
                           lambda r: parse_reply(Completion.from_proto(r), fmt), timeout)
 
     @rpc("LLM", "Generate")
-    def complete(self, prompt: str, *, timeout: float | None = None, **sampling) -> Completion:
-        """Continue a raw prompt (no chat template)."""
-        return self._call(
-            "LLM", "Generate", generate_request(prompt=prompt, **sampling), Completion.from_proto, timeout
-        )
+    def complete(self, prompt: str | list[int], *, timeout: float | None = None, **sampling) -> Completion:
+        """Continue a raw prompt (no chat template): its text, or its token ids."""
+        return self._call("LLM", "Generate", generate_request(**_raw(prompt), **sampling), Completion.from_proto,
+                          timeout)
 
     @rpc("LLM", "Generate")
-    def score(self, prompt: str, *, top_logprobs: int = 0, timeout: float | None = None, **sampling) -> Completion:
+    def score(self, prompt: str | list[int], *, top_logprobs: int = 0, timeout: float | None = None,
+              **sampling) -> Completion:
         """Score a raw prompt without generating: `reply.prompt_logprobs` holds each token's log-probability
         given the tokens before it (and `top_logprobs` alternatives), `reply.prompt_logprob` their sum, from the
         model's own forward. `model` / `adapter` choose what scores it."""
         return self._call("LLM", "Generate", generate_request(
-            prompt=prompt, max_tokens=0, prompt_logprobs=True, top_logprobs=top_logprobs, **sampling),
+            **_raw(prompt), max_tokens=0, prompt_logprobs=True, top_logprobs=top_logprobs, **sampling),
             Completion.from_proto, timeout)
 
     @rpc("LLM", "GenerateStream", "stream")
@@ -770,3 +770,8 @@ def bind(cls, wrap) -> type:
         (cls,),
         {n: wrap(f.kind, f) for n, f in table_methods(cls).items()},
     )
+
+
+def _raw(prompt) -> dict:
+    """A raw prompt as the request names it: text, or token ids."""
+    return {"prompt": prompt} if isinstance(prompt, str) else {"prompt_ids": list(prompt)}

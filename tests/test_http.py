@@ -6,6 +6,7 @@ quota and its traces."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import openai
@@ -222,6 +223,18 @@ def test_completions_echo_scores_the_prompt(hk):
     assert more.choices[0].text.startswith(text) and len(more.choices[0].logprobs.tokens) == len(lp.tokens) + 3
     plain = client.completions.create(model=MODEL, prompt=text, max_tokens=3, stream=True, echo=True)
     assert "".join(x.choices[0].text for x in plain if x.choices).startswith(text)
+    # lm-eval-harness's local-completions shape: token-id prompts in a batch, echo, one token, logprobs=1
+    ids = [x.token_id for x in scored.prompt_logprobs]
+    batch = client.completions.create(model=MODEL, prompt=[ids, ids[:4]], echo=True, logprobs=1, max_tokens=1,
+                                      temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1]
+    for c, n in zip(batch.choices, (len(ids), 4)):
+        assert len(c.logprobs.token_logprobs) == n + 1 and c.logprobs.token_logprobs[0] is None
+    assert batch.choices[0].logprobs.tokens[:-1] == lp.tokens and batch.choices[0].text.startswith(text)
+    assert all(abs(a - b) < 1e-4 for a, b in zip(batch.choices[0].logprobs.token_logprobs[1:-1],
+                                                  lp.token_logprobs[1:]))
+    assert session.llm.complete(ids, model=MODEL, max_tokens=4, temperature=0).text == \
+        client.completions.create(model=MODEL, prompt=text, max_tokens=4, temperature=0).choices[0].text
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=MODEL, prompt=text, max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="cannot score"):
@@ -341,6 +354,78 @@ def test_openai_agents_sdk_runs_a_function_tool(hk):
                   model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=96))
     result = asyncio.run(Runner.run(agent, "What is 2 plus 3?"))
     assert calls and str(result.final_output) == str(sum(calls[0]))
+
+
+def test_litellm_as_a_client(hk):
+    """Issue 32: LiteLLM, unchanged, as a client of /v1: chat, a forced tool call, a stream, and the Responses
+    API through its `responses()`."""
+    import os
+
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"        # no network: its bundled model map
+    import litellm
+
+    _, session, http, *_ = hk
+    kw = dict(model=f"openai/{MODEL}", api_base=f"http://{http}/v1", api_key=session.token)
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    r = litellm.completion(messages=ask, max_tokens=16, **kw)
+    assert "Paris" in r.choices[0].message.content and r.usage.completion_tokens > 0
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    r = litellm.completion(messages=[{"role": "user", "content": "How is the weather in Paris?"}], tools=tools,
+                           tool_choice="required", max_tokens=64, **kw)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert "city" in json.loads(call.function.arguments)
+    text = "".join(c.choices[0].delta.content or "" for c in litellm.completion(messages=ask, max_tokens=16,
+                                                                                stream=True, **kw))
+    assert "Paris" in text
+    resp = litellm.responses(input="What is the capital of France?", max_output_tokens=16, **kw)
+    assert "Paris" in resp.output[0].content[0].text
+
+
+def test_lm_eval_harness_against_the_kernel(hk, tmp_path, monkeypatch):
+    """Issue 32: lm-eval-harness's local-completions model, unchanged, runs a log-likelihood task and a generation
+    task (defined in tests/data/lm_eval, local data) against the kernel; its log-likelihoods are the kernel's own
+    scores of the same tokens, its generations the kernel's greedy replies."""
+    from pathlib import Path
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    _, session, http, _, data = hk
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("OPENAI_API_KEY", session.token)
+    here = Path(__file__).parent / "data" / "lm_eval"
+    for f in here.glob("*.yaml"):
+        (tmp_path / f.name).write_text(f.read_text().replace("DATA/", f"{here}/"))
+    tokenizer = str(data / "models" / MODEL)
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["kernos_capitals_mc", "kernos_capitals_gen"], log_samples=True,
+        model_args={"model": MODEL, "base_url": f"http://{http}/v1/completions", "tokenizer_backend": "huggingface",
+                    "tokenizer": tokenizer, "num_concurrent": 1, "max_retries": 1, "tokenized_requests": True},
+        task_manager=TaskManager(include_path=str(tmp_path)), random_seed=0, numpy_random_seed=0,
+        torch_random_seed=0, fewshot_random_seed=0)
+    assert 0 <= out["results"]["kernos_capitals_mc"]["acc,none"] <= 1
+    assert 0 <= out["results"]["kernos_capitals_gen"]["exact_match,none"] <= 1
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    samples = out["samples"]["kernos_capitals_mc"]
+    assert len(samples) == 6
+    for sample in samples[:2]:                           # each choice's log-likelihood: the kernel's score
+        for args, resp in zip(sample["arguments"], sample["resps"]):
+            ctx, cont = args
+            ll = resp[0][0]
+            ids = tok.encode(ctx, add_special_tokens=False)
+            more = tok.encode(ctx + cont, add_special_tokens=False)[len(ids):]
+            scored = session.llm.score(ids + more, model=MODEL).prompt_logprobs
+            assert abs(ll - sum(x.logprob for x in scored[len(ids):])) < 1e-3
+    for sample in out["samples"]["kernos_capitals_gen"][:2]:
+        prompt = sample["arguments"][0][0]
+        reply = session.llm.complete(prompt, model=MODEL, max_tokens=12, temperature=0, stop=["\n", "."])
+        assert sample["resps"][0][0] == reply.text
 
 
 def test_adapters_as_models_and_503_while_draining(tiny_models, lora_adapters, tmp_path):

@@ -22,7 +22,7 @@ class ContextAssembler:
     async def assemble(self, principal, g, llm) -> tuple[str, list[dict]]:
         """(the context's model, the conversation to generate from); records the new messages as turns."""
         aid, cid = principal.agent_id, g.context_id
-        if g.prompt:
+        if g.prompt or g.prompt_ids:
             raise invalid("a context takes chat messages, not a raw prompt")
         if not g.messages:
             raise invalid("give the new messages to add to the context")

@@ -17,6 +17,7 @@ class Generation:
     # "tool_call_id" (and "name")
     messages: list[dict] = field(default_factory=list)
     prompt: str = ""
+    prompt_ids: list[int] = field(default_factory=list)   # a raw prompt as token ids (instead of its text)
     model: str = ""
     adapter: str = ""
     max_tokens: int | None = None
@@ -112,7 +113,7 @@ def request_view(g: Generation) -> dict:
     return _drop_empty({
         "messages": [_drop_empty({**m, "tool_calls": [_drop_empty(dict(c)) for c in m.get("tool_calls") or []]})
                      for m in g.messages],
-        "prompt": g.prompt, "model": g.model, "adapter": g.adapter,
+        "prompt": g.prompt, "prompt_ids": list(g.prompt_ids), "model": g.model, "adapter": g.adapter,
         "sampling": _drop_empty({"max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p,
                                  "top_k": g.top_k, "stop": list(g.stop), "seed": g.seed,
                                  **{k: v if k != "logit_bias" else {str(t): b for t, b in v.items()}

@@ -110,7 +110,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., min_p: _Optional[float] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., min_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("messages", "prompt", "model", "adapter", "sampling", "priority", "context_id", "tools", "tool_choice", "parallel_tool_calls", "response_format", "kernel_tools", "tool_execution", "max_tool_rounds", "n", "logprobs", "top_logprobs", "first_tool_choice", "prompt_logprobs")
+    __slots__ = ("messages", "prompt", "model", "adapter", "sampling", "priority", "context_id", "tools", "tool_choice", "parallel_tool_calls", "response_format", "kernel_tools", "tool_execution", "max_tool_rounds", "n", "logprobs", "top_logprobs", "first_tool_choice", "prompt_logprobs", "prompt_ids")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class GenerateRequest(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     prompt: str
     model: str
@@ -149,7 +150,8 @@ class GenerateRequest(_message.Message):
     top_logprobs: int
     first_tool_choice: str
     prompt_logprobs: bool
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., context_id: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[ToolDefinition, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., parallel_tool_calls: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., kernel_tools: _Optional[_Iterable[str]] = ..., tool_execution: _Optional[str] = ..., max_tool_rounds: _Optional[int] = ..., n: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., first_tool_choice: _Optional[str] = ..., prompt_logprobs: _Optional[bool] = ...) -> None: ...
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., context_id: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[ToolDefinition, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., parallel_tool_calls: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., kernel_tools: _Optional[_Iterable[str]] = ..., tool_execution: _Optional[str] = ..., max_tool_rounds: _Optional[int] = ..., n: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., first_tool_choice: _Optional[str] = ..., prompt_logprobs: _Optional[bool] = ..., prompt_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PromptLogprob(_message.Message):
     __slots__ = ("token", "token_id", "logprob", "top_logprobs")

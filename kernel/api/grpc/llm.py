@@ -39,7 +39,7 @@ def _message(m: pb.ChatMessage) -> dict:
 def generation(r: pb.GenerateRequest) -> Generation:
     s = r.sampling
     return Generation(
-        messages=[_message(m) for m in r.messages], prompt=r.prompt, model=r.model,
+        messages=[_message(m) for m in r.messages], prompt=r.prompt, prompt_ids=list(r.prompt_ids), model=r.model,
         adapter=r.adapter, max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
         temperature=s.temperature if s.HasField("temperature") else None,
         top_p=s.top_p if s.HasField("top_p") else None, top_k=s.top_k, stop=list(s.stop),

@@ -42,10 +42,10 @@ class Requests:
         adapter = self.access.authorize_model(
             principal, model.name, g.adapter or None, default if default in model.adapters else None
         )
-        if g.messages and g.prompt:
-            raise invalid("give either messages (chat) or prompt (raw text), not both")
-        if not g.messages and not g.prompt:
-            raise invalid("empty request: give messages (chat) or prompt (raw text)")
+        if sum(map(bool, (g.messages, g.prompt, g.prompt_ids))) > 1:
+            raise invalid("give one of messages (chat), prompt (raw text) or prompt_ids (raw token ids)")
+        if not (g.messages or g.prompt or g.prompt_ids):
+            raise invalid("empty request: give messages (chat), prompt (raw text) or prompt_ids")
         check_messages(g.messages)
         output = output_spec(g.tools, tool_choice(g), g.parallel_tool_calls, g.response_format, g.schema_json,
                              lim.max_schema_bytes, g.strict, lim.max_schema_repeats)
@@ -84,8 +84,15 @@ class Requests:
         check_shaping(g.shaping, model, max_tokens, lim)
         if g.messages and not model.chat:
             raise invalid(f"model '{model.name}' has no chat template: send a raw prompt")
+        if g.prompt_ids:
+            vocab = model.vocab_size or (1 << 32)
+            bad = next((t for t in g.prompt_ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise invalid(f"prompt_ids: token id {bad} is not in the vocabulary of '{model.name}' "
+                              f"(0 to {vocab - 1})")
         try:
-            ids = model.encode_chat(g.messages, output) if g.messages else model.encode_prompt(g.prompt)
+            ids = (list(g.prompt_ids) if g.prompt_ids else
+                   model.encode_chat(g.messages, output) if g.messages else model.encode_prompt(g.prompt))
         except Exception as e:  # a template that rejects the conversation (e.g. role order)
             raise invalid(f"cannot format the messages with the model's chat template: {e}") from None
         if not ids:

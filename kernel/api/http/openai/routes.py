@@ -4,6 +4,7 @@ drain, traced), run by the same use case as over gRPC. This module only routes; 
 `stream.py` writes a streamed reply as server-sent events."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 
@@ -82,11 +83,18 @@ def mount(app: FastAPI, edge: Edge, generate, respond, memory, models, metrics, 
         r = parse(shape_in, body)
         passage = edge.enter(syscall("llm.generate"), token(request))     # the caller first, then its fields
         try:
-            g = translate(r, models.names(), len(body))
+            gs = translate(r, models.names(), len(body))
         except TypeError as e:
             raise StatusError("INVALID_ARGUMENT", str(e)) from None
+        g = gs[0] if isinstance(gs, list) else gs
         if not r.stream:
-            return shape_out(await complete(passage, g, generate.run(passage.principal, g)), r)
+            if not isinstance(gs, list):
+                return shape_out(await complete(passage, g, generate.run(passage.principal, g)), r)
+            # several prompts: a generation syscall each, side by side
+            passages = [passage] + [edge.enter(syscall("llm.generate"), principal=passage.principal) for _ in gs[1:]]
+            replies = await asyncio.gather(*(complete(p, x, generate.run(p.principal, x))
+                                             for p, x in zip(passages, gs)))
+            return shape_out(list(replies), r)
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
         passage.request_view = request_view(g)
         events = generate.run(passage.principal, g)

@@ -121,8 +121,11 @@ class ChatRequest(_Sampling):
     modalities: list[Literal["text"]] | None = None     # text is all a Kernos model writes
 
 
+MAX_PROMPTS = 64     # prompts in one /v1/completions call (each its own generation, run side by side)
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]     # texts, or token ids
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None   # the number of alternatives (0: the token's own)
     echo: bool = False                             # the prompt first, in the text and (with logprobs) scored
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None     # one sample per choice: best_of 1 only
@@ -211,20 +214,33 @@ def chat_request(r: ChatRequest, served: set[str], size: int = 0) -> Generation:
         strict=bool(js and js.strict), schema_json=json.dumps(js.schema_) if js and js.schema_ is not None else "")
 
 
-def completion_request(r: CompletionRequest, served: set[str], size: int = 0) -> Generation:
+def prompts(r: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts: each a text or a list of token ids."""
+    p = r.prompt
+    if isinstance(p, str):
+        return [p]
+    if p and all(isinstance(x, int) for x in p):
+        return [list(p)]
+    return list(p)
+
+
+def completion_request(r: CompletionRequest, served: set[str], size: int = 0) -> list[Generation]:
+    """One generation per prompt (OpenAI's choices come prompt by prompt, n each)."""
     model, adapter = split_model(r.model, served)
-    prompt = r.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise TypeError("prompt: one prompt per request (a list of several is not supported)")
-        prompt = prompt[0]
+    texts = prompts(r)
+    if not 1 <= len(texts) <= MAX_PROMPTS:
+        raise TypeError(f"prompt: 1 to {MAX_PROMPTS} prompts, got {len(texts)}")
+    if len(texts) > 1 and r.stream:
+        raise TypeError("prompt: a stream takes one prompt")
     max_tokens = r.max_tokens if r.max_tokens is not None else 16
-    if r.echo and r.stream and r.logprobs is not None:
-        raise TypeError("echo with logprobs is not streamed: send stream=false to score the prompt")
-    return Generation(prompt=prompt, model=model, adapter=r.adapter or adapter, n=r.n or 1, size=size,
-                      **_sampling(r, max_tokens), priority=r.priority, logprobs=r.logprobs is not None,
-                      top_logprobs=r.logprobs or 0,
-                      prompt_logprobs=r.echo and (r.logprobs is not None or max_tokens == 0))
+    if r.echo and r.stream and (r.logprobs is not None or not isinstance(texts[0], str)):
+        raise TypeError("echo with logprobs (or of token ids) is not streamed: send stream=false")
+    common = dict(model=model, adapter=r.adapter or adapter, n=r.n or 1, size=size, **_sampling(r, max_tokens),
+                  priority=r.priority, logprobs=r.logprobs is not None, top_logprobs=r.logprobs or 0)
+    # echoing token ids needs their text: the scored prompt gives it
+    return [Generation(prompt=p if isinstance(p, str) else "", prompt_ids=[] if isinstance(p, str) else p,
+                       prompt_logprobs=r.echo and (r.logprobs is not None or max_tokens == 0 or not isinstance(p, str)),
+                       **common) for p in texts]
 
 
 # -- replies ------------------------------------------------------------------------------------------------
@@ -286,13 +302,18 @@ def chat_reply(reply, r: ChatRequest | None = None) -> dict:
     return out
 
 
-def completion_reply(reply, r: CompletionRequest) -> dict:
-    """With echo, each choice's text starts with the prompt, and its logprobs with the prompt's (the first token
-    has none: None, as OpenAI's legacy completions give it)."""
-    prompt = r.prompt if isinstance(r.prompt, str) else r.prompt[0]
-    head, scored = (prompt, reply.prompt_logprobs) if r.echo else ("", [])
-    return {"id": f"cmpl-{reply.request_id}", "object": "text_completion", "created": int(time.time()),
-            "model": model_id(reply), "usage": usage(reply),
-            "choices": [{"index": c.index, "text": head + c.text, "finish_reason": finish_reason(c.finish),
-                         "logprobs": text_logprobs(scored + c.logprobs) if r.logprobs is not None else None}
-                        for c in reply.choices]}
+def completion_reply(replies: list, r: CompletionRequest) -> dict:
+    """The choices of each prompt's reply in turn. With echo, each choice's text starts with its prompt, and its
+    logprobs with the prompt's (the first token has none: None, as OpenAI's legacy completions give it)."""
+    choices, n = [], r.n or 1
+    for p, (reply, prompt) in enumerate(zip(replies, prompts(r))):
+        head, scored = "", []
+        if r.echo:
+            scored = reply.prompt_logprobs
+            head = prompt if isinstance(prompt, str) else "".join(t for t, _, _, _ in scored)
+        choices += [{"index": p * n + c.index, "text": head + c.text, "finish_reason": finish_reason(c.finish),
+                     "logprobs": text_logprobs(scored + c.logprobs) if r.logprobs is not None else None}
+                    for c in reply.choices]
+    tokens = {k: sum(usage(x)[k] for x in replies) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return {"id": f"cmpl-{replies[0].request_id}", "object": "text_completion", "created": int(time.time()),
+            "model": model_id(replies[0]), "usage": tokens, "choices": choices}
