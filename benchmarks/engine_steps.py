@@ -44,7 +44,7 @@ def decode_step_ms(served, batch_size: int, steps: int) -> float:
             req = GenRequest(request_id=f"step-{i}", agent_id=f"agent-{i}", prompt_ids=chat_ids(served, i, 0),
                              max_tokens=steps + 3)
             logits, past, mask, _ = runner.prefill(req.prompt_ids, None)
-            row = Sequence(req, RequestHandle(req), served.tokenizer, served.eos_ids)
+            row = Sequence(req, RequestHandle(req), served.tokenizer, served.engine.lm.eos_ids)
             row.pending, row.position = int(logits.float().argmax()), len(req.prompt_ids)
             batch.join(row, past, mask)
 
