@@ -230,13 +230,13 @@ def test_a_repeated_call_ends_the_turn(ek):
     call until max_tokens (finish "length"); the repeat now ends the reply with the calls made, none twice."""
     s = ek
     prompts = [f"How is the weather in {CITIES[i % 10]}?" if i % 2 else f"What is {i + 3} times {2 * i + 7}?"
-               for i in range(12)]
-    replies = _parallel(lambda i, p: s.llm.chat(p, tools=TOOLS, max_tokens=160, tool_choice="required"), prompts)
+               for i in range(8)]
+    replies = _parallel(lambda i, p: s.llm.chat(p, tools=TOOLS, max_tokens=128, tool_choice="required"), prompts)
     for r in replies:
         keys = [(c.name, json.dumps(c.args, sort_keys=True)) for c in r.tool_calls]
         assert len(set(keys)) == len(keys) and "<tool_call>" not in r.text, r
     ended = sum(r.finish_reason == "tool_calls" for r in replies)
-    assert ended >= 10, [(r.finish_reason, r.completion_tokens) for r in replies]
+    assert ended >= 7, [(r.finish_reason, r.completion_tokens) for r in replies]
 
 
 def test_a_repeat_is_dropped_from_the_stream_without_a_delta():

@@ -72,6 +72,33 @@ def test_chat_stream_and_stats_on_vllm(vkernel):
         assert m.prefix_lookups >= 2
 
 
+def test_sampling_fields_and_scoring_on_vllm_equal_the_own_engine(vkernel, tiny32):
+    """Issue 32: every sampling field is mapped to vLLM's SamplingParams: greedy replies under penalties, a logit
+    bias, stop token ids and a length floor are the own engine's tokens on the same fp32 weights; a prompt's
+    scores (prompt_logprobs, max_tokens 0) are the own engine's."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny32).eos_token_id
+    with kernos.sdk.connect(vkernel.address, agent="v-fields") as s:
+        ask = "what is the capital of france"
+        base = s.llm.chat(ask, model="tiny-own", max_tokens=12, stop=FOREVER, logprobs=True)
+        ids = [x.token_id for x in base.choices[0].logprobs]
+        for kw in (dict(frequency_penalty=1.5, presence_penalty=0.5), dict(repetition_penalty=1.6),
+                   dict(logit_bias={ids[0]: -100.0, ids[1]: 3.0}), dict(stop_token_ids=[ids[3]]),
+                   dict(min_tokens=6, logit_bias={eos: 100.0})):
+            own = s.llm.chat(ask, model="tiny-own", max_tokens=12, stop=FOREVER, **kw)
+            on_vllm = s.llm.chat(ask, model="tiny", max_tokens=12, stop=FOREVER, **kw)
+            assert (on_vllm.text, on_vllm.completion_tokens) == (own.text, own.completion_tokens), kw
+            assert own.completion_tokens == 6 if kw.get("min_tokens") else own.text != base.text, kw
+        own = s.llm.score("the agent kernel schedules tools and memory", model="tiny-own", top_logprobs=2)
+        on_vllm = s.llm.score("the agent kernel schedules tools and memory", model="tiny", top_logprobs=2)
+        assert on_vllm.completion_tokens == 0 and len(on_vllm.prompt_logprobs) == len(own.prompt_logprobs) > 3
+        assert on_vllm.prompt_logprobs[0].logprob is None
+        for a, b in zip(own.prompt_logprobs[1:], on_vllm.prompt_logprobs[1:]):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-3
+            assert [x.token_id for x in a.top_logprobs] == [x.token_id for x in b.top_logprobs]
+
+
 def test_agents_are_isolated_and_quotas_hold_on_vllm(vkernel):
     with kernos.sdk.connect(vkernel.address, agent="v-owner") as a, \
             kernos.sdk.connect(vkernel.address, agent="v-intruder") as b:

@@ -43,7 +43,7 @@ class Requests:
             principal, model.name, g.adapter or None, default if default in model.adapters else None
         )
         if sum(map(bool, (g.messages, g.prompt, g.prompt_ids))) > 1:
-            raise invalid("give one of messages (chat), prompt (raw text) or prompt_ids (raw token ids)")
+            raise invalid("give one of messages (chat), prompt (raw text) or prompt_ids (raw token ids), not both")
         if not (g.messages or g.prompt or g.prompt_ids):
             raise invalid("empty request: give messages (chat), prompt (raw text) or prompt_ids")
         check_messages(g.messages)
