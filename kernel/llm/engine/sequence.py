@@ -22,7 +22,7 @@ class Sequence:
     __slots__ = ("req", "handle", "gen", "ids", "pending", "position", "detok", "admitted_at", "first_token_at",
                  "state", "enqueued", "quantum_steps", "swapped", "swap_path", "preemptions", "parked",
                  "keep_swap_file", "matcher", "logprobs", "_step_logprobs", "ends", "_lp_sent",
-                 "prompt_logprobs", "repeats", "forced", "closed", "_close_at")
+                 "prompt_logprobs", "repeats", "forced", "closed")
 
     def __init__(self, req: GenRequest, handle: RequestHandle, tokenizer, eos_ids: set[int]):
         self.req = req
@@ -50,7 +50,6 @@ class Sequence:
         self.repeats = repeat_watch(req)   # a reply that may make several tool calls ends at a repeated one
         self.forced: list[int] = []        # the tokens of its grammar's shortest ending, still to write ...
         self.closed = False                # ... once its budget ran low (then it ends with them)
-        self._close_at = 0                 # the reply's length at which its ending is next looked at
         # the tokens that end the reply: EOS (unless the request ignores it) and its stop token ids
         self.ends = frozenset((set() if req.shaping.ignore_eos else set(eos_ids)) | set(req.shaping.stop_token_ids))
 
@@ -92,19 +91,16 @@ class Sequence:
         wrote (`closing.ending`), once that ending, checked by the grammar, just fits what is left: its tokens go
         to `forced`, and the reply ends with them (`closed`), parsing and validating."""
         left = self.req.max_tokens - len(self.ids)
-        if self.matcher is None or self.closed or left > CLOSE_WINDOW or len(self.ids) < self._close_at:
+        if self.matcher is None or self.closed or left > CLOSE_WINDOW:
             return False
         text = ending(self.req.output, self.detok.text)
         if text is None:
             return False
-        toks = self._encode(text)
-        # far from needed: look again halfway there (an ending grows by a few tokens a step, not by half the gap)
-        self._close_at = len(self.ids) + max(1, (left - CLOSE_MARGIN - len(toks)) // 2)
+        toks = self._encode(text)     # (every step in the window: ~0.1 ms; a call closing can grow it by a call)
         if not text:      # whole: it ends here unless another call (written after a "\n") would still fit
             more = ending(self.req.output, self.detok.text + "\n")
             need = len(self._encode(more)) + 1 if more is not None else 0
             if more is not None and need < left - CLOSE_MARGIN:
-                self._close_at = len(self.ids) + max(1, (left - CLOSE_MARGIN - need) // 2)
                 return False
         elif not left - CLOSE_MARGIN <= len(toks) <= left:
             return False
