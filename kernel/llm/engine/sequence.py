@@ -22,7 +22,7 @@ class Sequence:
     __slots__ = ("req", "handle", "gen", "ids", "pending", "position", "detok", "admitted_at", "first_token_at",
                  "state", "enqueued", "quantum_steps", "swapped", "swap_path", "preemptions", "parked",
                  "keep_swap_file", "matcher", "logprobs", "_step_logprobs", "ends", "_lp_sent",
-                 "prompt_logprobs", "repeats", "forced", "closed")
+                 "prompt_logprobs", "repeats", "forced", "closed", "_far_until")
 
     def __init__(self, req: GenRequest, handle: RequestHandle, tokenizer, eos_ids: set[int]):
         self.req = req
@@ -50,6 +50,7 @@ class Sequence:
         self.repeats = repeat_watch(req)   # a reply that may make several tool calls ends at a repeated one
         self.forced: list[int] = []        # the tokens of its grammar's shortest ending, still to write ...
         self.closed = False                # ... once its budget ran low (then it ends with them)
+        self._far_until = 0                # its ending needs more than the budget left: not looked at till here
         # the tokens that end the reply: EOS (unless the request ignores it) and its stop token ids
         self.ends = frozenset((set() if req.shaping.ignore_eos else set(eos_ids)) | set(req.shaping.stop_token_ids))
 
@@ -91,12 +92,15 @@ class Sequence:
         wrote (`closing.ending`), once that ending, checked by the grammar, just fits what is left: its tokens go
         to `forced`, and the reply ends with them (`closed`), parsing and validating."""
         left = self.req.max_tokens - len(self.ids)
-        if self.matcher is None or self.closed or left > CLOSE_WINDOW:
+        if self.matcher is None or self.closed or left > CLOSE_WINDOW or len(self.ids) < self._far_until:
             return False
         text = ending(self.req.output, self.detok.text)
         if text is None:
             return False
         toks = self._encode(text)     # (every step in the window: ~0.1 ms; a call closing can grow it by a call)
+        if len(toks) > left:          # past fitting: a token shortens an ending by a few at most, so wait
+            self._far_until = len(self.ids) + (len(toks) - left) // 4
+            return False
         if not text:      # whole: it ends here unless another call (written after a "\n") would still fit
             more = ending(self.req.output, self.detok.text + "\n")
             need = len(self._encode(more)) + 1 if more is not None else 0
