@@ -259,11 +259,12 @@ class ToolCallStream:
             ok = False
         if not ok or not c.args_done:
             return f"{TOOL_OPEN}{seg}{TOOL_CLOSE}"
-        if call_key(seg) in self.keys:        # a repeat of a call made: no call, no text, no deltas
+        key = call_key(seg)
+        if key in self.keys:                  # a repeat of a call made: no call, no text, no deltas
             self.held = []
             self.count -= 1
             return ""
-        self.keys.append(call_key(seg))
+        self.keys.append(key)
         self.calls.append({"id": c.id, "name": c.name, "arguments": seg[c.args_start:c.args_start + c.args_sent]})
         return ""
 

@@ -45,6 +45,10 @@ class Shaping:
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
                     or self.logit_bias)
 
+    def ends(self, eos_ids) -> frozenset[int]:
+        """The tokens that end a reply: EOS (unless ignored) and the stop token ids."""
+        return frozenset((set() if self.ignore_eos else set(eos_ids)) | set(self.stop_token_ids))
+
     def fields_set(self) -> list[str]:
         """The names of the fields that differ from their defaults (what an engine must support)."""
         default = Shaping()

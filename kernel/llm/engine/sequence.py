@@ -52,7 +52,7 @@ class Sequence:
         self.closed = False                # ... once its budget ran low (then it ends with them)
         self._far_until = 0                # its ending needs more than the budget left: not looked at till here
         # the tokens that end the reply: EOS (unless the request ignores it) and its stop token ids
-        self.ends = frozenset((set() if req.shaping.ignore_eos else set(eos_ids)) | set(req.shaping.stop_token_ids))
+        self.ends = req.shaping.ends(eos_ids)
 
     @property
     def started(self) -> bool:

@@ -36,7 +36,7 @@ from ..registry import ModelLoadError, architecture_of, eos_ids, model_folder
 from ..settings import EngineConfig, ModelConfig
 from ..tool_calls import repeat_watch
 from ..types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, RequestTooLarge, TextDelta
-from .requests import ends_of, prompt_logprobs, sampling_params
+from .requests import prompt_logprobs, sampling_params
 from .setup import check_topology, engine_args, import_vllm
 from .stats import bytes_per_token, parameters, stat_logger
 from .switching import Run, Switching
@@ -275,7 +275,7 @@ class VllmEngine(Switching, Engine):
         self.stats.generated_tokens += len(c.token_ids)
         self.policy.record(run.req.agent_id, len(c.token_ids), now)     # fair share's usage, for admission
         finish = None
-        ends = ends_of(run.req, self.eos_ids)
+        ends = run.req.shaping.ends(self.eos_ids)
         for i, tok in enumerate(c.token_ids):
             if tok in ends:
                 finish = Finish.STOP

@@ -1,5 +1,5 @@
-"""A Kernos generation request in vLLM's terms, and back: its SamplingParams, the tokens that end its reply, and
-the prompt's log-probabilities vLLM scored."""
+"""A Kernos generation request in vLLM's terms, and back: its SamplingParams, and the prompt's log-probabilities
+vLLM scored."""
 from __future__ import annotations
 
 from ..types import GenRequest
@@ -23,11 +23,6 @@ def sampling_params(req: GenRequest, produced: int):
         frequency_penalty=x.frequency_penalty, presence_penalty=x.presence_penalty,
         repetition_penalty=x.repetition_penalty, logit_bias=dict(x.logit_bias) or None, min_p=x.min_p,
         stop_token_ids=list(x.stop_token_ids), min_tokens=max(0, x.min_tokens - produced), ignore_eos=x.ignore_eos)
-
-
-def ends_of(req: GenRequest, eos_ids: set[int]) -> set[int]:
-    """The tokens that end a reply: EOS unless the request ignores it, and its stop token ids."""
-    return (set() if req.shaping.ignore_eos else set(eos_ids)) | set(req.shaping.stop_token_ids)
 
 
 def prompt_logprobs(req: GenRequest, scored: list) -> list:

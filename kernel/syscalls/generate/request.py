@@ -84,12 +84,7 @@ class Requests:
         check_shaping(g.shaping, model, max_tokens, lim)
         if g.messages and not model.chat:
             raise invalid(f"model '{model.name}' has no chat template: send a raw prompt")
-        if g.prompt_ids:
-            vocab = model.vocab_size or (1 << 32)
-            bad = next((t for t in g.prompt_ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise invalid(f"prompt_ids: token id {bad} is not in the vocabulary of '{model.name}' "
-                              f"(0 to {vocab - 1})")
+        check_token_ids(g.prompt_ids, "prompt_ids", model)
         try:
             ids = (list(g.prompt_ids) if g.prompt_ids else
                    model.encode_chat(g.messages, output) if g.messages else model.encode_prompt(g.prompt))
@@ -166,23 +161,25 @@ def check_shaping(x: Shaping, model: ServedModel, max_tokens: int, lim) -> None:
         raise invalid(f"sampling.repetition_penalty must be in (0, 10], got {x.repetition_penalty}")
     if not math.isfinite(x.min_p) or not 0 <= x.min_p <= 1:
         raise invalid(f"sampling.min_p must be in [0, 1], got {x.min_p}")
-    vocab = model.vocab_size if (x.logit_bias or x.stop_token_ids) else 0
     if len(x.logit_bias) > MAX_BIASED_TOKENS:
         raise invalid(f"sampling.logit_bias names {len(x.logit_bias)} tokens; the limit is {MAX_BIASED_TOKENS}")
+    check_token_ids(x.logit_bias, "sampling.logit_bias", model)
     for t, b in x.logit_bias.items():
-        if not 0 <= t < vocab:
-            raise invalid(f"sampling.logit_bias: token id {t} is not in the vocabulary of '{model.name}' "
-                          f"(0 to {vocab - 1})")
         if not math.isfinite(b) or not -100 <= b <= 100:
             raise invalid(f"sampling.logit_bias[{t}] must be in [-100, 100], got {b}")
     if len(x.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise invalid(f"sampling.stop_token_ids: {len(x.stop_token_ids)} ids; the limit is {MAX_STOP_TOKEN_IDS}")
-    for t in x.stop_token_ids:
-        if not 0 <= t < vocab:
-            raise invalid(f"sampling.stop_token_ids: token id {t} is not in the vocabulary of '{model.name}' "
-                          f"(0 to {vocab - 1})")
+    check_token_ids(x.stop_token_ids, "sampling.stop_token_ids", model)
     if not 0 <= x.min_tokens <= max_tokens:
         raise invalid(f"sampling.min_tokens must be 0 to max_tokens ({max_tokens}), got {x.min_tokens}")
+
+
+def check_token_ids(ids, name: str, model: ServedModel) -> None:
+    """Every token id in `ids` is one of the model's (its vocabulary's rows, where it has one)."""
+    vocab = model.vocab_size or (1 << 32)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise invalid(f"{name}: token id {bad} is not in the vocabulary of '{model.name}' (0 to {vocab - 1})")
 
 
 def tool_choice(g: Generation) -> str:

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from kernos.abi.errors import StatusError, invalid
 
@@ -23,9 +23,8 @@ I32 = wire.I32
 INCLUDABLE = {"message.output_text.logprobs"}
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(wire.Strict):
     """The fields `/v1/responses` takes; any other is refused by name."""
-    model_config = ConfigDict(extra="allow")
 
     model: str
     input: str | list[dict] = ""
@@ -45,13 +44,7 @@ class ResponsesRequest(BaseModel):
     truncation: Literal["auto", "disabled"] | None = None
     stream: bool = False
     stream_options: dict | None = None
-    # accepted, and nothing to do (as on chat completions)
-    user: str | None = None
-    service_tier: Literal["auto", "default"] | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-    safety_identifier: str | None = None
-    background: Literal[False] | None = None
+    background: Literal[False] | None = None        # accepted when false
     # Kernos's own fields, through the client's extra_body
     seed: int | None = None
     priority: I32 = 0
@@ -60,10 +53,7 @@ class ResponsesRequest(BaseModel):
     tool_execution: str | None = None
 
     def refuse_unknown(self) -> None:
-        unknown = sorted(self.model_extra or {})
-        if unknown:
-            raise invalid(f"unsupported field '{unknown[0][:64]}': Kernos does not implement it (see "
-                          "docs/openai.md for the fields /v1/responses takes)")
+        super().refuse_unknown()
         bad = sorted(set(self.include or ()) - INCLUDABLE)
         if bad:
             raise invalid(f"include: '{bad[0][:64]}' is not supported (only {sorted(INCLUDABLE)})")

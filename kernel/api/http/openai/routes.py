@@ -53,6 +53,21 @@ async def complete(passage: Passage, g: Generation, events) -> Reply:
         passage.trace(passage.request_view, reply_view(reply))
 
 
+async def accepted(passage: Passage, g: Generation, events):
+    """(the first event, the in-flight tracker) of a generation about to be streamed: counted in flight from
+    here; an error before the engine accepts it is a proper HTTP status, traced."""
+    passage.request_view = request_view(g)
+    tracker = passage.track()
+    tracker.__enter__()
+    try:
+        return await events.__anext__(), tracker
+    except StatusError as e:
+        tracker.__exit__(None, None, None)
+        passage.failed(e)
+        passage.trace(passage.request_view)
+        raise
+
+
 def mount(app: FastAPI, edge: Edge, generate, respond, memory, models, metrics, metrics_public: bool) -> None:
     def usable(principal) -> list[dict]:
         """Each usable model, and each of its adapters, as MODEL:ADAPTER."""
@@ -96,17 +111,8 @@ def mount(app: FastAPI, edge: Edge, generate, respond, memory, models, metrics, 
                                              for p, x in zip(passages, gs)))
             return shape_out(list(replies), r)
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
-        passage.request_view = request_view(g)
         events = generate.run(passage.principal, g)
-        tracker = passage.track()
-        tracker.__enter__()
-        try:
-            first = await events.__anext__()                 # errors before acceptance: a proper HTTP status
-        except StatusError as e:
-            tracker.__exit__(None, None, None)
-            passage.failed(e)
-            passage.trace(passage.request_view)
-            raise
+        first, tracker = await accepted(passage, g, events)
         echo = g.prompt if getattr(r, "echo", False) else ""
         return StreamingResponse(sse(first, events, g, passage, tracker, include_usage, shape_out is wire.chat_reply,
                                      echo),
@@ -144,16 +150,7 @@ def mount(app: FastAPI, edge: Edge, generate, respond, memory, models, metrics, 
             if r.store:
                 respond.save(passage.principal, final, items)
             return final
-        passage.request_view = request_view(g)
-        tracker = passage.track()
-        tracker.__enter__()
-        try:
-            await events.__anext__()                          # accepted (errors before it: a proper status)
-        except StatusError as e:
-            tracker.__exit__(None, None, None)
-            passage.failed(e)
-            passage.trace(passage.request_view)
-            raise
+        _, tracker = await accepted(passage, g, events)
         stream = responses.EventStream(rid, created, r)
         return StreamingResponse(responses.sse(stream, events, passage, tracker,
                                                lambda final: respond.save(passage.principal, final, items)),

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kernos.abi.errors import invalid
+
 from ....llm.types import Finish, Shaping
 from ....syscalls.generation import Generation
 
@@ -49,10 +51,27 @@ class StreamOptions(_Loose):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    """The fields both generation endpoints take. A field this surface does not know is refused by name (as
-    OpenAI does), never ignored: a framework that sets one learns it had no effect."""
+class Strict(BaseModel):
+    """A request body of a generating endpoint: a field this surface does not know is refused by name (as OpenAI
+    does), never ignored, so a framework that sets one learns it had no effect. The fields below are accepted
+    with nothing to do: who asks (traces name the agent), the tier and cache hints (prefix reuse is automatic)."""
     model_config = ConfigDict(extra="allow")
+
+    user: str | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+
+    def refuse_unknown(self) -> None:
+        unknown = sorted(self.model_extra or {})
+        if unknown:
+            raise invalid(f"unsupported field '{unknown[0][:64]}': Kernos does not implement it (see "
+                          "docs/openai.md for the fields each endpoint takes)")
+
+
+class _Sampling(Strict):
+    """The fields both chat and completions take."""
 
     model: str
     max_tokens: I32 | None = None
@@ -67,15 +86,9 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None     # token id (as a string) -> bias
-    # accepted, and nothing to do: who asks (traces name the agent), labels, storage (every call is traced),
-    # the tier and cache key (prefix reuse is automatic)
-    user: str | None = None
+    # accepted, and nothing to do: labels, storage (every call is traced)
     metadata: dict[str, str] | None = None
     store: bool | None = None
-    service_tier: Literal["auto", "default"] | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-    safety_identifier: str | None = None
     # vLLM's fields beyond OpenAI's
     top_k: I32 | None = None                       # -1 or 0: off
     min_p: float | None = None
@@ -86,12 +99,6 @@ class _Sampling(BaseModel):
     # Kernos's own fields, through the client's extra_body
     priority: I32 = 0
     adapter: str | None = None
-
-    def refuse_unknown(self) -> None:
-        unknown = sorted(self.model_extra or {})
-        if unknown:
-            raise TypeError(f"unsupported field '{unknown[0][:64]}': Kernos does not implement it (see "
-                            "docs/openai.md for the fields each endpoint takes)")
 
     def shaping(self) -> Shaping:
         bias = {}
