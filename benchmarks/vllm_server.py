@@ -54,10 +54,12 @@ class VllmServer:
     name `vllm`, which the CPU build does not have), serving it as `name`; stopped on exit."""
 
     def __init__(self, folder: Path, name: str, dtype: str = "bfloat16", max_model_len: int = 2048,
-                 memory_fraction: float = 0.3, prefix_caching: bool = True, log: Path | None = None):
+                 memory_fraction: float = 0.3, prefix_caching: bool = True, log: Path | None = None,
+                 extra: list[str] | None = None):
         self.folder, self.name, self.dtype = folder, name, dtype
         self.max_model_len, self.memory_fraction, self.prefix_caching = max_model_len, memory_fraction, prefix_caching
         self.log = log or Path(f"/tmp/vllm-server-{os.getpid()}.log")
+        self.extra = list(extra or [])          # further server arguments
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
@@ -66,7 +68,7 @@ class VllmServer:
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder),
                "--served-model-name", self.name, "--dtype", self.dtype, "--host", "127.0.0.1", "--port", str(port),
                "--max-model-len", str(self.max_model_len), "--gpu-memory-utilization", str(self.memory_fraction),
-               "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching"]
+               "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching", *self.extra]
         env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false")
         with open(self.log, "w") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)

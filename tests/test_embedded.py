@@ -44,3 +44,16 @@ def test_readme_example_runs_as_written(embedded_kernel, tmp_path):
                          env=dict(os.environ, KERNOS_ADDRESS=address, HOME=str(tmp_path)))   # its token file
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout and "rejected: sampling.max_tokens must be > 0" in out.stdout
+
+
+def test_the_embedded_model_is_converted_once_per_machine(tmp_path):
+    """A new data dir gets the machine's one conversion linked in (in a second), not converted again (~30 s)."""
+    from kernos.kernel.llm.embedded import ensure_converted, shared_dir
+
+    ensure_converted(tmp_path / "a")               # converts now unless an earlier kernel did
+    b = ensure_converted(tmp_path / "b")
+    weights = b / "model.safetensors"
+    assert weights.exists() and (b / "tokenizer.json").exists()
+    shared = shared_dir() / "model.safetensors"
+    if shared.stat().st_dev == weights.stat().st_dev:
+        assert os.path.samefile(shared, weights)

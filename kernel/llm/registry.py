@@ -95,6 +95,8 @@ def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> Loaded
         pack_linears(model, own_kernels=engine.cpu_kernels == "auto")
         use_cpu_attention(model)
         _start_kernel_helpers(model, engine)
+    elif device.type == "cpu":
+        use_cpu_attention(model)
     adapters = []
     if cfg.adapters:
         model = _attach_adapters(cfg, model)

@@ -1,5 +1,5 @@
-"""Operations on a running batch's cache: rows join (left-padded to a common length), leave, and are
-trimmed, so that sequences of different lengths and ages decode together.
+"""Operations on caches: sizes, one row's copy, a prefix's view, where a view starts in its layer's buffers
+(`view_column`), saving and loading; the running batch's joins and leaves are `batch.py`'s.
 
 A transformers `DynamicCache` holds per layer either attention keys/values [batch, heads, seq, dim]
 (`DynamicLayer`) or Mamba conv/recurrent states [batch, ...] with no sequence axis
@@ -39,48 +39,20 @@ def seq_length(cache: Cache) -> int:
     return 0
 
 
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    shape = list(t.shape)
-    shape[-2] = n
-    return torch.cat([t.new_zeros(shape), t], dim=-2)
-
-
-def concat(a: Cache, b: Cache) -> None:
-    """Append the rows of `b` to `a` in place, left-padding the shorter one's attention layers.
-    The caller pads the attention mask the same way (see `pad_mask`)."""
-    la, lb = seq_length(a), seq_length(b)
-    length = max(la, lb)
-    for layer_a, layer_b in zip(a.layers, b.layers, strict=True):
-        _check(layer_a)
-        if _has_kv(layer_a):
-            layer_a.keys = torch.cat([_pad_left(layer_a.keys, length - la), _pad_left(layer_b.keys, length - lb)])
-            layer_a.values = torch.cat([_pad_left(layer_a.values, length - la), _pad_left(layer_b.values, length - lb)])
-        for sa, sb in zip(_state_dicts(layer_a), _state_dicts(layer_b)):
-            for k in sa:
-                sa[k] = torch.cat([sa[k], sb[k]])
-
-
-def select(cache: Cache, rows: torch.Tensor) -> None:
-    """Keep only `rows` (a 1-D index tensor), in that order, in place."""
-    for layer in cache.layers:
-        if _has_kv(layer):
-            layer.keys = layer.keys.index_select(0, rows)
-            layer.values = layer.values.index_select(0, rows)
-        for states in _state_dicts(layer):
-            for k in states:
-                states[k] = states[k].index_select(0, rows)
-
-
-def trim_left(cache: Cache, n: int) -> None:
-    """Drop the first `n` sequence positions of every attention layer (columns that are padding in all rows)."""
-    if n <= 0:
-        return
-    for layer in cache.layers:
-        if _has_kv(layer):
-            layer.keys = layer.keys[..., n:, :].contiguous()
-            layer.values = layer.values[..., n:, :].contiguous()
+def view_column(t: torch.Tensor, buf, layer_id: int, second: bool = False) -> int | None:
+    """The column at which `t` [B, H, L, D] starts as a view `buffer[:B, :, col:col + L]` of a layer's buffers
+    `buf` = (keys, values, id of the layer they belong to) (`second`: of the values buffer); None when it is not
+    one (another layer's buffers, a copy, a tensor a forward pass made)."""
+    if buf is None or buf[2] != layer_id:
+        return None
+    b = buf[1 if second else 0]
+    if (t.dtype != b.dtype or t.stride() != b.stride() or t.shape[1:2] != b.shape[1:2] or t.shape[-1] != b.shape[-1]
+            or t.shape[0] > b.shape[0] or t.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
+        return None
+    col, rest = divmod(t.data_ptr() - b.data_ptr(), b.stride(-2) * b.element_size())
+    if rest or col < 0 or col + t.shape[-2] > b.shape[-2]:
+        return None
+    return col
 
 
 def nbytes(cache: Cache | None) -> int:

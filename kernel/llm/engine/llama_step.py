@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cache import view_column
+
 _TYPES = {"llama", "mistral", "qwen2"}
 HEADROOM = 64          # cache columns allocated ahead, so that a step writes its column in place
 
@@ -51,21 +53,22 @@ def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:          # LlamaRMSNorm.fo
 
 
 def _reserve(layer, extra: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The layer's key and value buffers, with room for `extra` more columns, and how many columns it holds.
-    `DynamicLayer.update` concatenates, copying the whole cache on every step; here the layer's tensors are
-    views into buffers with `HEADROOM` spare columns, written in place, and reallocated only when full or when
-    the batch has rebuilt them (rows joined, left or were trimmed). Buffers belong to one layer object: a copy
-    of the layer (a resident prefix, a swapped row) never writes into them."""
+    """The layer's key and value buffers from where its view starts, with room for `extra` more columns, and
+    how many columns it holds. `DynamicLayer.update` concatenates, copying the whole cache on every step; here
+    the layer's tensors are views into buffers with spare columns (`HEADROOM`, or the running batch's own:
+    `batch.py`), written in place, and reallocated only when full or when they are no such views. Buffers belong
+    to one layer object: a copy of the layer (a resident prefix, a swapped row) never writes into them."""
     keys, values, n = layer.keys, layer.values, layer.keys.shape[-2]
     buf = getattr(layer, "_kernos_buffers", None)
-    if (buf is None or buf[2] != id(layer) or buf[0].shape[-2] < n + extra or buf[0].shape[:2] != keys.shape[:2]
-            or keys.data_ptr() != buf[0].data_ptr() or keys.stride() != buf[0].stride()
-            or values.data_ptr() != buf[1].data_ptr()):
-        shape = (*keys.shape[:2], n + extra + HEADROOM, keys.shape[-1])
-        buf = (keys.new_empty(shape), values.new_empty(shape), id(layer))
-        buf[0][..., :n, :].copy_(keys)
-        buf[1][..., :n, :].copy_(values)
-        layer._kernos_buffers = buf
+    col = view_column(keys, buf, id(layer))
+    if col is not None and col + n + extra <= buf[0].shape[-2] and view_column(values, buf, id(layer), True) == col:
+        b = keys.shape[0]
+        return buf[0][:b, :, col:], buf[1][:b, :, col:], n
+    shape = (*keys.shape[:2], n + extra + HEADROOM, keys.shape[-1])
+    buf = (keys.new_empty(shape), values.new_empty(shape), id(layer))
+    buf[0][..., :n, :].copy_(keys)
+    buf[1][..., :n, :].copy_(values)
+    layer._kernos_buffers = buf
     return buf[0], buf[1], n
 
 

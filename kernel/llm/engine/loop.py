@@ -55,7 +55,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
     def __init__(self, lm: LoadedModel, max_batch_size: int = 16, policy: Policy | None = None,
                  max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
                  swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None, resident_bytes: int = 0,
-                 resident_ttl_s: float = 600.0, prefill_chunk: int = 32):
+                 resident_ttl_s: float = 600.0, prefill_chunk: int = 0):
         self.runner = ModelRunner(lm)
         self.costs = CostModel(preemption, exact_recompute=self.runner.exact_recompute)
         self.lm = lm
@@ -65,8 +65,10 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         self.budget = Budget(max_batch_size, max_tokens_in_flight, cache_budget_bytes)
         self.stats = EngineStats()
         self.swap = SwapSpace(swap_host_bytes, swap_dir)
-        self.prefill_chunk = prefill_chunk
-        self.resident = ResidentCache(resident_bytes, resident_ttl_s, lm.architecture == "hybrid", prefill_chunk)
+        # 0: by where prompts run. transformers' forward pays per chunk (a 768-token prompt of the embedded model
+        # in float32: 135 tokens/s in chunks of 32, 202 of 128, 220 of 256); the own kernels reuse any prefix
+        self.prefill_chunk = prefill_chunk or (32 if self.runner.position_exact else 128)
+        self.resident = ResidentCache(resident_bytes, resident_ttl_s, lm.architecture == "hybrid", self.prefill_chunk)
         self._lock = threading.Lock()  # guards waiting and the batch's rows for snapshot()
         self.batch = RunningBatch(self._lock)
         self.waiting = RunQueue(self._lock)   # new, preempted and parked sequences, in kernos.scheduler
