@@ -78,6 +78,7 @@ class RunningBatch:
             order[hole] = src
         order = order[:keep]
         views = self._own(n, 0) if movers else None
+        idx = torch.tensor(order, dtype=torch.long)
         for li, layer in enumerate(self.cache.layers):
             if views is not None and views[li][0] is not None:
                 kb, vb, col = views[li]
@@ -87,13 +88,12 @@ class RunningBatch:
                     vb[hole, :, col:col + length].copy_(vb[src, :, col:col + length])
             if cache_ops._has_kv(layer):
                 layer.keys, layer.values = layer.keys[:keep], layer.values[:keep]
-            idx = torch.tensor(order, dtype=torch.long)
             for states in cache_ops._state_dicts(layer):
                 for k in states:
                     states[k] = states[k].index_select(0, idx.to(states[k].device))
         with self.lock:
             self.rows = [self.rows[i] for i in order]
-        self.mask = self.mask.index_select(0, torch.tensor(order, dtype=torch.long, device=self.mask.device))
+        self.mask = self.mask.index_select(0, idx.to(self.mask.device))
         empty_cols = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
         if empty_cols:            # the view starts later: no copy
             for layer in self.cache.layers:
