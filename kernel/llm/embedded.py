@@ -50,8 +50,8 @@ def ensure_converted(data_dir: Path) -> Path:
     target = converted_dir(data_dir)
     if (target / _DONE).exists():
         return target
+    shared = shared_dir()          # (a missing package raises here, not as an unusable cache dir below)
     try:
-        shared = shared_dir()
         if not (shared / _DONE).exists():
             _convert(shared)
         _publish(target, lambda tmp: _link_files(shared, tmp))
