@@ -70,7 +70,8 @@ def plan(programs: int, rate: float, rounds: int, seed: int, system: str = SYSTE
     t, out = 0.0, []
     for i in range(programs):
         t += rng.expovariate(rate)
-        out.append({"start": t, "system": system, "task": rng.choice(TASKS).format(n=rng.randint(1000, 9999)),
+        out.append({"start": t, "system": system, "program": f"program-{seed}-{i}",
+                    "task": rng.choice(TASKS).format(n=rng.randint(1000, 9999)),
                     "tools": [(rng.uniform(0.3, 2.5), rng.randint(0, 10 ** 6)) for _ in range(rounds)]})
     return out
 
@@ -81,7 +82,8 @@ def run_program(client, prog: dict, max_tokens: int, answer_tokens: int, rec: di
         final = r == len(prog["tools"])
         t0 = time.perf_counter()
         kw = dict(model=MODEL, messages=messages, tools=TOOLS, max_tokens=answer_tokens if final else max_tokens,
-                  temperature=0, stream=True, stream_options={"include_usage": True})
+                  temperature=0, stream=True, stream_options={"include_usage": True},
+                  extra_headers={"X-Kernos-Program": prog["program"]})   # the agent program (vLLM ignores it)
         kw.update(tool_choice="none") if final else kw.update(tool_choice="required", parallel_tool_calls=False)
         first, text, calls, usage = None, "", {}, None
         for chunk in client.chat.completions.create(**kw):
@@ -177,6 +179,7 @@ def kernos(folder: Path, work: Path, tag: str, settings: dict, programs, args) -
         after = engine_counters(session)
         out.update({k: after[k] - before[k] for k in ("prompt_tokens", "prefix_tokens_reused", "decode_steps",
                                                       "generated_tokens")})
+        out.update({f"pauses_{k}": n - before["tool_pauses"].get(k, 0) for k, n in after["tool_pauses"].items()})
         out["prefix_reuse"] = round(out["prefix_tokens_reused"] / max(1, out["prompt_tokens"]), 3)
         out["mean_batch"] = round(out["generated_tokens"] / max(1, out["decode_steps"]), 2)
         return out
@@ -186,7 +189,9 @@ def kernos(folder: Path, work: Path, tag: str, settings: dict, programs, args) -
 
 def engine_counters(session) -> dict:
     m = session.kernel.stats().models[0]
-    return {k: getattr(m, k) for k in ("prompt_tokens", "prefix_tokens_reused", "decode_steps", "generated_tokens")}
+    out = {k: getattr(m, k) for k in ("prompt_tokens", "prefix_tokens_reused", "decode_steps", "generated_tokens")}
+    out["tool_pauses"] = dict(m.tool_pauses)
+    return out
 
 
 def vllm(folder: Path, programs, args) -> dict:

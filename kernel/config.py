@@ -87,12 +87,16 @@ class LimitsConfig(_Strict):
 class SchedulerConfig(_Strict):
     # fair_share measured best for mixed agent workloads (benchmarks/scheduling.py): lowest p99 for short
     # requests, highest throughput and fairness.
-    policy: Literal["fifo", "round_robin", "priority", "fair_share"] = "fair_share"
+    policy: Literal["fifo", "round_robin", "priority", "fair_share", "program"] = "fair_share"
     quantum_steps: int = Field(16, gt=0, description="round-robin and fair-share time slice, in decode steps")
     aging_per_s: float = Field(1.0, ge=0, description="priority gained per second of waiting")
     preempt_margin: float = Field(1.0, ge=0, description="priority lead needed to preempt a running request")
     fair_share_window_s: float = Field(60.0, gt=0)
     agent_weights: dict[str, float] = Field(default_factory=dict, description="fair-share weight per agent (default 1)")
+    program_level_tokens: int = Field(512, gt=0, description="program policy: tokens of a program's attained "
+                                                             "service in its first level (each next one doubles)")
+    program_max_wait_s: float = Field(30.0, gt=0, description="program policy: a call waiting this long runs next "
+                                                              "(the starvation bound)")
 
     def make(self):
         from kernos.scheduler import make_policy
@@ -102,6 +106,13 @@ class SchedulerConfig(_Strict):
             "round_robin": {"quantum": self.quantum_steps},
             "priority": {"aging_per_s": self.aging_per_s, "preempt_margin": self.preempt_margin},
             "fair_share": {
+                "window_s": self.fair_share_window_s,
+                "weights": self.agent_weights,
+                "quantum": self.quantum_steps,
+            },
+            "program": {
+                "level_tokens": self.program_level_tokens,
+                "max_wait_s": self.program_max_wait_s,
                 "window_s": self.fair_share_window_s,
                 "weights": self.agent_weights,
                 "quantum": self.quantum_steps,

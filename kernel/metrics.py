@@ -79,6 +79,19 @@ class _KernelCollector:
             c["prefix_cache_hits"].add_metric([m.name], st.prefix_tokens_reused)
         yield from g.values()
         yield from c.values()
+        pauses = CounterMetricFamily("kernos:tool_pauses", "KV kept through tool pauses, by outcome",
+                                     labels=["model", "outcome"])
+        for m in k.llm.models.values():
+            for outcome, n in sorted(m.engine.stats.pauses.items()):
+                pauses.add_metric([m.name, outcome], n)
+        yield pauses
+        programs = GaugeMetricFamily("kernos:programs", "Agent programs seen lately, by state", labels=["state"])
+        states = {"running": 0, "paused": 0, "idle": 0}
+        for p in k.llm.programs.list():
+            states[p.state] += 1
+        for state, n in states.items():
+            programs.add_metric([state], n)
+        yield programs
         agents = k.registry.list(include_exited=True)
         active = GaugeMetricFamily("kernos:agents_active", "Agents with a live session")
         active.add_metric([], sum(1 for a in agents if a.state == "active"))

@@ -8,11 +8,14 @@ from .policy import (
                      FifoPolicy,
                      Policy,
                      PriorityPolicy,
+                     ProgramPolicy,
                      RequestView,
                      RoundRobinPolicy,
                      make_policy,
 )
+from .programs import Program, Programs, default_program_id
 from .queue import RunQueue
 
-__all__ = ["POLICIES", "Budget", "Decision", "FairSharePolicy", "FifoPolicy", "Policy", "PriorityPolicy",
-           "RequestView", "RoundRobinPolicy", "RunQueue", "make_policy"]
+__all__ = ["POLICIES", "Budget", "Decision", "FairSharePolicy", "FifoPolicy", "Policy", "PriorityPolicy", "Program",
+           "ProgramPolicy", "Programs", "RequestView", "RoundRobinPolicy", "RunQueue", "default_program_id",
+           "make_policy"]

@@ -8,6 +8,7 @@ size, tokens in flight, and cache bytes.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -28,6 +29,13 @@ class RequestView:
     cache_bytes: int = 0        # bytes its cache holds now (running) or will hold when admitted (waiting)
     preemptions: int = 0
     first_token_at: float = 0.0 # monotonic seconds of its first generated token; 0 before it (for observers)
+    program_id: str = ""        # its agent program ("": a call of its own)
+    program_service: int = 0    # tokens computed for its program so far, this call's included
+
+    @property
+    def service(self) -> int:
+        """Attained service of what this call belongs to: its program's, or (alone) its own tokens."""
+        return self.program_service if self.program_id else self.tokens
 
     @property
     def tokens(self) -> int:
@@ -224,7 +232,53 @@ class FairSharePolicy(Policy):
         return sorted(running, key=lambda r: (-self.usage(r.agent_id, now), -r.quantum_steps))
 
 
-POLICIES = {p.name: p for p in (FifoPolicy, RoundRobinPolicy, PriorityPolicy, FairSharePolicy)}
+class ProgramPolicy(FairSharePolicy):
+    """Program-level least attained service (Autellix's PLAS): a call is ranked by the service its whole agent
+    program has had (tokens computed for every call of it so far), not by its own, so a program's later calls
+    (tool follow-ups) do not queue behind the first calls of newer, longer programs, and short programs finish
+    first. Service is bucketed into levels that double in width (`level_tokens`, then 3x, 7x, ...), so calls of
+    programs of like size keep arrival order and one token does not reorder the queue. On top: priority first,
+    then (within a level) the agent's fair share of recent tokens, then arrival. A call waiting longer than
+    `max_wait_s` ranks before all others (oldest first), the starvation bound. A running call that has used its
+    quantum yields to a waiting one of a lower level or a higher priority (or a starved one)."""
+
+    name = "program"
+    preempt_reason = "program"
+
+    def __init__(self, level_tokens: int = 512, max_wait_s: float = 30.0, quantum: int = 16,
+                 window_s: float = 60.0, weights: dict[str, float] | None = None):
+        if level_tokens <= 0 or max_wait_s <= 0:
+            raise ValueError("program policy: level_tokens and max_wait_s must be > 0")
+        super().__init__(window_s, weights, quantum)
+        self.level_tokens = level_tokens
+        self.max_wait_s = max_wait_s
+
+    def level(self, r: RequestView) -> int:
+        return int(math.log2(1 + r.service / self.level_tokens))
+
+    def starved(self, r: RequestView, now: float) -> bool:
+        return now - (r.enqueued or r.arrival) > self.max_wait_s
+
+    def admission_priority(self, r, now):
+        return self.level(r) - 1000 * r.priority     # vLLM orders by this once, at admission
+
+    def rank(self, r, now):
+        if self.starved(r, now):
+            return (0, r.enqueued or r.arrival)
+        return (1, -r.priority, self.level(r), self.usage(r.agent_id, now), r.enqueued or r.arrival)
+
+    def may_preempt(self, candidate, victim, now):
+        if victim.quantum_steps < self.quantum:
+            return False
+        if candidate.priority != victim.priority:
+            return candidate.priority > victim.priority
+        return self.starved(candidate, now) or self.level(candidate) < self.level(victim)
+
+    def victim_order(self, running, now):
+        return sorted(running, key=lambda r: (r.priority, -self.level(r), -r.quantum_steps))
+
+
+POLICIES = {p.name: p for p in (FifoPolicy, RoundRobinPolicy, PriorityPolicy, FairSharePolicy, ProgramPolicy)}
 
 
 def make_policy(name: str, **options) -> Policy:

@@ -107,6 +107,7 @@ def generate_request(
     ignore_eos: bool = False,
     prompt_logprobs: bool = False,
     prompt_ids: list[int] | None = None,
+    program_id: str = "",
 ) -> llm_pb2.GenerateRequest:
     sampling = llm_pb2.SamplingParams(
         top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []), frequency_penalty=frequency_penalty,
@@ -138,6 +139,7 @@ def generate_request(
         kernel_tools=list(kernel_tools or []),
         tool_execution=tool_execution,
         max_tool_rounds=max_tool_rounds,
+        program_id=program_id,
         n=n,
         logprobs=logprobs,
         top_logprobs=top_logprobs,

@@ -91,7 +91,9 @@ class LLMCalls(CallGroup):
         assistant messages with "tool_calls", "tool" messages with "tool_call_id"; OpenAI's shape works).
 
         Sampling keywords: model, adapter, temperature (0 = greedy), top_p, top_k, max_tokens, stop, seed,
-        priority, context_id; n (samples of the prompt, in `reply.choices`), logprobs, top_logprobs;
+        priority, context_id, program_id (the agent program the call belongs to: its calls share accounting,
+        program scheduling and KV kept through tool pauses; unset: its context's, else its conversation's);
+        n (samples of the prompt, in `reply.choices`), logprobs, top_logprobs;
         frequency_penalty, presence_penalty, repetition_penalty, logit_bias ({token id: bias}), min_p,
         stop_token_ids, min_tokens, ignore_eos (OpenAI's and vLLM's meanings).
         Tools: `tools` (Python functions or OpenAI-style dicts), `tool_choice` ("auto",

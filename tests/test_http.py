@@ -497,3 +497,54 @@ def test_prometheus_metrics(hk):
                       if s.name.endswith("_count") and s.labels.get("model") == "echo")
     assert ttft_count >= 1
     assert value("kernos:agent_generation_tokens", agent="http-agent") >= 3
+
+
+def test_a_program_spans_calls_and_transports_and_keeps_its_kv_through_a_tool_pause(hk):
+    """Issue 33: an agent program named over /v1 (a header, or `program_id` through extra_body) and over gRPC
+    (the SDK's program_id) is one kernel object: its calls, tokens computed and tool pauses are counted in the
+    kernel's stats. A reply that ends in a tool call pins the call's KV for the program; the follow-up carrying
+    the tool's result reuses it. A conversation that names no program is one by default."""
+    client, session, http, *_ = hk
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                       "additionalProperties": False}}}]
+    system = {"role": "system", "content": "You plan trips. Check the weather with the tool before you answer."}
+    messages = [system, {"role": "user", "content": "How is the weather in Rome today?"}]
+
+    def stats():
+        st = session.kernel.stats()
+        return ({p.program_id: p for p in st.programs}, {m.name: m for m in st.models}[MODEL])
+
+    _, m0 = stats()
+    named = openai.OpenAI(base_url=f"http://{http}/v1", api_key=session.token, max_retries=0,
+                          default_headers={"X-Kernos-Program": "trip-rome"})
+    r = named.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required",
+                                      parallel_tool_calls=False, max_tokens=64)
+    assert r.choices[0].finish_reason == "tool_calls"
+    programs, m1 = stats()
+    p = programs["trip-rome"]
+    assert p.state == "paused" and list(p.paused_on) == ["get_weather"] and p.calls == 1
+    assert p.service_tokens > r.usage.completion_tokens and p.agent_id == "http-agent"
+    assert m1.tool_pauses["pinned"] == m0.tool_pauses.get("pinned", 0) + 1
+    time.sleep(0.3)                                             # the tool runs
+    call = r.choices[0].message.tool_calls[0]
+    messages += [r.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24 C"}]
+    reply = session.llm.chat(messages, tools=tools, model=MODEL, max_tokens=16, program_id="trip-rome")
+    assert reply.completion_tokens > 0
+    programs, m2 = stats()
+    p = programs["trip-rome"]
+    assert p.calls == 2 and p.tool_pauses == 1 and p.tool_pause_s >= 0.3 and p.state == "idle"
+    assert m2.tool_pauses["reused"] == m1.tool_pauses.get("reused", 0) + 1
+    assert m2.prefix_tokens_reused - m1.prefix_tokens_reused >= r.usage.prompt_tokens // 128 * 128 > 0
+    client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body={"program_id": "trip-rome"})
+    assert stats()[0]["trip-rome"].calls == 3
+    # no id at all: the conversation's opening names it, the same for its next call
+    convo = [system, {"role": "user", "content": "And in Oslo?"}]
+    client.chat.completions.create(model=MODEL, messages=convo, max_tokens=4)
+    client.chat.completions.create(model=MODEL, messages=convo + [{"role": "assistant", "content": "Let me see."},
+                                                                  {"role": "user", "content": "Thanks."}], max_tokens=4)
+    assert sorted(p.calls for pid, p in stats()[0].items() if pid.startswith("conv:")) [-1] >= 2
+    with pytest.raises(openai.BadRequestError, match="program_id"):
+        client.chat.completions.create(model=MODEL, messages=convo, max_tokens=4, extra_body={"program_id": "x" * 200})

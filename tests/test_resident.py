@@ -140,3 +140,67 @@ def test_position_exact_engine_reuses_a_conversation_to_its_last_token(tiny_mode
     resumed = drive_engine(engine_for(lm, resident=False), [GenRequest("long", "a", p2, 16)], {3: "recompute"},
                            victim="long")["long"]
     assert resumed.preemptions == 1 and resumed.token_ids == alone.token_ids
+
+
+def pinned(engine, owner):
+    return [e for e in engine.resident.entries if e.owner == owner and e.pinned(time.monotonic())]
+
+
+def test_kv_is_kept_through_a_tool_pause_and_reused_by_the_follow_up(lm, tmp_path):
+    """A reply that ends in tool calls pins what its call computed for its program: other agents' prompts
+    that push the resident cache past its budget evict unpinned entries first; the follow-up carrying the
+    tool's result reuses the pinned prefix (counted), and replies as it would without any reuse."""
+    engine = engine_for(lm, swap_dir=tmp_path / "swap")
+    p1 = chat(lm, [("list the files in my home folder", None)])
+    r1 = one(engine, "call1", p1, program_id="prog")
+    engine.pause("call1", "prog", 30.0)
+    engine.step()                                   # applied between two steps, on the engine's thread
+    assert pinned(engine, "call1") and engine.snapshot()[0].pauses["pinned"] >= 1
+    engine.resident.max_bytes = engine.resident.nbytes * 2       # room for about one more prompt
+    for i in range(3):                              # other agents' calls, each wanting its prompt resident
+        one(engine, f"other{i}", chat(lm, [(f"unrelated question {i} about the weather", None)]))
+    assert engine.resident.evictions > 0 and pinned(engine, "call1"), "the pinned KV was evicted first"
+    before = engine.stats.prefix_tokens_reused
+    p2 = p1 + r1.token_ids + chat(lm, [("a.txt b.txt notes.md", None)])[-8:]     # the tool's result appended
+    got = one(engine, "call2", p2, program_id="prog")
+    if engine.runner.position_exact:
+        expected = len(p1) + len(r1.token_ids) - (r1.finish == Finish.LENGTH)
+    else:
+        expected = ((len(p1) - 1) if lm.architecture == "hybrid" else len(p1)) // CHUNK * CHUNK
+    assert engine.stats.prefix_tokens_reused - before == expected > 0
+    assert engine.snapshot()[0].pauses["reused"] == 1 and not pinned(engine, "call1")     # the pin ended
+    assert got.token_ids == one(engine_for(lm, resident=False), "call2", p2).token_ids
+
+
+def test_a_pin_expires_with_its_ttl_and_is_swapped_or_dropped_under_pressure(lm, tmp_path):
+    """A pin lasts its time-to-live. Under memory pressure a pinned entry goes last, to a file where writing it
+    and reading it back costs less than re-prefilling its tokens (the engine's cost model), else it is dropped;
+    a swapped entry is loaded again by the follow-up, which still replies exactly."""
+    engine = engine_for(lm, swap_dir=tmp_path / "swap")
+    p1 = chat(lm, [("read the report and summarise it", None)])
+    one(engine, "c1", p1, program_id="prog")
+    engine.pause("c1", "prog", 0.05)
+    engine.step()
+    assert pinned(engine, "c1")
+    time.sleep(0.1)
+    engine.resident.shrink(engine.resident.max_bytes)
+    assert not pinned(engine, "c1") and engine.resident.entries and engine.resident.pins_expired == 1
+    engine.pause("c1", "prog", 30.0)
+    engine.step()
+    engine.costs.prefill_s_per_token = 1.0        # re-prefilling is priced far above a file's round trip
+    engine.resident.shrink(0)                     # running rows need every byte
+    assert engine.resident.nbytes == 0 and engine.resident.pins_swapped == 1
+    [entry] = engine.resident.entries
+    swapped = entry.path
+    assert entry.cache is None and swapped.exists()
+    p2 = p1 + chat(lm, [("the report says 42", None)])[-8:]
+    before = engine.stats.prefix_tokens_reused
+    got = one(engine, "c2", p2, program_id="prog")
+    assert engine.stats.prefix_tokens_reused > before and not swapped.exists() and entry.cache is not None
+    assert got.token_ids == one(engine_for(lm, resident=False), "c2", p2).token_ids
+    engine.pause("c2", "prog", 30.0)
+    engine.step()
+    engine.costs.prefill_s_per_token = 1e-12      # now recomputing is the cheaper
+    engine.resident.shrink(0)
+    assert not engine.resident.entries and engine.resident.pins_dropped == 1
+    assert not list((tmp_path / "swap").glob("resident-*"))

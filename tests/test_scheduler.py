@@ -8,15 +8,20 @@ from kernos.scheduler import (
     FairSharePolicy,
     FifoPolicy,
     PriorityPolicy,
+    ProgramPolicy,
+    Programs,
     RequestView,
     RoundRobinPolicy,
+    default_program_id,
     make_policy,
 )
 
 
-def v(rid, arrival=0.0, agent="a", priority=0, enqueued=None, quantum=0, cache=0, prompt=10, generated=0):
+def v(rid, arrival=0.0, agent="a", priority=0, enqueued=None, quantum=0, cache=0, prompt=10, generated=0,
+      program="", service=0):
     return RequestView(rid, agent, priority, arrival, prompt, 100, generated,
-                       arrival if enqueued is None else enqueued, quantum, cache)
+                       arrival if enqueued is None else enqueued, quantum, cache, program_id=program,
+                       program_service=service)
 
 
 def test_fifo_admits_in_arrival_order_and_never_preempts():
@@ -140,3 +145,80 @@ def test_admission_order_for_engines_that_order_only_at_admission():
     f.decoded(["heavy"] * 50 + ["light"] * 2, now)
     heavy, light = v("h1", agent="heavy"), v("l1", agent="light")
     assert f.admission_priority(light, now) == 2 < f.admission_priority(heavy, now) == 50
+
+
+def test_program_policy_orders_by_the_programs_attained_service():
+    """Autellix's PLAS: a tool follow-up of a short program goes before the next call of a long one, whatever
+    the calls' own sizes and arrivals; programs of like service keep arrival order (levels)."""
+    p = ProgramPolicy(level_tokens=100, max_wait_s=1000)
+    waiting = [v("long-3", 1.0, program="long", service=5000, prompt=50),
+               v("short-2", 2.0, program="short", service=150, prompt=900),    # its own prompt is the longest
+               v("new-1", 3.0, program="new", service=0, prompt=400)]
+    assert p.schedule(waiting, [], Budget(3), now=4).admit == ["new-1", "short-2", "long-3"]
+    alike = [v("b", 2.0, program="b", service=120), v("a", 1.0, program="a", service=180)]   # one level: FCFS
+    assert p.schedule(alike, [], Budget(2), now=4).admit == ["a", "b"]
+    # a call of its own (no program) is ranked by its own tokens
+    assert p.level(v("solo", prompt=10, generated=5)) == 0 and p.level(v("big", prompt=10_000)) > 0
+    # preemption: a waiting call of a lower level displaces a running one of a higher level after its quantum
+    d = p.schedule([v("new-1", 3.0, program="new")], [v("long-3", 1.0, program="long", service=5000, quantum=15)],
+                   Budget(1), now=4)
+    assert d.preempt == []                                       # its quantum (16 steps) is not used up yet
+    d = p.schedule([v("new-1", 3.0, program="new")], [v("long-3", 1.0, program="long", service=5000, quantum=16)],
+                   Budget(1), now=4)
+    assert d.preempt == [("long-3", "program")] and d.admit == ["new-1"]
+    d = p.schedule([v("x", 3.0, program="x", service=5000)], [v("y", 1.0, program="y", service=10, quantum=99)],
+                   Budget(1), now=4)
+    assert d.preempt == [] and d.admit == []                     # never for a program with more service
+
+
+def test_program_policy_bounds_starvation_and_keeps_priority_and_fair_share_on_top():
+    p = ProgramPolicy(level_tokens=100, max_wait_s=10)
+    old = v("old", 0.0, program="huge", service=10**6)
+    young = v("young", 5.0, program="tiny", service=0)
+    assert p.schedule([old, young], [], Budget(1), now=9).admit == ["young"]
+    assert p.schedule([old, young], [], Budget(1), now=11).admit == ["old"]   # waited past max_wait_s: first
+    d = p.schedule([old], [v("run", 0.0, program="tiny", service=0, quantum=16)], Budget(1), now=11)
+    assert d.preempt == [("run", "program")]                     # a starved call may displace a running one
+    urgent = v("urgent", 5.0, priority=3, program="big", service=10**5)
+    assert p.schedule([young, urgent], [], Budget(1), now=6).admit == ["urgent"]      # priority first
+    p.record("heavy", 500, now=1.0)
+    p.record("light", 10, now=1.0)
+    same_level = [v("h", 1.0, agent="heavy", program="ph", service=50), v("l", 2.0, agent="light", program="pl",
+                                                                             service=60)]
+    assert p.schedule(same_level, [], Budget(1), now=2).admit == ["l"]           # then the agents' fair share
+    assert make_policy("program", level_tokens=64).level_tokens == 64
+    with pytest.raises(ValueError, match="level_tokens"):
+        ProgramPolicy(level_tokens=0)
+    assert p.admission_priority(young, 6) < p.admission_priority(old, 6)    # vLLM: the lower level first
+
+
+def test_programs_account_calls_and_predict_tool_pauses_from_what_they_observed():
+    t = Programs(default_pause_s=4.0)
+    assert t.begin("a", "") is None                               # a call of no program
+    p = t.begin("a", "prog", now=0.0)
+    p.computed(120)
+    assert p.state == "running" and t.end(p, ["search"], now=1.0) == 4.0   # nothing seen yet: the default
+    assert p.state == "paused" and p.paused_tools == ("search",)
+    assert t.begin("a", "prog", now=3.5) is p                         # the follow-up closes the pause
+    assert p.pauses == 1 and p.pause_s == 2.5 and p.calls == 2 and p.service == 120
+    t.end(p, now=4.0)
+    for i, gap in enumerate([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 9.0]):   # search: mostly 1 s, once 9 s
+        q = t.begin("a", f"p{i}", now=10.0 * i)
+        t.end(q, ["search"], now=10.0 * i)
+        t.begin("a", f"p{i}", now=10.0 * i + gap)
+    assert t.predict_pause(["search"]) == 9.0                         # the 90th percentile of 10 observations
+    assert t.predict_pause(["search", "never-seen"]) == 9.0 and t.predict_pause(["never-seen"]) == 4.0
+    assert t.get("b", "prog") is None and {x.program_id for x in t.list("a", now=100)} >= {"prog", "p0"}
+    t.idle_s = 0.0
+    assert [x.program_id for x in t.list(now=100)] == [f"p{i}" for i in range(9)]       # still running: kept
+
+
+def test_a_conversation_is_one_program_by_default():
+    sys_ = {"role": "system", "content": "you are helpful"}
+    first = [sys_, {"role": "user", "content": "find the file"}]
+    later = first + [{"role": "assistant", "content": "", "tool_calls": [{"id": "1", "name": "ls", "arguments": "{}"}]},
+                     {"role": "tool", "content": "a.txt", "tool_call_id": "1"}]
+    assert default_program_id(first) == default_program_id(later) != ""
+    assert default_program_id([sys_, {"role": "user", "content": "another task"}]) != default_program_id(first)
+    assert default_program_id(first, context_id="ctx1") == "context:ctx1"
+    assert default_program_id([sys_]) == ""

@@ -34,6 +34,9 @@ def render(st, detail: bool = True) -> str:
         lines += job_table(active if not detail else sorted(st.tuner_jobs, key=lambda j: -j.created)[:10])
     if not detail:
         return "\n".join(lines)
+    if st.programs:
+        lines.append("")
+        lines += program_table(st.programs)
     per_agent = defaultdict(lambda: defaultdict(int))
     rows = []
     for m in st.models:
@@ -102,3 +105,13 @@ def top(session, interval: float, once: bool, out) -> None:
         out.write("\x1b[H\x1b[2J" + frame + f"\n\nrefreshing every {interval:g} s; Ctrl-C to quit\n")
         out.flush()
         time.sleep(interval)
+
+
+def program_table(programs) -> list[str]:
+    """Agent programs, the busiest (most tokens computed) first."""
+    lines = [f"{'program':<30}{'agent':<20}{'state':<9}{'calls':>6}{'tokens':>9}{'pauses':>7}{'pause s':>9}"
+             f"  waits on"]
+    for p in sorted(programs, key=lambda p: -p.service_tokens)[:20]:
+        lines.append(f"{p.program_id[:29]:<30}{p.agent_id[:19]:<20}{p.state:<9}{p.calls:>6}{p.service_tokens:>9}"
+                     f"{p.tool_pauses:>7}{p.tool_pause_s:>9.1f}  {', '.join(p.paused_on)[:40]}")
+    return lines

@@ -34,6 +34,7 @@ class EngineStats:
     prefix_lookups: int = 0         # prefills that looked for a resident prefix
     prefix_hits: int = 0            # ... and found one
     prefix_tokens_reused: int = 0   # prompt tokens not prefilled thanks to a resident prefix
+    pauses: dict = field(default_factory=dict)   # KV through tool pauses: pinned / reused / expired / swapped / dropped
     recent: deque = field(default_factory=lambda: deque(maxlen=512))  # (time, tokens) per step
     queue_waits: deque = field(default_factory=lambda: deque(maxlen=256))  # ms from arrival to first admission
 
@@ -91,6 +92,11 @@ class Engine(ABC):
 
     def _cannot(self, what: str) -> StatusError:
         return StatusError("FAILED_PRECONDITION", f"model '{self.name}' cannot {what} generations")
+
+    def pause(self, request_id: str, program_id: str, ttl_s: float) -> None:
+        """The reply of `request_id` ended in tool calls: its program pauses about `ttl_s` seconds. An engine that
+        can keep the KV it computed for the program's follow-up does so (the own engine); others leave it to their
+        own cache (vLLM's prefix cache: least recently used blocks, no pins)."""
 
     @abstractmethod
     def snapshot(self) -> tuple[EngineStats, list[tuple[RequestView, str]]]:

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernos.scheduler import Programs
+
 from .base import Engine
 from .echo import EchoEngine, EchoTokenizer
 from .settings import EngineConfig, ModelConfig
@@ -93,7 +95,8 @@ def _load(cfg: ModelConfig, engine_cfg: EngineConfig, make_policy, data_dir: Pat
                                 max_tokens_in_flight=e.max_tokens_in_flight, cache_budget_bytes=e.cache_budget_bytes,
                                 preemption=e.preemption, swap_host_bytes=e.swap_host_bytes,
                                 swap_dir=data_dir / "swap" / cfg.name, resident_bytes=e.resident_cache_bytes,
-                                resident_ttl_s=e.resident_ttl_s, prefill_chunk=e.prefill_chunk_tokens)
+                                resident_ttl_s=e.resident_ttl_s, prefill_chunk=e.prefill_chunk_tokens,
+                                pause_max_s=e.tool_pause_max_s)
     return ServedModel(cfg.name, engine, lm.architecture, str(lm.device), str(lm.dtype).replace("torch.", ""),
                        lm.adapters, lm.context_length, lm.parameters, lm.tokenizer,
                        bool(getattr(lm.tokenizer, "chat_template", None)),
@@ -106,6 +109,7 @@ class LLMCore:
 
     def __init__(self, models: list[ModelConfig], default: str, engine: EngineConfig, make_policy, data_dir: Path):
         self.default = default
+        self.programs = Programs()          # agent programs across every model (kernos.scheduler.programs)
         self.models: dict[str, ServedModel] = {}
         for cfg in models:
             self.models[cfg.name] = _load(cfg, engine, make_policy, data_dir)

@@ -42,6 +42,10 @@ class EngineConfig(_Strict):
                                    "tokens (a conversation's next turn, a tool result, a shared system prompt), within "
                                    "what running requests leave of cache_budget_bytes; 0: off")
     resident_ttl_s: float = Field(600.0, gt=0, description="a resident cache unused this long is dropped")
+    tool_pause_max_s: float = Field(
+        120.0, ge=0, description="a reply that ends in tool calls keeps its call's KV resident for the program's "
+                                 "follow-up as long as that tool's pauses are predicted to last (the 90th percentile "
+                                 "of those observed), at most this long; 0: off")
     prefill_chunk_tokens: int = Field(
         0, ge=0, description="prompts run in chunks starting at multiples of this; resident prefixes are reused up "
                              "to a chunk boundary (on the own kernels up to any token); 0: 32 on the own kernels, "

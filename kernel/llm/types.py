@@ -87,6 +87,8 @@ class GenRequest:
     group_size: int = 1
     shaping: Shaping = field(default_factory=Shaping)
     prompt_logprobs: bool = False   # score the prompt: each token's log-probability (and top_logprobs alternatives)
+    program_id: str = ""            # its agent program ("": none)
+    program: object = None          # kernos.scheduler.Program: engines add the tokens they compute for it
 
 
 @dataclass

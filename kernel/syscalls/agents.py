@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 VERSION = "0.1.0"
 
@@ -35,6 +35,7 @@ class KernelStats:
     default_model: str
     models: list[ModelLoad]
     jobs: list
+    programs: list = field(default_factory=list)   # kernos.scheduler.Program: the caller's (operators: all)
 
 
 class Agents:
@@ -85,4 +86,5 @@ class Agents:
                                     sum(1 for _, s in live if s == "suspended")))
         jobs = await asyncio.to_thread(self.jobs.list, mine)
         return KernelStats(VERSION, time.time() - self.lifecycle.started, self.agents.active_count(),
-                           self.lifecycle.syscalls, self.lifecycle.in_flight, self.llm.default, models, jobs)
+                           self.lifecycle.syscalls, self.lifecycle.in_flight, self.llm.default, models, jobs,
+                           self.llm.programs.list(mine))

@@ -44,6 +44,7 @@ class Generation:
     max_tool_rounds: int = 0
     shaping: Shaping = field(default_factory=Shaping)   # penalties, logit bias, min-p, stop token ids, ...
     prompt_logprobs: bool = False                       # score the prompt's tokens (max_tokens 0: only that)
+    program_id: str = ""                                # its agent program ("": by default, see Generate.run)
 
 
 @dataclass

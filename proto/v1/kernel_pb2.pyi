@@ -98,7 +98,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RequestStats(_message.Message):
-    __slots__ = ("request_id", "agent_id", "model", "state", "prompt_tokens", "generated_tokens", "age_ms", "preemptions", "priority", "cache_bytes")
+    __slots__ = ("request_id", "agent_id", "model", "state", "prompt_tokens", "generated_tokens", "age_ms", "preemptions", "priority", "cache_bytes", "program_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class RequestStats(_message.Message):
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     agent_id: str
     model: str
@@ -119,11 +120,19 @@ class RequestStats(_message.Message):
     preemptions: int
     priority: int
     cache_bytes: int
-    def __init__(self, request_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., age_ms: _Optional[float] = ..., preemptions: _Optional[int] = ..., priority: _Optional[int] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
+    program_id: str
+    def __init__(self, request_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., age_ms: _Optional[float] = ..., preemptions: _Optional[int] = ..., priority: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., program_id: _Optional[str] = ...) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("name", "architecture", "device", "dtype", "adapters", "parameters", "running", "waiting", "completed", "prompt_tokens", "generated_tokens", "decode_steps", "tokens_per_s", "mean_batch_size", "cache_bytes", "requests", "cancelled", "policy", "context_switches", "switch_ms", "swaps", "recomputes", "preempted", "suspended", "cache_budget_bytes", "preempted_by_reason", "queue_wait_ms", "resident_bytes", "resident_entries", "prefix_lookups", "prefix_hits", "prefix_tokens_reused")
+    __slots__ = ("name", "architecture", "device", "dtype", "adapters", "parameters", "running", "waiting", "completed", "prompt_tokens", "generated_tokens", "decode_steps", "tokens_per_s", "mean_batch_size", "cache_bytes", "requests", "cancelled", "policy", "context_switches", "switch_ms", "swaps", "recomputes", "preempted", "suspended", "cache_budget_bytes", "preempted_by_reason", "queue_wait_ms", "resident_bytes", "resident_entries", "prefix_lookups", "prefix_hits", "prefix_tokens_reused", "tool_pauses")
     class PreemptedByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ToolPausesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +171,7 @@ class ModelStats(_message.Message):
     PREFIX_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_HITS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
+    TOOL_PAUSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     device: str
@@ -194,10 +204,11 @@ class ModelStats(_message.Message):
     prefix_lookups: int
     prefix_hits: int
     prefix_tokens_reused: int
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., parameters: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., completed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., decode_steps: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., mean_batch_size: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestStats, _Mapping]]] = ..., cancelled: _Optional[int] = ..., policy: _Optional[str] = ..., context_switches: _Optional[int] = ..., switch_ms: _Optional[float] = ..., swaps: _Optional[int] = ..., recomputes: _Optional[int] = ..., preempted: _Optional[int] = ..., suspended: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., preempted_by_reason: _Optional[_Mapping[str, int]] = ..., queue_wait_ms: _Optional[float] = ..., resident_bytes: _Optional[int] = ..., resident_entries: _Optional[int] = ..., prefix_lookups: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_tokens_reused: _Optional[int] = ...) -> None: ...
+    tool_pauses: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., parameters: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., completed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., decode_steps: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., mean_batch_size: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestStats, _Mapping]]] = ..., cancelled: _Optional[int] = ..., policy: _Optional[str] = ..., context_switches: _Optional[int] = ..., switch_ms: _Optional[float] = ..., swaps: _Optional[int] = ..., recomputes: _Optional[int] = ..., preempted: _Optional[int] = ..., suspended: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., preempted_by_reason: _Optional[_Mapping[str, int]] = ..., queue_wait_ms: _Optional[float] = ..., resident_bytes: _Optional[int] = ..., resident_entries: _Optional[int] = ..., prefix_lookups: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_tokens_reused: _Optional[int] = ..., tool_pauses: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("version", "uptime_s", "active_agents", "syscalls", "in_flight", "models", "default_model", "tuner_jobs")
+    __slots__ = ("version", "uptime_s", "active_agents", "syscalls", "in_flight", "models", "default_model", "tuner_jobs", "programs")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_AGENTS_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +217,7 @@ class StatsReply(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
     TUNER_JOBS_FIELD_NUMBER: _ClassVar[int]
+    PROGRAMS_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     active_agents: int
@@ -214,4 +226,27 @@ class StatsReply(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelStats]
     default_model: str
     tuner_jobs: _containers.RepeatedCompositeFieldContainer[_tuner_pb2.Job]
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., active_agents: _Optional[int] = ..., syscalls: _Optional[int] = ..., in_flight: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., default_model: _Optional[str] = ..., tuner_jobs: _Optional[_Iterable[_Union[_tuner_pb2.Job, _Mapping]]] = ...) -> None: ...
+    programs: _containers.RepeatedCompositeFieldContainer[ProgramStats]
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., active_agents: _Optional[int] = ..., syscalls: _Optional[int] = ..., in_flight: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., default_model: _Optional[str] = ..., tuner_jobs: _Optional[_Iterable[_Union[_tuner_pb2.Job, _Mapping]]] = ..., programs: _Optional[_Iterable[_Union[ProgramStats, _Mapping]]] = ...) -> None: ...
+
+class ProgramStats(_message.Message):
+    __slots__ = ("program_id", "agent_id", "state", "service_tokens", "calls", "tool_pauses", "tool_pause_s", "age_s", "paused_on")
+    PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_PAUSES_FIELD_NUMBER: _ClassVar[int]
+    TOOL_PAUSE_S_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_ON_FIELD_NUMBER: _ClassVar[int]
+    program_id: str
+    agent_id: str
+    state: str
+    service_tokens: int
+    calls: int
+    tool_pauses: int
+    tool_pause_s: float
+    age_s: float
+    paused_on: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, program_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., state: _Optional[str] = ..., service_tokens: _Optional[int] = ..., calls: _Optional[int] = ..., tool_pauses: _Optional[int] = ..., tool_pause_s: _Optional[float] = ..., age_s: _Optional[float] = ..., paused_on: _Optional[_Iterable[str]] = ...) -> None: ...

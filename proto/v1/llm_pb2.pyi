@@ -110,7 +110,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., min_p: _Optional[float] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., min_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("messages", "prompt", "model", "adapter", "sampling", "priority", "context_id", "tools", "tool_choice", "parallel_tool_calls", "response_format", "kernel_tools", "tool_execution", "max_tool_rounds", "n", "logprobs", "top_logprobs", "first_tool_choice", "prompt_logprobs", "prompt_ids")
+    __slots__ = ("messages", "prompt", "model", "adapter", "sampling", "priority", "context_id", "tools", "tool_choice", "parallel_tool_calls", "response_format", "kernel_tools", "tool_execution", "max_tool_rounds", "n", "logprobs", "top_logprobs", "first_tool_choice", "prompt_logprobs", "prompt_ids", "program_id")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class GenerateRequest(_message.Message):
     FIRST_TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     prompt: str
     model: str
@@ -151,7 +152,8 @@ class GenerateRequest(_message.Message):
     first_tool_choice: str
     prompt_logprobs: bool
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., context_id: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[ToolDefinition, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., parallel_tool_calls: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., kernel_tools: _Optional[_Iterable[str]] = ..., tool_execution: _Optional[str] = ..., max_tool_rounds: _Optional[int] = ..., n: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., first_tool_choice: _Optional[str] = ..., prompt_logprobs: _Optional[bool] = ..., prompt_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    program_id: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., context_id: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[ToolDefinition, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., parallel_tool_calls: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., kernel_tools: _Optional[_Iterable[str]] = ..., tool_execution: _Optional[str] = ..., max_tool_rounds: _Optional[int] = ..., n: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., first_tool_choice: _Optional[str] = ..., prompt_logprobs: _Optional[bool] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., program_id: _Optional[str] = ...) -> None: ...
 
 class PromptLogprob(_message.Message):
     __slots__ = ("token", "token_id", "logprob", "top_logprobs")

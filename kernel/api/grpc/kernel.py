@@ -33,10 +33,17 @@ def _model_stats(load: ModelLoad) -> pb.ModelStats:
         cache_budget_bytes=load.cache_budget_bytes, preempted_by_reason=st.preempted_by_reason,
         queue_wait_ms=st.queue_wait_ms(), resident_bytes=st.resident_bytes, resident_entries=st.resident_entries,
         prefix_lookups=st.prefix_lookups, prefix_hits=st.prefix_hits, prefix_tokens_reused=st.prefix_tokens_reused,
+        tool_pauses=st.pauses,
         requests=[pb.RequestStats(request_id=v.request_id, agent_id=v.agent_id, model=m.name, state=state,
                                   prompt_tokens=v.prompt_tokens, generated_tokens=v.generated,
                                   age_ms=(now - v.arrival) * 1e3, preemptions=v.preemptions, priority=v.priority,
-                                  cache_bytes=v.cache_bytes) for v, state in live])
+                                  cache_bytes=v.cache_bytes, program_id=v.program_id) for v, state in live])
+
+
+def _program_stats(p, now: float) -> pb.ProgramStats:
+    return pb.ProgramStats(program_id=p.program_id, agent_id=p.agent_id, state=p.state, service_tokens=p.service,
+                           calls=p.calls, tool_pauses=p.pauses, tool_pause_s=p.pause_s, age_s=now - p.started,
+                           paused_on=list(p.paused_tools))
 
 
 class KernelServicer(rpc.KernelServicer):
@@ -64,4 +71,5 @@ class KernelServicer(rpc.KernelServicer):
         s = await self.agents.stats(current_principal())
         return pb.StatsReply(version=s.version, uptime_s=s.uptime_s, active_agents=s.active_agents,
                              syscalls=s.syscalls, in_flight=s.in_flight, default_model=s.default_model,
-                             models=[_model_stats(m) for m in s.models], tuner_jobs=[job_message(j) for j in s.jobs])
+                             models=[_model_stats(m) for m in s.models], tuner_jobs=[job_message(j) for j in s.jobs],
+                             programs=[_program_stats(p, time.monotonic()) for p in s.programs])

@@ -51,7 +51,8 @@ def generation(r: pb.GenerateRequest) -> Generation:
         response_format=r.response_format.type, schema_json=r.response_format.schema_json,
         strict=r.response_format.strict, kernel_tools=list(r.kernel_tools), tool_execution=r.tool_execution,
         max_tool_rounds=r.max_tool_rounds, n=r.n or 1, logprobs=r.logprobs, top_logprobs=r.top_logprobs,
-        first_tool_choice=r.first_tool_choice, shaping=shaping(s), prompt_logprobs=r.prompt_logprobs)
+        first_tool_choice=r.first_tool_choice, shaping=shaping(s), prompt_logprobs=r.prompt_logprobs,
+        program_id=r.program_id)
 
 
 def shaping(s: pb.SamplingParams) -> Shaping:

@@ -42,7 +42,7 @@ from .prefill import Prefill
 from .resident import ResidentCache
 from .runner import ModelRunner
 from .sequence import Sequence
-from .swap import CostModel, SwapSpace
+from .swap import CostModel, ResidentSwap, SwapSpace
 from .switching import ContextSwitching
 
 log = logging.getLogger("kernos.llm")
@@ -55,7 +55,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
     def __init__(self, lm: LoadedModel, max_batch_size: int = 16, policy: Policy | None = None,
                  max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
                  swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None, resident_bytes: int = 0,
-                 resident_ttl_s: float = 600.0, prefill_chunk: int = 0):
+                 resident_ttl_s: float = 600.0, prefill_chunk: int = 0, pause_max_s: float = 120.0):
         self.runner = ModelRunner(lm)
         self.costs = CostModel(preemption, exact_recompute=self.runner.exact_recompute)
         self.lm = lm
@@ -68,7 +68,9 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         # 0: by where prompts run. transformers' forward pays per chunk (a 768-token prompt of the embedded model
         # in float32: 135 tokens/s in chunks of 32, 202 of 128, 220 of 256); the own kernels reuse any prefix
         self.prefill_chunk = prefill_chunk or (32 if self.runner.position_exact else 128)
-        self.resident = ResidentCache(resident_bytes, resident_ttl_s, lm.architecture == "hybrid", self.prefill_chunk)
+        self.pause_max_s = pause_max_s
+        self.resident = ResidentCache(resident_bytes, resident_ttl_s, lm.architecture == "hybrid", self.prefill_chunk,
+                                      ResidentSwap(self) if swap_dir is not None else None)
         self._lock = threading.Lock()  # guards waiting and the batch's rows for snapshot()
         self.batch = RunningBatch(self._lock)
         self.waiting = RunQueue(self._lock)   # new, preempted and parked sequences, in kernos.scheduler
@@ -106,6 +108,13 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         self._commands.put((fn, fut))
         self._wake.set()
         return fut
+
+    def pause(self, request_id: str, program_id: str, ttl_s: float) -> None:
+        """Pin what the call computed (its prompt's KV; on the own kernels its reply's too) for its program's
+        follow-up, `ttl_s` seconds at most (the resident cache's own TTL bounds it); between two steps."""
+        ttl = min(ttl_s, self.pause_max_s, self.resident.ttl_s)
+        if self.resident.enabled and ttl > 0:
+            self.call(lambda: self.resident.pin(request_id, program_id, ttl))
 
     def load_adapter(self, name: str, folder: Path) -> Future:
         """Load (or replace) a peft adapter into the served model, on the engine thread between two steps,
@@ -229,7 +238,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         held = s.position if s.started else len(r.prompt_ids)
         return RequestView(r.request_id, r.agent_id, r.priority, r.arrival, len(r.prompt_ids), r.max_tokens,
                            len(s.ids), s.enqueued, s.quantum_steps, self.cache_bytes_for(held + 1), s.preemptions,
-                           s.first_token_at)
+                           s.first_token_at, r.program_id, r.program.service if r.program is not None else 0)
 
     def _over_budget(self) -> bool:
         if not self.budget.cache_bytes:
@@ -292,6 +301,9 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         self.stats.cache_bytes = self.batch.nbytes()
 
     def _count_tokens(self, seqs: list[Sequence], now: float) -> None:
+        for s in seqs:
+            if s.req.program is not None:
+                s.req.program.computed(1)
         self.stats.generated_tokens += len(seqs)
         self.stats.recent.append((now, len(seqs)))
         self.policy.decoded((s.req.agent_id for s in seqs), now)     # the policy's accounting, not the engine's

@@ -53,16 +53,18 @@ class Prefill:
             else:
                 shared[3] = left - 1
             return logits.clone(), cache_ops.extract_row(past, 0, cache_ops.seq_length(past)), mask.clone()
-        logits, past, mask = self._run_prefill(seq.req.prompt_ids, seq.req.adapter, keep=True)
+        logits, past, mask = self._run_prefill(seq.req.prompt_ids, seq.req.adapter, keep=True, req=seq.req)
         if group and seq.req.group_size > 1:
             self._shared[group] = [logits.clone(), cache_ops.extract_row(past, 0, cache_ops.seq_length(past)),
                                    mask.clone(), seq.req.group_size - 1]
         return logits, past, mask
 
-    def _run_prefill(self, tokens: list[int], adapter: str | None, keep: bool = False):
+    def _run_prefill(self, tokens: list[int], adapter: str | None, keep: bool = False, req=None):
         """Prefill `tokens` in chunks, from the longest resident prefix when one matches; `keep`: make the
-        result resident too (a new prompt: the next turn, a tool follow-up or another agent may share it)."""
-        past, start = self.resident.lookup(tokens, adapter, self.runner.position_exact)
+        result resident too (a new prompt: the next turn, a tool follow-up or another agent may share it), as
+        computed by request `req` (whose program the tokens computed are accounted to)."""
+        past, start = self.resident.lookup(tokens, adapter, self.runner.position_exact,
+                                           req.program_id if req is not None else "")
         keep = keep and self.resident.enabled
         hybrid, boundary = self.resident.hybrid, []
 
@@ -75,10 +77,13 @@ class Prefill:
             self.costs.observe_prefill(len(tokens), seconds)
         self.stats.prompt_tokens += len(tokens)
         self.stats.prefix_tokens_reused += start
+        owner = req.request_id if req is not None else ""
+        if req is not None and req.program is not None:
+            req.program.computed(len(tokens) - start)
         if keep and not hybrid:
-            self.resident.add(tokens, adapter, cache_ops.view_prefix(past, len(tokens)))
+            self.resident.add(tokens, adapter, cache_ops.view_prefix(past, len(tokens)), owner)
         elif keep and boundary:
-            self.resident.add(tokens[:boundary[1]], adapter, boundary[0])
+            self.resident.add(tokens[:boundary[1]], adapter, boundary[0], owner)
         self.resident.report(self.stats)
         return logits, past, mask
 
@@ -91,6 +96,6 @@ class Prefill:
         tokens = (seq.req.prompt_ids + seq.ids)[:seq.position]
         if len(tokens) != seq.position or seq.position <= len(seq.req.prompt_ids):
             return
-        self.resident.add(tokens, seq.req.adapter, self.batch.extract(seq))
+        self.resident.add(tokens, seq.req.adapter, self.batch.extract(seq), seq.req.request_id)
         self.resident.report(self.stats)
 

@@ -3,6 +3,7 @@ that decides between swapping it out and dropping it to recompute on resume: byt
 tokens to prefill, each priced from what the engine has measured."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from . import cache as cache_ops
@@ -80,3 +81,30 @@ class SwapSpace:
             if not seq.keep_swap_file:
                 seq.swap_path.unlink(missing_ok=True)
             seq.swap_path = None
+
+
+class ResidentSwap:
+    """Where a resident entry pinned through a tool pause goes when its memory is needed: a file in the engine's
+    swap directory, when writing and reading it back costs less than re-prefilling its tokens (the engine's cost
+    model: its measured prefill time per token and swap bandwidth)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def should_swap(self, tokens: int, nbytes: int) -> bool:
+        costs = self.engine.costs
+        return tokens * costs.prefill_s_per_token > 2 * nbytes / costs.swap_bytes_per_s
+
+    def save(self, cache, name: str) -> Path:
+        directory = self.engine.swap.directory
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{name}.safetensors"
+        t0 = time.perf_counter()
+        cache_ops.save(cache, path)
+        self.engine.costs.observe_swap(cache_ops.nbytes(cache), time.perf_counter() - t0)
+        return path
+
+    def load(self, path: Path):
+        cache = cache_ops.load(self.engine.runner.template(), path)
+        path.unlink(missing_ok=True)
+        return cache

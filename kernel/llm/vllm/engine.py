@@ -216,7 +216,8 @@ class VllmEngine(Switching, Engine):
     def _view(self, r: Run) -> RequestView:
         q = r.req
         return RequestView(q.request_id, q.agent_id, q.priority, q.arrival, len(q.prompt_ids), q.max_tokens,
-                           len(r.ids), r.enqueued, 0, 0, r.preemptions, r.first_token_at)
+                           len(r.ids), r.enqueued, 0, 0, r.preemptions, r.first_token_at, q.program_id,
+                           q.program.service if q.program is not None else 0)
 
     # -- on the engine's loop ----------------------------------------------------------------------------------
     def _admit(self, run: Run) -> None:
@@ -274,6 +275,8 @@ class VllmEngine(Switching, Engine):
         self.stats.recent.append((now, len(c.token_ids)))
         self.stats.generated_tokens += len(c.token_ids)
         self.policy.record(run.req.agent_id, len(c.token_ids), now)     # fair share's usage, for admission
+        if run.req.program is not None:
+            run.req.program.computed(len(c.token_ids))
         finish = None
         ends = run.req.shaping.ends(self.eos_ids)
         for i, tok in enumerate(c.token_ids):
@@ -310,6 +313,8 @@ class VllmEngine(Switching, Engine):
             self.stats.queue_waits.append(run.queue_wait_ms)
             self.stats.prompt_tokens += len(run.req.prompt_ids)
         cached = out.num_cached_tokens or 0
+        if run.req.program is not None:
+            run.req.program.computed(len(run.req.prompt_ids) - cached)
         self.stats.prefix_lookups += 1
         if cached:
             self.stats.prefix_hits += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from kernos.abi.errors import invalid, unavailable
+from kernos.scheduler import default_program_id
 
 from ...llm.core import LLMCore
 from ...llm.types import Finish
@@ -35,7 +36,7 @@ class Generate:
         self.llm = llm
         self.lifecycle = lifecycle
         self.requests = Requests(llm, limits, adapters, access)
-        self.runner = Runner(quotas, agents, observe)
+        self.runner = Runner(quotas, agents, llm.programs, observe)
         self.tool_loop = ToolLoop(tools, traces, limits)
         self.control = Control(llm, self.runner, self.requests, snapshots, limits, access, lifecycle)
         self.internal = Internal(llm, self.runner, traces, limits)
@@ -44,6 +45,8 @@ class Generate:
     async def run(self, principal, g: Generation):
         """Yield Accepted, then TextDelta (and ToolCallDeltas) events, then the Reply (Generate and
         GenerateStream). With kernel tools run by the kernel: that per round, with a ToolRun per call run."""
+        if not g.program_id:      # by default: its context's program, else its conversation's
+            g = replace(g, program_id=default_program_id(g.messages, g.context_id))
         if g.tool_execution not in ("", "client", "kernel"):
             raise invalid(f"tool_execution must be 'client' or 'kernel', got '{g.tool_execution[:32]}'")
         if g.kernel_tools or g.tool_execution == "kernel":

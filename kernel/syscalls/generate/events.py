@@ -41,9 +41,10 @@ async def merged(handles: list[RequestHandle]):
 
 
 class Runner:
-    def __init__(self, quotas, agents, observe=None):
+    def __init__(self, quotas, agents, programs, observe=None):
         self.quotas = quotas
         self.agents = agents
+        self.programs = programs                      # kernos.scheduler.Programs: the kernel's program table
         self.observe = observe or (lambda *a: None)   # metrics: a finished generation's latencies
         self.live: dict[str, tuple[str, ServedModel, RequestHandle]] = {}
 
@@ -55,11 +56,17 @@ class Runner:
         loop = asyncio.get_running_loop()
         handles = [RequestHandle(r, loop) for r in reqs]
         with self.quotas.generation(principal.agent_id, len(req.prompt_ids), refuse=refuse) as lease:
-            for r, h in zip(reqs, handles):
-                result = submit(r, h)
-                if asyncio.iscoroutine(result):
-                    await result
-                self.live[r.request_id] = (principal.agent_id, model, h)
+            program = self.programs.begin(principal.agent_id, req.program_id)
+            try:
+                for r, h in zip(reqs, handles):
+                    r.program = program
+                    result = submit(r, h)
+                    if asyncio.iscoroutine(result):
+                        await result
+                    self.live[r.request_id] = (principal.agent_id, model, h)
+            except BaseException:
+                self.programs.end(program)
+                raise
             streams = [ToolCallStream(r.output) for r in reqs]   # tool calls out of the text (else text as is)
             finals: list[Final | None] = [None] * len(reqs)
             try:
@@ -82,12 +89,18 @@ class Runner:
                 completion = sum(f.completion_tokens for f in finals)
                 lease.completed(completion)
                 self.agents.add_tokens(principal, finals[0].prompt_tokens, completion)
-                yield reply(model, req, finals, streams)
+                out = reply(model, req, finals, streams)
+                if out.finish == Finish.TOOL_CALLS and program is not None:
+                    ttl = self.programs.end(program, [c["name"] for c in out.tool_calls])
+                    model.engine.pause(req.request_id, program.program_id, ttl)   # its KV kept through the pause
+                    program = None
+                yield out
             except (asyncio.CancelledError, GeneratorExit):
                 for h in handles:
                     h.cancel()  # the client went away: free the batch slots
                 raise
             finally:
+                self.programs.end(program)
                 for r in reqs:
                     self.live.pop(r.request_id, None)
 

@@ -18,6 +18,7 @@ from ..generation import Generation
 
 ROLES = {"system", "user", "assistant", "tool"}
 MAX_STOP_LEN = 256
+MAX_PROGRAM_ID = 128
 
 
 class Requests:
@@ -85,6 +86,7 @@ class Requests:
         if g.messages and not model.chat:
             raise invalid(f"model '{model.name}' has no chat template: send a raw prompt")
         check_token_ids(g.prompt_ids, "prompt_ids", model)
+        check_program_id(g.program_id)
         try:
             ids = (list(g.prompt_ids) if g.prompt_ids else
                    model.encode_chat(g.messages, output) if g.messages else model.encode_prompt(g.prompt))
@@ -118,6 +120,7 @@ class Requests:
             top_logprobs=int(g.top_logprobs),
             shaping=g.shaping,
             prompt_logprobs=g.prompt_logprobs,
+            program_id=g.program_id,
         )
 
     async def compile(self, model: ServedModel, req: GenRequest) -> None:
@@ -172,6 +175,11 @@ def check_shaping(x: Shaping, model: ServedModel, max_tokens: int, lim) -> None:
     check_token_ids(x.stop_token_ids, "sampling.stop_token_ids", model)
     if not 0 <= x.min_tokens <= max_tokens:
         raise invalid(f"sampling.min_tokens must be 0 to max_tokens ({max_tokens}), got {x.min_tokens}")
+
+
+def check_program_id(program_id: str) -> None:
+    if len(program_id) > MAX_PROGRAM_ID or not program_id.isprintable():
+        raise invalid(f"program_id must be up to {MAX_PROGRAM_ID} printable characters")
 
 
 def check_token_ids(ids, name: str, model: ServedModel) -> None:

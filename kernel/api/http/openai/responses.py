@@ -51,6 +51,7 @@ class ResponsesRequest(wire.Strict):
     adapter: str | None = None
     kernel_tools: list[str] | None = None
     tool_execution: str | None = None
+    program_id: str | None = None       # also the X-Kernos-Program header
 
     def refuse_unknown(self) -> None:
         super().refuse_unknown()
@@ -107,7 +108,7 @@ def generation(r: ResponsesRequest, messages: list[dict], served: set[str], size
         parallel_tool_calls=r.parallel_tool_calls, response_format=fmt["type"] if fmt["type"] != "text" else "",
         schema_json=json.dumps(fmt["schema"]) if fmt.get("schema") is not None else "",
         strict=bool(fmt.get("strict")), logprobs=logprobs, top_logprobs=(r.top_logprobs or 0) if logprobs else 0,
-        kernel_tools=list(r.kernel_tools or []), tool_execution=r.tool_execution or "")
+        kernel_tools=list(r.kernel_tools or []), tool_execution=r.tool_execution or "", program_id=r.program_id or "")
 
 
 # -- the response object ------------------------------------------------------------------------------------

@@ -33,6 +33,13 @@ def token(request: Request) -> str | None:
     return bearer(request.headers.get("authorization", ""))
 
 
+def program(request: Request, g: Generation) -> Generation:
+    """The agent program a call names in the body (`program_id`, through a client's extra_body), else in the
+    X-Kernos-Program header (a client that sets default headers names it once for every call)."""
+    g.program_id = g.program_id or request.headers.get("x-kernos-program", "")
+    return g
+
+
 async def complete(passage: Passage, g: Generation, events) -> Reply:
     """One generation (`events`, the use case's for `g`) run whole on an admitted passage: counted in flight for
     the drain, and traced."""
@@ -101,6 +108,8 @@ def mount(app: FastAPI, edge: Edge, generate, respond, memory, models, metrics, 
             gs = translate(r, models.names(), len(body))
         except TypeError as e:
             raise StatusError("INVALID_ARGUMENT", str(e)) from None
+        for x in gs if isinstance(gs, list) else [gs]:
+            program(request, x)
         g = gs[0] if isinstance(gs, list) else gs
         if not r.stream:
             if not isinstance(gs, list):
@@ -137,7 +146,7 @@ def mount(app: FastAPI, edge: Edge, generate, respond, memory, models, metrics, 
             r.refuse_unknown()
             messages = respond.conversation(passage.principal, r.previous_response_id or "", items,
                                             r.instructions or "")
-            g = responses.generation(r, messages, models.names(), len(body))
+            g = program(request, responses.generation(r, messages, models.names(), len(body)))
         except StatusError as e:
             passage.failed(e)
             passage.trace({"previous_response_id": r.previous_response_id or "", "model": r.model})

@@ -99,6 +99,7 @@ class _Sampling(Strict):
     # Kernos's own fields, through the client's extra_body
     priority: I32 = 0
     adapter: str | None = None
+    program_id: str | None = None       # also the X-Kernos-Program header
 
     def shaping(self) -> Shaping:
         bias = {}
@@ -211,7 +212,7 @@ def chat_request(r: ChatRequest, served: set[str], size: int = 0) -> Generation:
         **_sampling(r, r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens),
         priority=r.priority, context_id=r.context_id or "", n=r.n or 1, logprobs=bool(r.logprobs),
         top_logprobs=r.top_logprobs or 0, kernel_tools=list(r.kernel_tools or []),
-        tool_execution=r.tool_execution or "", size=size,
+        tool_execution=r.tool_execution or "", size=size, program_id=r.program_id or "",
         tools=[{"name": t.function.name, "description": t.function.description,
                 "parameters_json": json.dumps(t.function.parameters) if t.function.parameters else "",
                 "strict": bool(t.function.strict)} for t in r.tools or []],
@@ -243,7 +244,8 @@ def completion_request(r: CompletionRequest, served: set[str], size: int = 0) ->
     if r.echo and r.stream and (r.logprobs is not None or not isinstance(texts[0], str)):
         raise TypeError("echo with logprobs (or of token ids) is not streamed: send stream=false")
     common = dict(model=model, adapter=r.adapter or adapter, n=r.n or 1, size=size, **_sampling(r, max_tokens),
-                  priority=r.priority, logprobs=r.logprobs is not None, top_logprobs=r.logprobs or 0)
+                  priority=r.priority, logprobs=r.logprobs is not None, top_logprobs=r.logprobs or 0,
+                  program_id=r.program_id or "")
     # echoing token ids needs their text: the scored prompt gives it
     return [Generation(prompt=p if isinstance(p, str) else "", prompt_ids=[] if isinstance(p, str) else p,
                        prompt_logprobs=r.echo and (r.logprobs is not None or max_tokens == 0 or not isinstance(p, str)),
