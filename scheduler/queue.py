@@ -20,14 +20,16 @@ class RunQueue:
         """A new request, from any thread."""
         self._inbox.put(item)
 
-    def take_arrivals(self) -> None:
-        """Move what arrived since the last step into the queue (the engine's thread)."""
+    def take_arrivals(self) -> list:
+        """Move what arrived since the last step into the queue (the engine's thread); returns it."""
+        moved = []
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return moved
             self.append(item)
+            moved.append(item)
 
     def arriving(self) -> bool:
         return not self._inbox.empty()

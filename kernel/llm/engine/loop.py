@@ -113,8 +113,13 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         """Pin what the call computed (its prompt's KV; on the own kernels its reply's too) for its program's
         follow-up, `ttl_s` seconds at most (the resident cache's own TTL bounds it); between two steps."""
         ttl = min(ttl_s, self.pause_max_s, self.resident.ttl_s)
+
+        def pin():
+            self.resident.pin(request_id, program_id, ttl)
+            if any(s.req.program_id == program_id for s in self.waiting):     # its follow-up came first
+                self.resident.hold(program_id)
         if self.resident.enabled and ttl > 0:
-            self.call(lambda: self.resident.pin(request_id, program_id, ttl))
+            self.call(pin)
 
     def load_adapter(self, name: str, folder: Path) -> Future:
         """Load (or replace) a peft adapter into the served model, on the engine thread between two steps,
@@ -206,7 +211,9 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         return bool(self.rows) or any(not s.parked for s in self.waiting)
 
     def _take_new_work(self) -> None:
-        self.waiting.take_arrivals()
+        for s in self.waiting.take_arrivals():
+            if s.req.program_id and self.resident.entries:   # back from a tool pause: held until it is admitted
+                self.resident.hold(s.req.program_id)
         while True:
             try:
                 fn, fut = self._commands.get_nowait()

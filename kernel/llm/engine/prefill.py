@@ -64,7 +64,7 @@ class Prefill:
         result resident too (a new prompt: the next turn, a tool follow-up or another agent may share it), as
         computed by request `req` (whose program the tokens computed are accounted to)."""
         past, start = self.resident.lookup(tokens, adapter, self.runner.position_exact,
-                                           req.program_id if req is not None else "")
+                                           *((req.program_id, req.request_id) if req is not None else ()))
         keep = keep and self.resident.enabled
         hybrid, boundary = self.resident.hybrid, []
 

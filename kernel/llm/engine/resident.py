@@ -49,7 +49,7 @@ class Entry:
     cache: object                    # a one-row transformers Cache
     nbytes: int
     last_used: float = field(default_factory=time.monotonic)
-    owner: str = ""                  # the request whose prefill or reply computed it
+    owner: str = ""                  # the last request that computed or used it
     program: str = ""                # pinned for this program ...
     pinned_until: float = 0.0        # ... until then (monotonic seconds; 0: not pinned)
     path: Path | None = None         # swapped out to this file (cache None): loaded again when used
@@ -86,11 +86,13 @@ class ResidentCache:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
-    def lookup(self, prompt: list[int], adapter: str | None, exact: bool = False, program: str = ""):
+    def lookup(self, prompt: list[int], adapter: str | None, exact: bool = False, program: str = "",
+               owner: str = ""):
         """(cache holding the prompt's first n tokens, n) for the best entry, or (None, 0). At least the
         prompt's last token is left to prefill: its logits choose the first new token. `exact`: the engine is
         position-exact, so any shared prefix serves, not only up to a chunk boundary. A call of `program`
-        ends that program's pin on the entry it uses (another program's call shares it, pinned still)."""
+        ends that program's pin on the entry it uses (another program's call shares it, pinned still); the
+        entry is then its `owner`'s (request id), which a tool pause of that call pins."""
         if not self.enabled:
             return None, 0
         self.lookups += 1
@@ -116,6 +118,8 @@ class ResidentCache:
             best.cache, best.path = self.swap.load(best.path), None
             self.nbytes += best.nbytes
         best.last_used = now
+        if owner and best.program in ("", program):     # not while another program holds its pin
+            best.owner = owner
         self.hits += 1
         self.tokens_saved += best_n
         return cache_ops.view_prefix(best.cache, best_n), best_n
@@ -155,7 +159,13 @@ class ResidentCache:
                 self.pins += 1
         return pinned
 
-    def pinned_bytes(self) -> int:
+    def hold(self, program: str) -> None:
+        """A call of `program` arrived: what was pinned for it (even if its time-to-live ran out meanwhile) stays
+        pinned while the call waits for admission (at most the cache's own TTL); its lookup ends the pin."""
+        now = time.monotonic()
+        for e in self.entries:
+            if e.program == program and now - e.last_used <= self.ttl_s:
+                e.pinned_until = max(e.pinned_until, now + self.ttl_s)
         now = time.monotonic()
         return sum(e.nbytes for e in self.entries if e.pinned(now) and e.path is None)
 
@@ -167,7 +177,7 @@ class ResidentCache:
         now = time.monotonic()
         for e in self.entries:
             if e.pinned_until and not e.pinned(now):     # its program did not come back in time
-                e.pinned_until, e.program = 0.0, ""
+                e.pinned_until = 0.0                     # (a call of it arriving later pins it again: hold)
                 self.pins_expired += 1
         for e in [e for e in self.entries if now - e.last_used > self.ttl_s and not e.pinned(now)]:
             freed += self._drop(e)
