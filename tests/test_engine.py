@@ -170,3 +170,51 @@ def test_drain_lets_running_generation_finish(lm):
     assert eng.drain(60)
     final = h.result(timeout=1)
     assert final.finish == Finish.LENGTH and final.completion_tokens == 60
+
+
+def test_a_long_prompt_prefills_between_decode_steps_and_stays_exact(lm):
+    """Issues 33/34: an admitted prompt runs a few chunks a step (`prefill_per_step` tokens) between the running
+    batch's decode steps, so a row that is decoding keeps getting tokens while a long prompt prefills; both replies
+    are the ones they get alone. A prefill suspended between chunks keeps what its chunks computed resident and
+    continues from it when resumed, still exact; one cancelled between chunks ends at once."""
+    from conftest import drive_engine
+
+    short = GenRequest("short", "a", prompt_ids(lm, TEXTS[0]), 30)
+    long_ids = prompt_ids(lm, " ".join(TEXTS) * 2)
+    alone = {r.request_id: drive_engine(TransformersEngine(lm, 1, prefill_per_step=0), [r])[r.request_id].token_ids
+             for r in (short, GenRequest("long", "a", long_ids, 5))}
+    eng = TransformersEngine(lm, 4, prefill_chunk=8, prefill_per_step=8, resident_bytes=1 << 30)
+    hs = RequestHandle(short)
+    eng.submit(short, hs)
+    while not eng.rows:
+        eng.step()
+    long = GenRequest("long", "a", long_ids, 5)
+    hl = RequestHandle(long)
+    eng.submit(long, hl)
+    during = 0                                  # decode steps of the short row while the long prompt prefilled
+    while eng.step():
+        during += bool(eng.prefilling and eng.rows)
+    assert during >= min(20, len(long_ids) // 8 - 1), "the short row waited for the whole long prompt"
+    assert hs.result(timeout=1).token_ids == alone["short"] and hl.result(timeout=1).token_ids == alone["long"]
+
+    eng = TransformersEngine(lm, 4, prefill_chunk=8, prefill_per_step=8, resident_bytes=1 << 30)
+    again = GenRequest("long", "a", long_ids, 5)
+    h = RequestHandle(again)
+    eng.submit(again, h)
+    for _ in range(3):
+        eng.step()
+    assert eng.prefilling and eng.prefilling[0].prompt.pos == 24
+    eng.suspend("long")
+    eng.step()
+    assert not eng.prefilling and eng.waiting.items[0].parked and eng.resident.entries
+    eng.resume("long")
+    while eng.step():
+        pass
+    assert h.result(timeout=1).token_ids == alone["long"] and eng.stats.prefix_tokens_reused == 24
+    gone = GenRequest("gone", "a", long_ids + [long_ids[-1]], 5)
+    h = RequestHandle(gone)
+    eng.submit(gone, h)
+    eng.step()
+    h.cancel()
+    eng.step()
+    assert h.result(timeout=1).finish == Finish.CANCELLED and not eng.prefilling

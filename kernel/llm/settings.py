@@ -42,6 +42,10 @@ class EngineConfig(_Strict):
                                    "tokens (a conversation's next turn, a tool result, a shared system prompt), within "
                                    "what running requests leave of cache_budget_bytes; 0: off")
     resident_ttl_s: float = Field(600.0, gt=0, description="a resident cache unused this long is dropped")
+    prefill_tokens_per_step: int = Field(
+        256, ge=0, description="prompt tokens prefilled between two decode steps of the running batch (at least one "
+                               "chunk), so a long prompt does not stall the rows that are decoding; 0: each admitted "
+                               "prompt whole before the next step")
     tool_pause_max_s: float = Field(
         120.0, ge=0, description="a reply that ends in tool calls keeps its call's KV resident for the program's "
                                  "follow-up as long as that tool's pauses are predicted to last (the 90th percentile "

@@ -55,7 +55,8 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
     def __init__(self, lm: LoadedModel, max_batch_size: int = 16, policy: Policy | None = None,
                  max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
                  swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None, resident_bytes: int = 0,
-                 resident_ttl_s: float = 600.0, prefill_chunk: int = 0, pause_max_s: float = 120.0):
+                 resident_ttl_s: float = 600.0, prefill_chunk: int = 0, pause_max_s: float = 120.0,
+                 prefill_per_step: int = 256):
         self.runner = ModelRunner(lm)
         self.costs = CostModel(preemption, exact_recompute=self.runner.exact_recompute)
         self.lm = lm
@@ -69,6 +70,8 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         # in float32: 135 tokens/s in chunks of 32, 202 of 128, 220 of 256); the own kernels reuse any prefix
         self.prefill_chunk = prefill_chunk or (32 if self.runner.position_exact else 128)
         self.pause_max_s = pause_max_s
+        self.prefill_per_step = prefill_per_step    # prompt tokens between two decode steps (0: admitted ones whole)
+        self.prefilling: list[Sequence] = []        # admitted, their prompts a few chunks a step (prefill.py)
         self.resident = ResidentCache(resident_bytes, resident_ttl_s, lm.architecture == "hybrid", self.prefill_chunk,
                                       ResidentSwap(self) if swap_dir is not None else None)
         self._lock = threading.Lock()  # guards waiting and the batch's rows for snapshot()
@@ -125,8 +128,8 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         """Load (or replace) a peft adapter into the served model, on the engine thread between two steps,
         so running requests never see a half-loaded model."""
         def do():
-            in_use = {"running": {s.req.adapter for s in self.rows},
-                      "all": {s.req.adapter for s in self.rows + list(self.waiting)}}
+            in_use = {"running": {s.req.adapter for s in self.rows + self.prefilling},
+                      "all": {s.req.adapter for s in self.rows + self.prefilling + list(self.waiting)}}
             exact = self.runner.position_exact
             loaded = self.runner.adapters.load(name, folder, in_use)
             self.resident.drop_adapter(name)        # computed by the adapter's previous weights
@@ -156,9 +159,9 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
             s.parked = False
         self._wake.set()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (self.rows or self.waiting or self.waiting.arriving()):
+        while time.monotonic() < deadline and (self.rows or self.prefilling or self.waiting or self.waiting.arriving()):
             time.sleep(0.02)
-        clean = not (self.rows or self.waiting or self.waiting.arriving())
+        clean = not (self.rows or self.prefilling or self.waiting or self.waiting.arriving())
         self._stop = True
         self._wake.set()
         if self._thread is not None:
@@ -169,7 +172,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
 
     def snapshot(self):
         with self._lock:
-            live = [(self._view(s), "running") for s in self.rows]
+            live = [(self._view(s), "running") for s in self.rows + self.prefilling]
             live += [(self._view(s), "suspended" if s.parked else s.state) for s in self.waiting]
             self.stats.running, self.stats.waiting = len(self.rows), len(self.waiting)
             self.resident.report(self.stats)
@@ -203,12 +206,14 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
             try:
                 self._drop_cancelled()
                 self._schedule()
+                if self.prefilling:
+                    self._advance_prefills()
                 if self.rows:
                     self._decode_step()
             except Exception as e:  # a broken batch must not take the kernel down
                 log.exception("engine %s: step failed", self.name)
                 self._fail_all(f"internal error in model '{self.name}': {type(e).__name__}: {e}")
-        return bool(self.rows) or any(not s.parked for s in self.waiting)
+        return bool(self.rows or self.prefilling) or any(not s.parked for s in self.waiting)
 
     def _take_new_work(self) -> None:
         for s in self.waiting.take_arrivals():
@@ -225,7 +230,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
                 fut.set_exception(e)
 
     def _find(self, request_id: str) -> Sequence:
-        for s in self.rows + list(self.waiting):
+        for s in self.rows + self.prefilling + list(self.waiting):
             if s.req.request_id == request_id:
                 return s
         raise StatusError("NOT_FOUND", f"generation '{request_id}' has already finished")
@@ -233,6 +238,9 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
     def _drop_cancelled(self) -> None:
         for s in self.waiting.take_cancelled():
             self.swap.release(s)
+            self._finish(s, Finish.CANCELLED)
+        for s in [s for s in self.prefilling if s.handle.cancelled]:
+            self._abort_prefill(s, requeue=False)
             self._finish(s, Finish.CANCELLED)
         rows = [i for i, s in enumerate(self.rows) if s.handle.cancelled]
         if rows:
@@ -259,15 +267,18 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
             self._fit_resident(candidates)
         if not candidates and not self._over_budget():
             return  # the common decode step: nothing to admit, nothing to evict
-        views = {s.req.request_id: s for s in candidates + self.rows}
-        decision = self.policy.schedule([self._view(s) for s in candidates], [self._view(s) for s in self.rows],
+        active = self.rows + self.prefilling
+        views = {s.req.request_id: s for s in candidates + active}
+        decision = self.policy.schedule([self._view(s) for s in candidates], [self._view(s) for s in active],
                                         self.budget)
         for rid, reason in decision.preempt:
             if views[rid].state == "running":
                 self.preempt(views[rid], reason)
+            elif views[rid].state == "prefilling":
+                self._abort_prefill(views[rid])
         for rid in decision.admit:
             seq = views[rid]
-            if not self.runner.adapters.batchable(self.rows, seq):
+            if not self.runner.adapters.batchable(self.rows + self.prefilling, seq):
                 continue                      # waits until the batch holds only its adapter (or drains)
             self.waiting.remove(seq)
             try:
@@ -328,10 +339,11 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
             self.stats.cancelled += 1
 
     def _cancel_all(self) -> None:
-        for s in self.rows + list(self.waiting):
+        for s in self.rows + self.prefilling + list(self.waiting):
             self.swap.release(s)
             self._finish(s, Finish.CANCELLED)
         self.waiting.clear()
+        self.prefilling.clear()
         self.batch.clear()
 
     def _fail(self, seq: Sequence, message: str) -> None:
@@ -340,6 +352,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         self.stats.completed += 1
 
     def _fail_all(self, message: str) -> None:
-        for s in self.rows:
+        for s in self.rows + self.prefilling:
             s.handle.put(Failed(message))
+        self.prefilling.clear()
         self.batch.clear()

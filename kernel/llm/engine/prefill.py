@@ -1,14 +1,20 @@
 """Prefill on the own engine: a new request's prompt run alone (in chunks, from the longest resident prefix that
-matches), scored first when it asks for its prompt's log-probabilities, its first token picked, and the row joined
-to the running batch; the samples of one prompt (n > 1) prefilled once; finished calls' keys and values kept
-resident for the next turn. Mixed into `TransformersEngine` (`loop.py`), whose thread runs all of it."""
+matches; a few chunks a step, between the running batch's decode steps, so that a long prompt does not stall
+the rows that are decoding), scored first when it asks for its prompt's log-probabilities, its first token
+picked, and the row joined to the running batch; the samples of one prompt (n > 1) prefilled once; finished
+calls' keys and values kept resident for the next turn. Mixed into `TransformersEngine` (`loop.py`), whose thread
+runs all of it."""
 from __future__ import annotations
 
+import logging
 import time
 
 from ..types import Finish
 from . import cache as cache_ops
+from .runner import PromptRun
 from .sequence import Sequence
+
+log = logging.getLogger("kernos.llm")
 
 
 class Prefill:
@@ -18,11 +24,13 @@ class Prefill:
             self.resident.shrink(self.resident.max_bytes)
             return
         needed = sum(self.cache_bytes_for(s.position + 1) for s in self.rows)
-        needed += sum(self.cache_bytes_for(len(s.req.prompt_ids) + 1) for s in candidates)
+        needed += sum(self.cache_bytes_for(len(s.req.prompt_ids) + 1) for s in candidates + self.prefilling)
         self.resident.shrink(max(0, min(self.resident.max_bytes, self.budget.cache_bytes - needed)))
         self.resident.report(self.stats)
 
     def _prefill(self, seq: Sequence) -> None:
+        """An admitted request: its prompt prefilled a few chunks a step between decode steps (`_advance_prefills`),
+        or at once (a prompt to score, samples of one prompt, or `prefill_tokens_per_step` 0)."""
         seq.admitted_at = time.monotonic()
         self.stats.queue_waits.append((seq.admitted_at - seq.req.arrival) * 1e3)
         r = seq.req
@@ -30,7 +38,16 @@ class Prefill:
             seq.prompt_logprobs = self.runner.score(r.prompt_ids, r.adapter, r.top_logprobs)
             if not r.max_tokens:
                 return self._finish(seq, Finish.LENGTH)
-        logits, past, mask = self._prefill_once(seq)
+        if self.prefill_per_step and not r.prompt_logprobs and not (r.group and r.group_size > 1):
+            seq.prompt = self._begin_prefill(r.prompt_ids, r.adapter, keep=True, req=r)
+            seq.state = "prefilling"
+            with self._lock:
+                self.prefilling.append(seq)
+            return
+        self._prefilled(seq, *self._prefill_once(seq))
+
+    def _prefilled(self, seq: Sequence, logits, past, mask) -> None:
+        """The prompt is in the cache: its first token picked, the row joined to the batch (or done already)."""
         seq.position = len(seq.req.prompt_ids)
         tok = seq.pick(logits)
         seq.first_token_at = time.monotonic()
@@ -40,6 +57,47 @@ class Prefill:
             self._finish(seq, finish)
         else:
             self._join(seq, past, mask)
+
+    def _advance_prefills(self) -> None:
+        """Prompt chunks of the prefilling requests, in admission order, about `prefill_per_step` tokens in all
+        (at least one chunk), so that the running rows get their next token between a long prompt's chunks."""
+        budget = self.prefill_per_step
+        while self.prefilling and budget > 0:
+            seq = self.prefilling[0]
+            try:
+                budget -= seq.prompt.advance(budget)
+                if not seq.prompt.done:
+                    return
+                self._drop_prefilling(seq)
+                run, seq.prompt = seq.prompt, None
+                self._prefilled(seq, *self._end_prefill(run))
+            except Exception as e:  # this request's failure: answer it, keep the batch going
+                log.exception("engine %s: prefilling %s failed", self.name, seq.req.request_id)
+                if seq in self.prefilling:
+                    self._drop_prefilling(seq)
+                self._fail(seq, f"internal error in model '{self.name}': {type(e).__name__}: {e}")
+
+    def _drop_prefilling(self, seq: Sequence) -> None:
+        with self._lock:
+            self.prefilling.remove(seq)
+
+    def _abort_prefill(self, seq: Sequence, requeue: bool = True) -> None:
+        """Stop a prefill between chunks (preempted, suspended, snapshotted, cancelled): what its chunks computed
+        stays resident (it ends at a chunk boundary: exact to continue from), the request waits again."""
+        run, seq.prompt = seq.prompt, None
+        self._drop_prefilling(seq)
+        seq.state = "waiting"
+        seq.enqueued = time.monotonic()
+        if run.keep and run.pos > run.start:
+            if not self.resident.hybrid:
+                self.resident.add(run.tokens[:run.pos], run.adapter, cache_ops.view_prefix(run.past, run.pos),
+                                  run.req.request_id)
+            elif run.boundary:
+                self.resident.add(run.tokens[:run.boundary[1]], run.adapter, run.boundary[0], run.req.request_id)
+            if run.req.program is not None:
+                run.req.program.computed(run.pos - run.start)
+        if requeue:
+            self.waiting.append(seq)
 
     def _prefill_once(self, seq: Sequence):
         """The prompt's logits, cache and mask. Samples of one prompt (a group, n > 1) prefill it once: the
@@ -60,32 +118,41 @@ class Prefill:
         return logits, past, mask
 
     def _run_prefill(self, tokens: list[int], adapter: str | None, keep: bool = False, req=None):
-        """Prefill `tokens` in chunks, from the longest resident prefix when one matches; `keep`: make the
+        """Prefill `tokens` at once (see `_begin_prefill`): (logits, cache, mask)."""
+        run = self._begin_prefill(tokens, adapter, keep, req)
+        run.advance(len(tokens))
+        return self._end_prefill(run)
+
+    def _begin_prefill(self, tokens: list[int], adapter: str | None, keep: bool = False, req=None) -> PromptRun:
+        """A prefill of `tokens` in chunks, from the longest resident prefix when one matches; `keep`: make the
         result resident too (a new prompt: the next turn, a tool follow-up or another agent may share it), as
         computed by request `req` (whose program the tokens computed are accounted to)."""
         past, start = self.resident.lookup(tokens, adapter, self.runner.position_exact,
                                            *((req.program_id, req.request_id) if req is not None else ()))
-        keep = keep and self.resident.enabled
-        hybrid, boundary = self.resident.hybrid, []
+        run = PromptRun(self.runner, tokens, adapter, past, start, self.prefill_chunk)
+        run.keep, run.req = keep and self.resident.enabled, req
+        if run.keep and self.resident.hybrid:
+            def at_boundary(cache, n):      # a Mamba state serves only whole: keep the last boundary's
+                run.boundary[:] = [cache_ops.view_prefix(cache, n), n]
+            run.at_boundary = at_boundary
+        return run
 
-        def at_boundary(cache, n):      # a Mamba state serves only whole: keep the last boundary's
-            boundary[:] = [cache_ops.view_prefix(cache, n), n]
-
-        logits, past, mask, seconds = self.runner.prefill(tokens, adapter, past, start, self.prefill_chunk,
-                                                          at_boundary if keep and hybrid else None)
+    def _end_prefill(self, run: PromptRun):
+        """A finished prefill's accounting and resident entry: (logits, cache, mask)."""
+        tokens, req, start = run.tokens, run.req, run.start
         if not start:
-            self.costs.observe_prefill(len(tokens), seconds)
+            self.costs.observe_prefill(len(tokens), run.seconds)
         self.stats.prompt_tokens += len(tokens)
         self.stats.prefix_tokens_reused += start
         owner = req.request_id if req is not None else ""
         if req is not None and req.program is not None:
             req.program.computed(len(tokens) - start)
-        if keep and not hybrid:
-            self.resident.add(tokens, adapter, cache_ops.view_prefix(past, len(tokens)), owner)
-        elif keep and boundary:
-            self.resident.add(tokens[:boundary[1]], adapter, boundary[0], owner)
+        if run.keep and not self.resident.hybrid:
+            self.resident.add(tokens, run.adapter, cache_ops.view_prefix(run.past, len(tokens)), owner)
+        elif run.keep and run.boundary:
+            self.resident.add(tokens[:run.boundary[1]], run.adapter, run.boundary[0], owner)
         self.resident.report(self.stats)
-        return logits, past, mask
+        return run.logits, run.past, run.mask
 
     def _keep_resident(self, seq: Sequence) -> None:
         """A finished call's keys and values (its prompt and reply, as far as they were fed) stay resident where

@@ -60,28 +60,25 @@ class ModelRunner:
         in chunks that start at multiples of `chunk` (absolute positions), so that a prefix cached at a
         boundary continues with exactly the computation a whole prefill does; `at_boundary(cache, n)` is
         called after each chunk that ends at a boundary n (before the last position)."""
-        dev = self.lm.device
-        mask = torch.ones((1, len(tokens)), dtype=torch.long, device=dev)
-        t0 = time.perf_counter()
-        step = chunk or len(tokens)
-        pos = start
-        own = self.position_exact
-        while pos < len(tokens):
-            end = min(len(tokens), (pos // step + 1) * step)
-            if own:
-                logits, past = self._step.prefill(tokens[pos:end], past, len(tokens))
-            else:
-                ids = torch.tensor([tokens[pos:end]], dtype=torch.long, device=dev)
-                out = self.forward(ids, mask[:, :end], torch.arange(pos, end, device=dev).unsqueeze(0), past,
-                                   [adapter], last_only=True)
-                logits, past = out.logits[0, -1], cache_of(out)
-            pos = end
-            if at_boundary is not None and chunk and end % chunk == 0 and end < len(tokens):
-                at_boundary(past, end)
-        seconds = time.perf_counter() - t0
+        run = PromptRun(self, tokens, adapter, past, start, chunk, at_boundary)
+        run.advance(len(tokens))
+        return run.logits, run.past, run.mask, run.seconds
+
+    def run_chunk(self, tokens: list[int], pos: int, end: int, past, adapter: str | None):
+        """Positions pos..end-1 of a prompt after `past` (a cache of its first pos tokens, or None): (the last
+        position's logits, the cache)."""
+        if self.position_exact:
+            logits, past = self._step.prefill(tokens[pos:end], past, len(tokens))
+        else:
+            dev = self.lm.device
+            ids = torch.tensor([tokens[pos:end]], dtype=torch.long, device=dev)
+            mask = torch.ones((1, end), dtype=torch.long, device=dev)
+            out = self.forward(ids, mask, torch.arange(pos, end, device=dev).unsqueeze(0), past, [adapter],
+                               last_only=True)
+            logits, past = out.logits[0, -1], cache_of(out)
         if self._template is None:
             self._template = past
-        return logits, past, mask, seconds
+        return logits, past
 
     def score(self, tokens: list[int], adapter: str | None, top: int, chunk: int = 0) -> list:
         """Each token's log-probability given the tokens before it ([(id, logprob, [(id, logprob)] * top)]; the
@@ -135,3 +132,37 @@ class ModelRunner:
                      for n in (1, 2)]
         per_token = sizes[1] - sizes[0]
         return per_token, sizes[0] - per_token
+
+
+class PromptRun:
+    """One prompt's prefill, run a few chunks at a time (`advance`), so that an engine can run decode steps of
+    its batch between them. Chunks start at multiples of `chunk` (absolute positions) however the prefill is
+    split, so its cache and logits are those of a prefill run in one go."""
+
+    def __init__(self, runner: ModelRunner, tokens: list[int], adapter: str | None, past=None, start: int = 0,
+                 chunk: int = 0, at_boundary=None):
+        self.runner, self.tokens, self.adapter = runner, tokens, adapter
+        self.past, self.pos, self.start = past, start, start
+        self.chunk, self.at_boundary = chunk or len(tokens), at_boundary if chunk else None
+        self.logits = None
+        self.seconds = 0.0
+        self.keep, self.req, self.boundary = False, None, []     # the engine's: keep it resident, for whom
+        self.mask = torch.ones((1, len(tokens)), dtype=torch.long, device=runner.lm.device)
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.tokens)
+
+    def advance(self, budget: int) -> int:
+        """Run chunks until about `budget` tokens ran (at least one chunk) or the prompt is done; returns the
+        tokens run."""
+        ran, t0 = 0, time.perf_counter()
+        while not self.done and (ran == 0 or ran + self.chunk <= budget):
+            end = min(len(self.tokens), (self.pos // self.chunk + 1) * self.chunk)
+            self.logits, self.past = self.runner.run_chunk(self.tokens, self.pos, end, self.past, self.adapter)
+            ran += end - self.pos
+            self.pos = end
+            if self.at_boundary is not None and end % self.chunk == 0 and end < len(self.tokens):
+                self.at_boundary(self.past, end)
+        self.seconds += time.perf_counter() - t0
+        return ran

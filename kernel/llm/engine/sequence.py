@@ -22,7 +22,7 @@ class Sequence:
     __slots__ = ("req", "handle", "gen", "ids", "pending", "position", "detok", "admitted_at", "first_token_at",
                  "state", "enqueued", "quantum_steps", "swapped", "swap_path", "preemptions", "parked",
                  "keep_swap_file", "matcher", "logprobs", "_step_logprobs", "ends", "_lp_sent",
-                 "prompt_logprobs", "repeats", "forced", "closed", "_far_until")
+                 "prompt_logprobs", "repeats", "forced", "closed", "_far_until", "prompt")
 
     def __init__(self, req: GenRequest, handle: RequestHandle, tokenizer, eos_ids: set[int]):
         self.req = req
@@ -34,7 +34,8 @@ class Sequence:
         self.detok = Detokenizer(tokenizer, req.stop)
         self.admitted_at = 0.0
         self.first_token_at = 0.0
-        self.state = "waiting"     # waiting | running | preempted
+        self.state = "waiting"     # waiting | prefilling | running | preempted
+        self.prompt = None         # while prefilling: its PromptRun (runner.py), a few chunks a step
         self.enqueued = req.arrival
         self.quantum_steps = 0
         self.swapped = None        # the cache of a swapped-out sequence (host memory)

@@ -23,6 +23,8 @@ class ContextSwitching:
             seq = self._find(request_id)
             if seq.state == "running":
                 self.preempt(seq, "suspended")
+            elif seq.state == "prefilling":
+                self._abort_prefill(seq)
             seq.parked = True
             return seq.state
         return self.call(do)
@@ -43,6 +45,8 @@ class ContextSwitching:
             seq = self._find(request_id)
             if seq.state == "running":
                 self.preempt(seq, "snapshot", "swap")
+            elif seq.state == "prefilling":
+                self._abort_prefill(seq)
             self.waiting.remove(seq)
             past = self.swap.take(seq, self.runner.template) if self.swap.holds(seq) else None
             snapshot_format.write(directory, seq, self.name, past)
