@@ -206,7 +206,27 @@ def vllm(folder: Path, programs, args) -> dict:
                     extra=["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]) as url:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=900)
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "warm up"}], max_tokens=4)
-        return drive(client, programs, args.max_tokens, args.answer_tokens)
+        before = vllm_counters(url)
+        out = drive(client, programs, args.max_tokens, args.answer_tokens)
+        after = vllm_counters(url)
+        out.update({k: after[k] - before[k] for k in after})
+        if out.get("prompt_tokens"):
+            out["prefix_reuse"] = round(out["prefix_tokens_reused"] / out["prompt_tokens"], 3)
+        return out
+
+
+def vllm_counters(url: str) -> dict:
+    """vLLM's own counters from its /metrics: prompt tokens and those its prefix cache served."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10).read().decode()
+    names = {"vllm:prompt_tokens_total": "prompt_tokens", "vllm:prefix_cache_hits_total": "prefix_tokens_reused"}
+    out = dict.fromkeys(names.values(), 0.0)
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in names:
+            out[names[name]] += float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

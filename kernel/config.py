@@ -97,6 +97,9 @@ class SchedulerConfig(_Strict):
                                                              "service in its first level (each next one doubles)")
     program_max_wait_s: float = Field(30.0, gt=0, description="program policy: a call waiting this long runs next "
                                                               "(the starvation bound)")
+    program_order: Literal["service", "arrival"] = Field(
+        "service", description="program policy: by the program's attained service (Autellix's PLAS) or by when "
+                               "its first call came (program-level FCFS, Continuum)")
 
     def make(self):
         from kernos.scheduler import make_policy
@@ -113,6 +116,7 @@ class SchedulerConfig(_Strict):
             "program": {
                 "level_tokens": self.program_level_tokens,
                 "max_wait_s": self.program_max_wait_s,
+                "order": self.program_order,
                 "window_s": self.fair_share_window_s,
                 "weights": self.agent_weights,
                 "quantum": self.quantum_steps,

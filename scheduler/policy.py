@@ -31,6 +31,7 @@ class RequestView:
     first_token_at: float = 0.0 # monotonic seconds of its first generated token; 0 before it (for observers)
     program_id: str = ""        # its agent program ("": a call of its own)
     program_service: int = 0    # tokens computed for its program so far, this call's included
+    program_started: float = 0.0  # monotonic seconds of its program's first call (0: none)
 
     @property
     def service(self) -> int:
@@ -240,42 +241,57 @@ class ProgramPolicy(FairSharePolicy):
     programs of like size keep arrival order and one token does not reorder the queue. On top: priority first,
     then (within a level) the agent's fair share of recent tokens, then arrival. A call waiting longer than
     `max_wait_s` ranks before all others (oldest first), the starvation bound. A running call that has used its
-    quantum yields to a waiting one of a lower level or a higher priority (or a starved one)."""
+    quantum yields to a waiting one of a lower level or a higher priority (or a starved one).
+
+    `order = "arrival"` ranks by when the program's first call came instead of its service (program-level FCFS,
+    as Continuum): the calls of the program that started first go first, so programs of like length finish in
+    the order they came rather than all together."""
 
     name = "program"
     preempt_reason = "program"
 
     def __init__(self, level_tokens: int = 512, max_wait_s: float = 30.0, quantum: int = 16,
-                 window_s: float = 60.0, weights: dict[str, float] | None = None):
+                 window_s: float = 60.0, weights: dict[str, float] | None = None, order: str = "service"):
         if level_tokens <= 0 or max_wait_s <= 0:
             raise ValueError("program policy: level_tokens and max_wait_s must be > 0")
+        if order not in ("service", "arrival"):
+            raise ValueError(f"program policy: order must be 'service' or 'arrival', got {order!r}")
         super().__init__(window_s, weights, quantum)
         self.level_tokens = level_tokens
         self.max_wait_s = max_wait_s
+        self.order = order
 
     def level(self, r: RequestView) -> int:
         return int(math.log2(1 + r.service / self.level_tokens))
+
+    def place(self, r: RequestView) -> float:
+        """Its program's place: its service level, or (order "arrival") when the program began."""
+        if self.order == "arrival":
+            return r.program_started or r.arrival
+        return self.level(r)
 
     def starved(self, r: RequestView, now: float) -> bool:
         return now - (r.enqueued or r.arrival) > self.max_wait_s
 
     def admission_priority(self, r, now):
+        if self.order == "arrival":
+            return -1000 * r.priority         # vLLM: ties keep arrival order
         return self.level(r) - 1000 * r.priority     # vLLM orders by this once, at admission
 
     def rank(self, r, now):
         if self.starved(r, now):
             return (0, r.enqueued or r.arrival)
-        return (1, -r.priority, self.level(r), self.usage(r.agent_id, now), r.enqueued or r.arrival)
+        return (1, -r.priority, self.place(r), self.usage(r.agent_id, now), r.enqueued or r.arrival)
 
     def may_preempt(self, candidate, victim, now):
         if victim.quantum_steps < self.quantum:
             return False
         if candidate.priority != victim.priority:
             return candidate.priority > victim.priority
-        return self.starved(candidate, now) or self.level(candidate) < self.level(victim)
+        return self.starved(candidate, now) or self.place(candidate) < self.place(victim)
 
     def victim_order(self, running, now):
-        return sorted(running, key=lambda r: (r.priority, -self.level(r), -r.quantum_steps))
+        return sorted(running, key=lambda r: (r.priority, -self.place(r), -r.quantum_steps))
 
 
 POLICIES = {p.name: p for p in (FifoPolicy, RoundRobinPolicy, PriorityPolicy, FairSharePolicy, ProgramPolicy)}

@@ -218,3 +218,29 @@ def test_a_long_prompt_prefills_between_decode_steps_and_stays_exact(lm):
     h.cancel()
     eng.step()
     assert h.result(timeout=1).finish == Finish.CANCELLED and not eng.prefilling
+
+
+def test_the_policy_orders_the_prompts_being_prefilled(lm):
+    """Admitted prompts get their chunks in the policy's order: under the program policy the prompt of the
+    program with the least attained service first, though it arrived later."""
+    from kernos.scheduler import ProgramPolicy, Programs
+
+    table = Programs()
+    old, new = table.begin("a", "old"), table.begin("a", "new")
+    old.computed(100_000)                          # a long-running program ...
+    eng = TransformersEngine(lm, 4, policy=ProgramPolicy(level_tokens=100), prefill_chunk=8, prefill_per_step=8)
+    ids = prompt_ids(lm, " ".join(TEXTS))
+    first = GenRequest("old-call", "a", ids, 3, program_id="old", program=old)
+    eng.submit(first, RequestHandle(first))
+    eng.step()
+    later = GenRequest("new-call", "a", ids + ids[-3:], 3, program_id="new", program=new)   # ... and a new one
+    eng.submit(later, RequestHandle(later))
+    eng.step()
+    progress = {s.req.request_id: s.prompt.pos for s in eng.prefilling}
+    assert progress == {"old-call": 8, "new-call": 8}
+    eng.step()
+    assert {s.req.request_id: s.prompt.pos for s in eng.prefilling} == {"old-call": 8, "new-call": 16}
+    assert new.service == 0 and old.service == 100_000         # counted when a prefill ends
+    while eng.step():
+        pass
+    assert new.service >= len(later.prompt_ids) and old.service >= 100_000 + len(ids)

@@ -222,3 +222,17 @@ def test_a_conversation_is_one_program_by_default():
     assert default_program_id([sys_, {"role": "user", "content": "another task"}]) != default_program_id(first)
     assert default_program_id(first, context_id="ctx1") == "context:ctx1"
     assert default_program_id([sys_]) == ""
+
+
+def test_program_policy_by_arrival_serves_the_program_that_started_first():
+    """Continuum's program-level FCFS: a follow-up of the oldest program goes first, whatever its service."""
+    from dataclasses import replace
+
+    p = ProgramPolicy(order="arrival", max_wait_s=1000)
+    young = replace(v("young-1", 5.0, program="young", service=0), program_started=4.0)
+    old = replace(v("old-3", 6.0, program="old", service=9000), program_started=1.0)
+    assert p.schedule([young, old], [], Budget(1), now=7).admit == ["old-3"]
+    assert ProgramPolicy(max_wait_s=1000).schedule([young, old], [], Budget(1), now=7).admit == ["young-1"]   # PLAS
+    assert make_policy("program", order="arrival").order == "arrival"
+    with pytest.raises(ValueError, match="order"):
+        ProgramPolicy(order="random")

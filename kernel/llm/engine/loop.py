@@ -253,7 +253,8 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         held = s.position if s.started else len(r.prompt_ids)
         return RequestView(r.request_id, r.agent_id, r.priority, r.arrival, len(r.prompt_ids), r.max_tokens,
                            len(s.ids), s.enqueued, s.quantum_steps, self.cache_bytes_for(held + 1), s.preemptions,
-                           s.first_token_at, r.program_id, r.program.service if r.program is not None else 0)
+                           s.first_token_at, r.program_id, r.program.service if r.program is not None else 0,
+                           r.program.started if r.program is not None else 0.0)
 
     def _over_budget(self) -> bool:
         if not self.budget.cache_bytes:

@@ -59,12 +59,19 @@ class Prefill:
             self._join(seq, past, mask)
 
     def _advance_prefills(self) -> None:
-        """Prompt chunks of the prefilling requests, in admission order, about `prefill_per_step` tokens in all
-        (at least one chunk), so that the running rows get their next token between a long prompt's chunks."""
+        """Prompt chunks of the prefilling requests, about `prefill_per_step` tokens in all (at least one chunk),
+        so that the running rows get their next token between a long prompt's chunks; the request the policy ranks
+        first goes first (the program policy: the program with the least service)."""
         budget = self.prefill_per_step
+        if len(self.prefilling) > 1:
+            now = time.monotonic()
+            with self._lock:
+                self.prefilling.sort(key=lambda s: self.policy.rank(self._view(s), now))
         while self.prefilling and budget > 0:
             seq = self.prefilling[0]
             try:
+                if not seq.prompt.looked_up:
+                    self._look_up(seq.prompt)
                 budget -= seq.prompt.advance(budget)
                 if not seq.prompt.done:
                     return
@@ -120,22 +127,28 @@ class Prefill:
     def _run_prefill(self, tokens: list[int], adapter: str | None, keep: bool = False, req=None):
         """Prefill `tokens` at once (see `_begin_prefill`): (logits, cache, mask)."""
         run = self._begin_prefill(tokens, adapter, keep, req)
+        self._look_up(run)
         run.advance(len(tokens))
         return self._end_prefill(run)
 
     def _begin_prefill(self, tokens: list[int], adapter: str | None, keep: bool = False, req=None) -> PromptRun:
-        """A prefill of `tokens` in chunks, from the longest resident prefix when one matches; `keep`: make the
-        result resident too (a new prompt: the next turn, a tool follow-up or another agent may share it), as
-        computed by request `req` (whose program the tokens computed are accounted to)."""
-        past, start = self.resident.lookup(tokens, adapter, self.runner.position_exact,
-                                           *((req.program_id, req.request_id) if req is not None else ()))
-        run = PromptRun(self.runner, tokens, adapter, past, start, self.prefill_chunk)
+        """A prefill of `tokens` in chunks, to start from the longest resident prefix that matches when its first
+        chunk runs (`_look_up`: a prompt admitted beside another that shares its beginning then finds it
+        resident); `keep`: make the result resident too (a new prompt: the next turn, a tool follow-up or another
+        agent may share it), as computed by request `req` (whose program the tokens computed are accounted to)."""
+        run = PromptRun(self.runner, tokens, adapter, None, 0, self.prefill_chunk)
         run.keep, run.req = keep and self.resident.enabled, req
         if run.keep and self.resident.hybrid:
             def at_boundary(cache, n):      # a Mamba state serves only whole: keep the last boundary's
                 run.boundary[:] = [cache_ops.view_prefix(cache, n), n]
             run.at_boundary = at_boundary
         return run
+
+    def _look_up(self, run: PromptRun) -> None:
+        req = run.req
+        run.past, run.start = self.resident.lookup(run.tokens, run.adapter, self.runner.position_exact,
+                                                   *((req.program_id, req.request_id) if req is not None else ()))
+        run.pos, run.looked_up = run.start, True
 
     def _end_prefill(self, run: PromptRun):
         """A finished prefill's accounting and resident entry: (logits, cache, mask)."""

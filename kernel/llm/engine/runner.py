@@ -146,7 +146,8 @@ class PromptRun:
         self.chunk, self.at_boundary = chunk or len(tokens), at_boundary if chunk else None
         self.logits = None
         self.seconds = 0.0
-        self.keep, self.req, self.boundary = False, None, []     # the engine's: keep it resident, for whom
+        self.keep, self.req, self.boundary = False, None, []     # the engine's: keep it resident, for whom, ...
+        self.looked_up = past is not None                          # ... and whether it looked for a resident prefix
         self.mask = torch.ones((1, len(tokens)), dtype=torch.long, device=runner.lm.device)
 
     @property

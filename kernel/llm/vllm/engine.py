@@ -217,7 +217,8 @@ class VllmEngine(Switching, Engine):
         q = r.req
         return RequestView(q.request_id, q.agent_id, q.priority, q.arrival, len(q.prompt_ids), q.max_tokens,
                            len(r.ids), r.enqueued, 0, 0, r.preemptions, r.first_token_at, q.program_id,
-                           q.program.service if q.program is not None else 0)
+                           q.program.service if q.program is not None else 0,
+                           q.program.started if q.program is not None else 0.0)
 
     # -- on the engine's loop ----------------------------------------------------------------------------------
     def _admit(self, run: Run) -> None:
