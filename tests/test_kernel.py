@@ -216,7 +216,7 @@ def test_syscalls_are_traced(kernel, session):
 
 
 def test_stats_agents_and_cli(kernel, session):
-    session.llm.chat("count me", max_tokens=2)
+    session.llm.chat("count me", max_tokens=2, program_id="cli-program")
     st = session.kernel.stats()
     m = {x.name: x for x in st.models}["tiny-llama"]
     assert m.completed >= 1 and m.generated_tokens >= 2 and m.parameters > 0 and st.syscalls > 0
@@ -225,6 +225,9 @@ def test_stats_agents_and_cli(kernel, session):
     out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "status", "--address", kernel.address],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "tiny-llama" in out.stdout and "uptime" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "status", "--address", kernel.address,
+                          "--token", session.token], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "cli-program" in out.stdout          # the agent's programs
     out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "top", "--once", "--address", kernel.address],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "fair_share" in out.stdout and "preempt" in out.stdout

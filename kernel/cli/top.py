@@ -32,11 +32,11 @@ def render(st, detail: bool = True) -> str:
     if active or (detail and st.tuner_jobs):
         lines.append("")
         lines += job_table(active if not detail else sorted(st.tuner_jobs, key=lambda j: -j.created)[:10])
-    if not detail:
-        return "\n".join(lines)
     if st.programs:
         lines.append("")
         lines += program_table(st.programs)
+    if not detail:
+        return "\n".join(lines)
     per_agent = defaultdict(lambda: defaultdict(int))
     rows = []
     for m in st.models:
