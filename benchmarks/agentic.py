@@ -200,10 +200,14 @@ def vllm(folder: Path, programs, args) -> dict:
     from kernos.kernel.llm.cpu_speed import fast_cpu_dtype
 
     # the dtype Kernos computes in on this CPU (bf16 where it is native, else float32: emulated bf16 is slower);
-    # the embedded model writes Hermes-style <tool_call> blocks: vLLM's hermes parser reads them
+    # the embedded model writes Hermes-style <tool_call> blocks: vLLM's hermes parser reads them. SmolLM2's own
+    # chat template drops tools, calls and results (vLLM's prompts were 30% shorter, the model blind to its
+    # tools): vLLM gets the template that writes them as Kernos does, the same prompt text token for token
     dtype = str(fast_cpu_dtype()).removeprefix("torch.")
+    template = _HERE / "hermes_tools.jinja"
     with VllmServer(folder, MODEL, dtype=dtype, prefix_caching=True, max_model_len=4096,
-                    extra=["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]) as url:
+                    extra=["--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                           "--chat-template", str(template)]) as url:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=900)
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "warm up"}], max_tokens=4)
         before = vllm_counters(url)
