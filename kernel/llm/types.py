@@ -90,6 +90,11 @@ class GenRequest:
     program_id: str = ""            # its agent program ("": none)
     program: object = None          # kernos.scheduler.Program: engines add the tokens they compute for it
 
+    def program_fields(self) -> tuple[str, int, float]:
+        """Its program's id, attained service and start, as a RequestView takes them."""
+        p = self.program
+        return (self.program_id, p.service, p.started) if p is not None else (self.program_id, 0, 0.0)
+
 
 @dataclass
 class TextDelta:

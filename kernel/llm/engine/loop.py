@@ -92,6 +92,11 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
     def rows(self) -> list[Sequence]:
         return self.batch.rows
 
+    @property
+    def active(self) -> list[Sequence]:
+        """Admitted sequences: the batch's rows and the prompts being prefilled."""
+        return self.batch.rows + self.prefilling
+
     # -- public ------------------------------------------------------------------------------------------
     def submit(self, request: GenRequest, handle: RequestHandle) -> None:
         if not self._accepting:
@@ -128,8 +133,8 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         """Load (or replace) a peft adapter into the served model, on the engine thread between two steps,
         so running requests never see a half-loaded model."""
         def do():
-            in_use = {"running": {s.req.adapter for s in self.rows + self.prefilling},
-                      "all": {s.req.adapter for s in self.rows + self.prefilling + list(self.waiting)}}
+            in_use = {"running": {s.req.adapter for s in self.active},
+                      "all": {s.req.adapter for s in self.active + list(self.waiting)}}
             exact = self.runner.position_exact
             loaded = self.runner.adapters.load(name, folder, in_use)
             self.resident.drop_adapter(name)        # computed by the adapter's previous weights
@@ -172,7 +177,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
 
     def snapshot(self):
         with self._lock:
-            live = [(self._view(s), "running") for s in self.rows + self.prefilling]
+            live = [(self._view(s), "running") for s in self.active]
             live += [(self._view(s), "suspended" if s.parked else s.state) for s in self.waiting]
             self.stats.running, self.stats.waiting = len(self.rows), len(self.waiting)
             self.resident.report(self.stats)
@@ -230,7 +235,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
                 fut.set_exception(e)
 
     def _find(self, request_id: str) -> Sequence:
-        for s in self.rows + self.prefilling + list(self.waiting):
+        for s in self.active + list(self.waiting):
             if s.req.request_id == request_id:
                 return s
         raise StatusError("NOT_FOUND", f"generation '{request_id}' has already finished")
@@ -253,8 +258,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         held = s.position if s.started else len(r.prompt_ids)
         return RequestView(r.request_id, r.agent_id, r.priority, r.arrival, len(r.prompt_ids), r.max_tokens,
                            len(s.ids), s.enqueued, s.quantum_steps, self.cache_bytes_for(held + 1), s.preemptions,
-                           s.first_token_at, r.program_id, r.program.service if r.program is not None else 0,
-                           r.program.started if r.program is not None else 0.0)
+                           s.first_token_at, *r.program_fields())
 
     def _over_budget(self) -> bool:
         if not self.budget.cache_bytes:
@@ -268,7 +272,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
             self._fit_resident(candidates)
         if not candidates and not self._over_budget():
             return  # the common decode step: nothing to admit, nothing to evict
-        active = self.rows + self.prefilling
+        active = self.active
         views = {s.req.request_id: s for s in candidates + active}
         decision = self.policy.schedule([self._view(s) for s in candidates], [self._view(s) for s in active],
                                         self.budget)
@@ -279,7 +283,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
                 self._abort_prefill(views[rid])
         for rid in decision.admit:
             seq = views[rid]
-            if not self.runner.adapters.batchable(self.rows + self.prefilling, seq):
+            if not self.runner.adapters.batchable(active, seq):
                 continue                      # waits until the batch holds only its adapter (or drains)
             self.waiting.remove(seq)
             try:
@@ -340,7 +344,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
             self.stats.cancelled += 1
 
     def _cancel_all(self) -> None:
-        for s in self.rows + self.prefilling + list(self.waiting):
+        for s in self.active + list(self.waiting):
             self.swap.release(s)
             self._finish(s, Finish.CANCELLED)
         self.waiting.clear()
@@ -353,7 +357,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         self.stats.completed += 1
 
     def _fail_all(self, message: str) -> None:
-        for s in self.rows + self.prefilling:
+        for s in self.active:
             s.handle.put(Failed(message))
         self.prefilling.clear()
         self.batch.clear()

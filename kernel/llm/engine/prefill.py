@@ -95,12 +95,8 @@ class Prefill:
         self._drop_prefilling(seq)
         seq.state = "waiting"
         seq.enqueued = time.monotonic()
-        if run.keep and run.pos > run.start:
-            if not self.resident.hybrid:
-                self.resident.add(run.tokens[:run.pos], run.adapter, cache_ops.view_prefix(run.past, run.pos),
-                                  run.req.request_id)
-            elif run.boundary:
-                self.resident.add(run.tokens[:run.boundary[1]], run.adapter, run.boundary[0], run.req.request_id)
+        if run.pos > run.start:
+            self._keep_computed(run, run.pos)
             if run.req.program is not None:
                 run.req.program.computed(run.pos - run.start)
         if requeue:
@@ -150,6 +146,15 @@ class Prefill:
                                                    *((req.program_id, req.request_id) if req is not None else ()))
         run.pos, run.looked_up = run.start, True
 
+    def _keep_computed(self, run: PromptRun, n: int) -> None:
+        """Make the first `n` tokens a prefill computed resident (`run.keep`): on hybrid models the Mamba state of
+        the last chunk boundary before them (a state serves only whole)."""
+        owner = run.req.request_id if run.req is not None else ""
+        if run.keep and not self.resident.hybrid:
+            self.resident.add(run.tokens[:n], run.adapter, cache_ops.view_prefix(run.past, n), owner)
+        elif run.keep and run.boundary:
+            self.resident.add(run.tokens[:run.boundary[1]], run.adapter, run.boundary[0], owner)
+
     def _end_prefill(self, run: PromptRun):
         """A finished prefill's accounting and resident entry: (logits, cache, mask)."""
         tokens, req, start = run.tokens, run.req, run.start
@@ -157,13 +162,9 @@ class Prefill:
             self.costs.observe_prefill(len(tokens), run.seconds)
         self.stats.prompt_tokens += len(tokens)
         self.stats.prefix_tokens_reused += start
-        owner = req.request_id if req is not None else ""
         if req is not None and req.program is not None:
             req.program.computed(len(tokens) - start)
-        if run.keep and not self.resident.hybrid:
-            self.resident.add(tokens, run.adapter, cache_ops.view_prefix(run.past, len(tokens)), owner)
-        elif run.keep and run.boundary:
-            self.resident.add(tokens[:run.boundary[1]], run.adapter, run.boundary[0], owner)
+        self._keep_computed(run, len(tokens))
         self.resident.report(self.stats)
         return run.logits, run.past, run.mask
 

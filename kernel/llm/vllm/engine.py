@@ -216,9 +216,7 @@ class VllmEngine(Switching, Engine):
     def _view(self, r: Run) -> RequestView:
         q = r.req
         return RequestView(q.request_id, q.agent_id, q.priority, q.arrival, len(q.prompt_ids), q.max_tokens,
-                           len(r.ids), r.enqueued, 0, 0, r.preemptions, r.first_token_at, q.program_id,
-                           q.program.service if q.program is not None else 0,
-                           q.program.started if q.program is not None else 0.0)
+                           len(r.ids), r.enqueued, 0, 0, r.preemptions, r.first_token_at, *q.program_fields())
 
     # -- on the engine's loop ----------------------------------------------------------------------------------
     def _admit(self, run: Run) -> None:
