@@ -283,7 +283,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
                 self._abort_prefill(views[rid])
         for rid in decision.admit:
             seq = views[rid]
-            if not self.runner.adapters.batchable(active, seq):
+            if not self.runner.adapters.batchable(self.active, seq):   # the rows as admitted so far
                 continue                      # waits until the batch holds only its adapter (or drains)
             self.waiting.remove(seq)
             try:
