@@ -220,6 +220,19 @@ def test_a_long_prompt_prefills_between_decode_steps_and_stays_exact(lm):
     assert h.result(timeout=1).finish == Finish.CANCELLED and not eng.prefilling
 
 
+def test_a_prompt_of_several_chunks_prefilled_at_once_equals_generate(lm):
+    """A prompt prefilled whole (prefill_tokens_per_step 0, as samples of one prompt and scored prompts are)
+    runs all its chunks, the last one short included (it stopped one chunk early: a wrong first token)."""
+    ids = prompt_ids(lm, " ".join(TEXTS) * 3)
+    assert len(ids) % 16 and len(ids) > 3 * 16
+    eng = TransformersEngine(lm, 1, prefill_chunk=16, prefill_per_step=0)
+    eng.start()
+    got, _ = run(lm, [GenRequest("w", "a", ids, 6)], batch=1, engine=eng)
+    eng.drain(5)
+    ref = lm.model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert got[0].token_ids == ref[0, len(ids):].tolist()
+
+
 def test_the_policy_orders_the_prompts_being_prefilled(lm):
     """Admitted prompts get their chunks in the policy's order: under the program policy the prompt of the
     program with the least attained service first, though it arrived later."""

@@ -158,8 +158,10 @@ class PromptRun:
         """Run chunks until about `budget` tokens ran (at least one chunk) or the prompt is done; returns the
         tokens run."""
         ran, t0 = 0, time.perf_counter()
-        while not self.done and (ran == 0 or ran + self.chunk <= budget):
+        while not self.done:
             end = min(len(self.tokens), (self.pos // self.chunk + 1) * self.chunk)
+            if ran and ran + end - self.pos > budget:      # the next chunk (it may be short) would go over
+                break
             self.logits, self.past = self.runner.run_chunk(self.tokens, self.pos, end, self.past, self.adapter)
             ran += end - self.pos
             self.pos = end
