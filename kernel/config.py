@@ -63,9 +63,17 @@ class ServerConfig(_Strict):
         return self
 
 
+REQUEST_BASE_BYTES = 64 * 1024     # a request's room besides its prompt (tools, schemas, sampling fields)
+REQUEST_BYTES_PER_TOKEN = 32       # a prompt's bytes per token of the model's window (text runs ~4)
+
+
 class LimitsConfig(_Strict):
-    max_request_bytes: int = Field(256 * 1024, gt=0, description="largest GenerateRequest, serialized")
-    max_prompt_tokens: int = Field(4096, gt=0)
+    max_request_bytes: int | None = Field(
+        None, gt=0, description="largest GenerateRequest, serialized; unset: 64 KiB + 32 bytes per token of the "
+                                "model's context length")
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="longest prompt, in tokens, on any model; unset: each model's context length less "
+                                "the reply's room (its max_tokens)")
     max_tokens_cap: int = Field(4096, gt=0, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, gt=0)
     default_temperature: float = Field(0.0, ge=0, description="0 is greedy decoding")
@@ -82,6 +90,17 @@ class LimitsConfig(_Strict):
                                                               "holds its KV in swap); 0: no limit")
     default_tool_rounds: int = Field(4, gt=0, description="tool_execution 'kernel': rounds of calls when unset")
     max_tool_rounds: int = Field(8, gt=0, description="tool_execution 'kernel': the most rounds a request may ask")
+
+    def prompt_limit(self, context_length: int, reply: int = 1) -> int:
+        """The longest prompt on a model of `context_length` positions that leaves `reply` tokens to answer."""
+        room = max(0, context_length - reply)
+        return room if self.max_prompt_tokens is None else min(room, self.max_prompt_tokens)
+
+    def request_limit(self, context_length: int) -> int:
+        """The largest request (serialized bytes) to a model of `context_length` positions."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return REQUEST_BASE_BYTES + REQUEST_BYTES_PER_TOKEN * context_length
 
 
 class SchedulerConfig(_Strict):

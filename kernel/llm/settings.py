@@ -61,7 +61,7 @@ class VllmArgs(_Strict):
     any other goes in `extra` and is checked against vLLM's own argument names when the model loads. The model's
     `dtype` and `adapters` are the entry's own fields, as for every kind."""
 
-    max_model_len: int | None = Field(None, gt=0, description="context length; unset: the model's")
+    max_model_len: int | None = Field(None, gt=0, description="the same as the entry's max_model_len (use that)")
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="share of device memory vLLM may use (on a CPU: of the NUMA node's memory)")
     kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV cache size; overrides the share above")
@@ -80,6 +80,27 @@ class VllmArgs(_Strict):
     extra: dict[str, object] = Field(default_factory=dict, description="any other AsyncEngineArgs field, as is")
 
 
+class RopeScaling(_Strict):
+    """A model entry's context extension: the rotary-position scalings transformers' rope utilities take. The
+    window becomes the model's positions (its config's max_position_embeddings, or original_max_position_embeddings
+    here) times `factor`; the same fields reach vLLM (its hf_overrides) for models of kind "vllm"."""
+
+    rope_type: Literal["linear", "dynamic", "yarn", "llama3"] = Field(
+        description="linear: positions divided by factor; dynamic: NTK-aware base, fixed at the extended window "
+                    "(as vLLM computes it: a row's positions never depend on its batch); yarn: YaRN; llama3: "
+                    "Llama 3.1's (needs low_freq_factor and high_freq_factor)")
+    factor: float = Field(gt=1, le=64, description="how many times the model's positions the window becomes")
+    original_max_position_embeddings: int | None = Field(
+        None, gt=0, description="the positions the model was trained on; unset: its config's max_position_embeddings")
+    beta_fast: float | None = Field(None, gt=0, description="yarn")
+    beta_slow: float | None = Field(None, gt=0, description="yarn")
+    attention_factor: float | None = Field(None, gt=0, description="yarn: cos/sin scale; unset: from factor")
+    mscale: float | None = Field(None, gt=0, description="yarn")
+    mscale_all_dim: float | None = Field(None, gt=0, description="yarn")
+    low_freq_factor: float | None = Field(None, gt=0, description="llama3")
+    high_freq_factor: float | None = Field(None, gt=0, description="llama3")
+
+
 class ModelConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     path: str = Field(description="local folder with config.json, safetensors and tokenizer; or 'embedded'")
@@ -91,9 +112,19 @@ class ModelConfig(_Strict):
     adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> local peft folder")
     restricted: bool = Field(False, description="only agents granted 'model' execute on it may use it")
     restricted_adapters: list[str] = Field(default_factory=list, description="adapters that need a grant")
+    max_model_len: int | None = Field(None, gt=0, description="context length (prompt + reply) served; unset: all the "
+                                                               "model's positions allow (with rope_scaling: extended)")
+    rope_scaling: RopeScaling | None = Field(None, description="extends the model's window at serve time")
 
     @model_validator(mode="after")
     def _vllm_only(self):
         if "vllm" in self.model_fields_set and self.kind != "vllm":
             raise ValueError(f"[models.vllm] is for kind = 'vllm'; model '{self.name}' is of kind '{self.kind}'")
+        if self.vllm.max_model_len is not None:     # the older spelling, kept: one value either way
+            if self.max_model_len not in (None, self.vllm.max_model_len):
+                raise ValueError(f"model '{self.name}': max_model_len {self.max_model_len} and vllm.max_model_len "
+                                 f"{self.vllm.max_model_len} differ: set max_model_len only")
+            self.max_model_len = self.vllm.max_model_len
+        if self.kind == "echo" and (self.max_model_len or self.rope_scaling):
+            raise ValueError(f"model '{self.name}' of kind 'echo' has no positions: no max_model_len or rope_scaling")
         return self

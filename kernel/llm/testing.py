@@ -65,3 +65,20 @@ def build_tiny_model(out: str | Path, arch: str = "llama", seed: int = 0, head_d
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
     return out
+
+
+PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                "I will quiz you about the important information there.\n")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_prompt(tokenizer, n_tokens: int, depth: float, key: int) -> str:
+    """LongLLaMA's passkey-retrieval prompt (the FoT paper's): the task, filler text about `n_tokens` long with
+    "The pass key is KEY" at `depth` (0: first, 1: last) of it, then the question the model completes."""
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key.\n"
+    fixed = len(tokenizer.encode(PASSKEY_TASK + needle + PASSKEY_QUESTION))
+    per = len(tokenizer.encode(PASSKEY_FILLER * 8)) / 8
+    fillers = max(1, round((n_tokens - fixed) / per))
+    at = round(fillers * depth)
+    return PASSKEY_TASK + PASSKEY_FILLER * at + needle + PASSKEY_FILLER * (fillers - at) + PASSKEY_QUESTION

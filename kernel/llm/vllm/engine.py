@@ -36,8 +36,9 @@ from ..registry import ModelLoadError, architecture_of, eos_ids, model_folder
 from ..settings import EngineConfig, ModelConfig
 from ..tool_calls import repeat_watch
 from ..types import EngineClosed, Failed, Final, Finish, GenRequest, RequestHandle, RequestTooLarge, TextDelta
+from ..window import WindowError
 from .requests import prompt_logprobs, sampling_params
-from .setup import check_topology, engine_args, import_vllm
+from .setup import add_window_args, check_topology, engine_args, import_vllm
 from .stats import bytes_per_token, parameters, stat_logger
 from .switching import Run, Switching
 
@@ -80,7 +81,10 @@ class VllmEngine(Switching, Engine):
         check_topology(self.name, self.args)
         try:
             self.hf_config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+            add_window_args(self.cfg, self.hf_config, self.args)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except WindowError as e:
+            raise ModelLoadError(str(e)) from None
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"model '{self.name}': cannot load {self.path}: {e}") from e
         try:

@@ -61,7 +61,7 @@ def engine_args(cfg: ModelConfig, engine: EngineConfig, path: Path, policy=None)
         args.update(max_loras=v.max_loras, max_lora_rank=v.max_lora_rank)
         if v.max_cpu_loras is not None:
             args["max_cpu_loras"] = v.max_cpu_loras
-    for name in ("max_model_len", "gpu_memory_utilization", "kv_cache_memory_bytes", "max_num_seqs",
+    for name in ("gpu_memory_utilization", "kv_cache_memory_bytes", "max_num_seqs",
                  "distributed_executor_backend"):
         if getattr(v, name) is not None:
             args[name] = getattr(v, name)
@@ -75,6 +75,25 @@ def engine_args(cfg: ModelConfig, engine: EngineConfig, path: Path, policy=None)
                                  f"(see vLLM's AsyncEngineArgs)")
         args[name] = value
     return args
+
+
+def add_window_args(cfg: ModelConfig, hf_config, args: dict) -> None:
+    """The entry's context extension and length as vLLM's arguments: `hf_overrides` (the config fields its
+    rope_scaling changes, as the own engine sets them; merged with vllm.extra's) and `max_model_len` (checked
+    against the window here, with Kernos's message, before vLLM starts)."""
+    from .. import window
+
+    over = window.overrides(cfg, hf_config)
+    if over:
+        extra = args.get("hf_overrides") or {}
+        if not isinstance(extra, dict) or set(extra) & set(over):
+            raise window.WindowError(f"model '{cfg.name}': vllm.extra.hf_overrides sets what rope_scaling sets "
+                                     f"({sorted(over)}): set rope_scaling only")
+        args["hf_overrides"] = {**extra, **over}
+        for key, value in over.items():
+            setattr(hf_config, key, value)
+    if cfg.max_model_len is not None:
+        args["max_model_len"] = window.context_length(cfg, window.window(hf_config))
 
 
 def _engine_arg_names(model: str) -> set[str]:

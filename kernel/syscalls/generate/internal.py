@@ -1,5 +1,5 @@
 """Generations the kernel runs on an agent's behalf (a context's summary, a data set's samples): the model's
-base, the newest `limits.max_prompt_tokens` of the prompt, no quota refusal; accounted to the agent and traced
+base, the newest tokens of the prompt that fit, no quota refusal; accounted to the agent and traced
 here as `llm.internal` (an agent's own generations are traced by the edge)."""
 from __future__ import annotations
 
@@ -34,11 +34,12 @@ class Internal:
         seed: int | None = None,
     ) -> Reply:
         """A generation the kernel runs for `principal` (a summary, a data-set sample): its base model, the
-        newest `limits.max_prompt_tokens` of the prompt; accounted to the agent and traced as 'llm.internal'."""
+        newest tokens of the prompt that leave `max_tokens` of the window; accounted to the agent and traced as
+        'llm.internal'."""
         served = self.llm.get(model)
         if served is None:
             raise not_found(f"unknown model '{model}'")
-        ids = served.encode_chat(messages)[-self.limits.max_prompt_tokens :]
+        ids = served.encode_chat(messages)[-self.limits.prompt_limit(served.context_length, max_tokens) :]
         req = GenRequest(
             request_id=uuid.uuid4().hex,
             agent_id=principal.agent_id,

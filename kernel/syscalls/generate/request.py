@@ -30,13 +30,12 @@ class Requests:
 
     def prepare(self, g: Generation, principal) -> tuple[ServedModel, GenRequest]:
         lim = self.limits
-        if g.size > lim.max_request_bytes:
-            raise exhausted(
-                f"request is {g.size} bytes; the limit is {lim.max_request_bytes} (limits.max_request_bytes)"
-            )
         model = self.llm.get(g.model)
         if model is None:
             raise not_found(f"unknown model '{g.model}'; served models: {sorted(self.llm.models)}")
+        if g.size > lim.request_limit(model.context_length):
+            raise exhausted(f"request is {g.size} bytes; the limit is {lim.request_limit(model.context_length)} "
+                            f"(limits.max_request_bytes{'' if lim.max_request_bytes else ', from the context length'})")
         if g.adapter and g.adapter not in model.adapters:
             raise not_found(f"model '{model.name}' has no adapter '{g.adapter}'; loaded: {model.adapters}")
         default = self.adapters.default(principal.agent_id, model.name)
@@ -94,14 +93,18 @@ class Requests:
             raise invalid(f"cannot format the messages with the model's chat template: {e}") from None
         if not ids:
             raise invalid("the prompt encodes to no tokens")
-        if len(ids) > lim.max_prompt_tokens:
+        if lim.max_prompt_tokens is not None and len(ids) > lim.max_prompt_tokens:
             raise exhausted(
                 f"prompt is {len(ids)} tokens; the limit is {lim.max_prompt_tokens} (limits.max_prompt_tokens)"
             )
+        room = model.context_length - len(ids)
+        if g.max_tokens is None and 0 < room < max_tokens:
+            max_tokens = room           # an unset max_tokens: what the window leaves, up to the default
         if len(ids) + max_tokens > model.context_length:
+            ask = (f"max_tokens ({max_tokens})" if g.max_tokens is not None else "a reply")
             raise invalid(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context length of "
-                f"'{model.name}' ({model.context_length})"
+                f"prompt ({len(ids)} tokens) + {ask} exceeds the context length of '{model.name}' "
+                f"({model.context_length} tokens: its max_model_len, or what its positions allow)"
             )
         return model, GenRequest(
             request_id=uuid.uuid4().hex,
