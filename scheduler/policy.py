@@ -76,6 +76,10 @@ class Policy:
     def record(self, agent_id: str, tokens: int, now: float) -> None:
         """Accounting hook: `tokens` were generated for `agent_id`."""
 
+    def prefilled(self, agent_id: str, tokens: float, now: float) -> None:
+        """Prompt tokens computed for `agent_id`, in decoded tokens' worth (the engine weighs them by cost)."""
+        self.record(agent_id, tokens, now)
+
     def decoded(self, agent_ids, now: float) -> None:
         """One decode step made a token for each of these requests' agents (an engine passes them on unread)."""
         counts: dict[str, int] = {}
@@ -195,7 +199,8 @@ class PriorityPolicy(Policy):
 
 
 class FairSharePolicy(Policy):
-    """Weighted fair share of generated tokens per agent over a sliding window: the agent that received the
+    """Weighted fair share of computed tokens per agent over a sliding window (decoded ones, and prompt tokens at
+    what they cost against a decoded one, as the engine measures it): the agent that received the
     least (per unit of weight) goes first, and a running request of a heavy agent that has used its quantum
     yields to a waiting request of a lighter one."""
 

@@ -168,3 +168,68 @@ def test_a_prompt_at_the_embedded_models_full_window(long_kernel):
         client.completions.create(model="smol", prompt="word " * 80_000, max_tokens=1)
     assert e.value.status_code == 413
 
+
+
+def test_chunks_shrink_with_position_and_stay_exact(tiny_models, tmp_path):
+    """Chunks halve as the position grows fourfold (64 tokens to 128, then 32): a prompt prefilled a chunk or two
+    a step beside a decoding row equals it prefilled in one go, and a resident prefix serves up to the last
+    boundary of the smaller chunks. A step's time budget runs one chunk when the chunk takes longer; the
+    running row gets a token every step meanwhile."""
+    from kernos.kernel.llm.engine.runner import Chunking
+
+    c = Chunking(64, 128)
+    assert [c.end(p, 10_000) for p in (0, 64, 128, 160, 511, 512)] == [64, 128, 160, 192, 512, 544]
+    assert c.floor_boundary(300) == 288 and c.floor_boundary(100) == 64 and Chunking(128).floor_boundary(300) == 256
+    lm = load_model(_entry(tiny_models["llama"]), EngineConfig(), tmp_path)
+    long_ids, short_ids = _prompt(lm, 700, 1), _prompt(lm, 5, 2)
+    assert len(long_ids) > 600
+    kw = dict(prefill_chunk=64, prefill_shrink_from=128, resident_bytes=1 << 30)
+    alone = _run(lm, [GenRequest("l", "a", long_ids, 8)], max_batch_size=1, prefill_per_step=0, **kw)[0]
+    eng = TransformersEngine(lm, 4, prefill_per_step=10_000, prefill_step_s=1e-6, **kw)
+    short = GenRequest("s", "a", short_ids, 200)
+    eng.submit(short, RequestHandle(short))
+    while not eng.rows:
+        eng.step()
+    req = GenRequest("l", "a", long_ids, 8)
+    hl = RequestHandle(req)
+    eng.submit(req, hl)
+    eng.step()                                   # admitted, its first chunk run
+    positions = [eng.prefilling[0].prompt.pos]
+    while eng.prefilling:
+        tokens = eng.stats.generated_tokens
+        eng.step()
+        # the short row's token every step; the last also the long one's first token, and its first decode
+        assert eng.stats.generated_tokens == tokens + (1 if eng.prefilling else 3)
+        if eng.prefilling:
+            positions.append(eng.prefilling[0].prompt.pos)
+    assert positions[:4] == [64, 128, 160, 192]          # one chunk a step: the time budget, not the tokens
+    while eng.step():
+        pass
+    assert hl.result(timeout=1).token_ids == alone
+    again = GenRequest("again", "a", long_ids[:300] + short_ids, 4)
+    eng.submit(again, RequestHandle(again))
+    while eng.step():
+        pass
+    assert eng.stats.prefix_tokens_reused == 288
+
+
+def test_a_prompt_counts_toward_its_agents_fair_share_as_it_prefills(tiny_models, tmp_path):
+    """Fair share charges prompt tokens as their chunks run, at what a prompt token costs against a decoded one
+    as the engine measures it: an agent whose long prompt is prefilling has used its share before it decodes."""
+    from kernos.scheduler import FairSharePolicy
+
+    lm = load_model(_entry(tiny_models["llama"]), EngineConfig(), tmp_path)
+    policy = FairSharePolicy()
+    eng = TransformersEngine(lm, 4, policy=policy, prefill_chunk=64, prefill_per_step=64)
+    long = GenRequest("l", "heavy", _prompt(lm, 700, 1), 4)
+    eng.submit(long, RequestHandle(long))
+    eng.step()
+    eng.step()
+    now = __import__("time").monotonic()
+    assert eng.stats.generated_tokens == 0 and eng.prefilling
+    weight = eng.costs.prefill_weight()
+    assert 0.01 <= weight <= 1.0
+    assert policy.usage("heavy", now) > 0 and policy.usage("light", now) == 0
+    while eng.step():
+        pass
+    assert policy.usage("heavy", __import__("time").monotonic()) > 4       # its prompt's share and its 4 tokens

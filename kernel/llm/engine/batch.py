@@ -125,7 +125,10 @@ class RunningBatch:
         b, h, length, d = keys.shape
         col = left + max(LEFT_ROOM, length // 8)
         shape = (rows + max(2, rows // 4), h, col + length + RIGHT_ROOM, d)
-        kb, vb = keys.new_zeros(shape), values.new_zeros(shape)
+        # not zeroed: every column a view exposes is written first (a joining row's padding is zeroed by `join`,
+        # a decode step writes its column in every row); zeroing rows and columns of room a long row brings
+        # (a 7K-token row joining: ~1 GB) cost more than the copy itself, and untouched pages take no memory
+        kb, vb = keys.new_empty(shape), values.new_empty(shape)
         kb[:b, :, col:col + length].copy_(keys)
         vb[:b, :, col:col + length].copy_(values)
         layer.keys, layer.values = kb[:b, :, col:col + length], vb[:b, :, col:col + length]

@@ -40,7 +40,7 @@ from ..types import EngineClosed, Failed, Finish, GenRequest, RequestHandle, Req
 from .batch import RunningBatch
 from .prefill import Prefill
 from .resident import ResidentCache
-from .runner import ModelRunner
+from .runner import Chunking, ModelRunner
 from .sequence import Sequence
 from .swap import CostModel, ResidentSwap, SwapSpace
 from .switching import ContextSwitching
@@ -56,7 +56,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
                  max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
                  swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None, resident_bytes: int = 0,
                  resident_ttl_s: float = 600.0, prefill_chunk: int = 0, pause_max_s: float = 120.0,
-                 prefill_per_step: int = 256):
+                 prefill_per_step: int = 256, prefill_step_s: float = 0.0, prefill_shrink_from: int = 0):
         self.runner = ModelRunner(lm)
         self.costs = CostModel(preemption, exact_recompute=self.runner.exact_recompute)
         self.lm = lm
@@ -69,10 +69,12 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         # 0: by where prompts run. transformers' forward pays per chunk (a 768-token prompt of the embedded model
         # in float32: 135 tokens/s in chunks of 32, 202 of 128, 220 of 256); the own kernels reuse any prefix
         self.prefill_chunk = prefill_chunk or (32 if self.runner.position_exact else 128)
+        self.chunking = Chunking(self.prefill_chunk, prefill_shrink_from)
         self.pause_max_s = pause_max_s
         self.prefill_per_step = prefill_per_step    # prompt tokens between two decode steps (0: admitted ones whole)
+        self.prefill_step_s = prefill_step_s        # ... and the time they may take (0: no limit; one chunk at least)
         self.prefilling: list[Sequence] = []        # admitted, their prompts a few chunks a step (prefill.py)
-        self.resident = ResidentCache(resident_bytes, resident_ttl_s, lm.architecture == "hybrid", self.prefill_chunk,
+        self.resident = ResidentCache(resident_bytes, resident_ttl_s, lm.architecture == "hybrid", self.chunking,
                                       ResidentSwap(self) if swap_dir is not None else None)
         self._lock = threading.Lock()  # guards waiting and the batch's rows for snapshot()
         self.batch = RunningBatch(self._lock)
@@ -298,7 +300,9 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
 
     def _decode_step(self) -> None:
         rows = self.rows
+        t0 = time.perf_counter()
         logits = self.runner.decode(self.batch)
+        self.costs.observe_decode(len(rows), time.perf_counter() - t0)
         greedy = greedy_tokens(logits, [i for i, s in enumerate(rows) if s.plain_greedy])
         done = []
         for i, s in enumerate(rows):

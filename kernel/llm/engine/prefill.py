@@ -59,20 +59,27 @@ class Prefill:
             self._join(seq, past, mask)
 
     def _advance_prefills(self) -> None:
-        """Prompt chunks of the prefilling requests, about `prefill_per_step` tokens in all (at least one chunk),
-        so that the running rows get their next token between a long prompt's chunks; the request the policy ranks
-        first goes first (the program policy: the program with the least service)."""
+        """Prompt chunks of the prefilling requests, about `prefill_per_step` tokens in all and `prefill_step_s`
+        of time (at least one chunk), so that the running rows get their next token between a long prompt's
+        chunks; the request the policy ranks first goes first (the program policy: the program with the least
+        service)."""
         budget = self.prefill_per_step
+        deadline = time.perf_counter() + self.prefill_step_s if self.prefill_step_s else 0.0
         if len(self.prefilling) > 1:
             now = time.monotonic()
             with self._lock:
                 self.prefilling.sort(key=lambda s: self.policy.rank(self._view(s), now))
         while self.prefilling and budget > 0:
+            left = deadline - time.perf_counter() if deadline else 0.0
+            if deadline and left <= 0 and budget < self.prefill_per_step:
+                return                             # the step's time is spent (and one chunk ran)
             seq = self.prefilling[0]
             try:
                 if not seq.prompt.looked_up:
                     self._look_up(seq.prompt)
-                budget -= seq.prompt.advance(budget)
+                ran = seq.prompt.advance(budget, max(left, 1e-9) if deadline else 0.0)
+                budget -= ran
+                self._count_prefill(seq.req, ran)
                 if not seq.prompt.done:
                     return
                 self._drop_prefilling(seq)
@@ -97,8 +104,6 @@ class Prefill:
         seq.enqueued = time.monotonic()
         if run.pos > run.start:
             self._keep_computed(run, run.pos)
-            if run.req.program is not None:
-                run.req.program.computed(run.pos - run.start)
         if requeue:
             self.waiting.append(seq)
 
@@ -124,15 +129,25 @@ class Prefill:
         """Prefill `tokens` at once (see `_begin_prefill`): (logits, cache, mask)."""
         run = self._begin_prefill(tokens, adapter, keep, req)
         self._look_up(run)
-        run.advance(len(tokens))
+        self._count_prefill(req, run.advance(len(tokens)))
         return self._end_prefill(run)
+
+    def _count_prefill(self, req, tokens: int) -> None:
+        """Prompt tokens computed for `req` (as they run, chunk by chunk): its program's service, and its agent's
+        fair share at what a prompt token costs against a decoded one (measured: `CostModel.prefill_weight`).
+        A preempted sequence's recompute (no `req`) is the kernel's doing, not charged."""
+        if req is None or not tokens:
+            return
+        if req.program is not None:
+            req.program.computed(tokens)
+        self.policy.prefilled(req.agent_id, tokens * self.costs.prefill_weight(), time.monotonic())
 
     def _begin_prefill(self, tokens: list[int], adapter: str | None, keep: bool = False, req=None) -> PromptRun:
         """A prefill of `tokens` in chunks, to start from the longest resident prefix that matches when its first
         chunk runs (`_look_up`: a prompt admitted beside another that shares its beginning then finds it
         resident); `keep`: make the result resident too (a new prompt: the next turn, a tool follow-up or another
         agent may share it), as computed by request `req` (whose program the tokens computed are accounted to)."""
-        run = PromptRun(self.runner, tokens, adapter, None, 0, self.prefill_chunk)
+        run = PromptRun(self.runner, tokens, adapter, None, 0, self.chunking)
         run.keep, run.req = keep and self.resident.enabled, req
         if run.keep and self.resident.hybrid:
             def at_boundary(cache, n):      # a Mamba state serves only whole: keep the last boundary's
@@ -157,13 +172,11 @@ class Prefill:
 
     def _end_prefill(self, run: PromptRun):
         """A finished prefill's accounting and resident entry: (logits, cache, mask)."""
-        tokens, req, start = run.tokens, run.req, run.start
+        tokens, start = run.tokens, run.start
         if not start:
             self.costs.observe_prefill(len(tokens), run.seconds)
         self.stats.prompt_tokens += len(tokens)
         self.stats.prefix_tokens_reused += start
-        if req is not None and req.program is not None:
-            req.program.computed(len(tokens) - start)
         self._keep_computed(run, len(tokens))
         self.resident.report(self.stats)
         return run.logits, run.past, run.mask

@@ -70,12 +70,12 @@ class ResidentCache:
     """`swap`: an object with `should_swap(tokens, nbytes)`, `save(cache, name) -> path` and `load(path)`
     (the engine's cost model and swap directory); None: pinned entries are dropped like the others."""
 
-    def __init__(self, max_bytes: int, ttl_s: float, hybrid: bool, chunk: int, swap=None):
+    def __init__(self, max_bytes: int, ttl_s: float, hybrid: bool, chunking, swap=None):
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self.hybrid = hybrid
-        self.chunk = chunk
-        self.min_tokens = chunk
+        self.chunking = chunking                     # where prompts' chunks end (runner.Chunking)
+        self.min_tokens = chunking.size
         self.swap = swap
         self.entries: list[Entry] = []
         self.nbytes = 0
@@ -103,7 +103,7 @@ class ResidentCache:
                 continue
             n = min(_common_prefix(e.tokens, p), len(p) - 1)
             if not exact:
-                n -= n % self.chunk              # a chunk boundary: the rest runs as it would without reuse
+                n = self.chunking.floor_boundary(n)     # the rest runs as it would without reuse
             if self.hybrid and n != len(e.tokens):
                 continue
             if n > best_n:

@@ -134,6 +134,32 @@ class ModelRunner:
         return per_token, sizes[0] - per_token
 
 
+class Chunking:
+    """Where a prompt's chunks end: a function of absolute positions only, so that a prefill split anywhere (a
+    few chunks a step, or continued from a resident prefix at a boundary) computes exactly what a prefill in one
+    go does. Chunks are `size` tokens; from `shrink_from` on they halve each time the position grows fourfold,
+    down to `floor` (a chunk's attention grows with its position: this keeps a chunk's time about level, so
+    the rows decoding between a long prompt's chunks are not held up by its late chunks). 0: no shrinking."""
+
+    def __init__(self, size: int, shrink_from: int = 0, floor: int = 32):
+        self.size, self.shrink_from, self.floor = size, shrink_from, min(floor, size)
+
+    def size_at(self, pos: int) -> int:
+        size, edge = self.size, self.shrink_from
+        while edge and pos >= edge and size > self.floor:
+            size, edge = max(self.floor, size // 2), edge * 4
+        return size
+
+    def end(self, pos: int, length: int) -> int:
+        """The end of the chunk that starts at (or contains) `pos`, within a prompt of `length` tokens."""
+        size = self.size_at(pos)
+        return min(length, (pos // size + 1) * size)
+
+    def floor_boundary(self, n: int) -> int:
+        """The last chunk boundary at or before `n`."""
+        return n - n % self.size_at(n)
+
+
 class PromptRun:
     """One prompt's prefill, run a few chunks at a time (`advance`), so that an engine can run decode steps of
     its batch between them. Chunks start at multiples of `chunk` (absolute positions) however the prefill is
@@ -143,7 +169,9 @@ class PromptRun:
                  chunk: int = 0, at_boundary=None):
         self.runner, self.tokens, self.adapter = runner, tokens, adapter
         self.past, self.pos, self.start = past, start, start
-        self.chunk, self.at_boundary = chunk or len(tokens), at_boundary if chunk else None
+        if not isinstance(chunk, Chunking):
+            chunk = Chunking(chunk or len(tokens))
+        self.chunking, self.at_boundary = chunk, at_boundary if chunk else None
         self.logits = None
         self.seconds = 0.0
         self.keep, self.req, self.boundary = False, None, []     # the engine's: keep it resident, for whom, ...
@@ -154,18 +182,18 @@ class PromptRun:
     def done(self) -> bool:
         return self.pos >= len(self.tokens)
 
-    def advance(self, budget: int) -> int:
-        """Run chunks until about `budget` tokens ran (at least one chunk) or the prompt is done; returns the
-        tokens run."""
+    def advance(self, budget: int, seconds: float = 0.0) -> int:
+        """Run chunks until about `budget` tokens ran, or they took `seconds` (0: no time limit), at least one
+        chunk, or the prompt is done; returns the tokens run."""
         ran, t0 = 0, time.perf_counter()
         while not self.done:
-            end = min(len(self.tokens), (self.pos // self.chunk + 1) * self.chunk)
-            if ran and ran + end - self.pos > budget:      # the next chunk (it may be short) would go over
+            end = self.chunking.end(self.pos, len(self.tokens))
+            if ran and (ran + end - self.pos > budget or (seconds and time.perf_counter() - t0 >= seconds)):
                 break
             self.logits, self.past = self.runner.run_chunk(self.tokens, self.pos, end, self.past, self.adapter)
             ran += end - self.pos
             self.pos = end
-            if self.at_boundary is not None and end % self.chunk == 0 and end < len(self.tokens):
+            if self.at_boundary is not None and end < len(self.tokens):     # every chunk but the last ends at one
                 self.at_boundary(self.past, end)
         self.seconds += time.perf_counter() - t0
         return ran

@@ -20,6 +20,7 @@ class CostModel:
         self.preemption = preemption
         self.exact_recompute = exact_recompute
         self.prefill_s_per_token = 1e-3
+        self.decode_s_per_row = 2e-2
         self.swap_bytes_per_s = 2e9
 
     def choose(self, position: int, cache_bytes: int) -> str:
@@ -35,6 +36,15 @@ class CostModel:
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens >= 8:  # short prefills are dominated by fixed costs; they would skew the price
             self.prefill_s_per_token = 0.8 * self.prefill_s_per_token + 0.2 * (seconds / tokens)
+
+    def observe_decode(self, rows: int, seconds: float) -> None:
+        if rows:
+            self.decode_s_per_row = 0.9 * self.decode_s_per_row + 0.1 * (seconds / rows)
+
+    def prefill_weight(self) -> float:
+        """A prompt token's cost in decoded tokens, as measured here (a prompt token of a long prefill costs the
+        machine about this share of a row's decode step): what fair share charges an agent for its prompts."""
+        return min(1.0, max(0.01, self.prefill_s_per_token / self.decode_s_per_row))
 
     def observe_swap(self, nbytes: int, seconds: float) -> None:
         if nbytes and seconds > 0:
