@@ -59,8 +59,8 @@ class Prefill:
             self._join(seq, past, mask)
 
     def _advance_prefills(self) -> None:
-        """Prompt chunks of the prefilling requests, about `prefill_per_step` tokens in all and `prefill_step_s`
-        of time (at least one chunk), so that the running rows get their next token between a long prompt's
+        """Prompt chunks of the prefilling requests, about `prefill_per_step` tokens in all and (past the position
+        where chunks shrink: a long prompt) `prefill_step_s` of time (at least one chunk), so that the running rows get their next token between a long prompt's
         chunks; the request the policy ranks first goes first (the program policy: the program with the least
         service)."""
         budget = self.prefill_per_step
@@ -70,10 +70,11 @@ class Prefill:
             with self._lock:
                 self.prefilling.sort(key=lambda s: self.policy.rank(self._view(s), now))
         while self.prefilling and budget > 0:
-            left = deadline - time.perf_counter() if deadline else 0.0
-            if deadline and left <= 0 and budget < self.prefill_per_step:
-                return                             # the step's time is spent (and one chunk ran)
             seq = self.prefilling[0]
+            left = deadline - time.perf_counter() if deadline else 0.0
+            if (deadline and left <= 0 and budget < self.prefill_per_step
+                    and seq.prompt.pos >= self.chunking.shrink_from):
+                return                             # the step's time is spent (and one chunk ran)
             try:
                 if not seq.prompt.looked_up:
                     self._look_up(seq.prompt)

@@ -183,12 +183,14 @@ class PromptRun:
         return self.pos >= len(self.tokens)
 
     def advance(self, budget: int, seconds: float = 0.0) -> int:
-        """Run chunks until about `budget` tokens ran, or they took `seconds` (0: no time limit), at least one
-        chunk, or the prompt is done; returns the tokens run."""
+        """Run chunks until about `budget` tokens ran, or (from the position where chunks shrink on: a long
+        prompt's late chunks) they took `seconds` (0: no time limit), at least one chunk, or the prompt is done;
+        returns the tokens run."""
         ran, t0 = 0, time.perf_counter()
         while not self.done:
             end = self.chunking.end(self.pos, len(self.tokens))
-            if ran and (ran + end - self.pos > budget or (seconds and time.perf_counter() - t0 >= seconds)):
+            if ran and (ran + end - self.pos > budget or (seconds and self.pos >= self.chunking.shrink_from
+                                                             and time.perf_counter() - t0 >= seconds)):
                 break
             self.logits, self.past = self.runner.run_chunk(self.tokens, self.pos, end, self.past, self.adapter)
             ran += end - self.pos
