@@ -60,9 +60,9 @@ class Prefill:
 
     def _advance_prefills(self) -> None:
         """Prompt chunks of the prefilling requests, about `prefill_per_step` tokens in all and (past the position
-        where chunks shrink: a long prompt) `prefill_step_s` of time (at least one chunk), so that the running rows get their next token between a long prompt's
-        chunks; the request the policy ranks first goes first (the program policy: the program with the least
-        service)."""
+        where chunks shrink: a long prompt) `prefill_step_s` of time (at least one chunk), so that the running
+        rows get their next token between a long prompt's chunks; the request the policy ranks first goes first
+        (the program policy: the program with the least service)."""
         budget = self.prefill_per_step
         deadline = time.perf_counter() + self.prefill_step_s if self.prefill_step_s else 0.0
         if len(self.prefilling) > 1:
