@@ -101,10 +101,12 @@ def kernos(folder: Path, work: Path, agents: int, turns: int, max_tokens: int, r
     try:
         sessions = [kernos.sdk.connect(address, agent=f"mt-{i}") for i in range(agents)]
         sessions[0].llm.chat("warm up", max_tokens=4)
+        window = {m.name: m.context_length for m in sessions[0].llm.models()}[MODEL]
+        budget = min(2048, window - max_tokens)       # a context's prompts leave the reply its room
 
         def agent(i: int):
             s = sessions[i]
-            s.memory.create_context(f"conv-{i}", budget_tokens=2048, system=SYSTEM)
+            s.memory.create_context(f"conv-{i}", budget_tokens=budget, system=SYSTEM)
             for turn in range(turns):
                 t0 = time.perf_counter()
                 first = None

@@ -47,13 +47,14 @@ class EngineConfig(_Strict):
                                "chunk), so a long prompt does not stall the rows that are decoding; 0: each admitted "
                                "prompt whole before the next step")
     prefill_step_ms: float = Field(
-        250.0, ge=0, description="the time prompt chunks may take between two decode steps (at least one chunk "
-                                 "runs): what a row that is decoding waits at most, about, while long prompts "
-                                 "prefill; 0: tokens only (prefill_tokens_per_step)")
+        250.0, ge=0, description="the time a long prompt's chunks (past prefill_chunk_shrink_from) may take between "
+                                 "two decode steps (at least one chunk runs): about what a row that is decoding "
+                                 "waits while long prompts prefill; 0: tokens only (prefill_tokens_per_step)")
     prefill_chunk_shrink_from: int = Field(
-        -1, ge=-1, description="past this position a prompt's chunks halve each time the position doubles (to 32 "
-                               "tokens at least), so a chunk's time stays level as its attention grows; -1: 2048 "
-                               "on CPUs, off on GPUs (whose chunks are cheap); 0: off")
+        -1, ge=-1, description="from this position on a prompt's chunks halve each time the position grows fourfold "
+                               "(to 32 tokens at least), so a chunk's time stays level as its attention grows; -1: "
+                               "2048 on CPUs (128 to 2K, 64 to 8K, then 32), off on GPUs (whose chunks are cheap); "
+                               "0: off")
     tool_pause_max_s: float = Field(
         120.0, ge=0, description="a reply that ends in tool calls keeps its call's KV resident for the program's "
                                  "follow-up as long as that tool's pauses are predicted to last (the 90th percentile "

@@ -70,11 +70,11 @@ class Memory:
         served = self.llm.get(model)
         if served is None:
             raise not_found(f"unknown model '{model}'; served models: {sorted(self.llm.models)}")
-        most = self.limits.prompt_limit(served.context_length, self.limits.default_max_tokens)
-        budget = budget_tokens or most
+        most = self.limits.prompt_limit(served.context_length)
+        budget = budget_tokens or self.limits.prompt_limit(served.context_length, self.limits.default_max_tokens)
         if budget > most:
             raise invalid(f"budget_tokens {budget} is over the longest prompt '{served.name}' takes ({most}: its "
-                          f"context length less limits.default_max_tokens, at most limits.max_prompt_tokens)")
+                          f"context length less one token of reply, at most limits.max_prompt_tokens)")
         return await self._run(principal, self.contexts.create, principal.agent_id, context_id, budget, summarize,
                                        served.name, system)
 

@@ -162,7 +162,7 @@ class Chunking:
 
 class PromptRun:
     """One prompt's prefill, run a few chunks at a time (`advance`), so that an engine can run decode steps of
-    its batch between them. Chunks start at multiples of `chunk` (absolute positions) however the prefill is
+    its batch between them. Chunks end where `Chunking` says (by absolute positions) however the prefill is
     split, so its cache and logits are those of a prefill run in one go."""
 
     def __init__(self, runner: ModelRunner, tokens: list[int], adapter: str | None, past=None, start: int = 0,
@@ -171,7 +171,7 @@ class PromptRun:
         self.past, self.pos, self.start = past, start, start
         if not isinstance(chunk, Chunking):
             chunk = Chunking(chunk or len(tokens))
-        self.chunking, self.at_boundary = chunk, at_boundary if chunk else None
+        self.chunking, self.at_boundary = chunk, at_boundary
         self.logits = None
         self.seconds = 0.0
         self.keep, self.req, self.boundary = False, None, []     # the engine's: keep it resident, for whom, ...
