@@ -90,10 +90,9 @@ def add_window_args(cfg: ModelConfig, hf_config, args: dict) -> None:
             raise window.WindowError(f"model '{cfg.name}': vllm.extra.hf_overrides sets what rope_scaling sets "
                                      f"({sorted(over)}): set rope_scaling only")
         args["hf_overrides"] = {**extra, **over}
-        for key, value in over.items():
-            setattr(hf_config, key, value)
+    length = window.apply(cfg, hf_config)        # as the own engine: set on the config, validated, checked
     if cfg.max_model_len is not None:
-        args["max_model_len"] = window.context_length(cfg, window.window(hf_config))
+        args["max_model_len"] = length
 
 
 def _engine_arg_names(model: str) -> set[str]:
