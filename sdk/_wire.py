@@ -219,7 +219,8 @@ def build_dataset_request(
 
 
 def finetune_request(
-    name: str, dataset: str, model: str, config: dict | None, set_default: bool, min_improvement: float
+    name: str, dataset: str, model: str, config: dict | None, set_default: bool, min_improvement: float,
+    method: str = "",
 ):
     import json
 
@@ -232,6 +233,7 @@ def finetune_request(
         config_json=json.dumps(config or {}),
         set_default=set_default,
         min_improvement=min_improvement,
+        method=method,
     )
 
 

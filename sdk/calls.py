@@ -624,7 +624,9 @@ class TunerCalls(CallGroup):
         seed: int = 0,
     ) -> dict:
         """Build a data set from this agent's traces into storage (datasets/NAME.{train,eval}.jsonl and
-        .card.json); returns its card. kind: "sft"; "raft" (samples, reward_regex, temperature, model,
+        .card.json); returns its card. kind: "sft"; "dpo" (preferred/rejected pairs: corrections, replies of
+        one prompt with different rewards); "kto" (replies labelled by feedback; min_reward: the threshold,
+        unset: the reward's sign); "raft" (samples, reward_regex, temperature, model,
         max_tokens); "rag" (items: [{"question", "oracle_id", "answer"}], distractors, oracle_fraction, seed)."""
         return self._call(
             "Tuner",
@@ -656,13 +658,16 @@ class TunerCalls(CallGroup):
         config: dict | None = None,
         set_default: bool = False,
         min_improvement: float = 0.0,
+        method: str = "",
     ) -> JobInfo:
         """Queue a LoRA job on a data set; once trained it is published as AGENT:NAME only if it beats the
-        base model on the held-out split, hot-loaded, and (set_default) used by this agent's generations."""
+        base model on the held-out split, hot-loaded, and (set_default) used by this agent's generations.
+        method: "sft", "dpo" or "kto" (TRL's trainers, the served base as reference); empty: the data set's
+        own (a "dpo" or "kto" data set trains by its kind, the others by SFT)."""
         return self._call(
             "Tuner",
             "StartFinetune",
-            finetune_request(name, dataset, model, config, set_default, min_improvement),
+            finetune_request(name, dataset, model, config, set_default, min_improvement, method),
             JobInfo.from_proto,
         )
 

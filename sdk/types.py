@@ -361,6 +361,7 @@ class JobInfo(BaseModel):
     finished: float = 0.0
     config: dict = {}
     resumed_from_step: int = 0
+    method: str = "sft"
 
     @property
     def done(self) -> bool:
@@ -374,7 +375,7 @@ class JobInfo(BaseModel):
                    base=EvalResult.from_proto(j.base), tuned=EvalResult.from_proto(j.tuned), adapter=j.adapter,
                    version=j.version, message=j.message, peak_rss_mb=j.peak_rss_mb, created=j.created,
                    started=j.started, finished=j.finished, config=json.loads(j.config_json or "{}"),
-                   resumed_from_step=j.resumed_from_step)
+                   resumed_from_step=j.resumed_from_step, method=j.method or "sft")
 
 
 class AdapterInfo(BaseModel):

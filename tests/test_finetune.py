@@ -4,6 +4,7 @@ base on the held-out split, hot-loaded and used as the agent's default, and surv
 show progress, can be cancelled, and resume from their checkpoint after a kernel restart."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import subprocess
@@ -184,5 +185,49 @@ def test_job_resumes_after_kernel_kill_and_cancels(tiny_kernel, tmp_path):
             j = _until(s, second.job_id, lambda j: j.resumed_from_step > 0)
             assert j.resumed_from_step >= 12 and j.state == "running"
             assert s.tuner.cancel(second.job_id).job_id == second.job_id
+    finally:
+        assert stop_kernel(proc) == 0
+
+
+def test_preference_jobs_from_an_agents_feedback(tiny_kernel, tmp_path):
+    """DPO and KTO from what an agent's reviewers said: corrections and differently rewarded replies become
+    pairs, thumbs up and down become labels; each job trains by its data set's kind, is published because
+    the held-out preference improved, and is served."""
+    proc, address = tiny_kernel()
+    try:
+        with kernos.sdk.connect(address, agent="critic", token_file=tmp_path / "critic.token") as s:
+            questions = task(48, seed=2)
+            for i, (q, right) in enumerate(questions):
+                r = s.llm.chat(q, max_tokens=6)
+                if i % 2:
+                    s.tuner.feedback(r.request_id, preferred=right)      # a correction: a pair, two labels
+                else:
+                    s.tuner.feedback(r.request_id, reward=-1.0)          # a thumbs down: a label
+                    s.tuner.feedback(s.llm.chat(q, max_tokens=6, adapter=None, temperature=1.0, seed=i + 1)
+                                     .request_id, reward=1.0)            # another try, a thumbs up
+            dpo = s.tuner.build_dataset("pairs", kind="dpo", eval_fraction=0.25)
+            assert dpo["kind"] == "dpo" and dpo["sources"]["correction"] == 24 and dpo["sources"]["reward"] > 0
+            kto = s.tuner.build_dataset("votes", kind="kto", eval_fraction=0.25)
+            assert kto["desirable"] >= 24 and kto["undesirable"] >= 24 and kto["eval"] > 0
+            with pytest.raises(kernos.sdk.FailedPrecondition, match="dpo needs 'rejected'"):
+                s.tuner.finetune("bad", "votes", method="dpo")
+            with pytest.raises(kernos.sdk.InvalidArgument, match="method"):
+                s.tuner.finetune("bad", "votes", method="ppo")
+            cfg = {"learning_rate": 3e-3, "epochs": 6, "batch_size": 8}
+            jobs = [s.tuner.finetune("pairs", "pairs", config=cfg, set_default=True),
+                    s.tuner.finetune("votes", "votes", config=cfg)]
+            assert [j.method for j in jobs] == ["dpo", "kto"]
+            jobs = [s.tuner.wait(j.job_id, timeout=300) for j in jobs]
+            for j, base_loss in zip(jobs, (math.log(2), 0.5)):
+                assert j.state == "published", j.message
+                assert j.base.loss == pytest.approx(base_loss, abs=1e-6) and j.tuned.loss < j.base.loss
+            assert jobs[0].tuned.accuracy > jobs[0].base.accuracy
+            r = s.llm.chat(questions[0][0], max_tokens=6)
+            assert r.adapter == "critic:pairs"                      # hot-loaded, the agent's default
+            assert s.llm.chat(questions[0][0], max_tokens=6, adapter="critic:votes").adapter == "critic:votes"
+            cli = [sys.executable, "-m", "kernos.kernel.cli", "finetune", "status", "--address", address,
+                   "--token", s.token]
+            out = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0 and " dpo " in out.stdout and " kto " in out.stdout, out
     finally:
         assert stop_kernel(proc) == 0

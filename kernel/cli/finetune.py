@@ -62,8 +62,10 @@ def _finetune(args, s, operator: bool) -> int:
         text = Path(args.config).read_text() if Path(args.config).exists() else args.config
         config = json.loads(text)
     job = s.tuner.finetune(args.name, args.dataset, model=args.model or "", config=config,
-                           set_default=args.set_default, min_improvement=args.min_improvement)
-    print(f"job {job.job_id} queued: adapter '{job.name}' on '{job.model}' from data set '{job.dataset}'")
+                           set_default=args.set_default, min_improvement=args.min_improvement,
+                           method=args.method or "")
+    print(f"job {job.job_id} queued: adapter '{job.name}' on '{job.model}' from data set '{job.dataset}' "
+          f"({job.method})")
     if not args.wait:
         return 0
     last = None

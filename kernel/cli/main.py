@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--model", help="start: the model to adapt (default: the kernel's default)")
             c.add_argument("--config", help="start: hyper-parameters, a JSON object or a JSON file "
                                             "(rank, alpha, learning_rate, epochs, max_steps, batch_size, ...)")
+            c.add_argument("--method", choices=["sft", "dpo", "kto"],
+                           help="start: the training method (default: the data set's kind for dpo and kto data "
+                                "sets, else sft)")
             c.add_argument("--set-default", action="store_true", help="start: once published, the agent's default")
             c.add_argument("--min-improvement", type=float, default=0.0,
                            help="start: publish only if the held-out loss falls by more than this fraction")

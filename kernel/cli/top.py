@@ -79,7 +79,8 @@ def _eval(e) -> str:
 def job_table(jobs) -> list[str]:
     """Fine-tuning jobs (Stats protos or SDK JobInfo): progress (steps, loss, ETA), evaluations before/after."""
     lines = [
-        f"{'job':<18}{'agent/adapter':<28}{'model':<14}{'state':<11}{'step':>12}{'loss':>8}{'steps/s':>8}"
+        f"{'job':<18}{'agent/adapter':<28}{'model':<14}{'method':<7}{'state':<11}"
+        f"{'step':>12}{'loss':>8}{'steps/s':>8}"
         f"{'ETA s':>7}  {'base':<22}{'tuned':<22}"
     ]
     for j in jobs:
@@ -87,7 +88,8 @@ def job_table(jobs) -> list[str]:
         eta = f"{eta:.0f}" if eta is not None and j.state == "running" else "-"
         loss = f"{loss:.3f}" if loss is not None else "-"
         lines.append(
-            f"{j.job_id:<18}{(j.owner + '/' + j.name)[:27]:<28}{j.model[:13]:<14}{j.state:<11}"
+            f"{j.job_id:<18}{(j.owner + '/' + j.name)[:27]:<28}{j.model[:13]:<14}"
+            f"{(getattr(j, 'method', '') or 'sft'):<7}{j.state:<11}"
             f"{f'{j.step}/{j.total_steps}':>12}{loss:>8}{j.steps_per_s:>8.1f}{eta:>7}  "
             f"{_eval(j.base):<22}{_eval(j.tuned):<22}"
         )

@@ -1,7 +1,8 @@
-"""Data sets from an agent's traces into its storage: `sft` (successful or corrected episodes), `raft`
-(reward-ranked samples of the current model, generated through the generate use case on the agent's
-behalf) and `rag` (oracle documents from the agent's memory plus distractors). The builders themselves are
-pure functions in `kernos.kernel.tuner.datasets`."""
+"""Data sets from an agent's traces into its storage: `sft` (successful or corrected episodes), `dpo`
+(preferred/rejected pairs from corrections and differently scored replies), `kto` (replies labelled good or
+bad by their feedback), `raft` (reward-ranked samples of the current model, generated through the generate
+use case on the agent's behalf) and `rag` (oracle documents from the agent's memory plus distractors). The
+builders themselves are pure functions in `kernos.kernel.tuner.datasets` and `.preference_data`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from kernos.abi.errors import StatusError
 
 from ..tuner import datasets as ds
+from ..tuner import preference_data as pd
 
 
 @dataclass
@@ -41,6 +43,7 @@ class DatasetSpec:
     seed: int = 0
 
 
+KINDS = ("sft", "dpo", "kto", "raft", "rag")
 DATASET_NAME = re.compile(r"^[a-z0-9_.-]{1,64}$")
 MAX_RAFT_PROMPTS = 2000
 MAX_RAG_ITEMS = 10_000
@@ -81,12 +84,16 @@ class Datasets:
             episodes = await self._episodes(agent.agent_id)
             train, evals, card = ds.build_sft(episodes, min_reward, frac)
             pairs = ds.build_pairs(episodes)
+        elif request.kind == "dpo":
+            train, evals, card = pd.build_dpo(await self._episodes(agent.agent_id), frac)
+        elif request.kind == "kto":
+            train, evals, card = pd.build_kto(await self._episodes(agent.agent_id), min_reward, frac)
         elif request.kind == "raft":
             train, evals, card = await self._raft(agent, request, min_reward, frac)
         elif request.kind == "rag":
             train, evals, card = await self._rag(agent, request, frac)
         else:
-            raise StatusError("INVALID_ARGUMENT", f"kind '{request.kind[:32]}': one of 'sft', 'raft', 'rag'")
+            raise StatusError("INVALID_ARGUMENT", f"kind '{request.kind[:32]}': one of {', '.join(map(repr, KINDS))}")
         card["name"] = request.name
 
         def jsonl(rows):

@@ -16,6 +16,7 @@ from kernos.storage.adapters import NAME_RE
 
 from ..tuner.config import TrainConfig
 from ..tuner.jobs import FINAL, Job
+from ..tuner.preference_data import METHODS, check_rows
 from .datasets import DATASET_NAME, served_model
 
 
@@ -37,6 +38,7 @@ class FinetuneSpec:
     config_json: str = ""
     set_default: bool = False
     min_improvement: float = 0.0
+    method: str = ""            # "sft" | "dpo" | "kto"; empty: the data set's own
 
 
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -124,6 +126,12 @@ class Tuner:
                 f"data set '{request.dataset}' has no held-out examples: "
                 "publishing needs them to compare with the base model",
             )
+        method = request.method or await self._method_of(agent.agent_id, request.dataset)
+        if method not in ("sft",) + METHODS:
+            raise StatusError("INVALID_ARGUMENT", f"method '{method[:32]}': one of 'sft', 'dpo', 'kto'")
+        for rows, part in ((train, "train"), (evals, "eval")):
+            if method != "sft" and (why := check_rows(rows, method)):
+                raise StatusError("FAILED_PRECONDITION", f"datasets/{request.dataset}.{part}.jsonl: {why}")
         if len(train) > self.config.max_examples:
             raise StatusError("RESOURCE_EXHAUSTED", f"{len(train)} examples; the limit is tuner.max_examples")
         job = Job(
@@ -136,9 +144,19 @@ class Tuner:
             config=cfg.model_dump(),
             set_default=request.set_default,
             min_improvement=request.min_improvement,
+            method=method,
         )
         job = await asyncio.to_thread(self.jobs.submit, job, train, evals)
         return job
+
+    async def _method_of(self, agent_id: str, dataset: str) -> str:
+        """A data set's default method: its kind for dpo and kto data sets, else sft."""
+        try:
+            _, data = await asyncio.to_thread(self.files.read, agent_id, f"datasets/{dataset}.card.json")
+            kind = json.loads(data).get("kind")
+        except (StatusError, ValueError, AttributeError):
+            return "sft"            # a data set written by hand, without a card
+        return kind if kind in METHODS else "sft"
 
     async def _rows(self, agent_id: str, path: str) -> list[dict]:
         _, data = await asyncio.to_thread(self.files.read, agent_id, path)

@@ -23,6 +23,8 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(25, ge=1, description="steps between checkpoints (resume point after a crash)")
     eval_max_new_tokens: int = Field(48, ge=1, le=1024)
     eval_limit: int = Field(200, ge=1, description="held-out examples evaluated at most")
+    beta: float = Field(0.1, gt=0, le=10, description="DPO/KTO: how far the adapter may move from the reference "
+                                                       "model (larger: closer to it)")
     seed: int = 0
     threads: int = Field(0, ge=0, description="torch threads in the worker, at most the kernel's tuner.threads; 0: "
                                                "that many")

@@ -77,17 +77,17 @@ def successful(ep: Episode, min_reward: float | None) -> bool:
 
 
 def split(examples: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
-    """(train, eval) by episode: the round(fraction x n) episodes whose key ("episode") hashes lowest are
-    held out, at least one when the fraction is above 0 and there are two or more. A fixed hash threshold
-    would be stabler across rebuilds but can leave a small data set with no held-out examples at all."""
-    def rank(ex):
-        return hashlib.sha256(ex["episode"].encode()).hexdigest()
-    n = len(examples)
+    """(train, eval) by episode: the round(fraction x n) episodes (distinct "episode" keys) that hash lowest
+    are held out with all their examples, at least one when the fraction is above 0 and there are two or
+    more. A fixed hash threshold would be stabler across rebuilds but can leave a small data set with no
+    held-out examples at all."""
+    keys = sorted({ex["episode"] for ex in examples}, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
+    n = len(keys)
     k = round(eval_fraction * n)
     if eval_fraction > 0 and n >= 2:
         k = max(k, 1)
-    held = {id(ex) for ex in sorted(examples, key=rank)[:k]}
-    return [ex for ex in examples if id(ex) not in held], [ex for ex in examples if id(ex) in held]
+    held = set(keys[:k])
+    return [ex for ex in examples if ex["episode"] not in held], [ex for ex in examples if ex["episode"] in held]
 
 
 def build_sft(episodes: list[Episode], min_reward: float | None = None, eval_fraction: float = 0.1):

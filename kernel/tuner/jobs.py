@@ -53,6 +53,7 @@ class Job:
     config: dict
     set_default: bool = False
     min_improvement: float = 0.0
+    method: str = "sft"  # sft | dpo | kto
     state: str = "queued"
     step: int = 0
     total_steps: int = 0
@@ -110,6 +111,7 @@ class JobManager:
                 {
                     "model_path": job.model_path,
                     "config": job.config,
+                    "method": job.method,
                     # a job may ask for fewer threads than the kernel's tuner.threads, never more (one asked for 28)
                     "threads": min(job.config.get("threads") or self.threads, self.threads),
                 }

@@ -62,7 +62,8 @@ class Publisher:
         if not better:
             return "rejected", why
         v = self.store.publish(job.owner, job.name, job.model, Path(result["adapter"]),
-                               {"base": result["base"], "tuned": result["tuned"], "steps": result["step"]}, job.job_id)
+                               {"base": result["base"], "tuned": result["tuned"], "steps": result["step"],
+                                "method": result.get("method", "sft")}, job.job_id)
         job.adapter, job.version = v.served_name, v.version
         if not self.serve(v):
             return "published", f"{why}; stored as {v.served_name} v{v.version}, but its model is not served now"

@@ -113,11 +113,11 @@ def load_base(model_path: Path, dtype=torch.float32):
     return model, tok
 
 
-def add_lora(model, cfg: TrainConfig):
-    from peft import LoraConfig, get_peft_model
+def lora_config(model, cfg: TrainConfig):
+    from peft import LoraConfig
 
     modules, params = lora_targets(model, cfg)
-    lcfg = LoraConfig(
+    return LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -125,7 +125,12 @@ def add_lora(model, cfg: TrainConfig):
         target_parameters=params or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lcfg)
+
+
+def add_lora(model, cfg: TrainConfig):
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(model, cfg))
 
 
 # -- evaluation ----------------------------------------------------------------------------------------

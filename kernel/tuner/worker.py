@@ -9,6 +9,7 @@ restarted while the old worker still writes its last checkpoint waits for it).""
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import resource
@@ -57,15 +58,18 @@ def main(job_dir: str) -> int:
     spec = json.loads((job / "job.json").read_text())
     import torch
 
+    from . import preference
     from .config import TrainConfig
     from .train import DataError, train
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     try:
-        result = train(Path(spec["model_path"]), _rows(job / "train.jsonl"), _rows(job / "eval.jsonl"),
-                       TrainConfig(**spec["config"]), job, report=_emit,
-                       should_stop=lambda: stop["flag"] or (job / "cancel").exists())
+        method = spec.get("method", "sft")
+        run = train if method == "sft" else functools.partial(preference.train, method)
+        result = run(Path(spec["model_path"]), _rows(job / "train.jsonl"), _rows(job / "eval.jsonl"),
+                     TrainConfig(**spec["config"]), job, report=_emit,
+                     should_stop=lambda: stop["flag"] or (job / "cancel").exists())
     except DataError as e:
         _emit({"event": "failed", "message": str(e)})
         return 1

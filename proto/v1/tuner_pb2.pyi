@@ -81,20 +81,22 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., train: _Optional[int] = ..., eval: _Optional[int] = ..., version: _Optional[int] = ..., card_json: _Optional[str] = ...) -> None: ...
 
 class FinetuneRequest(_message.Message):
-    __slots__ = ("name", "dataset", "model", "config_json", "set_default", "min_improvement")
+    __slots__ = ("name", "dataset", "model", "config_json", "set_default", "min_improvement", "method")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SET_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     MIN_IMPROVEMENT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     name: str
     dataset: str
     model: str
     config_json: str
     set_default: bool
     min_improvement: float
-    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., config_json: _Optional[str] = ..., set_default: _Optional[bool] = ..., min_improvement: _Optional[float] = ...) -> None: ...
+    method: str
+    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., config_json: _Optional[str] = ..., set_default: _Optional[bool] = ..., min_improvement: _Optional[float] = ..., method: _Optional[str] = ...) -> None: ...
 
 class JobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -119,7 +121,7 @@ class Eval(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., examples: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "owner", "name", "dataset", "model", "state", "step", "total_steps", "loss", "steps_per_s", "eta_s", "base", "tuned", "adapter", "version", "message", "peak_rss_mb", "created", "started", "finished", "config_json", "resumed_from_step")
+    __slots__ = ("job_id", "owner", "name", "dataset", "model", "state", "step", "total_steps", "loss", "steps_per_s", "eta_s", "base", "tuned", "adapter", "version", "message", "peak_rss_mb", "created", "started", "finished", "config_json", "resumed_from_step", "method")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +144,7 @@ class Job(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     owner: str
     name: str
@@ -164,7 +167,8 @@ class Job(_message.Message):
     finished: float
     config_json: str
     resumed_from_step: int
-    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., steps_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., base: _Optional[_Union[Eval, _Mapping]] = ..., tuned: _Optional[_Union[Eval, _Mapping]] = ..., adapter: _Optional[str] = ..., version: _Optional[int] = ..., message: _Optional[str] = ..., peak_rss_mb: _Optional[float] = ..., created: _Optional[float] = ..., started: _Optional[float] = ..., finished: _Optional[float] = ..., config_json: _Optional[str] = ..., resumed_from_step: _Optional[int] = ...) -> None: ...
+    method: str
+    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., steps_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., base: _Optional[_Union[Eval, _Mapping]] = ..., tuned: _Optional[_Union[Eval, _Mapping]] = ..., adapter: _Optional[str] = ..., version: _Optional[int] = ..., message: _Optional[str] = ..., peak_rss_mb: _Optional[float] = ..., created: _Optional[float] = ..., started: _Optional[float] = ..., finished: _Optional[float] = ..., config_json: _Optional[str] = ..., resumed_from_step: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
 
 class JobList(_message.Message):
     __slots__ = ("jobs",)

@@ -21,7 +21,8 @@ def job_message(j: Job) -> pb.Job:
                   step=j.step, total_steps=j.total_steps, loss=j.loss, steps_per_s=j.steps_per_s, eta_s=j.eta_s,
                   base=_eval(j.base), tuned=_eval(j.tuned), adapter=j.adapter, version=j.version, message=j.message,
                   peak_rss_mb=j.peak_rss_mb, created=j.created, started=j.started, finished=j.finished,
-                  config_json=json.dumps(j.config), resumed_from_step=j.resumed_from_step)
+                  config_json=json.dumps(j.config), resumed_from_step=j.resumed_from_step,
+                  method=j.method)
 
 
 def _opt(msg, name: str):
@@ -39,7 +40,7 @@ def dataset_spec(r: pb.BuildDatasetRequest) -> DatasetSpec:
 
 
 def finetune_spec(r: pb.FinetuneRequest) -> FinetuneSpec:
-    return FinetuneSpec(r.name, r.dataset, r.model, r.config_json, r.set_default, r.min_improvement)
+    return FinetuneSpec(r.name, r.dataset, r.model, r.config_json, r.set_default, r.min_improvement, r.method)
 
 
 class TunerServicer(rpc.TunerServicer):

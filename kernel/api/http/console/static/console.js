@@ -409,7 +409,7 @@ PAGES.tuning = {
         .map(([k, e]) => `${k}: loss ${sig(e.loss)}, accuracy ${num(e.accuracy, 2)} (${e.examples} examples)`);
       return el("div", { class: "job", "data-job": j.job_id, "data-state": j.state },
         el("div", { class: "job-head" }, el("strong", {}, `${j.owner}:${j.name}`), badge(j.state),
-          el("span", { class: "muted small" }, `${j.job_id} · ${j.model} · data set ${j.dataset}`),
+          el("span", { class: "muted small" }, `${j.job_id} · ${j.model} · ${j.method} · data set ${j.dataset}`),
           ["queued", "running"].includes(j.state) ? el("button", { class: "danger", "data-action": "cancel-job",
             onclick: async (e) => { e.target.disabled = true; await act("cancel-job", { job_id: j.job_id }); } },
           "Cancel") : null),
