@@ -128,7 +128,7 @@ class Kernel:
         self.gate = Gate(self.registry, self.access_control, self.quotas)
         # tools, fine-tuning jobs
         self.tools = owners.tools = ToolManager(self.vector, self.access_control, config.tools)
-        self.publisher = Publisher(self.llm, self.adapter_store)
+        self.publisher = Publisher(self.llm, self.adapter_store, self.config.tuner.retention)
         self.publisher.serve_published()      # published adapters are served again after a restart
         t = config.tuner
         self.jobs = JobManager(data / "tuner", self.publisher.finish_job, max_jobs=t.max_jobs,

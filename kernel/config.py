@@ -239,12 +239,25 @@ class ToolsConfig(_Strict):
     max_processes: int = Field(32, gt=0, description="processes one call of tool code may run")
 
 
+class RetentionConfig(_Strict):
+    """The retention gate (kernos.kernel.tuner.retention): an adapter is published only if, against the base
+    model's greedy replies on the agent's other prompts and on the shipped generic prompts, it agrees enough
+    and drifts little."""
+    enabled: bool = Field(True, description="measure retention after training and gate publishing on it")
+    generic_prompts: int = Field(24, ge=0, le=256, description="generic prompts measured (of the shipped set)")
+    replay_prompts: int = Field(16, ge=0, le=1024, description="the agent's other traced prompts measured")
+    reply_tokens: int = Field(16, ge=1, le=256, description="tokens of the base's greedy reply compared")
+    min_agreement: float = Field(0.8, ge=0, le=1, description="least top-1 agreement with the base's reply tokens")
+    max_kl: float = Field(0.5, ge=0, description="most mean KL(base || adapter) per reply token, nats")
+
+
 class TunerConfig(_Strict):
     max_jobs: int = Field(1, ge=1, description="fine-tuning jobs training at once; the rest wait queued")
     max_queued_per_agent: int = Field(4, ge=1, description="jobs an agent may have queued or running")
     threads: int = Field(0, ge=0, description="torch threads per training worker; 0: half the CPU cores")
     nice: int = Field(10, ge=0, le=19, description="worker niceness: serving threads win the CPU over training")
     max_examples: int = Field(100_000, gt=0, description="largest training set a job may use")
+    retention: RetentionConfig = RetentionConfig()
 
 
 class MemoryConfig(_Strict):

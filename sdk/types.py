@@ -362,6 +362,7 @@ class JobInfo(BaseModel):
     config: dict = {}
     resumed_from_step: int = 0
     method: str = "sft"
+    retention: dict = {}        # {"replay", "generic"}: agreement and KL with the base model off the task
 
     @property
     def done(self) -> bool:
@@ -375,7 +376,8 @@ class JobInfo(BaseModel):
                    base=EvalResult.from_proto(j.base), tuned=EvalResult.from_proto(j.tuned), adapter=j.adapter,
                    version=j.version, message=j.message, peak_rss_mb=j.peak_rss_mb, created=j.created,
                    started=j.started, finished=j.finished, config=json.loads(j.config_json or "{}"),
-                   resumed_from_step=j.resumed_from_step, method=j.method or "sft")
+                   resumed_from_step=j.resumed_from_step, method=j.method or "sft",
+                   retention=json.loads(j.retention_json or "{}"))
 
 
 class AdapterInfo(BaseModel):

@@ -32,14 +32,20 @@ def task(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
+# The tiny models have random weights: their next-token distributions are almost flat, so any trained adapter
+# changes most of the base's greedy choices on generic prompts (top-1 agreement 0.0-0.5 measured). These
+# tests loosen the retention gate's agreement bound; test_retention_gate_refuses_* keeps the default, and
+# tests/test_retention.py checks the gate on the embedded pretrained model.
+LOOSE_RETENTION = {"min_agreement": 0.0, "max_kl": 1.0}
+
+
 @pytest.fixture
 def tiny_kernel(tiny_models, tmp_path):
     from conftest import write_config
 
-    cfg = write_config(tmp_path / "k.toml", [{"name": "tiny-llama", "path": str(tiny_models["llama"])}],
-                       tuner={"threads": 1})
-
-    def start():
+    def start(retention=LOOSE_RETENTION):
+        cfg = write_config(tmp_path / "k.toml", [{"name": "tiny-llama", "path": str(tiny_models["llama"])}],
+                           tuner={"threads": 1, "retention": retention})
         return start_kernel(tmp_path / "data", str(cfg), timeout=120)
     return start
 
@@ -205,6 +211,8 @@ def test_preference_jobs_from_an_agents_feedback(tiny_kernel, tmp_path):
                     s.tuner.feedback(r.request_id, reward=-1.0)          # a thumbs down: a label
                     s.tuner.feedback(s.llm.chat(q, max_tokens=6, adapter=None, temperature=1.0, seed=i + 1)
                                      .request_id, reward=1.0)            # another try, a thumbs up
+            for q in ("hello there", "what is the time", "tell me a story"):      # work without feedback
+                s.llm.chat(q, max_tokens=4)
             dpo = s.tuner.build_dataset("pairs", kind="dpo", eval_fraction=0.25)
             assert dpo["kind"] == "dpo" and dpo["sources"]["correction"] == 24 and dpo["sources"]["reward"] > 0
             kto = s.tuner.build_dataset("votes", kind="kto", eval_fraction=0.25)
@@ -221,6 +229,7 @@ def test_preference_jobs_from_an_agents_feedback(tiny_kernel, tmp_path):
             for j, base_loss in zip(jobs, (math.log(2), 0.5)):
                 assert j.state == "published", j.message
                 assert j.base.loss == pytest.approx(base_loss, abs=1e-6) and j.tuned.loss < j.base.loss
+                assert j.retention["generic"]["prompts"] == 24 and j.retention["replay"]["prompts"] == 3
             assert jobs[0].tuned.accuracy > jobs[0].base.accuracy
             r = s.llm.chat(questions[0][0], max_tokens=6)
             assert r.adapter == "critic:pairs"                      # hot-loaded, the agent's default
@@ -229,5 +238,26 @@ def test_preference_jobs_from_an_agents_feedback(tiny_kernel, tmp_path):
                    "--token", s.token]
             out = subprocess.run(cli, capture_output=True, text=True, timeout=60)
             assert out.returncode == 0 and " dpo " in out.stdout and " kto " in out.stdout, out
+    finally:
+        assert stop_kernel(proc) == 0
+
+
+def test_retention_gate_refuses_an_adapter_that_forgets(tiny_kernel, tmp_path):
+    """With the default bounds, an adapter that learnt its task but no longer makes the base model's choices
+    elsewhere (on a random-weight model every strongly trained adapter does) is not published; the job
+    records the retention numbers and says why."""
+    proc, address = tiny_kernel(retention={})
+    try:
+        with kernos.sdk.connect(address, agent="forgetful", token_file=tmp_path / "f.token") as s:
+            for q, right in task(32, seed=3):
+                s.tuner.feedback(s.llm.chat(q, max_tokens=4).request_id, preferred=right)
+            s.llm.chat("an unrelated question", max_tokens=4)
+            s.tuner.build_dataset("colours", eval_fraction=0.25)
+            job = s.tuner.wait(s.tuner.finetune("colours", "colours", config={"learning_rate": 3e-3, "epochs": 20,
+                                                                               "batch_size": 8}).job_id, timeout=300)
+            assert job.tuned.loss < job.base.loss * 0.9                  # it learnt its task ...
+            assert job.state == "rejected" and "forgets" in job.message, job.message   # ... and forgot the rest
+            assert job.retention["generic"]["agreement"] < 0.8 and job.retention["replay"]["prompts"] == 1
+            assert s.tuner.adapters() == []
     finally:
         assert stop_kernel(proc) == 0

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -15,6 +16,7 @@ from kernos.abi.errors import StatusError
 from kernos.storage.adapters import NAME_RE
 
 from ..tuner.config import TrainConfig
+from ..tuner.datasets import prompt_key
 from ..tuner.jobs import FINAL, Job
 from ..tuner.preference_data import METHODS, check_rows
 from .datasets import DATASET_NAME, served_model
@@ -146,8 +148,34 @@ class Tuner:
             min_improvement=request.min_improvement,
             method=method,
         )
-        job = await asyncio.to_thread(self.jobs.submit, job, train, evals)
-        return job
+        r = self.config.retention
+        replay = await self._replay(agent.agent_id, train + evals, r.replay_prompts) if r.enabled else []
+        retention = {"generic": r.generic_prompts, "reply_tokens": r.reply_tokens} if r.enabled else None
+        return await asyncio.to_thread(self.jobs.submit, job, train, evals, replay, retention)
+
+    async def _replay(self, agent_id: str, rows: list[dict], n: int) -> list[dict]:
+        """Up to `n` of the agent's most recent distinct traced prompts that the data set does not hold (role
+        and content of each message), read a page at a time and kept `n` at most."""
+        if n <= 0:
+            return []
+
+        def plain(messages):
+            return [{"role": m.get("role", "user"), "content": m.get("content") or ""} for m in messages]
+        taken = {prompt_key(plain(r["messages"][:-1])) for r in rows}
+
+        def scan():
+            recent: OrderedDict[str, list[dict]] = OrderedDict()
+            for t in self.traces.scan(agent_id, "llm.generate"):
+                messages = plain(t.request.get("messages") or [{"role": "user", "content": t.request.get("prompt")}])
+                key = prompt_key(messages)
+                if key in taken:
+                    continue
+                recent[key] = messages
+                recent.move_to_end(key)
+                if len(recent) > n:
+                    recent.popitem(last=False)
+            return [{"messages": m} for m in recent.values()]
+        return await asyncio.to_thread(scan)
 
     async def _method_of(self, agent_id: str, dataset: str) -> str:
         """A data set's default method: its kind for dpo and kto data sets, else sft."""

@@ -62,6 +62,7 @@ class Job:
     eta_s: float | None = None
     base: dict = field(default_factory=dict)  # evaluation before: loss, accuracy, examples
     tuned: dict = field(default_factory=dict)  # and after
+    retention: dict = field(default_factory=dict)  # the adapter against the base off its task (tuner.retention)
     adapter: str = ""  # the served name once published: OWNER:NAME
     version: int = 0
     message: str = ""
@@ -100,11 +101,14 @@ class JobManager:
             self.jobs[job.job_id] = job
 
     # -- public ------------------------------------------------------------------------------------------
-    def submit(self, job: Job, train_rows: list[dict], eval_rows: list[dict]) -> Job:
+    def submit(self, job: Job, train_rows: list[dict], eval_rows: list[dict], replay: list[dict] | None = None,
+               retention: dict | None = None) -> Job:
+        """Queue a job; `replay` (prompts of the agent's other traces) and `retention` ({"generic",
+        "reply_tokens"}; None: not measured) are what the worker measures retention on."""
         job.job_id = job.job_id or secrets.token_hex(8)
         d = self.dir(job)
         d.mkdir(parents=True)
-        for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", eval_rows)):
+        for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", eval_rows), ("replay.jsonl", replay or [])):
             (d / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         (d / "job.json").write_text(
             json.dumps(
@@ -112,6 +116,7 @@ class JobManager:
                     "model_path": job.model_path,
                     "config": job.config,
                     "method": job.method,
+                    "retention": retention,
                     # a job may ask for fewer threads than the kernel's tuner.threads, never more (one asked for 28)
                     "threads": min(job.config.get("threads") or self.threads, self.threads),
                 }
@@ -274,6 +279,9 @@ class JobManager:
             target = job.base if ev["phase"] == "base" else job.tuned
             target.update({k: ev.get(k) for k in ("loss", "accuracy", "examples")})
             job.message = "evaluated the base model" if ev["phase"] == "base" else "evaluated the adapter"
+        elif kind == "retention":
+            job.retention = {k: ev.get(k) for k in ("replay", "generic")}
+            job.message = "measured retention against the base model"
         elif kind == "resumed":
             job.step, job.total_steps = ev["step"], ev["total"]
             job.message = f"resumed from the checkpoint at step {ev['step']}"
@@ -286,6 +294,7 @@ class JobManager:
         with self._lock:
             job.step, job.total_steps = result["step"], result["total"]
             job.base, job.tuned = dict(result["base"]), dict(result["tuned"])
+            job.retention = dict(result.get("retention") or {})
         state, message = self.finish(job, result)
         self._end(job, state, message)
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..llm.types import AdapterInUse
+from .retention import within
 
 log = logging.getLogger("kernos.tuner")
 
@@ -34,9 +35,10 @@ class Publisher:
     hot-load it into the running engine, and make it the agent's default if the job asked for it. Also
     serves every published adapter again when the kernel starts."""
 
-    def __init__(self, llm, store):
+    def __init__(self, llm, store, retention=None):
         self.llm = llm
         self.store = store            # the adapter store
+        self.retention = retention    # RetentionConfig: its bounds gate publishing
 
     def serve_published(self) -> None:
         for v in self.store.latest():
@@ -61,9 +63,15 @@ class Publisher:
         better, why = beats_base(result["base"], result["tuned"], job.min_improvement)
         if not better:
             return "rejected", why
+        numbers = result.get("retention")
+        if numbers and self.retention is not None:
+            kept, how = within(numbers, self.retention.min_agreement, self.retention.max_kl)
+            if not kept:
+                return "rejected", f"not published: it forgets what the base model did; {how}; task: {why}"
+            why = f"{why}; {how}"
         v = self.store.publish(job.owner, job.name, job.model, Path(result["adapter"]),
                                {"base": result["base"], "tuned": result["tuned"], "steps": result["step"],
-                                "method": result.get("method", "sft")}, job.job_id)
+                                "method": result.get("method", "sft"), "retention": numbers}, job.job_id)
         job.adapter, job.version = v.served_name, v.version
         if not self.serve(v):
             return "published", f"{why}; stored as {v.served_name} v{v.version}, but its model is not served now"

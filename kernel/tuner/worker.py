@@ -79,6 +79,14 @@ def main(job_dir: str) -> int:
     if result["cancelled"]:
         _emit({"event": "cancelled", "step": result["step"], "total": result["total"]})
         return EXIT_CANCELLED
+    if spec.get("retention"):
+        try:
+            result["retention"] = _retention(spec, job, Path(result["adapter"]))
+        except Exception as e:  # noqa: BLE001 - reported; the job fails rather than publish unmeasured
+            _emit({"event": "failed", "message": f"retention: {type(e).__name__}: {e}",
+                   "traceback": traceback.format_exc()[-4000:]})
+            return 1
+        _emit({"event": "retention", **result["retention"]})
     tmp = job / "result.json.tmp"
     tmp.write_text(json.dumps(result))
     with open(tmp, "rb") as fh:
@@ -86,6 +94,18 @@ def main(job_dir: str) -> int:
     tmp.rename(job / "result.json")
     _emit({"event": "done", **result})
     return 0
+
+
+def _retention(spec: dict, job: Path, adapter: Path) -> dict:
+    from peft import PeftModel
+
+    from .retention import measure
+    from .train import load_base
+
+    base, tok = load_base(Path(spec["model_path"]))
+    model = PeftModel.from_pretrained(base, adapter)
+    r = spec["retention"]
+    return measure(model, tok, _rows(job / "replay.jsonl"), r["reply_tokens"], r["generic"])
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ class Eval(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., examples: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "owner", "name", "dataset", "model", "state", "step", "total_steps", "loss", "steps_per_s", "eta_s", "base", "tuned", "adapter", "version", "message", "peak_rss_mb", "created", "started", "finished", "config_json", "resumed_from_step", "method")
+    __slots__ = ("job_id", "owner", "name", "dataset", "model", "state", "step", "total_steps", "loss", "steps_per_s", "eta_s", "base", "tuned", "adapter", "version", "message", "peak_rss_mb", "created", "started", "finished", "config_json", "resumed_from_step", "method", "retention_json")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class Job(_message.Message):
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_JSON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     owner: str
     name: str
@@ -168,7 +169,8 @@ class Job(_message.Message):
     config_json: str
     resumed_from_step: int
     method: str
-    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., steps_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., base: _Optional[_Union[Eval, _Mapping]] = ..., tuned: _Optional[_Union[Eval, _Mapping]] = ..., adapter: _Optional[str] = ..., version: _Optional[int] = ..., message: _Optional[str] = ..., peak_rss_mb: _Optional[float] = ..., created: _Optional[float] = ..., started: _Optional[float] = ..., finished: _Optional[float] = ..., config_json: _Optional[str] = ..., resumed_from_step: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
+    retention_json: str
+    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., steps_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., base: _Optional[_Union[Eval, _Mapping]] = ..., tuned: _Optional[_Union[Eval, _Mapping]] = ..., adapter: _Optional[str] = ..., version: _Optional[int] = ..., message: _Optional[str] = ..., peak_rss_mb: _Optional[float] = ..., created: _Optional[float] = ..., started: _Optional[float] = ..., finished: _Optional[float] = ..., config_json: _Optional[str] = ..., resumed_from_step: _Optional[int] = ..., method: _Optional[str] = ..., retention_json: _Optional[str] = ...) -> None: ...
 
 class JobList(_message.Message):
     __slots__ = ("jobs",)

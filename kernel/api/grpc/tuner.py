@@ -22,7 +22,7 @@ def job_message(j: Job) -> pb.Job:
                   base=_eval(j.base), tuned=_eval(j.tuned), adapter=j.adapter, version=j.version, message=j.message,
                   peak_rss_mb=j.peak_rss_mb, created=j.created, started=j.started, finished=j.finished,
                   config_json=json.dumps(j.config), resumed_from_step=j.resumed_from_step,
-                  method=j.method)
+                  method=j.method, retention_json=json.dumps(j.retention) if j.retention else "")
 
 
 def _opt(msg, name: str):
