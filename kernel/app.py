@@ -152,7 +152,7 @@ class Kernel:
                              FairPool("memory", mem.workers, mem.workers_per_agent))
         self.access = Access(self.access_control)
         self.datasets = Datasets(self.traces, self.files, self.vector, self.llm, self.access_control, self.generate,
-                                 config.limits, config.engine.max_batch_size)
+                                 config.limits, config.engine.max_batch_size, self.tools)
         self.tuner = Tuner(self.traces, self.files, self.jobs, self.adapter_store, self.llm, self.access_control,
                            config.tuner)
         self.metrics.attach(self)

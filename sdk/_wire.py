@@ -195,6 +195,7 @@ def build_dataset_request(
     distractors: int,
     oracle_fraction,
     seed: int,
+    reward: str = "",
 ):
     from kernos.proto.v1 import tuner_pb2
 
@@ -209,6 +210,7 @@ def build_dataset_request(
         max_tokens=max_tokens,
         distractors=distractors,
         seed=seed,
+        reward=reward,
         items=[tuner_pb2.RagItem(**i) for i in items or []],
     )
     if min_reward is not None:

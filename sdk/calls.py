@@ -622,12 +622,17 @@ class TunerCalls(CallGroup):
         distractors: int = 0,
         oracle_fraction: float | None = None,
         seed: int = 0,
+        reward: str = "",
     ) -> dict:
         """Build a data set from this agent's traces into storage (datasets/NAME.{train,eval}.jsonl and
         .card.json); returns its card. kind: "sft"; "dpo" (preferred/rejected pairs: corrections, replies of
         one prompt with different rewards); "kto" (replies labelled by feedback; min_reward: the threshold,
-        unset: the reward's sign); "raft" (samples, reward_regex, temperature, model,
-        max_tokens); "rag" (items: [{"question", "oracle_id", "answer"}], distractors, oracle_fraction, seed)."""
+        unset: the reward's sign); "grpo" (samples >= 2 replies of the base model per prompt of the traces,
+        temperature (default 1.0), max_tokens, scored by reward: "regex:PATTERN", "json", "json_schema:{...}",
+        "exact" / "contains" (the prompt's corrected or successful reply is the answer), or "tool:NAME" (the
+        agent's tool, run jailed, gets {"messages", "reply", "reference"} and returns a number)); "raft"
+        (samples, reward_regex, temperature, model, max_tokens); "rag" (items: [{"question", "oracle_id",
+        "answer"}], distractors, oracle_fraction, seed)."""
         return self._call(
             "Tuner",
             "BuildDataset",
@@ -645,6 +650,7 @@ class TunerCalls(CallGroup):
                 distractors,
                 oracle_fraction,
                 seed,
+                reward,
             ),
             lambda r: json.loads(r.card_json),
         )

@@ -66,7 +66,7 @@ def test_feedback_and_dataset_through_the_kernel(tmp_path):
             assert json.loads(s.storage.read_text("datasets/answers.card.json"))["name"] == "answers"
             s.tuner.build_dataset("answers", min_reward=0.5)                       # rebuilt: a new version
             assert [v.version for v in s.storage.history("datasets/answers.train.jsonl")] == [1, 2]
-            with pytest.raises(kernos.sdk.InvalidArgument, match="one of 'sft', 'dpo', 'kto', 'raft', 'rag'"):
+            with pytest.raises(kernos.sdk.InvalidArgument, match="one of 'sft', 'dpo', 'kto', 'grpo', 'raft', 'rag'"):
                 s.tuner.build_dataset("x", kind="ppo")
     finally:
         assert stop_kernel(proc) == 0

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from kernos.abi.errors import StatusError
 
 from ..tuner import datasets as ds
+from ..tuner import grpo_data as gd
 from ..tuner import preference_data as pd
+from ..tuner import rewards
 
 
 @dataclass
@@ -41,9 +43,10 @@ class DatasetSpec:
     distractors: int = 0
     oracle_fraction: float | None = None
     seed: int = 0
+    reward: str = ""                    # grpo: a reward spec (kernos.kernel.tuner.rewards)
 
 
-KINDS = ("sft", "dpo", "kto", "raft", "rag")
+KINDS = ("sft", "dpo", "kto", "grpo", "raft", "rag")
 DATASET_NAME = re.compile(r"^[a-z0-9_.-]{1,64}$")
 MAX_RAFT_PROMPTS = 2000
 MAX_RAG_ITEMS = 10_000
@@ -59,7 +62,7 @@ def served_model(llm, access, principal, name: str):
 
 
 class Datasets:
-    def __init__(self, traces, files, memory, llm, access, generate, limits, max_batch_size: int):
+    def __init__(self, traces, files, memory, llm, access, generate, limits, max_batch_size: int, tools=None):
         self.traces = traces
         self.files = files
         self.memory = memory  # () -> the long-term vector memory
@@ -68,6 +71,7 @@ class Datasets:
         self.generate = generate
         self.limits = limits
         self.max_batch_size = max_batch_size
+        self.tools = tools      # the tool manager: reward tools run through it (jailed, as the agent)
 
     async def build(self, agent, request: DatasetSpec) -> tuple[dict, int, int, int]:
         """(card, train examples, eval examples, version) of the data set built into the agent's storage."""
@@ -88,6 +92,8 @@ class Datasets:
             train, evals, card = pd.build_dpo(await self._episodes(agent.agent_id), frac)
         elif request.kind == "kto":
             train, evals, card = pd.build_kto(await self._episodes(agent.agent_id), min_reward, frac)
+        elif request.kind == "grpo":
+            train, evals, card = await self._grpo(agent, request, min_reward, frac)
         elif request.kind == "raft":
             train, evals, card = await self._raft(agent, request, min_reward, frac)
         elif request.kind == "rag":
@@ -118,11 +124,12 @@ class Datasets:
         return await asyncio.to_thread(
             lambda: ds.episodes_from_traces(self.traces.scan(agent_id, "llm.generate"), outcomes))
 
-    async def _raft(self, agent, request, min_reward, frac):
+    def _sampling(self, agent, request, temperature: float, least: int = 1):
+        """(samples per prompt, temperature, max_tokens, model) of a sampling data set, checked."""
         k = request.samples or 4
-        if not 1 <= k <= 32:
-            raise StatusError("INVALID_ARGUMENT", "samples must be between 1 and 32")
-        temperature = request.temperature or 0.8
+        if not least <= k <= 32:
+            raise StatusError("INVALID_ARGUMENT", f"samples must be between {least} and 32")
+        temperature = request.temperature or temperature
         if not 0 < temperature <= 2:
             raise StatusError("INVALID_ARGUMENT", "temperature must be in (0, 2]")
         max_tokens = request.max_tokens or 64
@@ -130,7 +137,82 @@ class Datasets:
             raise StatusError(
                 "INVALID_ARGUMENT", f"max_tokens is over limits.max_tokens_cap ({self.limits.max_tokens_cap})"
             )
-        model = served_model(self.llm, self.access, agent, request.model)
+        return k, temperature, max_tokens, served_model(self.llm, self.access, agent, request.model)
+
+    async def _sample(self, agent, model, prompts, k: int, temperature: float, max_tokens: int, cause: str):
+        """k sampled replies of the base model per (key, messages) prompt, filling the batch and no more."""
+        sem = asyncio.Semaphore(max(1, self.max_batch_size))
+
+        async def sample(messages, i):
+            async with sem:
+                reply = await self.generate.internal(
+                    agent, messages, max_tokens, cause=cause, model=model.name, temperature=temperature, seed=i
+                )
+            return reply.text
+
+        answers = await asyncio.gather(*(sample(messages, i) for _, messages in prompts for i in range(k)))
+        return [list(answers[j * k : (j + 1) * k]) for j in range(len(prompts))]
+
+    async def _grpo(self, agent, request, min_reward, frac):
+        if not request.reward:
+            raise StatusError("INVALID_ARGUMENT", "grpo needs reward: regex:PATTERN, json, json_schema:SCHEMA, exact, "
+                                                  "contains or tool:NAME")
+        try:
+            kind, arg = rewards.parse(request.reward[:4000])
+        except rewards.RewardError as e:
+            raise StatusError("INVALID_ARGUMENT", str(e)) from None
+        if kind == "tool":
+            if self.tools is None:
+                raise StatusError("FAILED_PRECONDITION", "this kernel runs no tools: reward tools cannot run")
+            self.tools.resolve(agent, arg)          # unknown or not granted: its error now, not per sample
+        k, temperature, max_tokens, model = self._sampling(agent, request, 1.0, least=2)
+        episodes = await self._episodes(agent.agent_id)
+        refs = gd.references(episodes, min_reward)
+        prompts = ds.distinct_prompts(episodes)[:MAX_RAFT_PROMPTS]
+        no_reference = 0
+        if rewards.needs_reference(kind):
+            no_reference = sum(1 for key, _ in prompts if key not in refs)
+            prompts = [(key, m) for key, m in prompts if key in refs]
+        answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, "tuner.grpo")
+        errors: list[str] = []
+        sem = asyncio.Semaphore(4)
+
+        async def score(messages, answer, ref):
+            if kind != "tool":
+                return rewards.builtin(kind, arg, answer, ref)
+            async with sem:
+                return await self._tool_reward(agent, arg, messages, answer, ref, errors)
+        scores = await asyncio.gather(*(score(m, a, refs.get(key)) for (key, m), group in zip(prompts, answers)
+                                        for a in group))
+        groups = [(key, m, list(zip(group, scores[j * k : (j + 1) * k])))
+                  for j, ((key, m), group) in enumerate(zip(prompts, answers))]
+        train, evals, card = gd.build_grpo(groups, frac)
+        card.update(model=model.name, reward=request.reward[:200], temperature=temperature, max_tokens=max_tokens,
+                    no_reference=no_reference, reward_errors=len(errors), reward_error_examples=errors[:3])
+        return train, evals, card
+
+    async def _tool_reward(self, agent, name: str, messages, answer: str, ref, errors: list) -> float | None:
+        """The agent's reward tool on one sample (jailed, as the agent): its number, or None with the error."""
+        args = json.dumps({"messages": messages, "reply": answer, "reference": ref})
+        try:
+            call = await self.tools.call(agent, name, args)
+        except StatusError as e:
+            errors.append(f"{e.code}: {e.message[:200]}")
+            return None
+        if call.state == "pending":
+            errors.append(f"{name} needs an operator's confirmation: a reward tool must not be irreversible")
+            self.tools.deny(call.call_id, "a reward tool call is never confirmed")
+            return None
+        if call.state != "done":
+            errors.append(f"{call.state}: {str(call.error)[:200]}")
+            return None
+        value = rewards.tool_result(call.result)
+        if value is None:
+            errors.append(f"{name} returned {str(call.result)[:100]!r}, not a number or {{'reward': number}}")
+        return value
+
+    async def _raft(self, agent, request, min_reward, frac):
+        k, temperature, max_tokens, model = self._sampling(agent, request, 0.8)
         episodes = await self._episodes(agent.agent_id)
         if request.reward_regex:
             try:
@@ -141,17 +223,8 @@ class Datasets:
         else:
             reward, source = ds.feedback_reward(episodes), "stored feedback on identical replies"
         prompts = ds.distinct_prompts(episodes)[:MAX_RAFT_PROMPTS]
-        sem = asyncio.Semaphore(max(1, self.max_batch_size))  # fill the batch, no more
-
-        async def sample(messages, i):
-            async with sem:
-                reply = await self.generate.internal(
-                    agent, messages, max_tokens, cause="tuner.raft", model=model.name, temperature=temperature, seed=i
-                )
-            return reply.text
-
-        answers = await asyncio.gather(*(sample(messages, i) for _, messages in prompts for i in range(k)))
-        samples = {key: (messages, list(answers[j * k : (j + 1) * k])) for j, (key, messages) in enumerate(prompts)}
+        answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, "tuner.raft")
+        samples = {key: (messages, group) for (key, messages), group in zip(prompts, answers)}
         train, evals, card = ds.build_raft(samples, reward, min_reward, frac)
         card.update(model=model.name, reward=source, temperature=temperature, max_tokens=max_tokens)
         return train, evals, card

@@ -130,7 +130,7 @@ class Tuner:
             )
         method = request.method or await self._method_of(agent.agent_id, request.dataset)
         if method not in ("sft",) + METHODS:
-            raise StatusError("INVALID_ARGUMENT", f"method '{method[:32]}': one of 'sft', 'dpo', 'kto'")
+            raise StatusError("INVALID_ARGUMENT", f"method '{method[:32]}': one of 'sft', 'dpo', 'kto', 'grpo'")
         for rows, part in ((train, "train"), (evals, "eval")):
             if method != "sft" and (why := check_rows(rows, method)):
                 raise StatusError("FAILED_PRECONDITION", f"datasets/{request.dataset}.{part}.jsonl: {why}")

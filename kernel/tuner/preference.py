@@ -27,7 +27,9 @@ import torch
 from kernos.storage.durable import fsync_dir, fsync_tree
 
 from .config import TrainConfig
-from .preference_data import METHODS, check_rows
+from .preference_data import check_rows
+
+TRL_METHODS = ("dpo", "kto")
 from .train import DataError, chat_ids, load_base, lora_config
 
 COMPLETE = "kernos-complete"
@@ -35,7 +37,8 @@ COMPLETE = "kernos-complete"
 
 # -- data ----------------------------------------------------------------------------------------------
 def tokenize(tok, row: dict, method: str, max_length: int) -> dict:
-    """prompt_ids and the completion ids (DPO: chosen_ids, rejected_ids; KTO: completion_ids, label). A too
+    """prompt_ids and the completion ids (DPO: chosen_ids, rejected_ids; KTO: completion_ids, label; GRPO:
+    completion_ids, advantage). A too
     long example keeps its completions whole (each cut to half of max_length at most) and its prompt's end."""
     messages, tools = row["messages"], row.get("tools")
     if not messages or messages[-1].get("role") != "assistant":
@@ -52,8 +55,10 @@ def tokenize(tok, row: dict, method: str, max_length: int) -> dict:
 
     if method == "dpo":
         out = {"chosen_ids": completion(messages[-1]), "rejected_ids": completion(row["rejected"])}
-    else:
+    elif method == "kto":
         out = {"completion_ids": completion(messages[-1]), "label": bool(row["label"])}
+    else:                       # grpo: a sampled reply and its advantage in its group
+        out = {"completion_ids": completion(messages[-1]), "advantage": float(row["advantage"])}
     room = max_length - max(len(v) for v in out.values() if isinstance(v, list))
     out["prompt_ids"] = prompt[-max(1, room):]
     return out
@@ -168,8 +173,8 @@ def train(method: str, model_path: Path, train_rows: list[dict], eval_rows: list
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    if method not in METHODS:
-        raise DataError(f"method '{method}': one of {METHODS}")
+    if method not in TRL_METHODS:
+        raise DataError(f"method '{method}': one of {TRL_METHODS}")
     for rows, name in ((train_rows, "training"), (eval_rows, "held-out")):
         if why := check_rows(rows, method):
             raise DataError(f"{name} data: {why}")

@@ -19,7 +19,7 @@ import json
 
 from .datasets import Episode, prompt_key, split
 
-METHODS = ("dpo", "kto")         # the preference methods; "sft" trains on any data set
+METHODS = ("dpo", "kto", "grpo")     # the methods that need their own rows; "sft" trains on any data set
 
 
 def score(ep: Episode) -> float | None:
@@ -158,4 +158,7 @@ def check_rows(rows: list[dict], method: str) -> str | None:
                 return f"row {n}: dpo needs 'rejected': an assistant message (build the data set with kind 'dpo')"
         elif method == "kto" and not isinstance(row.get("label"), bool):
             return f"row {n}: kto needs 'label': true or false (build the data set with kind 'kto')"
+        elif method == "grpo" and (isinstance(row.get("advantage"), bool)
+                                   or not isinstance(row.get("advantage"), (int, float))):
+            return f"row {n}: grpo needs 'advantage': a number (build the data set with kind 'grpo')"
     return None

@@ -239,6 +239,29 @@ def _load_checkpoint(model, opt, ckpt: Path) -> dict | None:
     return json.loads((ckpt / "state.json").read_text())
 
 
+class SFT:
+    """The supervised objective: next-token loss on assistant turns; `evaluate` above for held-out numbers.
+    Another objective (GRPO) has the same three methods."""
+    name = "sft"
+
+    def prepare(self, tok, rows: list[dict], cfg: TrainConfig) -> list:
+        try:
+            data = [encode(tok, ex, cfg.max_length) for ex in rows]
+        except DataError as e:
+            raise DataError(f"training data: {e}") from e
+        data = [d for d in data if any(x != IGNORE for x in d[1])]
+        if not data:
+            raise DataError("no training example has assistant tokens to learn")
+        return data
+
+    def loss(self, model, batch: list, pad: int):
+        x, m, y = collate(batch, pad)
+        return model(input_ids=x, attention_mask=m, labels=y).loss
+
+    def evaluate(self, model, tok, rows: list[dict], cfg: TrainConfig) -> dict:
+        return evaluate(model, tok, rows, cfg)
+
+
 def train(
     model_path: Path,
     train_rows: list[dict],
@@ -247,20 +270,16 @@ def train(
     out: Path,
     report=lambda event: None,
     should_stop=lambda: False,
+    objective=None,
 ) -> dict:
-    """Train a LoRA adapter into `out/adapter`; evaluate base and tuned on `eval_rows`. Resumes from
-    `out/checkpoint`. Returns the result dict, or {"cancelled": True, ...} when `should_stop()` turned true
-    (after a checkpoint at that step)."""
+    """Train a LoRA adapter into `out/adapter` by `objective` (default: SFT); evaluate base and tuned on
+    `eval_rows`. Resumes from `out/checkpoint`. Returns the result dict, or {"cancelled": True, ...} when
+    `should_stop()` turned true (after a checkpoint at that step)."""
+    objective = objective or SFT()
     torch.manual_seed(cfg.seed)
     model, tok = load_base(Path(model_path))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    try:
-        data = [encode(tok, ex, cfg.max_length) for ex in train_rows]
-    except DataError as e:
-        raise DataError(f"training data: {e}") from e
-    data = [d for d in data if any(x != IGNORE for x in d[1])]
-    if not data:
-        raise DataError("no training example has assistant tokens to learn")
+    data = objective.prepare(tok, train_rows, cfg)
     model = add_lora(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -269,7 +288,7 @@ def train(
     total = total_steps(len(data), cfg)
     if state["base"] is None:
         with model.disable_adapter():
-            state["base"] = evaluate(model, tok, eval_rows, cfg)
+            state["base"] = objective.evaluate(model, tok, eval_rows, cfg)
         report({"event": "eval", "phase": "base", **state["base"]})
     elif state["step"]:
         report({"event": "resumed", "step": state["step"], "total": total})
@@ -283,11 +302,10 @@ def train(
         epoch, b = divmod(step, per_epoch)
         order = _order(len(data), cfg.seed, epoch)
         batch = [data[i] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
-        x, m, y = collate(batch, pad)
         model.train()
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step, total)
-        loss = model(input_ids=x, attention_mask=m, labels=y).loss
+        loss = objective.loss(model, batch, pad)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
@@ -309,7 +327,7 @@ def train(
         )
         if state["step"] % cfg.checkpoint_every == 0 and state["step"] < total:
             _save_checkpoint(model, opt, state, ckpt)  # its time counts in the rate: it is part of the job
-    tuned = evaluate(model, tok, eval_rows, cfg)
+    tuned = objective.evaluate(model, tok, eval_rows, cfg)
     report({"event": "eval", "phase": "tuned", **tuned})
     adapter = out / "adapter"
     tmp = out / "adapter.tmp"
@@ -327,4 +345,5 @@ def train(
         "train_loss_last": state["losses"][-1] if state["losses"] else None,
         "adapter": str(adapter),
         "examples": len(data),
+        "method": objective.name,
     }

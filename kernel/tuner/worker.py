@@ -60,13 +60,17 @@ def main(job_dir: str) -> int:
 
     from . import preference
     from .config import TrainConfig
+    from .grpo import GRPO
     from .train import DataError, train
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     try:
         method = spec.get("method", "sft")
-        run = train if method == "sft" else functools.partial(preference.train, method)
+        if method == "grpo":
+            run = functools.partial(train, objective=GRPO(TrainConfig(**spec["config"]).beta))
+        else:
+            run = train if method == "sft" else functools.partial(preference.train, method)
         result = run(Path(spec["model_path"]), _rows(job / "train.jsonl"), _rows(job / "eval.jsonl"),
                      TrainConfig(**spec["config"]), job, report=_emit,
                      should_stop=lambda: stop["flag"] or (job / "cancel").exists())

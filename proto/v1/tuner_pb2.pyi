@@ -37,7 +37,7 @@ class RagItem(_message.Message):
     def __init__(self, question: _Optional[str] = ..., oracle_id: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
 
 class BuildDatasetRequest(_message.Message):
-    __slots__ = ("name", "kind", "min_reward", "eval_fraction", "samples", "reward_regex", "temperature", "model", "max_tokens", "items", "distractors", "oracle_fraction", "seed")
+    __slots__ = ("name", "kind", "min_reward", "eval_fraction", "samples", "reward_regex", "temperature", "model", "max_tokens", "items", "distractors", "oracle_fraction", "seed", "reward")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MIN_REWARD_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class BuildDatasetRequest(_message.Message):
     DISTRACTORS_FIELD_NUMBER: _ClassVar[int]
     ORACLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     min_reward: float
@@ -64,7 +65,8 @@ class BuildDatasetRequest(_message.Message):
     distractors: int
     oracle_fraction: float
     seed: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., min_reward: _Optional[float] = ..., eval_fraction: _Optional[float] = ..., samples: _Optional[int] = ..., reward_regex: _Optional[str] = ..., temperature: _Optional[float] = ..., model: _Optional[str] = ..., max_tokens: _Optional[int] = ..., items: _Optional[_Iterable[_Union[RagItem, _Mapping]]] = ..., distractors: _Optional[int] = ..., oracle_fraction: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    reward: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., min_reward: _Optional[float] = ..., eval_fraction: _Optional[float] = ..., samples: _Optional[int] = ..., reward_regex: _Optional[str] = ..., temperature: _Optional[float] = ..., model: _Optional[str] = ..., max_tokens: _Optional[int] = ..., items: _Optional[_Iterable[_Union[RagItem, _Mapping]]] = ..., distractors: _Optional[int] = ..., oracle_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., reward: _Optional[str] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
     __slots__ = ("name", "train", "eval", "version", "card_json")

@@ -36,7 +36,7 @@ def outcome(r: pb.FeedbackRequest) -> Outcome:
 def dataset_spec(r: pb.BuildDatasetRequest) -> DatasetSpec:
     return DatasetSpec(r.name, r.kind, r.eval_fraction, _opt(r, "min_reward"), r.samples, r.reward_regex, r.temperature,
                        r.model, r.max_tokens, [RagQuestion(i.question, i.oracle_id, i.answer) for i in r.items],
-                       r.distractors, _opt(r, "oracle_fraction"), r.seed)
+                       r.distractors, _opt(r, "oracle_fraction"), r.seed, r.reward)
 
 
 def finetune_spec(r: pb.FinetuneRequest) -> FinetuneSpec:

@@ -1,0 +1,144 @@
+"""Reinforcement learning from a verifiable reward (GRPO): the reward specs, the group-relative advantages, the
+GRPO objective on a tiny model (its loss falls, the held-out best reply gains on the worst), and through a
+real kernel: groups sampled on the serving engine, scored by the agent's own reward tool in the jail (a
+broken tool's errors reported in the card, not fatal), a grpo job trained and its adapter served."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import pytest
+import torch
+
+import kernos.sdk
+from kernos.agents.demo import start_kernel, stop_kernel
+from kernos.kernel.tuner import rewards
+from kernos.kernel.tuner.config import TrainConfig
+from kernos.kernel.tuner.grpo import GRPO
+from kernos.kernel.tuner.grpo_data import build_grpo
+from kernos.kernel.tuner.train import DataError, load_base, train
+
+
+def test_reward_specs():
+    kind, arg = rewards.parse(r"regex:^\d+$")
+    assert rewards.builtin(kind, arg, "42", None) == 1.0 and rewards.builtin(kind, arg, "4 2", None) == 0.0
+    kind, arg = rewards.parse('json_schema:{"type": "object", "required": ["x"]}')
+    assert rewards.builtin(kind, arg, '{"x": 1}', None) == 1.0
+    assert rewards.builtin(kind, arg, '{"y": 1}', None) == 0.0 and rewards.builtin(kind, arg, "{x", None) == 0.0
+    assert rewards.builtin(*rewards.parse("json"), "[1, 2]", None) == 1.0
+    assert rewards.builtin(*rewards.parse("exact"), " The answer is One. ", "the answer is one") == 1.0
+    assert rewards.builtin(*rewards.parse("contains"), "so: the answer is one!", "answer is one") == 1.0
+    with pytest.raises(rewards.RewardError, match="reference"):
+        rewards.builtin(*rewards.parse("exact"), "x", None)
+    for bad, why in (("regex:(", "regex"), ("json_schema:{", "json_schema"), ("tool:", "name"), ("ppo", "one of")):
+        with pytest.raises(rewards.RewardError, match=why):
+            rewards.parse(bad)
+    assert rewards.parse("tool:score") == ("tool", "score")
+    assert [rewards.tool_result(v) for v in (1, 0.5, {"reward": 2}, "1", True, float("nan"), None)] == \
+        [1.0, 0.5, 2.0, None, None, None, None]
+
+
+def test_group_advantages_and_what_is_left_out():
+    msgs = [{"role": "user", "content": "q"}]
+    groups = [("a", msgs, [("r1", 1.0), ("r2", 0.0), ("r3", 0.0), ("r4", None)]),
+              ("b", msgs, [("s1", 1.0), ("s2", 1.0)]),               # all the same: no signal
+              ("c", msgs, [("t1", 1.0), ("t2", None)]),              # one scored reply: nothing to compare
+              ("d", msgs, [("u1", 0.2), ("u2", 0.8)])]
+    train_rows, evals, card = build_grpo(groups, eval_fraction=0.0)
+    rows = train_rows + evals
+    assert [r["messages"][-1]["content"] for r in rows] == ["r1", "r2", "r3", "u1", "u2"]
+    for key in ("a", "d"):
+        adv = [r["advantage"] for r in rows if r["episode"] == key]
+        assert statistics.fmean(adv) == pytest.approx(0, abs=1e-9) and statistics.pstdev(adv) == pytest.approx(1)
+    assert card["groups"] == 2 and card["dropped"] == {"unscored": 2, "too_few_scored": 1, "no_signal": 1}
+    train_rows, evals, _ = build_grpo(groups, eval_fraction=0.5)
+    assert {r["episode"] for r in train_rows}.isdisjoint({r["episode"] for r in evals}) and evals
+
+
+def colour_groups(n: int) -> list[dict]:
+    """Groups of four replies to a colour question, two right (reward 1) and two wrong (reward 0)."""
+    import random
+
+    from test_preference import colour_rows
+    rows = []
+    for i, r in enumerate(colour_rows(n, "dpo", seed=5)):
+        prompt, right, wrong = r["messages"][:-1], r["messages"][-1]["content"], r["rejected"]["content"]
+        replies = [(right, 1.0), (wrong, 0.0), (right + ".", 1.0), (wrong + ".", 0.0)]
+        random.Random(i).shuffle(replies)
+        group = [(reply, reward) for reply, reward in replies]
+        rows += build_grpo([(f"g{i}", prompt, group)], 0.0)[0]
+    return rows
+
+
+def test_grpo_objective_reduces_its_loss_and_prefers_rewarded_replies(tiny_models, tmp_path):
+    rows = colour_groups(20)
+    held = [r for r in rows if r["episode"] in {f"g{i}" for i in range(16, 20)}]
+    rows = [r for r in rows if r not in held]
+    events = []
+    res = train(tiny_models["llama"], rows, held, TrainConfig(learning_rate=3e-3, epochs=4, batch_size=8), tmp_path,
+                report=events.append, objective=GRPO(beta=0.05))
+    assert res["method"] == "grpo" and res["step"] == 4 * math.ceil(len(rows) / 8)
+    assert [e["step"] for e in events if e["event"] == "progress"] == list(range(1, res["step"] + 1))
+    # The objective over the whole training set: 0 for the base (ratio 1, no KL, advantages of mean 0 in each
+    # group), below it for the adapter.
+    from peft import PeftModel
+
+    base, tok = load_base(tiny_models["llama"])
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    objective = GRPO(beta=0.05)
+    data = objective.prepare(tok, rows, TrainConfig())
+    with torch.no_grad():
+        tuned = objective.loss(model, data, tok.pad_token_id or 0).item()
+        with model.disable_adapter():
+            before = objective.loss(model, data, tok.pad_token_id or 0).item()
+    assert before == pytest.approx(0, abs=1e-5) and tuned < -0.02, (before, tuned)
+    assert res["base"]["loss"] == pytest.approx(math.log(2), abs=1e-6) and res["tuned"]["loss"] < res["base"]["loss"]
+    assert res["tuned"]["accuracy"] >= res["base"]["accuracy"] and res["tuned"]["examples"] == 4
+    with pytest.raises(DataError, match="advantage"):
+        train(tiny_models["llama"], [{"messages": rows[0]["messages"]}], held, TrainConfig(), tmp_path / "x",
+              objective=GRPO())
+
+
+SCORE = """
+reply = args["reply"]
+result = {"reward": 1.0 if len(reply) % 2 == 0 else 0.0}
+"""
+BROKEN = "raise RuntimeError('the grader is down')"
+
+
+def test_grpo_on_a_kernel_with_a_jailed_reward_tool(tiny_models, tmp_path):
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "k.toml", [{"name": "tiny-llama", "path": str(tiny_models["llama"])}],
+                       tuner={"threads": 1, "retention": {"min_agreement": 0.0, "max_kl": 1.0}})
+    proc, address = start_kernel(tmp_path / "data", str(cfg), timeout=120)
+    try:
+        with kernos.sdk.connect(address, agent="player") as s:
+            for i in range(16):
+                s.llm.chat(f"question number {i} about colours", max_tokens=4)
+            s.tools.register("even", SCORE, {"type": "object"})
+            s.tools.register("broken", BROKEN, {"type": "object"})
+            with pytest.raises(kernos.sdk.InvalidArgument, match="reward"):
+                s.tuner.build_dataset("g", kind="grpo")
+            with pytest.raises(kernos.sdk.NotFound):
+                s.tuner.build_dataset("g", kind="grpo", reward="tool:nope")
+            card = s.tuner.build_dataset("down", kind="grpo", reward="tool:broken", samples=2, max_tokens=6)
+            assert card["train"] == card["eval"] == 0 and card["reward_errors"] == 32
+            assert "the grader is down" in card["reward_error_examples"][0]
+            t0 = time.monotonic()
+            card = s.tuner.build_dataset("even", kind="grpo", reward="tool:even", samples=4, max_tokens=8,
+                                         eval_fraction=0.25)
+            assert card["kind"] == "grpo" and card["prompts"] == 16 and card["samples_per_prompt"] == 4
+            assert card["reward_errors"] == 0 and card["groups"] >= 8 and card["eval"] > 0, card
+            assert 0 < card["mean_reward"] < 1
+            print(f"sampled and scored 64 replies in {time.monotonic() - t0:.1f} s")
+            job = s.tuner.wait(s.tuner.finetune("even", "even", config={"learning_rate": 3e-3, "epochs": 3,
+                                                                         "batch_size": 8}).job_id, timeout=300)
+            assert job.method == "grpo" and job.state in ("published", "rejected"), job.message
+            assert job.base.loss == pytest.approx(math.log(2), abs=1e-6) and job.step == job.total_steps
+            if job.state == "published":
+                assert s.llm.chat("question number 3 about colours", max_tokens=4,
+                                  adapter="player:even").adapter == "player:even"
+    finally:
+        assert stop_kernel(proc) == 0
