@@ -65,7 +65,7 @@ SYSCALLS: dict[str, Spec] = {
     **_specs("tools", "admin", "write", "none", "confirm", "deny", "list_pending", traced_whole=True),
     # the fine-tuner
     **_specs("tuner", "tuner", "write", "own", "feedback", "build_dataset", "start_finetune", "cancel_job",
-             "set_default_adapter"),
+             "set_default_adapter", "continual"),
     **_specs("tuner", "tuner", "read", "own", "get_job", "list_jobs", "list_adapters"),
     # access control: grants on the caller's own resources; groups, capabilities and tokens for operators
     **_specs("access", "access", "write", "own", "grant", "revoke"),

@@ -25,7 +25,7 @@ from .security.quotas import Limits, Quotas
 from .security.registration import Registration
 from .syscalls.access import Access
 from .syscalls.agents import Agents
-from .syscalls.datasets import Datasets
+from .syscalls.datasets import Datasets, DatasetSpec
 from .syscalls.files import Files
 from .syscalls.generate import Generate
 from .syscalls.lifecycle import Lifecycle
@@ -34,8 +34,9 @@ from .syscalls.models import Models
 from .syscalls.pools import FairPool
 from .syscalls.responses import Responses
 from .syscalls.snapshots import SnapshotStore
-from .syscalls.tuner import Tuner
+from .syscalls.tuner import FinetuneSpec, Tuner
 from .tools.manager import ToolManager
+from .tuner.continual import Continual
 from .tuner.jobs import JobManager
 from .tuner.publish import Publisher
 
@@ -129,6 +130,8 @@ class Kernel:
         # tools, fine-tuning jobs
         self.tools = owners.tools = ToolManager(self.vector, self.access_control, config.tools)
         self.publisher = Publisher(self.llm, self.adapter_store, self.config.tuner.retention)
+        self.continual = Continual(data / "tuner" / "continual.db", self.adapter_store, self.traces, self.registry,
+                                   self.audit, config.tuner.continual_tick_s)
         self.publisher.serve_published()      # published adapters are served again after a restart
         t = config.tuner
         self.jobs = JobManager(data / "tuner", self.publisher.finish_job, max_jobs=t.max_jobs,
@@ -138,7 +141,7 @@ class Kernel:
         lim = config.limits
         snapshots = SnapshotStore(data / "snapshots", lim.max_snapshots_per_agent, lim.snapshot_ttl_s)
         self.generate = Generate(self.llm, config.limits, self.registry, self.quotas, self.access_control,
-                                 self.adapter_store, self.traces, self.lifecycle, self.contexts, self.vector,
+                                 self.continual, self.traces, self.lifecycle, self.contexts, self.vector,
                                  config.memory.summary_max_tokens, snapshots, self.tools, self.metrics.observe)
         self.responses = Responses(ResponseStore(data / "responses.db"), self.generate)
         self.models = Models(self.llm, self.access_control)
@@ -154,7 +157,9 @@ class Kernel:
         self.datasets = Datasets(self.traces, self.files, self.vector, self.llm, self.access_control, self.generate,
                                  config.limits, config.engine.max_batch_size, self.tools)
         self.tuner = Tuner(self.traces, self.files, self.jobs, self.adapter_store, self.llm, self.access_control,
-                           config.tuner)
+                           config.tuner, self.continual)
+        self.continual.bind(lambda agent, **spec: self.datasets.build(agent, DatasetSpec(**spec)),
+                            lambda agent, **spec: self.tuner.start(agent, FinetuneSpec(**spec)), self.jobs)
         self.metrics.attach(self)
 
     def aios_bridge(self):
@@ -179,6 +184,7 @@ class Kernel:
 
     def close(self) -> None:
         self.jobs.shutdown()
+        self.continual.close()
         self.adapter_store.close()
         self.audit.close()
         self.access_control.close()

@@ -258,6 +258,7 @@ class TunerConfig(_Strict):
     nice: int = Field(10, ge=0, le=19, description="worker niceness: serving threads win the CPU over training")
     max_examples: int = Field(100_000, gt=0, description="largest training set a job may use")
     retention: RetentionConfig = RetentionConfig()
+    continual_tick_s: float = Field(10.0, gt=0, description="how often continual tuning checks each agent's round")
 
 
 class MemoryConfig(_Strict):

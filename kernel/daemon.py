@@ -63,6 +63,7 @@ async def serve(config: KernelConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     flusher = asyncio.create_task(_flush_agents_periodically(kernel))
+    continual = asyncio.create_task(kernel.continual.run())       # agents' continual tuning rounds
     await stop.wait()
 
     log.info("shutting down: draining in-flight generations (up to %.0f s)", config.server.drain_timeout_s)
@@ -78,6 +79,7 @@ async def serve(config: KernelConfig) -> int:
     await server.stop(grace=2.0)
     await kernel.tools.stop_mounts()
     flusher.cancel()
+    continual.cancel()
     kernel.close()
     try:
         (config.data_dir / "kernel.addr").unlink()

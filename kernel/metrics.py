@@ -85,6 +85,11 @@ class _KernelCollector:
             for outcome, n in sorted(m.engine.stats.pauses.items()):
                 pauses.add_metric([m.name, outcome], n)
         yield pauses
+        rounds = CounterMetricFamily("kernos:continual_rounds", "Continual tuning rounds ended, by outcome",
+                                     labels=["outcome"])
+        for outcome, n in sorted(k.continual.counts().items()):
+            rounds.add_metric([outcome], n)
+        yield rounds
         programs = GaugeMetricFamily("kernos:programs", "Agent programs seen lately, by state", labels=["state"])
         states = {"running": 0, "paused": 0, "idle": 0}
         for p in k.llm.programs.list():

@@ -715,6 +715,16 @@ class TunerCalls(CallGroup):
             lambda r: [AdapterInfo.from_proto(a) for a in r.adapters],
         )
 
+    @rpc("Tuner", "Continual")
+    def continual(self, **spec) -> dict | None:
+        """Continual tuning of this agent, configured with keywords (none: only read the state): enabled,
+        kind ("sft", "dpo", "kto", "grpo"), reward (grpo), model, min_feedback (new outcomes that start a
+        round), min_reward, eval_fraction, canary_share, canary_calls (rewarded calls per arm before the
+        decision), max_drop (the candidate is promoted unless its mean reward is lower by more), config
+        (TrainConfig). Returns the state: phase (idle, training, canary), round, candidate, arms, history."""
+        return self._call("Tuner", "Continual", tuner_pb2.ContinualRequest(spec_json=json.dumps(spec) if spec else ""),
+                          lambda r: json.loads(r.state_json) if r.state_json else None)
+
     @rpc("Tuner", "SetDefaultAdapter")
     def set_default_adapter(self, adapter: str, model: str = "") -> None:
         """Make `adapter` the one this agent's generations on `model` use when they name none ("" clears)."""

@@ -200,6 +200,9 @@ def test_a_fine_tune_jobs_loss_chart_gains_points(ck, browser):
         assert final == job.step, (final, job.step)         # one point per step (at most 2000 are kept)
         text = page.text_content(f".job[data-job='{job.job_id}']")
         assert "base: loss" in text and "tuned: loss" in text
+        s.tuner.continual(enabled=False, min_feedback=500)        # the page lists the agent's continual tuning
+        row = page.wait_for_selector("#continual-table tr[data-agent='learner'][data-phase='idle']", timeout=15000)
+        assert "off" in row.text_content() and "disabled" in row.text_content()
     assert not page.errors
 
 

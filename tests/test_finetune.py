@@ -261,3 +261,80 @@ def test_retention_gate_refuses_an_adapter_that_forgets(tiny_kernel, tmp_path):
             assert s.tuner.adapters() == []
     finally:
         assert stop_kernel(proc) == 0
+
+
+def test_continual_tuning_trains_canaries_promotes_and_rolls_back(tiny_models, tmp_path):
+    """An agent turns continual tuning on and only works and gives feedback: the kernel trains a round when
+    enough feedback has arrived, serves the candidate to a share of the agent's calls, and promotes it (live
+    rewards as good) or rolls it back (worse), by itself; every step in the state, the audit log and metrics."""
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "k.toml", [{"name": "tiny-llama", "path": str(tiny_models["llama"])}],
+                       server={"admin_token": "adm-" + "x" * 28},
+                       tuner={"threads": 1, "retention": LOOSE_RETENTION, "continual_tick_s": 0.2})
+    proc, address = start_kernel(tmp_path / "data", str(cfg), timeout=120)
+    try:
+        with kernos.sdk.connect(address, agent="steady", token_file=tmp_path / "s.token") as s:
+            assert s.tuner.continual() is None
+            with pytest.raises(kernos.sdk.InvalidArgument, match="'grpo' needs reward"):
+                s.tuner.continual(kind="grpo")
+            with pytest.raises(kernos.sdk.InvalidArgument, match="canary_share"):
+                s.tuner.continual(canary_share=1.5)
+            st = s.tuner.continual(min_feedback=24, canary_share=0.5, canary_calls=4, eval_fraction=0.25,
+                                   config={"learning_rate": 3e-3, "epochs": 20, "batch_size": 8})
+            assert st["phase"] == "idle" and st["round"] == 0
+            for q, right in task(24, seed=4):
+                s.tuner.feedback(s.llm.chat(q, max_tokens=6).request_id, preferred=right)
+
+            def until(cond, timeout=240):
+                deadline = time.monotonic() + timeout
+                while not cond(st := s.tuner.continual()):
+                    assert time.monotonic() < deadline, st
+                    time.sleep(0.2)
+                return st
+
+            st = until(lambda st: st["phase"] == "canary")
+            assert st["round"] == 1 and st["candidate"] == "steady:continual-1" and st["current"] == ""
+            job = s.tuner.job(st["job_id"])
+            assert job.state == "published" and job.dataset == "continual-1"
+
+            def play(reward_of):
+                """Calls naming no adapter, each rewarded by which arm served it, until the round ends."""
+                served = set()
+                while s.tuner.continual()["phase"] == "canary":
+                    r = s.llm.chat("how are you today", max_tokens=3)
+                    served.add(r.adapter)
+                    s.tuner.feedback(r.request_id, reward=reward_of(r.adapter))
+                    time.sleep(0.05)
+                return served
+            served = play(lambda adapter: 1.0 if adapter == "steady:continual-1" else 0.5)
+            assert served == {"steady:continual-1", None}            # the canary split the calls
+            st = s.tuner.continual()
+            assert st["history"][-1]["outcome"] == "promoted", st
+            assert s.llm.chat("how are you today", max_tokens=3).adapter == "steady:continual-1"   # the default
+            # Round two starts when 24 more outcomes have come (the canary's count); its candidate does worse live.
+            for q, right in task(24, seed=6):
+                s.tuner.feedback(s.llm.chat(q, max_tokens=6).request_id, preferred=right)
+            st = until(lambda st: st["phase"] == "canary" and st["round"] == 2)
+            assert st["current"] == "steady:continual-1" and st["candidate"] == "steady:continual-2"
+            play(lambda adapter: 0.0 if adapter == "steady:continual-2" else 1.0)
+            st = s.tuner.continual(enabled=False)
+            assert [h["outcome"] for h in st["history"]] == ["promoted", "rolled_back"], st["history"]
+            assert s.llm.chat("how are you today", max_tokens=3).adapter == "steady:continual-1"   # kept
+            out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "finetune", "continual", "--address",
+                                  address, "--token", s.token], capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0 and "round 1: promoted" in out.stdout and "round 2: rolled_back" in out.stdout
+        with kernos.sdk.connect(address, token="adm-" + "x" * 28) as admin:
+            steps = [e["reason"].split(":")[1].strip() for e in admin.access.audit(principal="steady", limit=1000)
+                     if e["method"] == "tuner.continual.round"]
+            assert {"train", "canary", "promoted", "rolled_back"} <= set(steps), steps
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"http://{proc.http_address}/metrics",
+                         headers={"Authorization": "Bearer adm-" + "x" * 28}).text
+        rounds = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text)
+                  if f.name == "kernos:continual_rounds" for s in f.samples if s.name.endswith("_total")}
+        assert rounds == {"promoted": 1.0, "rolled_back": 1.0}, rounds
+    finally:
+        assert stop_kernel(proc) == 0

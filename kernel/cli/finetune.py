@@ -50,6 +50,22 @@ def _finetune(args, s, operator: bool) -> int:
     if args.action == "cancel":
         table([s.tuner.cancel(args.job_id)])
         return 0
+    if args.action == "continual":
+        st = s.tuner.continual()
+        if st is None:
+            print("continual tuning is not configured for this agent (s.tuner.continual(...))")
+            return 0
+        if args.json:
+            print(json.dumps(st, indent=2))
+            return 0
+        spec = st["spec"]
+        print(f"{st['agent_id']}: {'on' if spec['enabled'] else 'off'}, kind {spec['kind']}, round {st['round']}, "
+              f"phase {st['phase']}" + (f", candidate {st['candidate']} against {st['current'] or 'the base'}"
+                                        if st["phase"] == "canary" else ""))
+        print(f"  {st['message']}")
+        for h in st["history"]:
+            print(f"  round {h['round']}: {h['outcome']}: {h['detail'][:200]}")
+        return 0
     if args.action == "adapters":
         for a in s.tuner.adapters():
             acc = (f"accuracy {a.base.accuracy:.2f} -> {a.tuned.accuracy:.2f}, "

@@ -208,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("confirm", "deny"):
             c.add_argument("call_id", help="the pending call's id")
         if name == "finetune":
-            c.add_argument("action", choices=["start", "status", "cancel", "adapters"],
-                           help="start --name N --dataset D | status [JOB] | cancel JOB | adapters")
+            c.add_argument("action", choices=["start", "status", "cancel", "adapters", "continual"],
+                           help="start --name N --dataset D | status [JOB] | cancel JOB | adapters | continual "
+                                "(the agent's continual tuning: phase, round, canary, history)")
             c.add_argument("job_id", nargs="?", help="status/cancel: the job id")
             c.add_argument("--token", help="the agent's token (or an operator's: every agent's jobs); "
                                            "default $KERNOS_TOKEN")
@@ -225,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--min-improvement", type=float, default=0.0,
                            help="start: publish only if the held-out loss falls by more than this fraction")
             c.add_argument("--wait", action="store_true", help="start: follow progress until the job ends")
-            c.add_argument("--json", action="store_true", help="status: print JSON")
+            c.add_argument("--json", action="store_true", help="status, continual: print JSON")
         if name in ("confirm", "deny", "pending"):
             c.add_argument("--token", help="operator token (default $KERNOS_TOKEN)")
         if name in ("status", "top", "agents"):

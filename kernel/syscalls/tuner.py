@@ -8,7 +8,7 @@ import json
 import math
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from pydantic import ValidationError
 
@@ -16,6 +16,7 @@ from kernos.abi.errors import StatusError
 from kernos.storage.adapters import NAME_RE
 
 from ..tuner.config import TrainConfig
+from ..tuner.continual import ContinualSpec
 from ..tuner.datasets import prompt_key
 from ..tuner.jobs import FINAL, Job
 from ..tuner.preference_data import METHODS, check_rows
@@ -49,7 +50,7 @@ MAX_PREFERRED = 64 * 1024
 
 
 class Tuner:
-    def __init__(self, traces, files, jobs, store, llm, access, config):
+    def __init__(self, traces, files, jobs, store, llm, access, config, continual=None):
         self.traces = traces
         self.files = files
         self.jobs = jobs
@@ -57,6 +58,7 @@ class Tuner:
         self.llm = llm
         self.access = access
         self.config = config  # TunerConfig
+        self.continual = continual  # kernos.kernel.tuner.continual.Continual
 
     async def feedback(self, agent, request: Outcome) -> int:
         """Attach an outcome to one of the agent's traced generations; how many outcomes it now has."""
@@ -242,6 +244,26 @@ class Tuner:
             loaded = current and bool(served) and v.served_name in served.adapters
             out.append((v, loaded, current and self.store.default(agent.agent_id, v.model) == v.served_name))
         return out
+
+    async def continual_tuning(self, agent, spec_json: str) -> dict | None:
+        """Configure the agent's continual tuning (a ContinualSpec as JSON; empty: only read); its state."""
+        if spec_json:
+            try:
+                raw = json.loads(spec_json)
+                if not isinstance(raw, dict):
+                    raise ValueError("the spec must be a JSON object")
+                spec = ContinualSpec(**raw)
+            except ValidationError as e:
+                errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'spec'}: {x['msg']}" for x in e.errors()[:5])
+                raise StatusError("INVALID_ARGUMENT", f"continual: {errs}") from None
+            except ValueError as e:
+                raise StatusError("INVALID_ARGUMENT", f"continual: {e}") from None
+            if spec.enabled:
+                served_model(self.llm, self.access, agent, spec.model)
+            st = await asyncio.to_thread(self.continual.configure, agent.agent_id, spec)
+        else:
+            st = self.continual.state(agent.agent_id)
+        return asdict(st) if st is not None else None
 
     async def set_default_adapter(self, agent, model_name: str, adapter: str) -> str:
         """Make `adapter` (or none, when empty) the one the agent's generations on the model use by default;

@@ -11,7 +11,7 @@ Per agent that enabled it (`s.tuner.continual(...)`), a loop in the kernel:
    mean reward is no more than `max_drop` below the current one's, else rolled back (the current default
    stays).
 Every step is in the agent's state (`s.tuner.continual()`, `kernos finetune continual`), the audit log
-(`tuner.continual` records) and `/metrics`."""
+(`tuner.continual.round` records) and `/metrics`."""
 from __future__ import annotations
 
 import asyncio
@@ -84,15 +84,18 @@ class Continual:
 
     def __init__(self, path: Path, store, traces, registry, audit=None, tick_s: float = 10.0):
         self.store, self.traces, self.registry, self.audit, self.tick_s = store, traces, registry, audit, tick_s
-        self.datasets = self.tuner = None          # bound once the use cases exist (`bind`)
+        self.build_dataset = self.start_job = self.jobs = None     # the use cases, once they exist (`bind`)
         self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._db = connect(path, synchronous="FULL")
         self._db.execute("CREATE TABLE IF NOT EXISTS continual (agent_id TEXT PRIMARY KEY, record TEXT NOT NULL)")
         self.states = {a: ContinualState(**json.loads(r))
                        for a, r in self._db.execute("SELECT agent_id, record FROM continual")}
 
-    def bind(self, datasets, tuner) -> None:
-        self.datasets, self.tuner = datasets, tuner
+    def bind(self, build_dataset, start_job, jobs) -> None:
+        """build_dataset(agent, **DatasetSpec fields) and start_job(agent, **FinetuneSpec fields): the use cases'
+        coroutines; jobs: the job manager."""
+        self.build_dataset, self.start_job, self.jobs = build_dataset, start_job, jobs
 
     # -- the syscall ---------------------------------------------------------------------------------------
     def configure(self, agent_id: str, spec: ContinualSpec) -> ContinualState:
@@ -144,21 +147,17 @@ class Continual:
             if n - st.mark < spec.min_feedback:
                 self._update(st, message=f"waiting for feedback: {n - st.mark} of {spec.min_feedback} new outcomes")
                 return
-            from ..syscalls.datasets import DatasetSpec
-            from ..syscalls.tuner import FinetuneSpec
-
             st.round, st.mark = st.round + 1, n
             name = f"continual-{st.round}"
-            card, *_ = await self.datasets.build(agent, DatasetSpec(
-                name=name, kind=spec.kind, eval_fraction=spec.eval_fraction, min_reward=spec.min_reward,
-                reward=spec.reward, model=spec.model))
-            job = await self.tuner.start(agent, FinetuneSpec(name=name, dataset=name, model=spec.model,
-                                                             config_json=json.dumps(spec.config)))
+            card, *_ = await self.build_dataset(agent, name=name, kind=spec.kind, eval_fraction=spec.eval_fraction,
+                                                min_reward=spec.min_reward, reward=spec.reward, model=spec.model)
+            job = await self.start_job(agent, name=name, dataset=name, model=spec.model,
+                                       config_json=json.dumps(spec.config))
             self._update(st, phase="training", job_id=job.job_id, model=job.model,
                          message=f"round {st.round}: training {name} on {card['train']} examples")
             self._audit(st, "train", {"job_id": job.job_id, "dataset": name, "examples": card["train"]})
         elif st.phase == "training":
-            job = self.tuner.jobs.get(st.job_id)
+            job = self.jobs.get(st.job_id)
             if job is None or job.state not in FINAL:
                 return
             if job.state != "published":
@@ -225,8 +224,10 @@ class Continual:
     def _audit(self, st: ContinualState, step: str, detail: dict) -> None:
         log.info("continual tuning of %s, round %d: %s %s", st.agent_id, st.round, step, detail)
         if self.audit is not None:
-            self.audit.record(TraceRecord(st.agent_id, "tuner.continual", "OK", {"step": step, "round": st.round},
-                                          detail, {}))
+            reason = f"round {st.round}: {step}: " + ", ".join(f"{k} {v}" for k, v in detail.items())
+            self.audit.record(TraceRecord(st.agent_id, "tuner.continual.round", "OK",
+                                          {"capability": "tuner", "step": step, "round": st.round},
+                                          {"reason": reason[:1000]}, {}))
 
     def counts(self) -> dict[str, int]:
         """Finished rounds by outcome, over all agents (for /metrics)."""

@@ -6,6 +6,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ContinualRequest(_message.Message):
+    __slots__ = ("spec_json",)
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    spec_json: str
+    def __init__(self, spec_json: _Optional[str] = ...) -> None: ...
+
+class ContinualState(_message.Message):
+    __slots__ = ("state_json",)
+    STATE_JSON_FIELD_NUMBER: _ClassVar[int]
+    state_json: str
+    def __init__(self, state_json: _Optional[str] = ...) -> None: ...
+
 class FeedbackRequest(_message.Message):
     __slots__ = ("request_id", "reward", "success", "note", "preferred")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -74,6 +74,11 @@ class TunerStub:
                 request_serializer=kernos_dot_v1_dot_tuner__pb2.DefaultAdapterRequest.SerializeToString,
                 response_deserializer=kernos_dot_v1_dot_tuner__pb2.DefaultAdapterReply.FromString,
                 _registered_method=True)
+        self.Continual = channel.unary_unary(
+                '/kernos.v1.Tuner/Continual',
+                request_serializer=kernos_dot_v1_dot_tuner__pb2.ContinualRequest.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_tuner__pb2.ContinualState.FromString,
+                _registered_method=True)
 
 
 class TunerServicer:
@@ -134,6 +139,15 @@ class TunerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Continual(self, request, context):
+        """Continual tuning of the caller: when enough new feedback has arrived, build a data set, train, publish
+        (publish rule and retention gate), then a canary on a share of the caller's calls, promoted to its
+        default or rolled back by live rewards. spec_json configures it (empty: only read the state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TunerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +190,11 @@ def add_TunerServicer_to_server(servicer, server):
                     servicer.SetDefaultAdapter,
                     request_deserializer=kernos_dot_v1_dot_tuner__pb2.DefaultAdapterRequest.FromString,
                     response_serializer=kernos_dot_v1_dot_tuner__pb2.DefaultAdapterReply.SerializeToString,
+            ),
+            'Continual': grpc.unary_unary_rpc_method_handler(
+                    servicer.Continual,
+                    request_deserializer=kernos_dot_v1_dot_tuner__pb2.ContinualRequest.FromString,
+                    response_serializer=kernos_dot_v1_dot_tuner__pb2.ContinualState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -394,6 +413,33 @@ class Tuner:
             '/kernos.v1.Tuner/SetDefaultAdapter',
             kernos_dot_v1_dot_tuner__pb2.DefaultAdapterRequest.SerializeToString,
             kernos_dot_v1_dot_tuner__pb2.DefaultAdapterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Continual(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernos.v1.Tuner/Continual',
+            kernos_dot_v1_dot_tuner__pb2.ContinualRequest.SerializeToString,
+            kernos_dot_v1_dot_tuner__pb2.ContinualState.FromString,
             options,
             channel_credentials,
             insecure,

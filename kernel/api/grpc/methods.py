@@ -29,7 +29,7 @@ METHODS: dict[str, dict[str, str]] = {
     "Tuner": {"Feedback": "tuner.feedback", "BuildDataset": "tuner.build_dataset",
               "StartFinetune": "tuner.start_finetune", "GetJob": "tuner.get_job", "ListJobs": "tuner.list_jobs",
               "CancelJob": "tuner.cancel_job", "ListAdapters": "tuner.list_adapters",
-              "SetDefaultAdapter": "tuner.set_default_adapter"},
+              "SetDefaultAdapter": "tuner.set_default_adapter", "Continual": "tuner.continual"},
     "Access": {"Grant": "access.grant", "Revoke": "access.revoke", "ListGrants": "access.list_grants",
                "CreateGroup": "access.create_group", "AddMember": "access.add_member",
                "RemoveMember": "access.remove_member", "ListGroups": "access.list_groups",

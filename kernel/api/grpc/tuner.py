@@ -74,6 +74,10 @@ class TunerServicer(rpc.TunerServicer):
                        created=v.created, loaded=loaded, is_default=is_default)
             for v, loaded, is_default in await self.tuner.adapters(current_principal())])
 
+    async def Continual(self, r, context):
+        state = await self.tuner.continual_tuning(current_principal(), r.spec_json)
+        return pb.ContinualState(state_json=json.dumps(state) if state is not None else "")
+
     async def SetDefaultAdapter(self, r, context):
         model = await self.tuner.set_default_adapter(current_principal(), r.model, r.adapter)
         return pb.DefaultAdapterReply(model=model, adapter=r.adapter)

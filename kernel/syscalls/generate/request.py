@@ -38,7 +38,7 @@ class Requests:
                             f"(limits.max_request_bytes{'' if lim.max_request_bytes else ', from the context length'})")
         if g.adapter and g.adapter not in model.adapters:
             raise not_found(f"model '{model.name}' has no adapter '{g.adapter}'; loaded: {model.adapters}")
-        default = self.adapters.default(principal.agent_id, model.name)
+        default = self.adapters.default(principal.agent_id, model.name)     # a continual canary's share included
         adapter = self.access.authorize_model(
             principal, model.name, g.adapter or None, default if default in model.adapters else None
         )

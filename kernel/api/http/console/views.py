@@ -230,7 +230,9 @@ class Views:
                          for j in sorted(jobs, key=lambda j: j.created, reverse=True)],
                 "adapters": [{"owner": v.owner, "name": v.name, "version": v.version, "model": v.model,
                               "metrics": v.metrics, "job_id": v.job_id, "created": v.created, "loaded": loaded,
-                              "is_default": default} for v, loaded, default in adapters]}
+                              "is_default": default} for v, loaded, default in adapters],
+                "continual": [asdict(st) for a, st in sorted(self.d.tuner.continual.states.items())
+                              if principal.operator or a == principal.agent_id]}
 
     async def audit(self, principal, params: dict) -> dict:
         limit = _int(params, "limit", 200, 1, 5000)

@@ -423,11 +423,17 @@ PAGES.tuning = {
     const adapters = d.adapters.map((a) => el("tr", {}, td(`${a.owner}:${a.name}`), tdn(`v${a.version}`), td(a.model),
       td(evaluation(a.metrics)), td(a.loaded ? "loaded" : "–"), td(a.is_default ? "default" : "–"),
       td(when(a.created))));
+    const rounds = d.continual.map((c) => el("tr", { "data-agent": c.agent_id, "data-phase": c.phase },
+      td(c.agent_id), td(c.spec.enabled ? c.spec.kind : "off"), td(c.phase), tdn(num(c.round)), td(c.candidate || "–"),
+      td(c.history.length ? c.history[c.history.length - 1].outcome : "–"), td(c.message)));
     view.replaceChildren(el("h2", {}, `Jobs (${d.jobs.length})`),
       ...(jobs.length ? jobs : [el("p", { class: "muted" }, "no fine-tuning jobs")]),
       el("h2", {}, "Adapters"),
       table(["adapter", { label: "version", num: 1 }, "model", "evaluation", "served", "default", "published"], adapters,
-        { id: "adapters-table" }));
+        { id: "adapters-table" }),
+      el("h2", {}, "Continual tuning"),
+      table(["agent", "kind", "phase", { label: "round", num: 1 }, "candidate", "last round", "state"], rounds,
+        { id: "continual-table" }));
   },
 };
 
