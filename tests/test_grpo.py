@@ -4,6 +4,7 @@ real kernel: groups sampled on the serving engine, scored by the agent's own rew
 broken tool's errors reported in the card, not fatal), a grpo job trained and its adapter served."""
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -132,6 +133,11 @@ def test_grpo_on_a_kernel_with_a_jailed_reward_tool(tiny_models, tmp_path):
             assert card["kind"] == "grpo" and card["prompts"] == 16 and card["samples_per_prompt"] == 4
             assert card["reward_errors"] == 0 and card["groups"] >= 8 and card["eval"] > 0, card
             assert 0 < card["mean_reward"] < 1
+            # RAFT takes the same verifiable rewards: of each prompt's samples, the best one by the tool
+            card = s.tuner.build_dataset("best", kind="raft", reward="tool:even", samples=4, max_tokens=8)
+            assert card["reward"] == "tool:even" and card["reward_errors"] == 0 and card["train"] > 0, card
+            kept = [json.loads(x) for x in s.storage.read_text("datasets/best.train.jsonl").splitlines()]
+            assert all(r["reward"] == 1.0 and len(r["messages"][-1]["content"]) % 2 == 0 for r in kept)
             print(f"sampled and scored 64 replies in {time.monotonic() - t0:.1f} s")
             job = s.tuner.wait(s.tuner.finetune("even", "even", config={"learning_rate": 3e-3, "epochs": 3,
                                                                          "batch_size": 8}).job_id, timeout=300)

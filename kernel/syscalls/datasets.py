@@ -153,28 +153,20 @@ class Datasets:
         answers = await asyncio.gather(*(sample(messages, i) for _, messages in prompts for i in range(k)))
         return [list(answers[j * k : (j + 1) * k]) for j in range(len(prompts))]
 
-    async def _grpo(self, agent, request, min_reward, frac):
-        if not request.reward:
-            raise StatusError("INVALID_ARGUMENT", "grpo needs reward: regex:PATTERN, json, json_schema:SCHEMA, exact, "
-                                                  "contains or tool:NAME")
+    def _reward(self, agent, spec: str):
+        """(kind, argument) of a reward spec, checked now: a bad spec or an unknown reward tool fails the call."""
         try:
-            kind, arg = rewards.parse(request.reward[:4000])
+            kind, arg = rewards.parse(spec[:4000])
         except rewards.RewardError as e:
             raise StatusError("INVALID_ARGUMENT", str(e)) from None
         if kind == "tool":
             if self.tools is None:
                 raise StatusError("FAILED_PRECONDITION", "this kernel runs no tools: reward tools cannot run")
-            self.tools.resolve(agent, arg)          # unknown or not granted: its error now, not per sample
-        k, temperature, max_tokens, model = self._sampling(agent, request, 1.0, least=2)
-        episodes = await self._episodes(agent.agent_id)
-        refs = gd.references(episodes, min_reward)
-        prompts = ds.distinct_prompts(episodes)[:MAX_RAFT_PROMPTS]
-        no_reference = 0
-        if rewards.needs_reference(kind):
-            no_reference = sum(1 for key, _ in prompts if key not in refs)
-            prompts = [(key, m) for key, m in prompts if key in refs]
-        answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, "tuner.grpo")
-        errors: list[str] = []
+            self.tools.resolve(agent, arg)
+        return kind, arg
+
+    async def _scored(self, agent, kind, arg, prompts, answers, refs, errors: list) -> list[list[float | None]]:
+        """Each sampled answer's reward (None: the reward tool failed on it, the error appended to `errors`)."""
         sem = asyncio.Semaphore(4)
 
         async def score(messages, answer, ref):
@@ -182,13 +174,38 @@ class Datasets:
                 return rewards.builtin(kind, arg, answer, ref)
             async with sem:
                 return await self._tool_reward(agent, arg, messages, answer, ref, errors)
-        scores = await asyncio.gather(*(score(m, a, refs.get(key)) for (key, m), group in zip(prompts, answers)
-                                        for a in group))
-        groups = [(key, m, list(zip(group, scores[j * k : (j + 1) * k])))
-                  for j, ((key, m), group) in enumerate(zip(prompts, answers))]
+        flat = await asyncio.gather(*(score(m, a, refs.get(key)) for (key, m), group in zip(prompts, answers)
+                                      for a in group))
+        k = len(answers[0]) if answers else 0
+        return [list(flat[j * k : (j + 1) * k]) for j in range(len(answers))]
+
+    async def _verified(self, agent, request, min_reward, k, temperature, max_tokens, model, cause):
+        """Prompts of the agent's traces, k samples of each, and their rewards by `request.reward`: (prompts,
+        answers, scores, card fields)."""
+        kind, arg = self._reward(agent, request.reward)
+        episodes = await self._episodes(agent.agent_id)
+        refs = gd.references(episodes, min_reward)
+        prompts = ds.distinct_prompts(episodes)[:MAX_RAFT_PROMPTS]
+        no_reference = 0
+        if rewards.needs_reference(kind):
+            no_reference = sum(1 for key, _ in prompts if key not in refs)
+            prompts = [(key, m) for key, m in prompts if key in refs]
+        answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, cause)
+        errors: list[str] = []
+        scores = await self._scored(agent, kind, arg, prompts, answers, refs, errors)
+        return prompts, answers, scores, {"reward": request.reward[:200], "no_reference": no_reference,
+                                          "reward_errors": len(errors), "reward_error_examples": errors[:3]}
+
+    async def _grpo(self, agent, request, min_reward, frac):
+        if not request.reward:
+            raise StatusError("INVALID_ARGUMENT", "grpo needs reward: regex:PATTERN, json, json_schema:SCHEMA, exact, "
+                                                  "contains or tool:NAME")
+        k, temperature, max_tokens, model = self._sampling(agent, request, 1.0, least=2)
+        prompts, answers, scores, fields = await self._verified(agent, request, min_reward, k, temperature,
+                                                                max_tokens, model, "tuner.grpo")
+        groups = [(key, m, list(zip(group, sc))) for (key, m), group, sc in zip(prompts, answers, scores)]
         train, evals, card = gd.build_grpo(groups, frac)
-        card.update(model=model.name, reward=request.reward[:200], temperature=temperature, max_tokens=max_tokens,
-                    no_reference=no_reference, reward_errors=len(errors), reward_error_examples=errors[:3])
+        card.update(model=model.name, temperature=temperature, max_tokens=max_tokens, **fields)
         return train, evals, card
 
     async def _tool_reward(self, agent, name: str, messages, answer: str, ref, errors: list) -> float | None:
@@ -213,20 +230,32 @@ class Datasets:
 
     async def _raft(self, agent, request, min_reward, frac):
         k, temperature, max_tokens, model = self._sampling(agent, request, 0.8)
-        episodes = await self._episodes(agent.agent_id)
-        if request.reward_regex:
-            try:
-                reward = ds.regex_reward(request.reward_regex[:1000])
-            except re.error as e:
-                raise StatusError("INVALID_ARGUMENT", f"reward_regex: {e}") from None
-            source = f"regex {request.reward_regex[:200]!r}"
+        fields = {}
+        if request.reward:          # a verifiable reward (as grpo's): scored per sample, a failed score counts 0
+            prompts, answers, scores, fields = await self._verified(agent, request, min_reward, k, temperature,
+                                                                    max_tokens, model, "tuner.raft")
+            table = {(key, a): r or 0.0 for (key, _), group, sc in zip(prompts, answers, scores)
+                     for a, r in zip(group, sc)}
+
+            def reward(messages, answer):
+                return table[(ds.prompt_key(messages), answer)]
+            source = request.reward[:200]
         else:
-            reward, source = ds.feedback_reward(episodes), "stored feedback on identical replies"
-        prompts = ds.distinct_prompts(episodes)[:MAX_RAFT_PROMPTS]
-        answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, "tuner.raft")
+            episodes = await self._episodes(agent.agent_id)
+            if request.reward_regex:
+                try:
+                    reward = ds.regex_reward(request.reward_regex[:1000])
+                except re.error as e:
+                    raise StatusError("INVALID_ARGUMENT", f"reward_regex: {e}") from None
+                source = f"regex {request.reward_regex[:200]!r}"
+            else:
+                reward, source = ds.feedback_reward(episodes), "stored feedback on identical replies"
+            prompts = ds.distinct_prompts(episodes)[:MAX_RAFT_PROMPTS]
+            answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, "tuner.raft")
         samples = {key: (messages, group) for (key, messages), group in zip(prompts, answers)}
         train, evals, card = ds.build_raft(samples, reward, min_reward, frac)
-        card.update(model=model.name, reward=source, temperature=temperature, max_tokens=max_tokens)
+        card.update({**fields, "model": model.name, "temperature": temperature, "max_tokens": max_tokens,
+                     "reward": source})
         return train, evals, card
 
     async def _rag(self, agent, request, frac):
