@@ -5,7 +5,7 @@ The task: a routing agent answers a request by naming the function that serves i
 function's purpose; the held-out split has phrasings never used in training, and the last 6 functions never
 appear in training at all. The verifier is exact: the reply, case and spacing aside, equals `name(argument)`.
 
-One agent acts on the training requests (`samples` replies each at temperature 1.0) and the verifier's
+One agent acts on the training requests (`samples` replies each at `temperature`, 0.7) and the verifier's
 reward goes back as feedback (`s.tuner.feedback(reward=1 or 0)`); the verifier is also registered as the
 agent's reward tool (run in the jail). Then, from those same traces, the kernel builds each method's data set
 and trains it, each from the base model:
@@ -73,6 +73,13 @@ FUNCTIONS = [  # name, what it does (with {x}), argument values
     ("define_word", "define the word {x}", ["serendipity", "ephemeral", "lucid", "quaint"]),
 ]
 UNSEEN_FUNCTIONS = 6                     # the last ones: held out whole
+# Two worked examples before each request, with functions that are not in the list: without them the base
+# model answers in prose and never in the format (0 of 384 replies right, measured), so no method has a
+# success to learn from.
+SHOTS = [{"role": "user", "content": "Could you dim the screen to 40 percent?"},
+         {"role": "assistant", "content": "dim_screen(40 percent)"},
+         {"role": "user", "content": "Please buy a ticket to Rome."},
+         {"role": "assistant", "content": "buy_ticket(Rome)"}]
 TEMPLATES = ["Please {p}.", "Could you {p}?", "I want you to {p}.", "Can you {p} for me?",   # training
              "Hey, {p}, thanks.", "Would you {p}, please?"]                            # held out
 TRAIN_TEMPLATES = 4
@@ -119,7 +126,7 @@ def act(s, system: str, items, samples: int, temperature: float, max_tokens: int
 
     def one(args):
         (request, expected), i = args
-        r = s.llm.chat([{"role": "system", "content": system}, {"role": "user", "content": request}],
+        r = s.llm.chat([{"role": "system", "content": system}, *SHOTS, {"role": "user", "content": request}],
                        max_tokens=max_tokens, temperature=temperature, seed=i, adapter=adapter)
         ok = norm(r.text) == norm(expected)
         if feedback:
@@ -136,7 +143,9 @@ def main() -> int:
     ap.add_argument("--model", default="embedded", help="embedded (default), tiny, or a model folder")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
     ap.add_argument("--samples", type=int, default=4, help="replies per training request when acting")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.7,
+                    help="when acting and sampling (at 1.0 the embedded model got 0.8%% right, greedy 12.5%%)")
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help=quick.HELP)
@@ -174,7 +183,7 @@ def main() -> int:
             s.tools.register("verify", f"ANSWERS = {json.dumps(answers)}\n{VERIFIER}", {"type": "object"},
                              timeout_s=30)
             t0 = time.monotonic()
-            train_success = act(s, system, train, args.samples, 1.0, 16, feedback=True)
+            train_success = act(s, system, train, args.samples, args.temperature, 16, feedback=True)
             act_s = time.monotonic() - t0
             base_held = act(s, system, held, 1, 0.0, 16)
             base_train = act(s, system, train, 1, 0.0, 16)
@@ -183,8 +192,10 @@ def main() -> int:
                   flush=True)
             specs = {"sft": dict(kind="sft", min_reward=1.0), "kto": dict(kind="kto", min_reward=1.0),
                      "dpo": dict(kind="dpo"),
-                     "raft": dict(kind="raft", reward="tool:verify", samples=args.samples, max_tokens=16),
-                     "grpo": dict(kind="grpo", reward="tool:verify", samples=args.samples, max_tokens=16)}
+                     "raft": dict(kind="raft", reward="tool:verify", samples=args.samples, max_tokens=16,
+                                  temperature=args.temperature),
+                     "grpo": dict(kind="grpo", reward="tool:verify", samples=args.samples, max_tokens=16,
+                                  temperature=args.temperature)}
             for m in methods:
                 t0 = time.monotonic()
                 try:
