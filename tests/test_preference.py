@@ -4,22 +4,18 @@ the adapter hot-loads into a running engine and scores there as it did in traini
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 
 from kernos.kernel.config import EngineConfig, ModelConfig
 from kernos.kernel.llm.engine import TransformersEngine
 from kernos.kernel.llm.registry import load_model
-from kernos.kernel.llm.testing import _WORDS
 from kernos.kernel.llm.types import GenRequest, RequestHandle
 from kernos.kernel.tuner import preference
 from kernos.kernel.tuner.config import TrainConfig
 from kernos.kernel.tuner.datasets import Episode
 from kernos.kernel.tuner.preference_data import build_dpo, build_kto, check_rows
 from kernos.kernel.tuner.train import DataError, load_base
-
-FILLER = [w for w in _WORDS if w not in ("red", "blue", "one", "two")]
 
 
 def _ep(rid, prompt, reply, rewards=(), successes=(), preferred=None, tools=()):
@@ -77,14 +73,12 @@ def test_kto_labels_from_success_rewards_and_corrections():
 def colour_rows(n: int, method: str, seed: int = 0) -> list[dict]:
     """The answer depends on which colour word the question holds. DPO: the right answer beats the wrong one;
     KTO: alternately the right answer (desirable) and the wrong one (undesirable)."""
-    rng = random.Random(seed)
+    from test_finetune import task
+
     rows = []
-    for i in range(n):
-        colour = rng.choice(["red", "blue"])
-        words = [rng.choice(FILLER) for _ in range(5)]
-        words.insert(rng.randrange(6), colour)
-        right, wrong = ("the answer is one", "the answer is two")[:: 1 if colour == "red" else -1]
-        user = {"role": "user", "content": " ".join(words)}
+    for i, (question, right) in enumerate(task(n, seed)):
+        wrong = "the answer is two" if right.endswith("one") else "the answer is one"
+        user = {"role": "user", "content": question}
         if method == "dpo":
             rows.append({"messages": [user, {"role": "assistant", "content": right}],
                          "rejected": {"role": "assistant", "content": wrong}})

@@ -44,6 +44,21 @@ class FinetuneSpec:
     method: str = ""            # "sft" | "dpo" | "kto"; empty: the data set's own
 
 
+def json_model(cls, text: str, field: str, whole: str):
+    """`text`, a JSON object, as the pydantic model `cls`; else INVALID_ARGUMENT naming `field` and the bad keys
+    (`whole` where the object as a whole is wrong)."""
+    try:
+        raw = json.loads(text or "{}")
+        if not isinstance(raw, dict):
+            raise ValueError(f"{field} must be a JSON object")
+        return cls(**raw)
+    except ValidationError as e:
+        errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or whole}: {x['msg']}" for x in e.errors()[:5])
+        raise StatusError("INVALID_ARGUMENT", f"{field}: {errs}") from None
+    except ValueError as e:
+        raise StatusError("INVALID_ARGUMENT", f"{field}: {e}") from None
+
+
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 MAX_PREFERRED = 64 * 1024
@@ -98,16 +113,7 @@ class Tuner:
             raise StatusError("INVALID_ARGUMENT", "dataset: the name of a data set built with BuildDataset")
         if not 0 <= request.min_improvement < 1:
             raise StatusError("INVALID_ARGUMENT", "min_improvement is a fraction of the base loss, in [0, 1)")
-        try:
-            raw = json.loads(request.config_json or "{}")
-            if not isinstance(raw, dict):
-                raise ValueError("config_json must be a JSON object")
-            cfg = TrainConfig(**raw)
-        except ValidationError as e:
-            errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'config'}: {x['msg']}" for x in e.errors()[:5])
-            raise StatusError("INVALID_ARGUMENT", f"config_json: {errs}") from None
-        except ValueError as e:
-            raise StatusError("INVALID_ARGUMENT", f"config_json: {e}") from None
+        cfg = json_model(TrainConfig, request.config_json, "config_json", "config")
         model = served_model(self.llm, self.access, agent, request.model)
         path = model.path
         if path is None:
@@ -248,16 +254,7 @@ class Tuner:
     async def continual_tuning(self, agent, spec_json: str) -> dict | None:
         """Configure the agent's continual tuning (a ContinualSpec as JSON; empty: only read); its state."""
         if spec_json:
-            try:
-                raw = json.loads(spec_json)
-                if not isinstance(raw, dict):
-                    raise ValueError("the spec must be a JSON object")
-                spec = ContinualSpec(**raw)
-            except ValidationError as e:
-                errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'spec'}: {x['msg']}" for x in e.errors()[:5])
-                raise StatusError("INVALID_ARGUMENT", f"continual: {errs}") from None
-            except ValueError as e:
-                raise StatusError("INVALID_ARGUMENT", f"continual: {e}") from None
+            spec = json_model(ContinualSpec, spec_json, "continual", "spec")
             if spec.enabled:
                 served_model(self.llm, self.access, agent, spec.model)
             st = await asyncio.to_thread(self.continual.configure, agent.agent_id, spec)
