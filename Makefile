@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kernos-installed
 VLLM_STAMP := $(VENV)/.kernos-vllm-installed
 
-.PHONY: install vllm jail browser demo test lint bench proto clean
+.PHONY: install vllm jail browser postgres demo test lint bench proto clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ browser:
 	  command -v apt-get >/dev/null && { apt-get install -y -q chromium >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
 	  echo "chromium is missing: install it (apt-get install chromium) or the console's browser tests skip"
+
+# PostgreSQL for the cluster tests (they start their own server in a temporary dir): Debian's package, when
+# missing and root. The S3 server they use (SeaweedFS) comes from PyPI with the dev extras.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }; }; } || \
+	  echo "PostgreSQL is missing: install it (apt-get install postgresql) or the cluster tests skip"
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
@@ -51,7 +60,7 @@ vllm: $(VLLM_STAMP)
 demo: install
 	$(VENV)/bin/kernos demo
 
-test: install vllm lint browser
+test: install vllm lint browser postgres
 	$(PY) -m pytest -q
 
 lint: install

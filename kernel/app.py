@@ -10,6 +10,8 @@ import time
 
 from kernos.memory.context import ContextStore
 from kernos.storage.adapters import AdapterStore
+from kernos.storage.blobs import S3Blobs
+from kernos.storage.db import Databases
 from kernos.storage.files import FileStore
 from kernos.storage.responses import ResponseStore
 from kernos.storage.traces import TraceLog
@@ -108,21 +110,26 @@ class Kernel:
         data.mkdir(parents=True, exist_ok=True)
         self.lifecycle = Lifecycle()
         self.metrics = Metrics()
-        # stores
+        # stores: SQLite files and folders under the data dir, or a cluster's PostgreSQL and object store
+        c = config.cluster
+        dbs = Databases(data, c.database)
         keep = (config.storage.trace_max_age_s, config.storage.trace_max_per_agent)
-        self.traces = TraceLog(data / "traces.db", *keep)
-        self.audit = TraceLog(data / "audit.db", *keep)   # every access decision, same guarantees and retention
-        self.files = FileStore(data / "files", config.storage.quota_bytes, config.storage.max_file_bytes)
-        self.contexts = ContextStore(data / "contexts.db")
+        self.traces = TraceLog(dbs("traces.db"), *keep)
+        self.audit = TraceLog(dbs("audit.db"), *keep)   # every access decision, same guarantees and retention
+        self.files = FileStore(data / "files", config.storage.quota_bytes, config.storage.max_file_bytes,
+                               dbs("files/files.db"),
+                               S3Blobs(c.objects.rstrip("/") + "/files", c.s3_endpoint, c.s3_region) if c.objects
+                               else None)
+        self.contexts = ContextStore(dbs("contexts.db"))
         self.adapter_store = AdapterStore(data / "adapters")
         self.vector = LazyVectorMemory(config)
         self.llm = LLMCore(config.effective_models(), config.default_model_name(), config.engine,
                            config.scheduler.make, data)
         # security
         owners = ResourceOwners(config, self.llm)
-        self.registry = AgentRegistry(data / "kernel.db", ttl_s=config.server.agent_ttl_s)
-        self.access_control = AccessControl(data / "access.db", config.server.admin_token, owners, self.audit)
-        self.enrollments = Enrollments(data / "access.db")
+        self.registry = AgentRegistry(dbs("kernel.db"), ttl_s=config.server.agent_ttl_s)
+        self.access_control = AccessControl(dbs("access.db"), config.server.admin_token, owners, self.audit)
+        self.enrollments = Enrollments(dbs("access.db"))
         self.registration = Registration(self.registry, self.access_control, self.enrollments, config.registration,
                                          (config.aios.prefix,))
         self.quotas = _quotas(config, self.access_control)
@@ -143,7 +150,7 @@ class Kernel:
         self.generate = Generate(self.llm, config.limits, self.registry, self.quotas, self.access_control,
                                  self.continual, self.traces, self.lifecycle, self.contexts, self.vector,
                                  config.memory.summary_max_tokens, snapshots, self.tools, self.metrics.observe)
-        self.responses = Responses(ResponseStore(data / "responses.db"), self.generate)
+        self.responses = Responses(ResponseStore(dbs("responses.db")), self.generate)
         self.models = Models(self.llm, self.access_control)
         self.agents = Agents(self.registry, self.registration, self.llm, self.jobs, self.lifecycle,
                              self.access_control)

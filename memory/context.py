@@ -10,11 +10,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from kernos.abi.errors import StatusError
-from kernos.storage.db import connect
+from kernos.storage.db import Where, connect
 
 CONTEXT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ROLES = {"system", "user", "assistant"}
@@ -85,7 +84,7 @@ def plan(blocks: list[Block], new: list[dict], count: Callable[[list[dict]], int
 
 
 class ContextStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Where):
         self._db = connect(path, synchronous="FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
@@ -165,16 +164,16 @@ class ContextStore:
         self.get(agent, context_id)
         with self._lock, self._db:
             self._db.execute("BEGIN")
-            seq = self._db.execute(
-                "SELECT next_seq FROM contexts WHERE agent_id=? AND context_id=?", (agent, context_id)
-            ).fetchone()[0]
+            seq = self._db.execute(     # one statement: two kernels appending at once get different places
+                "UPDATE contexts SET next_seq=next_seq+1 WHERE agent_id=? AND context_id=? RETURNING next_seq-1",
+                (agent, context_id)).fetchone()
+            if seq is None:
+                raise ContextError("NOT_FOUND", f"no context '{context_id}'")
+            seq = seq[0]
             block = Block(uuid.uuid4().hex[:16], role, content, pinned, kind, label[:64], seq)
             self._db.execute(
                 "INSERT INTO blocks VALUES (?,?,?,?,?,?,?,?,?)",
                 (agent, context_id, block.block_id, seq, role, content, int(pinned), kind, block.label),
-            )
-            self._db.execute(
-                "UPDATE contexts SET next_seq=? WHERE agent_id=? AND context_id=?", (seq + 1, agent, context_id)
             )
         return block
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kernos.abi.errors import StatusError
 
-from .db import connect
+from .db import connect, upsert
 from .durable import fsync_dir, fsync_tree
 
 NAME_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
@@ -107,7 +107,8 @@ class AdapterStore:
     def set_default(self, agent_id: str, model: str, adapter: str) -> None:
         with self._lock, self._db:
             if adapter:
-                self._db.execute("INSERT OR REPLACE INTO defaults VALUES (?,?,?)", (agent_id, model, adapter))
+                self._db.execute(upsert("defaults", ("agent_id", "model", "adapter"), ("agent_id", "model")),
+                                 (agent_id, model, adapter))
                 self._defaults[(agent_id, model)] = adapter
             else:
                 self._db.execute("DELETE FROM defaults WHERE agent_id=? AND model=?", (agent_id, model))

@@ -1,7 +1,7 @@
 """Per-agent versioned file store.
 
-Contents are content-addressed blobs (`blobs/ab/abcdef...`, written to a temp file, fsynced, renamed,
-directory fsynced); metadata is SQLite in WAL mode with full sync. A write is acknowledged only after
+Contents are content-addressed blobs (`blobs.py`: a folder, `blobs/ab/abcdef...`, or an S3 bucket); metadata is
+SQLite in WAL mode with full sync, or a PostgreSQL schema in a cluster (`db.py`). A write is acknowledged only after
 its blob is durable and its version row committed, so a crash at any moment leaves every acknowledged
 version readable and no torn file (an unacknowledged write leaves at most an orphan blob).
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ from pathlib import Path, PurePosixPath
 
 from kernos.abi.errors import StatusError
 
-from .db import connect
-from .durable import fsync_dir
+from .blobs import LocalBlobs, S3Blobs
+from .db import Where, conflict_errors, connect
 
 MAX_PATH = 1024
 MAX_COMPONENT = 255
@@ -96,37 +95,27 @@ def check_metadata(metadata: dict) -> None:
 
 
 class FileStore:
-    def __init__(self, root: Path, quota_bytes: int = 0, max_file_bytes: int = 16 << 20):
+    """`db` and `blobs` default to SQLite and a folder under `root`; a cluster passes its PostgreSQL schema and
+    its S3 bucket (`S3Blobs`)."""
+
+    def __init__(self, root: Path, quota_bytes: int = 0, max_file_bytes: int = 16 << 20, db: Where | None = None,
+                 blobs: LocalBlobs | S3Blobs | None = None):
         self.root = root
-        self.blobs = root / "blobs"
-        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.blobs = blobs or LocalBlobs(root / "blobs")
         self.quota_bytes = quota_bytes
         self.max_file_bytes = max_file_bytes
-        self._db = connect(root / "files.db", synchronous="FULL")
+        self._db = connect(db or root / "files.db", synchronous="FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 
     # -- blobs ---------------------------------------------------------------------------------------
-    def _blob_path(self, digest: str) -> Path:
-        return self.blobs / digest[:2] / digest
-
     def _put_blob(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
-        final = self._blob_path(digest)
-        if final.exists() and final.stat().st_size == len(data):
-            return digest
-        final.parent.mkdir(exist_ok=True)
-        tmp = final.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        self.blobs.put(digest, data)
         return digest
 
     def _get_blob(self, digest: str) -> bytes:
-        data = self._blob_path(digest).read_bytes()
+        data = self.blobs.get(digest)
         if hashlib.sha256(data).hexdigest() != digest:
             raise StorageError("DATA_LOSS", f"blob {digest[:12]} is corrupt")
         return data
@@ -147,17 +136,17 @@ class FileStore:
 
     def usage(self, agent: str) -> int:
         """Bytes the agent holds: every version's content and metadata."""
-        return self._db.execute("SELECT COALESCE(SUM(size + LENGTH(metadata)), 0) FROM versions WHERE agent_id=?",
-                                (agent,)).fetchone()[0]
+        return int(self._db.execute("SELECT COALESCE(SUM(size + LENGTH(metadata)), 0) FROM versions "
+                                    "WHERE agent_id=?", (agent,)).fetchone()[0])
 
     def usage_of(self, agents: list[str]) -> int:
         """Bytes several agents hold together (a group's storage quota)."""
         total = 0
         for i in range(0, len(agents), 500):
             part = agents[i:i + 500]
-            total += self._db.execute(
+            total += int(self._db.execute(
                 f"SELECT COALESCE(SUM(size + LENGTH(metadata)), 0) FROM versions WHERE agent_id IN "
-                f"({','.join('?' * len(part))})", part).fetchone()[0]
+                f"({','.join('?' * len(part))})", part).fetchone()[0])
         return total
 
     def _append(self, agent: str, path: str, blob: str | None, size: int, metadata: dict) -> FileVersion:
@@ -169,14 +158,19 @@ class FileStore:
                     f"storage quota: {self.usage(agent)} of {self.quota_bytes} bytes used "
                     f"(versions count); this write needs {need} more",
                 )
-            latest = self._latest(agent, path)
-            version = (latest.version if latest else 0) + 1
-            now = time.time()
-            self._db.execute(
-                "INSERT INTO versions(agent_id, path, version, blob, size, created, metadata) VALUES (?,?,?,?,?,?,?)",
-                (agent, path, version, blob, size, now, json.dumps(metadata)),
-            )
-            return FileVersion(path, version, size, blob or "", now, blob is None, metadata)
+            for attempt in range(8):   # another node may take the same next version: the key refuses one of us
+                latest = self._latest(agent, path)
+                version = (latest.version if latest else 0) + 1
+                now = time.time()
+                try:
+                    self._db.execute(
+                        "INSERT INTO versions(agent_id, path, version, blob, size, created, metadata) "
+                        "VALUES (?,?,?,?,?,?,?)", (agent, path, version, blob, size, now, json.dumps(metadata)))
+                except conflict_errors():
+                    if attempt == 7:
+                        raise StorageError("ABORTED", f"'{path}' is being written concurrently; retry") from None
+                    continue
+                return FileVersion(path, version, size, blob or "", now, blob is None, metadata)
 
     # -- the file operations ---------------------------------------------------------------------------
     def write(self, agent: str, path: str, data: bytes, metadata: dict[str, str] | None = None) -> FileVersion:
@@ -257,7 +251,7 @@ class FileStore:
     def set_indexed(self, agent: str, path: str, indexed: bool) -> None:
         with self._lock:
             if indexed:
-                self._db.execute("INSERT OR IGNORE INTO indexed VALUES (?, ?)", (agent, path))
+                self._db.execute("INSERT INTO indexed VALUES (?, ?) ON CONFLICT DO NOTHING", (agent, path))
             else:
                 self._db.execute("DELETE FROM indexed WHERE agent_id=? AND path=?", (agent, path))
 

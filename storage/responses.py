@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
-from .db import connect
+from .db import Where, connect, upsert
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -24,7 +23,7 @@ CREATE INDEX IF NOT EXISTS responses_owner ON responses(owner);
 
 
 class ResponseStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Where):
         self._db = connect(path, synchronous="FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
@@ -32,8 +31,7 @@ class ResponseStore:
     def put(self, owner: str, response: dict, input_items: list[dict]) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO responses(id, owner, previous_id, created, input_items, response) "
-                "VALUES (?,?,?,?,?,?)",
+                upsert("responses", ("id", "owner", "previous_id", "created", "input_items", "response"), ("id",)),
                 (response["id"], owner, response.get("previous_response_id") or "", time.time(),
                  json.dumps(input_items), json.dumps(response)))
 

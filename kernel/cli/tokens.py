@@ -13,7 +13,8 @@ def cmd_token(args) -> int:
 
     from ..security.tokens import OfflineTokens
 
-    tokens = OfflineTokens(Path(os.path.expanduser(args.data_dir or os.environ.get("KERNOS_DATA_DIR", "~/.kernos"))))
+    tokens = OfflineTokens(Path(os.path.expanduser(args.data_dir or os.environ.get("KERNOS_DATA_DIR", "~/.kernos"))),
+                           os.environ.get("KERNOS_CLUSTER__DATABASE", ""))
     args.name = args.name or ("enroll" if args.enroll else "operator")
     ttl = f", expires in {args.ttl:.0f} s" if args.ttl else ""
     try:

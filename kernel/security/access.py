@@ -22,12 +22,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from kernos.abi.errors import StatusError
 from kernos.abi.syscalls import Syscall
 from kernos.abi.trace import TraceRecord
-from kernos.storage.db import connect
+from kernos.storage.db import Where, connect, upsert
 from kernos.storage.traces import TraceLog
 
 from .principals import Operator
@@ -50,6 +49,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0
 );
 """
+
+_TOKEN_COLUMNS = ("name", "token_hash", "admin", "created", "expires", "revoked")
 
 OPEN = "not restricted"
 
@@ -83,25 +84,37 @@ class AccessControl:
     """`resolve(kind, name)` tells who owns a tool ("tool") and whether a model or "model/adapter" is
     restricted ("model"): (owner, needs_grant).
 
-    Grants, group memberships and capabilities are kept in memory, written through to SQLite: this kernel
-    is their only writer, so a decision reads no file. Operator tokens are read from the database at each
-    use, because `kernos token create` adds them from another process while the kernel runs."""
+    Grants, group memberships and capabilities are kept in memory, written through to the database; a decision
+    first asks the database whether anyone else (another kernel of a cluster) committed a change to them since,
+    and reloads if so. Operator tokens are read from the database at each use, because `kernos token create`
+    adds them from another process while the kernel runs."""
 
-    def __init__(self, path: Path, admin_token: str | None = None, resolve=None, audit: TraceLog | None = None):
+    def __init__(self, path: Where, admin_token: str | None = None, resolve=None, audit: TraceLog | None = None):
         self.resolve = resolve or (lambda kind, name: ("kernel", False))
         self.audit = audit
         self._db = connect(path, synchronous="FULL")
         self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._config_admin = hashlib.sha256(admin_token.encode()).hexdigest() if admin_token else None
-        # Copy-on-write caches: a reader on another thread always sees a whole value.
-        self._groups_of: dict[str, frozenset[str]] = {}
-        for g, a in self._db.execute("SELECT grp, agent_id FROM members"):
-            self._groups_of[a] = self._groups_of.get(a, frozenset()) | {g}
-        self._caps = {a: fams for a, fams in self._db.execute("SELECT agent_id, families FROM capabilities")}
-        self._grants: dict[tuple[str, str], tuple[Grant, ...]] = {}
-        for g in (g for g in self._all_grants() if not g.revoked):
-            self._grants[(g.kind, g.owner)] = self._grants.get((g.kind, g.owner), ()) + (g,)
+        self._version = None
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """Reload the caches if another writer committed to them. Copy-on-write: a reader on another thread
+        always sees a whole value."""
+        version = self._db.data_version("members", "capabilities", "grants")
+        if version == self._version:
+            return
+        with self._lock:
+            self._version = version
+            groups_of: dict[str, frozenset[str]] = {}
+            for g, a in self._db.execute("SELECT grp, agent_id FROM members"):
+                groups_of[a] = groups_of.get(a, frozenset()) | {g}
+            grants: dict[tuple[str, str], tuple[Grant, ...]] = {}
+            for g in (g for g in self._all_grants() if not g.revoked):
+                grants[(g.kind, g.owner)] = grants.get((g.kind, g.owner), ()) + (g,)
+            self._groups_of, self._grants = groups_of, grants
+            self._caps = {a: fams for a, fams in self._db.execute("SELECT agent_id, families FROM capabilities")}
 
     # -- operators -----------------------------------------------------------------------------------
     def create_token(self, name: str, admin: bool = True, ttl_s: float = 0) -> tuple[str, float]:
@@ -110,8 +123,8 @@ class AccessControl:
         token = "kn_admin_" + secrets.token_urlsafe(32)
         expires = time.time() + ttl_s if ttl_s else 0.0
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO tokens VALUES (?,?,?,?,?,0)",
-                             (name, hashlib.sha256(token.encode()).hexdigest(), int(admin), time.time(), expires))
+            self._db.execute(upsert("tokens", _TOKEN_COLUMNS, ("name",)),
+                             (name, hashlib.sha256(token.encode()).hexdigest(), int(admin), time.time(), expires, 0))
         return token, expires
 
     def revoke_token(self, name: str) -> bool:
@@ -139,7 +152,7 @@ class AccessControl:
         if not GROUP_RE.match(name):
             raise AccessError("INVALID_ARGUMENT", "group names are 1-64 characters of letters, digits, '_', '.', '-'")
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO groups_ VALUES (?)", (name,))
+            self._db.execute("INSERT INTO groups_ VALUES (?) ON CONFLICT DO NOTHING", (name,))
 
     def _require_group(self, name: str) -> None:
         if not self._db.execute("SELECT 1 FROM groups_ WHERE name=?", (name,)).fetchone():
@@ -148,7 +161,7 @@ class AccessControl:
     def add_member(self, group: str, agent_id: str) -> None:
         self._require_group(group)
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO members VALUES (?,?)", (group, agent_id))
+            self._db.execute("INSERT INTO members VALUES (?,?) ON CONFLICT DO NOTHING", (group, agent_id))
             self._groups_of[agent_id] = self._groups_of.get(agent_id, frozenset()) | {group}
 
     def remove_member(self, group: str, agent_id: str) -> None:
@@ -164,11 +177,13 @@ class AccessControl:
         return out
 
     def groups_of(self, agent_id: str) -> frozenset[str]:
+        self._fresh()
         return self._groups_of.get(agent_id, frozenset())
 
     def capabilities(self, agent_id: str, operator: bool = False) -> tuple[str, ...]:
         if operator:
             return FAMILIES
+        self._fresh()
         fams = self._caps.get(agent_id)
         return DEFAULT_FAMILIES if fams is None else tuple(fams.split(",")) if fams else ()
 
@@ -177,7 +192,8 @@ class AccessControl:
         if bad:
             raise AccessError("INVALID_ARGUMENT", f"unknown capability families {bad}; known: {list(FAMILIES)}")
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO capabilities VALUES (?,?)", (agent_id, ",".join(families)))
+            self._db.execute(upsert("capabilities", ("agent_id", "families"), ("agent_id",)),
+                             (agent_id, ",".join(families)))
             self._caps[agent_id] = ",".join(families)
         return self.capabilities(agent_id)
 
@@ -292,7 +308,7 @@ class AccessControl:
                 resource = normalize_path(resource)
             except StorageError:
                 return True, capability, "invalid path: the service rejects it"
-        mine = {pid} | {f"group:{g}" for g in self.groups_of(pid)}
+        mine = {pid} | {f"group:{g}" for g in self.groups_of(pid)}    # (refreshes the caches)
         now = time.time()
         for g in self._grants.get((family, owner), ()):
             if not g.active(now) or g.grantee not in mine:
@@ -302,7 +318,7 @@ class AccessControl:
         return False, capability, f"no grant gives '{pid}' {capability}"
 
     def _has_grant(self, pid: str, kind: str, owner: str, resource: str) -> bool:
-        mine = {pid} | {f"group:{g}" for g in self.groups_of(pid)}
+        mine = {pid} | {f"group:{g}" for g in self.groups_of(pid)}    # (refreshes the caches)
         now = time.time()
         return any(g.grantee in mine and g.resource == resource and g.active(now)
                    for g in self._grants.get((kind, owner), ()))

@@ -8,10 +8,9 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from kernos.abi.errors import StatusError
-from kernos.storage.db import connect
+from kernos.storage.db import Where, connect, upsert
 
 from .access import GROUP_RE
 
@@ -21,6 +20,7 @@ CREATE TABLE IF NOT EXISTS enrollments (
     created REAL NOT NULL, expires REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0
 );
 """
+_COLUMNS = ("name", "token_hash", "grp", "uses_left", "created", "expires", "revoked")
 PREFIX = "kn_enroll_"
 
 
@@ -34,7 +34,7 @@ class Enrollment:
 
 
 class Enrollments:
-    def __init__(self, path: Path):
+    def __init__(self, path: Where):
         self._db = connect(path)
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
@@ -48,22 +48,19 @@ class Enrollments:
         token = PREFIX + secrets.token_urlsafe(32)
         expires = time.time() + ttl_s if ttl_s else 0.0
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO enrollments VALUES (?,?,?,?,?,?,0)",
-                             (name, _hash(token), group, uses, time.time(), expires))
+            self._db.execute(upsert("enrollments", _COLUMNS, ("name",)),
+                             (name, _hash(token), group, uses, time.time(), expires, 0))
         return token, Enrollment(name, group, uses, expires, False)
 
     def redeem(self, token: str | None) -> Enrollment | None:
         """Use one of the token's uses; None if it is unknown, used up, expired or revoked."""
         if not token or not token.startswith(PREFIX):
             return None
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            r = self._db.execute("SELECT name, grp, uses_left, expires, revoked FROM enrollments WHERE token_hash=?",
-                                 (_hash(token),)).fetchone()
-            if r is None or r[4] or r[2] < 1 or (r[3] and time.time() >= r[3]):
-                return None
-            self._db.execute("UPDATE enrollments SET uses_left=uses_left-1 WHERE name=?", (r[0],))
-            return Enrollment(r[0], r[1], r[2] - 1, r[3], False)
+        with self._lock:     # one statement: two kernels redeeming the last use at once cannot both get it
+            r = self._db.execute("UPDATE enrollments SET uses_left=uses_left-1 WHERE token_hash=? AND revoked=0 AND "
+                                 "uses_left>0 AND (expires=0 OR expires>?) RETURNING name, grp, uses_left, expires",
+                                 (_hash(token), time.time())).fetchone()
+            return None if r is None else Enrollment(r[0], r[1], r[2], r[3], False)
 
     def revoke(self, name: str) -> bool:
         with self._lock:

@@ -24,10 +24,9 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kernos.abi.errors import StatusError
-from kernos.storage.db import connect
+from kernos.storage.db import Where, conflict_errors, connect, upsert
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -103,7 +102,7 @@ def _agent(row) -> Agent:
 
 
 class AgentRegistry:
-    def __init__(self, path: Path, ttl_s: float):
+    def __init__(self, path: Where, ttl_s: float):
         self.ttl_s = ttl_s
         self._db = connect(path)
         self._db.executescript(_SCHEMA)
@@ -134,7 +133,10 @@ class AgentRegistry:
             now = time.time()
             token = "kn_" + secrets.token_urlsafe(32)
             agent = Agent(name, description, dict(labels or {}), "active", now, now, token_hash=hash_token(token))
-            self._save(agent)
+            try:
+                self._save(agent, new=True)
+            except conflict_errors():      # another kernel of the cluster registered it a moment ago
+                raise RegistryError("ALREADY_EXISTS", f"agent '{name}' exists") from None
             self._agents[name] = agent
             self._by_token[agent.token_hash] = name
         return agent, token
@@ -239,7 +241,7 @@ class AgentRegistry:
     def _sync(self) -> None:
         """Reload what another process committed since we last looked (its tokens and states; our in-memory
         counters and last-seen times are newer than the rows and are kept)."""
-        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        version = self._db.data_version("agents")
         if version == self._version:
             return
         self._version = version
@@ -256,10 +258,12 @@ class AgentRegistry:
             if agent.token_hash:
                 self._by_token[agent.token_hash] = agent.agent_id
 
-    def _save(self, a: Agent) -> None:
+    def _save(self, a: Agent, new: bool = False) -> None:
+        columns = _COLUMNS.split(", ")
         with self._db:
             self._db.execute(
-                f"INSERT OR REPLACE INTO agents({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO agents({_COLUMNS}) VALUES ({','.join('?' * len(columns))})" if new
+                else upsert("agents", columns, ("agent_id",)),
                 (a.agent_id, a.description, json.dumps(a.labels), a.token_hash, a.state, a.registered_at,
                  a.last_seen, a.syscalls, a.prompt_tokens, a.completion_tokens),
             )

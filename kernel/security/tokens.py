@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernos.storage.db import Databases
+
 from .access import AccessControl
 from .enrollment import Enrollment, Enrollments
 from .principals import AgentRegistry
@@ -29,19 +31,21 @@ def expiry(expires: float) -> str:
 
 
 class OfflineTokens:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, database: str = ""):
+        """`database`: a cluster's PostgreSQL URL (config `cluster.database`); empty: the data dir's SQLite."""
         self.data = data_dir
         self.data.mkdir(parents=True, exist_ok=True)
+        self.db = Databases(data_dir, database)
 
     def _access(self):
-        return contextlib.closing(AccessControl(self.data / "access.db"))
+        return contextlib.closing(AccessControl(self.db("access.db")))
 
     def _enrollments(self):
-        return contextlib.closing(Enrollments(self.data / "access.db"))
+        return contextlib.closing(Enrollments(self.db("access.db")))
 
     @contextlib.contextmanager
     def _agents(self, ttl_s: float = 600):
-        registry = AgentRegistry(self.data / "kernel.db", ttl_s=ttl_s)
+        registry = AgentRegistry(self.db("kernel.db"), ttl_s=ttl_s)
         try:
             yield registry
         finally:

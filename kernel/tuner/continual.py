@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kernos.abi.errors import StatusError
 from kernos.abi.trace import TraceRecord
-from kernos.storage.db import connect
+from kernos.storage.db import connect, upsert
 
 from .config import TrainConfig
 from .jobs import FINAL
@@ -219,7 +219,8 @@ class Continual:
         st.updated = time.time()
         self.states[st.agent_id] = st
         with self._db:
-            self._db.execute("INSERT OR REPLACE INTO continual VALUES (?, ?)", (st.agent_id, json.dumps(asdict(st))))
+            self._db.execute(upsert("continual", ("agent_id", "record"), ("agent_id",)),
+                             (st.agent_id, json.dumps(asdict(st))))
 
     def _audit(self, st: ContinualState, step: str, detail: dict) -> None:
         log.info("continual tuning of %s, round %d: %s %s", st.agent_id, st.round, step, detail)

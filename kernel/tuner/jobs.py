@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kernos.storage.db import connect
+from kernos.storage.db import connect, upsert
 from kernos.storage.durable import fsync_tree
 
 log = logging.getLogger("kernos.tuner")
@@ -194,7 +194,8 @@ class JobManager:
     def _save(self, job: Job) -> None:
         with self._lock, self._db:
             self._db.execute(
-                "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?)",
+                upsert("jobs", ("job_id", "owner", "name", "dataset", "model", "state", "record", "created"),
+                       ("job_id",)),
                 (
                     job.job_id,
                     job.owner,

@@ -1,0 +1,80 @@
+"""Content-addressed blobs: a local folder on one machine, an S3-compatible bucket in a cluster.
+
+A blob is named by the sha256 of its bytes, so a put is idempotent and a reader can check what it got.
+`put` returns only when the bytes are durable: on a folder, written to a temp file, fsynced, renamed and the
+directory fsynced; on S3, when the server has answered the PUT (S3 acknowledges a PUT once it is stored).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from kernos.abi.errors import StatusError
+
+from .durable import fsync_dir
+
+
+class LocalBlobs:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    def put(self, digest: str, data: bytes) -> None:
+        final = self._path(digest)
+        if final.exists() and final.stat().st_size == len(data):
+            return
+        final.parent.mkdir(exist_ok=True)
+        tmp = final.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+
+    def get(self, digest: str) -> bytes:
+        try:
+            return self._path(digest).read_bytes()
+        except FileNotFoundError:
+            raise StatusError("DATA_LOSS", f"blob {digest[:12]} is missing") from None
+
+
+class S3Blobs:
+    """`url` is s3://bucket/prefix; `endpoint` the server (empty: AWS). Credentials come the way boto3 finds them
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, an instance role). The bucket is created if missing."""
+
+    def __init__(self, url: str, endpoint: str = "", region: str = "us-east-1"):
+        import boto3
+        from botocore.config import Config
+
+        if not url.startswith("s3://") or not url[5:].split("/", 1)[0]:
+            raise ValueError(f"an object store is s3://bucket[/prefix], got {url!r}")
+        self.bucket, _, prefix = url[5:].partition("/")
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self._s3 = boto3.client("s3", endpoint_url=endpoint or None, region_name=region,
+                                config=Config(retries={"max_attempts": 5, "mode": "standard"},
+                                              connect_timeout=10, read_timeout=60))
+        self._errors = self._s3.exceptions
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+        except self._errors.ClientError:
+            try:
+                self._s3.create_bucket(Bucket=self.bucket)
+            except (self._errors.BucketAlreadyOwnedByYou, self._errors.BucketAlreadyExists):
+                pass
+
+    def _key(self, digest: str) -> str:
+        return f"{self.prefix}{digest[:2]}/{digest}"
+
+    def put(self, digest: str, data: bytes) -> None:
+        self._s3.put_object(Bucket=self.bucket, Key=self._key(digest), Body=data)
+
+    def get(self, digest: str) -> bytes:
+        try:
+            return self._s3.get_object(Bucket=self.bucket, Key=self._key(digest))["Body"].read()
+        except self._errors.NoSuchKey:
+            raise StatusError("DATA_LOSS", f"blob {digest[:12]} is missing from s3://{self.bucket}") from None

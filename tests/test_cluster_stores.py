@@ -1,0 +1,177 @@
+"""The stores on the cluster backends: a real PostgreSQL server and a real S3 server (SeaweedFS). Two instances of a
+store on one database stand for two kernel nodes: what one writes the other sees, and racing writers never lose or
+duplicate anything."""
+from __future__ import annotations
+
+import hashlib
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from kernos.abi.errors import StatusError
+from kernos.abi.syscalls import syscall
+from kernos.abi.trace import TraceRecord
+from kernos.kernel.security.access import AccessControl
+from kernos.kernel.security.enrollment import Enrollments
+from kernos.kernel.security.principals import AgentRegistry
+from kernos.memory.context import ContextStore
+from kernos.storage.blobs import S3Blobs
+from kernos.storage.db import Databases, Postgres, connect, upsert
+from kernos.storage.files import FileStore, StorageError
+from kernos.storage.traces import TraceLog
+
+
+def test_one_sql_for_both_dialects(pg_url, tmp_path):
+    """The same statements (placeholders, upserts, RETURNING, the SQLite column types) on SQLite and PostgreSQL."""
+    schema = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, n INTEGER NOT NULL, x REAL NOT NULL, b BLOB);"
+    for db in (connect(tmp_path / "x.db"), connect(Postgres(pg_url, "kernos_x"))):
+        db.executescript(schema)
+        db.execute(upsert("t", ("k", "n", "x", "b"), ("k",)), ("a", 3_000_000_000, 0.1, b"\x00\xff"))
+        db.execute(upsert("t", ("k", "n", "x", "b"), ("k",)), ("a", 4, 1.5, None))          # replaces the row
+        assert db.execute("SELECT k, n, x, b FROM t").fetchall() == [("a", 4, 1.5, None)]
+        assert db.execute("UPDATE t SET n=n+1 WHERE k=? RETURNING n", ("a",)).fetchone() == (5,)
+        assert db.execute("SELECT COUNT(*) FROM t WHERE k LIKE ?", ("%a%",)).fetchone()[0] == 1
+        with pytest.raises(ZeroDivisionError), db:       # `with db:` rolls back an explicit transaction
+            db.execute("BEGIN")
+            db.execute("DELETE FROM t")
+            raise ZeroDivisionError
+        assert db.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 1
+        assert db.columns("t") == {"k", "n", "x", "b"}
+        db.close()
+
+
+def test_files_on_postgres_and_s3_are_shared_and_durable(pg_url, s3_url, s3_endpoint, tmp_path):
+    where = Databases(tmp_path, pg_url)("files/files.db")
+    a = FileStore(tmp_path / "a", quota_bytes=100_000, db=where, blobs=S3Blobs(s3_url, s3_endpoint))
+    b = FileStore(tmp_path / "b", quota_bytes=100_000, db=where, blobs=S3Blobs(s3_url, s3_endpoint))
+    v1 = a.write("ag", "notes/x.txt", b"one", {"by": "a"})
+    v2 = b.write("ag", "notes/x.txt", b"two")
+    assert (v1.version, v2.version) == (1, 2)
+    assert a.read("ag", "notes/x.txt")[1] == b"two" and b.read("ag", "notes/x.txt", 1)[1] == b"one"
+    assert a.rollback("ag", "notes/x.txt", 1).version == 3 and b.read("ag", "notes/x.txt")[1] == b"one"
+    assert [f.path for f in b.list("ag")] == ["notes/x.txt"] and b.list("other") == []
+    assert not list((tmp_path / "a").rglob("blobs/*/*")), "the contents are in the object store"
+    b.write("ag", "big", b"0" * 60_000)
+    with pytest.raises(StorageError, match="quota"):         # the quota counts what every node wrote
+        a.write("ag", "big2", b"1" * 60_000)
+    a.delete("ag", "notes/x.txt")
+    with pytest.raises(StorageError) as e:
+        b.stat("ag", "notes/x.txt")
+    assert e.value.code == "NOT_FOUND"
+
+
+def test_racing_writers_on_two_nodes_get_distinct_versions(pg_url, s3_url, s3_endpoint, tmp_path):
+    where = Databases(tmp_path, pg_url)("files/files.db")
+    nodes = [FileStore(tmp_path / n, db=where, blobs=S3Blobs(s3_url, s3_endpoint)) for n in "ab"]
+    got: list[tuple[int, str]] = []
+
+    def write(node, i):
+        for j in range(10):
+            payload = f"{i}-{j}".encode()
+            info = node.write("ag", "hot.txt", payload)
+            got.append((info.version, hashlib.sha256(payload).hexdigest()))
+    threads = [threading.Thread(target=write, args=(nodes[i % 2], i)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(v for v, _ in got) == list(range(1, 41)), "every acknowledged write has its own version"
+    for version, digest in got:
+        assert hashlib.sha256(nodes[0].read("ag", "hot.txt", version)[1]).hexdigest() == digest
+
+
+def test_access_decisions_follow_another_node(pg_url, tmp_path):
+    dbs = Databases(tmp_path, pg_url)
+    a, b = AccessControl(dbs("access.db")), AccessControl(dbs("access.db"))
+    op = SimpleNamespace(agent_id="root", operator=True)
+    a.create_group("team")
+    a.add_member("team", "alice")
+    assert b.groups_of("alice") == frozenset({"team"})
+    a.set_capabilities("bob", ["llm"])
+    assert b.capabilities("bob") == ("llm",)
+    alice = SimpleNamespace(agent_id="alice", operator=False)
+    read = syscall("storage.read", owner="carol", path="shared/x.txt")
+    assert not b.decide(alice, read)[0]
+    g = a.grant(op, "group:team", "storage", "carol", "shared", "read")
+    assert b.decide(alice, read)[:1] == (True,) and "group:team" in b.decide(alice, read)[2]
+    b.revoke(op, g.grant_id)
+    assert not a.decide(alice, read)[0] and a.grants(alice) == []
+    token, _ = a.create_token("ops")
+    assert b.operator(token).agent_id == "admin:ops"
+    b.revoke_token("ops")
+    assert a.operator(token) is None
+
+
+def test_an_enrollment_use_is_redeemed_once_across_nodes(pg_url, tmp_path):
+    dbs = Databases(tmp_path, pg_url)
+    nodes = [Enrollments(dbs("access.db")) for _ in range(4)]
+    token, _ = nodes[0].create("batch", uses=3)
+    won = []
+    threads = [threading.Thread(target=lambda n=n: won.append(n.redeem(token))) for n in nodes * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(w is not None for w in won) == 3
+    assert sorted(w.uses_left for w in won if w) == [0, 1, 2]
+
+
+def test_agents_registered_on_one_node_are_known_on_another(pg_url, tmp_path):
+    dbs = Databases(tmp_path, pg_url)
+    a, b = AgentRegistry(dbs("kernel.db"), ttl_s=60), AgentRegistry(dbs("kernel.db"), ttl_s=60)
+    _, token = a.create("planner", "plans")
+    assert b.authenticate(token).agent_id == "planner"
+    with pytest.raises(StatusError) as e:        # the name is taken on every node
+        b.create("planner")
+    assert e.value.code == "ALREADY_EXISTS"
+    _, token2 = b.rotate("planner")
+    assert a.authenticate(token) is None and a.authenticate(token2).agent_id == "planner"
+
+
+def test_one_name_registered_on_two_nodes_at_once_goes_to_one(pg_url, tmp_path):
+    dbs = Databases(tmp_path, pg_url)
+    nodes = [AgentRegistry(dbs("kernel.db"), ttl_s=60) for _ in range(4)]
+    won, barrier = [], threading.Barrier(4)
+
+    def register(node):
+        barrier.wait()
+        try:
+            won.append(node.create("contested")[1])
+        except StatusError as e:
+            assert e.code == "ALREADY_EXISTS"
+    threads = [threading.Thread(target=register, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and all(n.authenticate(won[0]).agent_id == "contested" for n in nodes)
+
+
+def test_contexts_appended_from_two_nodes_keep_every_block_in_order(pg_url, tmp_path):
+    dbs = Databases(tmp_path, pg_url)
+    a, b = ContextStore(dbs("contexts.db")), ContextStore(dbs("contexts.db"))
+    a.create("ag", "c1", 1000, False, "m")
+    threads = [threading.Thread(target=lambda s=s, i=i: [s.add_block("ag", "c1", "user", f"{i}-{j}")
+                                                        for j in range(10)]) for i, s in enumerate([a, b] * 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seqs = [blk.seq for blk in b.blocks("ag", "c1")]
+    assert len(seqs) == 40 and len(set(seqs)) == 40 and seqs == sorted(seqs)
+
+
+def test_traces_and_outcomes_on_postgres(pg_url, tmp_path):
+    dbs = Databases(tmp_path, pg_url)
+    log = TraceLog(dbs("traces.db"))
+    for i in range(5):
+        log.record(TraceRecord("ag", "llm.generate", "OK", {"i": i}, {"request_id": f"r{i}"}, {"ms": 1.0}))
+    log.close()
+    reader = TraceLog(dbs("traces.db"))
+    assert [r.request["i"] for r in reader.query("ag")] == [0, 1, 2, 3, 4]
+    assert reader.has_generation("ag", "r3") and not reader.has_generation("ag", "r9")
+    assert reader.add_outcome("ag", "r3", 1.0, True) == 1
+    assert reader.outcomes("ag")["r3"][0]["success"] is True
+    assert [r.request["i"] for r in reader.scan("ag", "llm.generate", page=2)] == [0, 1, 2, 3, 4]
+    reader.close()
