@@ -16,6 +16,8 @@ from kernos.storage.files import FileStore
 from kernos.storage.responses import ResponseStore
 from kernos.storage.traces import TraceLog
 
+from .cluster.membership import Membership
+from .cluster.nodes import Nodes
 from .config import KernelConfig
 from .llm.core import LLMCore
 from .metrics import Metrics
@@ -121,6 +123,10 @@ class Kernel:
                                S3Blobs(c.objects.rstrip("/") + "/files", c.s3_endpoint, c.s3_region) if c.objects
                                else None)
         self.contexts = ContextStore(dbs("contexts.db"))
+        # a cluster's node: joins once it listens (the daemon); an agent's calls go to its home node
+        self.cluster = Membership(Nodes(dbs("cluster.db"), c.name(data), c.lease_s), c.heartbeat_s, c.forward) \
+            if c.database else None
+        self.forwarder = None
         self.adapter_store = AdapterStore(data / "adapters")
         self.vector = LazyVectorMemory(config)
         self.llm = LLMCore(config.effective_models(), config.default_model_name(), config.engine,
@@ -153,7 +159,7 @@ class Kernel:
         self.responses = Responses(ResponseStore(dbs("responses.db")), self.generate)
         self.models = Models(self.llm, self.access_control)
         self.agents = Agents(self.registry, self.registration, self.llm, self.jobs, self.lifecycle,
-                             self.access_control)
+                             self.access_control, self.cluster)
         st, mem = config.storage, config.memory
         self.storage = Files(self.files, self.vector, FairPool("storage", st.workers, st.workers_per_agent),
                              st.max_indexed_bytes, {g: q.storage_bytes for g, q in config.quotas.groups.items()},
@@ -190,6 +196,8 @@ class Kernel:
         return clean
 
     def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.leave()
         self.jobs.shutdown()
         self.continual.close()
         self.adapter_store.close()

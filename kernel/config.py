@@ -15,6 +15,7 @@ from typing import Literal
 import tomllib
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .cluster.config import ClusterConfig
 from .llm.settings import EMBEDDED_MODEL, EngineConfig, ModelConfig, VllmArgs, _Strict
 
 __all__ = ["EMBEDDED_MODEL", "ConfigError", "EngineConfig", "KernelConfig", "ModelConfig", "VllmArgs",
@@ -279,31 +280,6 @@ class MemoryConfig(_Strict):
         return v
 
 
-class ClusterConfig(_Strict):
-    database: str = Field("", description="postgresql://user:password@host:port/db: every store's tables there, "
-                                          "one schema each, shared by the kernels of a cluster; empty: SQLite "
-                                          "files under data_dir")
-    objects: str = Field("", description="s3://bucket/prefix: file contents in an S3-compatible object store; "
-                                         "empty: folders under data_dir")
-    s3_endpoint: str = Field("", description="the object store's URL (empty: AWS); credentials from "
-                                             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-    s3_region: str = "us-east-1"
-
-    @field_validator("database")
-    @classmethod
-    def _pg(cls, v: str) -> str:
-        if v and not v.startswith(("postgresql://", "postgres://")):
-            raise ValueError("must be a postgresql:// URL")
-        return v
-
-    @field_validator("objects")
-    @classmethod
-    def _s3(cls, v: str) -> str:
-        if v and (not v.startswith("s3://") or not v[5:].split("/")[0]):
-            raise ValueError("must be s3://bucket or s3://bucket/prefix")
-        return v
-
-
 class KernelConfig(_Strict):
     data_dir: Path = Field(Path("~/.kernos"), description="agents, traces and converted models live here")
     default_model: str | None = Field(None, description="model used when a request names none")
@@ -318,7 +294,7 @@ class KernelConfig(_Strict):
     tools: ToolsConfig = ToolsConfig()
     aios: AiosConfig = AiosConfig()
     tuner: TunerConfig = TunerConfig()
-    cluster: ClusterConfig = ClusterConfig()
+    cluster: ClusterConfig = ClusterConfig()      # kernel/cluster/config.py
     models: list[ModelConfig] = Field(default_factory=list, description="empty: the embedded default model")
 
     @field_validator("data_dir")

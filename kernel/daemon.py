@@ -52,6 +52,10 @@ async def serve(config: KernelConfig) -> int:
             kernel.close()
             return 2
     (config.data_dir / "kernel.addr").write_text(address + "\n")
+    beats = None
+    if kernel.cluster is not None:
+        kernel.cluster.join(config.cluster.reach(address), http[2] if http else "", sorted(kernel.llm.models))
+        beats = asyncio.create_task(kernel.cluster.run())
     # One machine-readable line on stdout: tests and `kernos demo` wait for it.
     print(f"KERNOS READY {address} pid={os.getpid()}" + (f" http={http[2]}" if http else ""), flush=True)
     if http:
@@ -80,6 +84,10 @@ async def serve(config: KernelConfig) -> int:
     await kernel.tools.stop_mounts()
     flusher.cancel()
     continual.cancel()
+    if beats is not None:
+        beats.cancel()
+    if kernel.forwarder is not None:
+        await kernel.forwarder.close()
     kernel.close()
     try:
         (config.data_dir / "kernel.addr").unlink()

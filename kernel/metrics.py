@@ -114,3 +114,23 @@ class _KernelCollector:
         in_flight = GaugeMetricFamily("kernos:syscalls_in_flight", "Syscalls being served")
         in_flight.add_metric([], k.lifecycle.in_flight)
         yield in_flight
+        if k.cluster is not None:
+            yield from _cluster(k.cluster)
+
+
+def _cluster(c):
+    """The cluster as this node last saw it at its heartbeat (no database round trip on a scrape)."""
+    nodes = GaugeMetricFamily("kernos:cluster_nodes", "Nodes of the cluster with a current lease, by state",
+                              labels=["state"])
+    for state in ("up", "draining"):
+        nodes.add_metric([state], sum(1 for n in c.view if n.state == state))
+    yield nodes
+    forwarded = CounterMetricFamily("kernos:cluster_forwarded_calls", "Agents' calls sent to their home node",
+                                    labels=["node"])
+    forwarded.add_metric([c.node_id], c.forwarded)
+    yield forwarded
+    stranded = CounterMetricFamily("kernos:cluster_unreachable_home_calls",
+                                   "Calls served here because their home node could not be reached",
+                                   labels=["node"])
+    stranded.add_metric([c.node_id], c.served_for_dead)
+    yield stranded

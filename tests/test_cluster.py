@@ -104,3 +104,94 @@ def test_a_node_killed_under_load_loses_nothing_acknowledged(tmp_path, cluster_c
         stop_kernel(b)
     print(f"cluster crash test: {len(acknowledged)} acknowledged writes across {kills} SIGKILLs, all intact on "
           "the other node")
+
+
+ADMIN = "cluster-admin-token"
+
+
+def _operator_stats(address: str):
+    with kernos.sdk.connect(address, token=ADMIN) as op:
+        return op.kernel.stats()
+
+
+def _wait_for_view(addresses: list[str], n: int, timeout: float = 30.0) -> list:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        views = [_operator_stats(a) for a in addresses]
+        if all(sum(1 for x in v.nodes if x.alive and x.state == "up") == n for v in views):
+            return views
+        time.sleep(0.3)
+    raise AssertionError(f"the nodes did not all see {n} live nodes: {[list(v.nodes) for v in views]}")
+
+
+def _served_on(addresses: list[str], agent: str) -> list[str]:
+    """The nodes whose program table has a program of `agent` (a program lives where its calls ran)."""
+    return [_operator_stats(a).node_id for a in addresses
+            if any(p.agent_id == agent for p in _operator_stats(a).programs)]
+
+
+def test_three_nodes_serve_each_agent_on_its_home_and_move_it_on_death_and_drain(tmp_path, pg_url, s3_url,
+                                                                                    s3_endpoint):
+    from conftest import write_config
+
+    from kernos.kernel.cluster.nodes import Node, rendezvous
+
+    cfg = write_config(tmp_path / "c.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
+                       server={"admin_token": ADMIN},
+                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
+                                "heartbeat_s": 0.5, "lease_s": 3.0})
+    procs = [start_kernel(tmp_path / f"n{i}", str(cfg), timeout=120) for i in range(3)]
+    addresses = [a for _, a in procs]
+    try:
+        views = _wait_for_view(addresses, 3)
+        ids = [v.node_id for v in views]
+        by_id = dict(zip(ids, addresses))
+        # every call enters through node 0; each agent's calls run on its rendezvous home, whichever that is
+        agents = {}
+        for i in range(8):
+            s = kernos.sdk.connect(addresses[0], agent=f"ag{i}")
+            agents[f"ag{i}"] = s
+            assert s.llm.chat("hello there", model="echo", max_tokens=4, program_id=f"p{i}").text
+        homes = {a: rendezvous([Node(n, "", "") for n in ids], a).node_id for a in agents}
+        assert len(set(homes.values())) >= 2, "eight agents should spread over the nodes"
+        for a, home in homes.items():
+            assert _served_on(addresses, a) == [home], f"{a} ran off its home {home}"
+        assert _operator_stats(addresses[0]).forwarded >= sum(1 for h in homes.values() if h != ids[0])
+        # a node dies: its agents' next calls through node 0 succeed at once, served on a live node
+        victim_id = next(h for h in homes.values() if h != ids[0])
+        victim = procs[ids.index(victim_id)][0]
+        moved = [a for a, h in homes.items() if h == victim_id]
+        victim.kill()
+        victim.wait()
+        killed = time.monotonic()
+        for a in moved:
+            assert agents[a].llm.chat("still there?", model="echo", max_tokens=4).text
+        failover_s = time.monotonic() - killed
+        print(f"failover: {len(moved)} agents' next calls all answered {failover_s * 1000:.0f} ms after SIGKILL")
+        assert failover_s < 10
+        live = [i for i in ids if i != victim_id]
+        _wait_for_view([by_id[i] for i in live], 2)
+        # drain: the drained node's agents move to the last node; nothing else moves
+        drained = live[1]
+        out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "node", "drain", drained,
+                              "--database", pg_url], capture_output=True, text=True)
+        assert out.returncode == 0 and "draining" in out.stdout, out.stderr
+        listing = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "node", "list", "--database", pg_url],
+                                 capture_output=True, text=True, check=True).stdout
+        assert drained in listing and "draining" in listing and victim_id in listing
+        time.sleep(1.5)                                        # the next heartbeats carry the new state
+        for i, a in enumerate(agents):
+            agents[a].llm.chat("after drain", model="echo", max_tokens=4, program_id=f"d{i}")
+        for i, a in enumerate(agents):
+            ran = [node for node in (live[0], drained)
+                   if any(p.program_id == f"d{i}" for p in _operator_stats(by_id[node]).programs)]
+            assert ran == [live[0]], f"{a}'s call after the drain ran on {ran}"
+        status = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "status", "--address", addresses[0],
+                                 "--token", ADMIN], capture_output=True, text=True, check=True).stdout
+        assert f"cluster node {ids[0]}" in status and "draining" in status
+    finally:
+        for s in locals().get("agents", {}).values():
+            s.close()
+        for p, _ in procs:
+            if p.poll() is None:
+                stop_kernel(p)

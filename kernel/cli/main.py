@@ -11,6 +11,7 @@ import sys
 
 from .address import address as _address
 from .finetune import cmd_finetune
+from .nodes import cmd_node
 from .tokens import cmd_token
 
 
@@ -190,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="the kernel's data dir (default $KERNOS_DATA_DIR or ~/.kernos)")
     t.set_defaults(fn=cmd_token)
 
+    nd = sub.add_parser("node", help="a cluster's nodes (in its database): list, drain NODE, undrain NODE")
+    nd.add_argument("action", choices=["list", "drain", "undrain"])
+    nd.add_argument("node", nargs="?", help="drain/undrain: the node's id (kernos node list shows them)")
+    nd.add_argument("--database", help="the cluster's PostgreSQL URL (default $KERNOS_CLUSTER__DATABASE, or "
+                                       "--config's cluster.database)")
+    nd.add_argument("--config", help="a kernel config file whose [cluster] database to use")
+    nd.add_argument("--lease", type=float, default=10.0, help="list: seconds of lease (cluster.lease_s)")
+    nd.set_defaults(fn=cmd_node)
+
     for name, fn, helptext in (("status", cmd_status, "print a running kernel's stats"),
                                ("top", cmd_top, "live view: requests per agent, tokens/s, context switches, cache"),
                                ("agents", cmd_agents, "list the agents registered with a running kernel"),
@@ -219,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--model", help="start: the model to adapt (default: the kernel's default)")
             c.add_argument("--config", help="start: hyper-parameters, a JSON object or a JSON file "
                                             "(rank, alpha, learning_rate, epochs, max_steps, batch_size, ...)")
-            c.add_argument("--method", choices=["sft", "dpo", "kto"],
-                           help="start: the training method (default: the data set's kind for dpo and kto data "
-                                "sets, else sft)")
+            c.add_argument("--method", choices=["sft", "dpo", "kto", "grpo"],
+                           help="start: the training method (default: the data set's kind for dpo, kto and grpo "
+                                "data sets, else sft)")
             c.add_argument("--set-default", action="store_true", help="start: once published, the agent's default")
             c.add_argument("--min-improvement", type=float, default=0.0,
                            help="start: publish only if the held-out loss falls by more than this fraction")

@@ -6,6 +6,20 @@ import time
 from collections import defaultdict
 
 
+def node_table(st) -> list[str]:
+    """The cluster: this node, and (operators) every node with its lease."""
+    head = (f"cluster node {st.node_id}: {st.forwarded} calls forwarded to home nodes, "
+            f"{st.served_for_unreachable} served for an unreachable home")
+    if not st.nodes:
+        return [head]
+    lines = [head, f"{'node':<28}{'state':<10}{'alive':<7}{'beat s':>7}{'up s':>8}  {'grpc':<22}models"]
+    for n in st.nodes:
+        mark = "*" if n.node_id == st.node_id else " "
+        lines.append(f"{mark}{n.node_id[:27]:<27}{n.state:<10}{'yes' if n.alive else 'NO':<7}"
+                     f"{n.heartbeat_age_s:>7.1f}{n.uptime_s:>8.0f}  {n.grpc_address[:21]:<22}{','.join(n.models)}")
+    return lines
+
+
 def render(st, detail: bool = True) -> str:
     lines = [
         f"kernos {st.version}  uptime {st.uptime_s:.0f} s  active agents {st.active_agents}  "
@@ -35,6 +49,9 @@ def render(st, detail: bool = True) -> str:
     if st.programs:
         lines.append("")
         lines += program_table(st.programs)
+    if st.node_id:
+        lines.append("")
+        lines += node_table(st)
     if not detail:
         return "\n".join(lines)
     per_agent = defaultdict(lambda: defaultdict(int))

@@ -186,6 +186,14 @@ class AgentRegistry:
             agent.syscalls += 1
         return agent
 
+    def identify(self, token: str | None) -> str | None:
+        """Whose token this is (no session, no counters): where a cluster forwards the call."""
+        if not token:
+            return None
+        with self._lock:
+            self._sync()
+            return self._by_token.get(hash_token(token))
+
     def exit(self, agent: Agent) -> None:
         """End the agent's session; its name and token stay its own."""
         with self._lock:

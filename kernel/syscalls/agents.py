@@ -36,11 +36,16 @@ class KernelStats:
     models: list[ModelLoad]
     jobs: list
     programs: list = field(default_factory=list)   # kernos.scheduler.Program: the caller's (operators: all)
+    node_id: str = ""                              # a cluster's node: this one, and every node (operators)
+    nodes: list = field(default_factory=list)      # (kernel.cluster.nodes.Node, alive)
+    forwarded: int = 0
+    served_for_unreachable: int = 0
 
 
 class Agents:
-    def __init__(self, agents, registration, llm, jobs, lifecycle, access):
+    def __init__(self, agents, registration, llm, jobs, lifecycle, access, cluster=None):
         self.agents = agents
+        self.cluster = cluster
         self.registration = registration
         self.access = access
         self.llm = llm
@@ -85,6 +90,12 @@ class Agents:
                                     sum(1 for _, s in live if s == "preempted"),
                                     sum(1 for _, s in live if s == "suspended")))
         jobs = await asyncio.to_thread(self.jobs.list, mine)
-        return KernelStats(VERSION, time.time() - self.lifecycle.started, self.agents.active_count(),
-                           self.lifecycle.syscalls, self.lifecycle.in_flight, self.llm.default, models, jobs,
-                           self.llm.programs.list(mine))
+        stats = KernelStats(VERSION, time.time() - self.lifecycle.started, self.agents.active_count(),
+                            self.lifecycle.syscalls, self.lifecycle.in_flight, self.llm.default, models, jobs,
+                            self.llm.programs.list(mine))
+        if self.cluster is not None:
+            c = self.cluster
+            stats.node_id, stats.forwarded, stats.served_for_unreachable = c.node_id, c.forwarded, c.served_for_dead
+            if principal.operator:
+                stats.nodes = [(n, c.alive(n)) for n in await asyncio.to_thread(c.nodes_now)]
+        return stats

@@ -208,7 +208,7 @@ class ModelStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., parameters: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., completed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., decode_steps: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., mean_batch_size: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestStats, _Mapping]]] = ..., cancelled: _Optional[int] = ..., policy: _Optional[str] = ..., context_switches: _Optional[int] = ..., switch_ms: _Optional[float] = ..., swaps: _Optional[int] = ..., recomputes: _Optional[int] = ..., preempted: _Optional[int] = ..., suspended: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., preempted_by_reason: _Optional[_Mapping[str, int]] = ..., queue_wait_ms: _Optional[float] = ..., resident_bytes: _Optional[int] = ..., resident_entries: _Optional[int] = ..., prefix_lookups: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_tokens_reused: _Optional[int] = ..., tool_pauses: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("version", "uptime_s", "active_agents", "syscalls", "in_flight", "models", "default_model", "tuner_jobs", "programs")
+    __slots__ = ("version", "uptime_s", "active_agents", "syscalls", "in_flight", "models", "default_model", "tuner_jobs", "programs", "node_id", "nodes", "forwarded", "served_for_unreachable")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_AGENTS_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +218,10 @@ class StatsReply(_message.Message):
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
     TUNER_JOBS_FIELD_NUMBER: _ClassVar[int]
     PROGRAMS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FOR_UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     active_agents: int
@@ -227,7 +231,31 @@ class StatsReply(_message.Message):
     default_model: str
     tuner_jobs: _containers.RepeatedCompositeFieldContainer[_tuner_pb2.Job]
     programs: _containers.RepeatedCompositeFieldContainer[ProgramStats]
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., active_agents: _Optional[int] = ..., syscalls: _Optional[int] = ..., in_flight: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., default_model: _Optional[str] = ..., tuner_jobs: _Optional[_Iterable[_Union[_tuner_pb2.Job, _Mapping]]] = ..., programs: _Optional[_Iterable[_Union[ProgramStats, _Mapping]]] = ...) -> None: ...
+    node_id: str
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    forwarded: int
+    served_for_unreachable: int
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., active_agents: _Optional[int] = ..., syscalls: _Optional[int] = ..., in_flight: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., default_model: _Optional[str] = ..., tuner_jobs: _Optional[_Iterable[_Union[_tuner_pb2.Job, _Mapping]]] = ..., programs: _Optional[_Iterable[_Union[ProgramStats, _Mapping]]] = ..., node_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., forwarded: _Optional[int] = ..., served_for_unreachable: _Optional[int] = ...) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "grpc_address", "http_address", "models", "state", "alive", "heartbeat_age_s", "uptime_s")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    grpc_address: str
+    http_address: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    state: str
+    alive: bool
+    heartbeat_age_s: float
+    uptime_s: float
+    def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., alive: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class ProgramStats(_message.Message):
     __slots__ = ("program_id", "agent_id", "state", "service_tokens", "calls", "tool_pauses", "tool_pause_s", "age_s", "paused_on")

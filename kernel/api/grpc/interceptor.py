@@ -16,6 +16,7 @@ import grpc
 from kernos.abi.errors import CODES, StatusError
 
 from ..edge import Edge, Passage, bearer
+from .forward import Forwarder, Unreachable
 from .methods import INFRASTRUCTURE, SYSCALL_OF, call_of, trace_view
 
 _PASSAGE: ContextVar = ContextVar("kernos_passage", default=None)
@@ -64,8 +65,12 @@ def _safe_deserializer(deserialize):
 
 
 class SyscallInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, edge: Edge):
+    """With a `forwarder` (a cluster), an agent's call that belongs on its home node goes there untouched by this
+    node's edge: the home authenticates, admits, runs and traces it once."""
+
+    def __init__(self, edge: Edge, forwarder: Forwarder | None = None):
         self.edge = edge
+        self.forwarder = forwarder
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -75,14 +80,27 @@ class SyscallInterceptor(grpc.aio.ServerInterceptor):
             return None                            # UNIMPLEMENTED: no syscall of this kernel
         method = details.method
         des, ser = _safe_deserializer(handler.request_deserializer), handler.response_serializer
+        if self.forwarder is not None and ser is not None:     # a forwarded reply comes back as its bytes
+            ser = (lambda serialize: lambda m: m if isinstance(m, bytes) else serialize(m))(ser)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(self._unary(method, handler.unary_unary), des, ser)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(self._stream(method, handler.unary_stream), des, ser)
         return handler  # client-streaming kinds: none in the ABI
 
+    def _home(self, request, context):
+        if self.forwarder is None or isinstance(request, _Undecodable):
+            return None
+        return self.forwarder.home_of(context.invocation_metadata())
+
     def _unary(self, method: str, behaviour):
         async def run(request, context):
+            home = self._home(request, context)
+            if home is not None:
+                try:
+                    return await self.forwarder.unary(home, method, request, context)
+                except Unreachable:
+                    pass
             passage = self._passage(method, request)
             try:
                 _admit(passage, request, context)
@@ -98,6 +116,14 @@ class SyscallInterceptor(grpc.aio.ServerInterceptor):
 
     def _stream(self, method: str, behaviour):
         async def run(request, context):
+            home = self._home(request, context)
+            if home is not None:
+                try:
+                    async for chunk in self.forwarder.stream(home, method, request, context):
+                        yield chunk
+                    return
+                except Unreachable:
+                    pass
             passage = self._passage(method, request)
             try:
                 _admit(passage, request, context)

@@ -46,6 +46,13 @@ def _program_stats(p, now: float) -> pb.ProgramStats:
                            paused_on=list(p.paused_tools))
 
 
+def _node_info(n, alive: bool) -> pb.NodeInfo:
+    now = time.time()
+    return pb.NodeInfo(node_id=n.node_id, grpc_address=n.grpc_address, http_address=n.http_address,
+                       models=n.models, state=n.state, alive=alive, heartbeat_age_s=max(0.0, now - n.heartbeat),
+                       uptime_s=max(0.0, now - n.started))
+
+
 class KernelServicer(rpc.KernelServicer):
     def __init__(self, agents: Agents):
         self.agents = agents
@@ -72,4 +79,6 @@ class KernelServicer(rpc.KernelServicer):
         return pb.StatsReply(version=s.version, uptime_s=s.uptime_s, active_agents=s.active_agents,
                              syscalls=s.syscalls, in_flight=s.in_flight, default_model=s.default_model,
                              models=[_model_stats(m) for m in s.models], tuner_jobs=[job_message(j) for j in s.jobs],
-                             programs=[_program_stats(p, time.monotonic()) for p in s.programs])
+                             programs=[_program_stats(p, time.monotonic()) for p in s.programs],
+                             node_id=s.node_id, nodes=[_node_info(n, alive) for n, alive in s.nodes],
+                             forwarded=s.forwarded, served_for_unreachable=s.served_for_unreachable)

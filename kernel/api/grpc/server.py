@@ -28,6 +28,7 @@ from kernos.proto.v1 import (
 from ...app import Kernel
 from ..edge import Edge
 from .access import AccessServicer
+from .forward import Forwarder
 from .interceptor import SyscallInterceptor
 from .kernel import KernelServicer
 from .llm import LLMServicer
@@ -69,8 +70,12 @@ def listen(server, sc) -> str:
 def build(kernel: Kernel, edge: Edge):
     """(the server with every service registered, its health servicer); not yet listening."""
     config = kernel.config
+    forwarder = None
+    if kernel.cluster is not None:     # an agent's calls go to its home node
+        forwarder = kernel.forwarder = Forwarder(kernel.cluster, kernel.registry.identify,
+                                                 config.server.max_message_bytes)
     server = grpc.aio.server(
-        interceptors=[SyscallInterceptor(edge)],
+        interceptors=[SyscallInterceptor(edge, forwarder)],
         options=[("grpc.max_receive_message_length", config.server.max_message_bytes),
                  ("grpc.max_send_message_length", config.server.max_message_bytes),
                  ("grpc.so_reuseport", 0)],

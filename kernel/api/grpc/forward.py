@@ -1,0 +1,100 @@
+"""An agent's calls are served on its home node (a cluster's rendezvous choice, `kernel/cluster/`): one that reaches
+another node is forwarded there, so the SDK and every gRPC client need no change and need not know the cluster.
+Forwarded, not redirected: a redirect would need every client to follow it, and the node a client knows stays
+its one address.
+
+The request goes as it came (its message re-serialised), with the caller's metadata and deadline and a mark that
+it was forwarded (a forwarded call is never forwarded again, so two nodes' briefly different views cannot make it
+loop); the home node's reply, stream or status comes back unchanged. A home that cannot be reached (its process
+died, its lease not yet expired) is passed over, and the call is served here."""
+from __future__ import annotations
+
+import grpc
+
+from ..edge import bearer
+
+FORWARDED = "kernos-forwarded-by"
+_NOT_REACHED = ("failed to connect", "Connection refused", "DNS resolution failed", "No route to host")
+_HOP_HEADERS = ("user-agent", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout", "te", "content-type")
+
+
+class Unreachable(Exception):
+    """The home node did not answer at all: serve the call here."""
+
+
+def _serialize(message) -> bytes:
+    return message.SerializeToString()
+
+
+class Forwarder:
+    def __init__(self, membership, identify, max_message_bytes: int):
+        self.membership, self.identify = membership, identify
+        self.max_message_bytes = max_message_bytes
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def home_of(self, metadata):
+        """The node to forward this call to; None to serve it here (not an agent's call, already forwarded, or
+        this node is the agent's home)."""
+        if not self.membership.forward:
+            return None
+        token = None
+        for key, value in metadata or ():
+            if key == FORWARDED:
+                return None
+            if key == "authorization":
+                token = bearer(value)
+        agent = self.identify(token) if token else None
+        if agent is None:
+            return None
+        home = self.membership.home(agent)
+        return None if home is None or home.node_id == self.membership.node_id else home
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=[
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes)])
+        return channel
+
+    def _metadata(self, context) -> list[tuple[str, str]]:
+        md = [(k, v) for k, v in context.invocation_metadata() or ()
+              if not k.startswith(":") and k not in _HOP_HEADERS]
+        return md + [(FORWARDED, self.membership.node_id)]
+
+    async def _relay(self, e: grpc.aio.AioRpcError, context, started: bool, home) -> None:
+        """A home never reached: Unreachable (serve here). A call the home had taken and lost (it died mid-call)
+        ends UNAVAILABLE, retryable: running it again here could run its side effects twice."""
+        never_reached = any(s in (e.details() or "") for s in _NOT_REACHED)
+        if e.code() == grpc.StatusCode.UNAVAILABLE and not started and never_reached:
+            self.membership.unreachable(home)
+            raise Unreachable from None
+        trailing = [(k, v) for k, v in (e.trailing_metadata() or ()) if k == "retry-after-ms"]
+        if trailing:
+            context.set_trailing_metadata(trailing)
+        await context.abort(e.code(), e.details() or "")
+
+    async def unary(self, home, method: str, request, context) -> bytes:
+        call = self._channel(home.grpc_address).unary_unary(method, request_serializer=_serialize,
+                                                            response_deserializer=None)
+        self.membership.forwarded += 1
+        try:
+            return await call(request, metadata=self._metadata(context), timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as e:
+            await self._relay(e, context, False, home)
+
+    async def stream(self, home, method: str, request, context):
+        call = self._channel(home.grpc_address).unary_stream(method, request_serializer=_serialize,
+                                                             response_deserializer=None)
+        self.membership.forwarded += 1
+        started = False
+        try:
+            async for chunk in call(request, metadata=self._metadata(context), timeout=context.time_remaining()):
+                started = True
+                yield chunk
+        except grpc.aio.AioRpcError as e:
+            await self._relay(e, context, started, home)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()

@@ -1,0 +1,1 @@
+"""A cluster of kernels: nodes, their leases, agents' home nodes."""

@@ -1,0 +1,68 @@
+"""This kernel's membership of a cluster: it joins once it listens, renews its lease and reads the other nodes'
+every `heartbeat_s`, answers where an agent's home is from that view (no database round trip on a call), and
+leaves when it stops. A node that a forwarded call could not reach is passed over until its next heartbeat shows
+it alive again, so a dead node's agents move at once for the calls that find it dead, and for all calls once its
+lease expires."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .nodes import Node, Nodes, rendezvous
+
+log = logging.getLogger("kernos.cluster")
+
+
+class Membership:
+    def __init__(self, nodes: Nodes, heartbeat_s: float = 2.0, forward: bool = True):
+        self.nodes, self.heartbeat_s, self.forward = nodes, heartbeat_s, forward
+        self.view: list[Node] = []
+        self._unreachable: dict[str, float] = {}     # node -> heartbeat it had when a call could not reach it
+        self.forwarded = 0                           # calls sent to their home node
+        self.served_for_dead = 0                     # calls served here because their home could not be reached
+
+    @property
+    def node_id(self) -> str:
+        return self.nodes.node_id
+
+    def join(self, grpc_address: str, http_address: str, models: list[str]) -> None:
+        self.nodes.join(grpc_address, http_address, models)
+        self.refresh()
+        log.info("joined the cluster as %s (%s); nodes alive: %s", self.node_id, grpc_address,
+                 [n.node_id for n in self.view])
+
+    def refresh(self) -> None:
+        self.nodes.beat()
+        self.view = self.nodes.live()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await loop.run_in_executor(None, self.refresh)
+            except Exception as e:   # the database is away for a moment: keep the last view, try again
+                log.warning("cluster heartbeat failed: %s", e)
+
+    def home(self, agent_id: str) -> Node | None:
+        """The node this agent's calls belong on, in this node's current view."""
+        up = [n for n in self.view if n.state == "up" and self._unreachable.get(n.node_id) != n.heartbeat]
+        return rendezvous(up, agent_id)
+
+    def unreachable(self, node: Node) -> None:
+        self._unreachable[node.node_id] = node.heartbeat
+        self.served_for_dead += 1
+
+    def nodes_now(self) -> list[Node]:
+        """Every node the database knows, with this node's view of who is alive."""
+        return self.nodes.all()
+
+    def alive(self, node: Node) -> bool:
+        return node.alive(time.time(), self.nodes.lease_s)
+
+    def leave(self) -> None:
+        try:
+            self.nodes.leave()
+        finally:
+            self.nodes.close()
