@@ -9,9 +9,10 @@ its cores, so the cluster's numbers are its worst case):
 - failover: an agent's calls enter a node that forwards them to its home; the home is SIGKILLed; the time until
   the agent's next call succeeds;
 - resident KV with home nodes against random placement: agents hold multi-turn conversations in kernel contexts
-  on three nodes of a tiny model, each turn entering a random node; with `cluster.forward` on, the turn runs on the
-  agent's home node (its resident KV is there); off, where it entered. Reported: the share of prompt tokens found
-  resident or in the prefix cache, and wall time.
+  (each its own instructions, each turn a tool-result-sized message) on three nodes of a tiny model, each turn
+  entering a random node; with `cluster.forward` on, the turn runs on the agent's home node (its resident KV is
+  there); off, where it entered. Reported: the share of lookups that found a prefix, the share of prompt tokens
+  not prefilled again (resident or prefix cache), and wall time.
 
 Prints a table and one JSON line (`ratio_*`: embedded over cluster for latency and throughput; home over random
 for the hit rate).
@@ -126,6 +127,12 @@ def failover(nodes: list, admin: str) -> float:
                 time.sleep(0.01)
 
 
+def record(name: str, turn: int, rows: int) -> str:
+    r = random.Random(f"{name}/{turn}")
+    return "; ".join(f"{r.choice(['order', 'ticket', 'file', 'user'])} {r.randrange(10**5)} is "
+                     f"{r.choice(['open', 'closed', 'late', 'new'])}" for _ in range(rows))
+
+
 def conversations(addresses: list[str], agents: int, turns: int, seed: int = 3) -> dict:
     import kernos.sdk
 
@@ -135,12 +142,13 @@ def conversations(addresses: list[str], agents: int, turns: int, seed: int = 3) 
     for name in names:
         with kernos.sdk.connect(addresses[0], agent=name) as s:
             tokens[name] = s.token
-            s.memory.create_context("c", budget_tokens=900, system="You are a helpful agent. " * 20)
+            s.memory.create_context("c", budget_tokens=1800,
+                                    system=f"You are agent {name}. Your task list: " + record(name, 0, 12))
 
     def agent(name: str):
-        for turn in range(turns):
+        for turn in range(turns):     # each turn brings a tool-result-sized message, as an agent's turns do
             with kernos.sdk.connect(rng.choice(addresses), agent=name, token=tokens[name]) as s:
-                s.llm.chat([{"role": "user", "content": f"turn {turn}: tell me about item {turn * 7}"}],
+                s.llm.chat([{"role": "user", "content": f"Result {turn}: " + record(name, turn + 1, 8)}],
                            context_id="c", max_tokens=16, temperature=0)
     t = time.perf_counter()
     threads = [threading.Thread(target=agent, args=(n,)) for n in names]
@@ -178,7 +186,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.calls, args.writes, args.agents, args.turns = 20, 40, 2, 2
-    admin = "bench-admin"
+    admin = "bench-admin-token-0123"
     work = Path(tempfile.mkdtemp(prefix="kernos-bench-cluster-"))
     model = quick.tiny_model(work)
     results: dict = {}

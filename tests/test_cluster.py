@@ -195,3 +195,62 @@ def test_three_nodes_serve_each_agent_on_its_home_and_move_it_on_death_and_drain
         for p, _ in procs:
             if p.poll() is None:
                 stop_kernel(p)
+
+
+def test_migrate_a_single_kernel_into_the_cluster(tmp_path, pg_url, s3_url, s3_endpoint):
+    """A single kernel's agents, tokens, grants, files (every version), contexts, memories and traces carry over
+    with `kernos migrate`; a second run copies nothing twice; the cluster node goes on from there."""
+    from conftest import write_config
+    from services import chroma_server
+
+    from kernos.storage.db import Databases
+    from kernos.storage.traces import TraceLog
+
+    echo = [{"name": "echo", "path": "-", "kind": "echo"}]
+    solo = write_config(tmp_path / "solo.toml", echo)
+    single = tmp_path / "single"
+    proc, addr = start_kernel(single, str(solo), timeout=120)
+    try:
+        with kernos.sdk.connect(addr, agent="owner") as s, kernos.sdk.connect(addr, agent="reader") as r:
+            s.storage.write("doc.txt", "first")
+            s.storage.write("doc.txt", "second")
+            s.memory.create_context("c", budget_tokens=300)
+            s.memory.add_block("c", "a pinned fact", role="system")
+            ids = s.memory.add(["The capital of France is Paris.", "Bananas are yellow."])
+            s.access.grant("reader", "storage", "read", "doc.txt")
+            s.llm.chat("hello", model="echo", max_tokens=4)
+            owner_token, reader_token = s.token, r.token
+    finally:
+        stop_kernel(proc)
+    op = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "token", "create", "--name", "ops",
+                         "--data-dir", str(single)], capture_output=True, text=True, check=True).stdout.strip()
+    with chroma_server() as (host, port):
+        cfg = write_config(tmp_path / "cluster.toml", echo,
+                           cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint},
+                           memory={"chroma_url": f"http://{host}:{port}"})
+        for run in range(2):
+            out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "migrate", "--config", str(cfg),
+                                  "--data-dir", str(single)], capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr
+            assert "2 memories" in out.stdout and "blobs" in out.stdout, out.stdout
+        traces = TraceLog(Databases(tmp_path, pg_url)("traces.db"))
+        before = len(traces.query("owner"))
+        assert before >= 5 and len({(t.ts, t.kind) for t in traces.query("owner")}) == before, "no row copied twice"
+        proc, addr = start_kernel(tmp_path / "node", str(cfg), timeout=120)
+        try:
+            with kernos.sdk.connect(addr, agent="owner", token=owner_token) as s:
+                assert s.storage.read_text("doc.txt") == "second"
+                assert [h.version for h in s.storage.history("doc.txt")] == [1, 2]
+                assert s.storage.read_text("doc.txt", version=1) == "first"
+                assert [b.content for b in s.memory.blocks("c")[0]] == ["a pinned fact"]
+                assert s.memory.search("capital of France", k=1)[0].id == ids[0]
+                s.storage.write("doc.txt", "third")                # the node goes on where the single kernel was
+                s.llm.chat("again", model="echo", max_tokens=4)
+            with kernos.sdk.connect(addr, agent="reader", token=reader_token) as r:
+                assert r.storage.read_text("doc.txt", owner="owner") == "third"
+            with kernos.sdk.connect(addr, token=op) as o:
+                assert {a.agent_id for a in o.kernel.agents(include_exited=True)} >= {"owner", "reader"}
+        finally:
+            stop_kernel(proc)
+        assert len(traces.query("owner")) > before, "new traces get ids past the copied ones"
+        traces.close()

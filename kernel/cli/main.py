@@ -11,7 +11,7 @@ import sys
 
 from .address import address as _address
 from .finetune import cmd_finetune
-from .nodes import cmd_node
+from .nodes import cmd_migrate, cmd_node
 from .tokens import cmd_token
 
 
@@ -199,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--config", help="a kernel config file whose [cluster] database to use")
     nd.add_argument("--lease", type=float, default=10.0, help="list: seconds of lease (cluster.lease_s)")
     nd.set_defaults(fn=cmd_node)
+
+    mg = sub.add_parser("migrate", help="copy a single kernel's data dir into the cluster backends a config names "
+                                        "(PostgreSQL, S3, a Chroma server); run it with that kernel stopped")
+    mg.add_argument("--config", required=True, help="the cluster's kernel config ([cluster], memory.chroma_url)")
+    mg.add_argument("--data-dir", help="the single kernel's data dir (default: the config's data_dir)")
+    mg.set_defaults(fn=cmd_migrate)
 
     for name, fn, helptext in (("status", cmd_status, "print a running kernel's stats"),
                                ("top", cmd_top, "live view: requests per agent, tokens/s, context switches, cache"),

@@ -1,4 +1,6 @@
-"""`kernos node`: a cluster's nodes, read and changed in the cluster's database (offline, like `kernos token`):
+"""`kernos migrate`: a single kernel's data dir into a cluster's backends (`cluster/migrate.py`).
+
+`kernos node`: a cluster's nodes, read and changed in the cluster's database (offline, like `kernos token`):
 list them with their leases; drain one (it takes no new agents: their homes move to the other nodes at their
 next heartbeat) or put it back."""
 from __future__ import annotations
@@ -48,3 +50,36 @@ def cmd_node(args) -> int:
         return 1
     finally:
         nodes.close()
+
+
+def cmd_migrate(args) -> int:
+    from pathlib import Path
+
+    from ..cluster.migrate import migrate
+    from ..config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"kernos migrate: {e}", file=sys.stderr)
+        return 2
+    data_dir = Path(os.path.expanduser(args.data_dir)) if args.data_dir else config.data_dir
+    if not data_dir.is_dir():
+        print(f"kernos migrate: no data dir {data_dir}", file=sys.stderr)
+        return 2
+    if (data_dir / "kernel.addr").exists():
+        print(f"kernos migrate: a kernel seems to run on {data_dir} (kernel.addr exists): stop it first",
+              file=sys.stderr)
+        return 1
+    print(f"migrating {data_dir} into {config.cluster.database.split('@')[-1]}"
+          + (f", {config.cluster.objects}" if config.cluster.objects else "")
+          + (f", {config.memory.chroma_url}" if config.memory.chroma_url else ""))
+    try:
+        report = migrate(data_dir, config)
+    except ValueError as e:
+        print(f"kernos migrate: {e}", file=sys.stderr)
+        return 2
+    print(f"done: {sum(report.rows.values())} rows in {len(report.rows)} tables, {report.blobs} blobs "
+          f"({report.blob_bytes / 2**20:.1f} MiB), {sum(report.memories.values())} memories in "
+          f"{len(report.memories)} collections; running it again copies only what is missing")
+    return 0
