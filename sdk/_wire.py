@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from kernos.proto.v1 import llm_pb2, memory_pb2
@@ -9,14 +10,42 @@ from kernos.proto.v1 import llm_pb2, memory_pb2
 from .types import Message, Messages
 
 DEFAULT_ADDRESS = "127.0.0.1:7070"
+# Calls that change nothing: gRPC itself retries them when the kernel is unavailable for a moment (a restart, a
+# cluster node that died: the next address of a multi-address target). Writes and generations are not retried
+# (running one twice could run its effects twice): they raise Unavailable, and the caller decides.
+IDEMPOTENT = {"Kernel": ["Heartbeat", "ListAgents", "Stats"], "LLM": ["ListModels"],
+              "Storage": ["Read", "Stat", "List", "History", "Search"],
+              "Memory": ["Search", "Get", "ListContexts", "ListBlocks"], "Tools": ["List", "ListPending"],
+              "Tuner": ["GetJob", "ListJobs", "ListAdapters"],
+              "Access": ["ListGrants", "ListGroups", "GetCapabilities", "Audit"]}
+RETRY_POLICY = {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2.5,
+                "retryableStatusCodes": ["UNAVAILABLE"]}
+SERVICE_CONFIG = {"methodConfig": [{"name": [{"service": f"kernos.v1.{svc}", "method": m} for svc, ms in
+                                             IDEMPOTENT.items() for m in ms], "retryPolicy": RETRY_POLICY}]}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
 ]
 
 
 def resolve_address(address: str | None) -> str:
-    return address or os.environ.get("KERNOS_ADDRESS") or DEFAULT_ADDRESS
+    """The gRPC target for `address`. Several kernels of a cluster, "host1:7070,host2:7070": each name is resolved
+    (IPv4) and the channel takes the first that answers, and the next when that one dies."""
+    address = address or os.environ.get("KERNOS_ADDRESS") or DEFAULT_ADDRESS
+    if "," not in address:
+        return address
+    import socket
+
+    parts = []
+    for part in address.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"a kernel address is host:port, got {part.strip()!r} in {address!r}")
+        ip = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+        parts.append(f"{ip}:{port}")
+    return "ipv4:" + ",".join(parts)
 
 
 def tls_credentials(ca: str | None, cert: str | None, key: str | None):

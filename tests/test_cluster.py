@@ -254,3 +254,26 @@ def test_migrate_a_single_kernel_into_the_cluster(tmp_path, pg_url, s3_url, s3_e
             stop_kernel(proc)
         assert len(traces.query("owner")) > before, "new traces get ids past the copied ones"
         traces.close()
+
+
+def test_a_client_given_every_node_rides_out_the_death_of_its_node(tmp_path, cluster_config):
+    """`connect("a,b")`: the channel uses the first node that answers; when it dies, reads (idempotent) are retried
+    by gRPC onto the next node and succeed; a write fails UNAVAILABLE at most once, then succeeds."""
+    (a, addr_a), (b, addr_b) = (start_kernel(tmp_path / n, str(cluster_config), timeout=120) for n in "ab")
+    try:
+        with kernos.sdk.connect(f"{addr_a},{addr_b}", agent="rider") as s:
+            s.storage.write("x.txt", "before")
+            a.kill()
+            a.wait()
+            assert s.storage.read_text("x.txt") == "before"            # retried onto b by gRPC itself
+            for attempt in range(3):
+                try:
+                    s.storage.write("x.txt", "after")
+                    break
+                except kernos.sdk.Unavailable:
+                    assert attempt == 0
+            assert s.storage.read_text("x.txt") == "after"
+    finally:
+        if a.poll() is None:
+            stop_kernel(a)
+        stop_kernel(b)
