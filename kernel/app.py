@@ -18,6 +18,7 @@ from kernos.storage.traces import TraceLog
 
 from .cluster.membership import Membership
 from .cluster.nodes import Nodes
+from .cluster.quotas import SharedQuotas
 from .config import KernelConfig
 from .llm.core import LLMCore
 from .metrics import Metrics
@@ -96,13 +97,13 @@ class ResourceOwners:
         return "kernel", (adapter in cfg.restricted_adapters) if adapter else cfg.restricted
 
 
-def _quotas(config: KernelConfig, access: AccessControl) -> Quotas:
+def _quotas(config: KernelConfig, access: AccessControl, shared=None) -> Quotas:
     def limits(x) -> Limits:
         return Limits(x.requests_per_second, x.tokens_per_minute, x.concurrent_generations)
 
     q = config.quotas
     return Quotas(limits(q), {a: limits(x) for a, x in q.agents.items()}, {g: limits(x) for g, x in q.groups.items()},
-                  access.groups_of)
+                  access.groups_of, shared)
 
 
 class Kernel:
@@ -138,7 +139,9 @@ class Kernel:
         self.enrollments = Enrollments(dbs("access.db"))
         self.registration = Registration(self.registry, self.access_control, self.enrollments, config.registration,
                                          (config.aios.prefix,))
-        self.quotas = _quotas(config, self.access_control)
+        shared = SharedQuotas(dbs("quotas.db"), self.cluster.node_id,
+                              lambda: [n.node_id for n in self.cluster.view]) if self.cluster else None
+        self.quotas = _quotas(config, self.access_control, shared)
         self.gate = Gate(self.registry, self.access_control, self.quotas)
         # tools, fine-tuning jobs
         self.tools = owners.tools = ToolManager(self.vector, self.access_control, config.tools)
@@ -198,6 +201,7 @@ class Kernel:
     def close(self) -> None:
         if self.cluster is not None:
             self.cluster.leave()
+            self.quotas.shared.close()
         self.jobs.shutdown()
         self.continual.close()
         self.adapter_store.close()

@@ -277,3 +277,60 @@ def test_a_client_given_every_node_rides_out_the_death_of_its_node(tmp_path, clu
         if a.poll() is None:
             stop_kernel(a)
         stop_kernel(b)
+
+
+def test_a_groups_quota_holds_across_nodes(tmp_path, pg_url, s3_url, s3_endpoint):
+    """Members of one group homed on different nodes share the group's requests per second and its tokens per
+    minute: together they get the budget once, not once per node."""
+    from conftest import write_config
+
+    from kernos.kernel.cluster.nodes import Node, rendezvous
+
+    cfg = write_config(tmp_path / "q.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
+                       server={"admin_token": ADMIN},
+                       quotas={"groups": {"team": {"requests_per_second": 6, "tokens_per_minute": 400}}},
+                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
+                                "heartbeat_s": 0.5, "lease_s": 3.0})
+    procs = [start_kernel(tmp_path / f"q{i}", str(cfg), timeout=120) for i in range(2)]
+    try:
+        views = _wait_for_view([a for _, a in procs], 2)
+        ids = [v.node_id for v in views]
+        nodes = [Node(i, "", "") for i in ids]
+        names = [f"m{i}" for i in range(20)]
+        x = next(n for n in names if rendezvous(nodes, n).node_id == ids[0])
+        y = next(n for n in names if rendezvous(nodes, n).node_id == ids[1])
+        with kernos.sdk.connect(procs[0][1], token=ADMIN) as op:
+            op.access.create_group("team")
+            op.access.add_member("team", x)
+            op.access.add_member("team", y)
+        sx = kernos.sdk.connect(procs[0][1], agent=x)
+        sy = kernos.sdk.connect(procs[1][1], agent=y)
+        time.sleep(1.1)                                       # the registrations' requests leave the window
+        passed, refused = {x: 0, y: 0}, {x: "", y: ""}
+        start = time.monotonic()
+        while time.monotonic() - start < 0.6:
+            for name, s in ((x, sx), (y, sy)):
+                try:
+                    s.kernel.heartbeat()
+                    passed[name] += 1
+                except kernos.sdk.ResourceExhausted as e:
+                    refused[name] = str(e)
+        assert 4 <= passed[x] + passed[y] <= 6, passed      # one budget of 6 a second, not 6 per node
+        assert "across the cluster" in refused[x] and "across the cluster" in refused[y]
+        time.sleep(1.1)
+        # tokens: what x used on node 0 counts against y on node 1
+        long = "word " * 150
+        used = 0
+        with pytest.raises(kernos.sdk.ResourceExhausted, match="tokens per minute across the cluster"):
+            for _ in range(20):
+                reply = sx.llm.chat(long, model="echo", max_tokens=8)
+                used += reply.prompt_tokens + reply.completion_tokens
+                time.sleep(0.2)                               # under the request rate
+        assert 0 < used <= 400
+        with pytest.raises(kernos.sdk.ResourceExhausted, match="tokens per minute"):
+            sy.llm.chat(long, model="echo", max_tokens=8)
+        sx.close()
+        sy.close()
+    finally:
+        for p, _ in procs:
+            stop_kernel(p)

@@ -48,7 +48,9 @@ class Quotas:
     and then counts against all of them."""
 
     def __init__(self, default: Limits, per_agent: dict[str, Limits] | None = None,
-                 per_group: dict[str, Limits] | None = None, groups_of=None):
+                 per_group: dict[str, Limits] | None = None, groups_of=None, shared=None):
+        """`shared` (a cluster's `SharedQuotas`): groups' budgets are counted there, across the nodes."""
+        self.shared = shared
         self.default = default
         self.per_agent = dict(per_agent or {})
         self.per_group = dict(per_group or {})
@@ -83,7 +85,12 @@ class Quotas:
                             "requests_last_second": sum(1 for t in self._requests.get(key, ()) if now - t < 1.0),
                             "tokens_last_minute": sum(n for t, n in self._tokens.get(key, ()) if now - t < 60.0),
                             "running": self._running.get(key, 0)})
+                if self._is_shared(key):
+                    out[-1].update(self.shared.usage(key))
         return out
+
+    def _is_shared(self, key: str) -> bool:
+        return self.shared is not None and key.startswith("group:")
 
     def request(self, agent_id: str, now: float | None = None) -> None:
         """Count one syscall; raise if the agent or one of its groups is over requests_per_second."""
@@ -92,6 +99,8 @@ class Quotas:
                     if lim.requests_per_second]
         if not subjects:
             return
+        shared = [s for s in subjects if self._is_shared(s[0])]
+        subjects = [s for s in subjects if not self._is_shared(s[0])]
         with self._lock:
             for key, who, lim in subjects:
                 q = self._requests[key]
@@ -100,6 +109,9 @@ class Quotas:
                 if len(q) >= lim:
                     raise QuotaExceeded(f"{who} is over its {lim:g} requests per second",
                                         max(0.0, 1.0 - (now - q[0])))
+        for key, who, lim in shared:
+            self.shared.request(key, who, lim)
+        with self._lock:
             for key, _, _ in subjects:
                 self._requests[key].append(now)
 
@@ -119,11 +131,24 @@ class Quotas:
         each of its quota'd groups."""
         now = time.monotonic() if now is None else now
         subjects = self.subjects(agent_id)
+        local = [s for s in subjects if not self._is_shared(s[0])]
         with self._lock:
             if refuse:
-                for key, who, lim in subjects:
+                for key, who, lim in local:
                     self._check(key, who, lim, prompt_tokens, now)
-            for key, _, lim in subjects:
+        started = []
+        try:
+            for key, who, lim in subjects:
+                if self._is_shared(key):
+                    self.shared.start_generation(key, who, lim.concurrent_generations, lim.tokens_per_minute,
+                                                 prompt_tokens, refuse)
+                    started.append((key, lim))
+        except StatusError:
+            for key, lim in started:        # what the groups before the refusing one counted is given back
+                self.shared.end_generation(key, lim.tokens_per_minute, -prompt_tokens)
+            raise
+        with self._lock:
+            for key, _, lim in local:
                 if lim.tokens_per_minute:
                     self._tokens[key].append((now, prompt_tokens))
                 self._running[key] += 1
@@ -150,8 +175,13 @@ class Quotas:
 
     def end_generation(self, lease: Lease, completion_tokens: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        for key, lim in lease.subjects:
+            if self._is_shared(key):
+                self.shared.end_generation(key, lim.tokens_per_minute, completion_tokens)
         with self._lock:
             for key, lim in lease.subjects:
+                if self._is_shared(key):
+                    continue
                 self._running[key] = max(0, self._running[key] - 1)
                 if lim.tokens_per_minute and completion_tokens:
                     self._tokens[key].append((now, completion_tokens))
