@@ -53,3 +53,23 @@ def test_the_sample_config_in_deploy_is_valid():
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "deploy" / "kernos.toml", env={})
     assert cfg.scheduler.policy == "fair_share" and cfg.engine.preemption == "auto"
+
+
+def test_the_cluster_compose_file_configures_three_nodes_of_one_cluster():
+    """deploy/compose.yaml's environment is read by the kernel's own config loader: three nodes, distinct names and
+    addresses, one database, bucket and Chroma server."""
+    from pathlib import Path
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "compose.yaml").read_text())
+    nodes = {name: s for name, s in compose["services"].items() if name.startswith("node")}
+    assert len(nodes) == 3
+    configs = [load_config(env={k: str(v) for k, v in s["environment"].items()}) for s in nodes.values()]
+    assert len({c.cluster.node_id for c in configs}) == 3 and len({c.cluster.advertise for c in configs}) == 3
+    for c in configs:
+        assert c.cluster.database.startswith("postgresql://") and c.cluster.database.endswith("@postgres:5432/kernos")
+        assert (c.cluster.objects, c.cluster.s3_endpoint, c.memory.chroma_url) == \
+            ("s3://kernos/prod", "http://s3:8333", "http://chroma:8000")
+        assert c.server.admin_token
+    assert {"postgres", "s3", "chroma"} <= set(compose["services"])
