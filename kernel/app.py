@@ -128,7 +128,9 @@ class Kernel:
         self.cluster = Membership(Nodes(dbs("cluster.db"), c.name(data), c.lease_s), c.heartbeat_s, c.forward) \
             if c.database else None
         self.forwarder = None
-        self.adapter_store = AdapterStore(data / "adapters")
+        self.adapter_store = AdapterStore(data / "adapters", dbs("adapters/adapters.db"),
+                                          S3Blobs(c.objects.rstrip("/") + "/adapters", c.s3_endpoint, c.s3_region)
+                                          if c.objects else None)
         self.vector = LazyVectorMemory(config)
         self.llm = LLMCore(config.effective_models(), config.default_model_name(), config.engine,
                            config.scheduler.make, data)

@@ -55,7 +55,7 @@ async def serve(config: KernelConfig) -> int:
     beats = None
     if kernel.cluster is not None:
         kernel.cluster.join(config.cluster.reach(address), http[2] if http else "", sorted(kernel.llm.models))
-        beats = asyncio.create_task(kernel.cluster.run())
+        beats = asyncio.create_task(kernel.cluster.run(kernel.publisher.sync))
     # One machine-readable line on stdout: tests and `kernos demo` wait for it.
     print(f"KERNOS READY {address} pid={os.getpid()}" + (f" http={http[2]}" if http else ""), flush=True)
     if http:

@@ -4,10 +4,16 @@ adapter per model.
 An adapter version is a folder `ROOT/OWNER/NAME/vN` (peft's `adapter_config.json` +
 `adapter_model.safetensors`), copied in under a temporary name, every file and the folder fsynced, then
 renamed; its row is committed after that, so a crash leaves either a whole version or none (at most an
-orphan folder). Served name of a published adapter: `OWNER:NAME` (the latest version)."""
+orphan folder). Served name of a published adapter: `OWNER:NAME` (the latest version).
+
+In a cluster (`db` a PostgreSQL schema, `blobs` the S3 store) the registry is shared and a version's files are
+also stored as content-addressed blobs before its row is committed; the row lists them (`files`), and a node
+that lacks the folder fetches it (`local()`) before it serves the version. `changed()` tells a node that another
+published a version or changed a default."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -18,7 +24,7 @@ from pathlib import Path
 
 from kernos.abi.errors import StatusError
 
-from .db import connect, upsert
+from .db import Where, connect, upsert
 from .durable import fsync_dir, fsync_tree
 
 NAME_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
@@ -27,6 +33,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
     owner TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, model TEXT NOT NULL,
     path TEXT NOT NULL, metrics TEXT NOT NULL, job_id TEXT NOT NULL, created REAL NOT NULL,
+    files TEXT NOT NULL DEFAULT '{}',   -- relative path -> sha256 of each file, in the blob store (a cluster)
     PRIMARY KEY (owner, name, version)
 );
 CREATE TABLE IF NOT EXISTS defaults (
@@ -45,6 +52,7 @@ class AdapterVersion:
     metrics: dict
     job_id: str
     created: float
+    files: dict = None
 
     @property
     def served_name(self) -> str:
@@ -52,14 +60,19 @@ class AdapterVersion:
 
 
 class AdapterStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, db: Where | None = None, blobs=None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._db = connect(self.root / "adapters.db", synchronous="FULL")
+        self.blobs = blobs
+        self._db = connect(db or self.root / "adapters.db", synchronous="FULL")
         self._db.executescript(_SCHEMA)
+        if "files" not in self._db.columns("adapters"):      # a data dir of an older kernel
+            self._db.execute("ALTER TABLE adapters ADD COLUMN files TEXT NOT NULL DEFAULT '{}'")
         self._lock = threading.Lock()
+        self._version = self._db.data_version("adapters", "defaults")
         # Read on every generation that names no adapter: kept in memory, written through to SQLite.
-        self._defaults = {(a, m): name for a, m, name in self._db.execute("SELECT * FROM defaults")}
+        self._defaults = {(a, m): name for a, m, name in
+                          self._db.execute("SELECT agent_id, model, adapter FROM defaults")}
 
     def publish(self, owner: str, name: str, model: str, src: Path, metrics: dict, job_id: str = "") -> AdapterVersion:
         if not NAME_RE.match(name):
@@ -81,19 +94,58 @@ class AdapterStore:
             fsync_tree(tmp)
             tmp.rename(final)
             fsync_dir(home)
+            files = {}
+            if self.blobs is not None:            # the other nodes fetch it from the object store
+                for f in sorted(p for p in final.rglob("*") if p.is_file()):
+                    data = f.read_bytes()
+                    files[str(f.relative_to(final))] = digest = hashlib.sha256(data).hexdigest()
+                    self.blobs.put(digest, data)
             created = time.time()
             with self._db:
                 self._db.execute(
-                    "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?)",
-                    (owner, name, version, model, str(final), json.dumps(metrics), job_id, created),
+                    "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?)",
+                    (owner, name, version, model, f"{owner}/{name}/v{version}", json.dumps(metrics), job_id,
+                     created, json.dumps(files)),
                 )
-        return AdapterVersion(owner, name, version, model, final, metrics, job_id, created)
+        return AdapterVersion(owner, name, version, model, final, metrics, job_id, created, files)
 
     def _row(self, r) -> AdapterVersion:
-        return AdapterVersion(r[0], r[1], r[2], r[3], Path(r[4]), json.loads(r[5]), r[6], r[7])
+        path = Path(r[4])                       # relative to the root (older kernels wrote it absolute)
+        return AdapterVersion(r[0], r[1], r[2], r[3], path if path.is_absolute() else self.root / path,
+                              json.loads(r[5]), r[6], r[7], json.loads(r[8] or "{}"))
+
+    def local(self, v: AdapterVersion) -> Path:
+        """The version's folder on this node, fetched from the blob store (checked) if another node published it."""
+        if (v.path / "adapter_config.json").exists() or not v.files or self.blobs is None:
+            return v.path
+        tmp = v.path.with_name(f".{v.path.name}.fetch")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rel, digest in v.files.items():
+            data = self.blobs.get(digest)
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise StatusError("DATA_LOSS", f"adapter {v.owner}:{v.name} v{v.version}: {rel} is corrupt")
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        fsync_tree(tmp)
+        shutil.rmtree(v.path, ignore_errors=True)
+        tmp.rename(v.path)
+        return v.path
+
+    def changed(self) -> bool:
+        """Whether anyone (another node) published a version or changed a default since the last look; the
+        defaults are reloaded if so."""
+        version = self._db.data_version("adapters", "defaults")
+        if version == self._version:
+            return False
+        self._version = version
+        with self._lock:
+            self._defaults = {(a, m): name for a, m, name in
+                              self._db.execute("SELECT agent_id, model, adapter FROM defaults")}
+        return True
 
     def versions(self, owner: str | None = None) -> list[AdapterVersion]:
-        q = "SELECT * FROM adapters" + (" WHERE owner=?" if owner else "") + " ORDER BY owner, name, version"
+        q = ("SELECT owner, name, version, model, path, metrics, job_id, created, files FROM adapters"
+             + (" WHERE owner=?" if owner else "") + " ORDER BY owner, name, version")
         with self._lock:
             return [self._row(r) for r in self._db.execute(q, (owner,) if owner else ())]
 

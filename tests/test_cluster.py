@@ -334,3 +334,42 @@ def test_a_groups_quota_holds_across_nodes(tmp_path, pg_url, s3_url, s3_endpoint
     finally:
         for p, _ in procs:
             stop_kernel(p)
+
+
+def test_an_adapter_published_on_one_node_is_served_by_the_others(tmp_path, pg_url, s3_url, s3_endpoint,
+                                                                  tiny_models, lora_adapters):
+    """The registry is shared and a version's files travel through the object store: a node that did not train
+    it fetches it, checks it, hot-loads it at its next heartbeat, and follows the agent's default adapter."""
+    from conftest import write_config
+
+    from kernos.storage.adapters import AdapterStore
+    from kernos.storage.blobs import S3Blobs
+    from kernos.storage.db import Databases
+
+    cfg = write_config(tmp_path / "a.toml", [{"name": "tiny", "path": str(tiny_models["llama"])}],
+                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
+                                "heartbeat_s": 0.5, "lease_s": 3.0}, engine={"dtype": "float32"})
+    proc, addr = start_kernel(tmp_path / "node", str(cfg), timeout=120)
+    try:
+        with kernos.sdk.connect(addr, agent="ada") as s:
+            plain = s.llm.chat("hello", model="tiny", max_tokens=6, temperature=0)
+            # another node publishes (a store on the same database and bucket, in this process)
+            other = AdapterStore(tmp_path / "other-node-adapters", Databases(tmp_path, pg_url)("adapters/adapters.db"),
+                                 S3Blobs(s3_url.rstrip("/") + "/adapters", s3_endpoint))
+            v = other.publish("ada", "style", "tiny", lora_adapters["alpha"], {"tuned": {"loss": 0.5}}, "job-x")
+            assert v.files and "adapter_config.json" in v.files
+            deadline = time.time() + 20
+            while "ada:style" not in next(m for m in s.llm.models() if m.name == "tiny").adapters:
+                assert time.time() < deadline, "the node did not load the adapter published elsewhere"
+                time.sleep(0.3)
+            tuned = s.llm.chat("hello", model="tiny", max_tokens=6, temperature=0, adapter="ada:style")
+            assert tuned.adapter == "ada:style" and tuned.text != plain.text
+            other.set_default("ada", "tiny", "ada:style")
+            deadline = time.time() + 20
+            while s.llm.chat("hello", model="tiny", max_tokens=6, temperature=0).adapter != "ada:style":
+                assert time.time() < deadline, "the node did not follow the default set elsewhere"
+                time.sleep(0.3)
+            other.close()
+        assert (tmp_path / "node" / "adapters" / "ada" / "style" / "v1" / "adapter_config.json").exists()
+    finally:
+        stop_kernel(proc)

@@ -36,14 +36,17 @@ class Membership:
         self.nodes.beat()
         self.view = self.nodes.live()
 
-    async def run(self) -> None:
+    async def run(self, *also) -> None:
+        """Heartbeats until cancelled; after each, `also` (blocking callables: what other nodes changed that this
+        one must pick up, such as adapters they published)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            try:
-                await loop.run_in_executor(None, self.refresh)
-            except Exception as e:   # the database is away for a moment: keep the last view, try again
-                log.warning("cluster heartbeat failed: %s", e)
+            for step in (self.refresh, *also):
+                try:
+                    await loop.run_in_executor(None, step)
+                except Exception as e:   # the database is away for a moment: keep the last view, try again
+                    log.warning("cluster heartbeat (%s) failed: %s", getattr(step, "__name__", step), e)
 
     def home(self, agent_id: str) -> Node | None:
         """The node this agent's calls belong on, in this node's current view."""

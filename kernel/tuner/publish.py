@@ -39,20 +39,34 @@ class Publisher:
         self.llm = llm
         self.store = store            # the adapter store
         self.retention = retention    # RetentionConfig: its bounds gate publishing
+        self._served: dict[str, int] = {}     # served name -> the version loaded on this node
 
     def serve_published(self) -> None:
         for v in self.store.latest():
             self.serve(v)
 
+    def sync(self) -> int:
+        """Serve what another node of a cluster published since the last look (its newest versions); the
+        number of adapters loaded. Called at every cluster heartbeat."""
+        if not self.store.changed():
+            return 0
+        fresh = [v for v in self.store.latest() if self._served.get(v.served_name) != v.version]
+        loaded = sum(1 for v in fresh if self.serve(v))
+        if loaded:
+            log.info("loaded %d adapter(s) published on another node", loaded)
+        return loaded
+
     def serve(self, v) -> bool:
         served = self.llm.models.get(v.model)
         if served is None or not hasattr(served.engine, "load_adapter"):
             log.warning("adapter %s v%d: model '%s' is not served; not loaded", v.served_name, v.version, v.model)
+            self._served[v.served_name] = v.version        # (not asked again until a new version)
             return False
         deadline = time.monotonic() + 300
         while True:
             try:
-                served.engine.load_adapter(v.served_name, v.path).result(timeout=300)
+                served.engine.load_adapter(v.served_name, self.store.local(v)).result(timeout=300)
+                self._served[v.served_name] = v.version
                 return True
             except AdapterInUse:            # the previous version still serves requests
                 if time.monotonic() > deadline:
