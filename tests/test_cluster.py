@@ -17,12 +17,24 @@ import kernos.sdk
 from kernos.agents.demo import start_kernel, stop_kernel
 
 
+@pytest.fixture(scope="module")
+def chroma():
+    from services import chroma_server
+
+    with chroma_server() as (host, port):
+        yield f"http://{host}:{port}"
+
+
 @pytest.fixture
-def cluster_config(tmp_path, pg_url, s3_url, s3_endpoint):
+def cluster_config(tmp_path, pg_url, s3_url, s3_endpoint, chroma):
+    """Two or more nodes on shared backends, each serving calls where they arrive (no forwarding to home
+    nodes): what one node wrote, another must read from the shared state."""
     from conftest import write_config
 
     return write_config(tmp_path / "cluster.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
-                        cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint})
+                        cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
+                                 "forward": False},
+                        memory={"chroma_url": chroma})
 
 
 def test_two_nodes_share_agents_files_contexts_and_grants(tmp_path, cluster_config, pg_url):
@@ -32,10 +44,12 @@ def test_two_nodes_share_agents_files_contexts_and_grants(tmp_path, cluster_conf
             alice_a.storage.write("notes/plan.txt", "ship it", {"by": "alice"})
             alice_a.memory.create_context("c1", budget_tokens=500)
             alice_a.memory.add_block("c1", "remember the plan", role="user")
+            fact = alice_a.memory.add(["The launch is on Friday at noon."])[0]
             token = alice_a.token
         with kernos.sdk.connect(addr_b, agent="alice", token=token) as alice_b:    # the same agent on node b
             assert alice_b.storage.read_text("notes/plan.txt") == "ship it"
             assert [blk.content for blk in alice_b.memory.blocks("c1")[0]] == ["remember the plan"]
+            assert alice_b.memory.search("when is the launch", k=1)[0].id == fact
             alice_b.storage.write("notes/plan.txt", "ship it friday")
             with kernos.sdk.connect(addr_b, agent="bob") as bob_b:
                 with pytest.raises(kernos.sdk.PermissionDenied):
