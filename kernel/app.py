@@ -157,7 +157,10 @@ class Kernel:
         self.jobs.pump()                      # jobs interrupted by a stop resume from their checkpoints
         # use cases
         lim = config.limits
-        snapshots = SnapshotStore(data / "snapshots", lim.max_snapshots_per_agent, lim.snapshot_ttl_s)
+        snapshots = SnapshotStore(data / "snapshots", lim.max_snapshots_per_agent, lim.snapshot_ttl_s,
+                                  dbs("snapshots/snapshots.db"),
+                                  S3Blobs(c.objects.rstrip("/") + "/snapshots", c.s3_endpoint, c.s3_region)
+                                  if c.objects and c.database else None)
         self.generate = Generate(self.llm, config.limits, self.registry, self.quotas, self.access_control,
                                  self.continual, self.traces, self.lifecycle, self.contexts, self.vector,
                                  config.memory.summary_max_tokens, snapshots, self.tools, self.metrics.observe)

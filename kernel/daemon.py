@@ -55,6 +55,11 @@ async def serve(config: KernelConfig) -> int:
     beats = None
     if kernel.cluster is not None:
         kernel.cluster.join(config.cluster.reach(address), http[2] if http else "", sorted(kernel.llm.models))
+        if kernel.forwarder is not None:       # drained: running gRPC streams continue on their agents' new homes
+            hand_over, streams = kernel.generate.control.hand_over, kernel.forwarder.streams
+            kernos_loop = asyncio.get_running_loop()
+            kernel.cluster.on_drain = lambda: asyncio.run_coroutine_threadsafe(
+                hand_over(lambda rid: rid in streams), kernos_loop)
         beats = asyncio.create_task(kernel.cluster.run(kernel.publisher.sync))
     # One machine-readable line on stdout: tests and `kernos demo` wait for it.
     print(f"KERNOS READY {address} pid={os.getpid()}" + (f" http={http[2]}" if http else ""), flush=True)

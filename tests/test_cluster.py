@@ -387,3 +387,45 @@ def test_an_adapter_published_on_one_node_is_served_by_the_others(tmp_path, pg_u
         assert (tmp_path / "node" / "adapters" / "ada" / "style" / "v1" / "adapter_config.json").exists()
     finally:
         stop_kernel(proc)
+
+
+def test_a_drained_node_hands_a_running_stream_to_the_agents_new_home(tmp_path, pg_url, s3_url, s3_endpoint,
+                                                                      tiny_models):
+    """Drain the node a generation streams on: it is snapshotted there, restored on the agent's new home, and the
+    client's one stream goes on to the same tokens as an uninterrupted run."""
+    from conftest import write_config
+
+    from kernos.kernel.cluster.nodes import Node, rendezvous
+
+    cfg = write_config(tmp_path / "d.toml", [{"name": "tiny", "path": str(tiny_models["llama"])}],
+                       server={"admin_token": ADMIN}, engine={"dtype": "float32"},
+                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
+                                "heartbeat_s": 0.3, "lease_s": 3.0})
+    procs = [start_kernel(tmp_path / f"d{i}", str(cfg), timeout=120) for i in range(2)]
+    try:
+        views = _wait_for_view([a for _, a in procs], 2)
+        ids = [v.node_id for v in views]
+        agent = next(f"mover{i}" for i in range(50)
+                     if rendezvous([Node(n, "", "") for n in ids], f"mover{i}").node_id == ids[0])
+        kw = dict(model="tiny", max_tokens=1500, temperature=0.9, top_k=50, seed=11, stop=["never-appears-xyz"])
+        with kernos.sdk.connect(procs[0][1], agent=agent) as s:
+            reference = s.llm.chat("the agent kernel", **kw)
+            assert reference.completion_tokens > 300
+            stream = s.llm.stream("the agent kernel", **kw)
+            first = next(stream)
+            text = "".join(c.text for c in [first, next(c for c in stream if c.text)])
+            out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "node", "drain", ids[0],
+                                  "--database", pg_url], capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr
+            chunks = list(stream)
+            final = chunks[-1].completion
+            text += "".join(c.text for c in chunks)
+        assert final.finish_reason == reference.finish_reason and final.request_id != first.request_id, \
+            "the generation ended on the drained node instead of continuing elsewhere"
+        assert (final.text, final.completion_tokens) == (reference.text, reference.completion_tokens)
+        assert text == reference.text
+        other = next(m for m in _operator_stats(procs[1][1]).models if m.name == "tiny")
+        assert 0 < other.generated_tokens < reference.completion_tokens, "the rest ran on the other node"
+    finally:
+        for p, _ in procs:
+            stop_kernel(p)

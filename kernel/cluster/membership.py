@@ -21,6 +21,9 @@ class Membership:
         self._unreachable: dict[str, float] = {}     # node -> heartbeat it had when a call could not reach it
         self.forwarded = 0                           # calls sent to their home node
         self.served_for_dead = 0                     # calls served here because their home could not be reached
+        self.handed_over = 0                         # running streams a drain of this node moved to their homes
+        self.on_drain = None                         # called (from a worker thread) when this node turns draining
+        self._draining = False
 
     @property
     def node_id(self) -> str:
@@ -35,6 +38,12 @@ class Membership:
     def refresh(self) -> None:
         self.nodes.beat()
         self.view = self.nodes.live()
+        draining = self.nodes.me is not None and self.nodes.me.state == "draining"
+        if draining and not self._draining and self.on_drain is not None:
+            log.info("node %s is draining: handing its running generations to their agents' new homes",
+                     self.node_id)
+            self.on_drain()
+        self._draining = draining
 
     async def run(self, *also) -> None:
         """Heartbeats until cancelled; after each, `also` (blocking callables: what other nodes changed that this

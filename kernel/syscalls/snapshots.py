@@ -1,7 +1,12 @@
 """Where snapshotted generations live (`DATA_DIR/snapshots/ID`), and who may restore one. The folder's
-content is the engine's snapshot format (`llm/engine/snapshot.py`)."""
+content is the engine's snapshot format (`llm/engine/snapshot.py`).
+
+In a cluster (`db` and `blobs` given) a snapshot is also shared: its files stored as checked blobs and a row
+naming them and its owner, so that any node can restore it (a drained node's generations continue on their
+agents' new homes); a node fetches the folder when it does not have it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -9,6 +14,7 @@ import time
 from pathlib import Path
 
 from kernos.abi.errors import StatusError, invalid, not_found
+from kernos.storage.db import Where, connect, upsert
 
 SNAPSHOT_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -18,10 +24,50 @@ class SnapshotStore:
     expire), each kept `ttl_s` after it was taken (a snapshot of the embedded model is tens of MiB; they were
     kept forever, without a cap)."""
 
-    def __init__(self, root: Path, per_agent: int = 0, ttl_s: float = 0):
+    def __init__(self, root: Path, per_agent: int = 0, ttl_s: float = 0, db: Where | None = None, blobs=None):
         self.root = root
         self.per_agent = per_agent
         self.ttl_s = ttl_s
+        self.blobs = blobs
+        self._db = connect(db) if db is not None and blobs is not None else None
+        if self._db is not None:
+            self._db.executescript("CREATE TABLE IF NOT EXISTS snapshots (snapshot_id TEXT PRIMARY KEY, "
+                                   "agent_id TEXT NOT NULL, files TEXT NOT NULL, created REAL NOT NULL);")
+
+    def share(self, snapshot_id: str, agent_id: str) -> None:
+        """Store a snapshot where every node finds it (a cluster; nothing on one machine). Blocking."""
+        if self._db is None:
+            return
+        folder, files = self.root / snapshot_id, {}
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+            data = f.read_bytes()
+            files[str(f.relative_to(folder))] = digest = hashlib.sha256(data).hexdigest()
+            self.blobs.put(digest, data)
+        self._db.execute(upsert("snapshots", ("snapshot_id", "agent_id", "files", "created"), ("snapshot_id",)),
+                         (snapshot_id, agent_id, json.dumps(files), time.time()))
+
+    def _fetch(self, snapshot_id: str) -> None:
+        """Bring a shared snapshot's folder to this node, checked (nothing if it is not shared)."""
+        row = self._db.execute("SELECT files FROM snapshots WHERE snapshot_id=?", (snapshot_id,)).fetchone() \
+            if self._db is not None else None
+        if row is None:
+            return
+        folder = self.root / snapshot_id
+        tmp = self.root / f".{snapshot_id}.fetch"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rel, digest in json.loads(row[0]).items():
+            data = self.blobs.get(digest)
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise StatusError("DATA_LOSS", f"snapshot '{snapshot_id}': {rel} is corrupt")
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        tmp.rename(folder)
+
+    def consume(self, snapshot_id: str) -> None:
+        """A restored generation finished: its snapshot is gone, here and from the cluster."""
+        shutil.rmtree(self.root / snapshot_id, ignore_errors=True)
+        if self._db is not None:
+            self._db.execute("DELETE FROM snapshots WHERE snapshot_id=?", (snapshot_id,))
 
     def folder(self, request_id: str) -> Path:
         return self.root / request_id
@@ -52,6 +98,8 @@ class SnapshotStore:
         if not SNAPSHOT_ID.match(snapshot_id):
             raise invalid("snapshot_id must be the 32 hex characters Snapshot returned")
         folder = self.root / snapshot_id
+        if not folder.exists():
+            self._fetch(snapshot_id)
         try:
             state = json.loads((folder / "state.json").read_text())
         except FileNotFoundError:

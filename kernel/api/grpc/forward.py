@@ -9,11 +9,16 @@ loop); the home node's reply, stream or status comes back unchanged. A home that
 died, its lease not yet expired) is passed over, and the call is served here."""
 from __future__ import annotations
 
+import asyncio
+
 import grpc
+
+from kernos.proto.v1 import llm_pb2
 
 from ..edge import bearer
 
 FORWARDED = "kernos-forwarded-by"
+RESTORE = "/kernos.v1.LLM/Restore"
 _NOT_REACHED = ("failed to connect", "Connection refused", "DNS resolution failed", "No route to host")
 _HOP_HEADERS = ("user-agent", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout", "te", "content-type")
 
@@ -27,10 +32,14 @@ def _serialize(message) -> bytes:
 
 
 class Forwarder:
-    def __init__(self, membership, identify, max_message_bytes: int):
+    def __init__(self, membership, identify, max_message_bytes: int, handovers: dict | None = None):
+        """`handovers`: request id -> a future of its snapshot's id, for the generations a drain hands over
+        (the generate use case's `control.handovers`)."""
         self.membership, self.identify = membership, identify
         self.max_message_bytes = max_message_bytes
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.handovers = handovers if handovers is not None else {}
+        self.streams: set[str] = set()      # request ids of the gRPC streams in flight here
 
     def home_of(self, metadata):
         """The node to forward this call to; None to serve it here (not an agent's call, already forwarded, or
@@ -94,6 +103,37 @@ class Forwarder:
                 yield chunk
         except grpc.aio.AioRpcError as e:
             await self._relay(e, context, started, home)
+
+    # -- a draining node hands its running streams over ----------------------------------------------------------
+    def watch(self, item):
+        """Called on each chunk of a stream served here: the first one makes its generation one a drain may hand
+        over; the last one, if a drain snapshotted it for that, returns the handover (else None)."""
+        if not isinstance(item, llm_pb2.GenerateChunk):
+            return None
+        if not item.done:
+            self.streams.add(item.request_id)
+            return None
+        self.streams.discard(item.request_id)
+        reply = item.reply
+        if reply.finish_reason == llm_pb2.FINISH_REASON_SNAPSHOT:
+            return self.handovers.pop(reply.request_id, None)
+        return None
+
+    async def continue_elsewhere(self, handover, last, context):
+        """Restore the handed-over snapshot on the agent's home node and relay its stream; if there is none
+        (no other node, or it cannot be reached), the caller gets the snapshot as it is and can restore it."""
+        snapshot_id = await asyncio.wait_for(asyncio.shield(handover), 120)
+        home = self.home_of(context.invocation_metadata()) if snapshot_id else None
+        if home is not None:
+            try:
+                async for chunk in self.stream(home, RESTORE, llm_pb2.RestoreRequest(snapshot_id=snapshot_id),
+                                               context):
+                    yield chunk
+                self.membership.handed_over += 1
+                return
+            except Unreachable:
+                pass
+        yield last
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -125,13 +125,20 @@ class SyscallInterceptor(grpc.aio.ServerInterceptor):
                 except Unreachable:
                     pass
             passage = self._passage(method, request)
+            handed = None              # a draining node handed this generation to the agent's new home
+            watch = self.forwarder.watch if self.forwarder is not None else None
             try:
                 _admit(passage, request, context)
                 with passage.track():
                     async for item in behaviour(request, context):
                         passage.reply = item
+                        if watch is not None and (handed := watch(item)) is not None:
+                            break
                         yield item
                 passage.ok()
+                if handed is not None:      # the rest of the stream comes from there, as one stream
+                    async for chunk in self.forwarder.continue_elsewhere(handed, passage.reply, context):
+                        yield chunk
             except BaseException as e:
                 await _fail(passage, e, context)
             finally:

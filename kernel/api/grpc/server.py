@@ -73,7 +73,7 @@ def build(kernel: Kernel, edge: Edge):
     forwarder = None
     if kernel.cluster is not None:     # an agent's calls go to its home node
         forwarder = kernel.forwarder = Forwarder(kernel.cluster, kernel.registry.identify,
-                                                 config.server.max_message_bytes)
+                                                 config.server.max_message_bytes, kernel.generate.control.handovers)
     server = grpc.aio.server(
         interceptors=[SyscallInterceptor(edge, forwarder)],
         options=[("grpc.max_receive_message_length", config.server.max_message_bytes),

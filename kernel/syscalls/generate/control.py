@@ -4,7 +4,7 @@ a generation that continues where it stopped."""
 from __future__ import annotations
 
 import asyncio
-import shutil
+import logging
 import uuid
 
 from kernos.abi.errors import StatusError, exhausted, not_found, unavailable
@@ -15,6 +15,8 @@ from ..generation import Reply
 from ..snapshots import SnapshotStore
 from .events import Runner
 from .request import Requests
+
+log = logging.getLogger("kernos.kernel")
 
 
 class Control:
@@ -28,6 +30,28 @@ class Control:
         self.access = access
         self.lifecycle = lifecycle
         self.suspended: dict[str, set[str]] = {}            # agent id -> its suspended request ids (may be stale)
+        self.handovers: dict[str, asyncio.Future] = {}       # request id -> its snapshot id, handed to another node
+
+    async def hand_over(self, eligible) -> int:
+        """A draining node's running generations that `eligible(request id)` (streams the transport can continue
+        elsewhere): each snapshotted and shared, so that it continues on its agent's new home with the same
+        tokens. The rest finish here. Returns how many were handed over."""
+        loop = asyncio.get_running_loop()
+        moved = 0
+        for rid, (agent, model, _) in list(self.runner.live.items()):
+            if rid in self.handovers or not eligible(rid) or not hasattr(model.engine, "checkpoint"):
+                continue
+            done = self.handovers[rid] = loop.create_future()
+            try:
+                folder = await asyncio.wrap_future(model.engine.checkpoint(rid, self.snapshots.folder(rid)))
+                await asyncio.to_thread(self.snapshots.share, folder.name, agent)
+                done.set_result(folder.name)
+                moved += 1
+            except Exception as e:       # finished meanwhile, or not resumable: it ends here as it would have
+                log.info("generation %s stays on this node: %s", rid, e)
+                self.handovers.pop(rid, None)
+                done.set_result("")
+        return moved
 
     async def restore(self, principal, snapshot_id: str):
         """Continue a snapshotted generation: the same events as `run`."""
@@ -50,7 +74,7 @@ class Control:
 
         async for ev in self.runner.events(principal, model, req, submit, refuse=True):
             if isinstance(ev, Reply) and ev.finish in (Finish.STOP, Finish.LENGTH, Finish.TOOL_CALLS):
-                await asyncio.to_thread(shutil.rmtree, folder, True)  # the snapshot is consumed
+                await asyncio.to_thread(self.snapshots.consume, snapshot_id)  # the snapshot is consumed
             yield ev
 
     def _entry(self, principal, request_id: str, operators: bool = False):
@@ -98,4 +122,5 @@ class Control:
         self._own(principal, request_id)
         await asyncio.to_thread(self.snapshots.check_room, principal.agent_id)
         folder = await self._engine_call(principal, request_id, "checkpoint", self.snapshots.folder(request_id))
+        await asyncio.to_thread(self.snapshots.share, folder.name, principal.agent_id)
         return folder.name
