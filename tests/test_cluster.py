@@ -171,6 +171,17 @@ def test_three_nodes_serve_each_agent_on_its_home_and_move_it_on_death_and_drain
         for a, home in homes.items():
             assert _served_on(addresses, a) == [home], f"{a} ran off its home {home}"
         assert _operator_stats(addresses[0]).forwarded >= sum(1 for h in homes.values() if h != ids[0])
+        # an operator moves one agent by hand, then gives it back
+        mover = next(a for a, h in homes.items() if h != ids[2])
+        node = [sys.executable, "-m", "kernos.kernel.cli", "node", "move"]
+        flags = ["--database", pg_url, "--agent", mover]
+        assert subprocess.run(node + [ids[2]] + flags, capture_output=True, text=True).returncode == 0
+        time.sleep(1.5)
+        agents[mover].llm.chat("moved", model="echo", max_tokens=4, program_id="moved-p")
+        assert [n for n in ids if any(p.program_id == "moved-p" for p in _operator_stats(by_id[n]).programs)] == \
+            [ids[2]]
+        assert subprocess.run(node + flags + ["--unpin"], capture_output=True, text=True).returncode == 0
+        time.sleep(1.5)
         # a node dies: its agents' next calls through node 0 succeed at once, served on a live node
         victim_id = next(h for h in homes.values() if h != ids[0])
         victim = procs[ids.index(victim_id)][0]

@@ -191,9 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="the kernel's data dir (default $KERNOS_DATA_DIR or ~/.kernos)")
     t.set_defaults(fn=cmd_token)
 
-    nd = sub.add_parser("node", help="a cluster's nodes (in its database): list, drain NODE, undrain NODE")
-    nd.add_argument("action", choices=["list", "drain", "undrain"])
-    nd.add_argument("node", nargs="?", help="drain/undrain: the node's id (kernos node list shows them)")
+    nd = sub.add_parser("node", help="a cluster's nodes (in its database): list, drain NODE, undrain NODE, "
+                                     "move --agent A NODE")
+    nd.add_argument("action", choices=["list", "drain", "undrain", "move"])
+    nd.add_argument("node", nargs="?", help="drain/undrain/move: the node's id (kernos node list shows them)")
+    nd.add_argument("--agent", help="move: the agent whose home becomes NODE")
+    nd.add_argument("--unpin", action="store_true", help="move: give the agent back to the cluster's choice")
     nd.add_argument("--database", help="the cluster's PostgreSQL URL (default $KERNOS_CLUSTER__DATABASE, or "
                                        "--config's cluster.database)")
     nd.add_argument("--config", help="a kernel config file whose [cluster] database to use")

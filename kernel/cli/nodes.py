@@ -2,7 +2,7 @@
 
 `kernos node`: a cluster's nodes, read and changed in the cluster's database (offline, like `kernos token`):
 list them with their leases; drain one (it takes no new agents: their homes move to the other nodes at their
-next heartbeat) or put it back."""
+next heartbeat, and its running streams continue there) or put it back; move one agent to a node by hand."""
 from __future__ import annotations
 
 import os
@@ -37,6 +37,14 @@ def cmd_node(args) -> int:
             for n in nodes.all():
                 print(f"{n.node_id[:27]:<28}{n.state:<10}{'yes' if n.alive(now, args.lease) else 'NO':<7}"
                       f"{now - n.heartbeat:>7.1f}  {n.grpc_address[:21]:<22}{','.join(n.models)}")
+            return 0
+        if args.action == "move":
+            if not args.agent:
+                print("kernos node move: --agent NAME, and the node (or --unpin)", file=sys.stderr)
+                return 2
+            nodes.pin(args.agent, None if args.unpin else args.node)
+            print(f"agent {args.agent}: " + ("home is the cluster's choice again" if args.unpin else
+                                             f"home is {args.node} (from the nodes' next heartbeat)"))
             return 0
         if not args.node:
             print(f"kernos node {args.action}: name the node", file=sys.stderr)

@@ -18,6 +18,7 @@ class Membership:
     def __init__(self, nodes: Nodes, heartbeat_s: float = 2.0, forward: bool = True):
         self.nodes, self.heartbeat_s, self.forward = nodes, heartbeat_s, forward
         self.view: list[Node] = []
+        self.pins: dict[str, str] = {}               # agent -> node, for agents an operator moved by hand
         self._unreachable: dict[str, float] = {}     # node -> heartbeat it had when a call could not reach it
         self.forwarded = 0                           # calls sent to their home node
         self.served_for_dead = 0                     # calls served here because their home could not be reached
@@ -38,6 +39,7 @@ class Membership:
     def refresh(self) -> None:
         self.nodes.beat()
         self.view = self.nodes.live()
+        self.pins = self.nodes.pins()
         draining = self.nodes.me is not None and self.nodes.me.state == "draining"
         if draining and not self._draining and self.on_drain is not None:
             log.info("node %s is draining: handing its running generations to their agents' new homes",
@@ -60,7 +62,8 @@ class Membership:
     def home(self, agent_id: str) -> Node | None:
         """The node this agent's calls belong on, in this node's current view."""
         up = [n for n in self.view if n.state == "up" and self._unreachable.get(n.node_id) != n.heartbeat]
-        return rendezvous(up, agent_id)
+        pinned = self.pins.get(agent_id)
+        return next((n for n in up if n.node_id == pinned), None) or rendezvous(up, agent_id)
 
     def unreachable(self, node: Node) -> None:
         self._unreachable[node.node_id] = node.heartbeat

@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, grpc_address TEXT NOT NULL, http_address TEXT NOT NULL, models TEXT NOT NULL,
     state TEXT NOT NULL, started REAL NOT NULL, heartbeat REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pins (agent_id TEXT PRIMARY KEY, node_id TEXT NOT NULL);  -- agents moved by hand
 """
 _COLUMNS = ("node_id", "grpc_address", "http_address", "models", "state", "started", "heartbeat")
 STATES = ("up", "draining", "left")   # up: takes agents; draining: hands its agents over; left: stopped cleanly
@@ -106,10 +107,18 @@ class Nodes:
         now = time.time()
         return [n for n in self.all() if n.alive(now, self.lease_s)]
 
-    def home(self, agent_id: str, model: str = "") -> Node | None:
-        """The live, undrained node an agent's calls (for `model`, or any) belong on; None if none serves it."""
-        up = [n for n in self.live() if n.state == "up" and (not model or model in n.models)]
-        return rendezvous(up, agent_id)
+    def pin(self, agent_id: str, node_id: str | None) -> None:
+        """Move an agent by hand: its home is `node_id` while that node is alive and up (None: back to the
+        rendezvous choice)."""
+        with self._lock:
+            if node_id is None:
+                self._db.execute("DELETE FROM pins WHERE agent_id=?", (agent_id,))
+                return
+            self.get(node_id)                       # NOT_FOUND for a node the cluster does not know
+            self._db.execute(upsert("pins", ("agent_id", "node_id"), ("agent_id",)), (agent_id, node_id))
+
+    def pins(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT agent_id, node_id FROM pins").fetchall())
 
     def _save(self, n: Node) -> None:
         with self._lock:
