@@ -272,3 +272,32 @@ def test_an_agents_token_sees_only_that_agents_pages(ck, browser):
     assert page.request.get(f"{base}/console/api/page/tools").status == 401
     page.goto(f"{base}/console")
     assert page.url.endswith("/console/login")
+
+
+def test_the_overview_shows_the_cluster_and_a_drain(browser, tmp_path, pg_url, s3_url, s3_endpoint):
+    from conftest import write_config
+
+    from kernos.kernel.cluster.nodes import Nodes
+    from kernos.storage.db import Postgres
+
+    cfg = write_config(tmp_path / "c.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
+                       server={"admin_token": ADMIN},
+                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
+                                "heartbeat_s": 0.5, "lease_s": 3.0})
+    procs = [start_kernel(tmp_path / f"n{i}", str(cfg), timeout=120) for i in range(2)]
+    try:
+        with kernos.sdk.connect(procs[0][1], token=ADMIN) as op:
+            me = until(lambda: (st := op.kernel.stats()).node_id and len(st.nodes) == 2 and st, what="two nodes")
+        other = next(n.node_id for n in me.nodes if n.node_id != me.node_id)
+        page = login(browser, f"http://{procs[0][0].http_address}", ADMIN)
+        page.wait_for_selector(f"#cluster-table tr[data-node='{me.node_id}'][data-state='up']", timeout=15000)
+        assert "echo" in page.text_content(f"#cluster-table tr[data-node='{other}']")
+        nodes = Nodes(Postgres(pg_url, "kernos_cluster"), node_id="")
+        nodes.set_state(other, "draining")
+        nodes.close()
+        page.wait_for_selector(f"#cluster-table tr[data-node='{other}'][data-state='draining']", timeout=15000)
+        assert not page.errors
+        page.close()
+    finally:
+        for p, _ in procs:
+            stop_kernel(p)

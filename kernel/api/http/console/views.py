@@ -123,9 +123,15 @@ class Views:
                    "generated_tokens": m.stats.generated_tokens, "adapters": list(m.model.adapters)}
                   for m in s.models]
         since = float(params.get("since") or 0)
+        now = time.time()
+        cluster = {"node_id": s.node_id, "forwarded": s.forwarded, "served_for_unreachable": s.served_for_unreachable,
+                   "nodes": [{"node_id": n.node_id, "state": n.state, "alive": alive, "grpc_address": n.grpc_address,
+                              "models": n.models, "heartbeat_age_s": now - n.heartbeat, "uptime_s": now - n.started}
+                             for n, alive in s.nodes]} if s.node_id else None
         return {"version": s.version, "uptime_s": s.uptime_s, "active_agents": s.active_agents,
                 "syscalls": s.syscalls, "in_flight": s.in_flight, "default_model": s.default_model,
-                "models": models, "series": self.history.series(since), "period_s": self.history.period_s}
+                "models": models, "series": self.history.series(since), "period_s": self.history.period_s,
+                "cluster": cluster}
 
     async def agents(self, principal, params: dict) -> dict:
         k = self.d

@@ -228,7 +228,18 @@ PAGES.overview = {
           chart("queue wait (last minute)", pts, [{ key: "queue_p50_ms", label: "p50" },
             { key: "queue_p95_ms", label: "p95" }], ms)));
     });
-    view.replaceChildren(cards, ...models);
+    const c = d.cluster;
+    const cluster = !c ? [] : [el("section", { class: "cluster" },
+      el("h2", {}, "Cluster ", el("span", { class: "muted small" },
+        `this node ${c.node_id} · ${num(c.forwarded)} calls forwarded to home nodes · ` +
+        `${num(c.served_for_unreachable)} served for an unreachable home`)),
+      c.nodes.length ? table(["node", "state", "lease", { label: "heartbeat s", num: 1 }, { label: "up min", num: 1 },
+        "gRPC", "models"], c.nodes.map((n) => el("tr", { "data-node": n.node_id, "data-state": n.state },
+        td(n.node_id === c.node_id ? el("strong", {}, n.node_id) : n.node_id), td(badge(n.state)),
+        td(n.alive ? "current" : "expired"), tdn(num(n.heartbeat_age_s, 1)), tdn(num(n.uptime_s / 60, 1)),
+        td(n.grpc_address), td(n.models.join(", ")))), { id: "cluster-table" })
+        : el("p", { class: "muted" }, "the nodes are shown to operators"))];
+    view.replaceChildren(cards, ...cluster, ...models);
   },
 };
 
