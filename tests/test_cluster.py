@@ -440,3 +440,41 @@ def test_a_drained_node_hands_a_running_stream_to_the_agents_new_home(tmp_path, 
     finally:
         for p, _ in procs:
             stop_kernel(p)
+
+
+def test_openai_clients_reach_the_agents_home_through_any_node(tmp_path, pg_url, s3_url, s3_endpoint):
+    """The `openai` package against node 0's /v1, for an agent homed on node 1: the call (and a stream) runs on
+    node 1; the client never knows."""
+    import openai
+    from conftest import write_config
+
+    from kernos.kernel.cluster.nodes import Node, rendezvous
+
+    cfg = write_config(tmp_path / "h.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
+                       server={"admin_token": ADMIN},
+                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
+                                "heartbeat_s": 0.5, "lease_s": 3.0})
+    procs = [start_kernel(tmp_path / f"h{i}", str(cfg), timeout=120) for i in range(2)]
+    try:
+        ids = [v.node_id for v in _wait_for_view([a for _, a in procs], 2)]
+        name = next(f"web{i}" for i in range(50) if rendezvous([Node(n, "", "") for n in ids], f"web{i}").node_id
+                    == ids[1])
+        with kernos.sdk.connect(procs[1][1], agent=name) as s:
+            token = s.token
+        client = openai.OpenAI(base_url=f"http://{procs[0][0].http_address}/v1", api_key=token)
+        reply = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi there"}],
+                                               max_tokens=8, extra_body={"program_id": "web-p"})
+        assert reply.choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "stream it"}], max_tokens=8, stream=True)
+            if c.choices)
+        assert streamed
+        ran = [n for n, (_, a) in zip(ids, procs) if any(p.program_id == "web-p"
+                                                          for p in _operator_stats(a).programs)]
+        assert ran == [ids[1]]
+        assert _operator_stats(procs[0][1]).forwarded >= 2
+        with pytest.raises(openai.AuthenticationError):            # a bad token is refused where it arrives
+            openai.OpenAI(base_url=f"http://{procs[0][0].http_address}/v1", api_key="kn_nope").models.list()
+    finally:
+        for p, _ in procs:
+            stop_kernel(p)

@@ -46,7 +46,12 @@ async def start(kernel, edge, listen: str):
                 await asyncio.Event().wait()
         mcp_task = asyncio.create_task(run_mcp())
         await asyncio.wait_for(ready.wait(), 10)
-    limited = RequestLimits(app, kernel.config.server.max_http_body_bytes, kernel.config.server.http_body_timeout_s,
+    inner = app
+    if kernel.cluster is not None:        # an agent's /v1 and /mcp requests are served on its home node
+        from .forward import HomeForwarding
+
+        inner = HomeForwarding(app, kernel.cluster, kernel.registry.identify)
+    limited = RequestLimits(inner, kernel.config.server.max_http_body_bytes, kernel.config.server.http_body_timeout_s,
                             kernel.gate.authenticate)
     # Heads are bounded by h11 (16 KiB, then 400) and in time (head_timeout_protocol), bodies by RequestLimits.
     config = uvicorn.Config(limited, log_level="warning", access_log=False, lifespan="off",
@@ -61,6 +66,7 @@ async def start(kernel, edge, listen: str):
     if app.state.history is not None:      # the console's charts sample while the server is up
         server.sampler = asyncio.create_task(app.state.history.run())
     server.mcp_task = mcp_task
+    server.forwarding = inner if inner is not app else None
     host, port = sock.getsockname()[:2]
     return server, task, f"{'[' + host + ']' if ':' in host else host}:{port}"
 
@@ -72,3 +78,5 @@ async def stop(server, task) -> None:
     server.should_exit = True
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await asyncio.wait_for(task, 10)
+    if getattr(server, "forwarding", None) is not None:
+        await server.forwarding.close()

@@ -1,0 +1,90 @@
+"""The HTTP side of home nodes (a cluster): an agent's request to `/v1` or `/mcp` that reaches a node other than its
+home is sent there, and the home's answer (a JSON body or a server-sent event stream, relayed as it arrives)
+comes back, so that OpenAI clients, LangChain and MCP clients keep the one URL they know (gRPC's twin:
+`api/grpc/forward.py`). A forwarded request carries a mark and is never forwarded again; a home that refuses the
+connection is passed over and the request served here.
+
+A plain ASGI middleware inside `RequestLimits`: the body it reads was already held to the size and time limits,
+and the token already authenticated."""
+from __future__ import annotations
+
+import logging
+
+from ..edge import bearer
+
+log = logging.getLogger("kernos.http")
+FORWARDED = b"kernos-forwarded-by"
+_HOP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"content-length",
+        b"proxy-authorization", b"proxy-connection", b"trailer"}
+
+
+class HomeForwarding:
+    def __init__(self, app, membership, identify, paths: tuple[str, ...] = ("/v1/", "/mcp")):
+        self.app, self.membership, self.identify, self.paths = app, membership, identify, paths
+        self._client = None
+
+    def _home(self, scope):
+        if not self.membership.forward or not scope.get("path", "").startswith(self.paths):
+            return None
+        token = None
+        for k, v in scope.get("headers", ()):
+            if k == FORWARDED:
+                return None
+            if k == b"authorization":
+                token = bearer(v.decode("latin-1"))
+        agent = self.identify(token) if token else None
+        home = self.membership.home(agent) if agent else None
+        return home if home is not None and home.node_id != self.membership.node_id and home.http_address else None
+
+    async def __call__(self, scope, receive, send):
+        home = self._home(scope) if scope["type"] == "http" else None
+        if home is None:
+            return await self.app(scope, receive, send)
+        import httpx
+
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+        headers = [(k, v) for k, v in scope["headers"] if k not in _HOP] + \
+            [(FORWARDED, self.membership.node_id.encode())]
+        url = f"http://{home.http_address}{scope.get('raw_path', scope['path'].encode()).decode('latin-1')}"
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        try:
+            request = self._client.build_request(scope["method"], url, headers=headers, content=body)
+            response = await self._client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            self.membership.unreachable(home)
+            return await self.app(scope, _replay(body), send)
+        self.membership.forwarded += 1
+        try:
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP]})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as e:      # the home died mid-answer: the client sees the answer end early
+            log.warning("forwarded %s to %s: %s", scope["path"], home.node_id, e)
+        finally:
+            await response.aclose()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return receive
