@@ -44,6 +44,7 @@ from .tools.manager import ToolManager
 from .tuner.continual import Continual
 from .tuner.jobs import JobManager
 from .tuner.publish import Publisher
+from .tuner.shared_jobs import SharedJobs
 
 log = logging.getLogger("kernos.kernel")
 
@@ -152,8 +153,12 @@ class Kernel:
                                    self.audit, config.tuner.continual_tick_s)
         self.publisher.serve_published()      # published adapters are served again after a restart
         t = config.tuner
+        shared_jobs = SharedJobs(S3Blobs(c.objects.rstrip("/") + "/jobs", c.s3_endpoint, c.s3_region),
+                                 self.cluster.node_id, lambda: [n.node_id for n in self.cluster.view]) \
+            if self.cluster is not None and c.objects else None
         self.jobs = JobManager(data / "tuner", self.publisher.finish_job, max_jobs=t.max_jobs,
-                               threads=t.threads or max(1, (os.cpu_count() or 2) // 2), nice=t.nice)
+                               threads=t.threads or max(1, (os.cpu_count() or 2) // 2), nice=t.nice,
+                               db=dbs("tuner/jobs.db"), shared=shared_jobs)
         self.jobs.pump()                      # jobs interrupted by a stop resume from their checkpoints
         # use cases
         lim = config.limits

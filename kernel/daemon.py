@@ -60,7 +60,7 @@ async def serve(config: KernelConfig) -> int:
             kernos_loop = asyncio.get_running_loop()
             kernel.cluster.on_drain = lambda: asyncio.run_coroutine_threadsafe(
                 hand_over(lambda rid: rid in streams), kernos_loop)
-        beats = asyncio.create_task(kernel.cluster.run(kernel.publisher.sync))
+        beats = asyncio.create_task(kernel.cluster.run(kernel.publisher.sync, kernel.jobs.adopt))
     # One machine-readable line on stdout: tests and `kernos demo` wait for it.
     print(f"KERNOS READY {address} pid={os.getpid()}" + (f" http={http[2]}" if http else ""), flush=True)
     if http:

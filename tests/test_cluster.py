@@ -478,3 +478,49 @@ def test_openai_clients_reach_the_agents_home_through_any_node(tmp_path, pg_url,
     finally:
         for p, _ in procs:
             stop_kernel(p)
+
+
+def test_a_fine_tuning_job_on_a_dead_node_resumes_on_another(tmp_path, pg_url, s3_url, s3_endpoint, tiny_models):
+    """The job's folder and its last whole checkpoint are in the object store as it trains: when its node is
+    SIGKILLed, a live node adopts the job once the lease expires and resumes it from that checkpoint."""
+    import signal
+
+    from conftest import write_config
+    from test_finetune import LOOSE_RETENTION, task
+
+    from kernos.kernel.cluster.nodes import Node, rendezvous
+
+    cfg = write_config(tmp_path / "j.toml", [{"name": "tiny-llama", "path": str(tiny_models["llama"])}],
+                       server={"admin_token": ADMIN}, tuner={"threads": 1, "retention": LOOSE_RETENTION},
+                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
+                                "heartbeat_s": 0.5, "lease_s": 3.0})
+    procs = [start_kernel(tmp_path / f"j{i}", str(cfg), timeout=120) for i in range(2)]
+    try:
+        ids = [v.node_id for v in _wait_for_view([a for _, a in procs], 2)]
+        name = next(f"tuner{i}" for i in range(50)
+                    if rendezvous([Node(n, "", "") for n in ids], f"tuner{i}").node_id == ids[0])
+        with kernos.sdk.connect(procs[0][1], agent=name) as s:
+            for q, right in task(24, seed=1):
+                s.tuner.feedback(s.llm.chat(q, max_tokens=2).request_id, preferred=right)
+            s.tuner.build_dataset("long", eval_fraction=0.25)
+            job = s.tuner.finetune("long", "long", config={"max_steps": 100000, "checkpoint_every": 10,
+                                                            "learning_rate": 1e-3})
+            while (j := s.tuner.job(job.job_id)).step < 35:
+                assert j.state in ("queued", "running"), j.message
+                time.sleep(0.1)
+            time.sleep(1.5)                       # the supervisor stores the checkpoint of step 30
+            token = s.token
+        procs[0][0].send_signal(signal.SIGKILL)
+        procs[0][0].wait()
+        with kernos.sdk.connect(procs[1][1], agent=name, token=token) as s:
+            deadline = time.time() + 90
+            while (j := s.tuner.job(job.job_id)).resumed_from_step == 0:
+                assert time.time() < deadline, f"not adopted: {j.state} {j.message}"
+                time.sleep(0.3)
+            assert j.resumed_from_step >= 20 and j.state == "running"   # from a checkpoint, not from scratch
+            assert j.base.loss is not None                                # the base evaluation came along
+            assert s.tuner.cancel(job.job_id).job_id == job.job_id
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                stop_kernel(p)

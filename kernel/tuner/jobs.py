@@ -5,7 +5,11 @@ Each running job is one worker process (`worker.py`), niced so that the serving 
 watched by one supervisor thread that turns its JSON lines into the job's progress. When the kernel stops,
 running workers checkpoint and the jobs go back to `queued`; at the next start they resume from their
 checkpoint. A finished worker leaves `result.json`, so a kernel that dies between the end of training and
-the publication publishes at its next start without training again."""
+the publication publishes at its next start without training again.
+
+In a cluster (`db` a PostgreSQL schema, `shared` a `SharedJobs`) the jobs are one table for every node: each
+row names the node running it and lists its folder's files in the object store (inputs at once, then each whole
+checkpoint); a node adopts the jobs of a node whose lease expired and resumes them from their checkpoints."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +26,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kernos.storage.db import connect, upsert
+from kernos.storage.db import Where, connect, upsert
 from kernos.storage.durable import fsync_tree
+
+from .shared_jobs import SharedJobs
 
 log = logging.getLogger("kernos.tuner")
 
@@ -33,7 +40,8 @@ FINAL = {"published", "rejected", "failed", "cancelled"}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, dataset TEXT NOT NULL,
-    model TEXT NOT NULL, state TEXT NOT NULL, record TEXT NOT NULL, created REAL NOT NULL
+    model TEXT NOT NULL, state TEXT NOT NULL, record TEXT NOT NULL, created REAL NOT NULL,
+    node TEXT NOT NULL DEFAULT '', files TEXT NOT NULL DEFAULT '{}'   -- a cluster: who runs it, its folder's blobs
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs(owner, created);
 """
@@ -79,21 +87,29 @@ class JobManager:
     """`finish(job, result) -> (state, message)` publishes a trained adapter (or rejects it); it runs on the
     job's supervisor thread."""
 
-    def __init__(self, root: Path, finish, max_jobs: int = 1, threads: int = 0, nice: int = 10):
+    def __init__(self, root: Path, finish, max_jobs: int = 1, threads: int = 0, nice: int = 10,
+                 db: Where | None = None, shared: SharedJobs | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.finish = finish
         self.max_jobs = max_jobs
         self.threads = threads
         self.nice = nice
-        self._db = connect(self.root / "jobs.db", synchronous="FULL")
+        self.shared = shared
+        self.node = shared.node_id if shared is not None else ""
+        self._db = connect(db or self.root / "jobs.db", synchronous="FULL")
         self._db.executescript(_SCHEMA)
+        for column in ("node", "files"):                   # a data dir of an older kernel
+            if column not in self._db.columns("jobs"):
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT NOT NULL DEFAULT "
+                                 + ("''" if column == "node" else "'{}'"))
         self._lock = threading.RLock()
         self.jobs: dict[str, Job] = {}
+        self._files: dict[str, dict] = {}                    # job -> its folder's manifest (a cluster)
         self._procs: dict[str, subprocess.Popen] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._closing = False
-        for (record,) in self._db.execute("SELECT record FROM jobs ORDER BY created"):
+        for (record,) in self._db.execute("SELECT record FROM jobs WHERE node=? ORDER BY created", (self.node,)):
             job = Job(**json.loads(record))
             if job.state == "running":  # the kernel stopped under it: resume from its checkpoint
                 job.state, job.message = "queued", "resuming after a kernel restart"
@@ -123,19 +139,61 @@ class JobManager:
             )
         )
         fsync_tree(d)
+        if self.shared is not None:                        # another node can take it over from the first step
+            self._files[job.job_id] = self.shared.upload(job.job_id, d) or {}
         with self._lock:
             self.jobs[job.job_id] = job
             self._save(job)
         self.pump()
         return job
 
+    def adopt(self) -> list[str]:
+        """A cluster: take over the unfinished jobs of nodes whose lease expired (one node wins each, by one
+        statement), fetch their folders and queue them to resume from their checkpoints. Called at heartbeats."""
+        if self.shared is None or self._closing:
+            return []
+        taken = []
+        rows = self._db.execute("SELECT job_id, node, record, files FROM jobs WHERE state IN ('queued', 'running') "
+                                "AND node <> ?", (self.node,)).fetchall()
+        for job_id, node, record, files in rows:
+            if not self.shared.orphaned(node):
+                continue
+            won = self._db.execute("UPDATE jobs SET node=?, state='queued' WHERE job_id=? AND node=? RETURNING "
+                                   "job_id", (self.node, job_id, node)).fetchone()
+            if won is None:
+                continue                                   # another node took it first
+            job = Job(**json.loads(record))
+            d = self.dir(job)
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            self.shared.fetch(json.loads(files), d)
+            job.state, job.message = "queued", f"resuming on {self.node}: node {node} stopped answering"
+            with self._lock:
+                self.jobs[job_id], self._files[job_id] = job, json.loads(files)
+                self._save(job)
+            taken.append(job_id)
+            log.info("tuner job %s: adopted from node %s", job_id, node)
+        if taken:
+            self.pump()
+        return taken
+
     def get(self, job_id: str) -> Job | None:
         with self._lock:
-            return self.jobs.get(job_id)
+            job = self.jobs.get(job_id)
+        if job is None and self.shared is not None:       # running (or run) on another node
+            row = self._db.execute("SELECT record FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+            job = Job(**json.loads(row[0])) if row else None
+        return job
 
     def list(self, owner: str | None = None) -> list[Job]:
         with self._lock:
-            return [j for j in self.jobs.values() if owner is None or j.owner == owner]
+            mine = [j for j in self.jobs.values() if owner is None or j.owner == owner]
+        if self.shared is None:
+            return mine
+        seen = {j.job_id for j in mine}                    # and the cluster's other nodes' jobs, as recorded
+        q = "SELECT record FROM jobs WHERE node <> ?" + (" AND owner=?" if owner else "")
+        others = [Job(**json.loads(r)) for (r,) in self._db.execute(q, (self.node, owner) if owner else (self.node,))]
+        return mine + [j for j in others if j.job_id not in seen]
 
     def cancel(self, job_id: str) -> Job:
         with self._lock:
@@ -194,8 +252,8 @@ class JobManager:
     def _save(self, job: Job) -> None:
         with self._lock, self._db:
             self._db.execute(
-                upsert("jobs", ("job_id", "owner", "name", "dataset", "model", "state", "record", "created"),
-                       ("job_id",)),
+                upsert("jobs", ("job_id", "owner", "name", "dataset", "model", "state", "record", "created", "node",
+                                "files"), ("job_id",)),
                 (
                     job.job_id,
                     job.owner,
@@ -205,6 +263,8 @@ class JobManager:
                     job.state,
                     json.dumps(asdict(job)),
                     job.created,
+                    self.node,
+                    json.dumps(self._files.get(job.job_id, {})),
                 ),
             )
 
@@ -236,7 +296,13 @@ class JobManager:
                     continue
                 with self._lock:
                     failure = self._apply(job, ev) or failure
-                    if time.monotonic() - last_save > 1.0 or ev.get("event") != "progress":
+                    save = time.monotonic() - last_save > 1.0 or ev.get("event") != "progress"
+                if save and self.shared is not None:       # its last whole checkpoint, for another node
+                    files = self.shared.upload(job.job_id, d)
+                    if files is not None:
+                        self._files[job.job_id] = files
+                if save:
+                    with self._lock:
                         self._save(job)
                         last_save = time.monotonic()
             code = proc.wait()

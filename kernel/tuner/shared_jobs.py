@@ -1,0 +1,78 @@
+"""Fine-tuning jobs in a cluster: a job's folder (its data, settings and last whole checkpoint) is kept in the object
+store as it goes, listed in the job's row with the node that runs it, so that when that node dies another claims
+the job, fetches the folder and resumes from the checkpoint.
+
+What is uploaded is always a whole checkpoint: the loop's `checkpoint/` is read twice around the upload and kept
+only if its step did not move meanwhile; TRL's `checkpoint-N/` folders only once marked complete. Logs, locks and
+folders being written are never uploaded."""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+SKIP = ("worker.log", "lock", "cancel")
+
+
+def _step(d: Path) -> int | None:
+    try:
+        return json.loads((d / "checkpoint" / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _wanted(rel: Path) -> bool:
+    parts = rel.parts
+    if rel.name in SKIP or any(p.endswith((".tmp", ".old", ".fetch")) for p in parts):
+        return False
+    return True
+
+
+class SharedJobs:
+    def __init__(self, blobs, node_id: str, alive_nodes):
+        """`alive_nodes()`: ids of the nodes whose lease is current (a job on any other node is orphaned)."""
+        self.blobs, self.node_id, self.alive_nodes = blobs, node_id, alive_nodes
+        self._sent: dict[str, dict[str, tuple[float, int, str]]] = {}   # job -> rel path -> (mtime, size, digest)
+        self._lock = threading.Lock()
+
+    def upload(self, job_id: str, d: Path) -> dict[str, str] | None:
+        """The job folder's manifest (relative path -> sha256) after storing what changed; None if a checkpoint
+        was being replaced meanwhile (try again later)."""
+        before = _step(d)
+        complete = {p.parent for p in d.rglob("kernos-complete")}
+        manifest: dict[str, str] = {}
+        with self._lock:
+            sent = self._sent.setdefault(job_id, {})
+            for f in sorted(p for p in d.rglob("*") if p.is_file()):
+                rel = f.relative_to(d)
+                if not _wanted(rel):
+                    continue
+                if rel.parts[0].startswith("checkpoint-") and d / rel.parts[0] not in complete:
+                    continue                                   # a TRL checkpoint not yet whole
+                try:
+                    st = f.stat()
+                    known = sent.get(str(rel))
+                    if known and known[:2] == (st.st_mtime, st.st_size):
+                        manifest[str(rel)] = known[2]
+                        continue
+                    data = f.read_bytes()
+                except FileNotFoundError:                     # replaced under us: the next round
+                    return None
+                digest = hashlib.sha256(data).hexdigest()
+                self.blobs.put(digest, data)
+                sent[str(rel)] = (st.st_mtime, st.st_size, digest)
+                manifest[str(rel)] = digest
+        return manifest if _step(d) == before else None
+
+    def fetch(self, manifest: dict[str, str], d: Path) -> None:
+        """Bring a claimed job's folder here (every file checked against its digest)."""
+        for rel, digest in manifest.items():
+            data = self.blobs.get(digest)
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise ValueError(f"{rel} of the job's folder is corrupt in the object store")
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_bytes(data)
+
+    def orphaned(self, node: str) -> bool:
+        return node != self.node_id and node not in set(self.alive_nodes())
