@@ -6,6 +6,7 @@ directory fsynced; on S3, when the server has answered the PUT (S3 acknowledges 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -43,11 +44,43 @@ class LocalBlobs:
             raise StatusError("DATA_LOSS", f"blob {digest[:12]} is missing") from None
 
 
+class _Cache:
+    """Blobs never change (their name is their digest), so a node may keep copies of what it read or wrote: reads
+    of hot files skip the object store. Bounded by bytes; the least recently used go first."""
+
+    def __init__(self, max_bytes: int):
+        from collections import OrderedDict
+
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> bytes | None:
+        with self._lock:
+            data = self._items.get(digest)
+            if data is not None:
+                self._items.move_to_end(digest)
+            return data
+
+    def put(self, digest: str, data: bytes) -> None:
+        if len(data) > self.max_bytes // 8:
+            return                                  # a few big blobs would push out every small one
+        with self._lock:
+            if digest in self._items:
+                return
+            self._items[digest] = data
+            self.bytes += len(data)
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= len(old)
+
+
 class S3Blobs:
     """`url` is s3://bucket/prefix; `endpoint` the server (empty: AWS). Credentials come the way boto3 finds them
-    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, an instance role). The bucket is created if missing."""
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, an instance role). The bucket is created if missing.
+    `cache_bytes`: blobs this node read or wrote kept in memory (0: none)."""
 
-    def __init__(self, url: str, endpoint: str = "", region: str = "us-east-1"):
+    def __init__(self, url: str, endpoint: str = "", region: str = "us-east-1", cache_bytes: int = 64 << 20):
         import boto3
         from botocore.config import Config
 
@@ -59,6 +92,7 @@ class S3Blobs:
                                 config=Config(retries={"max_attempts": 5, "mode": "standard"},
                                               connect_timeout=10, read_timeout=60))
         self._errors = self._s3.exceptions
+        self._cache = _Cache(cache_bytes) if cache_bytes > 0 else None
         try:
             self._s3.head_bucket(Bucket=self.bucket)
         except self._errors.ClientError:
@@ -72,9 +106,17 @@ class S3Blobs:
 
     def put(self, digest: str, data: bytes) -> None:
         self._s3.put_object(Bucket=self.bucket, Key=self._key(digest), Body=data)
+        if self._cache is not None:
+            self._cache.put(digest, data)
 
     def get(self, digest: str) -> bytes:
+        data = self._cache.get(digest) if self._cache is not None else None
+        if data is not None:
+            return data
         try:
-            return self._s3.get_object(Bucket=self.bucket, Key=self._key(digest))["Body"].read()
+            data = self._s3.get_object(Bucket=self.bucket, Key=self._key(digest))["Body"].read()
         except self._errors.NoSuchKey:
             raise StatusError("DATA_LOSS", f"blob {digest[:12]} is missing from s3://{self.bucket}") from None
+        if self._cache is not None and hashlib.sha256(data).hexdigest() == digest:   # only what is whole
+            self._cache.put(digest, data)
+        return data

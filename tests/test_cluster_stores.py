@@ -175,3 +175,20 @@ def test_traces_and_outcomes_on_postgres(pg_url, tmp_path):
     assert reader.outcomes("ag")["r3"][0]["success"] is True
     assert [r.request["i"] for r in reader.scan("ag", "llm.generate", page=2)] == [0, 1, 2, 3, 4]
     reader.close()
+
+
+def test_s3_blobs_are_cached_by_the_node_that_read_or_wrote_them(s3_url, s3_endpoint):
+    import boto3
+
+    data = b"immutable " * 100
+    digest = hashlib.sha256(data).hexdigest()
+    cached, uncached = S3Blobs(s3_url, s3_endpoint), S3Blobs(s3_url, s3_endpoint, cache_bytes=0)
+    cached.put(digest, data)
+    assert uncached.get(digest) == data
+    bucket, _, prefix = s3_url[5:].partition("/")
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").delete_object(
+        Bucket=bucket, Key=f"{prefix}/{digest[:2]}/{digest}")
+    assert cached.get(digest) == data               # from this node's cache: a blob never changes
+    with pytest.raises(StatusError) as e:
+        uncached.get(digest)
+    assert e.value.code == "DATA_LOSS"
