@@ -142,10 +142,17 @@ class PgDatabase:
             (self.where.schema, table))}
 
     def data_version(self, *tables: str) -> int:
-        """Changes whenever anyone (this node or another) commits a change to one of `tables`: statement
-        triggers count them in the schema's `_changes` table."""
+        """Changes whenever anyone (this node or another) commits a change to one of `tables`. Statement triggers
+        count the changes in the schema's `_changes` table and notify (`NOTIFY kernos_changes`); while this
+        process's listener is connected, the answer is its count of notifications (no round trip on a
+        syscall's path), else the table's count. Switching between the two changes the answer, so a reader
+        reloads and misses nothing."""
         for table in tables:
             self._count_changes(table)
+        listener = _Listener.of(self.where.url)
+        counted = listener.count([f"{self.where.schema}.{t}" for t in tables])
+        if counted is not None:
+            return counted
         return self._conn.execute("SELECT COALESCE(SUM(n), 0) FROM _changes WHERE tbl = ANY(%s)",
                                   (list(tables),)).fetchone()[0]
 
@@ -155,10 +162,55 @@ class PgDatabase:
 CREATE TABLE IF NOT EXISTS _changes (tbl TEXT PRIMARY KEY, n BIGINT NOT NULL);
 INSERT INTO _changes VALUES ('{table}', 0) ON CONFLICT DO NOTHING;
 CREATE OR REPLACE FUNCTION _count_{table}() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN UPDATE _changes SET n = n + 1 WHERE tbl = '{table}'; RETURN NULL; END $$;
+BEGIN UPDATE _changes SET n = n + 1 WHERE tbl = '{table}';
+      PERFORM pg_notify('kernos_changes', '{self.where.schema}.{table}'); RETURN NULL; END $$;
 CREATE OR REPLACE TRIGGER _count_{table} AFTER INSERT OR UPDATE OR DELETE ON {table}
     FOR EACH STATEMENT EXECUTE FUNCTION _count_{table}();""")
             self._versioned.add(table)
 
     def close(self) -> None:
         self._conn.close()
+
+
+class _Listener:
+    """One connection per database and process that LISTENs for the stores' change notifications and counts them
+    per schema.table. Reconnects when the connection drops; its answers change then (a new epoch), so that every
+    reader reloads once and misses nothing."""
+    _all: dict[str, _Listener] = {}
+    _guard = threading.Lock()
+
+    @classmethod
+    def of(cls, url: str) -> _Listener:
+        with cls._guard:
+            if url not in cls._all:
+                cls._all[url] = cls(url)
+            return cls._all[url]
+
+    def __init__(self, url: str):
+        self.url = url
+        self.counts: dict[str, int] = {}
+        self.epoch = 0
+        self.ready = False
+        threading.Thread(target=self._run, name="kernos-db-listen", daemon=True).start()
+
+    def count(self, keys: list[str]) -> int | None:
+        if not self.ready:
+            return None
+        return -1 - (self.epoch * 10**12 + sum(self.counts.get(k, 0) for k in keys))   # < 0: never a table count
+
+    def _run(self) -> None:
+        import time
+
+        import psycopg
+
+        while True:
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute("LISTEN kernos_changes")
+                    self.epoch += 1
+                    self.ready = True
+                    for note in conn.notifies():
+                        self.counts[note.payload] = self.counts.get(note.payload, 0) + 1
+            except Exception:   # the database went away: answer from the tables until we are back
+                self.ready = False
+                time.sleep(1.0)

@@ -7,6 +7,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def postgres_server():
                 time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
+        proc.send_signal(signal.SIGINT)       # "fast" shutdown: clients still connected are disconnected
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:

@@ -175,7 +175,7 @@ class AgentRegistry:
         h = hash_token(token)
         with self._lock:
             self._sync()
-            agent_id = self._by_token.get(h)
+            agent_id = self._by_token.get(h) or self._look_up(h)
             if agent_id is None:
                 return None
             agent = self._agents[agent_id]
@@ -190,9 +190,22 @@ class AgentRegistry:
         """Whose token this is (no session, no counters): where a cluster forwards the call."""
         if not token:
             return None
+        h = hash_token(token)
         with self._lock:
             self._sync()
-            return self._by_token.get(hash_token(token))
+            return self._by_token.get(h) or self._look_up(h)
+
+    def _look_up(self, h: str) -> str | None:
+        """A token not known here may be an agent another node registered a moment ago (in a cluster, change
+        notifications take milliseconds): ask the database for that one row."""
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM agents WHERE token_hash=?", (h,)).fetchone()
+        if row is None:
+            return None
+        fresh = _agent(row)
+        agent = self._agents.setdefault(fresh.agent_id, fresh)
+        agent.token_hash, agent.description, agent.labels = fresh.token_hash, fresh.description, fresh.labels
+        self._by_token[h] = agent.agent_id
+        return agent.agent_id
 
     def exit(self, agent: Agent) -> None:
         """End the agent's session; its name and token stay its own."""
