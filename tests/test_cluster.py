@@ -524,3 +524,67 @@ def test_a_fine_tuning_job_on_a_dead_node_resumes_on_another(tmp_path, pg_url, s
         for p, _ in procs:
             if p.poll() is None:
                 stop_kernel(p)
+
+
+def test_nodes_serving_tls_forward_to_each_other_over_tls(tmp_path, pg_url, s3_url, s3_endpoint):
+    """Two nodes that serve only TLS with client certificates (mTLS): a call for an agent homed on the other node
+    is forwarded over TLS, the forwarding node presenting its own certificate."""
+    import ipaddress
+
+    from conftest import write_config
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from test_transport import _cert, _key
+
+    from kernos.kernel.cluster.nodes import Node, rendezvous
+
+    def write(name, cert, key):
+        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / f"{name}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    ca_key, node_key, client_key = _key(), _key(), _key()
+    write("ca", _cert("cluster-ca", ca_key, "cluster-ca", ca_key, ca=True), ca_key)
+    write("node", _cert("node", node_key, "cluster-ca", ca_key,
+                        san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), node_key)
+    write("client", _cert("agent", client_key, "cluster-ca", ca_key), client_key)
+    pem = {n: str(tmp_path / f"{n}.pem") for n in ("ca", "node", "client")}
+    cfg = write_config(tmp_path / "t.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
+                       server={"tls_cert": pem["node"], "tls_key": str(tmp_path / "node.key"),
+                               "tls_client_ca": pem["ca"], "admin_token": ADMIN},
+                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
+                                "heartbeat_s": 0.5, "lease_s": 3.0, "tls_ca": pem["ca"]})
+    procs = [start_kernel(tmp_path / f"t{i}", str(cfg), timeout=120) for i in range(2)]
+    tls = dict(tls_ca=pem["ca"], tls_cert=pem["client"], tls_key=str(tmp_path / "client.key"))
+    try:
+        deadline = time.time() + 30
+        while True:
+            from kernos.kernel.cluster.nodes import Nodes
+            from kernos.storage.db import Postgres
+
+            nodes = Nodes(Postgres(pg_url, "kernos_cluster"), node_id="", lease_s=3.0)
+            live = nodes.live()
+            nodes.close()
+            if len(live) == 2:
+                break
+            assert time.time() < deadline
+            time.sleep(0.3)
+        time.sleep(1.0)                                  # each node's view holds both
+        ids = sorted(n.node_id for n in live)
+        by_address = {n.grpc_address: n.node_id for n in live}
+        entry = procs[0][1]
+        other = next(i for i in ids if i != by_address[entry])
+        name = next(f"tls{i}" for i in range(50) if rendezvous([Node(n, "", "") for n in ids], f"tls{i}").node_id
+                    == other)
+        with kernos.sdk.connect(entry, agent=name, **tls) as s:
+            assert s.llm.chat("over tls", model="echo", max_tokens=4, program_id="tls-p").text
+        stats = {}
+        for _, address in procs:
+            with kernos.sdk.connect(address, token=ADMIN, **tls) as op:
+                stats[by_address[address]] = op.kernel.stats()
+        entry_stats = stats[by_address[entry]]
+        assert entry_stats.forwarded >= 1 and entry_stats.served_for_unreachable == 0, \
+            "the call was forwarded to the agent's home over TLS"
+        assert any(p.program_id == "tls-p" for p in stats[other].programs)
+    finally:
+        for p, _ in procs:
+            stop_kernel(p)

@@ -28,6 +28,9 @@ class ClusterConfig(_Strict):
     heartbeat_s: float = Field(2.0, gt=0, description="how often a node renews its lease and reads the others'")
     forward: bool = Field(True, description="serve an agent's calls on its home node: a call that reaches another "
                                             "node is forwarded there")
+    tls_ca: Path | None = Field(None, description="CA (PEM) that signed the other nodes' server certificates: with "
+                                                  "server.tls_cert set, calls between nodes use TLS, this node's "
+                                                  "certificate as its client certificate (for nodes that ask mTLS)")
 
     @field_validator("database")
     @classmethod
@@ -41,6 +44,13 @@ class ClusterConfig(_Strict):
     def _s3(cls, v: str) -> str:
         if v and (not v.startswith("s3://") or not v[5:].split("/")[0]):
             raise ValueError("must be s3://bucket or s3://bucket/prefix")
+        return v
+
+    @field_validator("tls_ca")
+    @classmethod
+    def _ca(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"no such file: {v}")
         return v
 
     @field_validator("node_id")

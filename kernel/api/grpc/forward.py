@@ -32,10 +32,12 @@ def _serialize(message) -> bytes:
 
 
 class Forwarder:
-    def __init__(self, membership, identify, max_message_bytes: int, handovers: dict | None = None):
+    def __init__(self, membership, identify, max_message_bytes: int, handovers: dict | None = None,
+                 credentials=None):
         """`handovers`: request id -> a future of its snapshot's id, for the generations a drain hands over
-        (the generate use case's `control.handovers`)."""
+        (the generate use case's `control.handovers`); `credentials`: TLS to the other nodes (None: plaintext)."""
         self.membership, self.identify = membership, identify
+        self.credentials = credentials
         self.max_message_bytes = max_message_bytes
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.handovers = handovers if handovers is not None else {}
@@ -61,9 +63,11 @@ class Forwarder:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=[
-                ("grpc.max_receive_message_length", self.max_message_bytes),
-                ("grpc.max_send_message_length", self.max_message_bytes)])
+            options = [("grpc.max_receive_message_length", self.max_message_bytes),
+                       ("grpc.max_send_message_length", self.max_message_bytes)]
+            channel = self._channels[address] = (
+                grpc.aio.secure_channel(address, self.credentials, options=options) if self.credentials is not None
+                else grpc.aio.insecure_channel(address, options=options))
         return channel
 
     def _metadata(self, context) -> list[tuple[str, str]]:

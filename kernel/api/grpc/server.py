@@ -67,13 +67,25 @@ def listen(server, sc) -> str:
     return f"{sc.listen.rsplit(':', 1)[0]}:{port}"
 
 
+def node_credentials(config):
+    """TLS for calls to the other nodes of a cluster when this one serves TLS: their CA (cluster.tls_ca, else the
+    system's roots), and this node's certificate and key as its client certificate."""
+    sc = config.server
+    if sc.tls_cert is None:
+        return None
+    ca = config.cluster.tls_ca
+    return grpc.ssl_channel_credentials(root_certificates=ca.read_bytes() if ca else None,
+                                        private_key=sc.tls_key.read_bytes(), certificate_chain=sc.tls_cert.read_bytes())
+
+
 def build(kernel: Kernel, edge: Edge):
     """(the server with every service registered, its health servicer); not yet listening."""
     config = kernel.config
     forwarder = None
     if kernel.cluster is not None:     # an agent's calls go to its home node
         forwarder = kernel.forwarder = Forwarder(kernel.cluster, kernel.registry.identify,
-                                                 config.server.max_message_bytes, kernel.generate.control.handovers)
+                                                 config.server.max_message_bytes, kernel.generate.control.handovers,
+                                                 node_credentials(config))
     server = grpc.aio.server(
         interceptors=[SyscallInterceptor(edge, forwarder)],
         options=[("grpc.max_receive_message_length", config.server.max_message_bytes),
