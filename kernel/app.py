@@ -149,8 +149,10 @@ class Kernel:
         # tools, fine-tuning jobs
         self.tools = owners.tools = ToolManager(self.vector, self.access_control, config.tools)
         self.publisher = Publisher(self.llm, self.adapter_store, self.config.tuner.retention)
-        self.continual = Continual(data / "tuner" / "continual.db", self.adapter_store, self.traces, self.registry,
-                                   self.audit, config.tuner.continual_tick_s)
+        home_here = (lambda agent: (h := self.cluster.home(agent)) is None or h.node_id == self.cluster.node_id) \
+            if self.cluster is not None else None
+        self.continual = Continual(dbs("tuner/continual.db"), self.adapter_store, self.traces, self.registry,
+                                   self.audit, config.tuner.continual_tick_s, home_here)
         self.publisher.serve_published()      # published adapters are served again after a restart
         t = config.tuner
         shared_jobs = SharedJobs(S3Blobs(c.objects.rstrip("/") + "/jobs", c.s3_endpoint, c.s3_region),

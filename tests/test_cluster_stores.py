@@ -204,3 +204,29 @@ def test_s3_blobs_are_cached_by_the_node_that_read_or_wrote_them(s3_url, s3_endp
     with pytest.raises(StatusError) as e:
         uncached.get(digest)
     assert e.value.code == "DATA_LOSS"
+
+
+def test_continual_tuning_state_goes_to_the_agents_new_home(pg_url, tmp_path):
+    """Only the agent's home runs its continual-tuning rounds; the state is shared, so a node that becomes the home
+    (its old home died) goes on from the state the old one last wrote."""
+    from kernos.kernel.tuner.continual import Continual, ContinualSpec
+
+    dbs = Databases(tmp_path, pg_url)
+    home = {"ada": "a"}
+    traces = TraceLog(dbs("traces.db"))
+    a = Continual(dbs("tuner/continual.db"), None, traces, None, mine=lambda agent: home[agent] == "a")
+    b = Continual(dbs("tuner/continual.db"), None, traces, None, mine=lambda agent: home[agent] == "b")
+    st = a.configure("ada", ContinualSpec(min_feedback=7))
+    st.round, st.phase = 3, "training"
+    a._save(st)
+    a._take_over()
+    b._take_over()
+    assert a._owned == {"ada"} and b._owned == set()
+    assert b.state("ada").round == 3                 # seen there, not run there
+    home["ada"] = "b"                                # a died: b is the home now
+    b._take_over()
+    assert b._owned == {"ada"} and (b.state("ada").round, b.state("ada").phase) == (3, "training")
+    assert b.state("ada").spec["min_feedback"] == 7
+    a.close()
+    b.close()
+    traces.close()

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kernos.abi.errors import StatusError
 from kernos.abi.trace import TraceRecord
-from kernos.storage.db import connect, upsert
+from kernos.storage.db import Where, connect, upsert
 
 from .config import TrainConfig
 from .jobs import FINAL
@@ -82,11 +82,16 @@ class Continual:
     """The loop (`run`), the agents' states, and the canary's routing (`default`, in place of the adapter
     store's, for the generate use case)."""
 
-    def __init__(self, path: Path, store, traces, registry, audit=None, tick_s: float = 10.0):
+    def __init__(self, path: Where, store, traces, registry, audit=None, tick_s: float = 10.0, mine=None):
+        """`mine(agent_id)`: in a cluster, whether this node is the agent's home; only the home runs its rounds
+        (the states are shared, so a new home goes on where the old one was)."""
         self.store, self.traces, self.registry, self.audit, self.tick_s = store, traces, registry, audit, tick_s
+        self.mine = mine
+        self._owned: set[str] = set()
         self.build_dataset = self.start_job = self.jobs = None     # the use cases, once they exist (`bind`)
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(path, Path):
+            path.parent.mkdir(parents=True, exist_ok=True)
         self._db = connect(path, synchronous="FULL")
         self._db.execute("CREATE TABLE IF NOT EXISTS continual (agent_id TEXT PRIMARY KEY, record TEXT NOT NULL)")
         self.states = {a: ContinualState(**json.loads(r))
@@ -122,12 +127,25 @@ class Continual:
         return self.store.default(agent_id, model)
 
     # -- the loop ------------------------------------------------------------------------------------------
+    def _take_over(self) -> None:
+        """A cluster: the states of the agents this node is now home to, as the database has them (their old home
+        wrote them last); the others' kept only for reading."""
+        rows = {a: r for a, r in self._db.execute("SELECT agent_id, record FROM continual")}
+        owned = {a for a in rows if self.mine(a)}
+        with self._lock:
+            for agent_id, record in rows.items():
+                if agent_id not in owned or agent_id not in self._owned:
+                    self.states[agent_id] = ContinualState(**json.loads(record))
+        self._owned = owned
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
+            if self.mine is not None:
+                await asyncio.to_thread(self._take_over)
             for agent_id in list(self.states):
                 st = self.states[agent_id]
-                if not st.spec.get("enabled"):
+                if not st.spec.get("enabled") or (self.mine is not None and agent_id not in self._owned):
                     continue
                 try:
                     await self.step(st)
