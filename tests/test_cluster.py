@@ -75,11 +75,12 @@ def test_two_nodes_share_agents_files_contexts_and_grants(tmp_path, cluster_conf
 
 
 def test_a_node_killed_under_load_loses_nothing_acknowledged(tmp_path, cluster_config):
-    """SIGKILL node a at random moments while a client writes through it; node b, never restarted, reads every
-    acknowledged version back byte for byte."""
+    """SIGKILL node a at random moments while a client writes files and memories through it; node b, never
+    restarted, reads every acknowledged file version back byte for byte and finds every acknowledged memory."""
     b, addr_b = start_kernel(tmp_path / "b", str(cluster_config), timeout=120)
     rng = random.Random(7)
     acknowledged: dict[tuple[str, int], str] = {}
+    memories: dict[str, str] = {}
     token, kills = None, 0
     try:
         for _ in range(3):
@@ -87,20 +88,25 @@ def test_a_node_killed_under_load_loses_nothing_acknowledged(tmp_path, cluster_c
             session = kernos.sdk.connect(addr_a, agent="crashy", token=token) if token else \
                 kernos.sdk.connect(addr_a, agent="crashy")
             token = session.token
+            warm = f"warm-up {len(memories)}"                # opens the node's vector memory (seconds) first
+            memories[session.memory.add([warm])[0]] = warm
             stop = threading.Event()
 
             def writer():
                 while not stop.is_set():
                     path = f"f{rng.randrange(4)}.bin"
                     payload = rng.randbytes(rng.randrange(1, 30_000))
+                    fact = f"fact {len(memories)}: the code word is {rng.randrange(10**9)}"
                     try:
                         info = session.storage.write(path, payload)
+                        acknowledged[(info.path, info.version)] = hashlib.sha256(payload).hexdigest()
+                        if len(acknowledged) % 3 == 0:
+                            memories[session.memory.add([fact])[0]] = fact
                     except kernos.sdk.KernosError:
                         return
-                    acknowledged[(info.path, info.version)] = hashlib.sha256(payload).hexdigest()
             t = threading.Thread(target=writer)
             t.start()
-            time.sleep(rng.uniform(0.5, 1.5))
+            time.sleep(rng.uniform(0.8, 2.0))
             a.kill()
             a.wait()
             kills += 1
@@ -114,10 +120,13 @@ def test_a_node_killed_under_load_loses_nothing_acknowledged(tmp_path, cluster_c
                     f"{path} v{version} is torn or lost"
             for f in s.storage.list():
                 assert hashlib.sha256(s.storage.read(f.path)).hexdigest() == f.sha256
+            assert len(memories) > 3
+            found = {m.id: m.text for m in s.memory.get(list(memories))}
+            assert found == memories, "an acknowledged memory is lost"
     finally:
         stop_kernel(b)
-    print(f"cluster crash test: {len(acknowledged)} acknowledged writes across {kills} SIGKILLs, all intact on "
-          "the other node")
+    print(f"cluster crash test: {len(acknowledged)} acknowledged writes and {len(memories)} memories across {kills} "
+          "SIGKILLs, all intact on the other node")
 
 
 ADMIN = "cluster-admin-token"
