@@ -53,7 +53,9 @@ def postgres_server():
     bindir = postgres_bin()
     if bindir is None:
         raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql; `make test` does)")
-    root = Path(tempfile.mkdtemp(prefix="kernos-pg-"))
+    # As root the server runs as the postgres user, who must reach its folder: not under a private TMPDIR (pytest's
+    # own temp root is 0700), so /tmp then.
+    root = Path(tempfile.mkdtemp(prefix="kernos-pg-", dir="/tmp" if os.geteuid() == 0 else None))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
     data, (port,) = root / "data", free_ports(1)

@@ -36,34 +36,45 @@ class SharedJobs:
         self._sent: dict[str, dict[str, tuple[float, int, str]]] = {}   # job -> rel path -> (mtime, size, digest)
         self._lock = threading.Lock()
 
-    def upload(self, job_id: str, d: Path) -> dict[str, str] | None:
-        """The job folder's manifest (relative path -> sha256) after storing what changed; None if a checkpoint
-        was being replaced meanwhile (try again later)."""
+    def _read(self, d: Path, sent: dict) -> dict[str, tuple] | None:
+        """Every wanted file's (stat key, bytes or a known digest), read quickly into memory; None if the loop's
+        checkpoint was replaced meanwhile."""
         before = _step(d)
         complete = {p.parent for p in d.rglob("kernos-complete")}
-        manifest: dict[str, str] = {}
+        out: dict[str, tuple] = {}
+        for f in sorted(p for p in d.rglob("*") if p.is_file()):
+            rel = f.relative_to(d)
+            if not _wanted(rel) or (rel.parts[0].startswith("checkpoint-") and d / rel.parts[0] not in complete):
+                continue                                       # (a TRL checkpoint not yet whole)
+            try:
+                st = f.stat()
+                key = (st.st_mtime, st.st_size)
+                known = sent.get(str(rel))
+                out[str(rel)] = (key, None, known[2]) if known and known[:2] == key else (key, f.read_bytes(), "")
+            except FileNotFoundError:                          # replaced under us
+                return None
+        return out if _step(d) == before else None
+
+    def upload(self, job_id: str, d: Path) -> dict[str, str] | None:
+        """The job folder's manifest (relative path -> sha256) after storing what changed; None if a checkpoint
+        was being replaced each time it was read (try again later). The files are read into memory first (a
+        checkpoint is replaced every few steps; storing takes longer than reading), then stored."""
         with self._lock:
             sent = self._sent.setdefault(job_id, {})
-            for f in sorted(p for p in d.rglob("*") if p.is_file()):
-                rel = f.relative_to(d)
-                if not _wanted(rel):
-                    continue
-                if rel.parts[0].startswith("checkpoint-") and d / rel.parts[0] not in complete:
-                    continue                                   # a TRL checkpoint not yet whole
-                try:
-                    st = f.stat()
-                    known = sent.get(str(rel))
-                    if known and known[:2] == (st.st_mtime, st.st_size):
-                        manifest[str(rel)] = known[2]
-                        continue
-                    data = f.read_bytes()
-                except FileNotFoundError:                     # replaced under us: the next round
-                    return None
-                digest = hashlib.sha256(data).hexdigest()
-                self.blobs.put(digest, data)
-                sent[str(rel)] = (st.st_mtime, st.st_size, digest)
-                manifest[str(rel)] = digest
-        return manifest if _step(d) == before else None
+            for _ in range(5):
+                files = self._read(d, sent)
+                if files is not None:
+                    break
+            else:
+                return None
+            manifest: dict[str, str] = {}
+            for rel, (key, data, digest) in files.items():
+                if data is not None:
+                    digest = hashlib.sha256(data).hexdigest()
+                    self.blobs.put(digest, data)
+                    sent[rel] = (*key, digest)
+                manifest[rel] = digest
+        return manifest
 
     def fetch(self, manifest: dict[str, str], d: Path) -> None:
         """Bring a claimed job's folder here (every file checked against its digest)."""

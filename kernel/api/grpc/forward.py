@@ -129,6 +129,15 @@ class Forwarder:
         snapshot_id = await asyncio.wait_for(asyncio.shield(handover), 120)
         home = self.home_of(context.invocation_metadata()) if snapshot_id else None
         if home is not None:
+            rest = llm_pb2.GenerateChunk()
+            rest.CopyFrom(last)               # the text the snapshot's last chunk flushed, as an ordinary chunk
+            rest.done = False
+            rest.ClearField("reply")
+            flushed = bool(rest.text or rest.tool_calls or rest.logprobs)
+            if flushed:
+                yield rest
+                last = llm_pb2.GenerateChunk(request_id=last.request_id, tokens=last.tokens, done=True,
+                                             reply=last.reply, index=last.index)    # (if it must end here)
             try:
                 async for chunk in self.stream(home, RESTORE, llm_pb2.RestoreRequest(snapshot_id=snapshot_id),
                                                context):
