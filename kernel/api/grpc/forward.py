@@ -123,6 +123,12 @@ class Forwarder:
             return self.handovers.pop(reply.request_id, None)
         return None
 
+    def forget(self, item) -> None:
+        """A stream served here ended, however it ended: no longer one a drain could hand over."""
+        if isinstance(item, llm_pb2.GenerateChunk):
+            self.streams.discard(item.request_id)
+            self.handovers.pop(item.request_id, None)
+
     async def continue_elsewhere(self, handover, last, context):
         """Restore the handed-over snapshot on the agent's home node and relay its stream; if there is none
         (no other node, or it cannot be reached), the caller gets the snapshot as it is and can restore it."""

@@ -143,6 +143,8 @@ class SyscallInterceptor(grpc.aio.ServerInterceptor):
                 await _fail(passage, e, context)
             finally:
                 _trace(passage, request)
+                if watch is not None:       # ended however it ended (the client gone, an error)
+                    self.forwarder.forget(passage.reply)
         return run
 
     def _passage(self, method: str, request) -> Passage:
