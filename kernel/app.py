@@ -10,7 +10,6 @@ import time
 
 from kernos.memory.context import ContextStore
 from kernos.storage.adapters import AdapterStore
-from kernos.storage.blobs import S3Blobs
 from kernos.storage.db import Databases
 from kernos.storage.files import FileStore
 from kernos.storage.responses import ResponseStore
@@ -121,17 +120,13 @@ class Kernel:
         self.traces = TraceLog(dbs("traces.db"), *keep)
         self.audit = TraceLog(dbs("audit.db"), *keep)   # every access decision, same guarantees and retention
         self.files = FileStore(data / "files", config.storage.quota_bytes, config.storage.max_file_bytes,
-                               dbs("files/files.db"),
-                               S3Blobs(c.objects.rstrip("/") + "/files", c.s3_endpoint, c.s3_region) if c.objects
-                               else None)
+                               dbs("files/files.db"), c.blobs("files"))
         self.contexts = ContextStore(dbs("contexts.db"))
         # a cluster's node: joins once it listens (the daemon); an agent's calls go to its home node
         self.cluster = Membership(Nodes(dbs("cluster.db"), c.name(data), c.lease_s), c.heartbeat_s, c.forward) \
             if c.database else None
         self.forwarder = None
-        self.adapter_store = AdapterStore(data / "adapters", dbs("adapters/adapters.db"),
-                                          S3Blobs(c.objects.rstrip("/") + "/adapters", c.s3_endpoint, c.s3_region)
-                                          if c.objects else None)
+        self.adapter_store = AdapterStore(data / "adapters", dbs("adapters/adapters.db"), c.blobs("adapters"))
         self.vector = LazyVectorMemory(config)
         self.llm = LLMCore(config.effective_models(), config.default_model_name(), config.engine,
                            config.scheduler.make, data)
@@ -142,21 +137,19 @@ class Kernel:
         self.enrollments = Enrollments(dbs("access.db"))
         self.registration = Registration(self.registry, self.access_control, self.enrollments, config.registration,
                                          (config.aios.prefix,))
-        shared = SharedQuotas(dbs("quotas.db"), self.cluster.node_id,
-                              lambda: [n.node_id for n in self.cluster.view]) if self.cluster else None
+        shared = SharedQuotas(dbs("quotas.db"), self.cluster.node_id, self.cluster.node_ids) \
+            if self.cluster else None
         self.quotas = _quotas(config, self.access_control, shared)
         self.gate = Gate(self.registry, self.access_control, self.quotas)
         # tools, fine-tuning jobs
         self.tools = owners.tools = ToolManager(self.vector, self.access_control, config.tools)
         self.publisher = Publisher(self.llm, self.adapter_store, self.config.tuner.retention)
-        home_here = (lambda agent: (h := self.cluster.home(agent)) is None or h.node_id == self.cluster.node_id) \
-            if self.cluster is not None else None
         self.continual = Continual(dbs("tuner/continual.db"), self.adapter_store, self.traces, self.registry,
-                                   self.audit, config.tuner.continual_tick_s, home_here)
+                                   self.audit, config.tuner.continual_tick_s,
+                                   self.cluster.is_home if self.cluster is not None else None)
         self.publisher.serve_published()      # published adapters are served again after a restart
         t = config.tuner
-        shared_jobs = SharedJobs(S3Blobs(c.objects.rstrip("/") + "/jobs", c.s3_endpoint, c.s3_region),
-                                 self.cluster.node_id, lambda: [n.node_id for n in self.cluster.view]) \
+        shared_jobs = SharedJobs(c.blobs("jobs"), self.cluster.node_id, self.cluster.node_ids) \
             if self.cluster is not None and c.objects else None
         self.jobs = JobManager(data / "tuner", self.publisher.finish_job, max_jobs=t.max_jobs,
                                threads=t.threads or max(1, (os.cpu_count() or 2) // 2), nice=t.nice,
@@ -165,9 +158,7 @@ class Kernel:
         # use cases
         lim = config.limits
         snapshots = SnapshotStore(data / "snapshots", lim.max_snapshots_per_agent, lim.snapshot_ttl_s,
-                                  dbs("snapshots/snapshots.db"),
-                                  S3Blobs(c.objects.rstrip("/") + "/snapshots", c.s3_endpoint, c.s3_region)
-                                  if c.objects and c.database else None)
+                                  dbs("snapshots/snapshots.db"), c.blobs("snapshots") if c.database else None)
         self.generate = Generate(self.llm, config.limits, self.registry, self.quotas, self.access_control,
                                  self.continual, self.traces, self.lifecycle, self.contexts, self.vector,
                                  config.memory.summary_max_tokens, snapshots, self.tools, self.metrics.observe)

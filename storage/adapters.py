@@ -13,7 +13,6 @@ published a version or changed a default."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from kernos.abi.errors import StatusError
 
+from .blobs import get_tree, put_tree
 from .db import Where, connect, upsert
 from .durable import fsync_dir, fsync_tree
 
@@ -94,12 +94,8 @@ class AdapterStore:
             fsync_tree(tmp)
             tmp.rename(final)
             fsync_dir(home)
-            files = {}
-            if self.blobs is not None:            # the other nodes fetch it from the object store
-                for f in sorted(p for p in final.rglob("*") if p.is_file()):
-                    data = f.read_bytes()
-                    files[str(f.relative_to(final))] = digest = hashlib.sha256(data).hexdigest()
-                    self.blobs.put(digest, data)
+            # the other nodes fetch it from the object store
+            files = put_tree(self.blobs, final) if self.blobs is not None else {}
             created = time.time()
             with self._db:
                 self._db.execute(
@@ -120,12 +116,7 @@ class AdapterStore:
             return v.path
         tmp = v.path.with_name(f".{v.path.name}.fetch")
         shutil.rmtree(tmp, ignore_errors=True)
-        for rel, digest in v.files.items():
-            data = self.blobs.get(digest)
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise StatusError("DATA_LOSS", f"adapter {v.owner}:{v.name} v{v.version}: {rel} is corrupt")
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
+        get_tree(self.blobs, v.files, tmp, f"adapter {v.owner}:{v.name} v{v.version}")
         fsync_tree(tmp)
         shutil.rmtree(v.path, ignore_errors=True)
         tmp.rename(v.path)

@@ -16,6 +16,27 @@ from kernos.abi.errors import StatusError
 from .durable import fsync_dir
 
 
+def put_tree(blobs, folder: Path) -> dict[str, str]:
+    """Store every file under `folder`; its manifest (relative path -> sha256), which `get_tree` brings back."""
+    manifest = {}
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        manifest[str(f.relative_to(folder))] = digest = hashlib.sha256(data).hexdigest()
+        blobs.put(digest, data)
+    return manifest
+
+
+def get_tree(blobs, manifest: dict[str, str], folder: Path, what: str) -> None:
+    """Write a manifest's files under `folder`, each checked against its digest (`DATA_LOSS` naming `what` if one
+    is corrupt). The caller writes to a temporary folder and renames it, so a reader never sees half of one."""
+    for rel, digest in manifest.items():
+        data = blobs.get(digest)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StatusError("DATA_LOSS", f"{what}: {rel} is corrupt")
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+
+
 class LocalBlobs:
     def __init__(self, root: Path):
         self.root = Path(root)

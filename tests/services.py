@@ -48,6 +48,32 @@ def _as_postgres() -> list[str]:
 
 
 @contextlib.contextmanager
+def _serving(proc: subprocess.Popen, root: Path, ready, what: str, timeout: float, stop=signal.SIGTERM):
+    """Wait until `ready()` holds (it raises OSError, or returns False, while the server is not up), yield, then
+    stop the server (`stop`, then a kill after 30 s) and remove its folder."""
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if ready() is not False:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log = root / "log"
+                raise RuntimeError(f"{what} did not start" + (": " + log.read_text()[-2000:] if log.exists() else ""))
+            time.sleep(0.3)
+        yield
+    finally:
+        proc.send_signal(stop)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def postgres_server():
     """Yields a superuser URL (`postgresql://kernos@127.0.0.1:PORT/postgres`) of a fresh server."""
     bindir = postgres_bin()
@@ -66,26 +92,18 @@ def postgres_server():
                                               "-c", "max_connections=300"],
                             stdout=subprocess.DEVNULL, stderr=open(root / "log", "wb"))
     url = f"postgresql://kernos@127.0.0.1:{port}/postgres"
-    try:
+
+    def ready():
         import psycopg
 
-        deadline = time.time() + 60
-        while True:
-            try:
-                psycopg.connect(url, connect_timeout=2).close()
-                break
-            except psycopg.OperationalError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("PostgreSQL did not start: " + (root / "log").read_text()[-2000:]) from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)       # "fast" shutdown: clients still connected are disconnected
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(root, ignore_errors=True)
+            psycopg.connect(url, connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+
+    # SIGINT: PostgreSQL's "fast" shutdown (clients still connected are disconnected)
+    with _serving(proc, root, ready, "PostgreSQL", 60, signal.SIGINT):
+        yield url
 
 
 def fresh_database(server_url: str, name: str) -> str:
@@ -112,26 +130,15 @@ def s3_server():
                              "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", *args],
                             stdout=subprocess.DEVNULL, stderr=open(root / "log", "wb"))
     endpoint = f"http://127.0.0.1:{p[6]}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break           # it answers
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("SeaweedFS did not start: " + (root / "log").read_text()[-2000:]) from None
-                time.sleep(0.3)
-        yield endpoint
-    finally:
-        proc.terminate()
+
+    def ready():
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(root, ignore_errors=True)
+            urllib.request.urlopen(endpoint + "/", timeout=2)
+        except urllib.error.HTTPError:
+            pass                # it answers
+
+    with _serving(proc, root, ready, "SeaweedFS", 90):
+        yield endpoint
 
 
 @contextlib.contextmanager
@@ -144,21 +151,6 @@ def chroma_server():
     (port,) = free_ports(1)
     proc = subprocess.Popen([str(chroma), "run", "--path", str(root), "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/heartbeat", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("the Chroma server did not start") from None
-                time.sleep(0.3)
+    with _serving(proc, root, lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/heartbeat",
+                                                             timeout=2), "the Chroma server", 60):
         yield "127.0.0.1", port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(root, ignore_errors=True)

@@ -26,14 +26,20 @@ def chroma():
 
 
 @pytest.fixture
-def cluster_config(tmp_path, pg_url, s3_url, s3_endpoint, chroma):
+def shared(pg_url, s3_url, s3_endpoint):
+    """`[cluster]` settings of nodes on this test's database and bucket, with fast heartbeats; `more` on top."""
+    return lambda **more: {"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint, "heartbeat_s": 0.5,
+                           "lease_s": 3.0, **more}
+
+
+@pytest.fixture
+def cluster_config(tmp_path, shared, chroma):
     """Two or more nodes on shared backends, each serving calls where they arrive (no forwarding to home
     nodes): what one node wrote, another must read from the shared state."""
     from conftest import write_config
 
     return write_config(tmp_path / "cluster.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
-                        cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
-                                 "forward": False},
+                        cluster=shared(forward=False, heartbeat_s=2.0, lease_s=10.0),
                         memory={"chroma_url": chroma})
 
 
@@ -147,23 +153,48 @@ def _wait_for_view(addresses: list[str], n: int, timeout: float = 30.0) -> list:
     raise AssertionError(f"the nodes did not all see {n} live nodes: {[list(v.nodes) for v in views]}")
 
 
+def _homed_on(ids: list[str], node: int, prefix: str) -> str:
+    """An agent name whose home, over these live nodes, is `ids[node]`."""
+    from kernos.kernel.cluster.nodes import Node, rendezvous
+
+    return next(f"{prefix}{i}" for i in range(200)
+                if rendezvous([Node(n, "", "") for n in ids], f"{prefix}{i}").node_id == ids[node])
+
+
+def _start(tmp_path, cfg, n: int, prefix: str) -> list:
+    """`n` kernel processes on one config, each its own data dir: [(process, address)]. If one fails to start,
+    those started are stopped."""
+    procs = []
+    try:
+        for i in range(n):
+            procs.append(start_kernel(tmp_path / f"{prefix}{i}", str(cfg), timeout=120))
+    except BaseException:
+        _stop(procs)
+        raise
+    return procs
+
+
+def _stop(procs) -> None:
+    for p, _ in procs:
+        if p.poll() is None:
+            stop_kernel(p)
+
+
 def _served_on(addresses: list[str], agent: str) -> list[str]:
     """The nodes whose program table has a program of `agent` (a program lives where its calls ran)."""
     return [_operator_stats(a).node_id for a in addresses
             if any(p.agent_id == agent for p in _operator_stats(a).programs)]
 
 
-def test_three_nodes_serve_each_agent_on_its_home_and_move_it_on_death_and_drain(tmp_path, pg_url, s3_url,
-                                                                                    s3_endpoint):
+def test_three_nodes_serve_each_agent_on_its_home_and_move_it_on_death_and_drain(tmp_path, pg_url, shared):
     from conftest import write_config
 
     from kernos.kernel.cluster.nodes import Node, rendezvous
 
     cfg = write_config(tmp_path / "c.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
                        server={"admin_token": ADMIN},
-                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
-                                "heartbeat_s": 0.5, "lease_s": 3.0})
-    procs = [start_kernel(tmp_path / f"n{i}", str(cfg), timeout=120) for i in range(3)]
+                       cluster=shared())
+    procs = _start(tmp_path, cfg, 3, "n")
     addresses = [a for _, a in procs]
     try:
         views = _wait_for_view(addresses, 3)
@@ -226,12 +257,10 @@ def test_three_nodes_serve_each_agent_on_its_home_and_move_it_on_death_and_drain
     finally:
         for s in locals().get("agents", {}).values():
             s.close()
-        for p, _ in procs:
-            if p.poll() is None:
-                stop_kernel(p)
+        _stop(procs)
 
 
-def test_migrate_a_single_kernel_into_the_cluster(tmp_path, pg_url, s3_url, s3_endpoint):
+def test_migrate_a_single_kernel_into_the_cluster(tmp_path, pg_url, shared):
     """A single kernel's agents, tokens, grants, files (every version), contexts, memories and traces carry over
     with `kernos migrate`; a second run copies nothing twice; the cluster node goes on from there."""
     from conftest import write_config
@@ -260,7 +289,7 @@ def test_migrate_a_single_kernel_into_the_cluster(tmp_path, pg_url, s3_url, s3_e
                          "--data-dir", str(single)], capture_output=True, text=True, check=True).stdout.strip()
     with chroma_server() as (host, port):
         cfg = write_config(tmp_path / "cluster.toml", echo,
-                           cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint},
+                           cluster=shared(),
                            memory={"chroma_url": f"http://{host}:{port}"})
         for run in range(2):
             out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "migrate", "--config", str(cfg),
@@ -313,7 +342,7 @@ def test_a_client_given_every_node_rides_out_the_death_of_its_node(tmp_path, clu
         stop_kernel(b)
 
 
-def test_a_groups_quota_holds_across_nodes(tmp_path, pg_url, s3_url, s3_endpoint):
+def test_a_groups_quota_holds_across_nodes(tmp_path, shared):
     """Members of one group homed on different nodes share the group's requests per second and its tokens per
     minute: together they get the budget once, not once per node."""
     from conftest import write_config
@@ -323,9 +352,8 @@ def test_a_groups_quota_holds_across_nodes(tmp_path, pg_url, s3_url, s3_endpoint
     cfg = write_config(tmp_path / "q.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
                        server={"admin_token": ADMIN},
                        quotas={"groups": {"team": {"requests_per_second": 6, "tokens_per_minute": 400}}},
-                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
-                                "heartbeat_s": 0.5, "lease_s": 3.0})
-    procs = [start_kernel(tmp_path / f"q{i}", str(cfg), timeout=120) for i in range(2)]
+                       cluster=shared())
+    procs = _start(tmp_path, cfg, 2, "q")
     try:
         views = _wait_for_view([a for _, a in procs], 2)
         ids = [v.node_id for v in views]
@@ -366,11 +394,10 @@ def test_a_groups_quota_holds_across_nodes(tmp_path, pg_url, s3_url, s3_endpoint
         sx.close()
         sy.close()
     finally:
-        for p, _ in procs:
-            stop_kernel(p)
+        _stop(procs)
 
 
-def test_an_adapter_published_on_one_node_is_served_by_the_others(tmp_path, pg_url, s3_url, s3_endpoint,
+def test_an_adapter_published_on_one_node_is_served_by_the_others(tmp_path, pg_url, s3_url, s3_endpoint, shared,
                                                                   tiny_models, lora_adapters):
     """The registry is shared and a version's files travel through the object store: a node that did not train
     it fetches it, checks it, hot-loads it at its next heartbeat, and follows the agent's default adapter."""
@@ -381,8 +408,7 @@ def test_an_adapter_published_on_one_node_is_served_by_the_others(tmp_path, pg_u
     from kernos.storage.db import Databases
 
     cfg = write_config(tmp_path / "a.toml", [{"name": "tiny", "path": str(tiny_models["llama"])}],
-                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
-                                "heartbeat_s": 0.5, "lease_s": 3.0}, engine={"dtype": "float32"})
+                       cluster=shared(), engine={"dtype": "float32"})
     proc, addr = start_kernel(tmp_path / "node", str(cfg), timeout=120)
     try:
         with kernos.sdk.connect(addr, agent="ada") as s:
@@ -409,24 +435,20 @@ def test_an_adapter_published_on_one_node_is_served_by_the_others(tmp_path, pg_u
         stop_kernel(proc)
 
 
-def test_a_drained_node_hands_a_running_stream_to_the_agents_new_home(tmp_path, pg_url, s3_url, s3_endpoint,
-                                                                      tiny_models):
+def test_a_drained_node_hands_a_running_stream_to_the_agents_new_home(tmp_path, pg_url, shared, tiny_models):
     """Drain the node a generation streams on: it is snapshotted there, restored on the agent's new home, and the
     client's one stream goes on to the same tokens as an uninterrupted run."""
     from conftest import write_config
 
-    from kernos.kernel.cluster.nodes import Node, rendezvous
 
     cfg = write_config(tmp_path / "d.toml", [{"name": "tiny", "path": str(tiny_models["llama"])}],
                        server={"admin_token": ADMIN}, engine={"dtype": "float32"},
-                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
-                                "heartbeat_s": 0.3, "lease_s": 3.0})
-    procs = [start_kernel(tmp_path / f"d{i}", str(cfg), timeout=120) for i in range(2)]
+                       cluster=shared(heartbeat_s=0.3))
+    procs = _start(tmp_path, cfg, 2, "d")
     try:
         views = _wait_for_view([a for _, a in procs], 2)
         ids = [v.node_id for v in views]
-        agent = next(f"mover{i}" for i in range(50)
-                     if rendezvous([Node(n, "", "") for n in ids], f"mover{i}").node_id == ids[0])
+        agent = _homed_on(ids, 0, "mover")
         kw = dict(model="tiny", max_tokens=1500, temperature=0.9, top_k=50, seed=11, stop=["never-appears-xyz"])
         with kernos.sdk.connect(procs[0][1], agent=agent) as s:
             reference = s.llm.chat("the agent kernel", **kw)
@@ -447,27 +469,23 @@ def test_a_drained_node_hands_a_running_stream_to_the_agents_new_home(tmp_path, 
         other = next(m for m in _operator_stats(procs[1][1]).models if m.name == "tiny")
         assert 0 < other.generated_tokens < reference.completion_tokens, "the rest ran on the other node"
     finally:
-        for p, _ in procs:
-            stop_kernel(p)
+        _stop(procs)
 
 
-def test_openai_clients_reach_the_agents_home_through_any_node(tmp_path, pg_url, s3_url, s3_endpoint):
+def test_openai_clients_reach_the_agents_home_through_any_node(tmp_path, shared):
     """The `openai` package against node 0's /v1, for an agent homed on node 1: the call (and a stream) runs on
     node 1; the client never knows."""
     import openai
     from conftest import write_config
 
-    from kernos.kernel.cluster.nodes import Node, rendezvous
 
     cfg = write_config(tmp_path / "h.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
                        server={"admin_token": ADMIN},
-                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
-                                "heartbeat_s": 0.5, "lease_s": 3.0})
-    procs = [start_kernel(tmp_path / f"h{i}", str(cfg), timeout=120) for i in range(2)]
+                       cluster=shared())
+    procs = _start(tmp_path, cfg, 2, "h")
     try:
         ids = [v.node_id for v in _wait_for_view([a for _, a in procs], 2)]
-        name = next(f"web{i}" for i in range(50) if rendezvous([Node(n, "", "") for n in ids], f"web{i}").node_id
-                    == ids[1])
+        name = _homed_on(ids, 1, "web")
         with kernos.sdk.connect(procs[1][1], agent=name) as s:
             token = s.token
         client = openai.OpenAI(base_url=f"http://{procs[0][0].http_address}/v1", api_key=token)
@@ -485,11 +503,10 @@ def test_openai_clients_reach_the_agents_home_through_any_node(tmp_path, pg_url,
         with pytest.raises(openai.AuthenticationError):            # a bad token is refused where it arrives
             openai.OpenAI(base_url=f"http://{procs[0][0].http_address}/v1", api_key="kn_nope").models.list()
     finally:
-        for p, _ in procs:
-            stop_kernel(p)
+        _stop(procs)
 
 
-def test_a_fine_tuning_job_on_a_dead_node_resumes_on_another(tmp_path, pg_url, s3_url, s3_endpoint, tiny_models):
+def test_a_fine_tuning_job_on_a_dead_node_resumes_on_another(tmp_path, shared, tiny_models):
     """The job's folder and its last whole checkpoint are in the object store as it trains: when its node is
     SIGKILLed, a live node adopts the job once the lease expires and resumes it from that checkpoint."""
     import signal
@@ -497,17 +514,14 @@ def test_a_fine_tuning_job_on_a_dead_node_resumes_on_another(tmp_path, pg_url, s
     from conftest import write_config
     from test_finetune import LOOSE_RETENTION, task
 
-    from kernos.kernel.cluster.nodes import Node, rendezvous
 
     cfg = write_config(tmp_path / "j.toml", [{"name": "tiny-llama", "path": str(tiny_models["llama"])}],
                        server={"admin_token": ADMIN}, tuner={"threads": 1, "retention": LOOSE_RETENTION},
-                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
-                                "heartbeat_s": 0.5, "lease_s": 3.0})
-    procs = [start_kernel(tmp_path / f"j{i}", str(cfg), timeout=120) for i in range(2)]
+                       cluster=shared())
+    procs = _start(tmp_path, cfg, 2, "j")
     try:
         ids = [v.node_id for v in _wait_for_view([a for _, a in procs], 2)]
-        name = next(f"tuner{i}" for i in range(50)
-                    if rendezvous([Node(n, "", "") for n in ids], f"tuner{i}").node_id == ids[0])
+        name = _homed_on(ids, 0, "tuner")
         with kernos.sdk.connect(procs[0][1], agent=name) as s:
             for q, right in task(24, seed=1):
                 s.tuner.feedback(s.llm.chat(q, max_tokens=2).request_id, preferred=right)
@@ -530,12 +544,10 @@ def test_a_fine_tuning_job_on_a_dead_node_resumes_on_another(tmp_path, pg_url, s
             assert j.base.loss is not None                                # the base evaluation came along
             assert s.tuner.cancel(job.job_id).job_id == job.job_id
     finally:
-        for p, _ in procs:
-            if p.poll() is None:
-                stop_kernel(p)
+        _stop(procs)
 
 
-def test_nodes_serving_tls_forward_to_each_other_over_tls(tmp_path, pg_url, s3_url, s3_endpoint):
+def test_nodes_serving_tls_forward_to_each_other_over_tls(tmp_path, pg_url, shared):
     """Two nodes that serve only TLS with client certificates (mTLS): a call for an agent homed on the other node
     is forwarded over TLS, the forwarding node presenting its own certificate."""
     import ipaddress
@@ -545,7 +557,6 @@ def test_nodes_serving_tls_forward_to_each_other_over_tls(tmp_path, pg_url, s3_u
     from cryptography.hazmat.primitives import serialization
     from test_transport import _cert, _key
 
-    from kernos.kernel.cluster.nodes import Node, rendezvous
 
     def write(name, cert, key):
         (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -560,9 +571,8 @@ def test_nodes_serving_tls_forward_to_each_other_over_tls(tmp_path, pg_url, s3_u
     cfg = write_config(tmp_path / "t.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
                        server={"tls_cert": pem["node"], "tls_key": str(tmp_path / "node.key"),
                                "tls_client_ca": pem["ca"], "admin_token": ADMIN},
-                       cluster={"database": pg_url, "objects": s3_url, "s3_endpoint": s3_endpoint,
-                                "heartbeat_s": 0.5, "lease_s": 3.0, "tls_ca": pem["ca"]})
-    procs = [start_kernel(tmp_path / f"t{i}", str(cfg), timeout=120) for i in range(2)]
+                       cluster=shared(tls_ca=pem["ca"]))
+    procs = _start(tmp_path, cfg, 2, "t")
     tls = dict(tls_ca=pem["ca"], tls_cert=pem["client"], tls_key=str(tmp_path / "client.key"))
     try:
         deadline = time.time() + 30
@@ -582,8 +592,7 @@ def test_nodes_serving_tls_forward_to_each_other_over_tls(tmp_path, pg_url, s3_u
         by_address = {n.grpc_address: n.node_id for n in live}
         entry = procs[0][1]
         other = next(i for i in ids if i != by_address[entry])
-        name = next(f"tls{i}" for i in range(50) if rendezvous([Node(n, "", "") for n in ids], f"tls{i}").node_id
-                    == other)
+        name = _homed_on(ids, ids.index(other), "tls")
         with kernos.sdk.connect(entry, agent=name, **tls) as s:
             assert s.llm.chat("over tls", model="echo", max_tokens=4, program_id="tls-p").text
         stats = {}
@@ -595,5 +604,4 @@ def test_nodes_serving_tls_forward_to_each_other_over_tls(tmp_path, pg_url, s3_u
             "the call was forwarded to the agent's home over TLS"
         assert any(p.program_id == "tls-p" for p in stats[other].programs)
     finally:
-        for p, _ in procs:
-            stop_kernel(p)
+        _stop(procs)

@@ -60,6 +60,14 @@ class ClusterConfig(_Strict):
             raise ValueError("1-64 characters of letters, digits, '-', '_', '.', ':'")
         return v
 
+    def blobs(self, kind: str):
+        """The object store's part for `kind` ("files", "adapters", "snapshots", "jobs"); None without one."""
+        if not self.objects:
+            return None
+        from kernos.storage.blobs import S3Blobs
+
+        return S3Blobs(f"{self.objects.rstrip('/')}/{kind}", self.s3_endpoint, self.s3_region)
+
     def name(self, data_dir: Path) -> str:
         return self.node_id or f"{socket.gethostname()[:40]}-{hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]}"
 

@@ -65,6 +65,19 @@ class Membership:
         pinned = self.pins.get(agent_id)
         return next((n for n in up if n.node_id == pinned), None) or rendezvous(up, agent_id)
 
+    def elsewhere(self, agent_id: str | None) -> Node | None:
+        """The node to forward this agent's call to: its home when that is another node (None: serve it here)."""
+        home = self.home(agent_id) if agent_id else None
+        return None if home is None or home.node_id == self.node_id else home
+
+    def is_home(self, agent_id: str) -> bool:
+        """Whether this node is the agent's home (or no node is up to be one)."""
+        return self.elsewhere(agent_id) is None
+
+    def node_ids(self) -> list[str]:
+        """The nodes alive in this node's current view."""
+        return [n.node_id for n in self.view]
+
     def unreachable(self, node: Node) -> None:
         self._unreachable[node.node_id] = node.heartbeat
         self.served_for_dead += 1

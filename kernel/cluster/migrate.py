@@ -115,10 +115,7 @@ def migrate(data_dir: Path, config, progress=print) -> Report:
         if path.exists():
             copy_store(path, dbs, relpath, report, progress)
     if c.objects and (data_dir / "files" / "blobs").is_dir():
-        from kernos.storage.blobs import S3Blobs
-
-        copy_blobs(data_dir / "files" / "blobs", S3Blobs(c.objects.rstrip("/") + "/files", c.s3_endpoint,
-                                                         c.s3_region), report, progress)
+        copy_blobs(data_dir / "files" / "blobs", c.blobs("files"), report, progress)
     url = config.memory.chroma_url
     if url and (data_dir / "chroma").is_dir():
         host, _, port = url.split("://", 1)[-1].rstrip("/").rpartition(":")

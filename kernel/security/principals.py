@@ -170,12 +170,8 @@ class AgentRegistry:
 
     # -- sessions --------------------------------------------------------------------------------------------
     def authenticate(self, token: str | None) -> Agent | None:
-        if not token:
-            return None
-        h = hash_token(token)
         with self._lock:
-            self._sync()
-            agent_id = self._by_token.get(h) or self._look_up(h)
+            agent_id = self._holder(token)
             if agent_id is None:
                 return None
             agent = self._agents[agent_id]
@@ -188,12 +184,16 @@ class AgentRegistry:
 
     def identify(self, token: str | None) -> str | None:
         """Whose token this is (no session, no counters): where a cluster forwards the call."""
+        with self._lock:
+            return self._holder(token)
+
+    def _holder(self, token: str | None) -> str | None:
+        """The agent holding `token` (called under the lock)."""
         if not token:
             return None
         h = hash_token(token)
-        with self._lock:
-            self._sync()
-            return self._by_token.get(h) or self._look_up(h)
+        self._sync()
+        return self._by_token.get(h) or self._look_up(h)
 
     def _look_up(self, h: str) -> str | None:
         """A token not known here may be an agent another node registered a moment ago (in a cluster, change

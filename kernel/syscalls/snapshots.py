@@ -6,7 +6,6 @@ naming them and its owner, so that any node can restore it (a drained node's gen
 agents' new homes); a node fetches the folder when it does not have it."""
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 from kernos.abi.errors import StatusError, invalid, not_found
+from kernos.storage.blobs import get_tree, put_tree
 from kernos.storage.db import Where, connect, upsert
 
 SNAPSHOT_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -38,11 +38,7 @@ class SnapshotStore:
         """Store a snapshot where every node finds it (a cluster; nothing on one machine). Blocking."""
         if self._db is None:
             return
-        folder, files = self.root / snapshot_id, {}
-        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-            data = f.read_bytes()
-            files[str(f.relative_to(folder))] = digest = hashlib.sha256(data).hexdigest()
-            self.blobs.put(digest, data)
+        files = put_tree(self.blobs, self.root / snapshot_id)
         self._db.execute(upsert("snapshots", ("snapshot_id", "agent_id", "files", "created"), ("snapshot_id",)),
                          (snapshot_id, agent_id, json.dumps(files), time.time()))
 
@@ -55,12 +51,7 @@ class SnapshotStore:
         folder = self.root / snapshot_id
         tmp = self.root / f".{snapshot_id}.fetch"
         shutil.rmtree(tmp, ignore_errors=True)
-        for rel, digest in json.loads(row[0]).items():
-            data = self.blobs.get(digest)
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise StatusError("DATA_LOSS", f"snapshot '{snapshot_id}': {rel} is corrupt")
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
+        get_tree(self.blobs, json.loads(row[0]), tmp, f"snapshot '{snapshot_id}'")
         tmp.rename(folder)
 
     def consume(self, snapshot_id: str) -> None:

@@ -12,6 +12,8 @@ import json
 import threading
 from pathlib import Path
 
+from kernos.storage.blobs import get_tree
+
 SKIP = ("worker.log", "lock", "cancel")
 
 
@@ -78,12 +80,7 @@ class SharedJobs:
 
     def fetch(self, manifest: dict[str, str], d: Path) -> None:
         """Bring a claimed job's folder here (every file checked against its digest)."""
-        for rel, digest in manifest.items():
-            data = self.blobs.get(digest)
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise ValueError(f"{rel} of the job's folder is corrupt in the object store")
-            (d / rel).parent.mkdir(parents=True, exist_ok=True)
-            (d / rel).write_bytes(data)
+        get_tree(self.blobs, manifest, d, "the job's folder")
 
     def orphaned(self, node: str) -> bool:
         return node != self.node_id and node not in set(self.alive_nodes())

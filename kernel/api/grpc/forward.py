@@ -54,11 +54,7 @@ class Forwarder:
                 return None
             if key == "authorization":
                 token = bearer(value)
-        agent = self.identify(token) if token else None
-        if agent is None:
-            return None
-        home = self.membership.home(agent)
-        return None if home is None or home.node_id == self.membership.node_id else home
+        return self.membership.elsewhere(self.identify(token) if token else None)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)

@@ -32,9 +32,8 @@ class HomeForwarding:
                 return None
             if k == b"authorization":
                 token = bearer(v.decode("latin-1"))
-        agent = self.identify(token) if token else None
-        home = self.membership.home(agent) if agent else None
-        return home if home is not None and home.node_id != self.membership.node_id and home.http_address else None
+        home = self.membership.elsewhere(self.identify(token) if token else None)
+        return home if home is not None and home.http_address else None
 
     async def __call__(self, scope, receive, send):
         home = self._home(scope) if scope["type"] == "http" else None
