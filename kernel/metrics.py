@@ -62,7 +62,9 @@ class _KernelCollector:
             ("prompt_tokens", "Prompt tokens prefilled"), ("generation_tokens", "Tokens generated"),
             ("request_success", "Requests finished"), ("num_preemptions", "Context switches (preemptions)"),
             ("prefix_cache_queries", "Prompt tokens prefilled or looked up in the resident cache"),
-            ("prefix_cache_hits", "Prompt tokens served by the resident cache"))}
+            ("prefix_cache_hits", "Prompt tokens served by the resident cache"),
+            ("spec_decode_num_draft_tokens", "Tokens drafted by prompt lookup"),
+            ("spec_decode_num_accepted_tokens", "Drafted tokens accepted"))}
         for m in k.llm.models.values():
             st = m.engine.stats
             budget = m.engine.cache_budget_bytes
@@ -77,6 +79,8 @@ class _KernelCollector:
             g["resident_cache_bytes"].add_metric([m.name], st.resident_bytes)
             c["prefix_cache_queries"].add_metric([m.name], st.prompt_tokens)
             c["prefix_cache_hits"].add_metric([m.name], st.prefix_tokens_reused)
+            c["spec_decode_num_draft_tokens"].add_metric([m.name], st.draft_tokens)
+            c["spec_decode_num_accepted_tokens"].add_metric([m.name], st.draft_accepted)
         yield from g.values()
         yield from c.values()
         pauses = CounterMetricFamily("kernos:tool_pauses", "KV kept through tool pauses, by outcome",

@@ -548,3 +548,33 @@ def test_a_program_spans_calls_and_transports_and_keeps_its_kv_through_a_tool_pa
     assert sorted(p.calls for pid, p in stats()[0].items() if pid.startswith("conv:")) [-1] >= 2
     with pytest.raises(openai.BadRequestError, match="program_id"):
         client.chat.completions.create(model=MODEL, messages=convo, max_tokens=4, extra_body={"program_id": "x" * 200})
+
+
+def test_a_reply_that_restates_its_prompt_takes_drafts_counted_in_stats_and_metrics(hk):
+    """Issue 33, prompt lookup: an agent restating a record through /v1 drafts from its prompt on the own kernels
+    (alone in its batch); the drafts are counted per model in Stats and `/metrics`. (That the tokens equal those
+    of plain decoding is tests/test_prompt_lookup.py's.)"""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kernos.kernel.llm import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        pytest.skip("the own bf16 kernels do not run here: no prompt lookup")
+    client, session, http, *_ = hk
+
+    def model():
+        return {m.name: m for m in session.kernel.stats().models}[MODEL]
+    m0 = model()
+    record = {"order_id": "A-1042", "customer": "Dana Okafor", "status": "pending", "city": "Lagos"}
+    r = client.chat.completions.create(model=MODEL, max_tokens=48, messages=[
+        {"role": "user", "content": f"Here is an order record: {json.dumps(record)}\nRepeat the record exactly."}])
+    assert r.usage.completion_tokens > 8
+    m1 = model()
+    assert m1.draft_tokens > m0.draft_tokens and m1.draft_accepted > m0.draft_accepted
+    assert m1.draft_accepted <= m1.draft_tokens
+    text = httpx.get(f"http://{http}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    samples = {(s.name, s.labels.get("model")): s.value for f in text_string_to_metric_families(text)
+               for s in f.samples}
+    assert samples[("kernos:spec_decode_num_accepted_tokens_total", MODEL)] == m1.draft_accepted
+    assert samples[("kernos:spec_decode_num_draft_tokens_total", MODEL)] == m1.draft_tokens

@@ -297,6 +297,16 @@ def test_vllm_entries_are_checked_before_vllm_starts(tmp_path):
     args = engine_args(m, EngineConfig(), tmp_path)
     assert args["dtype"] == "bfloat16" and args["max_num_seqs"] == 8 and args["block_size"] == 32
     assert args["scheduling_policy"] == "priority" and args["model"] == str(tmp_path)
+    assert "speculative_config" not in args
+    # prompt lookup: vLLM's n-gram drafts, with the own engine's matches (1 to 3 tokens)
+    drafts = engine_args(ModelConfig(name="m", path="x", kind="vllm", vllm={"prompt_lookup_tokens": 5}),
+                         EngineConfig(), tmp_path)["speculative_config"]
+    assert drafts == {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    if importlib.util.find_spec("vllm") is not None:
+        from vllm.config import SpeculativeConfig
+
+        fields = getattr(SpeculativeConfig, "__dataclass_fields__", None) or SpeculativeConfig.model_fields
+        assert set(drafts) <= set(fields)
     # [scheduler] policy maps onto what vLLM can do, or is refused by name: never silently ignored
     from kernos.kernel.config import SchedulerConfig
 

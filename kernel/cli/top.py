@@ -28,7 +28,7 @@ def render(st, detail: bool = True) -> str:
     lines.append(
         f"{'model':<24}{'policy':<12}{'run':>4}{'wait':>5}{'pre':>4}{'susp':>5}{'done':>6}{'tok/s':>8}"
         f"{'batch':>6}{'queue ms':>9}{'cache MB':>9}{'switches':>9}{'swap/rec':>9}{'sw ms':>8}"
-        f"{'resident MB':>12}{'hit %':>6}{'reused':>8}"
+        f"{'resident MB':>12}{'hit %':>6}{'reused':>8}{'draft %':>8}"
     )
     for m in st.models:
         mark = "*" if m.name == st.default_model else " "
@@ -41,6 +41,7 @@ def render(st, detail: bool = True) -> str:
             f"{m.cache_bytes / 2**20:>6.1f}{budget:<3}{m.context_switches:>9}{f'{m.swaps}/{m.recomputes}':>9}"
             f"{m.switch_ms:>8.1f}{m.resident_bytes / 2**20:>12.1f}"
             f"{(100 * m.prefix_hits / m.prefix_lookups if m.prefix_lookups else 0):>6.0f}{m.prefix_tokens_reused:>8}"
+            f"{(f'{100 * m.draft_accepted / m.draft_tokens:.0f}' if m.draft_tokens else '-'):>8}"
         )
     active = [j for j in st.tuner_jobs if j.state in ("queued", "running")]
     if active or (detail and st.tuner_jobs):

@@ -34,6 +34,8 @@ class EngineStats:
     prefix_lookups: int = 0         # prefills that looked for a resident prefix
     prefix_hits: int = 0            # ... and found one
     prefix_tokens_reused: int = 0   # prompt tokens not prefilled thanks to a resident prefix
+    draft_tokens: int = 0           # prompt lookup: tokens drafted ...
+    draft_accepted: int = 0         # ... and accepted (each saved a decode step)
     pauses: dict = field(default_factory=dict)   # KV through tool pauses: pinned / reused / expired / swapped / dropped
     recent: deque = field(default_factory=lambda: deque(maxlen=512))  # (time, tokens) per step
     queue_waits: deque = field(default_factory=lambda: deque(maxlen=256))  # ms from arrival to first admission

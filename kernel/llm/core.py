@@ -97,6 +97,7 @@ def _load(cfg: ModelConfig, engine_cfg: EngineConfig, make_policy, data_dir: Pat
                                 swap_dir=data_dir / "swap" / cfg.name, resident_bytes=e.resident_cache_bytes,
                                 resident_ttl_s=e.resident_ttl_s, prefill_chunk=e.prefill_chunk_tokens,
                                 pause_max_s=e.tool_pause_max_s, prefill_per_step=e.prefill_tokens_per_step,
+                                prompt_lookup=e.prompt_lookup_tokens,
                                 prefill_step_s=e.prefill_step_ms / 1e3,
                                 prefill_shrink_from=(e.prefill_chunk_shrink_from if e.prefill_chunk_shrink_from >= 0
                                                      else 2048 if lm.device.type == "cpu" else 0))

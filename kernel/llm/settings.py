@@ -59,6 +59,11 @@ class EngineConfig(_Strict):
         120.0, ge=0, description="a reply that ends in tool calls keeps its call's KV resident for the program's "
                                  "follow-up as long as that tool's pauses are predicted to last (the 90th percentile "
                                  "of those observed), at most this long; 0: off")
+    prompt_lookup_tokens: int = Field(
+        8, ge=0, le=32, description="prompt-lookup decoding on the own CPU kernels: a reply alone in its batch drafts "
+                                    "up to this many tokens copied from where its last tokens occurred before (in its "
+                                    "prompt or reply), verified in one forward; output identical to plain decoding; "
+                                    "0: off")
     prefill_chunk_tokens: int = Field(
         0, ge=0, description="prompts run in chunks starting at multiples of this; resident prefixes are reused up "
                              "to a chunk boundary (on the own kernels up to any token); 0: 32 on the own kernels, "
@@ -86,6 +91,10 @@ class VllmArgs(_Strict):
     max_lora_rank: int = Field(16, ge=1, description="the largest adapter rank it can serve")
     max_cpu_loras: int | None = Field(None, ge=1, description="adapters kept loaded in host memory (LRU)")
     enforce_eager: bool = Field(False, description="no compilation or CUDA graphs: starts faster, runs slower")
+    prompt_lookup_tokens: int = Field(0, ge=0, le=32, description="vLLM's n-gram speculative decoding (prompt "
+                                                                   "lookup, as the own engine's "
+                                                                   "engine.prompt_lookup_tokens): tokens drafted a "
+                                                                   "step, from matches of 1-3 tokens; 0: off")
     extra: dict[str, object] = Field(default_factory=dict, description="any other AsyncEngineArgs field, as is")
 
 

@@ -124,7 +124,7 @@ class RequestStats(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., age_ms: _Optional[float] = ..., preemptions: _Optional[int] = ..., priority: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., program_id: _Optional[str] = ...) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("name", "architecture", "device", "dtype", "adapters", "parameters", "running", "waiting", "completed", "prompt_tokens", "generated_tokens", "decode_steps", "tokens_per_s", "mean_batch_size", "cache_bytes", "requests", "cancelled", "policy", "context_switches", "switch_ms", "swaps", "recomputes", "preempted", "suspended", "cache_budget_bytes", "preempted_by_reason", "queue_wait_ms", "resident_bytes", "resident_entries", "prefix_lookups", "prefix_hits", "prefix_tokens_reused", "tool_pauses")
+    __slots__ = ("name", "architecture", "device", "dtype", "adapters", "parameters", "running", "waiting", "completed", "prompt_tokens", "generated_tokens", "decode_steps", "tokens_per_s", "mean_batch_size", "cache_bytes", "requests", "cancelled", "policy", "context_switches", "switch_ms", "swaps", "recomputes", "preempted", "suspended", "cache_budget_bytes", "preempted_by_reason", "queue_wait_ms", "resident_bytes", "resident_entries", "prefix_lookups", "prefix_hits", "prefix_tokens_reused", "tool_pauses", "draft_tokens", "draft_accepted")
     class PreemptedByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,8 @@ class ModelStats(_message.Message):
     PREFIX_HITS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
     TOOL_PAUSES_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     device: str
@@ -205,7 +207,9 @@ class ModelStats(_message.Message):
     prefix_hits: int
     prefix_tokens_reused: int
     tool_pauses: _containers.ScalarMap[str, int]
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., parameters: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., completed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., decode_steps: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., mean_batch_size: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestStats, _Mapping]]] = ..., cancelled: _Optional[int] = ..., policy: _Optional[str] = ..., context_switches: _Optional[int] = ..., switch_ms: _Optional[float] = ..., swaps: _Optional[int] = ..., recomputes: _Optional[int] = ..., preempted: _Optional[int] = ..., suspended: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., preempted_by_reason: _Optional[_Mapping[str, int]] = ..., queue_wait_ms: _Optional[float] = ..., resident_bytes: _Optional[int] = ..., resident_entries: _Optional[int] = ..., prefix_lookups: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_tokens_reused: _Optional[int] = ..., tool_pauses: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    draft_tokens: int
+    draft_accepted: int
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., parameters: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., completed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., decode_steps: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., mean_batch_size: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestStats, _Mapping]]] = ..., cancelled: _Optional[int] = ..., policy: _Optional[str] = ..., context_switches: _Optional[int] = ..., switch_ms: _Optional[float] = ..., swaps: _Optional[int] = ..., recomputes: _Optional[int] = ..., preempted: _Optional[int] = ..., suspended: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., preempted_by_reason: _Optional[_Mapping[str, int]] = ..., queue_wait_ms: _Optional[float] = ..., resident_bytes: _Optional[int] = ..., resident_entries: _Optional[int] = ..., prefix_lookups: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_tokens_reused: _Optional[int] = ..., tool_pauses: _Optional[_Mapping[str, int]] = ..., draft_tokens: _Optional[int] = ..., draft_accepted: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
     __slots__ = ("version", "uptime_s", "active_agents", "syscalls", "in_flight", "models", "default_model", "tuner_jobs", "programs", "node_id", "nodes", "forwarded", "served_for_unreachable")

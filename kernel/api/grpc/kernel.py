@@ -33,7 +33,7 @@ def _model_stats(load: ModelLoad) -> pb.ModelStats:
         cache_budget_bytes=load.cache_budget_bytes, preempted_by_reason=st.preempted_by_reason,
         queue_wait_ms=st.queue_wait_ms(), resident_bytes=st.resident_bytes, resident_entries=st.resident_entries,
         prefix_lookups=st.prefix_lookups, prefix_hits=st.prefix_hits, prefix_tokens_reused=st.prefix_tokens_reused,
-        tool_pauses=st.pauses,
+        tool_pauses=st.pauses, draft_tokens=st.draft_tokens, draft_accepted=st.draft_accepted,
         requests=[pb.RequestStats(request_id=v.request_id, agent_id=v.agent_id, model=m.name, state=state,
                                   prompt_tokens=v.prompt_tokens, generated_tokens=v.generated,
                                   age_ms=(now - v.arrival) * 1e3, preemptions=v.preemptions, priority=v.priority,

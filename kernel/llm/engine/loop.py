@@ -38,6 +38,7 @@ from ..registry import LoadedModel
 from ..sampling import greedy_tokens
 from ..types import EngineClosed, Failed, Finish, GenRequest, RequestHandle, RequestTooLarge
 from .batch import RunningBatch
+from .drafting import Drafting
 from .prefill import Prefill
 from .resident import ResidentCache
 from .runner import Chunking, ModelRunner
@@ -48,7 +49,7 @@ from .switching import ContextSwitching
 log = logging.getLogger("kernos.llm")
 
 
-class TransformersEngine(Prefill, ContextSwitching, Engine):
+class TransformersEngine(Prefill, ContextSwitching, Drafting, Engine):
     shaping = ALL_SHAPING      # every sampling field (kernos.kernel.llm.types.Shaping)
     scores = True
 
@@ -56,7 +57,8 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
                  max_tokens_in_flight: int = 0, cache_budget_bytes: int = 0, preemption: str = "auto",
                  swap_host_bytes: int = 4 << 30, swap_dir: Path | None = None, resident_bytes: int = 0,
                  resident_ttl_s: float = 600.0, prefill_chunk: int = 0, pause_max_s: float = 120.0,
-                 prefill_per_step: int = 256, prefill_step_s: float = 0.0, prefill_shrink_from: int = 0):
+                 prefill_per_step: int = 256, prefill_step_s: float = 0.0, prefill_shrink_from: int = 0,
+                 prompt_lookup: int = 0):
         self.runner = ModelRunner(lm)
         self.costs = CostModel(preemption, exact_recompute=self.runner.exact_recompute)
         self.lm = lm
@@ -71,6 +73,7 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
         self.prefill_chunk = prefill_chunk or (32 if self.runner.position_exact else 128)
         self.chunking = Chunking(self.prefill_chunk, prefill_shrink_from)
         self.pause_max_s = pause_max_s
+        self.lookup_tokens = prompt_lookup         # most tokens a lone row drafts a step (drafting.py); 0: none
         self.prefill_per_step = prefill_per_step    # prompt tokens between two decode steps (0: admitted ones whole)
         self.prefill_step_s = prefill_step_s        # ... and the time they may take (0: no limit; one chunk at least)
         self.prefilling: list[Sequence] = []        # admitted, their prompts a few chunks a step (prefill.py)
@@ -300,6 +303,9 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
 
     def _decode_step(self) -> None:
         rows = self.rows
+        draft = self._draft(rows[0]) if self.lookup_tokens and len(rows) == 1 else None
+        if draft:
+            return self._verify_step(rows[0], draft)
         t0 = time.perf_counter()
         logits = self.runner.decode(self.batch)
         self.costs.observe_decode(len(rows), time.perf_counter() - t0)
@@ -327,13 +333,13 @@ class TransformersEngine(Prefill, ContextSwitching, Engine):
             self.batch.remove(done)
         self.stats.cache_bytes = self.batch.nbytes()
 
-    def _count_tokens(self, seqs: list[Sequence], now: float) -> None:
+    def _count_tokens(self, seqs: list[Sequence], now: float, each: int = 1) -> None:
         for s in seqs:
             if s.req.program is not None:
-                s.req.program.computed(1)
-        self.stats.generated_tokens += len(seqs)
-        self.stats.recent.append((now, len(seqs)))
-        self.policy.decoded((s.req.agent_id for s in seqs), now)     # the policy's accounting, not the engine's
+                s.req.program.computed(each)
+        self.stats.generated_tokens += len(seqs) * each
+        self.stats.recent.append((now, len(seqs) * each))
+        self.policy.decoded((s.req.agent_id for s in seqs for _ in range(each)), now)   # the policy's accounting
 
     # -- endings -----------------------------------------------------------------------------------------
     def _finish(self, seq: Sequence, finish: Finish, snapshot_id: str = "") -> None:

@@ -115,6 +115,23 @@ class ModelRunner:
         batch.cache, batch.mask = cache_of(out), mask
         return out.logits[:, -1, :]
 
+    def verify(self, batch, tokens: list[int]) -> torch.Tensor:
+        """A one-row batch's next `tokens` (its pending token and a draft) at the positions after its cache, in
+        one forward on the own kernels (`position_exact`: each position's logits and cache are those decode steps
+        would give it). The cache and mask grow by len(tokens) columns; the logits of each position."""
+        held = batch.mask.shape[1]
+        logits, batch.cache = self._step.prefill(tokens, batch.cache, held + len(tokens), every=True)
+        batch.mask = batch.mask.new_ones(1, held + len(tokens))
+        return logits
+
+    @staticmethod
+    def keep_columns(batch, n: int) -> None:
+        """A one-row batch keeps its first `n` cache columns (a draft's rejected tail goes)."""
+        for layer in batch.cache.layers:
+            if cache_ops._has_kv(layer):
+                layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+        batch.mask = batch.mask[:, :n]
+
     def _probe_inputs(self, n: int):
         ids = torch.zeros((1, n), dtype=torch.long, device=self.lm.device)
         return ids, torch.ones_like(ids), torch.arange(n, device=self.lm.device).unsqueeze(0)

@@ -22,7 +22,7 @@ class Sequence:
     __slots__ = ("req", "handle", "gen", "ids", "pending", "position", "detok", "admitted_at", "first_token_at",
                  "state", "enqueued", "quantum_steps", "swapped", "swap_path", "preemptions", "parked",
                  "keep_swap_file", "matcher", "logprobs", "_step_logprobs", "ends", "_lp_sent",
-                 "prompt_logprobs", "repeats", "forced", "closed", "_far_until", "prompt")
+                 "prompt_logprobs", "repeats", "forced", "closed", "_far_until", "prompt", "lookup")
 
     def __init__(self, req: GenRequest, handle: RequestHandle, tokenizer, eos_ids: set[int]):
         self.req = req
@@ -52,6 +52,7 @@ class Sequence:
         self.forced: list[int] = []        # the tokens of its grammar's shortest ending, still to write ...
         self.closed = False                # ... once its budget ran low (then it ends with them)
         self._far_until = 0                # its ending needs more than the budget left: not looked at till here
+        self.lookup = None                 # its n-gram index for prompt-lookup drafts (lookup.py), once it drafts
         # the tokens that end the reply: EOS (unless the request ignores it) and its stop token ids
         self.ends = req.shaping.ends(eos_ids)
 

@@ -57,6 +57,9 @@ def engine_args(cfg: ModelConfig, engine: EngineConfig, path: Path, policy=None)
         "structured_outputs_config": {"backend": "guidance"},
         "disable_log_stats": True,           # Kernos's own stat logger still runs (VllmEngine), not vLLM's
     }
+    if v.prompt_lookup_tokens:         # the own engine's drafts, in vLLM's terms (n-grams of 1 to 3 tokens)
+        args["speculative_config"] = {"method": "ngram", "num_speculative_tokens": v.prompt_lookup_tokens,
+                                      "prompt_lookup_max": 3, "prompt_lookup_min": 1}
     if v.enable_lora:
         args.update(max_loras=v.max_loras, max_lora_rank=v.max_lora_rank)
         if v.max_cpu_loras is not None:
