@@ -133,6 +133,32 @@ def test_own_linear_kernel_is_float_accurate_and_a_row_does_not_depend_on_its_ba
     assert torch.equal(packed(x.view(13, 1, k)).view(13, n), got)
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_amx_and_avx512_linears_are_accurate_and_a_row_never_depends_on_its_batch(amx):
+    """AMX multiplies 16 rows at a time: row counts across that edge (1 to 37) give each row the same bits."""
+    needs_kernels()
+    if amx and "amx_bf16" not in cpu_speed.cpu_flags():
+        pytest.skip("no AMX on this CPU")
+    state = cpu_kernels.amx_enabled()
+    try:
+        assert cpu_kernels.use_amx(amx) == amx
+        layer = _linear(1536, 576, bias=True)
+        packed = cpu_kernels.PackedWeight(layer.weight, layer.bias)
+        x = torch.randn(37, 576).bfloat16()
+        got = packed(x)
+        ref = x.float() @ layer.weight.float().t() + layer.bias.float()
+        torch.testing.assert_close(got.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2)
+        for rows in (1, 2, 15, 16, 17, 31, 32, 33):
+            assert torch.equal(packed(x[:rows]), got[:rows]), rows
+            assert torch.equal(packed(x[rows:rows + 1]), got[rows:rows + 1]), rows
+        if amx:        # the other path: the same tiles, sums in another order (within a rounding)
+            cpu_kernels.use_amx(False)
+            other = packed(x)
+            assert ((other.float() - got.float()).abs() <= 2 ** -6 * got.float().abs() + 1e-3).all()
+    finally:
+        cpu_kernels.use_amx(state)
+
+
 def test_fused_linears_compute_exactly_what_their_parts_do():
     needs_kernels()
     for sizes in ((128, 64, 64), (64, 32, 32)):        # whole tiles (views, no copy) and partial ones

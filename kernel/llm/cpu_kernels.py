@@ -46,6 +46,7 @@ def cpu_flags() -> frozenset[str]:
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-shared", "-fPIC"]
+AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-DKERNOS_AMX"]     # where the compiler knows AMX (gcc 11+, clang 12+)
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
 
@@ -64,7 +65,10 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        res = subprocess.run([cc, *FLAGS, *AMX_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                             timeout=120)
+        if res.returncode:               # an older compiler: the kernels without AMX
+            res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
         if res.returncode:
             raise OSError(f"{cc} failed: {res.stderr.strip()[-500:]}")
         os.replace(tmp, target)          # atomic: a concurrent kernel loads a whole library or builds its own
@@ -79,7 +83,7 @@ def library():
 
     if "avx512_bf16" not in cpu_flags():
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + AMX_FLAGS).encode()).hexdigest()[:16]
     name = f"cpu_kernels-{digest}.so"
     lib, errors = None, []
     # the per-user cache first; a private temporary folder where it is not writable (a sandboxed service)
@@ -110,7 +114,30 @@ def library():
         f.restype = None
     lib.kernos_start_helpers.argtypes = [_I]
     lib.kernos_start_helpers.restype = _I
+    lib.kernos_amx_enable.argtypes = [_I]
+    lib.kernos_amx_enable.restype = _I
     return lib
+
+
+def use_amx(on: bool) -> bool:
+    """Compute linears whose input size is a multiple of 32 on AMX (where the CPU has it and the OS grants its
+    tile state) or not; returns whether AMX is on. A process's weights must all be used one way (a row's result
+    depends on it), so this is set when models load, before any runs: `engine.cpu_kernels` ("auto": AMX)."""
+    lib = library()
+    if lib is None:
+        return False
+    got = bool(lib.kernos_amx_enable(int(on and "amx_bf16" in cpu_flags())))
+    if got != _amx_state[0]:
+        log.info("own CPU kernels: AMX %s", "on" if got else "off" if not on else "not granted by the OS: off")
+        _amx_state[0] = got
+    return got
+
+
+_amx_state = [False]
+
+
+def amx_enabled() -> bool:
+    return _amx_state[0]
 
 
 def start_helpers(count: int) -> int:

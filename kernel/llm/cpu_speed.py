@@ -52,13 +52,16 @@ def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self._kernos_packed(x)
 
 
-def pack_linears(model: torch.nn.Module, own_kernels: bool = True) -> int:
+def pack_linears(model: torch.nn.Module, own_kernels: bool = True, amx: bool = True) -> int:
     """Pack every bf16 CPU `nn.Linear` of `model` once, for the own kernel (`cpu_kernels`: with `own_kernels`,
-    one compute thread and AVX512-BF16) or else for oneDNN (see the module's doc); returns how many. Outside
-    inference (grad enabled) or for other input dtypes a layer runs its ordinary forward."""
+    one compute thread and AVX512-BF16; on AMX where the CPU has it, unless `amx` is false) or else for oneDNN
+    (see the module's doc); returns how many. Outside inference (grad enabled) or for other input dtypes a layer
+    runs its ordinary forward."""
 
     if not _mkldnn_bf16():
         return 0
+    if own_kernels and cpu_kernels.library() is not None:
+        cpu_kernels.use_amx(amx)
     packed, kernel = 0, 0
     for module in model.modules():
         if type(module) is not torch.nn.Linear or hasattr(module, "_kernos_packed"):

@@ -97,7 +97,7 @@ def load_model(cfg: ModelConfig, engine: EngineConfig, data_dir: Path) -> Loaded
         window.fix_dynamic_rope(model, hf_config, window.window(hf_config))
     parameters = sum(p.numel() for p in model.parameters())
     if device.type == "cpu" and dtype == torch.bfloat16 and engine.pack_cpu_weights:
-        pack_linears(model, own_kernels=engine.cpu_kernels == "auto")
+        pack_linears(model, own_kernels=engine.cpu_kernels != "off", amx=engine.cpu_kernels == "auto")
         use_cpu_attention(model)
         _start_kernel_helpers(model, engine)
     elif device.type == "cpu":

@@ -68,9 +68,11 @@ class TransformersEngine(Prefill, ContextSwitching, Drafting, Engine):
         self.budget = Budget(max_batch_size, max_tokens_in_flight, cache_budget_bytes)
         self.stats = EngineStats()
         self.swap = SwapSpace(swap_host_bytes, swap_dir)
-        # 0: by where prompts run. transformers' forward pays per chunk (a 768-token prompt of the embedded model
-        # in float32: 135 tokens/s in chunks of 32, 202 of 128, 220 of 256); the own kernels reuse any prefix
-        self.prefill_chunk = prefill_chunk or (32 if self.runner.position_exact else 128)
+        # 0: 128. A forward pays per chunk: transformers' (a 768-token prompt of the embedded model in float32: 135
+        # tokens/s in chunks of 32, 202 of 128, 220 of 256) and the own kernels' (its 46-token chat prompt in bf16:
+        # 84 ms in chunks of 32, 68 ms in one; with AMX 44 and 31 ms; the tool workload of benchmarks/agentic.py
+        # with AMX: jobs done in 53 s with chunks of 32, 44 s with 128)
+        self.prefill_chunk = prefill_chunk or 128
         self.chunking = Chunking(self.prefill_chunk, prefill_shrink_from)
         self.pause_max_s = pause_max_s
         self.lookup_tokens = prompt_lookup         # most tokens a lone row drafts a step (drafting.py); 0: none
