@@ -324,10 +324,17 @@ class ConfigError(ValueError):
     """A configuration problem, with a message naming the field."""
 
 
+# KERNOS_* variables that are not configuration: the CLI's and SDK's (token, addresses, log level), the kernel
+# cache's folder, the demo's, and those the kernel sets for its own workers and tool jail
+NOT_CONFIG = {"KERNOS_TOKEN", "KERNOS_ADDRESS", "KERNOS_HTTP", "KERNOS_LOG_LEVEL", "KERNOS_CACHE_DIR",
+              "KERNOS_LIMITS", "KERNOS_RESULT_FD", "KERNOS_WORKER_PARENT", "KERNOS_WORKER_NICE", "KERNOS_DEMO_LINGER_S",
+              "KERNOS_DEMO_DATA_DIR"}
+
+
 def _env_overrides(env: dict[str, str]) -> dict:
     out: dict = {}
     for key, raw in env.items():
-        if not key.startswith("KERNOS_") or key in ("KERNOS_TOKEN", "KERNOS_ADDRESS"):
+        if not key.startswith("KERNOS_") or key in NOT_CONFIG:
             continue
         path = key[len("KERNOS_") :].lower().split("__")
         try:

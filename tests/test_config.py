@@ -18,7 +18,8 @@ def test_toml_and_env_overrides(tmp_path):
     f.write_text('data_dir = "/srv/k"\n[engine]\nmax_batch_size = 4\n[[models]]\nname = "a"\npath = "/m/a"\n'
                  '[[models]]\nname = "b"\npath = "/m/b"\n')
     cfg = load_config(f, env={"KERNOS_ENGINE__MAX_BATCH_SIZE": "12", "KERNOS_SERVER__LISTEN": "0.0.0.0:9",
-                              "KERNOS_DEFAULT_MODEL": "b", "KERNOS_TOKEN": "ignored"})
+                              "KERNOS_DEFAULT_MODEL": "b", "KERNOS_TOKEN": "ignored", "KERNOS_LOG_LEVEL": "DEBUG",
+                              "KERNOS_CACHE_DIR": "/tmp/k"})    # (the CLI's and the kernel cache's, not config)
     assert cfg.engine.max_batch_size == 12 and cfg.server.listen == "0.0.0.0:9"
     assert str(cfg.data_dir) == "/srv/k" and cfg.default_model_name() == "b"
 

@@ -140,13 +140,14 @@ class LlamaStep:
         """Whether prompts run through `prefill` (on the own kernels) rather than transformers' forward."""
         return self.kernels is not None
 
-    def prefill(self, tokens: list[int], cache, total: int, every: bool = False) -> tuple[torch.Tensor, object]:
+    def prefill(self, tokens: list[int], cache, total: int, every: bool = False,
+                logits: bool = True) -> tuple[torch.Tensor | None, object]:
         """Run a chunk of one sequence's prompt: `tokens` at the positions after the `cache`'s columns (None:
         from position 0), on the own kernels. Each position's computation is the one a decode step gives it
         (rows are computed alone; attention reads exactly the columns before it), so a prompt's cache and logits
         do not depend on how it is chunked, nor on whether its tokens were prefilled or decoded. `total`: the
         prompt's length, room for which is reserved at once. Returns (the last position's logits, or with `every`
-        each position's [tokens, vocab], cache)."""
+        each position's [tokens, vocab], or without `logits` None; cache)."""
         from transformers import DynamicCache
 
         kw, t = self.kernels, len(tokens)
@@ -161,6 +162,8 @@ class LlamaStep:
         positions = torch.arange(first, first + t)
         x = self._kernel_layers(torch.tensor(tokens, dtype=torch.long), positions, torch.zeros(t, dtype=torch.int32),
                                 (positions + 1).to(torch.int32), cache, max(t, total - first), one_sequence=True)
+        if not logits:
+            return None, cache
         if every:
             return self.model.lm_head._kernos_packed(x).view(t, -1), cache
         return self.model.lm_head._kernos_packed(x[-1:]).view(-1), cache

@@ -178,6 +178,10 @@ class Prefill:
             self.costs.observe_prefill(len(tokens), run.seconds)
         self.stats.prompt_tokens += len(tokens)
         self.stats.prefix_tokens_reused += start
+        if log.isEnabledFor(logging.DEBUG):
+            req = run.req
+            log.debug("engine %s: prefilled %s (program %s): %d prompt tokens, %d of them resident",
+                      self.name, req.request_id if req else "-", req.program_id if req else "-", len(tokens), start)
         self._keep_computed(run, len(tokens))
         self.resident.report(self.stats)
         return run.logits, run.past, run.mask

@@ -66,9 +66,10 @@ class ModelRunner:
 
     def run_chunk(self, tokens: list[int], pos: int, end: int, past, adapter: str | None):
         """Positions pos..end-1 of a prompt after `past` (a cache of its first pos tokens, or None): (the last
-        position's logits, the cache)."""
+        position's logits, the cache). On the own kernels a chunk before the prompt's last has no logits (None):
+        nothing reads them, and the output layer is the largest weight of a small model."""
         if self.position_exact:
-            logits, past = self._step.prefill(tokens[pos:end], past, len(tokens))
+            logits, past = self._step.prefill(tokens[pos:end], past, len(tokens), logits=end == len(tokens))
         else:
             dev = self.lm.device
             ids = torch.tensor([tokens[pos:end]], dtype=torch.long, device=dev)
