@@ -159,6 +159,30 @@ def test_amx_and_avx512_linears_are_accurate_and_a_row_never_depends_on_its_batc
         cpu_kernels.use_amx(state)
 
 
+def test_attention_rows_shared_with_helper_threads_are_computed_as_alone():
+    """A prompt chunk's rows (and a batch's) split between the caller and the helper threads: each row's bits
+    are those of the row computed by itself."""
+    needs_kernels()
+    assert cpu_kernels.start_helpers(1) >= 1
+    kv, length, d = 3, 700, 64
+    keys, values = torch.randn(1, kv, length, d).bfloat16(), torch.randn(1, kv, length, d).bfloat16()
+    q = torch.randn(96, 9, d).bfloat16()
+    start = torch.zeros(96, dtype=torch.int32)
+    end = torch.arange(length - 95, length + 1, dtype=torch.int32)
+    shared = cpu_kernels.attention(q, keys, values, start, end, 0.125, one_sequence=True)
+    for m in (0, 1, 47, 95):
+        alone = cpu_kernels.attention(q[m:m + 1], keys, values, start[m:m + 1], end[m:m + 1], 0.125, True)
+        assert torch.equal(shared[m:m + 1], alone), m
+    batch_k, batch_v = torch.randn(6, kv, length, d).bfloat16(), torch.randn(6, kv, length, d).bfloat16()
+    starts = torch.tensor([0, 5, 300, 0, 699, 42], dtype=torch.int32)
+    ends = torch.full((6,), length, dtype=torch.int32)
+    rows = cpu_kernels.attention(q[:6], batch_k, batch_v, starts, ends, 0.125)
+    for m in range(6):
+        alone = cpu_kernels.attention(q[m:m + 1], batch_k[m:m + 1], batch_v[m:m + 1], starts[m:m + 1], ends[m:m + 1],
+                                      0.125)
+        assert torch.equal(rows[m:m + 1], alone), m
+
+
 def test_fused_linears_compute_exactly_what_their_parts_do():
     needs_kernels()
     for sizes in ((128, 64, 64), (64, 32, 32)):        # whole tiles (views, no copy) and partial ones

@@ -203,7 +203,19 @@ typedef struct {
   uint16_t *y;
   int M, K, N;
   tile_fn fn;
+  /* an attention job instead (attn): tile t is query rows t * rows .. t * rows + rows - 1 of M */
+  int attn, rows, H, KV, D;
+  const uint16_t *q, *k, *v;
+  long rs, sh, scratch_per;
+  const int *start, *end;
+  float scale;
+  uint16_t *out;
+  float *scratch;
 } lin_job;
+
+static void attention_rows(const uint16_t *q, const uint16_t *k, const uint16_t *v, long rs, long sh, int b0, int b1,
+                           int H, int KV, int D, const int *start, const int *end, float scale, uint16_t *out,
+                           float *scratch);
 
 static lin_job job;
 static _Atomic uint64_t claim;          /* generation << 40 | tiles << 20 | next tile */
@@ -224,20 +236,26 @@ static int take_tile(void) {
   }
 }
 
-static void work_tiles(void) {
+static void work_tiles(int worker) {
   int t;
   while ((t = take_tile()) >= 0) {
-    job.fn(job.x, job.M, job.K, job.w, job.N, job.bias, job.y, t);
+    if (job.attn) {
+      int b0 = t * job.rows, b1 = b0 + job.rows < job.M ? b0 + job.rows : job.M;
+      attention_rows(job.q, job.k, job.v, job.rs, job.sh, b0, b1, job.H, job.KV, job.D, job.start, job.end,
+                     job.scale, job.out, job.scratch + (size_t)worker * job.scratch_per);
+    } else {
+      job.fn(job.x, job.M, job.K, job.w, job.N, job.bias, job.y, t);
+    }
     atomic_fetch_add_explicit(&done_tiles, 1, memory_order_release);
   }
   amx_done();
 }
 
 static void *helper_main(void *arg) {
-  (void)arg;
+  int worker = (int)(intptr_t)arg;
   for (;;) {
     uint32_t seen = atomic_load_explicit(&wake_word, memory_order_acquire);
-    work_tiles();
+    work_tiles(worker);
     int i = 0;
     for (; i < spin_iters && atomic_load_explicit(&wake_word, memory_order_acquire) == seen; i++) {
       _mm_pause();
@@ -260,7 +278,7 @@ int kernos_start_helpers(int n) {
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    int rc = pthread_create(&th, &attr, helper_main, NULL);
+    int rc = pthread_create(&th, &attr, helper_main, (void *)(intptr_t)(helper_count + 1));
     pthread_attr_destroy(&attr);
     if (rc) break;
   }
@@ -270,6 +288,8 @@ int kernos_start_helpers(int n) {
 }
 
 #define MIN_SHARED_TILES 4
+
+static void run_shared(int tiles);
 
 void kernos_linear_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, const float *bias,
                         uint16_t *y) {
@@ -281,12 +301,18 @@ void kernos_linear_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int 
     return;
   }
   job = (lin_job){x, w, bias, y, M, K, N, fn};
+  run_shared(tiles);
+}
+
+/* Publish `job` (the caller holds `caller`), work on its tiles beside the helpers, wait for the tiles they
+   claimed, release `caller`. */
+static void run_shared(int tiles) {
   generation = (generation + 1) & 0xFFFFFF;
   atomic_store_explicit(&done_tiles, 0, memory_order_relaxed);
   atomic_store_explicit(&claim, (generation << 40) | ((uint64_t)tiles << 20), memory_order_release);
   atomic_fetch_add_explicit(&wake_word, 1, memory_order_release);
   if (atomic_load(&sleeping)) syscall(SYS_futex, &wake_word, FUTEX_WAKE_PRIVATE, helper_count, NULL, NULL, 0);
-  work_tiles();
+  work_tiles(0);
   for (int i = 1; atomic_load_explicit(&done_tiles, memory_order_acquire) < tiles; i++) {   /* claimed, in flight */
     _mm_pause();
     if ((i & 1023) == 0) sched_yield();     /* a helper preempted mid-tile: let it run */
@@ -405,12 +431,34 @@ static inline __attribute__((always_inline)) void scores16(const uint16_t *kb, c
 /* q [M, H, D] bf16, a query position per row; keys and values bf16, a column every D, head g of query row m
    at k + m * rs + g * sh (rs: the batch stride, one cache row per query row in a decode step; 0: all rows
    query one sequence's cache, a prompt chunk). Row m attends to columns start[m] .. end[m] - 1.
-   out [M, H, D] bf16. scratch: 2 * (H / KV) * (max(end) + 2) floats. D even, <= 256; H / KV <= 64. */
+   out [M, H, D] bf16. scratch: scratch_per >= 2 * (H / KV) * (max(end) + 2) floats for each of the helper threads
+   and the caller. D even, <= 256; H / KV <= 64. Rows are shared with the helper threads when there is enough
+   work: each row is computed whole by one thread, the same way by any. */
+#define MIN_SHARED_KEYS 4096    /* rows x keys below which an attention call is not worth waking helpers */
+
 void kernos_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, long rs, long sh, int M, int H,
                            int KV, int D, const int *start, const int *end, float scale, uint16_t *out,
+                           float *scratch, long scratch_per) {
+  long keys = 0;
+  for (int b = 0; b < M; b++) keys += end[b] - start[b];
+  if (helper_count == 0 || M < 2 || keys < MIN_SHARED_KEYS || pthread_mutex_trylock(&caller)) {
+    attention_rows(q, k, v, rs, sh, 0, M, H, KV, D, start, end, scale, out, scratch);
+    return;
+  }
+  int rows = M >= 8 * (helper_count + 1) ? 4 : 1;     /* a prompt chunk's rows a few at a time; a batch's one */
+  job = (lin_job){0};
+  job.attn = 1, job.M = M, job.rows = rows, job.H = H, job.KV = KV, job.D = D;
+  job.q = q, job.k = k, job.v = v, job.rs = rs, job.sh = sh, job.start = start, job.end = end;
+  job.scale = scale, job.out = out, job.scratch = scratch, job.scratch_per = scratch_per;
+  run_shared((M + rows - 1) / rows);
+}
+
+/* Query rows b0 .. b1 - 1 of kernos_attention_bf16, each computed alone (whoever runs it: the same bits). */
+static void attention_rows(const uint16_t *q, const uint16_t *k, const uint16_t *v, long rs, long sh, int b0, int b1,
+                           int H, int KV, int D, const int *start, const int *end, float scale, uint16_t *out,
                            float *scratch) {
   int group = H / KV, chunks = (D + 31) / 32;
-  for (int b = 0; b < M; b++) {
+  for (int b = b0; b < b1; b++) {
     int s0 = start[b], n = end[b] - s0;
     for (int kvh = 0; kvh < KV; kvh++) {
       const uint16_t *kh = k + b * rs + (long)kvh * sh + (size_t)s0 * D;

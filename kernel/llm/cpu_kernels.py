@@ -104,7 +104,7 @@ def library():
     lib.kernos_pack_bf16.restype = None
     lib.kernos_tile_outputs.restype = _I
     lib.kernos_attention_bf16.argtypes = [_P, _P, _P, ctypes.c_long, ctypes.c_long, _I, _I, _I, _I, _P, _P,
-                                          ctypes.c_float, _P, _P]
+                                          ctypes.c_float, _P, _P, ctypes.c_long]
     lib.kernos_attention_bf16.restype = None
     lib.kernos_add_rmsnorm_bf16.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float, _P]
     lib.kernos_rope_append_bf16.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_long, ctypes.c_long, _I,
@@ -145,7 +145,11 @@ def start_helpers(count: int) -> int:
     cores; returns how many run. They spin briefly between the calls of a step (yielding to any other thread
     that wants the core) and sleep otherwise. Results are the same with or without them."""
     lib = library()
-    return lib.kernos_start_helpers(max(0, count)) if lib is not None else 0
+    _helpers[0] = lib.kernos_start_helpers(max(0, count)) if lib is not None else 0
+    return _helpers[0]
+
+
+_helpers = [0]      # helper threads running (each needs its own attention scratch)
 
 
 def available(in_features: int) -> bool:
@@ -210,10 +214,11 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: 
     (int32) of cache row m, or of cache row 0 with `one_sequence` (a prompt chunk's positions). [M, H, D] bf16."""
     m, h, d = q.shape
     out = torch.empty_like(q)
-    scratch = torch.empty(2 * (h // keys.shape[1]) * (keys.shape[2] + 2), dtype=torch.float32)
+    per = 2 * (h // keys.shape[1]) * (keys.shape[2] + 2)
+    scratch = torch.empty(per * (_helpers[0] + 1), dtype=torch.float32)      # one for each thread that may work
     library().kernos_attention_bf16(q.data_ptr(), keys.data_ptr(), values.data_ptr(),
                                     0 if one_sequence else keys.stride(0), keys.stride(1), m, h, keys.shape[1], d,
-                                    start.data_ptr(), end.data_ptr(), scale, out.data_ptr(), scratch.data_ptr())
+                                    start.data_ptr(), end.data_ptr(), scale, out.data_ptr(), scratch.data_ptr(), per)
     return out
 
 
