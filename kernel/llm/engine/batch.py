@@ -19,8 +19,27 @@ import torch
 
 from . import cache as cache_ops
 
-LEFT_ROOM = 64       # spare columns kept left of the view (at least; an eighth of its length for long batches)
-RIGHT_ROOM = 64      # ... and right of it, for decode steps to append into
+LEFT_ROOM = 64       # spare columns kept left of the view (at least; a quarter of its length for long batches)
+RIGHT_ROOM = 64      # ... and right of it, for decode steps to append into (at least; a quarter of its length)
+
+
+def new_buffers(layer, rows: int, left: int, right: int = 0) -> tuple[int, tuple]:
+    """Copy a batch layer's keys and values into new buffers with room for `rows` rows (and a quarter more), `left`
+    more columns on the left and `right` on the right (and a quarter of the length more on each side, so that
+    rows joining and decode steps rarely need this again); (the view's column, the buffers)."""
+    keys, values = layer.keys, layer.values
+    b, h, length, d = keys.shape
+    col = left + max(LEFT_ROOM, length // 4)
+    shape = (rows + max(2, rows // 4), h, col + length + right + max(RIGHT_ROOM, length // 4), d)
+    # not zeroed: every column a view exposes is written first (a joining row's padding is zeroed by `join`,
+    # a decode step writes its column in every row); zeroing rows and columns of room a long row brings
+    # (a 7K-token row joining: ~1 GB) cost more than the copy itself, and untouched pages take no memory
+    kb, vb = keys.new_empty(shape), values.new_empty(shape)
+    kb[:b, :, col:col + length].copy_(keys)
+    vb[:b, :, col:col + length].copy_(values)
+    layer.keys, layer.values = kb[:b, :, col:col + length], vb[:b, :, col:col + length]
+    layer._kernos_buffers, layer._kernos_batch = (kb, vb, id(layer)), True
+    return col, layer._kernos_buffers
 
 
 class RunningBatch:
@@ -116,25 +135,10 @@ class RunningBatch:
             col = cache_ops.view_column(layer.keys, buf, id(layer))
             if (col is None or cache_ops.view_column(layer.values, buf, id(layer), second=True) != col
                     or not getattr(layer, "_kernos_batch", False) or buf[0].shape[0] < rows or col < left):
-                col, buf = self._new_buffers(layer, rows, left)
+                col, buf = new_buffers(layer, rows, left)
+                self.copies += 1
             out.append((buf[0], buf[1], col))
         return out
-
-    def _new_buffers(self, layer, rows: int, left: int) -> tuple[int, tuple]:
-        keys, values = layer.keys, layer.values
-        b, h, length, d = keys.shape
-        col = left + max(LEFT_ROOM, length // 8)
-        shape = (rows + max(2, rows // 4), h, col + length + RIGHT_ROOM, d)
-        # not zeroed: every column a view exposes is written first (a joining row's padding is zeroed by `join`,
-        # a decode step writes its column in every row); zeroing rows and columns of room a long row brings
-        # (a 7K-token row joining: ~1 GB) cost more than the copy itself, and untouched pages take no memory
-        kb, vb = keys.new_empty(shape), values.new_empty(shape)
-        kb[:b, :, col:col + length].copy_(keys)
-        vb[:b, :, col:col + length].copy_(values)
-        layer.keys, layer.values = kb[:b, :, col:col + length], vb[:b, :, col:col + length]
-        layer._kernos_buffers, layer._kernos_batch = (kb, vb, id(layer)), True
-        self.copies += 1
-        return col, layer._kernos_buffers
 
     def extract(self, seq):
         """A copy of `seq`'s own cache (its real tokens, without the batch's padding)."""

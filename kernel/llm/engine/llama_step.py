@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .batch import new_buffers
 from .cache import view_column
 
 _TYPES = {"llama", "mistral", "qwen2"}
@@ -61,8 +62,11 @@ def _reserve(layer, extra: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
     keys, values, n = layer.keys, layer.values, layer.keys.shape[-2]
     buf = getattr(layer, "_kernos_buffers", None)
     col = view_column(keys, buf, id(layer))
+    b = keys.shape[0]
     if col is not None and col + n + extra <= buf[0].shape[-2] and view_column(values, buf, id(layer), True) == col:
-        b = keys.shape[0]
+        return buf[0][:b, :, col:], buf[1][:b, :, col:], n
+    if getattr(layer, "_kernos_batch", False):    # the running batch's: new ones with its room (rows, both sides)
+        col, buf = new_buffers(layer, b, 0, extra)
         return buf[0][:b, :, col:], buf[1][:b, :, col:], n
     shape = (*keys.shape[:2], n + extra + HEADROOM, keys.shape[-1])
     buf = (keys.new_empty(shape), values.new_empty(shape), id(layer))
