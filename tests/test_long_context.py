@@ -195,7 +195,7 @@ def test_chunks_shrink_with_position_and_stay_exact(tiny_models, tmp_path, arch)
     req = GenRequest("l", "a", long_ids, 8)
     hl = RequestHandle(req)
     eng.submit(req, hl)
-    eng.step()                                   # admitted, its chunks up to 128 run (no time limit there)
+    eng.step()                                   # admitted: a long prompt, one chunk a step from its start
     positions = [eng.prefilling[0].prompt.pos]
     while eng.prefilling:
         tokens = eng.stats.generated_tokens
@@ -204,7 +204,12 @@ def test_chunks_shrink_with_position_and_stay_exact(tiny_models, tmp_path, arch)
         assert eng.stats.generated_tokens == tokens + (1 if eng.prefilling else 3)
         if eng.prefilling:
             positions.append(eng.prefilling[0].prompt.pos)
-    assert positions[:4] == [128, 160, 192, 224]     # from 128 on, one chunk a step: the time budget, not the tokens
+    assert positions[:4] == [64, 128, 160, 192]      # one chunk a step: the time budget, not the tokens
+    # a prompt no longer than where chunks shrink (an agent's tool follow-up) prefills by tokens only
+    brief = GenRequest("b", "a", _prompt(lm, 90, 3)[:120], 4)
+    eng.submit(brief, RequestHandle(brief))
+    eng.step()
+    assert not eng.prefilling and any(r.req.request_id == "b" for r in eng.rows), "two chunks in one step"
     while eng.step():
         pass
     assert hl.result(timeout=1).token_ids == alone

@@ -48,9 +48,10 @@ class EngineConfig(_Strict):
                                "chunk), so a long prompt does not stall the rows that are decoding; 0: each admitted "
                                "prompt whole before the next step")
     prefill_step_ms: float = Field(
-        250.0, ge=0, description="the time a long prompt's chunks (past prefill_chunk_shrink_from) may take between "
-                                 "two decode steps (at least one chunk runs): about what a row that is decoding "
-                                 "waits while long prompts prefill; 0: tokens only (prefill_tokens_per_step)")
+        250.0, ge=0, description="the time a long prompt's chunks (a prompt longer than prefill_chunk_shrink_from) "
+                                 "may take between two decode steps (at least one chunk runs; the next is not "
+                                 "started when the last one's time says it would overrun): about what a row that is "
+                                 "decoding waits while long prompts prefill; 0: tokens only (prefill_tokens_per_step)")
     prefill_chunk_shrink_from: int = Field(
         -1, ge=-1, description="from this position on a prompt's chunks halve each time the position grows fourfold "
                                "(to 32 tokens at least), so a chunk's time stays level as its attention grows; -1: "

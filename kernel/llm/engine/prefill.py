@@ -72,8 +72,7 @@ class Prefill:
         while self.prefilling and budget > 0:
             seq = self.prefilling[0]
             left = deadline - time.perf_counter() if deadline else 0.0
-            if (deadline and left <= 0 and budget < self.prefill_per_step
-                    and seq.prompt.pos >= self.chunking.shrink_from):
+            if deadline and left <= 0 and budget < self.prefill_per_step and seq.prompt.long:
                 return                             # the step's time is spent (and one chunk ran)
             try:
                 if not seq.prompt.looked_up:

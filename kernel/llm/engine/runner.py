@@ -200,17 +200,24 @@ class PromptRun:
     def done(self) -> bool:
         return self.pos >= len(self.tokens)
 
+    @property
+    def long(self) -> bool:
+        """A prompt longer than where chunks start to shrink: its chunks between two decode steps are bounded by
+        time as well as by tokens (short prompts, such as an agent's tool follow-up, by tokens only)."""
+        return len(self.tokens) > self.chunking.shrink_from
+
     def advance(self, budget: int, seconds: float = 0.0) -> int:
-        """Run chunks until about `budget` tokens ran, or (from the position where chunks shrink on: a long
-        prompt's late chunks) they took `seconds` (0: no time limit), at least one chunk, or the prompt is done;
+        """Run chunks until about `budget` tokens ran, or (a `long` prompt) the next chunk would take them past
+        `seconds` (0: no time limit; judged by the last chunk's time), at least one chunk, or the prompt is done;
         returns the tokens run."""
-        ran, t0 = 0, time.perf_counter()
+        ran, t0, last = 0, time.perf_counter(), 0.0
         while not self.done:
             end = self.chunking.end(self.pos, len(self.tokens))
-            if ran and (ran + end - self.pos > budget or (seconds and self.pos >= self.chunking.shrink_from
-                                                             and time.perf_counter() - t0 >= seconds)):
+            now = time.perf_counter()
+            if ran and (ran + end - self.pos > budget or (seconds and self.long and now - t0 + last > seconds)):
                 break
             self.logits, self.past = self.runner.run_chunk(self.tokens, self.pos, end, self.past, self.adapter)
+            last = time.perf_counter() - now
             ran += end - self.pos
             self.pos = end
             if self.at_boundary is not None and end < len(self.tokens):     # every chunk but the last ends at one
