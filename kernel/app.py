@@ -115,7 +115,7 @@ class Kernel:
         self.metrics = Metrics()
         # stores: SQLite files and folders under the data dir, or a cluster's PostgreSQL and object store
         c = config.cluster
-        dbs = Databases(data, c.database)
+        dbs = self.dbs = Databases(data, c.database)
         keep = (config.storage.trace_max_age_s, config.storage.trace_max_per_agent)
         self.traces = TraceLog(dbs("traces.db"), *keep)
         self.audit = TraceLog(dbs("audit.db"), *keep)   # every access decision, same guarantees and retention
@@ -186,8 +186,9 @@ class Kernel:
         from .security.bridge import BridgedAgents
 
         cfg = self.config.aios
-        return BridgedAgents(self.registry, self.access_control, self.config.data_dir / "aios_agents.json", "aios",
-                             cfg.prefix, cfg.group, cfg.capabilities, cfg.max_agents, cfg.new_agents_per_minute)
+        return BridgedAgents(self.registry, self.access_control, self.dbs("bridge.db"), "aios", cfg.prefix, cfg.group,
+                             cfg.capabilities, cfg.max_agents, cfg.new_agents_per_minute,
+                             legacy=self.config.data_dir / "aios_agents.json")
 
     def flush(self) -> None:
         self.registry.flush()

@@ -306,3 +306,40 @@ def test_an_aios_style_agent_runs_end_to_end(ak):
 def admin_name(admin, aios_name: str) -> str:
     [a] = [a for a in admin.kernel.agents(include_exited=True) if a.labels.get("name") == aios_name]
     return a.agent_id
+
+
+def test_kernels_sharing_a_database_act_for_the_same_names_with_the_same_tokens(tmp_path):
+    """Two bridges on one store (two kernels of a cluster): a name the first created is the same agent on the
+    second, whose calls leave the first's token working; a name both meet at once is created once; an older
+    kernel's token file is taken in, not lost."""
+    import threading
+
+    from kernos.kernel.security.access import AccessControl
+    from kernos.kernel.security.bridge import BridgedAgents
+    from kernos.kernel.security.principals import AgentRegistry
+
+    registry = AgentRegistry(tmp_path / "kernel.db", ttl_s=3600)
+    access = AccessControl(tmp_path / "access.db", "", None, None)
+
+    def bridge(**kw):
+        return BridgedAgents(registry, access, tmp_path / "bridge.db", "aios", "aios.", "aios", ["llm"], 100, **kw)
+    one, two = bridge(), bridge()
+    first = one.principal("alice")
+    assert two.principal("alice").agent_id == first.agent_id == "aios.alice"
+    assert one.principal("alice").agent_id == "aios.alice"        # the first's token still works
+    assert (tmp_path / "bridge.db").stat().st_mode & 0o077 == 0
+    got = []
+    threads = [threading.Thread(target=lambda b=b: got.append(b.principal("bob").agent_id)) for b in (one, two)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == ["aios.bob", "aios.bob"]
+    # a kernel from before kept the tokens in a JSON file: taken in once
+    _, token = registry.create("aios.carol", "aios agent 'carol'", {"bridge": "aios", "name": "carol"})
+    legacy = tmp_path / "aios_agents.json"
+    legacy.write_text(json.dumps({"aios.carol": token}))
+    three = bridge(legacy=legacy)
+    assert not legacy.exists()
+    assert three.principal("carol").agent_id == "aios.carol"
+    assert registry.authenticate(token) is not None                # not rotated: the same token

@@ -39,7 +39,7 @@ def cluster_config(tmp_path, shared, chroma):
     from conftest import write_config
 
     return write_config(tmp_path / "cluster.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
-                        cluster=shared(forward=False, heartbeat_s=2.0, lease_s=10.0),
+                        cluster=shared(forward=False, heartbeat_s=2.0, lease_s=10.0), server={"aios_compat": True},
                         memory={"chroma_url": chroma})
 
 
@@ -67,6 +67,16 @@ def test_two_nodes_share_agents_files_contexts_and_grants(tmp_path, cluster_conf
             assert [h.version for h in bob_a.storage.history("notes/plan.txt", owner="alice")] == [1, 2]
         with pytest.raises(kernos.sdk.AlreadyExists):        # the name is taken on every node
             kernos.sdk.connect(addr_a, agent="alice")
+        # an AIOS agent (no token: the kernel holds it) used through node a, then b, then a again: one agent, the
+        # same token on both (each node keeping its own once made the second rotate the first's token away)
+        from test_aios import ok, send, storage_query
+
+        bases = [f"http://{p.http_address}" for p in (a, b, a)]
+        ok(send(bases[0], "cerebrum-bot", "storage", storage_query("write", file_path="n.txt", content="one")))
+        assert "version 2" in ok(send(bases[1], "cerebrum-bot", "storage", storage_query(
+            "write", file_path="n.txt", content="two")))["response_message"]
+        assert "version 3" in ok(send(bases[2], "cerebrum-bot", "storage", storage_query(
+            "write", file_path="n.txt", content="three")))["response_message"]
         # an operator token made offline against the cluster's database works on both nodes
         out = subprocess.run([sys.executable, "-m", "kernos.kernel.cli", "token", "create", "--name", "ops",
                               "--data-dir", str(tmp_path / "offline")], capture_output=True, text=True, check=True,

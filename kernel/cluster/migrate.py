@@ -15,7 +15,8 @@ from pathlib import Path
 from kernos.storage.db import Databases, connect
 
 # The stores that a cluster shares: their SQLite files under the data dir (the schema name follows the file name).
-STORES = ("kernel.db", "access.db", "audit.db", "traces.db", "contexts.db", "responses.db", "files/files.db")
+STORES = ("kernel.db", "access.db", "audit.db", "traces.db", "contexts.db", "responses.db", "files/files.db",
+          "bridge.db")
 
 
 @dataclass
