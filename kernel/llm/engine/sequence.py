@@ -176,7 +176,11 @@ class Sequence:
     def finish(self, finish: Finish, snapshot_id: str = "") -> None:
         """Send the rest of the text and the final event."""
         now = time.monotonic()
-        self.detok.flush(self.ids)      # after a stop string, nothing is left to flush
+        if finish != Finish.SNAPSHOT:   # (after a stop string, nothing is left to flush)
+            self.detok.flush(self.ids)
+        # A snapshot ends its stream with whole characters only: ids that end inside a character are decoded by
+        # the generation that restores it, with the ids that complete them (flushing them here sent a "\ufffd"
+        # that the restored stream then sent again, whole or as another "\ufffd")
         rest = self.detok.rest()
         if rest or self._lp_sent < len(self.logprobs):
             self.handle.put(TextDelta(rest, len(self.ids), logprobs=self._unsent_logprobs()))
