@@ -18,12 +18,9 @@ decode step there, while at batch 8 the rows' own work dominates. So rows draft 
 """
 from __future__ import annotations
 
-import logging
 import time
 
 from .lookup import PromptLookup
-
-log = logging.getLogger("kernos.llm")
 
 
 class Drafting:
@@ -45,20 +42,13 @@ class Drafting:
         """One forward over [pending] + draft; the row takes tokens from its logits while they agree."""
         logits = self.runner.verify(self.batch, [s.pending] + draft)
         kept = matched = 0
-        finish = failure = None
+        end = None
         for j in range(len(draft) + 1):
-            s.position += 1
-            s.quantum_steps += 1
             kept += 1
-            try:
-                tok = s.pick(logits[j])
-                finish = s.add_token(tok)
-            except Exception as e:   # this row's sampling or grammar: it ends, as in a decode step
-                failure = e
-                break
-            if j < len(draft) and tok == draft[j]:
+            tok, end = self._take(s, logits[j])
+            if not isinstance(end, Exception) and j < len(draft) and tok == draft[j]:
                 matched += 1
-                if finish is None:
+                if end is None:
                     continue
             break
         self.runner.keep_columns(self.batch, s.position)
@@ -68,13 +58,7 @@ class Drafting:
         self.stats.decode_steps += 1
         self.stats.batch_rows += 1
         self._count_tokens([s], time.monotonic(), kept)
-        if failure is not None:
-            log.warning("engine %s: request %s failed: %s: %s", self.name, s.req.request_id,
-                        type(failure).__name__, failure)
-            self._fail(s, f"generation failed in model '{self.name}': {type(failure).__name__}: {failure}")
-            self.batch.remove([0])
-        elif finish is not None:
-            self._keep_resident(s)
-            self._finish(s, finish)
+        if end is not None:
+            self._end(s, end)
             self.batch.remove([0])
         self.stats.cache_bytes = self.batch.nbytes()

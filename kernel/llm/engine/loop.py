@@ -305,7 +305,7 @@ class TransformersEngine(Prefill, ContextSwitching, Drafting, Engine):
 
     def _decode_step(self) -> None:
         rows = self.rows
-        draft = self._draft(rows[0]) if self.lookup_tokens and len(rows) == 1 else None
+        draft = self._draft(rows[0]) if self.lookup_tokens else None
         if draft:
             return self._verify_step(rows[0], draft)
         t0 = time.perf_counter()
@@ -314,19 +314,9 @@ class TransformersEngine(Prefill, ContextSwitching, Drafting, Engine):
         greedy = greedy_tokens(logits, [i for i, s in enumerate(rows) if s.plain_greedy])
         done = []
         for i, s in enumerate(rows):
-            s.position += 1
-            s.quantum_steps += 1
-            try:
-                tok = greedy[i] if i in greedy else s.pick(logits[i])
-                finish = s.add_token(tok)
-            except Exception as e:   # this row's sampling or grammar: it ends alone, the batch goes on
-                log.warning("engine %s: request %s failed: %s: %s", self.name, s.req.request_id, type(e).__name__, e)
-                self._fail(s, f"generation failed in model '{self.name}': {type(e).__name__}: {e}")
-                done.append(i)
-                continue
-            if finish is not None:
-                self._keep_resident(s)
-                self._finish(s, finish)
+            _, end = self._take(s, logits[i], greedy.get(i))
+            if end is not None:
+                self._end(s, end)
                 done.append(i)
         self.stats.decode_steps += 1
         self.stats.batch_rows += len(rows)
@@ -334,6 +324,28 @@ class TransformersEngine(Prefill, ContextSwitching, Drafting, Engine):
         if done:
             self.batch.remove(done)
         self.stats.cache_bytes = self.batch.nbytes()
+
+    def _take(self, s: Sequence, logits, tok: int | None = None):
+        """Row `s`'s next token (`tok` when already chosen, else picked from its `logits`), added to it:
+        (token, end), where end is None while the row goes on, its Finish, or the exception its sampling or
+        grammar raised (the row ends alone; the batch goes on)."""
+        s.position += 1
+        s.quantum_steps += 1
+        try:
+            tok = s.pick(logits) if tok is None else tok
+            return tok, s.add_token(tok)
+        except Exception as e:
+            return None, e
+
+    def _end(self, s: Sequence, end) -> None:
+        """A row that `_take` ended leaves the batch's work: failed, or kept resident and finished (the caller
+        removes its row once its cache is as it should stay)."""
+        if isinstance(end, Exception):
+            log.warning("engine %s: request %s failed: %s: %s", self.name, s.req.request_id, type(end).__name__, end)
+            self._fail(s, f"generation failed in model '{self.name}': {type(end).__name__}: {end}")
+        else:
+            self._keep_resident(s)
+            self._finish(s, end)
 
     def _count_tokens(self, seqs: list[Sequence], now: float, each: int = 1) -> None:
         for s in seqs:
