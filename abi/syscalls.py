@@ -60,7 +60,7 @@ SYSCALLS: dict[str, Spec] = {
     **_specs("storage", "storage", "read", "path", "read", "stat", "list", "history", "search"),
     **_specs("storage", "storage", "write", "path", "write", "delete", "rollback"),
     # tools
-    **_specs("tools", "tools", "execute", "own", "register", "list", "wait", traced_whole=True),
+    **_specs("tools", "tools", "execute", "own", "register", "unregister", "list", "wait", traced_whole=True),
     "tools.call": Spec("tools.call", "tools", "execute", "named", traced_whole=True),
     **_specs("tools", "admin", "write", "none", "confirm", "deny", "list_pending", traced_whole=True),
     # the fine-tuner

@@ -40,6 +40,7 @@ from .syscalls.responses import Responses
 from .syscalls.snapshots import SnapshotStore
 from .syscalls.tuner import FinetuneSpec, Tuner
 from .tools.manager import ToolManager
+from .tools.registry import ToolStore
 from .tuner.continual import Continual
 from .tuner.jobs import JobManager
 from .tuner.publish import Publisher
@@ -142,7 +143,8 @@ class Kernel:
         self.quotas = _quotas(config, self.access_control, shared)
         self.gate = Gate(self.registry, self.access_control, self.quotas)
         # tools, fine-tuning jobs
-        self.tools = owners.tools = ToolManager(self.vector, self.access_control, config.tools)
+        self.tools = owners.tools = ToolManager(self.vector, self.access_control, config.tools,
+                                            ToolStore(dbs("tools.db")))
         self.publisher = Publisher(self.llm, self.adapter_store, self.config.tuner.retention)
         self.continual = Continual(dbs("tuner/continual.db"), self.adapter_store, self.traces, self.registry,
                                    self.audit, config.tuner.continual_tick_s,
@@ -207,6 +209,7 @@ class Kernel:
             self.cluster.leave()
             self.quotas.shared.close()
         self.jobs.shutdown()
+        self.tools.close()
         self.continual.close()
         self.adapter_store.close()
         self.audit.close()

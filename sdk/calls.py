@@ -504,7 +504,8 @@ class AccessCalls(CallGroup):
 
 class ToolsCalls(CallGroup):
     """Tools (`session.tools`): call built-ins (calculator, memory_search, storage_search, python) and
-    registered tools with JSON arguments; register tools whose Python code runs in the kernel's sandbox."""
+    registered tools with JSON arguments; register tools whose Python code runs in the kernel's sandbox (kept
+    until unregistered: across restarts, and on every node of a cluster)."""
 
     @rpc("Tools", "Call")
     def call(self, name: str, **args) -> ToolResult:
@@ -547,6 +548,15 @@ class ToolsCalls(CallGroup):
                 cpu_s=cpu_s,
                 memory_mb=memory_mb,
             ),
+            lambda t: {"name": t.name, "owner": t.owner, "irreversible": t.irreversible, "public": t.public},
+        )
+
+    @rpc("Tools", "Unregister")
+    def unregister(self, name: str) -> dict:
+        """Remove a tool this agent registered (registered tools are kept across restarts, on every node of a
+        cluster, until removed). Operators remove anyone's by "owner/name" (a public one by its name)."""
+        return self._call(
+            "Tools", "Unregister", tools_pb2.ToolRef(name=name),
             lambda t: {"name": t.name, "owner": t.owner, "irreversible": t.irreversible, "public": t.public},
         )
 

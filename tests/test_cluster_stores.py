@@ -230,3 +230,35 @@ def test_continual_tuning_state_goes_to_the_agents_new_home(pg_url, tmp_path):
     a.close()
     b.close()
     traces.close()
+
+
+def test_registered_tools_are_shared_and_a_public_name_has_one_owner(pg_url):
+    """Two nodes' tool stores on one database: what one registers the other serves, and two owners racing for
+    one public name: exactly one gets it."""
+    from kernos.kernel.tools.registry import ToolStore
+    from kernos.kernel.tools.spec import Tool
+
+    where = Postgres(pg_url, "kernos_tools")
+    a, b = ToolStore(where), ToolStore(where)
+    b.changed()
+    assert a.put(Tool("triple", "", {"type": "object"}, "alice", "result = 3", public=False))
+    assert b.changed() and [(t.key, t.code) for t in b.load()] == [("alice/triple", "result = 3")]
+    results = {}
+
+    def claim(store, owner):
+        results[owner] = store.put(Tool("weather", "", {"type": "object"}, owner, "result = 1", public=True))
+
+    threads = [threading.Thread(target=claim, args=(s, o)) for s, o in ((a, "alice"), (b, "bob"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results.values()) == [False, True]
+    winner = next(o for o, ok in results.items() if ok)
+    assert [t.owner for t in a.load() if t.key == "weather"] == [winner]
+    assert b.put(Tool("weather", "", {"type": "object"}, winner, "result = 2", public=True))   # its owner: replaces
+    assert a.put(Tool("triple", "", {"type": "object"}, "alice", "result = 9", public=True), replaces="alice/triple")
+    assert sorted(t.key for t in b.load()) == ["triple", "weather"]
+    assert a.delete("triple") and not b.delete("triple")
+    a.close()
+    b.close()

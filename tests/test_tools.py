@@ -128,3 +128,48 @@ def test_tools_need_the_tools_capability(tk):
         admin.access.set_capabilities("no-tools", ["llm"])
         with pytest.raises(kernos.sdk.PermissionDenied, match="'tools'"):
             s.tools.call("calculator", expression="1+1")
+
+
+def test_registered_tools_are_kept_until_unregistered(tmp_path):
+    """A registered tool is acknowledged state: it outlives a restart; its owner (or an operator) removes it,
+    nobody else can, and the kernel's own tools cannot be removed."""
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "k.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
+                       server={"admin_token": ADMIN})
+    proc, address = start_kernel(tmp_path / "data", str(cfg), timeout=120)
+    try:
+        with kernos.sdk.connect(address, agent="keeper") as s, kernos.sdk.connect(address, agent="other") as o:
+            s.tools.register("triple", "result = args['n'] * 3", {"type": "object"})
+            s.tools.register("shout", "result = args['w'].upper()", {"type": "object"}, public=True)
+            o.tools.register("mine", "result = 1", {"type": "object"})
+            tokens = s.token, o.token
+    finally:
+        assert stop_kernel(proc) == 0
+    proc, address = start_kernel(tmp_path / "data", str(cfg), timeout=120)
+    try:
+        with kernos.sdk.connect(address, agent="keeper", token=tokens[0]) as s, \
+                kernos.sdk.connect(address, agent="other", token=tokens[1]) as o:
+            assert s.tools.call("triple", n=5).result == 15            # the same tools after the restart
+            assert o.tools.call("shout", w="hi").result == "HI"
+            with pytest.raises(kernos.sdk.NotFound):
+                o.tools.unregister("triple")                           # another agent's: not even seen
+            with pytest.raises(kernos.sdk.NotFound):
+                o.tools.unregister("shout")                            # public, but not its own
+            with pytest.raises(kernos.sdk.FailedPrecondition, match="kernel's own"):
+                kernos.sdk.connect(address, token=ADMIN).tools.unregister("calculator")
+            assert s.tools.unregister("triple")["name"] == "triple"
+            with pytest.raises(kernos.sdk.NotFound):
+                s.tools.call("triple", n=1)
+            kernos.sdk.connect(address, token=ADMIN).tools.unregister("other/mine")   # an operator: anyone's
+            assert "mine" not in {t["name"] for t in o.tools.list()}
+            assert "shout" in {t["name"] for t in o.tools.list()}
+    finally:
+        assert stop_kernel(proc) == 0
+    proc, address = start_kernel(tmp_path / "data", str(cfg), timeout=120)
+    try:
+        with kernos.sdk.connect(address, agent="keeper", token=tokens[0]) as s:
+            names = {t["name"] for t in s.tools.list()}
+            assert "shout" in names and "triple" not in names and "other/mine" not in names   # removed for good
+    finally:
+        assert stop_kernel(proc) == 0

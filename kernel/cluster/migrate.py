@@ -16,7 +16,7 @@ from kernos.storage.db import Databases, connect
 
 # The stores that a cluster shares: their SQLite files under the data dir (the schema name follows the file name).
 STORES = ("kernel.db", "access.db", "audit.db", "traces.db", "contexts.db", "responses.db", "files/files.db",
-          "bridge.db")
+          "bridge.db", "tools.db")
 
 
 @dataclass

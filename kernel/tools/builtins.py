@@ -130,5 +130,6 @@ BUILTINS = [
         "Run Python in a sandbox (no network, CPU/memory/wall limits, a temp dir); set `result`.",
         _schema({"code": {"type": "string", "maxLength": 20000}}, ["code"]),
         code="exec(args['code'])",
+        source="builtin",
     ),
 ]

@@ -7,6 +7,10 @@ private tools live in its own. A caller names its own and public tools by name (
 private tool granted to it by "owner/name". A private tool that the caller may not use answers exactly like
 one that does not exist, and registering a name never tells of another agent's private tool.
 
+Registered tools are kept (`registry.py`): they outlive a restart, and every node of a cluster serves them; a node
+picks up what another registered or removed before it next looks one up. Built-ins and mounted MCP servers'
+tools are the kernel's own, made at each start.
+
 Irreversible tools park the call until an operator confirms or denies it; a timeout denies.
 
 Tool work runs apart from the kernel's own: on a bounded pool of its own threads (not the one that serves
@@ -32,6 +36,7 @@ from kernos.abi.errors import StatusError
 from . import sandbox
 from .builtins import BUILTINS
 from .jail import Jail, Limits
+from .registry import ToolStore, spec_of
 from .slots import FairSlots
 from .spec import Call, Tool, ToolSpec
 
@@ -42,7 +47,7 @@ MAX_ARGS = 64 * 1024
 
 
 class ToolManager:
-    def __init__(self, memory, access, config):
+    def __init__(self, memory, access, config, store: ToolStore | None = None):
         self.memory = memory  # () -> the long-term vector memory, opened on first use
         self.access = access
         self.config = config  # ToolsConfig
@@ -59,6 +64,8 @@ class ToolManager:
         self._running = 0
         self.stopping = False
         self.jail, self.no_code_reason = self._jail()
+        self.store = store
+        self._sync()
 
     def _jail(self) -> tuple[Jail | None, str]:
         """The jail if it holds; else None, and why code cannot run (empty when the operator allowed it)."""
@@ -76,6 +83,20 @@ class ToolManager:
                   "(install bubblewrap, or set tools.unsafe_no_jail = true on a single-user machine)", problem)
         return None, f"tool code cannot run on this kernel: no working jail ({problem})"
 
+    def _sync(self) -> None:
+        """The registered tools as the store holds them, when it changed (another node, another process): the
+        kernel's own tools stay, and a tool whose registration did not change stays the same object (its
+        running calls' concurrency is counted on it)."""
+        if self.store is None or not self.store.changed():
+            return
+        kept = {k: t for k, t in self.tools.items() if t.kernels_own}
+        for t in self.store.load():
+            if t.key in kept:
+                continue                           # a mounted tool took the name here first
+            old = self.tools.get(t.key)
+            kept[t.key] = old if old is not None and spec_of(old) == spec_of(t) else t
+        self.tools = kept
+
     async def in_pool(self, fn, *args):
         """Run blocking tool work on the tools' own threads."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -83,6 +104,7 @@ class ToolManager:
     def register(self, principal, spec: ToolSpec) -> Tool:
         from jsonschema import Draft202012Validator, SchemaError
 
+        self._sync()
         owner = principal.agent_id
         if not NAME_RE.match(spec.name):
             raise StatusError("INVALID_ARGUMENT", "tool names are 1-64 characters of a-z, 0-9 and '_'")
@@ -120,8 +142,28 @@ class ToolManager:
             min(spec.memory_mb or 256, 4096),
             spec.public or principal.operator,
         )
-        self.tools.pop(spec.name if not tool.public else f"{owner}/{spec.name}", None)   # its other version
+        other = spec.name if not tool.public else f"{owner}/{spec.name}"    # its other version
+        if self.store is not None and not self.store.put(tool, other):
+            raise StatusError("ALREADY_EXISTS", f"'{spec.name}' is the name of a public tool")
+        self.tools.pop(other, None)
         self.tools[tool.key] = tool
+        return tool
+
+    def unregister(self, principal, name: str) -> Tool:
+        """Remove a registered tool: the caller's own (its private one first, as calls resolve names), or any
+        registered tool by its key for an operator. The kernel's own tools stay."""
+        self._sync()
+        key = name if principal.operator or "/" in name else (
+            f"{principal.agent_id}/{name}" if f"{principal.agent_id}/{name}" in self.tools else name)
+        tool = self.tools.get(key)
+        if tool is None or not (principal.operator or tool.owner == principal.agent_id):
+            raise StatusError("NOT_FOUND", f"no tool '{name[:130]}' registered by this agent")
+        if tool.kernels_own:
+            raise StatusError("FAILED_PRECONDITION", f"'{name[:64]}' is the kernel's own tool "
+                              f"({tool.source or 'builtin'}): it cannot be removed")
+        if self.store is not None:
+            self.store.delete(key)
+        self.tools.pop(key, None)
         return tool
 
     # -- mounted MCP servers ([[tools.mcp]]) --------------------------------------------------------------------
@@ -150,12 +192,14 @@ class ToolManager:
 
     def visible(self, principal) -> list[Tool]:
         """Public tools, the caller's own, and private tools it has been granted (operators: all)."""
+        self._sync()
         return [t for t in self.tools.values() if t.public or t.owner == principal.agent_id
                 or self.access.decide_named(principal, "tool", t.key)[0]]
 
     def owner(self, key: str) -> tuple[str, bool]:
         """For access control: a tool's owner and whether it is private ("owner/name" names a private tool
         of that owner, registered or not; unknown plain names: the kernel's, public)."""
+        self._sync()
         tool = self.tools.get(key)
         if tool is not None:
             return tool.owner, not tool.public
@@ -164,6 +208,7 @@ class ToolManager:
     def resolve(self, principal, name: str) -> Tool:
         """The tool `principal` means by `name`: its own private one, else the public one; "owner/name": a
         private tool granted to it. NOT_FOUND for anything else, whether or not it exists."""
+        self._sync()
         tool = (self.tools.get(name) if "/" in name
                 else self.tools.get(f"{principal.agent_id}/{name}") or self.tools.get(name))
         if tool is not None:
@@ -250,6 +295,10 @@ class ToolManager:
         with self._procs_lock:
             self._procs = {p for p in self._procs if p.poll() is None} | {proc}
 
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
     def drain(self, deadline: float) -> None:
         """Refuse new calls, let running ones finish until `deadline` (monotonic), then kill their jails."""
         self.stopping = True
@@ -271,6 +320,7 @@ class ToolManager:
         call = self._pending(call_id)
         if call.state != "pending":
             raise StatusError("FAILED_PRECONDITION", f"call '{call_id}' is already {call.state}")
+        self._sync()
         tool = self.tools.get(call.tool)
         if tool is None:
             raise StatusError("FAILED_PRECONDITION", f"tool '{call.tool}' is no longer registered")

@@ -41,8 +41,13 @@ class Tool:
     memory_mb: int = 256
     public: bool = True
     builtin: object = None           # async fn(tools, principal, args) for built-ins (and mounted MCP tools)
-    source: str = ""                 # "mcp:SERVER" for a mounted MCP server's tools
+    source: str = ""                 # "mcp:SERVER" for a mounted MCP server's tools, "builtin" for `python`
     semaphore: asyncio.Semaphore | None = None
+
+    @property
+    def kernels_own(self) -> bool:
+        """Built in, or a mounted MCP server's: made by the kernel at each start, never stored or removed."""
+        return self.builtin is not None or bool(self.source)
 
     @property
     def key(self) -> str:

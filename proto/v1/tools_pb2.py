@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kernos/v1/tools.proto\x12\tkernos.v1\"\xc4\x01\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0bschema_json\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x14\n\x0cirreversible\x18\x05 \x01(\x08\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\x17\n\x0fmax_concurrency\x18\x07 \x01(\r\x12\r\n\x05\x63pu_s\x18\x08 \x01(\x01\x12\x11\n\tmemory_mb\x18\t \x01(\r\x12\x0e\n\x06public\x18\n \x01(\x08\"w\n\x08ToolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0bschema_json\x18\x03 \x01(\t\x12\x14\n\x0cirreversible\x18\x04 \x01(\x08\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x0e\n\x06public\x18\x06 \x01(\x08\"\x12\n\x10ListToolsRequest\"4\n\x0eListToolsReply\x12\"\n\x05tools\x18\x01 \x03(\x0b\x32\x13.kernos.v1.ToolInfo\"2\n\x0fToolCallRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\t\"\x88\x01\n\rToolCallReply\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bresult_json\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\x12\x0c\n\x04tool\x18\x06 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x07 \x01(\t\"\x1a\n\x07\x43\x61llRef\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"\x14\n\x12ListPendingRequest\";\n\x10ListPendingReply\x12\'\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x18.kernos.v1.ToolCallReply2\xab\x03\n\x05Tools\x12\x34\n\x08Register\x12\x13.kernos.v1.ToolSpec\x1a\x13.kernos.v1.ToolInfo\x12>\n\x04List\x12\x1b.kernos.v1.ListToolsRequest\x1a\x19.kernos.v1.ListToolsReply\x12<\n\x04\x43\x61ll\x12\x1a.kernos.v1.ToolCallRequest\x1a\x18.kernos.v1.ToolCallReply\x12\x34\n\x04Wait\x12\x12.kernos.v1.CallRef\x1a\x18.kernos.v1.ToolCallReply\x12\x37\n\x07\x43onfirm\x12\x12.kernos.v1.CallRef\x1a\x18.kernos.v1.ToolCallReply\x12\x34\n\x04\x44\x65ny\x12\x12.kernos.v1.CallRef\x1a\x18.kernos.v1.ToolCallReply\x12I\n\x0bListPending\x12\x1d.kernos.v1.ListPendingRequest\x1a\x1b.kernos.v1.ListPendingReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kernos/v1/tools.proto\x12\tkernos.v1\"\xc4\x01\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0bschema_json\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x14\n\x0cirreversible\x18\x05 \x01(\x08\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\x17\n\x0fmax_concurrency\x18\x07 \x01(\r\x12\r\n\x05\x63pu_s\x18\x08 \x01(\x01\x12\x11\n\tmemory_mb\x18\t \x01(\r\x12\x0e\n\x06public\x18\n \x01(\x08\"w\n\x08ToolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0bschema_json\x18\x03 \x01(\t\x12\x14\n\x0cirreversible\x18\x04 \x01(\x08\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x0e\n\x06public\x18\x06 \x01(\x08\"\x17\n\x07ToolRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x12\n\x10ListToolsRequest\"4\n\x0eListToolsReply\x12\"\n\x05tools\x18\x01 \x03(\x0b\x32\x13.kernos.v1.ToolInfo\"2\n\x0fToolCallRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\t\"\x88\x01\n\rToolCallReply\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bresult_json\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\x12\x0c\n\x04tool\x18\x06 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x07 \x01(\t\"\x1a\n\x07\x43\x61llRef\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"\x14\n\x12ListPendingRequest\";\n\x10ListPendingReply\x12\'\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x18.kernos.v1.ToolCallReply2\xe2\x03\n\x05Tools\x12\x34\n\x08Register\x12\x13.kernos.v1.ToolSpec\x1a\x13.kernos.v1.ToolInfo\x12\x35\n\nUnregister\x12\x12.kernos.v1.ToolRef\x1a\x13.kernos.v1.ToolInfo\x12>\n\x04List\x12\x1b.kernos.v1.ListToolsRequest\x1a\x19.kernos.v1.ListToolsReply\x12<\n\x04\x43\x61ll\x12\x1a.kernos.v1.ToolCallRequest\x1a\x18.kernos.v1.ToolCallReply\x12\x34\n\x04Wait\x12\x12.kernos.v1.CallRef\x1a\x18.kernos.v1.ToolCallReply\x12\x37\n\x07\x43onfirm\x12\x12.kernos.v1.CallRef\x1a\x18.kernos.v1.ToolCallReply\x12\x34\n\x04\x44\x65ny\x12\x12.kernos.v1.CallRef\x1a\x18.kernos.v1.ToolCallReply\x12I\n\x0bListPending\x12\x1d.kernos.v1.ListPendingRequest\x1a\x1b.kernos.v1.ListPendingReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +35,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLSPEC']._serialized_end=233
   _globals['_TOOLINFO']._serialized_start=235
   _globals['_TOOLINFO']._serialized_end=354
-  _globals['_LISTTOOLSREQUEST']._serialized_start=356
-  _globals['_LISTTOOLSREQUEST']._serialized_end=374
-  _globals['_LISTTOOLSREPLY']._serialized_start=376
-  _globals['_LISTTOOLSREPLY']._serialized_end=428
-  _globals['_TOOLCALLREQUEST']._serialized_start=430
-  _globals['_TOOLCALLREQUEST']._serialized_end=480
-  _globals['_TOOLCALLREPLY']._serialized_start=483
-  _globals['_TOOLCALLREPLY']._serialized_end=619
-  _globals['_CALLREF']._serialized_start=621
-  _globals['_CALLREF']._serialized_end=647
-  _globals['_LISTPENDINGREQUEST']._serialized_start=649
-  _globals['_LISTPENDINGREQUEST']._serialized_end=669
-  _globals['_LISTPENDINGREPLY']._serialized_start=671
-  _globals['_LISTPENDINGREPLY']._serialized_end=730
-  _globals['_TOOLS']._serialized_start=733
-  _globals['_TOOLS']._serialized_end=1160
+  _globals['_TOOLREF']._serialized_start=356
+  _globals['_TOOLREF']._serialized_end=379
+  _globals['_LISTTOOLSREQUEST']._serialized_start=381
+  _globals['_LISTTOOLSREQUEST']._serialized_end=399
+  _globals['_LISTTOOLSREPLY']._serialized_start=401
+  _globals['_LISTTOOLSREPLY']._serialized_end=453
+  _globals['_TOOLCALLREQUEST']._serialized_start=455
+  _globals['_TOOLCALLREQUEST']._serialized_end=505
+  _globals['_TOOLCALLREPLY']._serialized_start=508
+  _globals['_TOOLCALLREPLY']._serialized_end=644
+  _globals['_CALLREF']._serialized_start=646
+  _globals['_CALLREF']._serialized_end=672
+  _globals['_LISTPENDINGREQUEST']._serialized_start=674
+  _globals['_LISTPENDINGREQUEST']._serialized_end=694
+  _globals['_LISTPENDINGREPLY']._serialized_start=696
+  _globals['_LISTPENDINGREPLY']._serialized_end=755
+  _globals['_TOOLS']._serialized_start=758
+  _globals['_TOOLS']._serialized_end=1240
 # @@protoc_insertion_point(module_scope)

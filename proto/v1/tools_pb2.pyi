@@ -46,6 +46,12 @@ class ToolInfo(_message.Message):
     public: bool
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., schema_json: _Optional[str] = ..., irreversible: _Optional[bool] = ..., owner: _Optional[str] = ..., public: _Optional[bool] = ...) -> None: ...
 
+class ToolRef(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
 class ListToolsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

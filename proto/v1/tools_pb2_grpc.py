@@ -39,6 +39,11 @@ class ToolsStub:
                 request_serializer=kernos_dot_v1_dot_tools__pb2.ToolSpec.SerializeToString,
                 response_deserializer=kernos_dot_v1_dot_tools__pb2.ToolInfo.FromString,
                 _registered_method=True)
+        self.Unregister = channel.unary_unary(
+                '/kernos.v1.Tools/Unregister',
+                request_serializer=kernos_dot_v1_dot_tools__pb2.ToolRef.SerializeToString,
+                response_deserializer=kernos_dot_v1_dot_tools__pb2.ToolInfo.FromString,
+                _registered_method=True)
         self.List = channel.unary_unary(
                 '/kernos.v1.Tools/List',
                 request_serializer=kernos_dot_v1_dot_tools__pb2.ListToolsRequest.SerializeToString,
@@ -75,7 +80,15 @@ class ToolsServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """kept: it outlives a restart, every node serves it
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unregister(self, request, context):
+        """the caller's own ("owner/name": operators, any)
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -126,6 +139,11 @@ def add_ToolsServicer_to_server(servicer, server):
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
                     request_deserializer=kernos_dot_v1_dot_tools__pb2.ToolSpec.FromString,
+                    response_serializer=kernos_dot_v1_dot_tools__pb2.ToolInfo.SerializeToString,
+            ),
+            'Unregister': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unregister,
+                    request_deserializer=kernos_dot_v1_dot_tools__pb2.ToolRef.FromString,
                     response_serializer=kernos_dot_v1_dot_tools__pb2.ToolInfo.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
@@ -185,6 +203,33 @@ class Tools:
             target,
             '/kernos.v1.Tools/Register',
             kernos_dot_v1_dot_tools__pb2.ToolSpec.SerializeToString,
+            kernos_dot_v1_dot_tools__pb2.ToolInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unregister(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernos.v1.Tools/Unregister',
+            kernos_dot_v1_dot_tools__pb2.ToolRef.SerializeToString,
             kernos_dot_v1_dot_tools__pb2.ToolInfo.FromString,
             options,
             channel_credentials,

@@ -30,6 +30,9 @@ class ToolsServicer(rpc.ToolsServicer):
                         r.max_concurrency, r.cpu_s, r.memory_mb)
         return _info(self.tools.register(current_principal(), spec), current_principal())
 
+    async def Unregister(self, r, context):
+        return _info(self.tools.unregister(current_principal(), r.name), current_principal())
+
     async def List(self, r, context):
         me = current_principal()
         return pb.ListToolsReply(tools=[_info(t, me) for t in self.tools.visible(me)])
