@@ -54,7 +54,8 @@ async def serve(config: KernelConfig) -> int:
     (config.data_dir / "kernel.addr").write_text(address + "\n")
     beats = None
     if kernel.cluster is not None:
-        kernel.cluster.join(config.cluster.reach(address), http[2] if http else "", sorted(kernel.llm.models))
+        kernel.cluster.join(config.cluster.reach(address), config.cluster.reach(http[2], http=True) if http else "",
+                            sorted(kernel.llm.models))
         if kernel.forwarder is not None:       # drained: running gRPC streams continue on their agents' new homes
             hand_over, streams = kernel.generate.control.hand_over, kernel.forwarder.streams
             kernos_loop = asyncio.get_running_loop()

@@ -51,11 +51,13 @@ def test_two_nodes_share_agents_files_contexts_and_grants(tmp_path, cluster_conf
             alice_a.memory.create_context("c1", budget_tokens=500)
             alice_a.memory.add_block("c1", "remember the plan", role="user")
             fact = alice_a.memory.add(["The launch is on Friday at noon."])[0]
+            alice_a.tools.register("triple", "result = args['n'] * 3", {"type": "object"})
             token = alice_a.token
         with kernos.sdk.connect(addr_b, agent="alice", token=token) as alice_b:    # the same agent on node b
             assert alice_b.storage.read_text("notes/plan.txt") == "ship it"
             assert [blk.content for blk in alice_b.memory.blocks("c1")[0]] == ["remember the plan"]
             assert alice_b.memory.search("when is the launch", k=1)[0].id == fact
+            assert _soon(lambda: alice_b.tools.call("triple", n=4).result) == 12     # registered on a, kept for all
             alice_b.storage.write("notes/plan.txt", "ship it friday")
             with kernos.sdk.connect(addr_b, agent="bob") as bob_b:
                 with pytest.raises(kernos.sdk.PermissionDenied):
@@ -65,6 +67,12 @@ def test_two_nodes_share_agents_files_contexts_and_grants(tmp_path, cluster_conf
         with kernos.sdk.connect(addr_a, agent="bob", token=bob_token) as bob_a:   # granted on b, used on a
             assert bob_a.storage.read_text("notes/plan.txt", owner="alice") == "ship it friday"
             assert [h.version for h in bob_a.storage.history("notes/plan.txt", owner="alice")] == [1, 2]
+        with kernos.sdk.connect(addr_b, agent="alice", token=token) as alice_b:
+            alice_b.tools.unregister("triple")                 # removed on b: gone on a too
+        with kernos.sdk.connect(addr_a, agent="alice", token=token) as alice_a:
+            def gone():
+                assert "triple" not in {t["name"] for t in alice_a.tools.list()}
+            _soon(gone)
         with pytest.raises(kernos.sdk.AlreadyExists):        # the name is taken on every node
             kernos.sdk.connect(addr_a, agent="alice")
         # an AIOS agent (no token: the kernel holds it) used through node a, then b, then a again: one agent, the
@@ -146,6 +154,18 @@ def test_a_node_killed_under_load_loses_nothing_acknowledged(tmp_path, cluster_c
 
 
 ADMIN = "cluster-admin-token"
+
+
+def _soon(fn, timeout: float = 5.0):
+    """fn()'s answer once another node's change has reached this one (a notification: milliseconds)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return fn()
+        except (AssertionError, kernos.sdk.NotFound):
+            if time.time() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _operator_stats(address: str):
@@ -478,6 +498,48 @@ def test_a_drained_node_hands_a_running_stream_to_the_agents_new_home(tmp_path, 
         assert text == reference.text
         other = next(m for m in _operator_stats(procs[1][1]).models if m.name == "tiny")
         assert 0 < other.generated_tokens < reference.completion_tokens, "the rest ran on the other node"
+    finally:
+        _stop(procs)
+
+
+def test_aios_queries_reach_the_agents_home_through_any_node(tmp_path, shared):
+    """AIOS's /query names its agent in its body, with no token: node 0 sends a query of an agent homed on node 1
+    there, with the cluster's secret and the caller's address, and node 1 checks that address (loopback only, by
+    default) as if the caller had come straight to it. The nodes listen on every interface and reach each other
+    on this machine's LAN address when it has one, so node 1 sees node 0 as a remote caller."""
+    from conftest import write_config
+    from services import free_ports
+    from test_aios import _lan_address, llm_query, ok, send, storage_query
+
+    lan = _lan_address()
+    cfg = write_config(tmp_path / "q.toml", [{"name": "echo", "path": "-", "kind": "echo"}],
+                       server={"admin_token": ADMIN, "aios_compat": True}, cluster=shared())
+    procs = []
+    try:
+        for i, port in enumerate(free_ports(2)):
+            procs.append(start_kernel(tmp_path / f"q{i}", str(cfg), timeout=120, listen=f"0.0.0.0:{port}",
+                                      http="0.0.0.0:0",
+                                      extra_env={"KERNOS_CLUSTER__ADVERTISE": f"{lan or '127.0.0.1'}:{port}"}))
+        ids = [v.node_id for v in _wait_for_view([a for _, a in procs], 2)]
+        name = _homed_on(ids, 1, "aios.w")[len("aios."):]
+        http = [p.http_address.rsplit(":", 1)[1] for p, _ in procs]
+        body = llm_query([{"role": "user", "content": "a b c"}], max_new_tokens=2)
+        assert ok(send(f"http://127.0.0.1:{http[0]}", name, "llm", body))["response_message"]
+        generated = [sum(m.generated_tokens for m in _operator_stats(a).models) for _, a in procs]
+        assert generated[0] == 0 and generated[1] > 0, f"the query ran on {generated}, not on its home (node 1)"
+        assert _operator_stats(procs[0][1]).forwarded == 1
+        ok(send(f"http://127.0.0.1:{http[0]}", name, "storage", storage_query("write", file_path="n.txt",
+                                                                              content="one")))
+        assert "version 2" in ok(send(f"http://127.0.0.1:{http[1]}", name, "storage", storage_query(
+            "write", file_path="n.txt", content="two")))["response_message"]          # one agent, whichever node
+        if lan:
+            # a caller on the LAN enters node 0: its home refuses it, as it refuses such a caller coming to it
+            r = send(f"http://{lan}:{http[0]}", name, "llm", body)
+            assert r.status_code == 403 and "loopback" in r.json()["detail"]
+            # a caller that forges the forwarding headers without the cluster's secret: refused
+            r = send(f"http://{lan}:{http[1]}", name, "llm", body, headers={
+                "kernos-forwarded-by": ids[0], "kernos-forwarded-for": "127.0.0.1", "kernos-cluster-secret": "x" * 64})
+            assert r.status_code == 403 and "loopback" in r.json()["detail"]
     finally:
         _stop(procs)
 

@@ -21,8 +21,9 @@ class ClusterConfig(_Strict):
     s3_region: str = "us-east-1"
     node_id: str = Field("", description="this kernel's name in the cluster; empty: the host name and a hash of "
                                          "data_dir (stable across restarts)")
-    advertise: str = Field("", description="host:port the other nodes reach this one's gRPC on; empty: the "
-                                           "address it listens on (0.0.0.0 replaced by the host name)")
+    advertise: str = Field("", description="host:port the other nodes reach this one's gRPC on (its HTTP "
+                                           "on the same host); empty: the addresses it listens on (0.0.0.0 "
+                                           "replaced by the host name)")
     lease_s: float = Field(10.0, gt=0, description="a node that has not renewed its lease for this long is dead "
                                                    "to the others; its agents get new home nodes")
     heartbeat_s: float = Field(2.0, gt=0, description="how often a node renews its lease and reads the others'")
@@ -71,8 +72,10 @@ class ClusterConfig(_Strict):
     def name(self, data_dir: Path) -> str:
         return self.node_id or f"{socket.gethostname()[:40]}-{hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]}"
 
-    def reach(self, listening: str) -> str:
-        if self.advertise:
-            return self.advertise
+    def reach(self, listening: str, http: bool = False) -> str:
+        """How other nodes reach an address this node listens on: gRPC's is `advertise` when set, HTTP's the
+        advertised host with the HTTP port; an address on every interface is the host name's."""
         host, _, port = listening.rpartition(":")
+        if self.advertise:
+            return f"{self.advertise.rpartition(':')[0]}:{port}" if http else self.advertise
         return f"{socket.gethostname()}:{port}" if host in ("0.0.0.0", "[::]", "") else listening

@@ -6,6 +6,7 @@ lease expires."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 
@@ -25,6 +26,7 @@ class Membership:
         self.handed_over = 0                         # running streams a drain of this node moved to their homes
         self.on_drain = None                         # called (from a worker thread) when this node turns draining
         self._draining = False
+        self.secret = nodes.secret()
 
     @property
     def node_id(self) -> str:
@@ -73,6 +75,10 @@ class Membership:
     def is_home(self, agent_id: str) -> bool:
         """Whether this node is the agent's home (or no node is up to be one)."""
         return self.elsewhere(agent_id) is None
+
+    def trusts(self, presented: str | None) -> bool:
+        """Whether a forwarded request's secret is the cluster's (it comes from a node)."""
+        return bool(presented) and hmac.compare_digest(presented.encode(), self.secret.encode())
 
     def node_ids(self) -> list[str]:
         """The nodes alive in this node's current view."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     state TEXT NOT NULL, started REAL NOT NULL, heartbeat REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS pins (agent_id TEXT PRIMARY KEY, node_id TEXT NOT NULL);  -- agents moved by hand
+CREATE TABLE IF NOT EXISTS secret (id INTEGER PRIMARY KEY, value TEXT NOT NULL);  -- the nodes' shared secret
 """
 _COLUMNS = ("node_id", "grpc_address", "http_address", "models", "state", "started", "heartbeat")
 STATES = ("up", "draining", "left")   # up: takes agents; draining: hands its agents over; left: stopped cleanly
@@ -116,6 +118,13 @@ class Nodes:
                 return
             self.get(node_id)                       # NOT_FOUND for a node the cluster does not know
             self._db.execute(upsert("pins", ("agent_id", "node_id"), ("agent_id",)), (agent_id, node_id))
+
+    def secret(self) -> str:
+        """The secret the cluster's nodes share (made by the first node that asks): a forwarded request that
+        carries it comes from a node, which has already checked the caller as far as it could."""
+        with self._lock:
+            self._db.execute("INSERT INTO secret VALUES (1, ?) ON CONFLICT(id) DO NOTHING", (secrets.token_hex(32),))
+            return self._db.execute("SELECT value FROM secret WHERE id=1").fetchone()[0]
 
     def pins(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT agent_id, node_id FROM pins").fetchall())

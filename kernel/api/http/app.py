@@ -43,11 +43,14 @@ def build(kernel, edge: Edge) -> FastAPI:
     server = kernel.config.server
     mount_openai(app, edge, kernel.generate, kernel.responses, kernel.memory, kernel.models, kernel.metrics,
                  server.metrics_public)
+    app.state.aios_names = None          # an AIOS name -> its Kernos agent (a cluster forwards /query by it)
     if server.aios_compat:
         from .aios.routes import mount as mount_aios
 
+        bridge = kernel.aios_bridge()
         mount_aios(app, edge, kernel.generate, kernel.memory, kernel.storage, kernel.tools, kernel.access,
-                   kernel.models, kernel.aios_bridge(), kernel.config.aios)
+                   kernel.models, bridge, kernel.config.aios, kernel.cluster)
+        app.state.aios_names = bridge.kernos_name
     app.state.mcp = None
     if server.mcp:
         from .mcp.server import mount as mount_mcp

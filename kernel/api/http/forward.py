@@ -4,53 +4,78 @@ comes back, so that OpenAI clients, LangChain and MCP clients keep the one URL t
 `api/grpc/forward.py`). A forwarded request carries a mark and is never forwarded again; a home that refuses the
 connection is passed over and the request served here.
 
+AIOS's `/query` carries no token: its agent is the name in its body (`bridge.kernos_name`). Its home answers
+loopback callers only unless told otherwise, and the forwarding node is not one: a forwarded request carries the
+cluster's secret (`kernos-cluster-secret`, shared by the nodes through the database) and the caller's address
+(`kernos-forwarded-for`), and the home checks that address as if the caller had come straight to it.
+
 A plain ASGI middleware inside `RequestLimits`: the body it reads was already held to the size and time limits,
 and the token already authenticated."""
 from __future__ import annotations
 
+import json
 import logging
 
 from ..edge import bearer
 
 log = logging.getLogger("kernos.http")
 FORWARDED = b"kernos-forwarded-by"
-_HOP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"content-length",
-        b"proxy-authorization", b"proxy-connection", b"trailer"}
+SECRET = b"kernos-cluster-secret"
+FORWARDED_FOR = b"kernos-forwarded-for"
+_HOP = {SECRET, FORWARDED_FOR, b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade",
+        b"content-length", b"proxy-authorization", b"proxy-connection", b"trailer"}
 
 
 class HomeForwarding:
-    def __init__(self, app, membership, identify, paths: tuple[str, ...] = ("/v1/", "/mcp")):
+    def __init__(self, app, membership, identify, paths: tuple[str, ...] = ("/v1/", "/mcp"), aios=None):
         self.app, self.membership, self.identify, self.paths = app, membership, identify, paths
+        self.aios = aios            # body -> the Kernos agent of an AIOS `/query` (None: /query is not forwarded)
         self._client = None
 
     def _home(self, scope):
-        if not self.membership.forward or not scope.get("path", "").startswith(self.paths):
-            return None
         token = None
         for k, v in scope.get("headers", ()):
-            if k == FORWARDED:
-                return None
             if k == b"authorization":
                 token = bearer(v.decode("latin-1"))
         home = self.membership.elsewhere(self.identify(token) if token else None)
         return home if home is not None and home.http_address else None
 
+    def _aios_home(self, body: bytes):
+        try:
+            name = json.loads(body).get("agent_name")
+            agent = self.aios(name) if isinstance(name, str) and name.strip() and len(name) <= 256 else None
+        except (ValueError, AttributeError):
+            agent = None                   # the home would refuse it as this node will: answered here
+        home = self.membership.elsewhere(agent)
+        return home if home is not None and home.http_address else None
+
     async def __call__(self, scope, receive, send):
-        home = self._home(scope) if scope["type"] == "http" else None
-        if home is None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not path or not self.membership.forward or any(k == FORWARDED for k, _ in scope.get("headers", ())):
             return await self.app(scope, receive, send)
+        if path.startswith(self.paths):
+            home = self._home(scope)
+            if home is None:
+                return await self.app(scope, receive, send)
+            body = await _body(receive)
+        elif path == "/query" and self.aios is not None and scope.get("method") == "POST":
+            body = await _body(receive)
+            home = self._aios_home(body)
+            if home is None:
+                return await self.app(scope, _replay(body), send)
+        else:
+            return await self.app(scope, receive, send)
+        await self._relay(scope, body, home, receive, send)
+
+    async def _relay(self, scope, body: bytes, home, receive, send) -> None:
         import httpx
 
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+        client = (scope.get("client") or ("", 0))[0]
         headers = [(k, v) for k, v in scope["headers"] if k not in _HOP] + \
-            [(FORWARDED, self.membership.node_id.encode())]
+            [(FORWARDED, self.membership.node_id.encode()), (SECRET, self.membership.secret.encode()),
+             (FORWARDED_FOR, client.encode())]
         url = f"http://{home.http_address}{scope.get('raw_path', scope['path'].encode()).decode('latin-1')}"
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
@@ -75,6 +100,23 @@ class HomeForwarding:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+def forwarded_for(membership, headers) -> str | None:
+    """The original caller's address of a request that a node of this cluster forwarded here (None: it did not
+    come from one; `headers` as Starlette's)."""
+    if membership is None or not membership.trusts(headers.get(SECRET.decode())):
+        return None
+    return headers.get(FORWARDED_FOR.decode(), "")
+
+
+async def _body(receive) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
 
 
 def _replay(body: bytes):

@@ -47,10 +47,10 @@ async def start(kernel, edge, listen: str):
         mcp_task = asyncio.create_task(run_mcp())
         await asyncio.wait_for(ready.wait(), 10)
     inner = app
-    if kernel.cluster is not None:        # an agent's /v1 and /mcp requests are served on its home node
+    if kernel.cluster is not None:        # an agent's /v1, /mcp and /query requests are served on its home
         from .forward import HomeForwarding
 
-        inner = HomeForwarding(app, kernel.cluster, kernel.registry.identify)
+        inner = HomeForwarding(app, kernel.cluster, kernel.registry.identify, aios=app.state.aios_names)
     limited = RequestLimits(inner, kernel.config.server.max_http_body_bytes, kernel.config.server.http_body_timeout_s,
                             kernel.gate.authenticate)
     # Heads are bounded by h11 (16 KiB, then 400) and in time (head_timeout_protocol), bodies by RequestLimits.

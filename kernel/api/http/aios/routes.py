@@ -7,7 +7,8 @@ same admission, quotas, audit, scheduling and trace kinds as gRPC): `llm` onto g
 AIOS has no authentication: any caller names itself any agent. Here each name is its own Kernos agent
 (`security/bridge.py`), isolated from every other name, in the group `[aios] group` with the capabilities
 `[aios] capabilities`; the routes answer loopback callers only unless `[aios] allow_remote`, and require a
-shared bearer token when `[aios] token` is set. A bad body gets a 400 that names the field (AIOS answers 500), a
+shared bearer token when `[aios] token` is set. In a cluster, a query reaches its agent's home node
+(`api/http/forward.py`), which checks the address the caller came from as if it had come straight to it. A bad body gets a 400 that names the field (AIOS answers 500), a
 kernel error its HTTP status with the AIOS-shaped body, never a dead kernel."""
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ....syscalls.file_ops import FileOperations, param
 from ....syscalls.generation import Generation
 from ....syscalls.memory_analysis import MemoryAnalysis
 from ...edge import Edge, bounded, http_status
+from ..forward import forwarded_for
 from ..openai import wire as openai_wire
 from ..openai.routes import complete
 from . import wire as w
@@ -58,8 +60,10 @@ def _text(x) -> str:
     return x if isinstance(x, str) else json.dumps(x)
 
 
-def mount(app: FastAPI, edge: Edge, generate, memories, files, tools, access, models, bridge, cfg) -> None:
-    """AIOS's routes over the edge and the use cases they call; `bridge` gives each AIOS name its agent."""
+def mount(app: FastAPI, edge: Edge, generate, memories, files, tools, access, models, bridge, cfg,
+          cluster=None) -> None:
+    """AIOS's routes over the edge and the use cases they call; `bridge` gives each AIOS name its agent; `cluster`
+    (a cluster's node) tells requests other nodes forwarded here."""
 
     def admit(principal, name: str, path: str = "", args: dict | None = None):
         """Admit one syscall of a query through the edge; it is traced when the query ends."""
@@ -68,8 +72,11 @@ def mount(app: FastAPI, edge: Edge, generate, memories, files, tools, access, mo
         _PASSAGES.get().append(passage)
         return passage
 
-    def check_caller(request: Request) -> None:
-        host = request.client.host if request.client else ""
+    def check_caller(request: Request) -> str:
+        """The caller's address, checked: the client's, or (a request another node of the cluster forwarded to
+        this one, the agent's home) the address the client reached that node from."""
+        forwarded = forwarded_for(cluster, request.headers) if "kernos-forwarded-by" in request.headers else None
+        host = forwarded if forwarded is not None else (request.client.host if request.client else "")
         if not cfg.allow_remote:
             try:
                 local = ipaddress.ip_address(host).is_loopback
@@ -83,6 +90,7 @@ def mount(app: FastAPI, edge: Edge, generate, memories, files, tools, access, mo
             if not secrets.compare_digest(given.encode(), cfg.token.encode()):
                 raise StatusError("UNAUTHENTICATED", "this kernel's AIOS API needs its shared token "
                                                      "(Authorization: Bearer ...)")
+        return host
 
     def served_model(q: w.LLMQuery) -> str:
         names = models.names()
@@ -247,7 +255,7 @@ def mount(app: FastAPI, edge: Edge, generate, memories, files, tools, access, mo
         kind, passages = "llm", []
         _PASSAGES.set(passages)
         try:
-            check_caller(request)
+            peer = check_caller(request)
             try:
                 body = w.QueryRequest.model_validate_json(await request.body() or b"{}")
             except ValidationError as e:
@@ -257,8 +265,7 @@ def mount(app: FastAPI, edge: Edge, generate, memories, files, tools, access, mo
                 q = w.QUERIES[kind].model_validate(body.query_data)
             except ValidationError as e:
                 raise _bad(e, "query_data") from None
-            principal = await asyncio.to_thread(bridge.principal, body.agent_name,
-                                                request.client.host if request.client else "")
+            principal = await asyncio.to_thread(bridge.principal, body.agent_name, peer)
             with edge.lifecycle.track():
                 try:
                     response, started = await handlers[kind](principal, q, created)
