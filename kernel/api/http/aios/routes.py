@@ -8,8 +8,9 @@ AIOS has no authentication: any caller names itself any agent. Here each name is
 (`security/bridge.py`), isolated from every other name, in the group `[aios] group` with the capabilities
 `[aios] capabilities`; the routes answer loopback callers only unless `[aios] allow_remote`, and require a
 shared bearer token when `[aios] token` is set. In a cluster, a query reaches its agent's home node
-(`api/http/forward.py`), which checks the address the caller came from as if it had come straight to it. A bad body gets a 400 that names the field (AIOS answers 500), a
-kernel error its HTTP status with the AIOS-shaped body, never a dead kernel."""
+(`api/http/forward.py`), which checks the address the caller came from as if it had come straight to it. A bad
+body gets a 400 that names the field (AIOS answers 500), a kernel error its HTTP status with the AIOS-shaped body,
+never a dead kernel."""
 from __future__ import annotations
 
 import asyncio
