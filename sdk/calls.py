@@ -640,7 +640,8 @@ class TunerCalls(CallGroup):
         unset: the reward's sign); "grpo" (samples >= 2 replies of the base model per prompt of the traces,
         temperature (default 1.0), max_tokens, scored by reward: "regex:PATTERN", "json", "json_schema:{...}",
         "exact" / "contains" (the prompt's corrected or successful reply is the answer), or "tool:NAME" (the
-        agent's tool, run jailed, gets {"messages", "reply", "reference"} and returns a number)); "raft"
+        agent's tool, run jailed, gets {"messages", "reply", "reference"} and returns a number), or
+        "judge[:MODEL[:RUBRIC]]" (a served model scores each group's replies side by side, 0 to 1)); "raft"
         (samples, reward_regex, temperature, model, max_tokens); "rag" (items: [{"question", "oracle_id",
         "answer"}], distractors, oracle_fraction, seed)."""
         return self._call(

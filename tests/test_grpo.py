@@ -14,7 +14,7 @@ import torch
 
 import kernos.sdk
 from kernos.agents.demo import start_kernel, stop_kernel
-from kernos.kernel.tuner import rewards
+from kernos.kernel.tuner import judge, rewards
 from kernos.kernel.tuner.config import TrainConfig
 from kernos.kernel.tuner.grpo import GRPO
 from kernos.kernel.tuner.grpo_data import build_grpo
@@ -36,6 +36,8 @@ def test_reward_specs():
         with pytest.raises(rewards.RewardError, match=why):
             rewards.parse(bad)
     assert rewards.parse("tool:score") == ("tool", "score")
+    assert rewards.parse("judge") == ("judge", ("", "")) and rewards.parse("judge:big:be brief") == \
+        ("judge", ("big", "be brief"))
     assert [rewards.tool_result(v) for v in (1, 0.5, {"reward": 2}, "1", True, float("nan"), None)] == \
         [1.0, 0.5, 2.0, None, None, None, None]
 
@@ -101,6 +103,19 @@ def test_grpo_objective_reduces_its_loss_and_prefers_rewarded_replies(tiny_model
               objective=GRPO())
 
 
+def test_a_judges_prompt_and_verdict():
+    """The judge sees the task and every reply of the group, numbered; its verdict is read strictly."""
+    chat = judge.prompt([{"role": "user", "content": "add 2 and 3"}], ["5", "six", "It is 5."], "exact sums win")
+    assert "add 2 and 3" in chat[1]["content"] and "exact sums win" in chat[1]["content"]
+    assert [chat[1]["content"].index(f"[{i}]") for i in (1, 2, 3)] == sorted(chat[1]["content"].index(f"[{i}]")
+                                                                          for i in (1, 2, 3))
+    assert judge.verdict('{"scores": [1, 0.25, 0]}', 3) == [1.0, 0.25, 0.0]
+    for bad, why in (('{"scores": [1, 0]}', "2 scores for 3"), ('{"scores": [1, 2, 0]}', "between 0 and 1"),
+                     ('{"scores": [1, true, 0]}', "between 0 and 1"), ('{"scores": [1, 0', "not"), ("[]", "not")):
+        with pytest.raises(judge.JudgeError, match=why):
+            judge.verdict(bad, 3)
+
+
 SCORE = """
 reply = args["reply"]
 result = {"reward": 1.0 if len(reply) % 2 == 0 else 0.0}
@@ -111,7 +126,11 @@ BROKEN = "raise RuntimeError('the grader is down')"
 def test_grpo_on_a_kernel_with_a_jailed_reward_tool(tiny_models, tmp_path):
     from conftest import write_config
 
-    cfg = write_config(tmp_path / "k.toml", [{"name": "tiny-llama", "path": str(tiny_models["llama"])}],
+    from kernos.kernel.llm.embedded import ensure_converted
+
+    judge_path = ensure_converted(tmp_path / "embedded")      # the judge: the pretrained model (a tiny one scores flat)
+    cfg = write_config(tmp_path / "k.toml", [{"name": "tiny-llama", "path": str(tiny_models["llama"])},
+                                             {"name": "judge", "path": str(judge_path)}],
                        tuner={"threads": 1, "retention": {"min_agreement": 0.0, "max_kl": 1.0}})
     proc, address = start_kernel(tmp_path / "data", str(cfg), timeout=120)
     try:
@@ -139,6 +158,7 @@ def test_grpo_on_a_kernel_with_a_jailed_reward_tool(tiny_models, tmp_path):
             kept = [json.loads(x) for x in s.storage.read_text("datasets/best.train.jsonl").splitlines()]
             assert all(r["reward"] == 1.0 and len(r["messages"][-1]["content"]) % 2 == 0 for r in kept)
             print(f"sampled and scored 64 replies in {time.monotonic() - t0:.1f} s")
+            _judged_by_the_served_model(s, tmp_path / "data")
             job = s.tuner.wait(s.tuner.finetune("even", "even", config={"learning_rate": 3e-3, "epochs": 3,
                                                                          "batch_size": 8}).job_id, timeout=300)
             assert job.method == "grpo" and job.state in ("published", "rejected"), job.message
@@ -148,3 +168,47 @@ def test_grpo_on_a_kernel_with_a_jailed_reward_tool(tiny_models, tmp_path):
                                   adapter="player:even").adapter == "player:even"
     finally:
         assert stop_kernel(proc) == 0
+
+
+def _judged_by_the_served_model(s, data_dir):
+    """GRPO with a judge instead of a verifier: one judge call per group, accounted and traced to the agent, whose
+    constrained verdict is the groups' rewards; the verdict is the served model's own greedy reply to that prompt
+    and schema (asked again directly: the same text)."""
+    from kernos.storage.traces import TraceLog
+
+    with pytest.raises(kernos.sdk.NotFound):
+        s.tuner.build_dataset("j", kind="grpo", reward="judge:no-such-model")
+    before = {a.agent_id: a for a in s.kernel.agents()}["player"].completion_tokens
+    card = s.tuner.build_dataset("judged", kind="grpo", reward="judge:judge", samples=3, max_tokens=6)
+    print(f"judge: {card['groups']} groups kept, {card['reward_errors']} verdicts unreadable, {card['dropped']}")
+    assert card["reward"] == "judge:judge" and card["prompts"] == 16, card
+    log = TraceLog.__new__(TraceLog)
+    log.path = data_dir / "traces.db"
+    calls = [r for r in log.query(agent_id="player", kind="llm.internal") if r.request.get("cause") == "tuner.judge"]
+    assert len(calls) == 16 and all(r.status == "OK" for r in calls)
+    assert {r.request["model"] for r in calls} == {"judge"}
+    assert {a.agent_id: a for a in s.kernel.agents()}["player"].completion_tokens > before   # the agent's calls
+    verdicts = {}
+    for r in calls:
+        shown = r.request["messages"][1]["content"]
+        try:
+            verdicts[shown] = judge.verdict(r.response["text"], 3)
+        except judge.JudgeError:
+            verdicts[shown] = None
+    assert card["reward_errors"] == sum(1 for v in verdicts.values() if v is None)
+    rows = [json.loads(x) for part in ("train", "eval") for x in
+            s.storage.read_text(f"datasets/judged.{part}.jsonl").splitlines()]
+    assert len(rows) == 3 * card["groups"]
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["episode"], []).append(row)
+    for group in groups.values():       # each kept group's rewards are the verdict on it, reply by reply
+        task = judge.render_task(group[0]["messages"][:-1])
+        shown, scores = next((k, v) for k, v in verdicts.items() if f"Task:\n{task}\n\nReplies:" in k)
+        assert [r["reward"] for r in group] == scores
+        assert [f"[{i + 1}]\n{r['messages'][-1]['content']}" in shown for i, r in enumerate(group)] == [True] * 3
+    first = calls[0]
+    again = s.llm.chat(first.request["messages"], model="judge", temperature=0, max_tokens=first.request["max_tokens"],
+                       response_format={"type": "json_schema", "json_schema": {"name": "verdict",
+                                                                               "schema": judge.schema(3)}})
+    assert again.text == first.response["text"]

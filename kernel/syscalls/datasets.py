@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 from kernos.abi.errors import StatusError
 
+from ..llm.structured import OutputSpec
 from ..tuner import datasets as ds
 from ..tuner import grpo_data as gd
+from ..tuner import judge, rewards
 from ..tuner import preference_data as pd
-from ..tuner import rewards
 
 
 @dataclass
@@ -163,10 +164,19 @@ class Datasets:
             if self.tools is None:
                 raise StatusError("FAILED_PRECONDITION", "this kernel runs no tools: reward tools cannot run")
             self.tools.resolve(agent, arg)
+        if kind == "judge" and arg[0]:
+            served_model(self.llm, self.access, agent, arg[0])     # a judge the agent may not use, or none
         return kind, arg
 
     async def _scored(self, agent, kind, arg, prompts, answers, refs, errors: list) -> list[list[float | None]]:
         """Each sampled answer's reward (None: the reward tool failed on it, the error appended to `errors`)."""
+        if kind == "judge":
+            calls = asyncio.Semaphore(max(1, self.max_batch_size))
+
+            async def judged(messages, group):
+                async with calls:
+                    return await self._judged(agent, arg, messages, group, errors)
+            return list(await asyncio.gather(*(judged(m, group) for (_, m), group in zip(prompts, answers))))
         sem = asyncio.Semaphore(4)
 
         async def score(messages, answer, ref):
@@ -183,6 +193,8 @@ class Datasets:
         """Prompts of the agent's traces, k samples of each, and their rewards by `request.reward`: (prompts,
         answers, scores, card fields)."""
         kind, arg = self._reward(agent, request.reward)
+        if kind == "judge" and not arg[0]:
+            arg = (model.name, arg[1])              # the judge: the sampled model unless one is named
         episodes = await self._episodes(agent.agent_id)
         refs = gd.references(episodes, min_reward)
         prompts = ds.distinct_prompts(episodes)[:MAX_RAFT_PROMPTS]
@@ -199,7 +211,7 @@ class Datasets:
     async def _grpo(self, agent, request, min_reward, frac):
         if not request.reward:
             raise StatusError("INVALID_ARGUMENT", "grpo needs reward: regex:PATTERN, json, json_schema:SCHEMA, exact, "
-                                                  "contains or tool:NAME")
+                                                  "contains, tool:NAME or judge[:MODEL[:RUBRIC]]")
         k, temperature, max_tokens, model = self._sampling(agent, request, 1.0, least=2)
         prompts, answers, scores, fields = await self._verified(agent, request, min_reward, k, temperature,
                                                                 max_tokens, model, "tuner.grpo")
@@ -207,6 +219,18 @@ class Datasets:
         train, evals, card = gd.build_grpo(groups, frac)
         card.update(model=model.name, temperature=temperature, max_tokens=max_tokens, **fields)
         return train, evals, card
+
+    async def _judged(self, agent, arg, messages, replies: list[str], errors: list) -> list[float | None]:
+        """A judge's scores of one group of replies (all None when its verdict cannot be read: the error counted)."""
+        model, rubric = arg
+        try:
+            reply = await self.generate.internal(
+                agent, judge.prompt(messages, replies, rubric), judge.max_tokens(len(replies)), cause="tuner.judge",
+                model=model, output=OutputSpec(response_format="json_schema", schema=judge.schema(len(replies))))
+            return judge.verdict(reply.text, len(replies))
+        except (judge.JudgeError, StatusError) as e:
+            errors.append(str(e)[:200])
+            return [None] * len(replies)
 
     async def _tool_reward(self, agent, name: str, messages, answer: str, ref, errors: list) -> float | None:
         """The agent's reward tool on one sample (jailed, as the agent): its number, or None with the error."""

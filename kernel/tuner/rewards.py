@@ -10,7 +10,10 @@ Specs:
 - `tool:NAME`: the agent's tool NAME (registered with the tools syscall, or granted to it) is called with
   {"messages": the prompt, "reply": the reply, "reference": the reference or null} and returns a number, or
   {"reward": number}. A call that fails, times out or returns anything else gives no reward: the sample is
-  left out and the failure counted in the data set's card, never fatal."""
+  left out and the failure counted in the data set's card, never fatal;
+- `judge`, `judge:MODEL` or `judge:MODEL:RUBRIC`: for agents without a verifier, a model the kernel serves (the
+  sampled one when MODEL is empty) scores each group of replies side by side, from 0 to 1 (`judge.py`); its calls
+  are the agent's, accounted and traced to it. A verdict that cannot be read leaves its group unscored (counted)."""
 from __future__ import annotations
 
 import json
@@ -36,9 +39,12 @@ def parse(spec: str):
         if not arg.strip():
             raise RewardError("reward 'tool:NAME' needs the tool's name")
         return kind, arg.strip()
+    if kind == "judge":
+        model, _, rubric = arg.partition(":")
+        return kind, (model.strip(), rubric.strip()[:2000])
     if kind not in BUILTINS:
         raise RewardError(f"reward '{spec[:40]}': one of regex:PATTERN, json, json_schema:SCHEMA, exact, contains, "
-                          "tool:NAME")
+                          "tool:NAME, judge[:MODEL[:RUBRIC]]")
     if kind == "regex":
         try:
             return kind, re.compile(arg)

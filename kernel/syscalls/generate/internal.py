@@ -3,6 +3,7 @@ base, the newest tokens of the prompt that fit, no quota refusal; accounted to t
 here as `llm.internal` (an agent's own generations are traced by the edge)."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -32,10 +33,11 @@ class Internal:
         model: str = "",
         temperature: float = 0.0,
         seed: int | None = None,
+        output=None,
     ) -> Reply:
         """A generation the kernel runs for `principal` (a summary, a data-set sample): its base model, the
         newest tokens of the prompt that leave `max_tokens` of the window; accounted to the agent and traced as
-        'llm.internal'."""
+        'llm.internal'. `output` (a structured.OutputSpec) constrains the reply as a request's would."""
         served = self.llm.get(model)
         if served is None:
             raise not_found(f"unknown model '{model}'")
@@ -47,7 +49,10 @@ class Internal:
             max_tokens=max_tokens,
             temperature=temperature,
             seed=seed,
+            output=output,
         )
+        if output is not None:
+            req.matcher = await asyncio.to_thread(served.matcher, output)
         t0 = time.monotonic()
         reply, status = None, "INTERNAL"
         try:
