@@ -16,8 +16,14 @@ and trains it, each from the base model:
 and each job goes through the publish rule and the retention gate like any other. The held-out requests are
 then answered greedily by the base model and by each published adapter.
 
+With `--rounds N` (one method per run) the method runs N on-policy rounds: after a round's adapter is published
+it becomes the agent's default, the agent acts again on the training requests with it (new traces, rewarded by
+the verifier), and the next round's data set (raft and grpo: sampled from that adapter) trains a job that
+continues from it (`start_from="current"`: published only if it beats it). Held-out success is reported per round.
+
     python benchmarks/learning.py                  # the embedded SmolLM2-135M-Instruct (tens of minutes)
     python benchmarks/learning.py --quick          # tiny random model: the script works; numbers mean nothing
+    python benchmarks/learning.py --methods grpo --rounds 3    # on-policy rounds of one method
 
 Prints a table and, last, one JSON line: base_heldout_success, tuned_heldout_success (the best method's),
 best_method, retention_ok, methods {name: {...}}.
@@ -138,6 +144,50 @@ def act(s, system: str, items, samples: int, temperature: float, max_tokens: int
     return sum(results) / len(results)
 
 
+def run_rounds(s, m: str, spec: dict, config: dict, args, system: str, train, held, error) -> dict:
+    """Method `m`'s rounds: each builds a data set, trains, and measures the published adapter; rounds after the
+    first act with the previous round's adapter first and continue from it. Its last published round's row, with
+    every round's in `rounds`."""
+    rounds, current = [], None
+    for r in range(1, args.rounds + 1):
+        name = m if args.rounds == 1 else f"{m}-r{r}"
+        if r > 1:
+            if current is None:
+                break                               # the last round published nothing to continue from
+            t0 = time.monotonic()
+            acted = act(s, system, train, args.samples, args.temperature, 16, feedback=True)   # the default: it
+            print(f"{name}: acted with {current}: {acted:.1%} right ({time.monotonic() - t0:.0f} s)", flush=True)
+        t0 = time.monotonic()
+        more = {"adapter": "current"} if r > 1 and m in ("raft", "grpo") else {}
+        try:
+            card = s.tuner.build_dataset(name, eval_fraction=0.2, **spec, **more)
+        except error as e:
+            rounds.append({"round": r, "state": "no data", "message": str(e)[:200]})
+            break
+        build_s = time.monotonic() - t0
+        if not card["train"] or not card["eval"]:
+            rounds.append({"round": r, "state": "no data", "build_s": build_s,
+                           "message": f"{card['train']} train, {card['eval']} eval examples"})
+            break
+        job = s.tuner.wait(s.tuner.finetune(name, name, config=config, set_default=args.rounds > 1,
+                                            start_from="current" if r > 1 else "").job_id, timeout=7200)
+        row = {"round": r, "state": job.state, "examples": card["train"], "build_s": round(build_s, 1),
+               "train_s": round(job.finished - job.started, 1), "steps": job.step,
+               "heldout_loss": [job.base.loss, job.tuned.loss], "retention": job.retention,
+               "start_from": job.start_from, "message": job.message[:300]}
+        if job.state == "published":
+            row["heldout_success"] = act(s, system, held, 1, 0.0, 16, adapter=job.adapter)
+            row["train_success"] = act(s, system, train, 1, 0.0, 16, adapter=job.adapter)
+            current = job.adapter
+        else:
+            current = None
+        rounds.append(row)
+        print(f"{name}: {json.dumps(row)}", flush=True)
+    done = [x for x in rounds if "heldout_success" in x]
+    best = max(done, key=lambda x: x["heldout_success"]) if done else rounds[-1]
+    return {**best, "rounds": rounds} if args.rounds > 1 else best
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="embedded", help="embedded (default), tiny, or a model folder")
@@ -148,6 +198,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1, help="on-policy rounds of the method (one method a run)")
     ap.add_argument("--quick", action="store_true", help=quick.HELP)
     args = ap.parse_args()
     functions, config = FUNCTIONS, {"learning_rate": args.lr, "epochs": args.epochs, "batch_size": 4,
@@ -160,6 +211,8 @@ def main() -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}")
+    if args.rounds < 1 or (args.rounds > 1 and len(methods) != 1):
+        ap.error("--rounds N runs one method (--methods NAME): later rounds act on the agent's own traces")
     rng = random.Random(args.seed)
     seen = len(functions) - (2 if args.quick else UNSEEN_FUNCTIONS)
     train, held = tasks(functions, seen, rng)
@@ -197,37 +250,18 @@ def main() -> int:
                      "grpo": dict(kind="grpo", reward="tool:verify", samples=args.samples, max_tokens=16,
                                   temperature=args.temperature)}
             for m in methods:
-                t0 = time.monotonic()
-                try:
-                    card = s.tuner.build_dataset(m, eval_fraction=0.2, **specs[m])
-                except kernos.sdk.KernosError as e:
-                    rows[m] = {"state": "no data", "message": str(e)[:200]}
-                    continue
-                build_s = time.monotonic() - t0
-                if not card["train"] or not card["eval"]:
-                    rows[m] = {"state": "no data", "message": f"{card['train']} train, {card['eval']} eval examples",
-                               "build_s": build_s}
-                    continue
-                job = s.tuner.wait(s.tuner.finetune(m, m, config=config).job_id, timeout=7200)
-                row = {"state": job.state, "examples": card["train"], "build_s": round(build_s, 1),
-                       "train_s": round(job.finished - job.started, 1), "steps": job.step,
-                       "heldout_loss": [job.base.loss, job.tuned.loss], "retention": job.retention,
-                       "message": job.message[:300]}
-                if job.state == "published":
-                    row["heldout_success"] = act(s, system, held, 1, 0.0, 16, adapter=job.adapter)
-                    row["train_success"] = act(s, system, train, 1, 0.0, 16, adapter=job.adapter)
-                rows[m] = row
-                print(f"{m}: {json.dumps(row)}", flush=True)
+                rows[m] = run_rounds(s, m, specs[m], config, args, system, train, held, kernos.sdk.KernosError)
     finally:
         stop_kernel(proc)
     print(f"\n{'method':<8}{'state':<12}{'examples':>9}{'train s':>9}{'held-out':>10}{'train':>8}  retention")
     print(f"{'base':<8}{'-':<12}{'-':>9}{'-':>9}{base_held:>10.1%}{base_train:>8.1%}")
-    for m, r in rows.items():
-        ret = r.get("retention") or {}
-        gen = ret.get("generic") or {}
-        print(f"{m:<8}{r['state']:<12}{r.get('examples', 0):>9}{r.get('train_s', 0):>9.0f}"
-              f"{r.get('heldout_success', float('nan')):>10.1%}{r.get('train_success', float('nan')):>8.1%}  "
-              + (f"agreement {gen['agreement']:.2f} KL {gen['kl']:.3f}" if gen else "-"))
+    for m, row in rows.items():
+        for r in row.get("rounds", [row]):
+            label = f"{m}-r{r['round']}" if "rounds" in row else m
+            gen = (r.get("retention") or {}).get("generic") or {}
+            print(f"{label:<8}{r['state']:<12}{r.get('examples', 0):>9}{r.get('train_s', 0):>9.0f}"
+                  f"{r.get('heldout_success', float('nan')):>10.1%}{r.get('train_success', float('nan')):>8.1%}  "
+                  + (f"agreement {gen['agreement']:.2f} KL {gen['kl']:.3f}" if gen else "-"))
     published = {m: r for m, r in rows.items() if "heldout_success" in r}
     best = max(published, key=lambda m: published[m]["heldout_success"], default=None)
     out = {"base_heldout_success": base_held, "base_train_success": base_train,

@@ -176,7 +176,7 @@ class Kernel:
                              FairPool("memory", mem.workers, mem.workers_per_agent))
         self.access = Access(self.access_control)
         self.datasets = Datasets(self.traces, self.files, self.vector, self.llm, self.access_control, self.generate,
-                                 config.limits, config.engine.max_batch_size, self.tools)
+                                 config.limits, config.engine.max_batch_size, self.tools, self.adapter_store.default)
         self.tuner = Tuner(self.traces, self.files, self.jobs, self.adapter_store, self.llm, self.access_control,
                            config.tuner, self.continual)
         self.continual.bind(lambda agent, **spec: self.datasets.build(agent, DatasetSpec(**spec)),

@@ -225,6 +225,7 @@ def build_dataset_request(
     oracle_fraction,
     seed: int,
     reward: str = "",
+    adapter: str = "",
 ):
     from kernos.proto.v1 import tuner_pb2
 
@@ -240,6 +241,7 @@ def build_dataset_request(
         distractors=distractors,
         seed=seed,
         reward=reward,
+        adapter=adapter,
         items=[tuner_pb2.RagItem(**i) for i in items or []],
     )
     if min_reward is not None:
@@ -251,7 +253,7 @@ def build_dataset_request(
 
 def finetune_request(
     name: str, dataset: str, model: str, config: dict | None, set_default: bool, min_improvement: float,
-    method: str = "",
+    method: str = "", start_from: str = "",
 ):
     import json
 
@@ -265,6 +267,7 @@ def finetune_request(
         set_default=set_default,
         min_improvement=min_improvement,
         method=method,
+        start_from=start_from,
     )
 
 

@@ -633,6 +633,7 @@ class TunerCalls(CallGroup):
         oracle_fraction: float | None = None,
         seed: int = 0,
         reward: str = "",
+        adapter: str = "",
     ) -> dict:
         """Build a data set from this agent's traces into storage (datasets/NAME.{train,eval}.jsonl and
         .card.json); returns its card. kind: "sft"; "dpo" (preferred/rejected pairs: corrections, replies of
@@ -643,7 +644,8 @@ class TunerCalls(CallGroup):
         agent's tool, run jailed, gets {"messages", "reply", "reference"} and returns a number), or
         "judge[:MODEL[:RUBRIC]]" (a served model scores each group's replies side by side, 0 to 1)); "raft"
         (samples, reward_regex, temperature, model, max_tokens); "rag" (items: [{"question", "oracle_id",
-        "answer"}], distractors, oracle_fraction, seed)."""
+        "answer"}], distractors, oracle_fraction, seed). grpo and raft sample from `adapter` when given
+        ("current": this agent's default adapter; or one of its adapters' names), not the base."""
         return self._call(
             "Tuner",
             "BuildDataset",
@@ -662,6 +664,7 @@ class TunerCalls(CallGroup):
                 oracle_fraction,
                 seed,
                 reward,
+                adapter,
             ),
             lambda r: json.loads(r.card_json),
         )
@@ -676,15 +679,18 @@ class TunerCalls(CallGroup):
         set_default: bool = False,
         min_improvement: float = 0.0,
         method: str = "",
+        start_from: str = "",
     ) -> JobInfo:
         """Queue a LoRA job on a data set; once trained it is published as AGENT:NAME only if it beats the
         base model on the held-out split, hot-loaded, and (set_default) used by this agent's generations.
         method: "sft", "dpo" or "kto" (TRL's trainers, the served base as reference); empty: the data set's
-        own (a "dpo" or "kto" data set trains by its kind, the others by SFT)."""
+        own (a "dpo" or "kto" data set trains by its kind, the others by SFT). start_from: "current" (this
+        agent's default adapter on the model) or one of its adapters' names: training continues from it (it is
+        the reference and the "base" to beat), and the result is one adapter on the base."""
         return self._call(
             "Tuner",
             "StartFinetune",
-            finetune_request(name, dataset, model, config, set_default, min_improvement, method),
+            finetune_request(name, dataset, model, config, set_default, min_improvement, method, start_from),
             JobInfo.from_proto,
         )
 
@@ -732,7 +738,8 @@ class TunerCalls(CallGroup):
         kind ("sft", "dpo", "kto", "grpo"), reward (grpo), model, min_feedback (new outcomes that start a
         round), min_reward, eval_fraction, canary_share, canary_calls (rewarded calls per arm before the
         decision), max_drop (the candidate is promoted unless its mean reward is lower by more), config
-        (TrainConfig). Returns the state: phase (idle, training, canary), round, candidate, arms, history."""
+        (TrainConfig), continue_from_current (rounds continue from the agent's default adapter, and grpo rounds
+        sample from it). Returns the state: phase (idle, training, canary), round, candidate, arms, history."""
         return self._call("Tuner", "Continual", tuner_pb2.ContinualRequest(spec_json=json.dumps(spec) if spec else ""),
                           lambda r: json.loads(r.state_json) if r.state_json else None)
 

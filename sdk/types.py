@@ -363,6 +363,7 @@ class JobInfo(BaseModel):
     resumed_from_step: int = 0
     method: str = "sft"
     retention: dict = {}        # {"replay", "generic"}: agreement and KL with the base model off the task
+    start_from: str = ""        # the adapter it continued from ("OWNER:NAME vN"; "": the base)
 
     @property
     def done(self) -> bool:
@@ -377,7 +378,7 @@ class JobInfo(BaseModel):
                    version=j.version, message=j.message, peak_rss_mb=j.peak_rss_mb, created=j.created,
                    started=j.started, finished=j.finished, config=json.loads(j.config_json or "{}"),
                    resumed_from_step=j.resumed_from_step, method=j.method or "sft",
-                   retention=json.loads(j.retention_json or "{}"))
+                   retention=json.loads(j.retention_json or "{}"), start_from=j.start_from)
 
 
 class AdapterInfo(BaseModel):

@@ -120,6 +120,28 @@ def test_traces_to_published_default_adapter(tiny_kernel, tmp_path):
         with kernos.sdk.connect(address, agent="learner", token_file=tmp_path / "learner.token") as s:
             r = s.llm.chat(held_out[0][0], max_tokens=6)
             assert r.adapter == "learner:colours" and r.text.strip() == held_out[0][1]
+            # on-policy samples: a round's data set sampled from the agent's current adapter, not the base
+            sampled = {which: s.tuner.build_dataset(f"onpolicy-{which or 'base'}", kind="grpo", reward="exact",
+                                                    samples=2, max_tokens=6, temperature=0.01, adapter=which)
+                       for which in ("current", "")}   # (near greedy: a tiny model's sampled tails are noise)
+            assert sampled["current"]["sampled_from"] == "learner:colours" and sampled[""]["sampled_from"] == "base"
+            assert sampled["current"]["mean_reward"] > 0.5 > sampled[""]["mean_reward"], sampled
+            with pytest.raises(kernos.sdk.NotFound):
+                s.tuner.build_dataset("x", kind="grpo", reward="exact", adapter="no-such-adapter")
+            # the next round continues from the agent's current adapter: that is its base to beat, and the result
+            # is one adapter on the base model that still answers
+            with pytest.raises(kernos.sdk.NotFound):
+                s.tuner.finetune("again", "colours", start_from="no-such-adapter")
+            again = s.tuner.wait(s.tuner.finetune("again", "colours", config={"learning_rate": 1e-3, "epochs": 2,
+                                                                             "batch_size": 8, "rank": 4, "alpha": 4},
+                                                  start_from="current").job_id, timeout=300)
+            assert again.start_from == "learner:colours v1" and again.state in ("published", "rejected"), again
+            assert again.base.loss == pytest.approx(job.tuned.loss, abs=1e-3)      # measured with the start merged
+            print(f"continued from the current adapter: {again.state}: {again.message}")
+            assert "the adapter it continued" in again.message
+            if again.state == "published":
+                r = s.llm.chat(held_out[0][0], max_tokens=6, adapter="learner:again")
+                assert r.adapter == "learner:again" and r.text.strip() == held_out[0][1]
     finally:
         assert stop_kernel(proc) == 0
 
@@ -280,8 +302,9 @@ def test_continual_tuning_trains_canaries_promotes_and_rolls_back(tiny_models, t
                 s.tuner.continual(kind="grpo")
             with pytest.raises(kernos.sdk.InvalidArgument, match="canary_share"):
                 s.tuner.continual(canary_share=1.5)
-            st = s.tuner.continual(min_feedback=24, canary_share=0.5, canary_calls=4, eval_fraction=0.25,
-                                   config={"learning_rate": 3e-3, "epochs": 20, "batch_size": 8})
+            spec = dict(min_feedback=24, canary_share=0.5, canary_calls=4, eval_fraction=0.25,
+                        config={"learning_rate": 3e-3, "epochs": 20, "batch_size": 8})
+            st = s.tuner.continual(**spec)
             assert st["phase"] == "idle" and st["round"] == 0
             for q, right in task(24, seed=4):
                 s.tuner.feedback(s.llm.chat(q, max_tokens=6).request_id, preferred=right)
@@ -312,11 +335,14 @@ def test_continual_tuning_trains_canaries_promotes_and_rolls_back(tiny_models, t
             st = s.tuner.continual()
             assert st["history"][-1]["outcome"] == "promoted", st
             assert s.llm.chat("how are you today", max_tokens=3).adapter == "steady:continual-1"   # the default
-            # Round two starts when 24 more outcomes have come (the canary's count); its candidate does worse live.
+            # Round two starts when 24 more outcomes have come (the canary's count) and continues from the promoted
+            # adapter (on-policy rounds); its candidate does worse live.
+            s.tuner.continual(**spec, continue_from_current=True)
             for q, right in task(24, seed=6):
                 s.tuner.feedback(s.llm.chat(q, max_tokens=6).request_id, preferred=right)
             st = until(lambda st: st["phase"] == "canary" and st["round"] == 2)
             assert st["current"] == "steady:continual-1" and st["candidate"] == "steady:continual-2"
+            assert s.tuner.job(st["job_id"]).start_from == "steady:continual-1 v1"
             play(lambda adapter: 0.0 if adapter == "steady:continual-2" else 1.0)
             st = s.tuner.continual(enabled=False)
             assert [h["outcome"] for h in st["history"]] == ["promoted", "rolled_back"], st["history"]

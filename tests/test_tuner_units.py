@@ -222,3 +222,45 @@ def test_a_job_cannot_ask_for_more_threads_than_the_kernel_gives(tmp_path):
     for asked, given in ((28, 2), (1, 1), (0, 2)):
         job = jobs.submit(Job("", "agent", "a", "ds", "m", str(tmp_path), {"threads": asked}), [], [])
         assert json.loads((jobs.dir(job) / "job.json").read_text())["threads"] == given
+
+
+def test_training_continues_from_an_adapter_as_one_adapter_on_the_base(tiny_models, tmp_path):
+    """A job that continues from an adapter trains on the base with it merged in: its "base" numbers are the
+    starting adapter's, and the result, combined with the start, is one adapter on the base (rank r1 + r2) that
+    computes what the merged model with the new LoRA computes."""
+    import json
+
+    import torch
+    from peft import PeftModel
+
+    from kernos.kernel.tuner.combine import CombineError, check_start, combine
+
+    cfg = TrainConfig(max_steps=8, batch_size=4, learning_rate=3e-3, eval_limit=4, eval_max_new_tokens=4, rank=4,
+                      alpha=8)
+    rows = _rows(24)
+    first = train(tiny_models["llama"], rows, rows[:4], cfg, tmp_path / "a")
+    start = tmp_path / "a" / "adapter"
+    second = train(tiny_models["llama"], rows, rows[:4], cfg.model_copy(update={"rank": 2, "alpha": 2}),
+                   tmp_path / "b", start=start)
+    assert second["base"]["loss"] == pytest.approx(first["tuned"]["loss"], abs=1e-4)   # the start is its base
+    assert second["tuned"]["loss"] < second["base"]["loss"]
+    new = tmp_path / "b" / "adapter"
+    merged_then_new, tok = load_base(tiny_models["llama"], start=start)
+    merged_then_new = PeftModel.from_pretrained(merged_then_new, new)
+    combine(start, new)
+    config = json.loads((new / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (6, 6)
+    base, _ = load_base(tiny_models["llama"])
+    one = PeftModel.from_pretrained(base, new)
+    ids = torch.tensor([tok.encode("what is red and what is blue")])
+    with torch.no_grad():
+        want, got = merged_then_new(ids).logits, one(ids).logits
+        with one.disable_adapter():
+            plain = one(ids).logits
+    assert torch.allclose(want, got, atol=1e-4), (want - got).abs().max()
+    assert not torch.allclose(plain, got, atol=1e-3)          # (the two adapters do change the model)
+    (tmp_path / "experts").mkdir()
+    (tmp_path / "experts" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
+                                                                         "target_parameters": ["experts.gate_up"]}))
+    with pytest.raises(CombineError, match="fused MoE experts"):
+        check_start(tmp_path / "experts")

@@ -79,9 +79,9 @@ def _finetune(args, s, operator: bool) -> int:
         config = json.loads(text)
     job = s.tuner.finetune(args.name, args.dataset, model=args.model or "", config=config,
                            set_default=args.set_default, min_improvement=args.min_improvement,
-                           method=args.method or "")
+                           method=args.method or "", start_from=args.start_from or "")
     print(f"job {job.job_id} queued: adapter '{job.name}' on '{job.model}' from data set '{job.dataset}' "
-          f"({job.method})")
+          f"({job.method}{', continuing ' + job.start_from if job.start_from else ''})")
     if not args.wait:
         return 0
     last = None

@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--method", choices=["sft", "dpo", "kto", "grpo"],
                            help="start: the training method (default: the data set's kind for dpo, kto and grpo "
                                 "data sets, else sft)")
+            c.add_argument("--start-from", metavar="ADAPTER",
+                           help="start: continue from 'current' (the agent's default adapter) or one of its adapters "
+                                "by name, instead of the base model")
             c.add_argument("--set-default", action="store_true", help="start: once published, the agent's default")
             c.add_argument("--min-improvement", type=float, default=0.0,
                            help="start: publish only if the held-out loss falls by more than this fraction")

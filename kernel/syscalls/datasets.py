@@ -45,6 +45,7 @@ class DatasetSpec:
     oracle_fraction: float | None = None
     seed: int = 0
     reward: str = ""                    # grpo: a reward spec (kernos.kernel.tuner.rewards)
+    adapter: str = ""                   # grpo, raft: sample from it ("current": the agent's default), not the base
 
 
 KINDS = ("sft", "dpo", "kto", "grpo", "raft", "rag")
@@ -63,7 +64,8 @@ def served_model(llm, access, principal, name: str):
 
 
 class Datasets:
-    def __init__(self, traces, files, memory, llm, access, generate, limits, max_batch_size: int, tools=None):
+    def __init__(self, traces, files, memory, llm, access, generate, limits, max_batch_size: int, tools=None,
+                 defaults=None):
         self.traces = traces
         self.files = files
         self.memory = memory  # () -> the long-term vector memory
@@ -73,6 +75,7 @@ class Datasets:
         self.limits = limits
         self.max_batch_size = max_batch_size
         self.tools = tools      # the tool manager: reward tools run through it (jailed, as the agent)
+        self.defaults = defaults or (lambda agent_id, model: None)   # an agent's default adapter on a model
 
     async def build(self, agent, request: DatasetSpec) -> tuple[dict, int, int, int]:
         """(card, train examples, eval examples, version) of the data set built into the agent's storage."""
@@ -126,7 +129,8 @@ class Datasets:
             lambda: ds.episodes_from_traces(self.traces.scan(agent_id, "llm.generate"), outcomes))
 
     def _sampling(self, agent, request, temperature: float, least: int = 1):
-        """(samples per prompt, temperature, max_tokens, model) of a sampling data set, checked."""
+        """(samples per prompt, temperature, max_tokens, model, adapter) of a sampling data set, checked (adapter:
+        the served adapter it samples from, None for the base)."""
         k = request.samples or 4
         if not least <= k <= 32:
             raise StatusError("INVALID_ARGUMENT", f"samples must be between {least} and 32")
@@ -138,17 +142,34 @@ class Datasets:
             raise StatusError(
                 "INVALID_ARGUMENT", f"max_tokens is over limits.max_tokens_cap ({self.limits.max_tokens_cap})"
             )
-        return k, temperature, max_tokens, served_model(self.llm, self.access, agent, request.model)
+        model = served_model(self.llm, self.access, agent, request.model)
+        return k, temperature, max_tokens, model, self._sampled_adapter(agent, model, request.adapter)
 
-    async def _sample(self, agent, model, prompts, k: int, temperature: float, max_tokens: int, cause: str):
-        """k sampled replies of the base model per (key, messages) prompt, filling the batch and no more."""
+    def _sampled_adapter(self, agent, model, which: str) -> str | None:
+        """The served adapter samples come from: None (the base), the agent's default ("current") or its NAME."""
+        if not which:
+            return None
+        name = self.defaults(agent.agent_id, model.name) if which == "current" else (
+            which if ":" in which else f"{agent.agent_id}:{which}")
+        if not name:
+            raise StatusError("FAILED_PRECONDITION", f"'{agent.agent_id}' has no default adapter on '{model.name}' "
+                                                     "to sample from (adapter='current')")
+        if name not in model.adapters:
+            raise StatusError("NOT_FOUND", f"model '{model.name}' serves no adapter '{name[:130]}'")
+        self.access.authorize_model(agent, model.name, name)
+        return name
+
+    async def _sample(self, agent, model, prompts, k: int, temperature: float, max_tokens: int, cause: str,
+                      adapter: str | None = None):
+        """k sampled replies of the base model (or `adapter`) per (key, messages) prompt, filling the batch and no
+        more."""
         sem = asyncio.Semaphore(max(1, self.max_batch_size))
 
         async def sample(messages, i):
             async with sem:
                 reply = await self.generate.internal(
-                    agent, messages, max_tokens, cause=cause, model=model.name, temperature=temperature, seed=i
-                )
+                    agent, messages, max_tokens, cause=cause, model=model.name, temperature=temperature, seed=i,
+                    adapter=adapter)
             return reply.text
 
         answers = await asyncio.gather(*(sample(messages, i) for _, messages in prompts for i in range(k)))
@@ -189,7 +210,7 @@ class Datasets:
         k = len(answers[0]) if answers else 0
         return [list(flat[j * k : (j + 1) * k]) for j in range(len(answers))]
 
-    async def _verified(self, agent, request, min_reward, k, temperature, max_tokens, model, cause):
+    async def _verified(self, agent, request, min_reward, k, temperature, max_tokens, model, adapter, cause):
         """Prompts of the agent's traces, k samples of each, and their rewards by `request.reward`: (prompts,
         answers, scores, card fields)."""
         kind, arg = self._reward(agent, request.reward)
@@ -202,7 +223,7 @@ class Datasets:
         if rewards.needs_reference(kind):
             no_reference = sum(1 for key, _ in prompts if key not in refs)
             prompts = [(key, m) for key, m in prompts if key in refs]
-        answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, cause)
+        answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, cause, adapter)
         errors: list[str] = []
         scores = await self._scored(agent, kind, arg, prompts, answers, refs, errors)
         return prompts, answers, scores, {"reward": request.reward[:200], "no_reference": no_reference,
@@ -212,12 +233,13 @@ class Datasets:
         if not request.reward:
             raise StatusError("INVALID_ARGUMENT", "grpo needs reward: regex:PATTERN, json, json_schema:SCHEMA, exact, "
                                                   "contains, tool:NAME or judge[:MODEL[:RUBRIC]]")
-        k, temperature, max_tokens, model = self._sampling(agent, request, 1.0, least=2)
+        k, temperature, max_tokens, model, adapter = self._sampling(agent, request, 1.0, least=2)
         prompts, answers, scores, fields = await self._verified(agent, request, min_reward, k, temperature,
-                                                                max_tokens, model, "tuner.grpo")
+                                                                max_tokens, model, adapter, "tuner.grpo")
         groups = [(key, m, list(zip(group, sc))) for (key, m), group, sc in zip(prompts, answers, scores)]
         train, evals, card = gd.build_grpo(groups, frac)
-        card.update(model=model.name, temperature=temperature, max_tokens=max_tokens, **fields)
+        card.update(model=model.name, sampled_from=adapter or "base", temperature=temperature,
+                    max_tokens=max_tokens, **fields)
         return train, evals, card
 
     async def _judged(self, agent, arg, messages, replies: list[str], errors: list) -> list[float | None]:
@@ -253,11 +275,11 @@ class Datasets:
         return value
 
     async def _raft(self, agent, request, min_reward, frac):
-        k, temperature, max_tokens, model = self._sampling(agent, request, 0.8)
+        k, temperature, max_tokens, model, adapter = self._sampling(agent, request, 0.8)
         fields = {}
         if request.reward:          # a verifiable reward (as grpo's): scored per sample, a failed score counts 0
             prompts, answers, scores, fields = await self._verified(agent, request, min_reward, k, temperature,
-                                                                    max_tokens, model, "tuner.raft")
+                                                                    max_tokens, model, adapter, "tuner.raft")
             table = {(key, a): r or 0.0 for (key, _), group, sc in zip(prompts, answers, scores)
                      for a, r in zip(group, sc)}
 
@@ -275,10 +297,11 @@ class Datasets:
             else:
                 reward, source = ds.feedback_reward(episodes), "stored feedback on identical replies"
             prompts = ds.distinct_prompts(episodes)[:MAX_RAFT_PROMPTS]
-            answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, "tuner.raft")
+            answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, "tuner.raft", adapter)
         samples = {key: (messages, group) for (key, messages), group in zip(prompts, answers)}
         train, evals, card = ds.build_raft(samples, reward, min_reward, frac)
-        card.update({**fields, "model": model.name, "temperature": temperature, "max_tokens": max_tokens,
+        card.update({**fields, "model": model.name, "sampled_from": adapter or "base", "temperature": temperature,
+                     "max_tokens": max_tokens,
                      "reward": source})
         return train, evals, card
 

@@ -9,12 +9,14 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from kernos.abi.errors import StatusError
 from kernos.storage.adapters import NAME_RE
 
+from ..tuner.combine import CombineError, check_start
 from ..tuner.config import TrainConfig
 from ..tuner.continual import ContinualSpec
 from ..tuner.datasets import prompt_key
@@ -42,6 +44,7 @@ class FinetuneSpec:
     set_default: bool = False
     min_improvement: float = 0.0
     method: str = ""            # "sft" | "dpo" | "kto"; empty: the data set's own
+    start_from: str = ""        # "": the base; "current": the agent's default adapter; NAME: its adapter NAME
 
 
 def json_model(cls, text: str, field: str, whole: str):
@@ -144,6 +147,9 @@ class Tuner:
                 raise StatusError("FAILED_PRECONDITION", f"datasets/{request.dataset}.{part}.jsonl: {why}")
         if len(train) > self.config.max_examples:
             raise StatusError("RESOURCE_EXHAUSTED", f"{len(train)} examples; the limit is tuner.max_examples")
+        start_from, start = "", None
+        if request.start_from:
+            start_from, start = await asyncio.to_thread(self._start_adapter, agent, model, request.start_from)
         job = Job(
             job_id="",
             owner=agent.agent_id,
@@ -155,11 +161,33 @@ class Tuner:
             set_default=request.set_default,
             min_improvement=request.min_improvement,
             method=method,
+            start_from=start_from,
         )
         r = self.config.retention
         replay = await self._replay(agent.agent_id, train + evals, r.replay_prompts) if r.enabled else []
         retention = {"generic": r.generic_prompts, "reply_tokens": r.reply_tokens} if r.enabled else None
-        return await asyncio.to_thread(self.jobs.submit, job, train, evals, replay, retention)
+        return await asyncio.to_thread(self.jobs.submit, job, train, evals, replay, retention, start)
+
+    def _start_adapter(self, agent, model, which: str) -> tuple[str, Path]:
+        """The adapter a job continues from ("OWNER:NAME vN", its folder): "current" (the agent's default adapter on
+        the model) or one of the agent's own adapters by name (its newest version)."""
+        name = self.store.default(agent.agent_id, model.name) if which == "current" else which
+        if not name:
+            raise StatusError("FAILED_PRECONDITION", f"'{agent.agent_id}' has no default adapter on '{model.name}' "
+                                                     "to continue from (start_from='current')")
+        owner, _, short = name.rpartition(":")
+        if owner not in ("", agent.agent_id):
+            raise StatusError("PERMISSION_DENIED", "a job continues from the agent's own adapters only")
+        versions = [v for v in self.store.versions(agent.agent_id) if v.name == short and v.model == model.name]
+        if not versions:
+            raise StatusError("NOT_FOUND", f"no adapter '{short[:64]}' of '{agent.agent_id}' on '{model.name}'")
+        v = versions[-1]
+        folder = self.store.local(v)
+        try:
+            check_start(folder)
+        except CombineError as e:
+            raise StatusError("FAILED_PRECONDITION", f"start_from '{which[:64]}': {e}") from None
+        return f"{v.served_name} v{v.version}", folder
 
     async def _replay(self, agent_id: str, rows: list[dict], n: int) -> list[dict]:
         """Up to `n` of the agent's most recent distinct traced prompts that the data set does not hold (role

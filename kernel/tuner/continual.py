@@ -51,6 +51,9 @@ class ContinualSpec(BaseModel):
     canary_calls: int = Field(10, ge=1, le=100_000, description="rewarded calls per arm before deciding")
     max_drop: float = Field(0.0, ge=0, description="promote unless the candidate's mean reward is lower by more")
     config: dict = Field(default_factory=dict, description="the jobs' hyper-parameters (TrainConfig)")
+    continue_from_current: bool = Field(False, description="once the agent has a default adapter, each round "
+                                        "continues from it (its job's start_from) and a grpo round samples from it: "
+                                        "on-policy rounds")
 
     @model_validator(mode="after")
     def _check(self):
@@ -167,10 +170,13 @@ class Continual:
                 return
             st.round, st.mark = st.round + 1, n
             name = f"continual-{st.round}"
+            current = "current" if spec.continue_from_current and st.model and \
+                self.store.default(st.agent_id, st.model) else ""
             card, *_ = await self.build_dataset(agent, name=name, kind=spec.kind, eval_fraction=spec.eval_fraction,
-                                                min_reward=spec.min_reward, reward=spec.reward, model=spec.model)
+                                                min_reward=spec.min_reward, reward=spec.reward, model=spec.model,
+                                                adapter=current if spec.kind == "grpo" else "")
             job = await self.start_job(agent, name=name, dataset=name, model=spec.model,
-                                       config_json=json.dumps(spec.config))
+                                       config_json=json.dumps(spec.config), start_from=current)
             self._update(st, phase="training", job_id=job.job_id, model=job.model,
                          message=f"round {st.round}: training {name} on {card['train']} examples")
             self._audit(st, "train", {"job_id": job.job_id, "dataset": name, "examples": card["train"]})

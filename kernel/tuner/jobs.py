@@ -61,7 +61,8 @@ class Job:
     config: dict
     set_default: bool = False
     min_improvement: float = 0.0
-    method: str = "sft"  # sft | dpo | kto
+    method: str = "sft"  # sft | dpo | kto | grpo
+    start_from: str = ""  # the adapter it continued from ("OWNER:NAME vN"; "": the base)
     state: str = "queued"
     step: int = 0
     total_steps: int = 0
@@ -118,12 +119,15 @@ class JobManager:
 
     # -- public ------------------------------------------------------------------------------------------
     def submit(self, job: Job, train_rows: list[dict], eval_rows: list[dict], replay: list[dict] | None = None,
-               retention: dict | None = None) -> Job:
+               retention: dict | None = None, start: Path | None = None) -> Job:
         """Queue a job; `replay` (prompts of the agent's other traces) and `retention` ({"generic",
-        "reply_tokens"}; None: not measured) are what the worker measures retention on."""
+        "reply_tokens"}; None: not measured) are what the worker measures retention on; `start`: the folder of
+        the adapter it continues from (copied into the job's folder as `start/`)."""
         job.job_id = job.job_id or secrets.token_hex(8)
         d = self.dir(job)
         d.mkdir(parents=True)
+        if start is not None:
+            shutil.copytree(start, d / "start")
         for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", eval_rows), ("replay.jsonl", replay or [])):
             (d / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         (d / "job.json").write_text(

@@ -168,7 +168,7 @@ def _own_tokens(base):
 
 
 def train(method: str, model_path: Path, train_rows: list[dict], eval_rows: list[dict], cfg: TrainConfig, out: Path,
-          report=lambda event: None, should_stop=lambda: False) -> dict:
+          report=lambda event: None, should_stop=lambda: False, start: Path | None = None) -> dict:
     """Train a LoRA adapter by `method` ("dpo" or "kto") into `out/adapter`; the same result as `train.train`."""
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -180,7 +180,7 @@ def train(method: str, model_path: Path, train_rows: list[dict], eval_rows: list
             raise DataError(f"{name} data: {why}")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model, tok = load_base(Path(model_path))
+    model, tok = load_base(Path(model_path), start=start)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     try:

@@ -75,6 +75,8 @@ class Publisher:
 
     def finish_job(self, job, result: dict) -> tuple[str, str]:
         better, why = beats_base(result["base"], result["tuned"], job.min_improvement)
+        if job.start_from:
+            why = f"{why} (its base: the base model with {job.start_from}, the adapter it continued)"
         if not better:
             return "rejected", why
         numbers = result.get("retention")
@@ -85,7 +87,8 @@ class Publisher:
             why = f"{why}; {how}"
         v = self.store.publish(job.owner, job.name, job.model, Path(result["adapter"]),
                                {"base": result["base"], "tuned": result["tuned"], "steps": result["step"],
-                                "method": result.get("method", "sft"), "retention": numbers}, job.job_id)
+                                "method": result.get("method", "sft"), "retention": numbers,
+                                "start_from": job.start_from}, job.job_id)
         job.adapter, job.version = v.served_name, v.version
         if not self.serve(v):
             return "published", f"{why}; stored as {v.served_name} v{v.version}, but its model is not served now"

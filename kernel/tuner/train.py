@@ -105,11 +105,17 @@ def lora_targets(model, cfg: TrainConfig) -> tuple[list[str], list[str]]:
     return modules, params
 
 
-def load_base(model_path: Path, dtype=torch.float32):
+def load_base(model_path: Path, dtype=torch.float32, start: Path | None = None):
+    """The model a job trains on: the base, or (`start`: an adapter folder) the base with that adapter merged in
+    (`combine.py`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True)
+    if start is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, start).merge_and_unload()
     return model, tok
 
 
@@ -271,13 +277,15 @@ def train(
     report=lambda event: None,
     should_stop=lambda: False,
     objective=None,
+    start: Path | None = None,
 ) -> dict:
     """Train a LoRA adapter into `out/adapter` by `objective` (default: SFT); evaluate base and tuned on
     `eval_rows`. Resumes from `out/checkpoint`. Returns the result dict, or {"cancelled": True, ...} when
-    `should_stop()` turned true (after a checkpoint at that step)."""
+    `should_stop()` turned true (after a checkpoint at that step). `start`: an adapter to continue from (merged
+    into the base: "base" numbers are then its own)."""
     objective = objective or SFT()
     torch.manual_seed(cfg.seed)
-    model, tok = load_base(Path(model_path))
+    model, tok = load_base(Path(model_path), start=start)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     data = objective.prepare(tok, train_rows, cfg)
     model = add_lora(model, cfg)

@@ -71,9 +71,14 @@ def main(job_dir: str) -> int:
             run = functools.partial(train, objective=GRPO(TrainConfig(**spec["config"]).beta))
         else:
             run = train if method == "sft" else functools.partial(preference.train, method)
+        start = job / "start" if (job / "start").is_dir() else None     # continuing from an adapter
         result = run(Path(spec["model_path"]), _rows(job / "train.jsonl"), _rows(job / "eval.jsonl"),
                      TrainConfig(**spec["config"]), job, report=_emit,
-                     should_stop=lambda: stop["flag"] or (job / "cancel").exists())
+                     should_stop=lambda: stop["flag"] or (job / "cancel").exists(), start=start)
+        if start is not None and not result["cancelled"]:
+            from .combine import combine
+
+            combine(start, Path(result["adapter"]))          # one adapter on the base: the start and the new LoRA
     except DataError as e:
         _emit({"event": "failed", "message": str(e)})
         return 1

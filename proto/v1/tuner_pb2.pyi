@@ -49,7 +49,7 @@ class RagItem(_message.Message):
     def __init__(self, question: _Optional[str] = ..., oracle_id: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
 
 class BuildDatasetRequest(_message.Message):
-    __slots__ = ("name", "kind", "min_reward", "eval_fraction", "samples", "reward_regex", "temperature", "model", "max_tokens", "items", "distractors", "oracle_fraction", "seed", "reward")
+    __slots__ = ("name", "kind", "min_reward", "eval_fraction", "samples", "reward_regex", "temperature", "model", "max_tokens", "items", "distractors", "oracle_fraction", "seed", "reward", "adapter")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MIN_REWARD_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class BuildDatasetRequest(_message.Message):
     ORACLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     min_reward: float
@@ -78,7 +79,8 @@ class BuildDatasetRequest(_message.Message):
     oracle_fraction: float
     seed: int
     reward: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., min_reward: _Optional[float] = ..., eval_fraction: _Optional[float] = ..., samples: _Optional[int] = ..., reward_regex: _Optional[str] = ..., temperature: _Optional[float] = ..., model: _Optional[str] = ..., max_tokens: _Optional[int] = ..., items: _Optional[_Iterable[_Union[RagItem, _Mapping]]] = ..., distractors: _Optional[int] = ..., oracle_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., reward: _Optional[str] = ...) -> None: ...
+    adapter: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., min_reward: _Optional[float] = ..., eval_fraction: _Optional[float] = ..., samples: _Optional[int] = ..., reward_regex: _Optional[str] = ..., temperature: _Optional[float] = ..., model: _Optional[str] = ..., max_tokens: _Optional[int] = ..., items: _Optional[_Iterable[_Union[RagItem, _Mapping]]] = ..., distractors: _Optional[int] = ..., oracle_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., reward: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
     __slots__ = ("name", "train", "eval", "version", "card_json")
@@ -95,7 +97,7 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., train: _Optional[int] = ..., eval: _Optional[int] = ..., version: _Optional[int] = ..., card_json: _Optional[str] = ...) -> None: ...
 
 class FinetuneRequest(_message.Message):
-    __slots__ = ("name", "dataset", "model", "config_json", "set_default", "min_improvement", "method")
+    __slots__ = ("name", "dataset", "model", "config_json", "set_default", "min_improvement", "method", "start_from")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +105,7 @@ class FinetuneRequest(_message.Message):
     SET_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     MIN_IMPROVEMENT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    START_FROM_FIELD_NUMBER: _ClassVar[int]
     name: str
     dataset: str
     model: str
@@ -110,7 +113,8 @@ class FinetuneRequest(_message.Message):
     set_default: bool
     min_improvement: float
     method: str
-    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., config_json: _Optional[str] = ..., set_default: _Optional[bool] = ..., min_improvement: _Optional[float] = ..., method: _Optional[str] = ...) -> None: ...
+    start_from: str
+    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., config_json: _Optional[str] = ..., set_default: _Optional[bool] = ..., min_improvement: _Optional[float] = ..., method: _Optional[str] = ..., start_from: _Optional[str] = ...) -> None: ...
 
 class JobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -135,7 +139,7 @@ class Eval(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., examples: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "owner", "name", "dataset", "model", "state", "step", "total_steps", "loss", "steps_per_s", "eta_s", "base", "tuned", "adapter", "version", "message", "peak_rss_mb", "created", "started", "finished", "config_json", "resumed_from_step", "method", "retention_json")
+    __slots__ = ("job_id", "owner", "name", "dataset", "model", "state", "step", "total_steps", "loss", "steps_per_s", "eta_s", "base", "tuned", "adapter", "version", "message", "peak_rss_mb", "created", "started", "finished", "config_json", "resumed_from_step", "method", "retention_json", "start_from")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +164,7 @@ class Job(_message.Message):
     RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     RETENTION_JSON_FIELD_NUMBER: _ClassVar[int]
+    START_FROM_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     owner: str
     name: str
@@ -184,7 +189,8 @@ class Job(_message.Message):
     resumed_from_step: int
     method: str
     retention_json: str
-    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., steps_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., base: _Optional[_Union[Eval, _Mapping]] = ..., tuned: _Optional[_Union[Eval, _Mapping]] = ..., adapter: _Optional[str] = ..., version: _Optional[int] = ..., message: _Optional[str] = ..., peak_rss_mb: _Optional[float] = ..., created: _Optional[float] = ..., started: _Optional[float] = ..., finished: _Optional[float] = ..., config_json: _Optional[str] = ..., resumed_from_step: _Optional[int] = ..., method: _Optional[str] = ..., retention_json: _Optional[str] = ...) -> None: ...
+    start_from: str
+    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., steps_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., base: _Optional[_Union[Eval, _Mapping]] = ..., tuned: _Optional[_Union[Eval, _Mapping]] = ..., adapter: _Optional[str] = ..., version: _Optional[int] = ..., message: _Optional[str] = ..., peak_rss_mb: _Optional[float] = ..., created: _Optional[float] = ..., started: _Optional[float] = ..., finished: _Optional[float] = ..., config_json: _Optional[str] = ..., resumed_from_step: _Optional[int] = ..., method: _Optional[str] = ..., retention_json: _Optional[str] = ..., start_from: _Optional[str] = ...) -> None: ...
 
 class JobList(_message.Message):
     __slots__ = ("jobs",)

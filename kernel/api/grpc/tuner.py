@@ -22,7 +22,8 @@ def job_message(j: Job) -> pb.Job:
                   base=_eval(j.base), tuned=_eval(j.tuned), adapter=j.adapter, version=j.version, message=j.message,
                   peak_rss_mb=j.peak_rss_mb, created=j.created, started=j.started, finished=j.finished,
                   config_json=json.dumps(j.config), resumed_from_step=j.resumed_from_step,
-                  method=j.method, retention_json=json.dumps(j.retention) if j.retention else "")
+                  method=j.method, retention_json=json.dumps(j.retention) if j.retention else "",
+                  start_from=j.start_from)
 
 
 def _opt(msg, name: str):
@@ -36,11 +37,12 @@ def outcome(r: pb.FeedbackRequest) -> Outcome:
 def dataset_spec(r: pb.BuildDatasetRequest) -> DatasetSpec:
     return DatasetSpec(r.name, r.kind, r.eval_fraction, _opt(r, "min_reward"), r.samples, r.reward_regex, r.temperature,
                        r.model, r.max_tokens, [RagQuestion(i.question, i.oracle_id, i.answer) for i in r.items],
-                       r.distractors, _opt(r, "oracle_fraction"), r.seed, r.reward)
+                       r.distractors, _opt(r, "oracle_fraction"), r.seed, r.reward, r.adapter)
 
 
 def finetune_spec(r: pb.FinetuneRequest) -> FinetuneSpec:
-    return FinetuneSpec(r.name, r.dataset, r.model, r.config_json, r.set_default, r.min_improvement, r.method)
+    return FinetuneSpec(r.name, r.dataset, r.model, r.config_json, r.set_default, r.min_improvement, r.method,
+                        r.start_from)
 
 
 class TunerServicer(rpc.TunerServicer):

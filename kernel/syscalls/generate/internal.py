@@ -34,10 +34,12 @@ class Internal:
         temperature: float = 0.0,
         seed: int | None = None,
         output=None,
+        adapter: str | None = None,
     ) -> Reply:
         """A generation the kernel runs for `principal` (a summary, a data-set sample): its base model, the
         newest tokens of the prompt that leave `max_tokens` of the window; accounted to the agent and traced as
-        'llm.internal'. `output` (a structured.OutputSpec) constrains the reply as a request's would."""
+        'llm.internal'. `output` (a structured.OutputSpec) constrains the reply as a request's would; `adapter`: a
+        served adapter (the caller's own or granted, checked by the caller) instead of the base."""
         served = self.llm.get(model)
         if served is None:
             raise not_found(f"unknown model '{model}'")
@@ -50,6 +52,7 @@ class Internal:
             temperature=temperature,
             seed=seed,
             output=output,
+            adapter=adapter,
         )
         if output is not None:
             req.matcher = await asyncio.to_thread(served.matcher, output)
@@ -72,6 +75,7 @@ class Internal:
                         "max_tokens": max_tokens,
                         "temperature": temperature,
                         "seed": seed,
+                        "adapter": adapter or "",
                     },
                     {"request_id": req.request_id, "text": reply.text, "completion_tokens": reply.completion_tokens}
                     if reply
