@@ -63,6 +63,18 @@ def served_model(llm, access, principal, name: str):
     return model
 
 
+def agent_adapter(defaults, agent, model, which: str) -> str:
+    """The served adapter ("OWNER:NAME") that `which` means for the agent on `model`: "current" its default
+    adapter there (FAILED_PRECONDITION when it has none), a plain NAME its own, "OWNER:NAME" as given."""
+    if which != "current":
+        return which if ":" in which else f"{agent.agent_id}:{which}"
+    name = defaults(agent.agent_id, model.name)
+    if not name:
+        raise StatusError("FAILED_PRECONDITION", f"'{agent.agent_id}' has no default adapter on '{model.name}' "
+                                                 "('current' names it)")
+    return name
+
+
 class Datasets:
     def __init__(self, traces, files, memory, llm, access, generate, limits, max_batch_size: int, tools=None,
                  defaults=None):
@@ -149,11 +161,7 @@ class Datasets:
         """The served adapter samples come from: None (the base), the agent's default ("current") or its NAME."""
         if not which:
             return None
-        name = self.defaults(agent.agent_id, model.name) if which == "current" else (
-            which if ":" in which else f"{agent.agent_id}:{which}")
-        if not name:
-            raise StatusError("FAILED_PRECONDITION", f"'{agent.agent_id}' has no default adapter on '{model.name}' "
-                                                     "to sample from (adapter='current')")
+        name = agent_adapter(self.defaults, agent, model, which)
         if name not in model.adapters:
             raise StatusError("NOT_FOUND", f"model '{model.name}' serves no adapter '{name[:130]}'")
         self.access.authorize_model(agent, model.name, name)

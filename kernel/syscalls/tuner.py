@@ -22,7 +22,7 @@ from ..tuner.continual import ContinualSpec
 from ..tuner.datasets import prompt_key
 from ..tuner.jobs import FINAL, Job
 from ..tuner.preference_data import METHODS, check_rows
-from .datasets import DATASET_NAME, served_model
+from .datasets import DATASET_NAME, agent_adapter, served_model
 
 
 @dataclass
@@ -171,12 +171,8 @@ class Tuner:
     def _start_adapter(self, agent, model, which: str) -> tuple[str, Path]:
         """The adapter a job continues from ("OWNER:NAME vN", its folder): "current" (the agent's default adapter on
         the model) or one of the agent's own adapters by name (its newest version)."""
-        name = self.store.default(agent.agent_id, model.name) if which == "current" else which
-        if not name:
-            raise StatusError("FAILED_PRECONDITION", f"'{agent.agent_id}' has no default adapter on '{model.name}' "
-                                                     "to continue from (start_from='current')")
-        owner, _, short = name.rpartition(":")
-        if owner not in ("", agent.agent_id):
+        owner, _, short = agent_adapter(self.store.default, agent, model, which).rpartition(":")
+        if owner != agent.agent_id:
             raise StatusError("PERMISSION_DENIED", "a job continues from the agent's own adapters only")
         versions = [v for v in self.store.versions(agent.agent_id) if v.name == short and v.model == model.name]
         if not versions:

@@ -65,9 +65,9 @@ class HomeForwarding:
                 return await self.app(scope, _replay(body), send)
         else:
             return await self.app(scope, receive, send)
-        await self._relay(scope, body, home, receive, send)
+        await self._relay(scope, body, home, send)
 
-    async def _relay(self, scope, body: bytes, home, receive, send) -> None:
+    async def _relay(self, scope, body: bytes, home, send) -> None:
         import httpx
 
         if self._client is None:
