@@ -640,7 +640,8 @@ class TunerCalls(CallGroup):
         one prompt with different rewards); "kto" (replies labelled by feedback; min_reward: the threshold,
         unset: the reward's sign); "grpo" (samples >= 2 replies of the base model per prompt of the traces,
         temperature (default 1.0), max_tokens, scored by reward: "regex:PATTERN", "json", "json_schema:{...}",
-        "exact" / "contains" (the prompt's corrected or successful reply is the answer), or "tool:NAME" (the
+        "exact" / "contains" (the prompt's corrected or successful reply is the answer), "tool_call" (the
+        reply's tool calls equal the successful reply's; prompts are sampled with their tools), or "tool:NAME" (the
         agent's tool, run jailed, gets {"messages", "reply", "reference"} and returns a number), or
         "judge[:MODEL[:RUBRIC]]" (a served model scores each group's replies side by side, 0 to 1)); "raft"
         (samples, reward_regex, temperature, model, max_tokens); "rag" (items: [{"question", "oracle_id",

@@ -16,6 +16,7 @@ import kernos.sdk
 from kernos.agents.demo import start_kernel, stop_kernel
 from kernos.kernel.tuner import judge, rewards
 from kernos.kernel.tuner.config import TrainConfig
+from kernos.kernel.tuner.datasets import Sample as S
 from kernos.kernel.tuner.grpo import GRPO
 from kernos.kernel.tuner.grpo_data import build_grpo
 from kernos.kernel.tuner.train import DataError, load_base, train
@@ -23,15 +24,23 @@ from kernos.kernel.tuner.train import DataError, load_base, train
 
 def test_reward_specs():
     kind, arg = rewards.parse(r"regex:^\d+$")
-    assert rewards.builtin(kind, arg, "42", None) == 1.0 and rewards.builtin(kind, arg, "4 2", None) == 0.0
+    assert rewards.builtin(kind, arg, S("42"), None) == 1.0 and rewards.builtin(kind, arg, S("4 2"), None) == 0.0
     kind, arg = rewards.parse('json_schema:{"type": "object", "required": ["x"]}')
-    assert rewards.builtin(kind, arg, '{"x": 1}', None) == 1.0
-    assert rewards.builtin(kind, arg, '{"y": 1}', None) == 0.0 and rewards.builtin(kind, arg, "{x", None) == 0.0
-    assert rewards.builtin(*rewards.parse("json"), "[1, 2]", None) == 1.0
-    assert rewards.builtin(*rewards.parse("exact"), " The answer is One. ", "the answer is one") == 1.0
-    assert rewards.builtin(*rewards.parse("contains"), "so: the answer is one!", "answer is one") == 1.0
+    assert rewards.builtin(kind, arg, S('{"x": 1}'), None) == 1.0
+    assert rewards.builtin(kind, arg, S('{"y": 1}'), None) == 0.0 and rewards.builtin(kind, arg, S("{x"), None) == 0.0
+    assert rewards.builtin(*rewards.parse("json"), S("[1, 2]"), None) == 1.0
+    assert rewards.builtin(*rewards.parse("exact"), S(" The answer is One. "), "the answer is one") == 1.0
+    assert rewards.builtin(*rewards.parse("contains"), S("so: the answer is one!"), "answer is one") == 1.0
     with pytest.raises(rewards.RewardError, match="reference"):
-        rewards.builtin(*rewards.parse("exact"), "x", None)
+        rewards.builtin(*rewards.parse("exact"), S("x"), None)
+    call = S.of("", [{"id": "c1", "name": "pick", "arguments": '{"colour": "red", "n": 2}'}])
+    ref = [{"name": "pick", "arguments": '{"n": 2, "colour": "red"}'}]
+    assert rewards.builtin(*rewards.parse("tool_call"), call, ref) == 1.0             # JSON values, any key order
+    assert rewards.builtin(*rewards.parse("tool_call"), S.of("", [{"name": "pick", "arguments": '{"colour": "blue"'
+                                                                   ', "n": 2}'}]), ref) == 0.0
+    assert rewards.builtin(*rewards.parse("tool_call"), S("red"), ref) == 0.0          # text, no call
+    with pytest.raises(rewards.RewardError, match="reference calls"):
+        rewards.builtin(*rewards.parse("tool_call"), call, [])
     for bad, why in (("regex:(", "regex"), ("json_schema:{", "json_schema"), ("tool:", "name"), ("ppo", "one of")):
         with pytest.raises(rewards.RewardError, match=why):
             rewards.parse(bad)
@@ -44,10 +53,10 @@ def test_reward_specs():
 
 def test_group_advantages_and_what_is_left_out():
     msgs = [{"role": "user", "content": "q"}]
-    groups = [("a", msgs, [("r1", 1.0), ("r2", 0.0), ("r3", 0.0), ("r4", None)]),
-              ("b", msgs, [("s1", 1.0), ("s2", 1.0)]),               # all the same: no signal
-              ("c", msgs, [("t1", 1.0), ("t2", None)]),              # one scored reply: nothing to compare
-              ("d", msgs, [("u1", 0.2), ("u2", 0.8)])]
+    groups = [("a", msgs, [(S("r1"), 1.0), (S("r2"), 0.0), (S("r3"), 0.0), (S("r4"), None)]),
+              ("b", msgs, [(S("s1"), 1.0), (S("s2"), 1.0)]),         # all the same: no signal
+              ("c", msgs, [(S("t1"), 1.0), (S("t2"), None)]),        # one scored reply: nothing to compare
+              ("d", msgs, [(S("u1"), 0.2), (S("u2"), 0.8)])]
     train_rows, evals, card = build_grpo(groups, eval_fraction=0.0)
     rows = train_rows + evals
     assert [r["messages"][-1]["content"] for r in rows] == ["r1", "r2", "r3", "u1", "u2"]
@@ -69,7 +78,7 @@ def colour_groups(n: int) -> list[dict]:
         prompt, right, wrong = r["messages"][:-1], r["messages"][-1]["content"], r["rejected"]["content"]
         replies = [(right, 1.0), (wrong, 0.0), (right + ".", 1.0), (wrong + ".", 0.0)]
         random.Random(i).shuffle(replies)
-        group = [(reply, reward) for reply, reward in replies]
+        group = [(S(reply), reward) for reply, reward in replies]
         rows += build_grpo([(f"g{i}", prompt, group)], 0.0)[0]
     return rows
 
@@ -159,6 +168,7 @@ def test_grpo_on_a_kernel_with_a_jailed_reward_tool(tiny_models, tmp_path):
             assert all(r["reward"] == 1.0 and len(r["messages"][-1]["content"]) % 2 == 0 for r in kept)
             print(f"sampled and scored 64 replies in {time.monotonic() - t0:.1f} s")
             _judged_by_the_served_model(s, tmp_path / "data")
+            _tool_calls_rewarded(s)
             job = s.tuner.wait(s.tuner.finetune("even", "even", config={"learning_rate": 3e-3, "epochs": 3,
                                                                          "batch_size": 8}).job_id, timeout=300)
             assert job.method == "grpo" and job.state in ("published", "rejected"), job.message
@@ -212,3 +222,29 @@ def _judged_by_the_served_model(s, data_dir):
                        response_format={"type": "json_schema", "json_schema": {"name": "verdict",
                                                                                "schema": judge.schema(3)}})
     assert again.text == first.response["text"]
+
+
+PICK = {"type": "function", "function": {"name": "pick", "description": "Pick the colour of an item.",
+                                         "parameters": {"type": "object", "properties": {
+                                             "colour": {"enum": ["red", "blue"]}}, "required": ["colour"]}}}
+
+
+def _tool_calls_rewarded(s):
+    """A tool-using agent: its traced requests offered a tool and required a call; a call picking "red" was
+    marked successful. GRPO with reward "tool_call" samples each prompt with the tools and tool choice its
+    request had, and rewards a sample whose call equals the successful one."""
+    asked = [[{"role": "user", "content": f"pick a colour for item {i}"}] for i in range(12)]
+    for i, messages in enumerate(asked):
+        r = s.llm.chat(messages, tools=[PICK], tool_choice="required", temperature=1.0, seed=i, max_tokens=128)
+        assert [c.name for c in r.tool_calls] == ["pick"], r
+        s.tuner.feedback(r.request_id, success=json.loads(r.tool_calls[0].arguments)["colour"] == "red")
+    card = s.tuner.build_dataset("calls", kind="grpo", reward="tool_call", samples=6, max_tokens=128)
+    print(f"tool-call grpo: {card['prompts']} prompts with a successful call, {card['groups']} groups kept")
+    assert card["prompts"] >= 1 and card["no_reference"] >= 1, card    # only prompts whose call succeeded
+    rows = [json.loads(x) for part in ("train", "eval")
+            for x in s.storage.read_text(f"datasets/calls.{part}.jsonl").splitlines()]
+    assert card["tool_use"] == len(rows) == 6 * card["groups"] and card["groups"] >= 1, card
+    for row in rows:          # each sample made its call under the grammar; rewarded as the successful call
+        assert row["tools"] and row["tools"][0]["name"] == "pick"
+        [call] = row["messages"][-1]["tool_calls"]
+        assert row["reward"] == (1.0 if json.loads(call["arguments"]) == {"colour": "red"} else 0.0)

@@ -73,11 +73,12 @@ def test_feedback_and_dataset_through_the_kernel(tmp_path):
 
 
 def test_raft_builder_keeps_the_best_sample_per_prompt():
-    from kernos.kernel.tuner.datasets import build_raft, feedback_reward, regex_reward
+    from kernos.kernel.tuner.datasets import Sample, build_raft, feedback_reward, regex_reward
 
     msgs = lambda i: [{"role": "user", "content": f"q{i}"}]   # noqa: E731
-    samples = {f"{i:064x}": (msgs(i), ["bad", f"good {i}", "  ", "good again"]) for i in range(40)}
-    samples["f" * 64] = (msgs(99), ["bad", "worse"])
+    s = lambda *texts: [Sample(t) for t in texts]             # noqa: E731
+    samples = {f"{i:064x}": (msgs(i), s("bad", f"good {i}", "  ", "good again")) for i in range(40)}
+    samples["f" * 64] = (msgs(99), s("bad", "worse"))
     train, evals, card = build_raft(samples, regex_reward(r"^good"), eval_fraction=0.2)
     kept = train + evals
     assert len(kept) == 40 and card["dropped"]["below_min_reward"] == 1
@@ -86,9 +87,9 @@ def test_raft_builder_keeps_the_best_sample_per_prompt():
     eps = [Episode("a" * 32, msgs(1), "fine", "m", [0.9]), Episode("b" * 32, msgs(1), "poor", "m", [0.1]),
            Episode("c" * 32, msgs(1), "fine", "m", [], [True])]
     reward = feedback_reward(eps)
-    assert reward(msgs(1), "fine") == pytest.approx(0.95) and reward(msgs(1), "poor") == 0.1
-    assert reward(msgs(2), "fine") == 0.0                   # another prompt: unrated
-    train, evals, _ = build_raft({"k": (msgs(1), ["poor", "fine", "new"])}, reward, min_reward=0.5, eval_fraction=0)
+    assert reward(msgs(1), Sample("fine")) == pytest.approx(0.95) and reward(msgs(1), Sample("poor")) == 0.1
+    assert reward(msgs(2), Sample("fine")) == 0.0          # another prompt: unrated
+    train, evals, _ = build_raft({"k": (msgs(1), s("poor", "fine", "new"))}, reward, min_reward=0.5, eval_fraction=0)
     assert train[0]["messages"][-1]["content"] == "fine"
 
 

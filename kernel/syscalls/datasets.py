@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from kernos.abi.errors import StatusError
 
-from ..llm.structured import OutputSpec
+from ..llm.structured import OutputSpec, output_spec
 from ..tuner import datasets as ds
 from ..tuner import grpo_data as gd
 from ..tuner import judge, rewards
@@ -44,7 +44,7 @@ class DatasetSpec:
     distractors: int = 0
     oracle_fraction: float | None = None
     seed: int = 0
-    reward: str = ""                    # grpo: a reward spec (kernos.kernel.tuner.rewards)
+    reward: str = ""                    # grpo, raft: a reward spec (kernos.kernel.tuner.rewards)
     adapter: str = ""                   # grpo, raft: sample from it ("current": the agent's default), not the base
 
 
@@ -168,20 +168,32 @@ class Datasets:
         return name
 
     async def _sample(self, agent, model, prompts, k: int, temperature: float, max_tokens: int, cause: str,
-                      adapter: str | None = None):
-        """k sampled replies of the base model (or `adapter`) per (key, messages) prompt, filling the batch and no
-        more."""
+                      adapter: str | None = None, tools: dict | None = None) -> list[list[ds.Sample]]:
+        """k sampled replies (ds.Sample) of the base model (or `adapter`) per (key, messages) prompt, filling the
+        batch and no more; a prompt whose request offered tools (`tools`: key -> them) is sampled with them."""
         sem = asyncio.Semaphore(max(1, self.max_batch_size))
+        offered = {key: self._offered(t["tools"], t["tool_choice"]) for key, t in (tools or {}).items()}
 
-        async def sample(messages, i):
+        async def sample(key, messages, i):
             async with sem:
                 reply = await self.generate.internal(
                     agent, messages, max_tokens, cause=cause, model=model.name, temperature=temperature, seed=i,
-                    adapter=adapter)
-            return reply.text
+                    adapter=adapter, output=offered.get(key))
+            return ds.Sample.of(reply.text, reply.tool_calls)
 
-        answers = await asyncio.gather(*(sample(messages, i) for _, messages in prompts for i in range(k)))
+        answers = await asyncio.gather(*(sample(key, messages, i) for key, messages in prompts for i in range(k)))
         return [list(answers[j * k : (j + 1) * k]) for j in range(len(prompts))]
+
+    def _offered(self, tools: list[dict], choice: str):
+        """The output spec of a traced request's tools and tool choice (its calls constrained and parsed as
+        serving's are); None when they no longer pass the kernel's checks."""
+        try:
+            return output_spec([{"name": t.get("name", ""), "description": t.get("description", ""),
+                                 "parameters_json": t.get("parameters_json", ""), "strict": t.get("strict", False)}
+                                for t in tools], choice, None, "text", "", self.limits.max_schema_bytes,
+                               max_schema_repeats=self.limits.max_schema_repeats)
+        except StatusError:
+            return None
 
     def _reward(self, agent, spec: str):
         """(kind, argument) of a reward spec, checked now: a bad spec or an unknown reward tool fails the call."""
@@ -220,51 +232,54 @@ class Datasets:
 
     async def _verified(self, agent, request, min_reward, k, temperature, max_tokens, model, adapter, cause):
         """Prompts of the agent's traces, k samples of each, and their rewards by `request.reward`: (prompts,
-        answers, scores, card fields)."""
+        answers, scores, the prompts' tools, card fields)."""
         kind, arg = self._reward(agent, request.reward)
         if kind == "judge" and not arg[0]:
             arg = (model.name, arg[1])              # the judge: the sampled model unless one is named
         episodes = await self._episodes(agent.agent_id)
-        refs = gd.references(episodes, min_reward)
+        refs = gd.reference_calls(episodes, min_reward) if kind == "tool_call" else gd.references(episodes, min_reward)
         prompts = ds.distinct_prompts(episodes)[:MAX_RAFT_PROMPTS]
+        tools = ds.prompt_tools(episodes)
         no_reference = 0
         if rewards.needs_reference(kind):
             no_reference = sum(1 for key, _ in prompts if key not in refs)
             prompts = [(key, m) for key, m in prompts if key in refs]
-        answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, cause, adapter)
+        answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, cause, adapter, tools)
         errors: list[str] = []
         scores = await self._scored(agent, kind, arg, prompts, answers, refs, errors)
-        return prompts, answers, scores, {"reward": request.reward[:200], "no_reference": no_reference,
+        return prompts, answers, scores, tools, {"reward": request.reward[:200], "no_reference": no_reference,
                                           "reward_errors": len(errors), "reward_error_examples": errors[:3]}
 
     async def _grpo(self, agent, request, min_reward, frac):
         if not request.reward:
             raise StatusError("INVALID_ARGUMENT", "grpo needs reward: regex:PATTERN, json, json_schema:SCHEMA, exact, "
-                                                  "contains, tool:NAME or judge[:MODEL[:RUBRIC]]")
+                                                  "contains, tool_call, tool:NAME or judge[:MODEL[:RUBRIC]]")
         k, temperature, max_tokens, model, adapter = self._sampling(agent, request, 1.0, least=2)
-        prompts, answers, scores, fields = await self._verified(agent, request, min_reward, k, temperature,
-                                                                max_tokens, model, adapter, "tuner.grpo")
+        prompts, answers, scores, tools, fields = await self._verified(agent, request, min_reward, k, temperature,
+                                                                       max_tokens, model, adapter, "tuner.grpo")
         groups = [(key, m, list(zip(group, sc))) for (key, m), group, sc in zip(prompts, answers, scores)]
-        train, evals, card = gd.build_grpo(groups, frac)
+        train, evals, card = gd.build_grpo(groups, frac, tools)
         card.update(model=model.name, sampled_from=adapter or "base", temperature=temperature,
                     max_tokens=max_tokens, **fields)
         return train, evals, card
 
-    async def _judged(self, agent, arg, messages, replies: list[str], errors: list) -> list[float | None]:
+    async def _judged(self, agent, arg, messages, replies: list[ds.Sample], errors: list) -> list[float | None]:
         """A judge's scores of one group of replies (all None when its verdict cannot be read: the error counted)."""
         model, rubric = arg
         try:
             reply = await self.generate.internal(
-                agent, judge.prompt(messages, replies, rubric), judge.max_tokens(len(replies)), cause="tuner.judge",
+                agent, judge.prompt(messages, [r.shown() for r in replies], rubric), judge.max_tokens(len(replies)),
+                cause="tuner.judge",
                 model=model, output=OutputSpec(response_format="json_schema", schema=judge.schema(len(replies))))
             return judge.verdict(reply.text, len(replies))
         except (judge.JudgeError, StatusError) as e:
             errors.append(str(e)[:200])
             return [None] * len(replies)
 
-    async def _tool_reward(self, agent, name: str, messages, answer: str, ref, errors: list) -> float | None:
+    async def _tool_reward(self, agent, name: str, messages, answer: ds.Sample, ref, errors: list) -> float | None:
         """The agent's reward tool on one sample (jailed, as the agent): its number, or None with the error."""
-        args = json.dumps({"messages": messages, "reply": answer, "reference": ref})
+        args = json.dumps({"messages": messages, "reply": answer.text, "tool_calls": answer.tool_calls,
+                           "reference": ref})
         try:
             call = await self.tools.call(agent, name, args)
         except StatusError as e:
@@ -286,8 +301,8 @@ class Datasets:
         k, temperature, max_tokens, model, adapter = self._sampling(agent, request, 0.8)
         fields = {}
         if request.reward:          # a verifiable reward (as grpo's): scored per sample, a failed score counts 0
-            prompts, answers, scores, fields = await self._verified(agent, request, min_reward, k, temperature,
-                                                                    max_tokens, model, adapter, "tuner.raft")
+            prompts, answers, scores, tools, fields = await self._verified(agent, request, min_reward, k, temperature,
+                                                                           max_tokens, model, adapter, "tuner.raft")
             table = {(key, a): r or 0.0 for (key, _), group, sc in zip(prompts, answers, scores)
                      for a, r in zip(group, sc)}
 
@@ -305,9 +320,11 @@ class Datasets:
             else:
                 reward, source = ds.feedback_reward(episodes), "stored feedback on identical replies"
             prompts = ds.distinct_prompts(episodes)[:MAX_RAFT_PROMPTS]
-            answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, "tuner.raft", adapter)
+            tools = ds.prompt_tools(episodes)
+            answers = await self._sample(agent, model, prompts, k, temperature, max_tokens, "tuner.raft", adapter,
+                                         tools)
         samples = {key: (messages, group) for (key, messages), group in zip(prompts, answers)}
-        train, evals, card = ds.build_raft(samples, reward, min_reward, frac)
+        train, evals, card = ds.build_raft(samples, reward, min_reward, frac, tools)
         card.update({**fields, "model": model.name, "sampled_from": adapter or "base", "temperature": temperature,
                      "max_tokens": max_tokens,
                      "reward": source})

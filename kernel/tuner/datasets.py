@@ -31,6 +31,7 @@ class Episode:
     preferred: str | None = None    # the latest preferred reply given as feedback
     tools: list[dict] = field(default_factory=list)       # the request's tools ({"name", "parameters_json", ...})
     tool_calls: list[dict] = field(default_factory=list)  # the reply's calls ({"id", "name", "arguments"})
+    tool_choice: str = ""                                 # the request's ("": auto)
 
 
 def episodes_from_traces(traces, outcomes: dict[str, list[dict]]) -> list[Episode]:
@@ -44,7 +45,8 @@ def episodes_from_traces(traces, outcomes: dict[str, list[dict]]) -> list[Episod
             continue
         messages = req.get("messages") or [{"role": "user", "content": req.get("prompt", "")}]
         ep = Episode(rid, [_message(m) for m in messages], resp.get("text", ""), resp.get("model", ""),
-                     tools=list(req.get("tools") or []), tool_calls=list(resp.get("tool_calls") or []))
+                     tools=list(req.get("tools") or []), tool_calls=list(resp.get("tool_calls") or []),
+                     tool_choice=req.get("tool_choice") or "")
         for o in outcomes.get(rid, []):
             if o.get("reward") is not None:
                 ep.rewards.append(float(o["reward"]))
@@ -137,6 +139,45 @@ def prompt_key(messages: list[dict]) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One sampled reply: its text and (a prompt that offered tools) its tool calls, as JSON ("": none)."""
+    text: str
+    calls: str = ""
+
+    @classmethod
+    def of(cls, text: str, tool_calls: list[dict] | None = None) -> Sample:
+        calls = [{"id": c.get("id", ""), "name": c.get("name", ""), "arguments": c.get("arguments", "")}
+                 for c in tool_calls or []]
+        return cls(text, json.dumps(calls) if calls else "")
+
+    @property
+    def tool_calls(self) -> list[dict]:
+        return json.loads(self.calls) if self.calls else []
+
+    @property
+    def empty(self) -> bool:
+        return not self.text.strip() and not self.calls
+
+    def message(self) -> dict:
+        """The reply as the assistant's message of a training example."""
+        return {"role": "assistant", "content": self.text, **({"tool_calls": self.tool_calls} if self.calls else {})}
+
+    def shown(self) -> str:
+        """The reply as a judge reads it: its text, then its calls written name(arguments)."""
+        calls = "".join(f"\n[calls {c['name']}({c['arguments']})]" for c in self.tool_calls)
+        return self.text + calls
+
+
+def prompt_tools(episodes: list[Episode]) -> dict[str, dict]:
+    """Prompt key -> {"tools", "tool_choice"} its request offered (first seen), for prompts that offered tools."""
+    out: dict[str, dict] = {}
+    for ep in episodes:
+        if ep.tools:
+            out.setdefault(prompt_key(ep.messages), {"tools": ep.tools, "tool_choice": ep.tool_choice or "auto"})
+    return out
+
+
 def distinct_prompts(episodes: list[Episode]) -> list[tuple[str, list[dict]]]:
     """(key, messages) of each distinct prompt, first seen first."""
     seen: dict[str, list[dict]] = {}
@@ -147,7 +188,7 @@ def distinct_prompts(episodes: list[Episode]) -> list[tuple[str, list[dict]]]:
 
 def regex_reward(pattern: str):
     rx = re.compile(pattern)
-    return lambda messages, answer: 1.0 if rx.search(answer) else 0.0
+    return lambda messages, answer: 1.0 if rx.search(answer.text) else 0.0
 
 
 def feedback_reward(episodes: list[Episode]):
@@ -159,19 +200,20 @@ def feedback_reward(episodes: list[Episode]):
         if scores:
             table.setdefault((prompt_key(ep.messages), ep.reply.strip()), []).extend(scores)
     def reward(messages, answer):
-        scores = table.get((prompt_key(messages), answer.strip()))
+        scores = table.get((prompt_key(messages), answer.text.strip()))
         return sum(scores) / len(scores) if scores else 0.0
     return reward
 
 
-def build_raft(samples: dict[str, tuple[list[dict], list[str]]], reward, min_reward: float | None = None,
-               eval_fraction: float = 0.1):
+def build_raft(samples: dict[str, tuple[list[dict], list[Sample]]], reward, min_reward: float | None = None,
+               eval_fraction: float = 0.1, tools: dict[str, dict] | None = None):
     """(train, eval, card): for each prompt key -> (messages, k sampled answers), the best-scoring answer
-    (first on ties) if it scores >= min_reward (default: above 0)."""
+    (first on ties) if it scores >= min_reward (default: above 0); `tools`: the tools each prompt offered."""
     kept, rewards = [], []
     dropped = {"below_min_reward": 0, "empty": 0}
+    tools = tools or {}
     for key, (messages, answers) in samples.items():
-        scored = [(reward(messages, a), i, a) for i, a in enumerate(answers) if a.strip()]
+        scored = [(reward(messages, a), i, a) for i, a in enumerate(answers) if not a.empty]
         if not scored:
             dropped["empty"] += 1
             continue
@@ -180,7 +222,8 @@ def build_raft(samples: dict[str, tuple[list[dict], list[str]]], reward, min_rew
             dropped["below_min_reward"] += 1
             continue
         rewards.append(best)
-        example = {"messages": messages + [{"role": "assistant", "content": answer}], "reward": best, "episode": key}
+        example = {"messages": messages + [answer.message()], "reward": best, "episode": key,
+                   **({"tools": tools[key]["tools"]} if key in tools else {})}
         kept.append(example)
     train, evals = split(kept, eval_fraction)
     k = max((len(a) for _, a in samples.values()), default=0)

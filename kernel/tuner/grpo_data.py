@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 
-from .datasets import Episode, prompt_key, split, successful
+from .datasets import Episode, Sample, prompt_key, split, successful
 
 MIN_STD = 1e-4
 
@@ -28,13 +28,22 @@ def references(episodes: list[Episode], min_reward: float | None) -> dict[str, s
     return out
 
 
-def build_grpo(groups: list[tuple[str, list[dict], list[tuple[str, float | None]]]], eval_fraction: float = 0.1):
-    """(train, eval, card) from (prompt key, messages, [(reply, reward or None)]) groups."""
+def reference_calls(episodes: list[Episode], min_reward: float | None) -> dict[str, list[dict]]:
+    """Prompt key -> the tool calls of its latest successful reply that made any (a correction is text)."""
+    return {prompt_key(ep.messages): ep.tool_calls for ep in episodes
+            if ep.tool_calls and not ep.preferred and successful(ep, min_reward)}
+
+
+def build_grpo(groups: list[tuple[str, list[dict], list[tuple[Sample, float | None]]]], eval_fraction: float = 0.1,
+               tools: dict[str, dict] | None = None):
+    """(train, eval, card) from (prompt key, messages, [(reply, reward or None)]) groups; `tools`: the tools each
+    prompt offered (its rows keep them, and its replies' tool calls)."""
+    tools = tools or {}
     rows, scored_all = [], []
     dropped = {"unscored": 0, "too_few_scored": 0, "no_signal": 0}
     kept_groups = 0
     for key, messages, samples in groups:
-        scored = [(reply, r) for reply, r in samples if r is not None and reply.strip()]
+        scored = [(reply, r) for reply, r in samples if r is not None and not reply.empty]
         dropped["unscored"] += len(samples) - len(scored)
         scored_all += [r for _, r in scored]
         if len(scored) < 2:
@@ -47,11 +56,12 @@ def build_grpo(groups: list[tuple[str, list[dict], list[tuple[str, float | None]
             continue
         kept_groups += 1
         for reply, r in scored:
-            rows.append({"messages": messages + [{"role": "assistant", "content": reply}], "reward": r,
-                         "advantage": (r - mean) / std, "episode": key})
+            rows.append({"messages": messages + [reply.message()], "reward": r, "advantage": (r - mean) / std,
+                         "episode": key, **({"tools": tools[key]["tools"]} if key in tools else {})})
     train, evals = split(rows, eval_fraction)
     k = max((len(s) for _, _, s in groups), default=0)
     card = {"kind": "grpo", "prompts": len(groups), "samples_per_prompt": k, "groups": kept_groups,
+            "tool_use": sum(1 for r in rows if r.get("tools")),
             "train": len(train), "eval": len(evals), "dropped": dropped,
             "mean_reward": statistics.fmean(scored_all) if scored_all else None,
             "solved_share": (sum(1 for r in scored_all if r > 0) / len(scored_all)) if scored_all else None,

@@ -7,6 +7,9 @@ Specs:
 - `exact`: 1 if the reply equals the prompt's reference answer (case, spacing and final punctuation aside);
   `contains`: 1 if it contains it. A prompt's reference is its corrected (preferred) reply, else a reply
   marked successful;
+- `tool_call`: 1 if the reply's tool calls are the reference's (the prompt's latest successful reply that made
+  calls): the same names with the same arguments (as JSON values), in any order; else 0. Prompts whose requests
+  offered tools are sampled with those tools (any reward);
 - `tool:NAME`: the agent's tool NAME (registered with the tools syscall, or granted to it) is called with
   {"messages": the prompt, "reply": the reply, "reference": the reference or null} and returns a number, or
   {"reward": number}. A call that fails, times out or returns anything else gives no reward: the sample is
@@ -20,7 +23,7 @@ import json
 import math
 import re
 
-BUILTINS = ("regex", "json", "json_schema", "exact", "contains")
+BUILTINS = ("regex", "json", "json_schema", "exact", "contains", "tool_call")
 
 
 class RewardError(ValueError):
@@ -44,7 +47,7 @@ def parse(spec: str):
         return kind, (model.strip(), rubric.strip()[:2000])
     if kind not in BUILTINS:
         raise RewardError(f"reward '{spec[:40]}': one of regex:PATTERN, json, json_schema:SCHEMA, exact, contains, "
-                          "tool:NAME, judge[:MODEL[:RUBRIC]]")
+                          "tool_call, tool:NAME, judge[:MODEL[:RUBRIC]]")
     if kind == "regex":
         try:
             return kind, re.compile(arg)
@@ -64,11 +67,26 @@ def parse(spec: str):
 
 
 def needs_reference(kind: str) -> bool:
-    return kind in ("exact", "contains")
+    return kind in ("exact", "contains", "tool_call")
 
 
-def builtin(kind: str, arg, reply: str, reference: str | None) -> float:
-    """The reward of a built-in check."""
+def _call_key(call: dict) -> tuple[str, str]:
+    args = call.get("arguments", "")
+    try:
+        args = json.dumps(json.loads(args) if isinstance(args, str) else args, sort_keys=True)
+    except ValueError:
+        pass                              # not JSON: compared as written
+    return call.get("name", ""), args
+
+
+def builtin(kind: str, arg, sample, reference) -> float:
+    """The reward of a built-in check of a sample (`datasets.Sample`); `reference`: the prompt's reference answer
+    (text), or for `tool_call` its reference calls."""
+    reply = sample.text
+    if kind == "tool_call":
+        if not reference:
+            raise RewardError("reward 'tool_call' needs reference calls (a successful reply that made them)")
+        return 1.0 if sorted(map(_call_key, sample.tool_calls)) == sorted(map(_call_key, reference)) else 0.0
     if kind == "regex":
         return 1.0 if arg.search(reply) else 0.0
     if kind in ("json", "json_schema"):

@@ -43,7 +43,7 @@ class Internal:
         served = self.llm.get(model)
         if served is None:
             raise not_found(f"unknown model '{model}'")
-        ids = served.encode_chat(messages)[-self.limits.prompt_limit(served.context_length, max_tokens) :]
+        ids = served.encode_chat(messages, output)[-self.limits.prompt_limit(served.context_length, max_tokens) :]
         req = GenRequest(
             request_id=uuid.uuid4().hex,
             agent_id=principal.agent_id,
