@@ -39,7 +39,7 @@ class Generate:
         self.runner = Runner(quotas, agents, llm.programs, observe)
         self.tool_loop = ToolLoop(tools, traces, limits)
         self.control = Control(llm, self.runner, self.requests, snapshots, limits, access, lifecycle)
-        self.internal = Internal(llm, self.runner, traces, limits)
+        self.internal = Internal(llm, self.runner, traces, limits, self.requests.compile)
         self.contexts = ContextAssembler(contexts, memory, summary_max_tokens, self.internal)
 
     async def run(self, principal, g: Generation):

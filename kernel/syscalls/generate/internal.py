@@ -3,7 +3,6 @@ base, the newest tokens of the prompt that fit, no quota refusal; accounted to t
 here as `llm.internal` (an agent's own generations are traced by the edge)."""
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
@@ -17,8 +16,9 @@ from .events import Runner
 
 
 class Internal:
-    def __init__(self, llm: LLMCore, runner: Runner, traces, limits):
+    def __init__(self, llm: LLMCore, runner: Runner, traces, limits, compile):
         self.llm = llm
+        self.compile = compile      # a request's grammar, as every request's is compiled (time limit, clear errors)
         self.runner = runner
         self.traces = traces
         self.limits = limits
@@ -54,8 +54,7 @@ class Internal:
             output=output,
             adapter=adapter,
         )
-        if output is not None:
-            req.matcher = await asyncio.to_thread(served.matcher, output)
+        await self.compile(served, req)
         t0 = time.monotonic()
         reply, status = None, "INTERNAL"
         try:
